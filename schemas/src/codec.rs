@@ -1,0 +1,150 @@
+//! Encoding and decoding records in the Confluent wire format (magic byte, schema id, Avro body)
+//! through a Schema Registry.
+
+use std::time::Duration;
+
+use apache_avro::from_value;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+
+use crate::Message;
+
+/// Where the Schema Registry is and how to authenticate to it.
+#[derive(Clone, clap::Args)]
+pub struct RegistrySettings {
+    /// Schema Registry base URL (Confluent REST API).
+    #[arg(long = "schema-registry-url", env = "SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8085")]
+    pub url: String,
+
+    /// Basic-auth user for the registry, if it needs one.
+    #[arg(long = "schema-registry-user", env = "SCHEMA_REGISTRY_USER")]
+    pub user: Option<String>,
+
+    /// Basic-auth password for the registry.
+    #[arg(long = "schema-registry-password", env = "SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrySettings")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl RegistrySettings {
+    /// Settings for an unauthenticated registry at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), user: None, password: None }
+    }
+}
+
+/// Why a record could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The registry could not be reached or answered 5xx; trying again may work.
+    #[error("schema registry unavailable: {0}")]
+    RegistryUnavailable(String),
+    /// The registry refused the schema or does not know the id.
+    #[error("schema registry refused: {0}")]
+    Registry(String),
+    /// The bytes are not a decodable Confluent-framed Avro record.
+    #[error("undecodable record: {0}")]
+    Undecodable(String),
+    /// The record decoded but does not fit the expected type.
+    #[error("record does not match {expected}: {reason}")]
+    Mismatch { expected: &'static str, reason: String },
+}
+
+impl CodecError {
+    /// Stable snake_case name, used as a metric label and a dead-letter header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CodecError::RegistryUnavailable(_) => "registry_unavailable",
+            CodecError::Registry(_) => "schema_registry",
+            CodecError::Undecodable(_) => "undecodable",
+            CodecError::Mismatch { .. } => "schema_mismatch",
+        }
+    }
+
+    /// Whether retrying the same bytes later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::RegistryUnavailable(_))
+    }
+
+    fn from_src(e: SRCError) -> Self {
+        let text = match &e.cause {
+            Some(cause) => format!("{}: {cause}", e.error),
+            None => e.error.clone(),
+        };
+        if e.retriable {
+            CodecError::RegistryUnavailable(text)
+        } else if e.error.contains("schema registry") || e.error.contains("RawRegisteredSchema") {
+            CodecError::Registry(text)
+        } else {
+            CodecError::Undecodable(text)
+        }
+    }
+}
+
+/// Encodes and decodes [`Message`]s, registering their schemas under the topic-name strategy.
+#[derive(Clone)]
+pub struct Codec {
+    encoder: std::sync::Arc<AvroEncoder>,
+    decoder: std::sync::Arc<AvroDecoder>,
+}
+
+impl Codec {
+    pub fn new(settings: &RegistrySettings) -> Result<Self, CodecError> {
+        let mut builder = SrSettings::new_builder(settings.url.trim_end_matches('/').to_owned());
+        builder.no_proxy().set_timeout(Duration::from_secs(10));
+        if let Some(user) = &settings.user {
+            builder.set_basic_authorization(user, settings.password.as_deref());
+        }
+        let sr = builder.build().map_err(CodecError::from_src)?;
+        Ok(Self {
+            encoder: std::sync::Arc::new(AvroEncoder::new(sr.clone())),
+            decoder: std::sync::Arc::new(AvroDecoder::new(sr)),
+        })
+    }
+
+    /// Encodes `item` as the value of a record on `topic`, registering its schema on first use.
+    pub async fn encode<T: Message>(&self, topic: &str, item: &T) -> Result<Vec<u8>, CodecError> {
+        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+            topic.to_owned(),
+            false,
+            SuppliedSchema::new(None, SchemaType::Avro, T::SCHEMA.to_owned()),
+        );
+        let result = self.encoder.encode_struct(item, &strategy).await;
+        if result.is_err() {
+            self.encoder.remove_errors_from_cache();
+        }
+        result.map_err(CodecError::from_src)
+    }
+
+    /// Decodes a record value written with any registered schema that resolves to `T`'s.
+    pub async fn decode<T: Message>(&self, bytes: Option<&[u8]>) -> Result<T, CodecError> {
+        let bytes = bytes.ok_or_else(|| CodecError::Undecodable("record has no value".into()))?;
+        let decoded = match self.decoder.decode(Some(bytes)).await {
+            Ok(d) => d,
+            Err(e) => {
+                // The crate caches failures (a 404 for an id included) until told otherwise.
+                self.decoder.remove_errors_from_cache();
+                return Err(CodecError::from_src(e));
+            }
+        };
+        let expected = std::any::type_name::<T>().rsplit("::").next().unwrap_or("record");
+        let value = decoded
+            .value
+            .resolve(T::schema())
+            .map_err(|e| CodecError::Mismatch { expected, reason: e.to_string() })?;
+        from_value(&value).map_err(|e| CodecError::Mismatch { expected, reason: e.to_string() })
+    }
+}

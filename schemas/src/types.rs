@@ -1,0 +1,107 @@
+//! The records that travel through Kafka, matching the `.avsc` files field for field.
+
+use std::sync::LazyLock;
+
+use apache_avro::Schema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A record type with its Avro schema.
+pub trait Message: Serialize + DeserializeOwned + Send + Sync {
+    /// The schema's JSON text, as registered.
+    const SCHEMA: &'static str;
+    /// The parsed schema, used as the reader schema when decoding.
+    fn schema() -> &'static Schema;
+}
+
+macro_rules! message {
+    ($ty:ty, $file:literal) => {
+        impl Message for $ty {
+            const SCHEMA: &'static str = include_str!(concat!("../avro/", $file));
+            fn schema() -> &'static Schema {
+                static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+                    Schema::parse_str(<$ty as Message>::SCHEMA).expect(concat!($file, " is valid Avro"))
+                });
+                &SCHEMA
+            }
+        }
+    };
+}
+
+/// One image to classify (`image_request.avsc`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageRequest {
+    pub request_id: String,
+    pub batch_id: String,
+    pub batch_index: i32,
+    pub batch_size: i32,
+    pub url: String,
+    pub submitted_at_ms: i64,
+    pub source: String,
+}
+message!(ImageRequest, "image_request.avsc");
+
+/// One ImageNet class and its softmax score.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub index: i32,
+    pub wnid: String,
+    pub label: String,
+    pub score: f32,
+}
+
+/// Whether an image was classified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+        }
+    }
+}
+
+/// The outcome for one image (`classification_result.avsc`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassificationResult {
+    pub request_id: String,
+    pub batch_id: String,
+    pub batch_index: i32,
+    pub batch_size: i32,
+    pub url: String,
+    /// `ok` or `error`: a string on the wire because apache-avro cannot serialise enums inside records.
+    #[serde(with = "status_as_string")]
+    pub status: Status,
+    pub predictions: Vec<Prediction>,
+    pub marine_group: Option<String>,
+    pub model_name: String,
+    pub model_version: String,
+    pub error_kind: Option<String>,
+    pub error_message: Option<String>,
+    pub submitted_at_ms: i64,
+    pub completed_at_ms: i64,
+}
+message!(ClassificationResult, "classification_result.avsc");
+
+mod status_as_string {
+    use super::Status;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(status: &Status, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(status.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Status, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "ok" => Ok(Status::Ok),
+            "error" => Ok(Status::Error),
+            other => Err(serde::de::Error::custom(format!("status `{other}` is neither ok nor error"))),
+        }
+    }
+}

