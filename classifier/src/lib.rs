@@ -1,1 +1,177 @@
+//! Reefline classifier: a consumer-group member that turns image requests into labelled results.
+//!
+//! One image flows through one file per stage, in order: `consume` → `prepare` (fetch, then
+//! decode/preprocess) → `batcher` → `infer` → `produce` → back to `consume`'s offset store.
+//! Stages talk through bounded channels, so a slow stage slows the one before it.
 
+pub mod batcher;
+mod consume;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+mod infer;
+pub mod labels;
+mod metrics;
+pub mod offsets;
+pub mod postprocess;
+mod prepare;
+pub mod preprocess;
+mod produce;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::producer::{FutureProducer, Producer};
+use reefline_common::ops::{self, Readiness};
+use reefline_schemas::Codec;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::consume::{Context, Offsets, RequestConsumer};
+use crate::engine::{OrtEngine, OrtOptions};
+use crate::fetch::{FetchLimits, Fetcher};
+use crate::labels::Labels;
+use crate::offsets::OffsetTracker;
+use crate::preprocess::Preprocess;
+pub use crate::settings::Settings;
+
+/// A classifier with its model loaded, its consumer subscribed and its ops listener bound.
+pub struct Application {
+    settings: Settings,
+    listener: TcpListener,
+    ops: Router,
+    readiness: Readiness,
+    engine: OrtEngine,
+    labels: Labels,
+    offsets: Offsets,
+    producer: FutureProducer,
+    codec: Codec,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let labels = Labels::load(&settings.labels_path)?;
+        let options = OrtOptions {
+            dylib: settings.ort_dylib.clone(),
+            model: settings.model_path.clone(),
+            image_size: settings.image_size as usize,
+            intra_threads: settings.intra_threads,
+        };
+        let engine = tokio::task::spawn_blocking(move || OrtEngine::load(&options)).await??;
+        let topics = [settings.requests_topic.as_str(), settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
+        reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
+
+        let registry = prometheus::Registry::new();
+        let metrics = metrics::Metrics::register(&registry)?;
+        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let consumer: RequestConsumer = settings
+            .kafka
+            .consumer_config(&settings.group_id, settings.session_timeout_ms)
+            .create_with_context(Context { tracker: tracker.clone() })?;
+        consumer.subscribe(&[&settings.requests_topic])?;
+        let offsets = Offsets { consumer: Arc::new(consumer), tracker, topic: settings.requests_topic.clone(), metrics };
+        let producer: FutureProducer = settings.kafka.producer_config().create()?;
+        let codec = Codec::new(&settings.registry)?;
+
+        let readiness = Readiness::default();
+        let listener = TcpListener::bind(&settings.listen).await?;
+        let ops = ops::router(registry, readiness.clone());
+        Ok(Self { settings, listener, ops, readiness, engine, labels, offsets, producer, codec })
+    }
+
+    /// The address /metrics, /healthz and /readyz are served on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Classifies until `shutdown` resolves; then stops consuming, finishes what is in flight,
+    /// stores and commits its offsets, and returns.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let ops_addr = self.local_addr();
+        let s = &self.settings;
+        let metrics = self.offsets.metrics.clone();
+        let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let ops_server = tokio::spawn(
+            axum::serve(self.listener, self.ops).with_graceful_shutdown(async move {
+                let _ = ops_stop_rx.await;
+            }).into_future(),
+        );
+
+        let batch = s.max_batch_size.max(1);
+        let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
+        let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
+        let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
+        let (failed_tx, mut failed_rx) = mpsc::channel::<prepare::Failed>(batch * 4);
+        let (batches_tx, batches_rx) = mpsc::channel(batcher::ENGINE_DEPTH);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+
+        let decode_threads = if s.decode_threads == 0 { std::thread::available_parallelism().map_or(2, usize::from) } else { s.decode_threads };
+        let stage = prepare::Prepare {
+            fetcher: Fetcher::new(FetchLimits {
+                connect_timeout: Duration::from_secs(s.fetch_connect_timeout_s),
+                total_timeout: Duration::from_secs(s.fetch_timeout_s),
+                max_bytes: s.max_image_bytes,
+                max_redirects: s.fetch_max_redirects,
+            })?,
+            preprocess: Preprocess { size: s.image_size, max_side: s.max_image_side },
+            fetch_concurrency: s.fetch_concurrency.max(1),
+            decode_threads,
+            metrics: metrics.clone(),
+        };
+        let image_len = stage.preprocess.tensor_len();
+        let prepare = tokio::spawn(prepare::run(stage, jobs_rx, prepared_tx, failed_tx));
+
+        let policy = batcher::BatchPolicy { max_size: batch, max_delay: Duration::from_millis(s.max_batch_delay_ms) };
+        let m = metrics.clone();
+        let batcher = tokio::spawn(batcher::run(policy, prepared_rx, batches_tx, done_rx, move |n, waited| {
+            m.batch_size.observe(n as f64);
+            m.queue_seconds.observe(waited.as_secs_f64());
+        }));
+        let engine = infer::spawn(self.engine, self.labels.clone(), s.top_k, image_len, batches_rx, outcome_tx.clone(), done_tx, metrics.clone());
+
+        // Failures before inference skip the batch and go straight to the producer.
+        let failures = tokio::spawn(async move {
+            while let Some(f) = failed_rx.recv().await {
+                if outcome_tx.send(infer::Outcome { job: f.job, result: Err(f.error) }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let produce = tokio::spawn(produce::run(
+            produce::Produce {
+                producer: self.producer.clone(),
+                codec: self.codec.clone(),
+                topic: s.results_topic.clone(),
+                model_name: s.model_name.clone(),
+                model_version: s.model_version.clone(),
+                labels: self.labels,
+                offsets: self.offsets.clone(),
+            },
+            outcome_rx,
+        ));
+
+        self.readiness.set(true);
+        tracing::info!(ops = %ops_addr, topic = %s.requests_topic, group = %s.group_id, "classifier running");
+        consume::run(self.offsets.clone(), self.codec.clone(), self.producer.clone(), s.dead_letter_topic.clone(), jobs_tx, shutdown).await;
+
+        tracing::info!("draining in-flight requests");
+        self.readiness.set(false);
+        prepare.await?;
+        batcher.await?;
+        failures.await?;
+        produce.await?;
+        tokio::task::spawn_blocking(move || engine.join()).await?.map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
+        self.producer.flush(Duration::from_secs(10))?;
+        if let Err(e) = self.offsets.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::warn!(error = %e, "final commit failed");
+        }
+        let _ = ops_stop_tx.send(());
+        let _ = ops_server.await;
+        tracing::info!("classifier stopped");
+        Ok(())
+    }
+}

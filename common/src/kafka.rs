@@ -70,3 +70,60 @@ impl KafkaSettings {
         config
     }
 }
+
+/// Creates `topics` with `partitions` partitions each, leaving any that already exist as they are.
+pub async fn ensure_topics(settings: &KafkaSettings, topics: &[&str], partitions: i32) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &options).await? {
+        match result {
+            Ok(topic) => tracing::info!(%topic, partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(rdkafka::error::KafkaError::AdminOp(code)).inspect_err(|_| tracing::error!(%topic, ?code, "could not create topic"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends a record that could not be processed to the dead-letter topic, with headers naming the
+/// error kind, the reason, where it came from and when; resolves once the broker has it.
+pub async fn dead_letter(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    kind: &str,
+    reason: &str,
+) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::Message;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let partition = message.partition().to_string();
+    let offset = message.offset().to_string();
+    let failed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis().to_string())
+        .unwrap_or_default();
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "reefline-error-kind", value: Some(kind) })
+        .insert(Header { key: "reefline-error", value: Some(reason) })
+        .insert(Header { key: "reefline-source-topic", value: Some(message.topic()) })
+        .insert(Header { key: "reefline-source-partition", value: Some(&partition) })
+        .insert(Header { key: "reefline-source-offset", value: Some(&offset) })
+        .insert(Header { key: "reefline-failed-at-ms", value: Some(&failed_at) });
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(payload) = message.payload() {
+        record = record.payload(payload);
+    }
+    producer.send(record, std::time::Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
+}

@@ -1,1 +1,100 @@
+//! Reefline sink: writes results from Kafka into Postgres and serves the lookup API.
 
+mod api;
+mod consume;
+pub mod db;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use reefline_common::ops::{self, Readiness, duration_buckets};
+use reefline_schemas::Codec;
+use tokio::net::TcpListener;
+
+pub use crate::settings::Settings;
+
+/// A sink with its database migrated, its consumer subscribed and its listener bound.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    sink: consume::Sink,
+}
+
+fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metrics> {
+    let m = consume::Metrics {
+        rows: IntCounter::new("sink_rows_written_total", "Result rows upserted")?,
+        write_seconds: Histogram::with_opts(HistogramOpts::new("sink_write_seconds", "Time to write one batch in one transaction").buckets(duration_buckets()))?,
+        batch_size: Histogram::with_opts(
+            HistogramOpts::new("sink_batch_size", "Results per database transaction").buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
+        )?,
+        write_failures: IntCounter::new("sink_write_failures_total", "Failed database transactions (retried)")?,
+        dead_letters: IntCounterVec::new(Opts::new("sink_dead_letters_total", "Records moved to the dead-letter topic, by kind"), &["kind"])?,
+    };
+    registry.register(Box::new(m.rows.clone()))?;
+    registry.register(Box::new(m.write_seconds.clone()))?;
+    registry.register(Box::new(m.batch_size.clone()))?;
+    registry.register(Box::new(m.write_failures.clone()))?;
+    registry.register(Box::new(m.dead_letters.clone()))?;
+    Ok(m)
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = db::connect(&settings.database_url).await?;
+        let topics = [settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
+        reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
+        let consumer: StreamConsumer = settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create()?;
+        consumer.subscribe(&[&settings.results_topic])?;
+        let registry = prometheus::Registry::new();
+        let readiness = Readiness::default();
+        readiness.set(true);
+        let listener = TcpListener::bind(&settings.listen).await?;
+        let router = api::router(pool.clone()).merge(ops::router(registry.clone(), readiness));
+        let sink = consume::Sink {
+            consumer,
+            pool,
+            codec: Codec::new(&settings.registry)?,
+            producer: settings.kafka.producer_config().create::<FutureProducer>()?,
+            topic: settings.results_topic.clone(),
+            dead_letter_topic: settings.dead_letter_topic.clone(),
+            max_batch: settings.max_batch.max(1),
+            linger: Duration::from_millis(settings.linger_ms),
+            metrics: metrics(&registry)?,
+        };
+        Ok(Self { listener, router, sink })
+    }
+
+    /// The address the lookup API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves and consumes until `shutdown` resolves; commits what was written before returning.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "sink listening");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut api_stop = stop_rx.clone();
+        let server = tokio::spawn(
+            axum::serve(self.listener, self.router)
+                .with_graceful_shutdown(async move {
+                    let _ = api_stop.wait_for(|s| *s).await;
+                })
+                .into_future(),
+        );
+        let sink = self.sink;
+        sink.run(shutdown).await;
+        if let Err(e) = sink.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "final commit failed");
+        }
+        let _ = stop_tx.send(true);
+        drop(stop_rx);
+        server.await??;
+        tracing::info!("sink stopped");
+        Ok(())
+    }
+}

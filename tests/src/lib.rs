@@ -1,1 +1,283 @@
+//! The end-to-end harness: a real broker process (nisshi), the local Schema Registry, a fresh
+//! Postgres database, a local HTTP server for the photos, and the three services in-process, all
+//! on ports chosen by the OS.
 
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Path as UrlPath;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use reefline_common::kafka::KafkaSettings;
+use reefline_schemas::RegistrySettings;
+use tokio::sync::watch;
+
+/// The workspace's cache folder (`REEFLINE_CACHE`, else `.cache/` at the workspace root).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("REEFLINE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache"))
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A nisshi broker process, killed when dropped.
+pub struct Broker {
+    child: Child,
+    pub addr: String,
+}
+
+impl Broker {
+    /// Starts a broker with in-memory storage on a free port and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let bin = std::env::var_os("NISSHI_BIN").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("tools/bin/nisshi"));
+        assert!(bin.exists(), "{} is missing: run `make setup` (or `make test`) first", bin.display());
+        let addr = format!("127.0.0.1:{}", free_port());
+        let url = format!("tcp://{addr}");
+        let child = Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://reefline/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nisshi");
+        let broker = Self { child, addr };
+        let addr = broker.addr.clone();
+        wait_for("the broker to listen", Duration::from_secs(30), || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(&addr).await.ok().map(drop) }
+        })
+        .await;
+        broker
+    }
+
+    pub fn kafka(&self) -> KafkaSettings {
+        KafkaSettings::new(self.addr.clone())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves `router` on a free port in the background; returns its address.
+pub async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+/// Starts the local Schema Registry in memory; returns its settings.
+pub async fn start_registry() -> RegistrySettings {
+    let addr = serve(reefline_schemas::registry::Registry::in_memory().router()).await;
+    RegistrySettings::new(format!("http://{addr}"))
+}
+
+/// Serves the cached photos at `/photos/{name}`, an HTML page at `/page.jpg`, and 404 elsewhere.
+pub async fn start_photo_server() -> String {
+    let dir = cache_dir().join("photos");
+    assert!(dir.join("chelsea.png").exists(), "{} has no photos: run `make setup` first", dir.display());
+    let router = Router::new()
+        .route(
+            "/photos/{name}",
+            axum::routing::get(move |UrlPath(name): UrlPath<String>| {
+                let dir = dir.clone();
+                async move {
+                    match tokio::fs::read(dir.join(name.replace('/', ""))).await {
+                        Ok(bytes) => (StatusCode::OK, [(header::CONTENT_TYPE, "image/jpeg")], bytes).into_response(),
+                        Err(_) => StatusCode::NOT_FOUND.into_response(),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/page.jpg",
+            axum::routing::get(|| async { ([(header::CONTENT_TYPE, "image/jpeg")], "<html><body>not an image</body></html>") }),
+        );
+    format!("http://{}", serve(router).await)
+}
+
+/// The 20 labelled foolbox photos: (file name, ImageNet class index).
+pub fn foolbox_photos() -> Vec<(String, usize)> {
+    let mut photos: Vec<(String, usize)> = std::fs::read_dir(cache_dir().join("photos"))
+        .expect("photos folder")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter_map(|name| {
+            let stem = name.strip_prefix("imagenet_")?.strip_suffix(".jpg")?;
+            let class = stem.split('_').nth(1)?.parse().ok()?;
+            Some((name, class))
+        })
+        .collect();
+    photos.sort();
+    photos
+}
+
+/// A database of its own for one test, dropped by [`TestDatabase::drop_database`].
+pub struct TestDatabase {
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub fn new() -> Self {
+        let base = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        Self { url: format!("{}/reefline_test_{}", base.trim_end_matches('/'), uuid::Uuid::now_v7().simple()) }
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.url).await.expect("connecting to the test database")
+    }
+
+    pub async fn drop_database(self) {
+        use sqlx::migrate::MigrateDatabase;
+        let _ = sqlx::Postgres::force_drop_database(&self.url).await;
+    }
+}
+
+impl Default for TestDatabase {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Names unique to one test: topics and consumer groups.
+pub struct Names {
+    pub requests: String,
+    pub results: String,
+    pub dead_letter: String,
+    pub classifier_group: String,
+    pub sink_group: String,
+}
+
+impl Names {
+    pub fn new() -> Self {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        Self {
+            requests: format!("requests-{id}"),
+            results: format!("results-{id}"),
+            dead_letter: format!("dead-letter-{id}"),
+            classifier_group: format!("classifier-{id}"),
+            sink_group: format!("sink-{id}"),
+        }
+    }
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Settings for each service pointing at the test's broker, registry, database and names.
+pub struct StackSettings {
+    pub ingest: reefline_ingest::Settings,
+    pub classifier: reefline_classifier::Settings,
+    pub sink: reefline_sink::Settings,
+}
+
+/// Session timeout for test consumers: group joins take about half of it.
+const SESSION_TIMEOUT_MS: u32 = 6000;
+
+impl StackSettings {
+    pub fn new(kafka: KafkaSettings, registry: RegistrySettings, database_url: &str, names: &Names) -> Self {
+        use clap::Parser;
+        let cache = cache_dir();
+        let mut ingest = reefline_ingest::Settings::parse_from(["ingest"]);
+        ingest.listen = "127.0.0.1:0".into();
+        ingest.requests_topic = names.requests.clone();
+        ingest.requests_partitions = 3;
+        ingest.kafka = kafka.clone();
+        ingest.registry = registry.clone();
+
+        let mut classifier = reefline_classifier::Settings::parse_from(["classifier"]);
+        classifier.listen = "127.0.0.1:0".into();
+        classifier.requests_topic = names.requests.clone();
+        classifier.results_topic = names.results.clone();
+        classifier.dead_letter_topic = names.dead_letter.clone();
+        classifier.topic_partitions = 3;
+        classifier.group_id = names.classifier_group.clone();
+        classifier.session_timeout_ms = SESSION_TIMEOUT_MS;
+        classifier.model_path = cache.join("models/efficientnet-lite0.onnx");
+        classifier.labels_path = cache.join("models/imagenet_labels.tsv");
+        classifier.ort_dylib = cache.join("onnxruntime/libonnxruntime.so.1.31.1");
+        classifier.max_batch_size = 8;
+        classifier.fetch_timeout_s = 10;
+        classifier.kafka = kafka.clone();
+        classifier.registry = registry.clone();
+
+        let mut sink = reefline_sink::Settings::parse_from(["sink"]);
+        sink.listen = "127.0.0.1:0".into();
+        sink.database_url = database_url.to_owned();
+        sink.results_topic = names.results.clone();
+        sink.dead_letter_topic = names.dead_letter.clone();
+        sink.topic_partitions = 3;
+        sink.group_id = names.sink_group.clone();
+        sink.session_timeout_ms = SESSION_TIMEOUT_MS;
+        sink.kafka = kafka;
+        sink.registry = registry;
+        Self { ingest, classifier, sink }
+    }
+}
+
+/// The three services running in-process; stopped (gracefully) by [`Stack::stop`].
+pub struct Stack {
+    pub ingest: String,
+    pub sink: String,
+    pub classifier_ops: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+impl Stack {
+    pub async fn start(settings: StackSettings) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let sink = reefline_sink::Application::build(settings.sink).await.expect("building the sink");
+        let classifier = reefline_classifier::Application::build(settings.classifier).await.expect("building the classifier");
+        let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
+        let urls = (format!("http://{}", ingest.local_addr()), format!("http://{}", sink.local_addr()), format!("http://{}", classifier.local_addr()));
+        let tasks = vec![
+            tokio::spawn(sink.run_until(stopped(&rx))),
+            tokio::spawn(classifier.run_until(stopped(&rx))),
+            tokio::spawn(async move { ingest.run_until(stopped(&rx)).await.map_err(Into::into) }),
+        ];
+        Self { ingest: urls.0, sink: urls.1, classifier_ops: urls.2, stop, tasks }
+    }
+
+    /// Stops every service and waits for each to finish cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.await.expect("service task").expect("service ran cleanly");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Stage 1, consume: read requests from Kafka, decode them, track their offsets, and store an
+//! offset only once the result for it and everything before it on the partition is acknowledged.
+
+use std::sync::{Arc, Mutex};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use reefline_schemas::{Codec, ImageRequest};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+
+/// One request on its way through the pipeline, with where it came from.
+pub struct Job {
+    pub request: ImageRequest,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Consumer callbacks: forget the offsets of partitions taken away in a rebalance.
+pub struct Context {
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let mut tracker = self.tracker.lock().expect("offset tracker lock");
+                for elem in tpl.elements() {
+                    tracker.revoke(elem.partition());
+                }
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+            }
+            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+pub type RequestConsumer = StreamConsumer<Context>;
+
+/// Marks requests done and stores the offsets that may now be committed.
+#[derive(Clone)]
+pub struct Offsets {
+    pub consumer: Arc<RequestConsumer>,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub topic: String,
+    pub metrics: Metrics,
+}
+
+impl Offsets {
+    fn start(&self, partition: i32, offset: i64) {
+        self.tracker.lock().expect("offset tracker lock").start(partition, offset);
+        self.metrics.in_flight.inc();
+    }
+
+    /// The result for `offset` is acknowledged.
+    pub fn finish(&self, partition: i32, offset: i64) {
+        self.metrics.in_flight.dec();
+        let next = self.tracker.lock().expect("offset tracker lock").finish(partition, offset);
+        if let Some(next) = next {
+            let mut tpl = TopicPartitionList::new();
+            if tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next)).is_ok() {
+                if let Err(e) = self.consumer.store_offsets(&tpl) {
+                    // The partition was revoked meanwhile; its new owner will redo what is not committed.
+                    tracing::debug!(partition, next, error = %e, "offset not stored");
+                }
+            }
+        }
+    }
+}
+
+/// Reads until `shutdown` fires, sending decoded requests to `jobs` and poison records to the
+/// dead-letter topic.
+pub async fn run(
+    offsets: Offsets,
+    codec: Codec,
+    producer: FutureProducer,
+    dead_letter_topic: String,
+    jobs: mpsc::Sender<Job>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let message = tokio::select! {
+            () = &mut shutdown => return,
+            m = offsets.consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                continue;
+            }
+        };
+        let (partition, offset) = (message.partition(), message.offset());
+        offsets.start(partition, offset);
+        let decoded = decode_with_retry(&codec, message.payload()).await;
+        match decoded {
+            Ok(request) => {
+                if jobs.send(Job { request, partition, offset }).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(partition, offset, kind = e.kind(), error = %e, "poison record moved to the dead-letter topic");
+                let mut backoff = std::time::Duration::from_millis(100);
+                while let Err(err) = reefline_common::kafka::dead_letter(&producer, &dead_letter_topic, &message, e.kind(), &e.to_string()).await {
+                    tracing::warn!(error = %err, "dead-letter produce failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                }
+                offsets.metrics.dead_letters.with_label_values(&[e.kind()]).inc();
+                offsets.finish(partition, offset);
+            }
+        }
+    }
+}
+
+/// Decodes a request, waiting out a registry outage rather than dead-lettering good records.
+async fn decode_with_retry(codec: &Codec, payload: Option<&[u8]>) -> Result<ImageRequest, reefline_schemas::CodecError> {
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match codec.decode::<ImageRequest>(payload).await {
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "schema registry unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! Why one image could not be classified: each becomes an `error` result, never a crash.
+
+/// A per-image failure with a stable kind.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("the server answered 404 Not Found")]
+    NotFound,
+    #[error("the server answered HTTP {0}")]
+    HttpStatus(u16),
+    #[error("fetching the image timed out after {0} s")]
+    Timeout(u64),
+    #[error("could not connect: {0}")]
+    Connection(String),
+    #[error("the image is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("the content is not an image in a supported format (JPEG, PNG, GIF, WebP, BMP)")]
+    NotAnImage,
+    #[error("the image could not be decoded: {0}")]
+    DecodeFailed(String),
+    #[error("the image is {width}x{height} pixels; the limit is {limit} pixels per side")]
+    DimensionsTooLarge { width: u32, height: u32, limit: u32 },
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl ImageError {
+    /// Stable snake_case name, used in results and as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ImageError::NotFound => "not_found",
+            ImageError::HttpStatus(_) => "http_status",
+            ImageError::Timeout(_) => "timeout",
+            ImageError::Connection(_) => "connection_failed",
+            ImageError::TooLarge { .. } => "too_large",
+            ImageError::NotAnImage => "not_an_image",
+            ImageError::DecodeFailed(_) => "decode_failed",
+            ImageError::DimensionsTooLarge { .. } => "dimensions_too_large",
+            ImageError::Inference(_) => "inference_failed",
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Stage 5, infer: the engine's own thread takes batches from the queue, runs the model and
+//! turns logits into labelled predictions.
+
+use std::time::Instant;
+
+use reefline_schemas::Prediction;
+use tokio::sync::mpsc;
+
+use crate::batcher::Queued;
+use crate::consume::Job;
+use crate::engine::Engine;
+use crate::error::ImageError;
+use crate::labels::Labels;
+use crate::metrics::Metrics;
+use crate::postprocess;
+use crate::prepare::Prepared;
+
+/// A request's final outcome, ready to be produced.
+pub struct Outcome {
+    pub job: Job,
+    pub result: Result<Vec<Prediction>, ImageError>,
+}
+
+/// Spawns the engine thread; it ends when `batches` closes.
+pub fn spawn(
+    mut engine: impl Engine,
+    labels: Labels,
+    top_k: usize,
+    image_len: usize,
+    mut batches: mpsc::Receiver<Vec<Queued<Prepared>>>,
+    outcomes: mpsc::Sender<Outcome>,
+    done: mpsc::UnboundedSender<()>,
+    metrics: Metrics,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("inference".into())
+        .spawn(move || {
+            let mut input = Vec::new();
+            while let Some(batch) = batches.blocking_recv() {
+                let n = batch.len();
+                input.clear();
+                for q in &batch {
+                    input.extend_from_slice(&q.item.tensor);
+                }
+                debug_assert_eq!(input.len(), n * image_len);
+                let started = Instant::now();
+                let result = engine.infer(&input, n);
+                let elapsed = started.elapsed().as_secs_f64();
+                metrics.inference_seconds.observe(elapsed);
+                metrics.inference_per_image_seconds.observe(elapsed / n as f64);
+                let _ = done.send(());
+                let results: Vec<Result<Vec<Prediction>, ImageError>> = match result {
+                    Ok(rows) => rows.iter().map(|logits| Ok(postprocess::predictions(logits, &labels, top_k))).collect(),
+                    Err(e) => {
+                        tracing::error!(error = %e, batch = n, "inference failed");
+                        (0..n).map(|_| Err(ImageError::Inference(e.clone()))).collect()
+                    }
+                };
+                for (q, result) in batch.into_iter().zip(results) {
+                    if outcomes.blocking_send(Outcome { job: q.item.job, result }).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawning the inference thread")
+}

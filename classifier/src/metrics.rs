@@ -1,0 +1,57 @@
+//! The classifier's Prometheus metrics, one set per stage.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use reefline_common::ops::duration_buckets;
+
+/// Counters, gauges and histograms for every stage.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Results produced, by outcome (`ok` or the error kind).
+    pub results: IntCounterVec,
+    pub fetch_seconds: Histogram,
+    pub fetch_bytes: IntCounter,
+    pub fetch_failures: IntCounterVec,
+    pub preprocess_seconds: Histogram,
+    pub queue_seconds: Histogram,
+    pub batch_size: Histogram,
+    pub inference_seconds: Histogram,
+    pub inference_per_image_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub dead_letters: IntCounterVec,
+    pub in_flight: IntGauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let seconds = |name: &str, help: &str| Histogram::with_opts(HistogramOpts::new(name, help).buckets(duration_buckets()));
+        let m = Self {
+            results: IntCounterVec::new(Opts::new("classifier_results_total", "Results produced, by outcome"), &["outcome"])?,
+            fetch_seconds: seconds("classifier_fetch_seconds", "Time to fetch one image")?,
+            fetch_bytes: IntCounter::new("classifier_fetch_bytes_total", "Image bytes fetched")?,
+            fetch_failures: IntCounterVec::new(Opts::new("classifier_fetch_failures_total", "Failed fetches by kind"), &["kind"])?,
+            preprocess_seconds: seconds("classifier_preprocess_seconds", "Time to decode and preprocess one image")?,
+            queue_seconds: seconds("classifier_batch_queue_seconds", "Time the oldest image of a batch waited in the batching queue")?,
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("classifier_batch_size", "Images per inference batch").buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            )?,
+            inference_seconds: seconds("classifier_inference_seconds", "Time to run one batch through the model")?,
+            inference_per_image_seconds: seconds("classifier_inference_per_image_seconds", "Inference time per image of a batch")?,
+            end_to_end_seconds: seconds("classifier_end_to_end_seconds", "From submission to the result being acknowledged")?,
+            dead_letters: IntCounterVec::new(Opts::new("classifier_dead_letters_total", "Records moved to the dead-letter topic, by kind"), &["kind"])?,
+            in_flight: IntGauge::new("classifier_in_flight", "Requests taken from Kafka whose results are not yet acknowledged")?,
+        };
+        registry.register(Box::new(m.results.clone()))?;
+        registry.register(Box::new(m.fetch_seconds.clone()))?;
+        registry.register(Box::new(m.fetch_bytes.clone()))?;
+        registry.register(Box::new(m.fetch_failures.clone()))?;
+        registry.register(Box::new(m.preprocess_seconds.clone()))?;
+        registry.register(Box::new(m.queue_seconds.clone()))?;
+        registry.register(Box::new(m.batch_size.clone()))?;
+        registry.register(Box::new(m.inference_seconds.clone()))?;
+        registry.register(Box::new(m.inference_per_image_seconds.clone()))?;
+        registry.register(Box::new(m.end_to_end_seconds.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.in_flight.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,93 @@
+//! Which offsets may be stored: a partition's offset moves past a message only once it and every
+//! message before it have their results acknowledged by the broker.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Messages in flight on one partition, in offset order, with whether each is finished.
+#[derive(Default, Debug)]
+pub struct PartitionOffsets {
+    in_flight: BTreeMap<i64, bool>,
+}
+
+impl PartitionOffsets {
+    /// A message was taken from the partition.
+    pub fn start(&mut self, offset: i64) {
+        self.in_flight.insert(offset, false);
+    }
+
+    /// A message's result is acknowledged; returns the offset to store (next to read), if it moved.
+    pub fn finish(&mut self, offset: i64) -> Option<i64> {
+        if let Some(done) = self.in_flight.get_mut(&offset) {
+            *done = true;
+        }
+        let mut next = None;
+        while let Some(entry) = self.in_flight.first_entry() {
+            if !*entry.get() {
+                break;
+            }
+            next = Some(entry.key() + 1);
+            entry.remove();
+        }
+        next
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+/// Offsets for every assigned partition of one topic.
+#[derive(Default, Debug)]
+pub struct OffsetTracker {
+    partitions: HashMap<i32, PartitionOffsets>,
+}
+
+impl OffsetTracker {
+    pub fn start(&mut self, partition: i32, offset: i64) {
+        self.partitions.entry(partition).or_default().start(offset);
+    }
+
+    pub fn finish(&mut self, partition: i32, offset: i64) -> Option<i64> {
+        self.partitions.get_mut(&partition)?.finish(offset)
+    }
+
+    /// Forgets a partition that was revoked.
+    pub fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(PartitionOffsets::in_flight).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_move_only_past_contiguous_finished_messages() {
+        let mut p = PartitionOffsets::default();
+        for o in 10..15 {
+            p.start(o);
+        }
+        assert_eq!(p.finish(12), None);
+        assert_eq!(p.finish(11), None);
+        assert_eq!(p.finish(10), Some(13));
+        assert_eq!(p.finish(14), None);
+        assert_eq!(p.finish(13), Some(15));
+        assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn partitions_are_independent_and_revocation_forgets() {
+        let mut t = OffsetTracker::default();
+        t.start(0, 5);
+        t.start(1, 7);
+        assert_eq!(t.finish(1, 7), Some(8));
+        assert_eq!(t.in_flight(), 1);
+        t.revoke(0);
+        assert_eq!(t.finish(0, 5), None);
+        assert_eq!(t.in_flight(), 0);
+    }
+}

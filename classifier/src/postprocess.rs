@@ -1,0 +1,77 @@
+//! Logits to results: softmax, top-k, labels and the marine group.
+
+use reefline_schemas::Prediction;
+
+use crate::labels::Labels;
+
+/// Numerically stable softmax.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
+/// Indices of the `k` largest values, largest first; ties keep the lower index first.
+pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// The top-`k` labelled predictions for one image's logits.
+pub fn predictions(logits: &[f32], labels: &Labels, k: usize) -> Vec<Prediction> {
+    let probs = softmax(logits);
+    top_k(&probs, k)
+        .into_iter()
+        .map(|i| {
+            let class = labels.get(i);
+            Prediction {
+                index: i as i32,
+                wnid: class.map(|c| c.wnid.clone()).unwrap_or_default(),
+                label: class.map(|c| c.label.clone()).unwrap_or_default(),
+                score: probs[i],
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let p = softmax(&[1.0, 2.0, 3.0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((p[2] - 0.665_241_1).abs() < 1e-6);
+        assert!(p[0] < p[1] && p[1] < p[2]);
+    }
+
+    #[test]
+    fn softmax_survives_huge_logits() {
+        let p = softmax(&[1000.0, 1000.0]);
+        assert_eq!(p, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn top_k_is_sorted_and_stable() {
+        assert_eq!(top_k(&[0.1, 0.5, 0.2, 0.5, 0.0], 3), vec![1, 3, 2]);
+        assert_eq!(top_k(&[0.3], 5), vec![0]);
+    }
+
+    #[test]
+    fn predictions_are_labelled() {
+        let text: String = (0..1000).map(|i| format!("{i}\tn{i:08}\tclass {i}\n")).collect();
+        let labels = Labels::parse(&text).unwrap();
+        let mut logits = vec![0.0; 1000];
+        logits[2] = 10.0;
+        logits[7] = 5.0;
+        let p = predictions(&logits, &labels, 5);
+        assert_eq!(p.len(), 5);
+        assert_eq!((p[0].index, p[0].label.as_str(), p[0].wnid.as_str()), (2, "class 2", "n00000002"));
+        assert_eq!(p[1].index, 7);
+        assert!(p[0].score > 0.99);
+    }
+}

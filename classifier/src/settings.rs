@@ -1,0 +1,113 @@
+//! The classifier's settings: flags with environment variables and local defaults.
+
+use std::path::PathBuf;
+
+use reefline_common::kafka::KafkaSettings;
+use reefline_schemas::RegistrySettings;
+
+/// Topics, model, batching and fetching limits of one classifier instance.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "reefline-classifier", about = "Classifies the images named on the requests topic")]
+pub struct Settings {
+    /// Address /metrics, /healthz and /readyz listen on.
+    #[arg(long, env = "CLASSIFIER_LISTEN", default_value = "127.0.0.1:8082")]
+    pub listen: String,
+
+    /// Topic the image requests are read from.
+    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
+    pub requests_topic: String,
+
+    /// Topic the results are produced to.
+    #[arg(long, env = "RESULTS_TOPIC", default_value = "reefline.results")]
+    pub results_topic: String,
+
+    /// Topic undecodable records are moved to.
+    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "reefline.dead-letter")]
+    pub dead_letter_topic: String,
+
+    /// Partitions given to topics the classifier has to create.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub topic_partitions: i32,
+
+    /// Consumer group shared by all classifier instances.
+    #[arg(long, env = "CLASSIFIER_GROUP", default_value = "reefline-classifier")]
+    pub group_id: String,
+
+    /// Consumer session timeout; a group join takes about half of it.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 30_000)]
+    pub session_timeout_ms: u32,
+
+    /// The ONNX model file.
+    #[arg(long, env = "MODEL_PATH", default_value = ".cache/models/efficientnet-lite0.onnx")]
+    pub model_path: PathBuf,
+
+    /// The ImageNet label table (index, wnid, label).
+    #[arg(long, env = "LABELS_PATH", default_value = ".cache/models/imagenet_labels.tsv")]
+    pub labels_path: PathBuf,
+
+    /// Model name written into every result.
+    #[arg(long, env = "MODEL_NAME", default_value = "efficientnet-lite0")]
+    pub model_name: String,
+
+    /// Model version written into every result.
+    #[arg(long, env = "MODEL_VERSION", default_value = "0.1.0+3cb5e8af")]
+    pub model_version: String,
+
+    /// Square input side the model takes.
+    #[arg(long, env = "MODEL_IMAGE_SIZE", default_value_t = 224)]
+    pub image_size: u32,
+
+    /// The ONNX Runtime shared library.
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".cache/onnxruntime/libonnxruntime.so.1.31.1")]
+    pub ort_dylib: PathBuf,
+
+    /// ONNX Runtime intra-op threads; 0 lets it use every core.
+    #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+
+    /// Classes reported per image.
+    #[arg(long, env = "TOP_K", default_value_t = 5)]
+    pub top_k: usize,
+
+    /// Most images in one inference batch.
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 16)]
+    pub max_batch_size: usize,
+
+    /// Longest a partial batch waits for company while the engine is busy, in milliseconds.
+    #[arg(long, env = "MAX_BATCH_DELAY_MS", default_value_t = 10)]
+    pub max_batch_delay_ms: u64,
+
+    /// Image fetches in flight at once.
+    #[arg(long, env = "FETCH_CONCURRENCY", default_value_t = 64)]
+    pub fetch_concurrency: usize,
+
+    /// Connect timeout for one fetch, in seconds.
+    #[arg(long, env = "FETCH_CONNECT_TIMEOUT_S", default_value_t = 5)]
+    pub fetch_connect_timeout_s: u64,
+
+    /// Total timeout for one fetch, body included, in seconds.
+    #[arg(long, env = "FETCH_TIMEOUT_S", default_value_t = 20)]
+    pub fetch_timeout_s: u64,
+
+    /// Redirects followed per fetch.
+    #[arg(long, env = "FETCH_MAX_REDIRECTS", default_value_t = 5)]
+    pub fetch_max_redirects: usize,
+
+    /// Largest image accepted, in bytes.
+    #[arg(long, env = "MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_image_bytes: u64,
+
+    /// Largest width or height accepted, in pixels.
+    #[arg(long, env = "MAX_IMAGE_SIDE", default_value_t = 10_000)]
+    pub max_image_side: u32,
+
+    /// Threads decoding and preprocessing images; 0 means one per core.
+    #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
+    pub decode_threads: usize,
+
+    #[command(flatten)]
+    pub kafka: KafkaSettings,
+
+    #[command(flatten)]
+    pub registry: RegistrySettings,
+}

@@ -1,0 +1,79 @@
+//! Ingest's error type: every way a submission can be refused, with its HTTP status.
+
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("`{field}`: {message}")]
+    InvalidField { field: String, message: String },
+    #[error("`{field}` is required")]
+    MissingField { field: String },
+    #[error("`images` is empty; send between 1 and {limit} URLs")]
+    EmptyImages { limit: usize },
+    #[error("`images` holds {count} URLs; the limit is {limit}")]
+    TooManyImages { count: usize, limit: usize },
+    #[error("`{field}` is not a usable image URL: {reason}")]
+    InvalidUrl { field: String, reason: String },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("the broker did not accept the request: {0}; retry later")]
+    Unavailable(String),
+}
+
+impl IngestError {
+    /// Stable snake_case name, used in the error body and as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IngestError::InvalidJson(_) => "invalid_json",
+            IngestError::InvalidField { .. } => "invalid_field",
+            IngestError::MissingField { .. } => "missing_field",
+            IngestError::EmptyImages { .. } => "empty_images",
+            IngestError::TooManyImages { .. } => "too_many_images",
+            IngestError::InvalidUrl { .. } => "invalid_url",
+            IngestError::BodyTooLarge { .. } => "body_too_large",
+            IngestError::UnsupportedMediaType => "unsupported_media_type",
+            IngestError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The field the error is about, when there is one.
+    fn field(&self) -> Option<&str> {
+        match self {
+            IngestError::InvalidField { field, .. }
+            | IngestError::MissingField { field }
+            | IngestError::InvalidUrl { field, .. } => Some(field),
+            IngestError::EmptyImages { .. } | IngestError::TooManyImages { .. } => Some("images"),
+            _ => None,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            IngestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({
+            "error": { "kind": self.kind(), "field": self.field(), "message": self.to_string() }
+        }));
+        let mut response = (self.status(), body).into_response();
+        if matches!(self, IngestError::Unavailable(_)) {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        }
+        response
+    }
+}

@@ -1,0 +1,32 @@
+//! Ingest's Prometheus metrics.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+/// Counters and histograms for submissions.
+pub struct Metrics {
+    /// Submissions by route and outcome (accepted or an error kind).
+    pub submissions: IntCounterVec,
+    /// Image requests produced to Kafka, by route.
+    pub images: IntCounterVec,
+    /// Time to produce a submission's records and have them acknowledged.
+    pub produce_seconds: HistogramVec,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let submissions = IntCounterVec::new(
+            Opts::new("ingest_submissions_total", "Submissions by route and outcome"),
+            &["route", "outcome"],
+        )?;
+        let images = IntCounterVec::new(Opts::new("ingest_images_total", "Image requests produced to Kafka"), &["route"])?;
+        let produce_seconds = HistogramVec::new(
+            HistogramOpts::new("ingest_produce_seconds", "Time until a submission's records are acknowledged")
+                .buckets(reefline_common::ops::duration_buckets()),
+            &["route"],
+        )?;
+        registry.register(Box::new(submissions.clone()))?;
+        registry.register(Box::new(images.clone()))?;
+        registry.register(Box::new(produce_seconds.clone()))?;
+        Ok(Self { submissions, images, produce_seconds })
+    }
+}

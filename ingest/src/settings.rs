@@ -1,0 +1,39 @@
+//! Ingest's settings: flags with environment variables and local defaults.
+
+use reefline_common::kafka::KafkaSettings;
+use reefline_schemas::RegistrySettings;
+
+/// How ingest listens, where it produces, and the limits it enforces on requests.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "reefline-ingest", about = "Turns HTTP submissions of image URLs into Kafka records")]
+pub struct Settings {
+    /// Address the HTTP API (and /metrics, /healthz, /readyz) listens on.
+    #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Topic the image requests are produced to.
+    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
+    pub requests_topic: String,
+
+    /// Partitions given to the requests topic if ingest has to create it.
+    #[arg(long, env = "REQUESTS_PARTITIONS", default_value_t = 6)]
+    pub requests_partitions: i32,
+
+    /// Most URLs accepted in one submission.
+    #[arg(long, env = "MAX_IMAGES_PER_REQUEST", default_value_t = 1000)]
+    pub max_images: usize,
+
+    /// Longest URL accepted, in bytes.
+    #[arg(long, env = "MAX_URL_BYTES", default_value_t = 2048)]
+    pub max_url_bytes: usize,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    #[command(flatten)]
+    pub kafka: KafkaSettings,
+
+    #[command(flatten)]
+    pub registry: RegistrySettings,
+}

