@@ -66,7 +66,7 @@ mod tests {
         let text: String = (0..1000).map(|i| format!("{i}\tn{i:08}\tclass {i}\n")).collect();
         let labels = Labels::parse(&text).unwrap();
         let mut logits = vec![0.0; 1000];
-        logits[2] = 10.0;
+        logits[2] = 20.0;
         logits[7] = 5.0;
         let p = predictions(&logits, &labels, 5);
         assert_eq!(p.len(), 5);

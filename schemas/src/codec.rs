@@ -86,7 +86,10 @@ impl CodecError {
         };
         if e.retriable {
             CodecError::RegistryUnavailable(text)
-        } else if e.error.contains("schema registry") || e.error.contains("RawRegisteredSchema") {
+        } else if e.error.starts_with("HTTP request to schema registry failed")
+            || e.error.contains("RawRegisteredSchema")
+            || e.error.contains("from response")
+        {
             CodecError::Registry(text)
         } else {
             CodecError::Undecodable(text)
@@ -141,6 +144,12 @@ impl Codec {
             }
         };
         let expected = std::any::type_name::<T>().rsplit("::").next().unwrap_or("record");
+        // Avro resolution matches records by name: a result is not a request, however similar.
+        if let (Some(writer), Some(reader)) = (&decoded.name, T::schema().name()) {
+            if writer.name() != reader.name() {
+                return Err(CodecError::Mismatch { expected, reason: format!("the record is a `{}`", writer.name()) });
+            }
+        }
         let value = decoded
             .value
             .resolve(T::schema())
