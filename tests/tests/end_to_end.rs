@@ -1,6 +1,5 @@
 //! One submission of real photos through real Kafka, the real model and Postgres.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use reefline_e2e::{Broker, Names, Stack, StackSettings, TestDatabase, foolbox_photos, start_photo_server, start_registry, wait_for};
@@ -86,6 +85,7 @@ async fn real_photos_are_classified_end_to_end() {
         top1 += usize::from(top[0] == *class as i64);
         top5 += usize::from(top.contains(&(*class as i64)));
     }
+    eprintln!("foolbox accuracy end to end: top-1 {top1}/20, top-5 {top5}/20");
     assert!(top1 >= 17, "top-1 matched {top1} of 20 foolbox labels");
     assert!(top5 >= 19, "top-5 matched {top5} of 20 foolbox labels");
 
@@ -110,20 +110,14 @@ async fn real_photos_are_classified_end_to_end() {
     let (status, unknown) = get_json(&client, &format!("{}/v1/results/no-such-request", stack.sink)).await;
     assert_eq!((status, unknown["error"]["kind"].as_str()), (404, Some("not_found")));
 
-    // Marine photos are flagged with their group.
-    let marine: HashMap<&str, &str> = results
-        .iter()
-        .filter(|r| r["marine"] == true)
-        .map(|r| (r["url"].as_str().unwrap(), r["marine_group"].as_str().unwrap()))
-        .collect();
-    for r in results.iter().filter(|r| r["marine"] == true) {
-        assert!(r["marine_group"].is_string(), "{r}");
+    // None of these photos shows a marine animal (the marine table itself is unit-tested).
+    for r in &results[..22] {
+        assert_eq!((&r["marine"], &r["marine_group"]), (&json!(false), &Value::Null), "{r}");
     }
-    assert!(marine.values().all(|g| !g.is_empty()));
 
     // The seed-compatible routes produce results too.
-    let shark_or_any = format!("{photos_url}/photos/coffee.png");
-    let (status, infer) = post_json(&client, &format!("{}/api/infer", stack.ingest), &json!({ "images": [shark_or_any] })).await;
+    let coffee_url = format!("{photos_url}/photos/coffee.png");
+    let (status, infer) = post_json(&client, &format!("{}/api/infer", stack.ingest), &json!({ "images": [coffee_url] })).await;
     assert_eq!(status, 202, "{infer}");
     let (status, single) = post_json(&client, &format!("{}/classify", stack.ingest), &json!({ "image_url": format!("{photos_url}/photos/chelsea.png") })).await;
     assert_eq!(status, 202, "{single}");
