@@ -44,8 +44,9 @@ def services():
     broker_url = f"tcp://{BROKER}"
     return [
         ("broker", [os.path.join(CACHE, "tools/bin/nisshi"), "broker", "--listener-url", broker_url,
-                    "--advertised-listener-url", broker_url, "--storage-engine",
-                    f"sqlite://{os.path.join(RUN, 'broker.db')}"], env, ("tcp", BROKER)),
+                    # nisshi reads a sqlite path relative to its working directory, RUN.
+                    "--advertised-listener-url", broker_url, "--storage-engine", "sqlite://broker.db"],
+         env, ("tcp", BROKER)),
         ("registry", [os.path.join(BIN, "reefline-registry"), "--listen", REGISTRY, "--file",
                       os.path.join(RUN, "registry.json")], env, ("tcp", REGISTRY)),
         ("sink", [os.path.join(BIN, "reefline-sink")], env, ("http", f"http://{SINK}/readyz")),
@@ -87,7 +88,7 @@ def up():
             sys.exit(f"stack: {cmd[0]} is missing; run `make build` first")
         log = open(os.path.join(RUN, f"{name}.log"), "ab")
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT, start_new_session=True)
+                                cwd=RUN if name == "broker" else ROOT, start_new_session=True)
         with open(os.path.join(RUN, f"{name}.pid"), "w") as f:
             f.write(str(proc.pid))
         deadline = time.time() + 120

@@ -66,11 +66,11 @@ impl Offsets {
         let next = self.tracker.lock().expect("offset tracker lock").finish(partition, offset);
         if let Some(next) = next {
             let mut tpl = TopicPartitionList::new();
-            if tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next)).is_ok() {
-                if let Err(e) = self.consumer.store_offsets(&tpl) {
-                    // The partition was revoked meanwhile; its new owner will redo what is not committed.
-                    tracing::debug!(partition, next, error = %e, "offset not stored");
-                }
+            if tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next)).is_ok()
+                && let Err(e) = self.consumer.store_offsets(&tpl)
+            {
+                // The partition was revoked meanwhile; its new owner will redo what is not committed.
+                tracing::debug!(partition, next, error = %e, "offset not stored");
             }
         }
     }
@@ -111,7 +111,15 @@ pub async fn run(
             Err(e) => {
                 tracing::warn!(partition, offset, kind = e.kind(), error = %e, "poison record moved to the dead-letter topic");
                 let mut backoff = std::time::Duration::from_millis(100);
-                while let Err(err) = reefline_common::kafka::dead_letter(&producer, &dead_letter_topic, &message, e.kind(), &e.to_string()).await {
+                while let Err(err) = reefline_common::kafka::dead_letter(
+                    &producer,
+                    &dead_letter_topic,
+                    &message,
+                    e.kind(),
+                    &e.to_string(),
+                )
+                .await
+                {
                     tracing::warn!(error = %err, "dead-letter produce failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
@@ -124,7 +132,10 @@ pub async fn run(
 }
 
 /// Decodes a request, waiting out a registry outage rather than dead-lettering good records.
-async fn decode_with_retry(codec: &Codec, payload: Option<&[u8]>) -> Result<ImageRequest, reefline_schemas::CodecError> {
+async fn decode_with_retry(
+    codec: &Codec,
+    payload: Option<&[u8]>,
+) -> Result<ImageRequest, reefline_schemas::CodecError> {
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
         match codec.decode::<ImageRequest>(payload).await {

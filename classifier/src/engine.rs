@@ -50,7 +50,9 @@ fn environment(dylib: &Path) -> anyhow::Result<Environment> {
 impl OrtEngine {
     pub fn load(options: &OrtOptions) -> anyhow::Result<Self> {
         let env = environment(&options.dylib)?;
-        let mut builder = Session::builder(&env)?.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut builder = Session::builder(&env)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if options.intra_threads > 0 {
             builder = builder.with_intra_threads(options.intra_threads).map_err(|e| anyhow::anyhow!("{e}"))?;
         }

@@ -21,17 +21,23 @@ pub struct Outcome {
     pub result: Result<Vec<Prediction>, ImageError>,
 }
 
-/// Spawns the engine thread; it ends when `batches` closes.
+/// The engine and what turns its logits into predictions.
+pub struct Inference<E> {
+    pub engine: E,
+    pub labels: Labels,
+    pub top_k: usize,
+    pub image_len: usize,
+    pub metrics: Metrics,
+}
+
+/// Spawns the engine thread; it ends when `batches` closes. It sends one `done` per batch.
 pub fn spawn(
-    mut engine: impl Engine,
-    labels: Labels,
-    top_k: usize,
-    image_len: usize,
+    inference: Inference<impl Engine>,
     mut batches: mpsc::Receiver<Vec<Queued<Prepared>>>,
     outcomes: mpsc::Sender<Outcome>,
     done: mpsc::UnboundedSender<()>,
-    metrics: Metrics,
 ) -> std::thread::JoinHandle<()> {
+    let Inference { mut engine, labels, top_k, image_len, metrics } = inference;
     std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
@@ -50,7 +56,9 @@ pub fn spawn(
                 metrics.inference_per_image_seconds.observe(elapsed / n as f64);
                 let _ = done.send(());
                 let results: Vec<Result<Vec<Prediction>, ImageError>> = match result {
-                    Ok(rows) => rows.iter().map(|logits| Ok(postprocess::predictions(logits, &labels, top_k))).collect(),
+                    Ok(rows) => {
+                        rows.iter().map(|logits| Ok(postprocess::predictions(logits, &labels, top_k))).collect()
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, batch = n, "inference failed");
                         (0..n).map(|_| Err(ImageError::Inference(e.clone()))).collect()

@@ -33,7 +33,8 @@ fn data_lines(text: &str) -> impl Iterator<Item = Vec<&str>> {
 impl Labels {
     /// Reads `index \t wnid \t label` lines (as `scripts/assets.py` writes them).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading labels {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading labels {}: {e}", path.display()))?;
         Self::parse(&text)
     }
 
@@ -48,7 +49,9 @@ impl Labels {
             })
             .collect::<anyhow::Result<_>>()?;
         for (index, group) in marine_groups() {
-            let class = classes.get_mut(index).ok_or_else(|| anyhow::anyhow!("marine table names class {index}, beyond the labels"))?;
+            let class = classes
+                .get_mut(index)
+                .ok_or_else(|| anyhow::anyhow!("marine table names class {index}, beyond the labels"))?;
             class.marine_group = Some(group);
         }
         Ok(Self(classes))

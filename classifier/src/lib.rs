@@ -62,7 +62,8 @@ impl Application {
             intra_threads: settings.intra_threads,
         };
         let engine = tokio::task::spawn_blocking(move || OrtEngine::load(&options)).await??;
-        let topics = [settings.requests_topic.as_str(), settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
+        let topics =
+            [settings.requests_topic.as_str(), settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
 
         let registry = prometheus::Registry::new();
@@ -73,7 +74,8 @@ impl Application {
             .consumer_config(&settings.group_id, settings.session_timeout_ms)
             .create_with_context(Context { tracker: tracker.clone() })?;
         consumer.subscribe(&[&settings.requests_topic])?;
-        let offsets = Offsets { consumer: Arc::new(consumer), tracker, topic: settings.requests_topic.clone(), metrics };
+        let offsets =
+            Offsets { consumer: Arc::new(consumer), tracker, topic: settings.requests_topic.clone(), metrics };
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
 
@@ -96,9 +98,11 @@ impl Application {
         let metrics = self.offsets.metrics.clone();
         let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let ops_server = tokio::spawn(
-            axum::serve(self.listener, self.ops).with_graceful_shutdown(async move {
-                let _ = ops_stop_rx.await;
-            }).into_future(),
+            axum::serve(self.listener, self.ops)
+                .with_graceful_shutdown(async move {
+                    let _ = ops_stop_rx.await;
+                })
+                .into_future(),
         );
 
         let batch = s.max_batch_size.max(1);
@@ -109,7 +113,11 @@ impl Application {
         let (batches_tx, batches_rx) = mpsc::channel(batcher::ENGINE_DEPTH);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
 
-        let decode_threads = if s.decode_threads == 0 { std::thread::available_parallelism().map_or(2, usize::from) } else { s.decode_threads };
+        let decode_threads = if s.decode_threads == 0 {
+            std::thread::available_parallelism().map_or(2, usize::from)
+        } else {
+            s.decode_threads
+        };
         let stage = prepare::Prepare {
             fetcher: Fetcher::new(FetchLimits {
                 connect_timeout: Duration::from_secs(s.fetch_connect_timeout_s),
@@ -131,7 +139,14 @@ impl Application {
             m.batch_size.observe(n as f64);
             m.queue_seconds.observe(waited.as_secs_f64());
         }));
-        let engine = infer::spawn(self.engine, self.labels.clone(), s.top_k, image_len, batches_rx, outcome_tx.clone(), done_tx, metrics.clone());
+        let inference = infer::Inference {
+            engine: self.engine,
+            labels: self.labels.clone(),
+            top_k: s.top_k,
+            image_len,
+            metrics: metrics.clone(),
+        };
+        let engine = infer::spawn(inference, batches_rx, outcome_tx.clone(), done_tx);
 
         // Failures before inference skip the batch and go straight to the producer.
         let failures = tokio::spawn(async move {
@@ -156,7 +171,15 @@ impl Application {
 
         self.readiness.set(true);
         tracing::info!(ops = %ops_addr, topic = %s.requests_topic, group = %s.group_id, "classifier running");
-        consume::run(self.offsets.clone(), self.codec.clone(), self.producer.clone(), s.dead_letter_topic.clone(), jobs_tx, shutdown).await;
+        consume::run(
+            self.offsets.clone(),
+            self.codec.clone(),
+            self.producer.clone(),
+            s.dead_letter_topic.clone(),
+            jobs_tx,
+            shutdown,
+        )
+        .await;
 
         tracing::info!("draining in-flight requests");
         self.readiness.set(false);
@@ -164,10 +187,13 @@ impl Application {
         batcher.await?;
         failures.await?;
         produce.await?;
-        tokio::task::spawn_blocking(move || engine.join()).await?.map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
+        tokio::task::spawn_blocking(move || engine.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
         self.producer.flush(Duration::from_secs(10))?;
-        if let Err(e) = self.offsets.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::warn!(error = %e, "final commit failed");
+        match self.offsets.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %e, "final commit failed"),
         }
         let _ = ops_stop_tx.send(());
         let _ = ops_server.await;

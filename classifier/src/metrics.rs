@@ -23,22 +23,45 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let seconds = |name: &str, help: &str| Histogram::with_opts(HistogramOpts::new(name, help).buckets(duration_buckets()));
+        let seconds =
+            |name: &str, help: &str| Histogram::with_opts(HistogramOpts::new(name, help).buckets(duration_buckets()));
         let m = Self {
-            results: IntCounterVec::new(Opts::new("classifier_results_total", "Results produced, by outcome"), &["outcome"])?,
+            results: IntCounterVec::new(
+                Opts::new("classifier_results_total", "Results produced, by outcome"),
+                &["outcome"],
+            )?,
             fetch_seconds: seconds("classifier_fetch_seconds", "Time to fetch one image")?,
             fetch_bytes: IntCounter::new("classifier_fetch_bytes_total", "Image bytes fetched")?,
-            fetch_failures: IntCounterVec::new(Opts::new("classifier_fetch_failures_total", "Failed fetches by kind"), &["kind"])?,
+            fetch_failures: IntCounterVec::new(
+                Opts::new("classifier_fetch_failures_total", "Failed fetches by kind"),
+                &["kind"],
+            )?,
             preprocess_seconds: seconds("classifier_preprocess_seconds", "Time to decode and preprocess one image")?,
-            queue_seconds: seconds("classifier_batch_queue_seconds", "Time the oldest image of a batch waited in the batching queue")?,
+            queue_seconds: seconds(
+                "classifier_batch_queue_seconds",
+                "Time the oldest image of a batch waited in the batching queue",
+            )?,
             batch_size: Histogram::with_opts(
-                HistogramOpts::new("classifier_batch_size", "Images per inference batch").buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+                HistogramOpts::new("classifier_batch_size", "Images per inference batch")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )?,
             inference_seconds: seconds("classifier_inference_seconds", "Time to run one batch through the model")?,
-            inference_per_image_seconds: seconds("classifier_inference_per_image_seconds", "Inference time per image of a batch")?,
-            end_to_end_seconds: seconds("classifier_end_to_end_seconds", "From submission to the result being acknowledged")?,
-            dead_letters: IntCounterVec::new(Opts::new("classifier_dead_letters_total", "Records moved to the dead-letter topic, by kind"), &["kind"])?,
-            in_flight: IntGauge::new("classifier_in_flight", "Requests taken from Kafka whose results are not yet acknowledged")?,
+            inference_per_image_seconds: seconds(
+                "classifier_inference_per_image_seconds",
+                "Inference time per image of a batch",
+            )?,
+            end_to_end_seconds: seconds(
+                "classifier_end_to_end_seconds",
+                "From submission to the result being acknowledged",
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new("classifier_dead_letters_total", "Records moved to the dead-letter topic, by kind"),
+                &["kind"],
+            )?,
+            in_flight: IntGauge::new(
+                "classifier_in_flight",
+                "Requests taken from Kafka whose results are not yet acknowledged",
+            )?,
         };
         registry.register(Box::new(m.results.clone()))?;
         registry.register(Box::new(m.fetch_seconds.clone()))?;

@@ -34,7 +34,12 @@ pub struct Prepare {
 }
 
 /// Runs until `jobs` closes and every fetch it started has been passed on.
-pub async fn run(stage: Prepare, mut jobs: mpsc::Receiver<Job>, prepared: mpsc::Sender<Prepared>, failed: mpsc::Sender<Failed>) {
+pub async fn run(
+    stage: Prepare,
+    mut jobs: mpsc::Receiver<Job>,
+    prepared: mpsc::Sender<Prepared>,
+    failed: mpsc::Sender<Failed>,
+) {
     let fetches = Arc::new(Semaphore::new(stage.fetch_concurrency));
     let decoders = Arc::new(Semaphore::new(stage.decode_threads));
     let stage = Arc::new(stage);
@@ -58,7 +63,11 @@ pub async fn run(stage: Prepare, mut jobs: mpsc::Receiver<Job>, prepared: mpsc::
 impl Prepare {
     async fn prepare(&self, url: &str, decoders: &Arc<Semaphore>) -> Result<Vec<f32>, ImageError> {
         let started = Instant::now();
-        let bytes = self.fetcher.fetch(url).await.inspect_err(|e| self.metrics.fetch_failures.with_label_values(&[e.kind()]).inc())?;
+        let bytes = self
+            .fetcher
+            .fetch(url)
+            .await
+            .inspect_err(|e| self.metrics.fetch_failures.with_label_values(&[e.kind()]).inc())?;
         self.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.fetch_bytes.inc_by(bytes.len() as u64);
         let _permit = decoders.acquire().await.map_err(|e| ImageError::DecodeFailed(e.to_string()))?;

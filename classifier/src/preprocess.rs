@@ -30,7 +30,8 @@ impl Preprocess {
     pub fn run(&self, bytes: &[u8]) -> Result<Vec<f32>, ImageError> {
         let rgb = self.decode(bytes)?;
         let (w, h) = (rgb.width(), rgb.height());
-        let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3).map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
+        let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3)
+            .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let mut dst = Image::new(self.size, self.size, PixelType::U8x3);
         // Resizing the shorter side to size/0.875 and cropping the center size×size is the same as
         // resizing the center square of side 0.875·min(w, h) straight to size×size.
@@ -43,7 +44,9 @@ impl Preprocess {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
-        let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
+        let mut reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         if reader.format().is_none() {
             return Err(ImageError::NotAnImage);
         }
@@ -51,7 +54,9 @@ impl Preprocess {
         if width.max(height) > self.max_side {
             return Err(ImageError::DimensionsTooLarge { width, height, limit: self.max_side });
         }
-        reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
+        reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let mut limits = Limits::default();
         limits.max_image_width = Some(self.max_side);
         limits.max_image_height = Some(self.max_side);

@@ -86,7 +86,8 @@ impl Produce {
 
     async fn try_produce(&self, result: &ClassificationResult) -> anyhow::Result<()> {
         let payload = self.codec.encode(&self.topic, result).await?;
-        let headers = OwnedHeaders::new().insert(Header { key: "reefline-request-id", value: Some(result.request_id.as_str()) });
+        let headers =
+            OwnedHeaders::new().insert(Header { key: "reefline-request-id", value: Some(result.request_id.as_str()) });
         let record = FutureRecord::to(&self.topic).key(result.request_id.as_str()).payload(&payload).headers(headers);
         self.producer.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| e)?;
         Ok(())

@@ -34,7 +34,7 @@ pub struct Settings {
     pub group_id: String,
 
     /// Consumer session timeout; a group join takes about half of it.
-    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u32,
 
     /// The ONNX model file.

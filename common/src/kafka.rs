@@ -72,7 +72,11 @@ impl KafkaSettings {
 }
 
 /// Creates `topics` with `partitions` partitions each, leaving any that already exist as they are.
-pub async fn ensure_topics(settings: &KafkaSettings, topics: &[&str], partitions: i32) -> Result<(), rdkafka::error::KafkaError> {
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::types::RDKafkaErrorCode;
@@ -85,7 +89,8 @@ pub async fn ensure_topics(settings: &KafkaSettings, topics: &[&str], partitions
             Ok(topic) => tracing::info!(%topic, partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(rdkafka::error::KafkaError::AdminOp(code)).inspect_err(|_| tracing::error!(%topic, ?code, "could not create topic"));
+                return Err(rdkafka::error::KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(%topic, ?code, "could not create topic"));
             }
         }
     }

@@ -49,11 +49,7 @@ async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<OpsState>) -> impl IntoResponse {
-    if state.readiness.get() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    if state.readiness.get() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
 }
 
 /// Buckets for durations from a millisecond to a minute.

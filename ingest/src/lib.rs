@@ -36,7 +36,12 @@ pub struct Application {
 impl Application {
     /// Creates the topic if needed, connects the producer and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        reefline_common::kafka::ensure_topics(&settings.kafka, &[&settings.requests_topic], settings.requests_partitions).await?;
+        reefline_common::kafka::ensure_topics(
+            &settings.kafka,
+            &[&settings.requests_topic],
+            settings.requests_partitions,
+        )
+        .await?;
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
         let registry = prometheus::Registry::new();
@@ -46,9 +51,8 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
         let state = Arc::new(AppState { settings, producer, codec, metrics });
-        let router = routes::router(state)
-            .layer(DefaultBodyLimit::max(body_limit))
-            .merge(ops::router(registry, readiness));
+        let router =
+            routes::router(state).layer(DefaultBodyLimit::max(body_limit)).merge(ops::router(registry, readiness));
         Ok(Self { listener, router })
     }
 

@@ -18,7 +18,8 @@ impl Metrics {
             Opts::new("ingest_submissions_total", "Submissions by route and outcome"),
             &["route", "outcome"],
         )?;
-        let images = IntCounterVec::new(Opts::new("ingest_images_total", "Image requests produced to Kafka"), &["route"])?;
+        let images =
+            IntCounterVec::new(Opts::new("ingest_images_total", "Image requests produced to Kafka"), &["route"])?;
         let produce_seconds = HistogramVec::new(
             HistogramOpts::new("ingest_produce_seconds", "Time until a submission's records are acknowledged")
                 .buckets(reefline_common::ops::duration_buckets()),

@@ -48,11 +48,19 @@ struct AcceptedOne {
 type Body = Result<Bytes, BytesRejection>;
 
 async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    respond(&state, "v1_classify", handle_many(&state, "v1_classify", &headers, body).await.map(|a| (StatusCode::ACCEPTED, Json(a))))
+    respond(
+        &state,
+        "v1_classify",
+        handle_many(&state, "v1_classify", &headers, body).await.map(|a| (StatusCode::ACCEPTED, Json(a))),
+    )
 }
 
 async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    respond(&state, "api_infer", handle_many(&state, "api_infer", &headers, body).await.map(|a| (StatusCode::ACCEPTED, Json(a))))
+    respond(
+        &state,
+        "api_infer",
+        handle_many(&state, "api_infer", &headers, body).await.map(|a| (StatusCode::ACCEPTED, Json(a))),
+    )
 }
 
 async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -63,7 +71,10 @@ async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         let url = validate::check_url(&raw, state.settings.max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "image_url".into(), reason })?;
         let accepted = submit(&state, "classify", vec![url]).await?;
-        Ok(AcceptedOne { batch_id: accepted.batch_id, request_id: accepted.request_ids.into_iter().next().unwrap_or_default() })
+        Ok(AcceptedOne {
+            batch_id: accepted.batch_id,
+            request_id: accepted.request_ids.into_iter().next().unwrap_or_default(),
+        })
     }
     .await;
     respond(&state, "classify", result.map(|a| (StatusCode::ACCEPTED, Json(a))))

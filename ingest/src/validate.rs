@@ -57,7 +57,10 @@ pub fn check_images(images: Option<Vec<String>>, limits: Limits) -> Result<Vec<U
     images
         .iter()
         .enumerate()
-        .map(|(i, raw)| check_url(raw, limits.max_url_bytes).map_err(|reason| IngestError::InvalidUrl { field: format!("images[{i}]"), reason }))
+        .map(|(i, raw)| {
+            check_url(raw, limits.max_url_bytes)
+                .map_err(|reason| IngestError::InvalidUrl { field: format!("images[{i}]"), reason })
+        })
         .collect()
 }
 
@@ -87,21 +90,29 @@ mod tests {
 
     #[test]
     fn accepts_http_and_https() {
-        let urls = check_images(Some(vec!["http://a.example/x.jpg".into(), "https://b.example/y.png?s=1".into()]), LIMITS).unwrap();
+        let urls =
+            check_images(Some(vec!["http://a.example/x.jpg".into(), "https://b.example/y.png?s=1".into()]), LIMITS)
+                .unwrap();
         assert_eq!(urls[1].as_str(), "https://b.example/y.png?s=1");
     }
 
     #[test]
     fn rejects_other_schemes_naming_the_index() {
-        let err = check_images(Some(vec!["http://a.example/x.jpg".into(), "file:///etc/passwd".into()]), LIMITS).unwrap_err();
+        let err =
+            check_images(Some(vec!["http://a.example/x.jpg".into(), "file:///etc/passwd".into()]), LIMITS).unwrap_err();
         assert_eq!(err.kind(), "invalid_url");
-        assert_eq!(err.to_string(), "`images[1]` is not a usable image URL: scheme `file` is not allowed; use http or https");
+        assert_eq!(
+            err.to_string(),
+            "`images[1]` is not a usable image URL: scheme `file` is not allowed; use http or https"
+        );
     }
 
     #[test]
     fn rejects_relative_long_and_credentialed_urls() {
         assert_eq!(check_url("/x.jpg", 64).unwrap_err(), "relative URL without a base");
-        assert!(check_url(&format!("http://a.example/{}", "x".repeat(64)), 64).unwrap_err().contains("the limit is 64"));
+        assert!(
+            check_url(&format!("http://a.example/{}", "x".repeat(64)), 64).unwrap_err().contains("the limit is 64")
+        );
         assert!(check_url("http://user:pw@a.example/x.jpg", 64).unwrap_err().contains("credentials"));
     }
 

@@ -7,9 +7,7 @@ use apache_avro::from_value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{
-    SchemaType, SubjectNameStrategy, SuppliedSchema,
-};
+use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
 use crate::Message;
 
@@ -145,15 +143,13 @@ impl Codec {
         };
         let expected = std::any::type_name::<T>().rsplit("::").next().unwrap_or("record");
         // Avro resolution matches records by name: a result is not a request, however similar.
-        if let (Some(writer), Some(reader)) = (&decoded.name, T::schema().name()) {
-            if writer.name() != reader.name() {
-                return Err(CodecError::Mismatch { expected, reason: format!("the record is a `{}`", writer.name()) });
-            }
+        if let (Some(writer), Some(reader)) = (&decoded.name, T::schema().name())
+            && writer.name() != reader.name()
+        {
+            return Err(CodecError::Mismatch { expected, reason: format!("the record is a `{}`", writer.name()) });
         }
-        let value = decoded
-            .value
-            .resolve(T::schema())
-            .map_err(|e| CodecError::Mismatch { expected, reason: e.to_string() })?;
+        let value =
+            decoded.value.resolve(T::schema()).map_err(|e| CodecError::Mismatch { expected, reason: e.to_string() })?;
         from_value(&value).map_err(|e| CodecError::Mismatch { expected, reason: e.to_string() })
     }
 }

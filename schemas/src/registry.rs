@@ -32,11 +32,7 @@ struct Store {
 
 impl Store {
     fn level(&self, subject: &str) -> &str {
-        self.config
-            .get(subject)
-            .or_else(|| self.config.get(""))
-            .map(String::as_str)
-            .unwrap_or("BACKWARD")
+        self.config.get(subject).or_else(|| self.config.get("")).map(String::as_str).unwrap_or("BACKWARD")
     }
 }
 
@@ -121,7 +117,11 @@ struct SchemaBody {
 
 fn parse(body: &SchemaBody) -> Result<Schema, ApiError> {
     if let Some(t) = body.schema_type.as_deref().filter(|t| *t != "AVRO") {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("schemaType {t} is not supported; only AVRO")));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+            format!("schemaType {t} is not supported; only AVRO"),
+        ));
     }
     Schema::parse_str(&body.schema)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema: {e}")))
@@ -148,13 +148,20 @@ fn version_entry(store: &Store, subject: &str, version: &str) -> Result<(u32, u3
     let n = if version == "latest" || version == "-1" {
         ids.len() as u32
     } else {
-        version.parse().map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42202, format!("Invalid version `{version}`")))?
+        version.parse().map_err(|_| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42202, format!("Invalid version `{version}`"))
+        })?
     };
     let id = n.checked_sub(1).and_then(|i| ids.get(i as usize)).copied();
-    id.map(|id| (n, id)).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found.")))
+    id.map(|id| (n, id))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found.")))
 }
 
-async fn register(State(reg): State<Registry>, Path(subject): Path<String>, Json(body): Json<SchemaBody>) -> Result<Json<Value>, ApiError> {
+async fn register(
+    State(reg): State<Registry>,
+    Path(subject): Path<String>,
+    Json(body): Json<SchemaBody>,
+) -> Result<Json<Value>, ApiError> {
     let schema = parse(&body)?;
     let form = schema.canonical_form();
     let mut store = reg.store.lock().await;
@@ -163,14 +170,17 @@ async fn register(State(reg): State<Registry>, Path(subject): Path<String>, Json
         return Ok(Json(json!({"id": id})));
     }
     let level = store.level(&subject).to_owned();
-    let to_check: Vec<u32> = if level.ends_with("_TRANSITIVE") { versions.clone() } else { versions.last().copied().into_iter().collect() };
+    let to_check: Vec<u32> =
+        if level.ends_with("_TRANSITIVE") { versions.clone() } else { versions.last().copied().into_iter().collect() };
     for id in to_check {
         let old = Schema::parse_str(&store.schemas[&id]).map_err(|e| ApiError::internal(e.to_string()))?;
         if !compatible(&level, &old, &schema) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 409,
-                format!("Schema being registered is incompatible with an earlier schema for subject \"{subject}\" ({level})"),
+                format!(
+                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\" ({level})"
+                ),
             ));
         }
     }
@@ -182,7 +192,11 @@ async fn register(State(reg): State<Registry>, Path(subject): Path<String>, Json
     Ok(Json(json!({"id": id})))
 }
 
-async fn lookup(State(reg): State<Registry>, Path(subject): Path<String>, Json(body): Json<SchemaBody>) -> Result<Json<Value>, ApiError> {
+async fn lookup(
+    State(reg): State<Registry>,
+    Path(subject): Path<String>,
+    Json(body): Json<SchemaBody>,
+) -> Result<Json<Value>, ApiError> {
     let form = parse(&body)?.canonical_form();
     let store = reg.store.lock().await;
     let ids = store.subjects.get(&subject).ok_or_else(|| ApiError::subject_not_found(&subject))?;
@@ -204,7 +218,10 @@ async fn list_versions(State(reg): State<Registry>, Path(subject): Path<String>)
     Ok(Json((1..=ids.len() as u32).collect()))
 }
 
-async fn get_version(State(reg): State<Registry>, Path((subject, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+async fn get_version(
+    State(reg): State<Registry>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
     let store = reg.store.lock().await;
     let (n, id) = version_entry(&store, &subject, &version)?;
     Ok(Json(json!({"subject": subject, "version": n, "id": id, "schema": store.schemas[&id]})))
@@ -212,7 +229,8 @@ async fn get_version(State(reg): State<Registry>, Path((subject, version)): Path
 
 async fn get_by_id(State(reg): State<Registry>, Path(id): Path<u32>) -> Result<Json<Value>, ApiError> {
     let store = reg.store.lock().await;
-    let schema = store.schemas.get(&id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, 40403, "Schema not found"))?;
+    let schema =
+        store.schemas.get(&id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, 40403, "Schema not found"))?;
     Ok(Json(json!({"schema": schema})))
 }
 
@@ -221,11 +239,16 @@ struct ConfigBody {
     compatibility: String,
 }
 
-const LEVELS: [&str; 7] = ["NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"];
+const LEVELS: [&str; 7] =
+    ["NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"];
 
 async fn set_config(reg: &Registry, key: String, body: ConfigBody) -> Result<Json<Value>, ApiError> {
     if !LEVELS.contains(&body.compatibility.as_str()) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42203, format!("Invalid compatibility level `{}`", body.compatibility)));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            format!("Invalid compatibility level `{}`", body.compatibility),
+        ));
     }
     let mut store = reg.store.lock().await;
     store.config.insert(key, body.compatibility.clone());
@@ -245,7 +268,11 @@ async fn get_config(State(reg): State<Registry>, Path(subject): Path<String>) ->
     Json(json!({"compatibilityLevel": reg.store.lock().await.level(&subject)}))
 }
 
-async fn put_config(State(reg): State<Registry>, Path(subject): Path<String>, Json(body): Json<ConfigBody>) -> Result<Json<Value>, ApiError> {
+async fn put_config(
+    State(reg): State<Registry>,
+    Path(subject): Path<String>,
+    Json(body): Json<ConfigBody>,
+) -> Result<Json<Value>, ApiError> {
     set_config(&reg, subject, body).await
 }
 
@@ -260,10 +287,18 @@ async fn check(reg: &Registry, subject: &str, version: &str, body: &SchemaBody) 
     Ok(Json(json!({"is_compatible": compatible(store.level(subject), &old, &schema)})))
 }
 
-async fn check_latest(State(reg): State<Registry>, Path(subject): Path<String>, Json(body): Json<SchemaBody>) -> Result<Json<Value>, ApiError> {
+async fn check_latest(
+    State(reg): State<Registry>,
+    Path(subject): Path<String>,
+    Json(body): Json<SchemaBody>,
+) -> Result<Json<Value>, ApiError> {
     check(&reg, &subject, "latest", &body).await
 }
 
-async fn check_version(State(reg): State<Registry>, Path((subject, version)): Path<(String, String)>, Json(body): Json<SchemaBody>) -> Result<Json<Value>, ApiError> {
+async fn check_version(
+    State(reg): State<Registry>,
+    Path((subject, version)): Path<(String, String)>,
+    Json(body): Json<SchemaBody>,
+) -> Result<Json<Value>, ApiError> {
     check(&reg, &subject, &version, &body).await
 }

@@ -32,7 +32,12 @@ fn result() -> ClassificationResult {
         batch_size: 1,
         url: "http://photos.example/shark.jpg".into(),
         status: Status::Ok,
-        predictions: vec![Prediction { index: 2, wnid: "n01484850".into(), label: "great white shark".into(), score: 0.93 }],
+        predictions: vec![Prediction {
+            index: 2,
+            wnid: "n01484850".into(),
+            label: "great white shark".into(),
+            score: 0.93,
+        }],
         marine_group: Some("shark".into()),
         model_name: "efficientnet-lite0".into(),
         model_version: "0.1.0".into(),
@@ -127,7 +132,8 @@ async fn backward_compatibility_is_enforced_and_ids_survive_a_restart() {
     assert_eq!(register(&url, "t-value", &compatible).await, (200, json!({"id": 2})));
     let versions: Value = reqwest::get(format!("{url}/subjects/t-value/versions")).await.unwrap().json().await.unwrap();
     assert_eq!(versions, json!([1, 2]));
-    let latest: Value = reqwest::get(format!("{url}/subjects/t-value/versions/latest")).await.unwrap().json().await.unwrap();
+    let latest: Value =
+        reqwest::get(format!("{url}/subjects/t-value/versions/latest")).await.unwrap().json().await.unwrap();
     assert_eq!((latest["version"].as_u64(), latest["id"].as_u64()), (Some(2), Some(2)));
 
     // A restarted registry keeps its ids.

@@ -108,7 +108,15 @@ impl Sink {
     async fn dead_letter(&self, message: &BorrowedMessage<'_>, e: reefline_schemas::CodecError) {
         tracing::warn!(partition = message.partition(), offset = message.offset(), kind = e.kind(), error = %e, "poison result moved to the dead-letter topic");
         let mut backoff = Duration::from_millis(100);
-        while let Err(err) = reefline_common::kafka::dead_letter(&self.producer, &self.dead_letter_topic, message, e.kind(), &e.to_string()).await {
+        while let Err(err) = reefline_common::kafka::dead_letter(
+            &self.producer,
+            &self.dead_letter_topic,
+            message,
+            e.kind(),
+            &e.to_string(),
+        )
+        .await
+        {
             tracing::warn!(error = %err, "dead-letter produce failed; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));

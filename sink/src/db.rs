@@ -70,11 +70,15 @@ pub struct Row {
     pub completed_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
+const COLUMNS: &str =
+    "request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
                        model_version, error_kind, error_message, submitted_at, completed_at";
 
 pub async fn result(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<Row>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM results WHERE request_id = $1")).bind(request_id).fetch_optional(pool).await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM results WHERE request_id = $1"))
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await
 }
 
 pub async fn batch(pool: &PgPool, batch_id: &str) -> sqlx::Result<Vec<Row>> {

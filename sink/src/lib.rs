@@ -28,12 +28,19 @@ pub struct Application {
 fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metrics> {
     let m = consume::Metrics {
         rows: IntCounter::new("sink_rows_written_total", "Result rows upserted")?,
-        write_seconds: Histogram::with_opts(HistogramOpts::new("sink_write_seconds", "Time to write one batch in one transaction").buckets(duration_buckets()))?,
+        write_seconds: Histogram::with_opts(
+            HistogramOpts::new("sink_write_seconds", "Time to write one batch in one transaction")
+                .buckets(duration_buckets()),
+        )?,
         batch_size: Histogram::with_opts(
-            HistogramOpts::new("sink_batch_size", "Results per database transaction").buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
+            HistogramOpts::new("sink_batch_size", "Results per database transaction")
+                .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
         )?,
         write_failures: IntCounter::new("sink_write_failures_total", "Failed database transactions (retried)")?,
-        dead_letters: IntCounterVec::new(Opts::new("sink_dead_letters_total", "Records moved to the dead-letter topic, by kind"), &["kind"])?,
+        dead_letters: IntCounterVec::new(
+            Opts::new("sink_dead_letters_total", "Records moved to the dead-letter topic, by kind"),
+            &["kind"],
+        )?,
     };
     registry.register(Box::new(m.rows.clone()))?;
     registry.register(Box::new(m.write_seconds.clone()))?;
@@ -48,7 +55,8 @@ impl Application {
         let pool = db::connect(&settings.database_url).await?;
         let topics = [settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
-        let consumer: StreamConsumer = settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create()?;
+        let consumer: StreamConsumer =
+            settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create()?;
         consumer.subscribe(&[&settings.results_topic])?;
         let registry = prometheus::Registry::new();
         let readiness = Readiness::default();

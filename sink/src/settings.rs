@@ -12,7 +12,12 @@ pub struct Settings {
     pub listen: String,
 
     /// Postgres URL; the database is created and migrated at start-up.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/reefline", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/reefline",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     /// Topic the results are read from.
@@ -32,7 +37,7 @@ pub struct Settings {
     pub group_id: String,
 
     /// Consumer session timeout; a group join takes about half of it.
-    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u32,
 
     /// Most results written in one database transaction.
@@ -69,7 +74,10 @@ impl std::fmt::Debug for Settings {
 
 /// The database URL with any password replaced, for logs.
 pub fn url_without_password(url: &str) -> String {
-    match url.split_once("://").and_then(|(scheme, rest)| rest.split_once('@').map(|(creds, host)| (scheme, creds, host))) {
+    match url
+        .split_once("://")
+        .and_then(|(scheme, rest)| rest.split_once('@').map(|(creds, host)| (scheme, creds, host)))
+    {
         Some((scheme, creds, host)) => {
             let user = creds.split(':').next().unwrap_or("");
             format!("{scheme}://{user}:***@{host}")

@@ -51,12 +51,21 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker with in-memory storage on a free port and waits until it accepts connections.
     pub async fn start() -> Self {
-        let bin = std::env::var_os("NISSHI_BIN").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("tools/bin/nisshi"));
+        let bin =
+            std::env::var_os("NISSHI_BIN").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("tools/bin/nisshi"));
         assert!(bin.exists(), "{} is missing: run `make setup` (or `make test`) first", bin.display());
         let addr = format!("127.0.0.1:{}", free_port());
         let url = format!("tcp://{addr}");
         let child = Command::new(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://reefline/"])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://reefline/",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -116,7 +125,9 @@ pub async fn start_photo_server() -> String {
         )
         .route(
             "/page.jpg",
-            axum::routing::get(|| async { ([(header::CONTENT_TYPE, "image/jpeg")], "<html><body>not an image</body></html>") }),
+            axum::routing::get(|| async {
+                ([(header::CONTENT_TYPE, "image/jpeg")], "<html><body>not an image</body></html>")
+            }),
         );
     format!("http://{}", serve(router).await)
 }
@@ -262,9 +273,14 @@ impl Stack {
     pub async fn start(settings: StackSettings) -> Self {
         let (stop, rx) = watch::channel(false);
         let sink = reefline_sink::Application::build(settings.sink).await.expect("building the sink");
-        let classifier = reefline_classifier::Application::build(settings.classifier).await.expect("building the classifier");
+        let classifier =
+            reefline_classifier::Application::build(settings.classifier).await.expect("building the classifier");
         let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
-        let urls = (format!("http://{}", ingest.local_addr()), format!("http://{}", sink.local_addr()), format!("http://{}", classifier.local_addr()));
+        let urls = (
+            format!("http://{}", ingest.local_addr()),
+            format!("http://{}", sink.local_addr()),
+            format!("http://{}", classifier.local_addr()),
+        );
         let tasks = vec![
             tokio::spawn(sink.run_until(stopped(&rx))),
             tokio::spawn(classifier.run_until(stopped(&rx))),

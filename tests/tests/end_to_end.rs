@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use reefline_e2e::{Broker, Names, Stack, StackSettings, TestDatabase, foolbox_photos, start_photo_server, start_registry, wait_for};
+use reefline_e2e::{
+    Broker, Names, Stack, StackSettings, TestDatabase, foolbox_photos, start_photo_server, start_registry, wait_for,
+};
 use serde_json::{Value, json};
 
 const CAT_CLASSES: std::ops::RangeInclusive<i64> = 281..=285; // tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -42,10 +44,16 @@ async fn real_photos_are_classified_end_to_end() {
     urls.push(format!("{photos_url}/photos/missing.jpg"));
     urls.push(format!("{photos_url}/page.jpg"));
 
-    let (status, accepted) = post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
+    let (status, accepted) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
     assert_eq!(status, 202, "{accepted}");
     let batch_id = accepted["batch_id"].as_str().expect("batch_id").to_owned();
-    let request_ids: Vec<String> = accepted["request_ids"].as_array().expect("request_ids").iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let request_ids: Vec<String> = accepted["request_ids"]
+        .as_array()
+        .expect("request_ids")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(request_ids.len(), urls.len());
 
     let batch_url = format!("{}/v1/batches/{batch_id}", stack.sink);
@@ -57,12 +65,19 @@ async fn real_photos_are_classified_end_to_end() {
         }
     })
     .await;
-    assert_eq!((batch["total"].as_i64(), batch["completed"].as_i64(), batch["pending"].as_i64()), (Some(24), Some(24), Some(0)));
+    assert_eq!(
+        (batch["total"].as_i64(), batch["completed"].as_i64(), batch["pending"].as_i64()),
+        (Some(24), Some(24), Some(0))
+    );
     assert_eq!((batch["ok"].as_i64(), batch["error"].as_i64()), (Some(22), Some(2)));
 
     // Exactly one row per request, and no others.
     let pool = db.pool().await;
-    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT request_id, count(*) OVER (PARTITION BY request_id) FROM results").fetch_all(&pool).await.unwrap();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT request_id, count(*) OVER (PARTITION BY request_id) FROM results")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(rows.len(), 24);
     assert!(rows.iter().all(|(_, n)| *n == 1));
     let stored: std::collections::HashSet<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
@@ -95,7 +110,8 @@ async fn real_photos_are_classified_end_to_end() {
     let coffee = &results[21];
     assert_eq!(top_indices(coffee)[0], ESPRESSO, "coffee: {coffee}");
     assert_eq!(coffee["predictions"][0]["label"], "espresso");
-    let scores: Vec<f64> = coffee["predictions"].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap()).collect();
+    let scores: Vec<f64> =
+        coffee["predictions"].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]) && scores.iter().sum::<f64>() <= 1.0 + 1e-6);
 
     let missing = &results[22];
@@ -117,11 +133,19 @@ async fn real_photos_are_classified_end_to_end() {
 
     // The seed-compatible routes produce results too.
     let coffee_url = format!("{photos_url}/photos/coffee.png");
-    let (status, infer) = post_json(&client, &format!("{}/api/infer", stack.ingest), &json!({ "images": [coffee_url] })).await;
+    let (status, infer) =
+        post_json(&client, &format!("{}/api/infer", stack.ingest), &json!({ "images": [coffee_url] })).await;
     assert_eq!(status, 202, "{infer}");
-    let (status, single) = post_json(&client, &format!("{}/classify", stack.ingest), &json!({ "image_url": format!("{photos_url}/photos/chelsea.png") })).await;
+    let (status, single) = post_json(
+        &client,
+        &format!("{}/classify", stack.ingest),
+        &json!({ "image_url": format!("{photos_url}/photos/chelsea.png") }),
+    )
+    .await;
     assert_eq!(status, 202, "{single}");
-    for (id, expected) in [(infer["request_ids"][0].as_str().unwrap(), ESPRESSO), (single["request_id"].as_str().unwrap(), 281)] {
+    for (id, expected) in
+        [(infer["request_ids"][0].as_str().unwrap(), ESPRESSO), (single["request_id"].as_str().unwrap(), 281)]
+    {
         let url = format!("{}/v1/results/{id}", stack.sink);
         let result = wait_for("a seed-route result", Duration::from_secs(60), || {
             let (client, url) = (client.clone(), url.clone());
@@ -136,7 +160,11 @@ async fn real_photos_are_classified_end_to_end() {
     }
 
     // Every service exposes Prometheus metrics.
-    for (base, metric) in [(&stack.ingest, "ingest_images_total"), (&stack.sink, "sink_rows_written_total"), (&stack.classifier_ops, "classifier_batch_size")] {
+    for (base, metric) in [
+        (&stack.ingest, "ingest_images_total"),
+        (&stack.sink, "sink_rows_written_total"),
+        (&stack.classifier_ops, "classifier_batch_size"),
+    ] {
         let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
         assert!(text.contains(metric), "{base}/metrics lacks {metric}");
         assert_eq!(client.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
@@ -164,8 +192,18 @@ async fn malformed_submissions_get_a_400_naming_the_problem() {
         ("/v1/classify", json!({"images": []}), "empty_images", "images"),
         ("/v1/classify", json!({"pictures": ["http://a.example/x.jpg"]}), "invalid_field", "."),
         ("/v1/classify", json!({}), "missing_field", "images"),
-        ("/v1/classify", json!({"images": ["http://a.example/1.jpg", "ftp://a.example/2.jpg"]}), "invalid_url", "images[1]"),
-        ("/v1/classify", json!({"images": ["http://a/1", "http://a/2", "http://a/3", "http://a/4"]}), "too_many_images", "images"),
+        (
+            "/v1/classify",
+            json!({"images": ["http://a.example/1.jpg", "ftp://a.example/2.jpg"]}),
+            "invalid_url",
+            "images[1]",
+        ),
+        (
+            "/v1/classify",
+            json!({"images": ["http://a/1", "http://a/2", "http://a/3", "http://a/4"]}),
+            "too_many_images",
+            "images",
+        ),
         ("/api/infer", json!({"images": [42]}), "invalid_field", "images[0]"),
         ("/classify", json!({"image_url": "not a url"}), "invalid_url", "image_url"),
         ("/classify", json!({}), "missing_field", "image_url"),
@@ -179,7 +217,13 @@ async fn malformed_submissions_get_a_400_naming_the_problem() {
             assert!(error["error"]["message"].as_str().unwrap().contains(field), "{error}");
         }
     }
-    let response = client.post(format!("{base}/v1/classify")).header("content-type", "application/json").body("{\"images\": [").send().await.unwrap();
+    let response = client
+        .post(format!("{base}/v1/classify"))
+        .header("content-type", "application/json")
+        .body("{\"images\": [")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 400);
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["kind"], "invalid_json");

@@ -27,8 +27,6 @@ async fn main() -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(&settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "schema registry listening");
-    axum::serve(listener, registry.router())
-        .with_graceful_shutdown(reefline_common::shutdown_signal())
-        .await?;
+    axum::serve(listener, registry.router()).with_graceful_shutdown(reefline_common::shutdown_signal()).await?;
     Ok(())
 }
