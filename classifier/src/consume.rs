@@ -1,7 +1,9 @@
 //! Stage 1, consume: read requests from Kafka, decode them, track their offsets, and store an
 //! offset only once the result for it and everything before it on the partition is acknowledged.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
@@ -9,6 +11,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use reefline_schemas::{Codec, ImageRequest};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
@@ -60,6 +63,21 @@ impl Offsets {
         self.metrics.in_flight.inc();
     }
 
+    /// Pauses or resumes every assigned partition.
+    fn set_paused(&self, paused: bool) {
+        let result = self
+            .consumer
+            .assignment()
+            .and_then(|tpl| if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, paused, "could not pause or resume partitions");
+        }
+        if paused {
+            self.metrics.pauses.inc();
+        }
+        self.metrics.paused.set(i64::from(paused));
+    }
+
     /// The result for `offset` is acknowledged.
     pub fn finish(&self, partition: i32, offset: i64) {
         self.metrics.in_flight.dec();
@@ -77,7 +95,8 @@ impl Offsets {
 }
 
 /// Reads until `shutdown` fires, sending decoded requests to `jobs` and poison records to the
-/// dead-letter topic.
+/// dead-letter topic. When `jobs` is full the assigned partitions are paused — the consumer keeps
+/// polling, so the group does not think it dead — and resumed once there is room again.
 pub async fn run(
     offsets: Offsets,
     codec: Codec,
@@ -87,9 +106,32 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut backlog: VecDeque<Job> = VecDeque::new();
+    let mut paused = false;
     loop {
+        while let Some(job) = backlog.pop_front() {
+            match jobs.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) => {
+                    backlog.push_front(job);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => return,
+            }
+        }
+        if backlog.is_empty() == paused {
+            paused = !paused;
+            offsets.set_paused(paused);
+        }
         let message = tokio::select! {
             () = &mut shutdown => return,
+            permit = jobs.reserve(), if paused => match (permit, backlog.pop_front()) {
+                (Ok(permit), Some(job)) => {
+                    permit.send(job);
+                    continue;
+                }
+                _ => return,
+            },
             m = offsets.consumer.recv() => m,
         };
         let message = match message {
@@ -99,18 +141,17 @@ pub async fn run(
                 continue;
             }
         };
+        if paused {
+            // Fetched before the pause, or from a partition assigned since: pause that one too.
+            offsets.set_paused(true);
+        }
         let (partition, offset) = (message.partition(), message.offset());
         offsets.start(partition, offset);
-        let decoded = decode_with_retry(&codec, message.payload()).await;
-        match decoded {
-            Ok(request) => {
-                if jobs.send(Job { request, partition, offset }).await.is_err() {
-                    return;
-                }
-            }
+        match decode_with_retry(&codec, message.payload()).await {
+            Ok(request) => backlog.push_back(Job { request, partition, offset }),
             Err(e) => {
                 tracing::warn!(partition, offset, kind = e.kind(), error = %e, "poison record moved to the dead-letter topic");
-                let mut backoff = std::time::Duration::from_millis(100);
+                let mut backoff = Duration::from_millis(100);
                 while let Err(err) = reefline_common::kafka::dead_letter(
                     &producer,
                     &dead_letter_topic,
@@ -122,7 +163,7 @@ pub async fn run(
                 {
                     tracing::warn!(error = %err, "dead-letter produce failed; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
                 offsets.metrics.dead_letters.with_label_values(&[e.kind()]).inc();
                 offsets.finish(partition, offset);
@@ -136,13 +177,13 @@ async fn decode_with_retry(
     codec: &Codec,
     payload: Option<&[u8]>,
 ) -> Result<ImageRequest, reefline_schemas::CodecError> {
-    let mut backoff = std::time::Duration::from_millis(100);
+    let mut backoff = Duration::from_millis(100);
     loop {
         match codec.decode::<ImageRequest>(payload).await {
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "schema registry unavailable; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             other => return other,
         }

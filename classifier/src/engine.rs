@@ -6,13 +6,38 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::TensorRef;
 
 /// Runs the model on a batch of preprocessed images.
 pub trait Engine: Send + 'static {
     /// `input` holds `batch` images of `image_len` floats each; returns `batch` rows of logits.
     fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String>;
+}
+
+/// Where inference runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    /// ONNX Runtime's CPU execution provider.
+    Cpu,
+    /// NVIDIA GPUs through the CUDA execution provider (needs the `cuda` cargo feature and the
+    /// `onnxruntime-gpu` library with CUDA 13 and cuDNN 9).
+    Cuda,
+}
+
+/// ONNX Runtime's graph optimisation levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Optimization {
+    Disable,
+    Basic,
+    Extended,
+    All,
+}
+
+impl Engine for Box<dyn Engine> {
+    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+        (**self).infer(input, batch)
+    }
 }
 
 /// How the ONNX Runtime session is built.
@@ -26,6 +51,31 @@ pub struct OrtOptions {
     pub image_size: usize,
     /// Threads inside one operator; 0 lets ONNX Runtime decide.
     pub intra_threads: usize,
+    /// Threads running independent operators at once; 0 lets ONNX Runtime decide.
+    pub inter_threads: usize,
+    /// Whether idle intra-op threads spin; spinning steals the cores the decoders need.
+    pub spinning: bool,
+    pub optimization: Optimization,
+    pub provider: Provider,
+    /// GPU ordinal for the CUDA provider.
+    pub device_id: i32,
+}
+
+impl OrtOptions {
+    /// CPU defaults for `model`, loading ONNX Runtime from `dylib`.
+    pub fn cpu(dylib: PathBuf, model: PathBuf, image_size: usize) -> Self {
+        Self {
+            dylib,
+            model,
+            image_size,
+            intra_threads: 0,
+            inter_threads: 0,
+            spinning: false,
+            optimization: Optimization::All,
+            provider: Provider::Cpu,
+            device_id: 0,
+        }
+    }
 }
 
 /// EfficientNet-Lite (or any `input[N,3,S,S]` → `logits[N,C]` model) on ONNX Runtime.
@@ -50,16 +100,49 @@ fn environment(dylib: &Path) -> anyhow::Result<Environment> {
 impl OrtEngine {
     pub fn load(options: &OrtOptions) -> anyhow::Result<Self> {
         let env = environment(&options.dylib)?;
-        let mut builder = Session::builder(&env)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let level = match options.optimization {
+            Optimization::Disable => GraphOptimizationLevel::Disable,
+            Optimization::Basic => GraphOptimizationLevel::Level1,
+            Optimization::Extended => GraphOptimizationLevel::Level2,
+            Optimization::All => GraphOptimizationLevel::All,
+        };
+        let e = |e: ort::Error<SessionBuilder>| anyhow::anyhow!("{e}");
+        let mut builder = Session::builder(&env)?.with_optimization_level(level).map_err(e)?;
+        builder = builder.with_intra_op_spinning(options.spinning).map_err(e)?;
         if options.intra_threads > 0 {
-            builder = builder.with_intra_threads(options.intra_threads).map_err(|e| anyhow::anyhow!("{e}"))?;
+            builder = builder.with_intra_threads(options.intra_threads).map_err(e)?;
         }
+        if options.inter_threads > 0 {
+            builder = builder.with_inter_threads(options.inter_threads).map_err(e)?;
+        }
+        builder = register_provider(builder, options)?;
         let session = builder
             .commit_from_file(&options.model)
             .map_err(|e| anyhow::anyhow!("loading model {}: {e}", options.model.display()))?;
         Ok(Self { session, image_size: options.image_size })
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn register_provider(builder: SessionBuilder, options: &OrtOptions) -> anyhow::Result<SessionBuilder> {
+    match options.provider {
+        Provider::Cpu => Ok(builder),
+        Provider::Cuda => {
+            let cuda = ort::ep::CUDA::default().with_device_id(options.device_id).build().error_on_failure();
+            builder
+                .with_execution_providers([cuda])
+                .map_err(|e| anyhow::anyhow!("registering the CUDA execution provider: {e}"))
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn register_provider(builder: SessionBuilder, options: &OrtOptions) -> anyhow::Result<SessionBuilder> {
+    match options.provider {
+        Provider::Cpu => Ok(builder),
+        Provider::Cuda => {
+            anyhow::bail!("this classifier was built without the `cuda` feature; rebuild with `--features cuda`")
+        }
     }
 }
 

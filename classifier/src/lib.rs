@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::consume::{Context, Offsets, RequestConsumer};
-use crate::engine::{OrtEngine, OrtOptions};
+use crate::engine::{Engine, OrtEngine};
 use crate::fetch::{FetchLimits, Fetcher};
 use crate::labels::Labels;
 use crate::offsets::OffsetTracker;
@@ -45,7 +45,7 @@ pub struct Application {
     listener: TcpListener,
     ops: Router,
     readiness: Readiness,
-    engine: OrtEngine,
+    engine: Box<dyn Engine>,
     labels: Labels,
     offsets: Offsets,
     producer: FutureProducer,
@@ -55,12 +55,7 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let labels = Labels::load(&settings.labels_path)?;
-        let options = OrtOptions {
-            dylib: settings.ort_dylib.clone(),
-            model: settings.model_path.clone(),
-            image_size: settings.image_size as usize,
-            intra_threads: settings.intra_threads,
-        };
+        let options = settings.ort_options();
         let engine = tokio::task::spawn_blocking(move || OrtEngine::load(&options)).await??;
         let topics =
             [settings.requests_topic.as_str(), settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
@@ -82,7 +77,13 @@ impl Application {
         let readiness = Readiness::default();
         let listener = TcpListener::bind(&settings.listen).await?;
         let ops = ops::router(registry, readiness.clone());
-        Ok(Self { settings, listener, ops, readiness, engine, labels, offsets, producer, codec })
+        Ok(Self { settings, listener, ops, readiness, engine: Box::new(engine), labels, offsets, producer, codec })
+    }
+
+    /// Wraps the inference engine, e.g. to instrument or throttle it.
+    pub fn wrap_engine(mut self, wrap: impl FnOnce(Box<dyn Engine>) -> Box<dyn Engine>) -> Self {
+        self.engine = wrap(self.engine);
+        self
     }
 
     /// The address /metrics, /healthz and /readyz are served on.
@@ -131,6 +132,13 @@ impl Application {
             metrics: metrics.clone(),
         };
         let image_len = stage.preprocess.tensor_len();
+        tokio::spawn(sample_queue_depths(
+            metrics.clone(),
+            jobs_tx.downgrade(),
+            prepared_tx.downgrade(),
+            batches_tx.downgrade(),
+            outcome_tx.downgrade(),
+        ));
         let prepare = tokio::spawn(prepare::run(stage, jobs_rx, prepared_tx, failed_tx));
 
         let policy = batcher::BatchPolicy { max_size: batch, max_delay: Duration::from_millis(s.max_batch_delay_ms) };
@@ -199,5 +207,35 @@ impl Application {
         let _ = ops_server.await;
         tracing::info!("classifier stopped");
         Ok(())
+    }
+}
+
+/// Samples how full each bounded channel is, for `classifier_queue_depth{stage}` (the stage that
+/// reads it); ends once the pipeline has shut down.
+async fn sample_queue_depths(
+    metrics: metrics::Metrics,
+    jobs: mpsc::WeakSender<consume::Job>,
+    prepared: mpsc::WeakSender<prepare::Prepared>,
+    batches: mpsc::WeakSender<Vec<batcher::Queued<prepare::Prepared>>>,
+    outcomes: mpsc::WeakSender<infer::Outcome>,
+) {
+    fn depth<T>(tx: &mpsc::WeakSender<T>) -> Option<i64> {
+        tx.upgrade().map(|tx| (tx.max_capacity() - tx.capacity()) as i64)
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let depths = [
+            ("prepare", depth(&jobs)),
+            ("batch", depth(&prepared)),
+            ("infer", depth(&batches)),
+            ("produce", depth(&outcomes)),
+        ];
+        if depths.iter().all(|(_, d)| d.is_none()) {
+            return;
+        }
+        for (stage, d) in depths {
+            metrics.queue_depth.with_label_values(&[stage]).set(d.unwrap_or(0));
+        }
     }
 }

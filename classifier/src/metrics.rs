@@ -1,6 +1,6 @@
 //! The classifier's Prometheus metrics, one set per stage.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use reefline_common::ops::duration_buckets;
 
 /// Counters, gauges and histograms for every stage.
@@ -19,6 +19,11 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram,
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
+    /// 1 while the consumer has its partitions paused because the pipeline is full.
+    pub paused: IntGauge,
+    pub pauses: IntCounter,
+    /// Items waiting in each bounded channel, by the stage that reads it.
+    pub queue_depth: IntGaugeVec,
 }
 
 impl Metrics {
@@ -62,6 +67,18 @@ impl Metrics {
                 "classifier_in_flight",
                 "Requests taken from Kafka whose results are not yet acknowledged",
             )?,
+            paused: IntGauge::new(
+                "classifier_consumer_paused",
+                "1 while partitions are paused because the pipeline is full",
+            )?,
+            pauses: IntCounter::new(
+                "classifier_consumer_pauses_total",
+                "Times the partitions were paused for backpressure",
+            )?,
+            queue_depth: IntGaugeVec::new(
+                Opts::new("classifier_queue_depth", "Items waiting for each stage"),
+                &["stage"],
+            )?,
         };
         registry.register(Box::new(m.results.clone()))?;
         registry.register(Box::new(m.fetch_seconds.clone()))?;
@@ -75,6 +92,9 @@ impl Metrics {
         registry.register(Box::new(m.end_to_end_seconds.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.paused.clone()))?;
+        registry.register(Box::new(m.pauses.clone()))?;
+        registry.register(Box::new(m.queue_depth.clone()))?;
         Ok(m)
     }
 }

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use reefline_common::kafka::KafkaSettings;
+
+use crate::engine::{Optimization, Provider};
 use reefline_schemas::RegistrySettings;
 
 /// Topics, model, batching and fetching limits of one classifier instance.
@@ -65,6 +67,26 @@ pub struct Settings {
     #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
+    /// ONNX Runtime inter-op threads; 0 lets it decide.
+    #[arg(long, env = "ORT_INTER_THREADS", default_value_t = 0)]
+    pub inter_threads: usize,
+
+    /// Let idle ONNX Runtime threads spin (lower latency, but they steal cores from decoding).
+    #[arg(long, env = "ORT_SPINNING", default_value_t = false)]
+    pub ort_spinning: bool,
+
+    /// ONNX Runtime graph optimisation level.
+    #[arg(long, env = "ORT_OPTIMIZATION", value_enum, default_value_t = Optimization::All)]
+    pub ort_optimization: Optimization,
+
+    /// Where inference runs: cpu, or cuda (needs the `cuda` cargo feature).
+    #[arg(long, env = "EXECUTION_PROVIDER", value_enum, default_value_t = Provider::Cpu)]
+    pub execution_provider: Provider,
+
+    /// GPU ordinal for the CUDA execution provider.
+    #[arg(long, env = "CUDA_DEVICE_ID", default_value_t = 0)]
+    pub cuda_device_id: i32,
+
     /// Classes reported per image.
     #[arg(long, env = "TOP_K", default_value_t = 5)]
     pub top_k: usize,
@@ -110,4 +132,21 @@ pub struct Settings {
 
     #[command(flatten)]
     pub registry: RegistrySettings,
+}
+
+impl Settings {
+    /// The ONNX Runtime options these settings describe.
+    pub fn ort_options(&self) -> crate::engine::OrtOptions {
+        crate::engine::OrtOptions {
+            dylib: self.ort_dylib.clone(),
+            model: self.model_path.clone(),
+            image_size: self.image_size as usize,
+            intra_threads: self.intra_threads,
+            inter_threads: self.inter_threads,
+            spinning: self.ort_spinning,
+            optimization: self.ort_optimization,
+            provider: self.execution_provider,
+            device_id: self.cuda_device_id,
+        }
+    }
 }

@@ -13,6 +13,22 @@ pub struct KafkaSettings {
     /// (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`).
     #[arg(long = "kafka-property", env = "KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property)]
     pub properties: Vec<(String, String)>,
+
+    /// How long the producer waits to fill a batch, in milliseconds.
+    #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 5)]
+    pub producer_linger_ms: u32,
+
+    /// Largest producer batch, in bytes.
+    #[arg(long = "kafka-batch-bytes", env = "KAFKA_BATCH_BYTES", default_value_t = 1_000_000)]
+    pub producer_batch_bytes: u32,
+
+    /// Producer compression: none, gzip, snappy, lz4 or zstd.
+    #[arg(long = "kafka-compression", env = "KAFKA_COMPRESSION", default_value = "lz4")]
+    pub producer_compression: String,
+
+    /// Most a consumer prefetches into memory, in KiB; bounds memory with a large backlog.
+    #[arg(long = "kafka-prefetch-kbytes", env = "KAFKA_PREFETCH_KBYTES", default_value_t = 8192)]
+    pub consumer_prefetch_kbytes: u32,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -23,7 +39,14 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 impl KafkaSettings {
     /// Settings for a broker at `brokers` with no extra properties.
     pub fn new(brokers: impl Into<String>) -> Self {
-        Self { brokers: brokers.into(), properties: Vec::new() }
+        Self {
+            brokers: brokers.into(),
+            properties: Vec::new(),
+            producer_linger_ms: 5,
+            producer_batch_bytes: 1_000_000,
+            producer_compression: "lz4".into(),
+            consumer_prefetch_kbytes: 8192,
+        }
     }
 
     /// A client config with the brokers and the extra properties set; callers add their own.
@@ -43,8 +66,9 @@ impl KafkaSettings {
             .set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
+            .set("linger.ms", self.producer_linger_ms.to_string())
+            .set("batch.size", self.producer_batch_bytes.to_string())
+            .set("compression.type", &self.producer_compression)
             .set("message.timeout.ms", "30000");
         for (k, v) in &self.properties {
             config.set(k, v);
@@ -63,7 +87,8 @@ impl KafkaSettings {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(100).to_string());
+            .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(100).to_string())
+            .set("queued.max.messages.kbytes", self.consumer_prefetch_kbytes.to_string());
         for (k, v) in &self.properties {
             config.set(k, v);
         }

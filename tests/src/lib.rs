@@ -11,6 +11,7 @@ use axum::Router;
 use axum::extract::Path as UrlPath;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use reefline_classifier::engine::Engine;
 use reefline_common::kafka::KafkaSettings;
 use reefline_schemas::RegistrySettings;
 use tokio::sync::watch;
@@ -269,12 +270,22 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
     }
 }
 
+/// Wraps the classifier's inference engine.
+pub type EngineWrap = Box<dyn FnOnce(Box<dyn Engine>) -> Box<dyn Engine> + Send>;
+
 impl Stack {
     pub async fn start(settings: StackSettings) -> Self {
+        Self::start_with(settings, Box::new(|engine| engine)).await
+    }
+
+    /// Starts the stack with the classifier's engine wrapped by `wrap`.
+    pub async fn start_with(settings: StackSettings, wrap: EngineWrap) -> Self {
         let (stop, rx) = watch::channel(false);
         let sink = reefline_sink::Application::build(settings.sink).await.expect("building the sink");
-        let classifier =
-            reefline_classifier::Application::build(settings.classifier).await.expect("building the classifier");
+        let classifier = reefline_classifier::Application::build(settings.classifier)
+            .await
+            .expect("building the classifier")
+            .wrap_engine(wrap);
         let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
         let urls = (
             format!("http://{}", ingest.local_addr()),
@@ -296,4 +307,21 @@ impl Stack {
             task.await.expect("service task").expect("service ran cleanly");
         }
     }
+}
+
+/// Reads one sample's value from Prometheus text, e.g. `metric(&text, "classifier_consumer_pauses_total")`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// GETs `url` as JSON once the status is 200, or returns `None`.
+pub async fn get_json_ok(client: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    let response = client.get(url).send().await.ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    response.json().await.ok()
 }

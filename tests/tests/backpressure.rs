@@ -1,0 +1,70 @@
+//! A slow stage downstream makes the classifier pause its partitions instead of buffering
+//! without bound, and nothing is lost or doubled.
+
+use std::time::Duration;
+
+use reefline_classifier::engine::Engine;
+use reefline_e2e::{
+    Broker, Names, Stack, StackSettings, TestDatabase, get_json_ok, metric, start_photo_server, start_registry,
+    wait_for,
+};
+use serde_json::json;
+
+/// The real engine, made slow.
+struct Slow(Box<dyn Engine>);
+
+impl Engine for Slow {
+    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+        std::thread::sleep(Duration::from_millis(100));
+        self.0.infer(input, batch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
+    let broker = Broker::start().await;
+    let registry = start_registry().await;
+    let photos = start_photo_server().await;
+    let db = TestDatabase::new();
+    let names = Names::new();
+    let mut settings = StackSettings::new(broker.kafka(), registry, &db.url, &names);
+    settings.classifier.max_batch_size = 4;
+    settings.classifier.fetch_concurrency = 4;
+    let stack = Stack::start_with(settings, Box::new(|engine| Box::new(Slow(engine)))).await;
+    let client = reqwest::Client::new();
+
+    let urls: Vec<String> = (0..120).map(|i| format!("{photos}/photos/coffee.png?copy={i}")).collect();
+    let accepted: serde_json::Value = client
+        .post(format!("{}/v1/classify", stack.ingest))
+        .json(&json!({ "images": urls }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let batch_url = format!("{}/v1/batches/{}", stack.sink, accepted["batch_id"].as_str().unwrap());
+    let batch = wait_for("120 results behind a slow engine", Duration::from_secs(180), || {
+        let (client, url) = (client.clone(), batch_url.clone());
+        async move { get_json_ok(&client, &url).await.filter(|b| b["done"] == true) }
+    })
+    .await;
+    assert_eq!((batch["completed"].as_i64(), batch["ok"].as_i64()), (Some(120), Some(120)));
+
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT request_id) FROM results").fetch_one(&db.pool().await).await.unwrap();
+    assert_eq!(rows, 120);
+
+    let text = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
+    let pauses = metric(&text, "classifier_consumer_pauses_total").unwrap();
+    assert!(pauses >= 1.0, "the consumer never paused: {pauses}");
+    assert_eq!(metric(&text, "classifier_consumer_paused"), Some(0.0), "resumed once drained");
+    assert_eq!(metric(&text, "classifier_in_flight"), Some(0.0));
+    let batches = metric(&text, "classifier_batch_size_count").unwrap();
+    let images = metric(&text, "classifier_batch_size_sum").unwrap();
+    assert_eq!(images, 120.0);
+    assert!(batches >= 30.0, "batches hold at most 4 images: {batches}");
+
+    stack.stop().await;
+    db.drop_database().await;
+}
