@@ -2,7 +2,7 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test clean
+.PHONY: setup build up down status demo test bench bench-scale clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, broker, photos)
 setup:
@@ -33,3 +33,11 @@ test: setup
 
 clean: down
 	rm -rf target
+
+## bench: single-process limit vs end-to-end throughput, latency at half peak, batch fill, RSS
+bench: build
+	target/release/reefline-bench $(BENCH_ARGS)
+
+## bench-scale: the same with 1 and then 2 classifier instances
+bench-scale: build
+	target/release/reefline-bench --classifiers 1,2 $(BENCH_ARGS)

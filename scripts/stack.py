@@ -40,6 +40,8 @@ def services():
         "INGEST_LISTEN": INGEST,
         "SINK_LISTEN": SINK,
         "CLASSIFIER_LISTEN": CLASSIFIER,
+        # The local stack may fetch from loopback (the demo's photo server); nothing else private.
+        "FETCH_ALLOW": os.environ.get("FETCH_ALLOW", "127.0.0.1/32"),
     }
     broker_url = f"tcp://{BROKER}"
     return [

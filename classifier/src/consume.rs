@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
@@ -147,45 +146,14 @@ pub async fn run(
         }
         let (partition, offset) = (message.partition(), message.offset());
         offsets.start(partition, offset);
-        match decode_with_retry(&codec, message.payload()).await {
+        match codec.decode_waiting::<ImageRequest>(message.payload()).await {
             Ok(request) => backlog.push_back(Job { request, partition, offset }),
             Err(e) => {
-                tracing::warn!(partition, offset, kind = e.kind(), error = %e, "poison record moved to the dead-letter topic");
-                let mut backoff = Duration::from_millis(100);
-                while let Err(err) = reefline_common::kafka::dead_letter(
-                    &producer,
-                    &dead_letter_topic,
-                    &message,
-                    e.kind(),
-                    &e.to_string(),
-                )
-                .await
-                {
-                    tracing::warn!(error = %err, "dead-letter produce failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
+                reefline_common::kafka::dead_letter(&producer, &dead_letter_topic, &message, e.kind(), &e.to_string())
+                    .await;
                 offsets.metrics.dead_letters.with_label_values(&[e.kind()]).inc();
                 offsets.finish(partition, offset);
             }
-        }
-    }
-}
-
-/// Decodes a request, waiting out a registry outage rather than dead-lettering good records.
-async fn decode_with_retry(
-    codec: &Codec,
-    payload: Option<&[u8]>,
-) -> Result<ImageRequest, reefline_schemas::CodecError> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match codec.decode::<ImageRequest>(payload).await {
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "schema registry unavailable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-            other => return other,
         }
     }
 }

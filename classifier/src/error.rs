@@ -19,11 +19,22 @@ pub enum ImageError {
     DecodeFailed(String),
     #[error("the image is {width}x{height} pixels; the limit is {limit} pixels per side")]
     DimensionsTooLarge { width: u32, height: u32, limit: u32 },
+    #[error("fetching refused: {0}")]
+    Blocked(String),
     #[error("inference failed: {0}")]
     Inference(String),
 }
 
 impl ImageError {
+    /// Whether fetching again later may succeed: timeouts, connection failures, 429 and 5xx.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ImageError::Timeout(_) | ImageError::Connection(_) => true,
+            ImageError::HttpStatus(status) => *status == 429 || (500..600).contains(status),
+            _ => false,
+        }
+    }
+
     /// Stable snake_case name, used in results and as a metric label.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -35,6 +46,7 @@ impl ImageError {
             ImageError::NotAnImage => "not_an_image",
             ImageError::DecodeFailed(_) => "decode_failed",
             ImageError::DimensionsTooLarge { .. } => "dimensions_too_large",
+            ImageError::Blocked(_) => "blocked_address",
             ImageError::Inference(_) => "inference_failed",
         }
     }

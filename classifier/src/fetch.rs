@@ -1,11 +1,13 @@
 //! Fetching image bytes over HTTP with timeouts, a redirect limit and a size cap enforced while
 //! the body streams in.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{StatusCode, Url, redirect};
 
 use crate::error::ImageError;
+use crate::guard::{AddressPolicy, Blocked, GuardedResolver};
 
 /// Limits on one fetch.
 #[derive(Clone, Copy, Debug)]
@@ -21,22 +23,45 @@ pub struct FetchLimits {
 pub struct Fetcher {
     client: reqwest::Client,
     limits: FetchLimits,
+    policy: Arc<AddressPolicy>,
 }
 
+/// Why a redirect was not followed.
+#[derive(Debug, thiserror::Error)]
+#[error("redirect refused: {0}")]
+struct RedirectRefused(String);
+
 impl Fetcher {
-    pub fn new(limits: FetchLimits) -> anyhow::Result<Self> {
+    pub fn new(limits: FetchLimits, policy: AddressPolicy) -> anyhow::Result<Self> {
+        let policy = Arc::new(policy);
+        let hops = policy.clone();
+        // Every hop is checked like the first: at most `max_redirects`, http(s), no IP literal
+        // outside the policy (names are checked by the resolver when they are connected to).
+        let redirects = redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > limits.max_redirects {
+                let n = limits.max_redirects;
+                return attempt.error(RedirectRefused(format!("more than {n} redirects")));
+            }
+            match hops.check_url(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(reason) => attempt.error(RedirectRefused(reason)),
+            }
+        });
         let client = reqwest::Client::builder()
             .connect_timeout(limits.connect_timeout)
             .timeout(limits.total_timeout)
-            .redirect(reqwest::redirect::Policy::limited(limits.max_redirects))
+            .redirect(redirects)
+            .dns_resolver(Arc::new(GuardedResolver { policy: policy.clone() }))
             .user_agent(concat!("reefline-classifier/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
             .build()?;
-        Ok(Self { client, limits })
+        Ok(Self { client, limits, policy })
     }
 
     /// The body of `url`, or why it could not be had.
     pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, ImageError> {
+        let url = Url::parse(url).map_err(|e| ImageError::Blocked(format!("invalid URL: {e}")))?;
+        self.policy.check_url(&url).map_err(ImageError::Blocked)?;
         let mut response = self.client.get(url).send().await.map_err(|e| self.classify(e))?;
         match response.status() {
             StatusCode::OK => {}
@@ -58,10 +83,18 @@ impl Fetcher {
     }
 
     fn classify(&self, e: reqwest::Error) -> ImageError {
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(blocked) = s.downcast_ref::<Blocked>() {
+                return ImageError::Blocked(blocked.to_string());
+            }
+            if let Some(refused) = s.downcast_ref::<RedirectRefused>() {
+                return ImageError::Blocked(refused.to_string());
+            }
+            source = s.source();
+        }
         if e.is_timeout() {
             ImageError::Timeout(self.limits.total_timeout.as_secs())
-        } else if e.is_redirect() {
-            ImageError::Connection(format!("more than {} redirects", self.limits.max_redirects))
         } else {
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);

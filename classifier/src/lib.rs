@@ -9,6 +9,7 @@ mod consume;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod guard;
 mod infer;
 pub mod labels;
 mod metrics;
@@ -120,15 +121,23 @@ impl Application {
             s.decode_threads
         };
         let stage = prepare::Prepare {
-            fetcher: Fetcher::new(FetchLimits {
-                connect_timeout: Duration::from_secs(s.fetch_connect_timeout_s),
-                total_timeout: Duration::from_secs(s.fetch_timeout_s),
-                max_bytes: s.max_image_bytes,
-                max_redirects: s.fetch_max_redirects,
-            })?,
+            fetcher: Fetcher::new(
+                FetchLimits {
+                    connect_timeout: Duration::from_secs(s.fetch_connect_timeout_s),
+                    total_timeout: Duration::from_secs(s.fetch_timeout_s),
+                    max_bytes: s.max_image_bytes,
+                    max_redirects: s.fetch_max_redirects,
+                },
+                guard::AddressPolicy::from_allowlist(&s.fetch_allow),
+            )?,
             preprocess: Preprocess { size: s.image_size, max_side: s.max_image_side },
             fetch_concurrency: s.fetch_concurrency.max(1),
             decode_threads,
+            retry: prepare::RetryPolicy {
+                max_retries: s.fetch_retries,
+                base: Duration::from_millis(s.fetch_retry_base_ms),
+                max: Duration::from_millis(s.fetch_retry_max_ms),
+            },
             metrics: metrics.clone(),
         };
         let image_len = stage.preprocess.tensor_len();

@@ -11,6 +11,8 @@ pub struct Metrics {
     pub fetch_seconds: Histogram,
     pub fetch_bytes: IntCounter,
     pub fetch_failures: IntCounterVec,
+    /// Transient fetch failures that were retried, by kind.
+    pub fetch_retries: IntCounterVec,
     pub preprocess_seconds: Histogram,
     pub queue_seconds: Histogram,
     pub batch_size: Histogram,
@@ -39,6 +41,10 @@ impl Metrics {
             fetch_bytes: IntCounter::new("classifier_fetch_bytes_total", "Image bytes fetched")?,
             fetch_failures: IntCounterVec::new(
                 Opts::new("classifier_fetch_failures_total", "Failed fetches by kind"),
+                &["kind"],
+            )?,
+            fetch_retries: IntCounterVec::new(
+                Opts::new("classifier_fetch_retries_total", "Transient fetch failures retried, by kind"),
                 &["kind"],
             )?,
             preprocess_seconds: seconds("classifier_preprocess_seconds", "Time to decode and preprocess one image")?,
@@ -84,6 +90,7 @@ impl Metrics {
         registry.register(Box::new(m.fetch_seconds.clone()))?;
         registry.register(Box::new(m.fetch_bytes.clone()))?;
         registry.register(Box::new(m.fetch_failures.clone()))?;
+        registry.register(Box::new(m.fetch_retries.clone()))?;
         registry.register(Box::new(m.preprocess_seconds.clone()))?;
         registry.register(Box::new(m.queue_seconds.clone()))?;
         registry.register(Box::new(m.batch_size.clone()))?;

@@ -2,7 +2,7 @@
 //! decoding and preprocessing on a pool of blocking threads sized to the cores.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 
@@ -30,6 +30,7 @@ pub struct Prepare {
     pub preprocess: Preprocess,
     pub fetch_concurrency: usize,
     pub decode_threads: usize,
+    pub retry: RetryPolicy,
     pub metrics: Metrics,
 }
 
@@ -40,15 +41,19 @@ pub async fn run(
     prepared: mpsc::Sender<Prepared>,
     failed: mpsc::Sender<Failed>,
 ) {
+    // Tasks (fetching, waiting to retry, or decoding) are bounded, and so are the fetches among
+    // them: a task waiting out a retry delay holds no fetch slot.
+    let tasks_allowed = Arc::new(Semaphore::new(stage.fetch_concurrency * 4));
     let fetches = Arc::new(Semaphore::new(stage.fetch_concurrency));
     let decoders = Arc::new(Semaphore::new(stage.decode_threads));
     let stage = Arc::new(stage);
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(job) = jobs.recv().await {
-        let Ok(permit) = fetches.clone().acquire_owned().await else { break };
-        let (stage, decoders, prepared, failed) = (stage.clone(), decoders.clone(), prepared.clone(), failed.clone());
+        let Ok(permit) = tasks_allowed.clone().acquire_owned().await else { break };
+        let (stage, fetches, decoders) = (stage.clone(), fetches.clone(), decoders.clone());
+        let (prepared, failed) = (prepared.clone(), failed.clone());
         tasks.spawn(async move {
-            let result = stage.prepare(&job.request.url, &decoders).await;
+            let result = stage.prepare(&job.request.url, &fetches, &decoders).await;
             drop(permit);
             let _ = match result {
                 Ok(tensor) => prepared.send(Prepared { job, tensor }).await.map_err(drop),
@@ -60,16 +65,26 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
 }
 
+/// How transient fetch failures are retried: exponential backoff with jitter, a bounded number of times.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (from 1): half of the capped exponential step, plus a
+    /// random part of the other half, so retries of many images spread out.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let step = self.base.saturating_mul(1 << retry.saturating_sub(1).min(16)).min(self.max);
+        step / 2 + step.mul_f64(fastrand::f64() / 2.0)
+    }
+}
+
 impl Prepare {
-    async fn prepare(&self, url: &str, decoders: &Arc<Semaphore>) -> Result<Vec<f32>, ImageError> {
-        let started = Instant::now();
-        let bytes = self
-            .fetcher
-            .fetch(url)
-            .await
-            .inspect_err(|e| self.metrics.fetch_failures.with_label_values(&[e.kind()]).inc())?;
-        self.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.fetch_bytes.inc_by(bytes.len() as u64);
+    async fn prepare(&self, url: &str, fetches: &Semaphore, decoders: &Semaphore) -> Result<Vec<f32>, ImageError> {
+        let bytes = self.fetch(url, fetches).await?;
         let _permit = decoders.acquire().await.map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let preprocess = self.preprocess;
         let started = Instant::now();
@@ -78,5 +93,51 @@ impl Prepare {
             .map_err(|e| ImageError::DecodeFailed(format!("decoder panicked: {e}")))??;
         self.metrics.preprocess_seconds.observe(started.elapsed().as_secs_f64());
         Ok(tensor)
+    }
+
+    /// Fetches, retrying transient failures after a delay that holds no fetch slot.
+    async fn fetch(&self, url: &str, fetches: &Semaphore) -> Result<Vec<u8>, ImageError> {
+        let mut retry = 0;
+        loop {
+            let permit = fetches.acquire().await.map_err(|e| ImageError::Connection(e.to_string()))?;
+            let started = Instant::now();
+            let result = self.fetcher.fetch(url).await;
+            drop(permit);
+            match result {
+                Ok(bytes) => {
+                    self.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
+                    self.metrics.fetch_bytes.inc_by(bytes.len() as u64);
+                    return Ok(bytes);
+                }
+                Err(e) if e.is_transient() && retry < self.retry.max_retries => {
+                    retry += 1;
+                    self.metrics.fetch_retries.with_label_values(&[e.kind()]).inc();
+                    tracing::debug!(url, retry, error = %e, "transient fetch failure; retrying");
+                    tokio::time::sleep(self.retry.delay(retry)).await;
+                }
+                Err(e) => {
+                    self.metrics.fetch_failures.with_label_values(&[e.kind()]).inc();
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_exponentially_with_bounded_jitter() {
+        let p = RetryPolicy { max_retries: 5, base: Duration::from_millis(100), max: Duration::from_millis(1000) };
+        for _ in 0..100 {
+            let d1 = p.delay(1);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            let d3 = p.delay(3);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
+            let d9 = p.delay(9);
+            assert!(d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000), "capped: {d9:?}");
+        }
     }
 }

@@ -115,6 +115,23 @@ pub struct Settings {
     #[arg(long, env = "FETCH_MAX_REDIRECTS", default_value_t = 5)]
     pub fetch_max_redirects: usize,
 
+    /// Destinations opened although not public: CIDRs, IPs or host names, comma-separated
+    /// (e.g. `127.0.0.1/32` for a local photo server). Everything else private is refused.
+    #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
+    pub fetch_allow: Vec<String>,
+
+    /// Retries of a transient fetch failure (timeout, connection failure, 429, 5xx).
+    #[arg(long, env = "FETCH_RETRIES", default_value_t = 3)]
+    pub fetch_retries: u32,
+
+    /// First retry delay in milliseconds; it doubles each retry, with jitter.
+    #[arg(long, env = "FETCH_RETRY_BASE_MS", default_value_t = 500)]
+    pub fetch_retry_base_ms: u64,
+
+    /// Longest retry delay, in milliseconds.
+    #[arg(long, env = "FETCH_RETRY_MAX_MS", default_value_t = 10_000)]
+    pub fetch_retry_max_ms: u64,
+
     /// Largest image accepted, in bytes.
     #[arg(long, env = "MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: u64,

@@ -123,8 +123,33 @@ pub async fn ensure_topics(
 }
 
 /// Sends a record that could not be processed to the dead-letter topic, with headers naming the
-/// error kind, the reason, where it came from and when; resolves once the broker has it.
+/// error kind, the reason, where it came from and when. Retries with backoff until the broker has
+/// it: the caller may move past the record only then.
 pub async fn dead_letter(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    kind: &str,
+    reason: &str,
+) {
+    use rdkafka::Message;
+    tracing::warn!(
+        topic = message.topic(),
+        partition = message.partition(),
+        offset = message.offset(),
+        kind,
+        reason,
+        "poison record moved to the dead-letter topic"
+    );
+    let mut backoff = std::time::Duration::from_millis(100);
+    while let Err(e) = try_dead_letter(producer, topic, message, kind, reason).await {
+        tracing::warn!(error = %e, "dead-letter produce failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
+async fn try_dead_letter(
     producer: &rdkafka::producer::FutureProducer,
     topic: &str,
     message: &rdkafka::message::BorrowedMessage<'_>,

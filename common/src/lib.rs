@@ -1,6 +1,7 @@
 //! What all three Reefline services share: Kafka client settings, telemetry, the ops endpoints
 //! (`/metrics`, `/healthz`, `/readyz`) and the shutdown signal.
 
+pub mod auth;
 pub mod kafka;
 pub mod ops;
 

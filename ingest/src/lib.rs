@@ -12,6 +12,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use rdkafka::producer::FutureProducer;
+use reefline_common::auth::{ApiKeys, require_key};
 use reefline_common::ops::{self, Readiness};
 use reefline_schemas::Codec;
 use tokio::net::TcpListener;
@@ -51,8 +52,12 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
         let state = Arc::new(AppState { settings, producer, codec, metrics });
-        let router =
-            routes::router(state).layer(DefaultBodyLimit::max(body_limit)).merge(ops::router(registry, readiness));
+        let keys = ApiKeys::load(&state.settings.auth)?;
+        keys.announce("ingest", listener.local_addr()?);
+        let router = routes::router(state)
+            .layer(DefaultBodyLimit::max(body_limit))
+            .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
+            .merge(ops::router(registry, readiness));
         Ok(Self { listener, router })
     }
 

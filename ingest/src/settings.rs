@@ -1,5 +1,6 @@
 //! Ingest's settings: flags with environment variables and local defaults.
 
+use reefline_common::auth::AuthSettings;
 use reefline_common::kafka::KafkaSettings;
 use reefline_schemas::RegistrySettings;
 
@@ -30,6 +31,9 @@ pub struct Settings {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    #[command(flatten)]
+    pub auth: AuthSettings,
 
     #[command(flatten)]
     pub kafka: KafkaSettings,

@@ -70,7 +70,7 @@ impl Sink {
     async fn write(&self, messages: &[BorrowedMessage<'_>]) {
         let mut results: HashMap<String, ClassificationResult> = HashMap::with_capacity(messages.len());
         for message in messages {
-            match self.codec.decode::<ClassificationResult>(message.payload()).await {
+            match self.codec.decode_waiting::<ClassificationResult>(message.payload()).await {
                 Ok(r) => {
                     // Keep the latest result per request: one statement cannot touch a row twice.
                     match results.get(&r.request_id) {
@@ -106,21 +106,8 @@ impl Sink {
     }
 
     async fn dead_letter(&self, message: &BorrowedMessage<'_>, e: reefline_schemas::CodecError) {
-        tracing::warn!(partition = message.partition(), offset = message.offset(), kind = e.kind(), error = %e, "poison result moved to the dead-letter topic");
-        let mut backoff = Duration::from_millis(100);
-        while let Err(err) = reefline_common::kafka::dead_letter(
-            &self.producer,
-            &self.dead_letter_topic,
-            message,
-            e.kind(),
-            &e.to_string(),
-        )
-        .await
-        {
-            tracing::warn!(error = %err, "dead-letter produce failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-        }
+        reefline_common::kafka::dead_letter(&self.producer, &self.dead_letter_topic, message, e.kind(), &e.to_string())
+            .await;
         self.metrics.dead_letters.with_label_values(&[e.kind()]).inc();
     }
 

@@ -12,6 +12,7 @@ use axum::Router;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
+use reefline_common::auth::{ApiKeys, require_key};
 use reefline_common::ops::{self, Readiness, duration_buckets};
 use reefline_schemas::Codec;
 use tokio::net::TcpListener;
@@ -62,7 +63,11 @@ impl Application {
         let readiness = Readiness::default();
         readiness.set(true);
         let listener = TcpListener::bind(&settings.listen).await?;
-        let router = api::router(pool.clone()).merge(ops::router(registry.clone(), readiness));
+        let keys = ApiKeys::load(&settings.auth)?;
+        keys.announce("sink", listener.local_addr()?);
+        let router = api::router(pool.clone())
+            .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
+            .merge(ops::router(registry.clone(), readiness));
         let sink = consume::Sink {
             consumer,
             pool,

@@ -1,5 +1,6 @@
 //! The sink's settings: flags with environment variables and local defaults.
 
+use reefline_common::auth::AuthSettings;
 use reefline_common::kafka::KafkaSettings;
 use reefline_schemas::RegistrySettings;
 
@@ -49,6 +50,9 @@ pub struct Settings {
     pub linger_ms: u64,
 
     #[command(flatten)]
+    pub auth: AuthSettings,
+
+    #[command(flatten)]
     pub kafka: KafkaSettings,
 
     #[command(flatten)]
@@ -66,6 +70,7 @@ impl std::fmt::Debug for Settings {
             .field("database_url", &url)
             .field("results_topic", &self.results_topic)
             .field("group_id", &self.group_id)
+            .field("auth", &self.auth)
             .field("kafka", &self.kafka)
             .field("registry", &self.registry)
             .finish_non_exhaustive()

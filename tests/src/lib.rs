@@ -4,6 +4,7 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -57,16 +58,15 @@ impl Broker {
         assert!(bin.exists(), "{} is missing: run `make setup` (or `make test`) first", bin.display());
         let addr = format!("127.0.0.1:{}", free_port());
         let url = format!("tcp://{addr}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://reefline/",
-            ])
+        // A shell keeps the broker on a leash: when this process goes, however it goes, the pipe on
+        // the shell's stdin closes and the shell kills the broker.
+        let leash = r#""$0" "$@" & broker=$!; read -r _; kill -9 "$broker"; wait "$broker""#;
+        let storage = "memory://reefline/";
+        let child = Command::new("sh")
+            .args(["-c", leash])
+            .arg(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -88,7 +88,12 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // A failing test unwinds before its services stop; killing the broker under them would
+        // make their Kafka clients wait on close. The broker goes when the test process does.
+        if std::thread::panicking() {
+            return;
+        }
+        drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
 }
@@ -107,9 +112,13 @@ pub async fn start_registry() -> RegistrySettings {
     RegistrySettings::new(format!("http://{addr}"))
 }
 
-/// Serves the cached photos at `/photos/{name}`, an HTML page at `/page.jpg`, and 404 elsewhere.
+/// Serves the cached photos at `/photos/{name}`, an HTML page at `/page.jpg`, a redirect to the
+/// cloud metadata address at `/to-metadata.jpg`, `/flaky/{name}` that answers 503 the first time,
+/// `/always-503.jpg`, and 404 elsewhere.
 pub async fn start_photo_server() -> String {
     let dir = cache_dir().join("photos");
+    let flaky_dir = dir.clone();
+    let failed_once = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::<String>::new()));
     assert!(dir.join("chelsea.png").exists(), "{} has no photos: run `make setup` first", dir.display());
     let router = Router::new()
         .route(
@@ -122,6 +131,28 @@ pub async fn start_photo_server() -> String {
                         Err(_) => StatusCode::NOT_FOUND.into_response(),
                     }
                 }
+            }),
+        )
+        .route(
+            "/flaky/{name}",
+            axum::routing::get(move |UrlPath(name): UrlPath<String>| {
+                let (dir, failed_once) = (flaky_dir.clone(), failed_once.clone());
+                async move {
+                    if failed_once.lock().expect("lock").insert(name.clone()) {
+                        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
+                    match tokio::fs::read(dir.join(name.replace('/', ""))).await {
+                        Ok(bytes) => (StatusCode::OK, bytes).into_response(),
+                        Err(_) => StatusCode::NOT_FOUND.into_response(),
+                    }
+                }
+            }),
+        )
+        .route("/always-503.jpg", axum::routing::get(|| async { StatusCode::SERVICE_UNAVAILABLE }))
+        .route(
+            "/to-metadata.jpg",
+            axum::routing::get(|| async {
+                (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")])
             }),
         )
         .route(
@@ -237,6 +268,9 @@ impl StackSettings {
         classifier.ort_dylib = cache.join("onnxruntime/libonnxruntime.so.1.31.1");
         classifier.max_batch_size = 8;
         classifier.fetch_timeout_s = 10;
+        // The photo server is on loopback, which the classifier refuses unless told otherwise.
+        classifier.fetch_allow = vec!["127.0.0.1/32".into()];
+        classifier.fetch_retry_base_ms = 50;
         classifier.kafka = kafka.clone();
         classifier.registry = registry.clone();
 
@@ -280,6 +314,7 @@ impl Stack {
 
     /// Starts the stack with the classifier's engine wrapped by `wrap`.
     pub async fn start_with(settings: StackSettings, wrap: EngineWrap) -> Self {
+        reefline_common::init_telemetry();
         let (stop, rx) = watch::channel(false);
         let sink = reefline_sink::Application::build(settings.sink).await.expect("building the sink");
         let classifier = reefline_classifier::Application::build(settings.classifier)

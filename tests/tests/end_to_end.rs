@@ -43,6 +43,14 @@ async fn real_photos_are_classified_end_to_end() {
     urls.push(format!("{photos_url}/photos/coffee.png"));
     urls.push(format!("{photos_url}/photos/missing.jpg"));
     urls.push(format!("{photos_url}/page.jpg"));
+    // Server-side request forgery attempts: the metadata address, directly, by redirect, and as
+    // an IPv4-mapped IPv6 literal of a private address.
+    urls.push("http://169.254.169.254/latest/meta-data/".into());
+    urls.push(format!("{photos_url}/to-metadata.jpg"));
+    urls.push("http://[::ffff:a00:1]/x.jpg".into()); // ::ffff:10.0.0.1, as URLs normalise it
+    // Transient failures are retried: a 503 once, then the photo; and a 503 for ever.
+    urls.push(format!("{photos_url}/flaky/coffee.png"));
+    urls.push(format!("{photos_url}/always-503.jpg"));
 
     let (status, accepted) =
         post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
@@ -57,7 +65,7 @@ async fn real_photos_are_classified_end_to_end() {
     assert_eq!(request_ids.len(), urls.len());
 
     let batch_url = format!("{}/v1/batches/{batch_id}", stack.sink);
-    let batch = wait_for("all 24 results", Duration::from_secs(180), || {
+    let batch = wait_for("all 29 results", Duration::from_secs(180), || {
         let (client, batch_url) = (client.clone(), batch_url.clone());
         async move {
             let (status, body) = get_json(&client, &batch_url).await;
@@ -67,9 +75,9 @@ async fn real_photos_are_classified_end_to_end() {
     .await;
     assert_eq!(
         (batch["total"].as_i64(), batch["completed"].as_i64(), batch["pending"].as_i64()),
-        (Some(24), Some(24), Some(0))
+        (Some(29), Some(29), Some(0))
     );
-    assert_eq!((batch["ok"].as_i64(), batch["error"].as_i64()), (Some(22), Some(2)));
+    assert_eq!((batch["ok"].as_i64(), batch["error"].as_i64()), (Some(23), Some(6)));
 
     // Exactly one row per request, and no others.
     let pool = db.pool().await;
@@ -78,7 +86,7 @@ async fn real_photos_are_classified_end_to_end() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(rows.len(), 24);
+    assert_eq!(rows.len(), 29);
     assert!(rows.iter().all(|(_, n)| *n == 1));
     let stored: std::collections::HashSet<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
     assert!(request_ids.iter().all(|id| stored.contains(id.as_str())));
@@ -119,6 +127,16 @@ async fn real_photos_are_classified_end_to_end() {
     let page = &results[23];
     assert_eq!((page["status"].as_str(), page["error"]["kind"].as_str()), (Some("error"), Some("not_an_image")));
     assert!(page["predictions"].as_array().unwrap().is_empty());
+    assert_eq!(top_indices(&results[27])[0], ESPRESSO, "retried after a 503: {}", results[27]);
+    assert_eq!(results[28]["error"]["kind"], "http_status", "{}", results[28]);
+    assert!(results[28]["error"]["message"].as_str().unwrap().contains("503"));
+    for ssrf in &results[24..27] {
+        assert_eq!(
+            (ssrf["status"].as_str(), ssrf["error"]["kind"].as_str()),
+            (Some("error"), Some("blocked_address")),
+            "{ssrf}"
+        );
+    }
 
     // A single result is looked up by its id; an unknown id is 404 with a JSON error.
     let (status, one) = get_json(&client, &format!("{}/v1/results/{}", stack.sink, request_ids[21])).await;
@@ -160,6 +178,9 @@ async fn real_photos_are_classified_end_to_end() {
     }
 
     // Every service exposes Prometheus metrics.
+    let text = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
+    let retries = reefline_e2e::metric(&text, "classifier_fetch_retries_total{kind=\"http_status\"}");
+    assert_eq!(retries, Some(4.0), "one retry for the flaky photo, three for the lasting 503");
     for (base, metric) in [
         (&stack.ingest, "ingest_images_total"),
         (&stack.sink, "sink_rows_written_total"),
@@ -229,4 +250,53 @@ async fn malformed_submissions_get_a_400_naming_the_problem() {
     assert_eq!(error["error"]["kind"], "invalid_json");
     let response = client.post(format!("{base}/v1/classify")).body("images=x").send().await.unwrap();
     assert_eq!(response.status(), 415);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_the_api_but_not_the_ops_endpoints() {
+    let broker = Broker::start().await;
+    let registry = start_registry().await;
+    let db = TestDatabase::new();
+    let names = Names::new();
+    let mut settings = StackSettings::new(broker.kafka(), registry, &db.url, &names);
+    settings.ingest.auth.api_keys = vec!["ingest-key".into()];
+    settings.sink.auth.api_keys = vec!["lookup-key".into()];
+    let ingest = reefline_ingest::Application::build(settings.ingest).await.unwrap();
+    let sink = reefline_sink::Application::build(settings.sink).await.unwrap();
+    let (ingest_url, sink_url) = (format!("http://{}", ingest.local_addr()), format!("http://{}", sink.local_addr()));
+    tokio::spawn(ingest.run_until(std::future::pending()));
+    tokio::spawn(sink.run_until(std::future::pending()));
+    let client = reqwest::Client::new();
+    let body = json!({"images": ["http://photos.example/a.jpg"]});
+
+    let response = client.post(format!("{ingest_url}/v1/classify")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["kind"], "unauthorized");
+    let wrong =
+        client.post(format!("{ingest_url}/classify")).bearer_auth("lookup-key").json(&body).send().await.unwrap();
+    assert_eq!(wrong.status(), 401, "a sink key does not open ingest");
+    let ok =
+        client.post(format!("{ingest_url}/v1/classify")).bearer_auth("ingest-key").json(&body).send().await.unwrap();
+    assert_eq!(ok.status(), 202);
+    let ok = client
+        .post(format!("{ingest_url}/api/infer"))
+        .header("x-api-key", "ingest-key")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 202);
+
+    assert_eq!(client.get(format!("{sink_url}/v1/results/x")).send().await.unwrap().status(), 401);
+    let lookup = client.get(format!("{sink_url}/v1/results/x")).header("x-api-key", "lookup-key").send().await.unwrap();
+    assert_eq!(lookup.status(), 404, "authorised, and unknown");
+
+    for base in [&ingest_url, &sink_url] {
+        for open in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(client.get(format!("{base}{open}")).send().await.unwrap().status(), 200, "{base}{open}");
+        }
+    }
+    db.drop_database().await;
 }
