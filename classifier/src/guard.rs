@@ -40,7 +40,7 @@ impl AddressPolicy {
 
     fn permits_host(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        self.allow_hosts.iter().any(|h| *h == host)
+        self.allow_hosts.contains(&host)
     }
 
     /// Checks a URL's host when it is an IP literal (names are checked when they resolve).
