@@ -42,6 +42,9 @@ struct Args {
     /// Classifier micro-batch size, used by the limit too.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// ONNX Runtime intra-op threads, for the limit and the classifier alike (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    intra_threads: usize,
     /// Extra environment for the classifier, `KEY=VALUE`, repeatable.
     #[arg(long = "classifier-env", value_parser = parse_env)]
     classifier_env: Vec<(String, String)>,
@@ -61,19 +64,21 @@ fn load_photos() -> anyhow::Result<Vec<Vec<u8>>> {
     names.iter().map(|p| std::fs::read(p).map_err(Into::into)).collect()
 }
 
-/// The classifier's default ONNX Runtime options.
-fn ort_options() -> OrtOptions {
+/// The classifier's default ONNX Runtime options, with `intra_threads`.
+fn ort_options(intra_threads: usize) -> OrtOptions {
     let cache = cache_dir();
-    OrtOptions::cpu(
+    let mut options = OrtOptions::cpu(
         cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
         cache.join("models/efficientnet-lite0.onnx"),
         224,
-    )
+    );
+    options.intra_threads = intra_threads;
+    options
 }
 
 /// Images/s of decode + preprocess (one thread per core) feeding batched inference (its own thread).
-fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize) -> anyhow::Result<f64> {
-    let mut engine = OrtEngine::load(&ort_options())?;
+fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize, intra: usize) -> anyhow::Result<f64> {
+    let mut engine = OrtEngine::load(&ort_options(intra))?;
     let pre = Preprocess { size: 224, max_side: 10_000 };
     let warm = pre.run(&photos[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
     engine.infer(&warm.repeat(max_batch), max_batch).map_err(|e| anyhow::anyhow!(e))?;
@@ -229,6 +234,7 @@ async fn run_pipeline(args: &Args, photos_url: &str, classifiers: usize) -> anyh
         ("MAX_BATCH_SIZE".into(), args.max_batch.to_string()),
         ("RUST_LOG".into(), "warn".into()),
         ("FETCH_ALLOW".into(), "127.0.0.1/32".into()),
+        ("ORT_INTRA_THREADS".into(), args.intra_threads.to_string()),
     ];
     env.extend(args.classifier_env.iter().cloned());
     let nisshi = cache.join("tools/bin/nisshi");
@@ -381,8 +387,8 @@ async fn main() -> anyhow::Result<()> {
         let mut limits = Vec::new();
         let mut runs = Vec::new();
         for _ in 0..args.runs {
-            let (p, n, b) = (photos.clone(), args.images, args.max_batch);
-            limits.push(tokio::task::spawn_blocking(move || measure_limit(&p, n, b)).await??);
+            let (p, n, b, t) = (photos.clone(), args.images, args.max_batch, args.intra_threads);
+            limits.push(tokio::task::spawn_blocking(move || measure_limit(&p, n, b, t)).await??);
             runs.push(run_pipeline(&args, &photos_url, classifiers).await?);
         }
         let (limit, lmin, lmax) = median_spread(limits.clone());
