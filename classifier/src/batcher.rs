@@ -97,7 +97,8 @@ pub async fn run<T: Send>(
             }
         };
         tokio::select! {
-            item = input.recv(), if input_open => match item {
+            // Taking more than this from the channel would only move the queue, not bound it.
+            item = input.recv(), if input_open && queue.len() < 2 * policy.max_size => match item {
                 Some(item) => queue.push_back(Queued { item, since: Instant::now() }),
                 None => input_open = false,
             },
@@ -162,5 +163,26 @@ mod tests {
         }
         actor.await.unwrap();
         assert_eq!(seen, (0..20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_busy_engine_leaves_the_rest_in_the_bounded_channel() {
+        let (in_tx, in_rx) = mpsc::channel(100);
+        let (engine_tx, mut engine_rx) = mpsc::channel(ENGINE_DEPTH);
+        let (_done_tx, done_rx) = mpsc::unbounded_channel();
+        for i in 0..100 {
+            in_tx.send(i).await.unwrap();
+        }
+        tokio::spawn(run(P, in_rx, engine_tx, done_rx, |_, _| {}));
+        // On a current-thread runtime the actor runs only while this task yields; it ends up
+        // waiting on the engine, which never finishes a batch here.
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        // The idle engine got the first item at once; the next batch filled while it was busy.
+        let sizes = [engine_rx.try_recv().unwrap().len(), engine_rx.try_recv().unwrap().len()];
+        assert_eq!(sizes, [1, 8]);
+        assert!(engine_rx.try_recv().is_err(), "the engine holds at most two batches");
+        assert_eq!(in_tx.max_capacity() - in_tx.capacity(), 100 - 9 - 2 * 8, "the queue holds at most two batches");
     }
 }

@@ -53,12 +53,20 @@ pub async fn run(
         let (stage, fetches, decoders) = (stage.clone(), fetches.clone(), decoders.clone());
         let (prepared, failed) = (prepared.clone(), failed.clone());
         tasks.spawn(async move {
-            let result = stage.prepare(&job.request.url, &fetches, &decoders).await;
-            drop(permit);
-            let _ = match result {
-                Ok(tensor) => prepared.send(Prepared { job, tensor }).await.map_err(drop),
+            // The decoder slot is held until the tensor is handed on: when the batching queue is
+            // full, decoding stops rather than piling up finished tensors.
+            let decoded = match stage.fetch(&job.request.url, &fetches).await {
+                Ok(bytes) => match decoders.acquire().await {
+                    Ok(slot) => stage.preprocess(bytes).await.map(|tensor| (tensor, slot)),
+                    Err(_) => return,
+                },
+                Err(error) => Err(error),
+            };
+            let _ = match decoded {
+                Ok((tensor, _slot)) => prepared.send(Prepared { job, tensor }).await.map_err(drop),
                 Err(error) => failed.send(Failed { job, error }).await.map_err(drop),
             };
+            drop(permit);
         });
         while tasks.try_join_next().is_some() {}
     }
@@ -83,9 +91,8 @@ impl RetryPolicy {
 }
 
 impl Prepare {
-    async fn prepare(&self, url: &str, fetches: &Semaphore, decoders: &Semaphore) -> Result<Vec<f32>, ImageError> {
-        let bytes = self.fetch(url, fetches).await?;
-        let _permit = decoders.acquire().await.map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
+    /// Decodes and preprocesses on a blocking thread; the caller holds a decoder slot.
+    async fn preprocess(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ImageError> {
         let preprocess = self.preprocess;
         let started = Instant::now();
         let tensor = tokio::task::spawn_blocking(move || preprocess.run(&bytes))

@@ -46,7 +46,10 @@ fn main() -> anyhow::Result<()> {
                 engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
             }
             let per_image = started.elapsed().as_secs_f64() * 1000.0 / (reps * batch) as f64;
-            println!("infer threads {threads} batch {batch:3}: {per_image:.2} ms/image ({:.0} images/s)", 1000.0 / per_image);
+            println!(
+                "infer threads {threads} batch {batch:3}: {per_image:.2} ms/image ({:.0} images/s)",
+                1000.0 / per_image
+            );
         }
     }
     Ok(())

@@ -45,6 +45,12 @@ struct Args {
     /// ONNX Runtime intra-op threads, for the limit and the classifier alike (0: all cores).
     #[arg(long, default_value_t = 0)]
     intra_threads: usize,
+    /// Requests left waiting in the topic at the end, to watch the classifier's memory (0: skip).
+    #[arg(long, default_value_t = 0)]
+    backlog: usize,
+    /// Seconds the classifier's memory is watched with the backlog waiting.
+    #[arg(long, default_value_t = 30)]
+    backlog_seconds: u64,
     /// Extra environment for the classifier, `KEY=VALUE`, repeatable.
     #[arg(long = "classifier-env", value_parser = parse_env)]
     classifier_env: Vec<(String, String)>,
@@ -209,6 +215,8 @@ struct Run {
     latency: [f64; 3],
     batch_fill: f64,
     rss: BTreeMap<String, (f64, f64)>,
+    /// Classifier RSS (MiB) samples taken while a backlog waited in the topic.
+    backlog_rss: Vec<f64>,
 }
 
 fn release_bin(name: &str) -> PathBuf {
@@ -343,6 +351,31 @@ async fn run_pipeline(args: &Args, photos_url: &str, classifiers: usize) -> anyh
         fill.1 += metric(&text, "classifier_batch_size_count").unwrap_or(0.0);
     }
     let rss = procs.iter().map(|p| (p.name.clone(), p.rss_mib())).collect();
+
+    // Memory with a large backlog: the classifier must not buffer it.
+    let mut backlog_rss = Vec::new();
+    if args.backlog > 0 {
+        let classifier = procs.iter().find(|p| p.name == "classifier-0").expect("a classifier");
+        let urls: Vec<String> = (0..args.backlog).map(|i| format!("{photos_url}/p/{i}")).collect();
+        for chunk in urls.chunks(1000) {
+            submit(chunk.to_vec()).await?;
+            backlog_rss.push(classifier.rss_mib().0);
+        }
+        for _ in 0..args.backlog_seconds {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            backlog_rss.push(classifier.rss_mib().0);
+        }
+        let text = client.get(format!("http://{}/metrics", classifier_ops[0])).send().await?.text().await?;
+        let state: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("classifier_in_flight")
+                    || l.starts_with("classifier_queue_depth")
+                    || l.starts_with("classifier_consumer_pause")
+            })
+            .collect();
+        println!("bench: classifier with backlog: {}", state.join(", "));
+    }
     for p in procs.iter_mut().rev() {
         p.terminate();
     }
@@ -354,6 +387,7 @@ async fn run_pipeline(args: &Args, photos_url: &str, classifiers: usize) -> anyh
         latency: [pct(0.5), pct(0.95), pct(0.99)],
         batch_fill: fill.0 / fill.1.max(1.0) / args.max_batch as f64,
         rss,
+        backlog_rss,
     })
 }
 
@@ -409,6 +443,18 @@ async fn main() -> anyhow::Result<()> {
         );
         for (name, (rss, peak)) in &runs[runs.len() / 2].rss {
             println!("rss_mib {name:24}{rss:.0} (peak {peak:.0})");
+        }
+        for run in runs.iter().filter(|r| !r.backlog_rss.is_empty()) {
+            let s = &run.backlog_rss;
+            let max = s.iter().copied().fold(0.0, f64::max);
+            println!(
+                "rss_mib_classifier_with_backlog  {:.0} at start, {:.0} at most, {:.0} after {} s ({} requests waiting)",
+                s[0],
+                max,
+                s[s.len() - 1],
+                args.backlog_seconds,
+                args.backlog
+            );
         }
     }
     Ok(())
