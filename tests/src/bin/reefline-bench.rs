@@ -180,6 +180,34 @@ impl Proc {
     }
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// CPU seconds used so far by every process named `postgres` (the server and its backends).
+fn postgres_cpu_seconds() -> f64 {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(cpu_seconds)
+        .sum()
+}
+
+/// CPU seconds per component: each service, postgres, and this process (photo server, polling).
+fn cpu_snapshot(procs: &[Proc]) -> BTreeMap<String, f64> {
+    let mut cpu: BTreeMap<String, f64> = procs.iter().map(|p| (p.name.clone(), cpu_seconds(p.child.id()))).collect();
+    cpu.insert("postgres".into(), postgres_cpu_seconds());
+    cpu.insert("bench (photo server)".into(), cpu_seconds(std::process::id()));
+    cpu
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -215,6 +243,8 @@ struct Run {
     latency: [f64; 3],
     batch_fill: f64,
     rss: BTreeMap<String, (f64, f64)>,
+    /// CPU milliseconds per image of each component during the peak phase.
+    cpu_ms: BTreeMap<String, f64>,
     /// Classifier RSS (MiB) samples taken while a backlog waited in the topic.
     backlog_rss: Vec<f64>,
 }
@@ -310,12 +340,15 @@ async fn run_pipeline(args: &Args, photos_url: &str, classifiers: usize) -> anyh
     wait_rows(warm as i64).await?;
 
     // Peak: all N at once.
+    let cpu_before = cpu_snapshot(&procs);
     let started = Instant::now();
     for chunk in (0..args.images).collect::<Vec<_>>().chunks(1000) {
         submit(chunk.iter().map(|i| format!("{photos_url}/p/{i}")).collect()).await?;
     }
     let finished = wait_rows((warm + args.images) as i64).await?;
     let e2e = args.images as f64 / finished.duration_since(started).as_secs_f64();
+    let cpu: BTreeMap<String, f64> =
+        cpu_snapshot(&procs).into_iter().map(|(k, v)| (k.clone(), (v - cpu_before.get(&k).unwrap_or(&0.0)) * 1000.0 / args.images as f64)).collect();
 
     // Steady load at half the peak, in ticks of 100 ms; latency is submission to row stored.
     let steady_started = chrono::Utc::now();
@@ -387,6 +420,7 @@ async fn run_pipeline(args: &Args, photos_url: &str, classifiers: usize) -> anyh
         latency: [pct(0.5), pct(0.95), pct(0.99)],
         batch_fill: fill.0 / fill.1.max(1.0) / args.max_batch as f64,
         rss,
+        cpu_ms: cpu,
         backlog_rss,
     })
 }
@@ -444,6 +478,12 @@ async fn main() -> anyhow::Result<()> {
         for (name, (rss, peak)) in &runs[runs.len() / 2].rss {
             println!("rss_mib {name:24}{rss:.0} (peak {peak:.0})");
         }
+        let middle = &runs[runs.len() / 2];
+        let total: f64 = middle.cpu_ms.values().sum();
+        for (name, ms) in &middle.cpu_ms {
+            println!("cpu_ms_per_image {name:21}{ms:.2} ({:.0} %)", 100.0 * ms / total);
+        }
+        println!("cpu_ms_per_image total                {total:.2} (2 cores give {:.0} images/s at most)", 2000.0 / total);
         for run in runs.iter().filter(|r| !r.backlog_rss.is_empty()) {
             let s = &run.backlog_rss;
             let max = s.iter().copied().fold(0.0, f64::max);
