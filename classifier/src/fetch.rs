@@ -1,10 +1,12 @@
 //! Fetching image bytes over HTTP with timeouts, a redirect limit and a size cap enforced while
 //! the body streams in.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url, redirect};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ImageError;
 use crate::guard::{AddressPolicy, Blocked, GuardedResolver};
@@ -16,6 +18,28 @@ pub struct FetchLimits {
     pub total_timeout: Duration,
     pub max_bytes: u64,
     pub max_redirects: usize,
+    /// Fetches in flight to one host at once, so one slow or huge site cannot take every slot.
+    pub per_host: usize,
+}
+
+/// A semaphore per host, created on first use and dropped when idle.
+#[derive(Default)]
+struct HostSlots {
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl HostSlots {
+    async fn acquire(&self, host: &str, per_host: usize) -> Option<OwnedSemaphorePermit> {
+        let slots = {
+            let mut hosts = self.hosts.lock().expect("host slots lock");
+            if hosts.len() > 4096 {
+                // Forget hosts with nothing in flight.
+                hosts.retain(|_, s| s.available_permits() < per_host);
+            }
+            hosts.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(per_host))).clone()
+        };
+        slots.acquire_owned().await.ok()
+    }
 }
 
 /// A shared HTTP client (connection reuse across fetches) and its limits.
@@ -24,6 +48,7 @@ pub struct Fetcher {
     client: reqwest::Client,
     limits: FetchLimits,
     policy: Arc<AddressPolicy>,
+    hosts: Arc<HostSlots>,
 }
 
 /// Why a redirect was not followed.
@@ -55,13 +80,15 @@ impl Fetcher {
             .user_agent(concat!("reefline-classifier/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
             .build()?;
-        Ok(Self { client, limits, policy })
+        Ok(Self { client, limits, policy, hosts: Arc::default() })
     }
 
     /// The body of `url`, or why it could not be had.
     pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, ImageError> {
         let url = Url::parse(url).map_err(|e| ImageError::Blocked(format!("invalid URL: {e}")))?;
         self.policy.check_url(&url).map_err(ImageError::Blocked)?;
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let _slot = self.hosts.acquire(&host, self.limits.per_host.max(1)).await;
         let mut response = self.client.get(url).send().await.map_err(|e| self.classify(e))?;
         match response.status() {
             StatusCode::OK => {}
@@ -104,5 +131,22 @@ impl Fetcher {
             }
             ImageError::Connection(message)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_host_gets_at_most_its_share_of_fetches() {
+        let slots = HostSlots::default();
+        let first = slots.acquire("photos.example", 1).await.unwrap();
+        let other_host = slots.acquire("other.example", 1).await;
+        assert!(other_host.is_some(), "another host is not held up");
+        let mut second = Box::pin(slots.acquire("photos.example", 1));
+        assert!(futures::poll!(&mut second).is_pending(), "a second fetch to the same host waits");
+        drop(first);
+        assert!(second.await.is_some());
     }
 }

@@ -127,6 +127,7 @@ impl Application {
                     total_timeout: Duration::from_secs(s.fetch_timeout_s),
                     max_bytes: s.max_image_bytes,
                     max_redirects: s.fetch_max_redirects,
+                    per_host: s.fetch_per_host,
                 },
                 guard::AddressPolicy::from_allowlist(&s.fetch_allow),
             )?,

@@ -92,7 +92,7 @@ pub struct Settings {
     pub top_k: usize,
 
     /// Most images in one inference batch.
-    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 16)]
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
 
     /// Longest a partial batch waits for company while the engine is busy, in milliseconds.
@@ -102,6 +102,10 @@ pub struct Settings {
     /// Image fetches in flight at once.
     #[arg(long, env = "FETCH_CONCURRENCY", default_value_t = 64)]
     pub fetch_concurrency: usize,
+
+    /// Image fetches in flight to one host at once.
+    #[arg(long, env = "FETCH_PER_HOST", default_value_t = 16)]
+    pub fetch_per_host: usize,
 
     /// Connect timeout for one fetch, in seconds.
     #[arg(long, env = "FETCH_CONNECT_TIMEOUT_S", default_value_t = 5)]

@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     steady_seconds: u64,
     /// Classifier micro-batch size, used by the limit too.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     max_batch: usize,
     /// ONNX Runtime intra-op threads, for the limit and the classifier alike (0: all cores).
     #[arg(long, default_value_t = 0)]
@@ -184,7 +184,8 @@ impl Proc {
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
     ticks / 100.0
 }
@@ -272,6 +273,8 @@ async fn run_pipeline(args: &Args, photos_url: &str, classifiers: usize) -> anyh
         ("MAX_BATCH_SIZE".into(), args.max_batch.to_string()),
         ("RUST_LOG".into(), "warn".into()),
         ("FETCH_ALLOW".into(), "127.0.0.1/32".into()),
+        // Every photo comes from the one local server.
+        ("FETCH_PER_HOST".into(), "64".into()),
         ("ORT_INTRA_THREADS".into(), args.intra_threads.to_string()),
     ];
     env.extend(args.classifier_env.iter().cloned());
@@ -347,8 +350,10 @@ async fn run_pipeline(args: &Args, photos_url: &str, classifiers: usize) -> anyh
     }
     let finished = wait_rows((warm + args.images) as i64).await?;
     let e2e = args.images as f64 / finished.duration_since(started).as_secs_f64();
-    let cpu: BTreeMap<String, f64> =
-        cpu_snapshot(&procs).into_iter().map(|(k, v)| (k.clone(), (v - cpu_before.get(&k).unwrap_or(&0.0)) * 1000.0 / args.images as f64)).collect();
+    let cpu: BTreeMap<String, f64> = cpu_snapshot(&procs)
+        .into_iter()
+        .map(|(k, v)| (k.clone(), (v - cpu_before.get(&k).unwrap_or(&0.0)) * 1000.0 / args.images as f64))
+        .collect();
 
     // Steady load at half the peak, in ticks of 100 ms; latency is submission to row stored.
     let steady_started = chrono::Utc::now();
@@ -483,7 +488,10 @@ async fn main() -> anyhow::Result<()> {
         for (name, ms) in &middle.cpu_ms {
             println!("cpu_ms_per_image {name:21}{ms:.2} ({:.0} %)", 100.0 * ms / total);
         }
-        println!("cpu_ms_per_image total                {total:.2} (2 cores give {:.0} images/s at most)", 2000.0 / total);
+        println!(
+            "cpu_ms_per_image total                {total:.2} (2 cores give {:.0} images/s at most)",
+            2000.0 / total
+        );
         for run in runs.iter().filter(|r| !r.backlog_rss.is_empty()) {
             let s = &run.backlog_rss;
             let max = s.iter().copied().fold(0.0, f64::max);
