@@ -40,6 +40,15 @@ use crate::offsets::OffsetTracker;
 use crate::preprocess::Preprocess;
 pub use crate::settings::Settings;
 
+/// The `reefline-classifier` command: settings from flags and environment, run until SIGTERM.
+pub async fn main() -> anyhow::Result<()> {
+    use clap::Parser;
+    reefline_common::init_telemetry();
+    let app = Application::build(Settings::parse()).await?;
+    tracing::info!(ops = %app.local_addr(), "classifier built");
+    app.run_until(reefline_common::shutdown_signal()).await
+}
+
 /// A classifier with its model loaded, its consumer subscribed and its ops listener bound.
 pub struct Application {
     settings: Settings,

@@ -43,7 +43,7 @@ pub async fn run(
 ) {
     // Tasks (fetching, waiting to retry, or decoding) are bounded, and so are the fetches among
     // them: a task waiting out a retry delay holds no fetch slot.
-    let tasks_allowed = Arc::new(Semaphore::new(stage.fetch_concurrency * 4));
+    let tasks_allowed = Arc::new(Semaphore::new(stage.fetch_concurrency * 2));
     let fetches = Arc::new(Semaphore::new(stage.fetch_concurrency));
     let decoders = Arc::new(Semaphore::new(stage.decode_threads));
     let stage = Arc::new(stage);

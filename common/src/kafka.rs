@@ -31,6 +31,11 @@ pub struct KafkaSettings {
     #[arg(long = "kafka-fetch-wait-ms", env = "KAFKA_FETCH_WAIT_MS", default_value_t = 50)]
     pub consumer_fetch_wait_ms: u32,
 
+    /// Consumer-group assignment strategy; cooperative-sticky moves only the partitions that
+    /// must move when a member joins or leaves, so the others keep their work in flight.
+    #[arg(long = "kafka-assignment-strategy", env = "KAFKA_ASSIGNMENT_STRATEGY", default_value = "cooperative-sticky")]
+    pub consumer_assignment_strategy: String,
+
     /// Most a consumer prefetches into memory, in KiB; bounds memory with a large backlog.
     #[arg(long = "kafka-prefetch-kbytes", env = "KAFKA_PREFETCH_KBYTES", default_value_t = 8192)]
     pub consumer_prefetch_kbytes: u32,
@@ -51,6 +56,7 @@ impl KafkaSettings {
             producer_batch_bytes: 1_000_000,
             producer_compression: "lz4".into(),
             consumer_fetch_wait_ms: 50,
+            consumer_assignment_strategy: "cooperative-sticky".into(),
             consumer_prefetch_kbytes: 8192,
         }
     }
@@ -95,6 +101,7 @@ impl KafkaSettings {
             .set("session.timeout.ms", session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(100).to_string())
             .set("fetch.wait.max.ms", self.consumer_fetch_wait_ms.to_string())
+            .set("partition.assignment.strategy", &self.consumer_assignment_strategy)
             .set("queued.max.messages.kbytes", self.consumer_prefetch_kbytes.to_string());
         for (k, v) in &self.properties {
             config.set(k, v);

@@ -16,6 +16,8 @@ use sqlx::PgPool;
 #[derive(Clone)]
 pub struct Metrics {
     pub rows: IntCounter,
+    /// Result records decoded, duplicates included.
+    pub received: IntCounter,
     pub write_seconds: Histogram,
     pub batch_size: Histogram,
     pub write_failures: IntCounter,
@@ -72,6 +74,7 @@ impl Sink {
         for message in messages {
             match self.codec.decode_waiting::<ClassificationResult>(message.payload()).await {
                 Ok(r) => {
+                    self.metrics.received.inc();
                     // Keep the latest result per request: one statement cannot touch a row twice.
                     match results.get(&r.request_id) {
                         Some(existing) if existing.completed_at_ms > r.completed_at_ms => {}

@@ -29,6 +29,10 @@ pub struct Application {
 fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metrics> {
     let m = consume::Metrics {
         rows: IntCounter::new("sink_rows_written_total", "Result rows upserted")?,
+        received: IntCounter::new(
+            "sink_results_received_total",
+            "Result records read, redelivered duplicates included",
+        )?,
         write_seconds: Histogram::with_opts(
             HistogramOpts::new("sink_write_seconds", "Time to write one batch in one transaction")
                 .buckets(duration_buckets()),
@@ -44,6 +48,7 @@ fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metri
         )?,
     };
     registry.register(Box::new(m.rows.clone()))?;
+    registry.register(Box::new(m.received.clone()))?;
     registry.register(Box::new(m.write_seconds.clone()))?;
     registry.register(Box::new(m.batch_size.clone()))?;
     registry.register(Box::new(m.write_failures.clone()))?;

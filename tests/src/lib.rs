@@ -313,25 +313,33 @@ impl Stack {
 
     /// Starts the stack with the classifier's engine wrapped by `wrap`.
     pub async fn start_with(settings: StackSettings, wrap: EngineWrap) -> Self {
+        Self::start_parts(settings, Some(wrap)).await
+    }
+
+    /// Starts ingest and the sink only; the test runs classifiers as processes ([`ClassifierProcess`]).
+    pub async fn start_without_classifier(settings: StackSettings) -> Self {
+        Self::start_parts(settings, None).await
+    }
+
+    async fn start_parts(settings: StackSettings, classifier: Option<EngineWrap>) -> Self {
         reefline_common::init_telemetry();
         let (stop, rx) = watch::channel(false);
         let sink = reefline_sink::Application::build(settings.sink).await.expect("building the sink");
-        let classifier = reefline_classifier::Application::build(settings.classifier)
-            .await
-            .expect("building the classifier")
-            .wrap_engine(wrap);
         let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
-        let urls = (
-            format!("http://{}", ingest.local_addr()),
-            format!("http://{}", sink.local_addr()),
-            format!("http://{}", classifier.local_addr()),
-        );
-        let tasks = vec![
-            tokio::spawn(sink.run_until(stopped(&rx))),
-            tokio::spawn(classifier.run_until(stopped(&rx))),
-            tokio::spawn(async move { ingest.run_until(stopped(&rx)).await.map_err(Into::into) }),
-        ];
-        Self { ingest: urls.0, sink: urls.1, classifier_ops: urls.2, stop, tasks }
+        let (ingest_url, sink_url) =
+            (format!("http://{}", ingest.local_addr()), format!("http://{}", sink.local_addr()));
+        let mut tasks = vec![tokio::spawn(sink.run_until(stopped(&rx)))];
+        let mut classifier_ops = String::new();
+        if let Some(wrap) = classifier {
+            let classifier = reefline_classifier::Application::build(settings.classifier)
+                .await
+                .expect("building the classifier")
+                .wrap_engine(wrap);
+            classifier_ops = format!("http://{}", classifier.local_addr());
+            tasks.push(tokio::spawn(classifier.run_until(stopped(&rx))));
+        }
+        tasks.push(tokio::spawn(async move { ingest.run_until(stopped(&rx)).await.map_err(Into::into) }));
+        Self { ingest: ingest_url, sink: sink_url, classifier_ops, stop, tasks }
     }
 
     /// Stops every service and waits for each to finish cleanly.
@@ -358,4 +366,64 @@ pub async fn get_json_ok(client: &reqwest::Client, url: &str) -> Option<serde_js
         return None;
     }
     response.json().await.ok()
+}
+
+/// A classifier running as its own process, so that a test can kill it with SIGKILL or SIGTERM.
+pub struct ClassifierProcess {
+    child: Child,
+}
+
+impl ClassifierProcess {
+    /// Starts the classifier command `bin` (an integration test passes
+    /// `env!("CARGO_BIN_EXE_classifier-under-test")`) with the settings' topics, group, model and broker.
+    pub fn spawn(bin: &str, s: &reefline_classifier::Settings, name: &str) -> Self {
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("reefline-{name}.log"))).expect("log file");
+        let child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--requests-topic", &s.requests_topic, "--results-topic", &s.results_topic])
+            .args(["--dead-letter-topic", &s.dead_letter_topic, "--group-id", &s.group_id])
+            .args(["--topic-partitions", &s.topic_partitions.to_string()])
+            .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
+            .args(["--max-batch-size", &s.max_batch_size.to_string()])
+            .arg("--model-path")
+            .arg(&s.model_path)
+            .arg("--labels-path")
+            .arg(&s.labels_path)
+            .arg("--ort-dylib")
+            .arg(&s.ort_dylib)
+            .args(["--fetch-allow", &s.fetch_allow.join(",")])
+            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url])
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting reefline-classifier");
+        Self { child }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL: no draining, no commit.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns how long that took.
+    pub fn terminate(mut self) -> Duration {
+        let started = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        started.elapsed()
+    }
+}
+
+impl Drop for ClassifierProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,7 @@
+//! The classifier command, built along with the end-to-end tests so that the fault tests always
+//! run the current code (`CARGO_BIN_EXE_classifier-under-test`).
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    reefline_classifier::main().await
+}
