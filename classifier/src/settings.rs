@@ -100,7 +100,7 @@ pub struct Settings {
     pub max_batch_delay_ms: u64,
 
     /// Image fetches in flight at once.
-    #[arg(long, env = "FETCH_CONCURRENCY", default_value_t = 32)]
+    #[arg(long, env = "FETCH_CONCURRENCY", default_value_t = 64)]
     pub fetch_concurrency: usize,
 
     /// Image fetches in flight to one host at once.
