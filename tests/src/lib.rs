@@ -322,7 +322,6 @@ impl Stack {
     }
 
     async fn start_parts(settings: StackSettings, classifier: Option<EngineWrap>) -> Self {
-        reefline_common::init_telemetry();
         let (stop, rx) = watch::channel(false);
         let sink = reefline_sink::Application::build(settings.sink).await.expect("building the sink");
         let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
