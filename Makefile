@@ -2,7 +2,7 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test bench bench-scale clean
+.PHONY: setup build up down status demo test bench bench-scale reset clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, broker, photos)
 setup:
@@ -41,3 +41,7 @@ bench: build
 ## bench-scale: the same with 1 and then 2 classifier instances
 bench-scale: build
 	target/release/reefline-bench --classifiers 1,2 $(BENCH_ARGS)
+
+## reset: stop the stack and forget its broker data, registry and logs (.cache/run)
+reset: down
+	rm -rf $(CACHE)/run
