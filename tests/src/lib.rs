@@ -205,6 +205,36 @@ impl Default for TestDatabase {
     }
 }
 
+/// What a pipeline test needs around the services: a broker, the registry, the photo server, its
+/// own database, and its own topic and group names.
+pub struct TestEnv {
+    pub broker: Broker,
+    pub registry: RegistrySettings,
+    /// Base URL of the photo server ([`start_photo_server`]).
+    pub photos: String,
+    pub db: TestDatabase,
+    pub names: Names,
+}
+
+impl TestEnv {
+    pub async fn start() -> Self {
+        let broker = Broker::start().await;
+        let registry = start_registry().await;
+        let photos = start_photo_server().await;
+        Self { broker, registry, photos, db: TestDatabase::new(), names: Names::new() }
+    }
+
+    /// Settings for the three services, pointing at this environment.
+    pub fn settings(&self) -> StackSettings {
+        StackSettings::new(self.broker.kafka(), self.registry.clone(), &self.db.url, &self.names)
+    }
+
+    /// Drops the test's database; the broker goes with `self`.
+    pub async fn finish(self) {
+        self.db.drop_database().await;
+    }
+}
+
 /// Names unique to one test: topics and consumer groups.
 pub struct Names {
     pub requests: String,

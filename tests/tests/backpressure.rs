@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 use reefline_classifier::engine::Engine;
-use reefline_e2e::{
-    Broker, Names, Stack, StackSettings, TestDatabase, get_json_ok, metric, start_photo_server, start_registry,
-    wait_for,
-};
+use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, wait_for};
 use serde_json::json;
 
 /// The real engine, made slow.
@@ -22,18 +19,14 @@ impl Engine for Slow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
-    let broker = Broker::start().await;
-    let registry = start_registry().await;
-    let photos = start_photo_server().await;
-    let db = TestDatabase::new();
-    let names = Names::new();
-    let mut settings = StackSettings::new(broker.kafka(), registry, &db.url, &names);
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
     settings.classifier.max_batch_size = 4;
     settings.classifier.fetch_concurrency = 4;
     let stack = Stack::start_with(settings, Box::new(|engine| Box::new(Slow(engine)))).await;
     let client = reqwest::Client::new();
 
-    let urls: Vec<String> = (0..120).map(|i| format!("{photos}/photos/coffee.png?copy={i}")).collect();
+    let urls: Vec<String> = (0..120).map(|i| format!("{}/photos/coffee.png?copy={i}", env.photos)).collect();
     let accepted: serde_json::Value = client
         .post(format!("{}/v1/classify", stack.ingest))
         .json(&json!({ "images": urls }))
@@ -51,8 +44,10 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     .await;
     assert_eq!((batch["completed"].as_i64(), batch["ok"].as_i64()), (Some(120), Some(120)));
 
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT request_id) FROM results").fetch_one(&db.pool().await).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(DISTINCT request_id) FROM results")
+        .fetch_one(&env.db.pool().await)
+        .await
+        .unwrap();
     assert_eq!(rows, 120);
 
     let text = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
@@ -66,5 +61,5 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     assert!(batches >= 30.0, "batches hold at most 4 images: {batches}");
 
     stack.stop().await;
-    db.drop_database().await;
+    env.finish().await;
 }

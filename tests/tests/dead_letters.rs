@@ -7,20 +7,14 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use reefline_e2e::{
-    Broker, Names, Stack, StackSettings, TestDatabase, get_json_ok, metric, start_photo_server, start_registry,
-    wait_for,
-};
+use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, wait_for};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_records_are_dead_lettered_and_good_ones_still_flow() {
-    let broker = Broker::start().await;
-    let registry = start_registry().await;
-    let photos = start_photo_server().await;
-    let db = TestDatabase::new();
-    let names = Names::new();
-    let stack = Stack::start(StackSettings::new(broker.kafka(), registry, &db.url, &names)).await;
+    let env = TestEnv::start().await;
+    let stack = Stack::start(env.settings()).await;
+    let (broker, names) = (&env.broker, &env.names);
     let client = reqwest::Client::new();
 
     let producer: FutureProducer = broker.kafka().producer_config().create().unwrap();
@@ -33,7 +27,7 @@ async fn poison_records_are_dead_lettered_and_good_ones_still_flow() {
 
     let accepted: serde_json::Value = client
         .post(format!("{}/v1/classify", stack.ingest))
-        .json(&json!({ "images": [format!("{photos}/photos/coffee.png")] }))
+        .json(&json!({ "images": [format!("{}/photos/coffee.png", env.photos)] }))
         .send()
         .await
         .unwrap()
@@ -83,5 +77,5 @@ async fn poison_records_are_dead_lettered_and_good_ones_still_flow() {
     assert_eq!(metric(&text, "classifier_in_flight"), Some(0.0), "the consumer moved past them");
 
     stack.stop().await;
-    db.drop_database().await;
+    env.finish().await;
 }

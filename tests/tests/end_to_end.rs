@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use reefline_e2e::{
-    Broker, Names, Stack, StackSettings, TestDatabase, foolbox_photos, start_photo_server, start_registry, wait_for,
+    Broker, Names, Stack, StackSettings, TestDatabase, TestEnv, foolbox_photos, start_registry, wait_for,
 };
 use serde_json::{Value, json};
 
@@ -28,12 +28,9 @@ fn top_indices(result: &Value) -> Vec<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_photos_are_classified_end_to_end() {
-    let broker = Broker::start().await;
-    let registry = start_registry().await;
-    let photos_url = start_photo_server().await;
-    let db = TestDatabase::new();
-    let names = Names::new();
-    let stack = Stack::start(StackSettings::new(broker.kafka(), registry, &db.url, &names)).await;
+    let env = TestEnv::start().await;
+    let stack = Stack::start(env.settings()).await;
+    let photos_url = env.photos.clone();
     let client = reqwest::Client::new();
 
     let foolbox = foolbox_photos();
@@ -80,7 +77,7 @@ async fn real_photos_are_classified_end_to_end() {
     assert_eq!((batch["ok"].as_i64(), batch["error"].as_i64()), (Some(23), Some(6)));
 
     // Exactly one row per request, and no others.
-    let pool = db.pool().await;
+    let pool = env.db.pool().await;
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT request_id, count(*) OVER (PARTITION BY request_id) FROM results")
             .fetch_all(&pool)
@@ -193,7 +190,7 @@ async fn real_photos_are_classified_end_to_end() {
 
     stack.stop().await;
     drop(pool);
-    db.drop_database().await;
+    env.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use reefline_e2e::{
-    Broker, ClassifierProcess, Names, Stack, StackSettings, TestDatabase, metric, start_photo_server, start_registry,
-    wait_for,
-};
+use reefline_e2e::{ClassifierProcess, Stack, TestEnv, metric, wait_for};
 use serde_json::json;
 
 const ESPRESSO: i64 = 967;
@@ -93,8 +90,7 @@ async fn duplicates(client: &reqwest::Client, sink: &str) -> f64 {
 }
 
 struct Fixture {
-    _broker: Broker,
-    db: TestDatabase,
+    env: TestEnv,
     stack: Stack,
     pool: sqlx::PgPool,
     client: reqwest::Client,
@@ -103,23 +99,20 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
-    let broker = Broker::start().await;
-    let registry = start_registry().await;
-    let photos = start_photo_server().await;
-    let db = TestDatabase::new();
-    let names = Names::new();
-    let settings = StackSettings::new(broker.kafka(), registry, &db.url, &names);
+    let env = TestEnv::start().await;
+    let settings = env.settings();
     let classifier = settings.classifier.clone();
     let stack = Stack::start_without_classifier(settings).await;
-    let pool = db.pool().await;
-    Fixture { _broker: broker, db, stack, pool, client: reqwest::Client::new(), photos, classifier }
+    let pool = env.db.pool().await;
+    let photos = env.photos.clone();
+    Fixture { env, stack, pool, client: reqwest::Client::new(), photos, classifier }
 }
 
 impl Fixture {
     async fn finish(self) {
         self.stack.stop().await;
         self.pool.close().await;
-        self.db.drop_database().await;
+        self.env.finish().await;
     }
 }
 
