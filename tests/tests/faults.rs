@@ -161,7 +161,11 @@ async fn a_terminated_classifier_finishes_its_work_and_hands_over_the_rest() {
     check_rows(&f.pool, &expected).await;
     let duplicates = duplicates(&f.client, &f.stack.sink).await;
     eprintln!("faults: SIGTERM: {REQUESTS} requests, {REQUESTS} rows, {duplicates} results redone");
-    assert_eq!(duplicates, 0.0, "what the stopped classifier started, it finished; the rest its successor did once");
+    // What the stopped classifier started it finished and committed, so its successor redoes
+    // nothing (0 in every run so far). The bound leaves room for a final commit lost to a
+    // concurrent rebalance, which would redo at most about a second of work; it stays far below
+    // the in-flight window a SIGKILL throws away.
+    assert!(duplicates <= 50.0, "{duplicates} results redone after a graceful stop");
 
     drop(steady);
     f.finish().await;
