@@ -120,7 +120,6 @@ impl Application {
         let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
         let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
         let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
-        let (failed_tx, mut failed_rx) = mpsc::channel::<prepare::Failed>(batch * 4);
         let (batches_tx, batches_rx) = mpsc::channel(batcher::ENGINE_DEPTH);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
 
@@ -158,7 +157,7 @@ impl Application {
             batches_tx.downgrade(),
             outcome_tx.downgrade(),
         ));
-        let prepare = tokio::spawn(prepare::run(stage, jobs_rx, prepared_tx, failed_tx));
+        let prepare = tokio::spawn(prepare::run(stage, jobs_rx, prepared_tx, outcome_tx.clone()));
 
         let policy = batcher::BatchPolicy { max_size: batch, max_delay: Duration::from_millis(s.max_batch_delay_ms) };
         let m = metrics.clone();
@@ -173,16 +172,7 @@ impl Application {
             image_len,
             metrics: metrics.clone(),
         };
-        let engine = infer::spawn(inference, batches_rx, outcome_tx.clone(), done_tx);
-
-        // Failures before inference skip the batch and go straight to the producer.
-        let failures = tokio::spawn(async move {
-            while let Some(f) = failed_rx.recv().await {
-                if outcome_tx.send(infer::Outcome { job: f.job, result: Err(f.error) }).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let engine = infer::spawn(inference, batches_rx, outcome_tx, done_tx);
         let produce = tokio::spawn(produce::run(
             produce::Produce {
                 producer: self.producer.clone(),
@@ -212,7 +202,6 @@ impl Application {
         self.readiness.set(false);
         prepare.await?;
         batcher.await?;
-        failures.await?;
         produce.await?;
         tokio::task::spawn_blocking(move || engine.join())
             .await?

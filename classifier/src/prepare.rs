@@ -9,6 +9,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::consume::Job;
 use crate::error::ImageError;
 use crate::fetch::Fetcher;
+use crate::infer::Outcome;
 use crate::metrics::Metrics;
 use crate::preprocess::Preprocess;
 
@@ -16,12 +17,6 @@ use crate::preprocess::Preprocess;
 pub struct Prepared {
     pub job: Job,
     pub tensor: Vec<f32>,
-}
-
-/// A request that failed before inference.
-pub struct Failed {
-    pub job: Job,
-    pub error: ImageError,
 }
 
 /// What the stage needs.
@@ -39,7 +34,8 @@ pub async fn run(
     stage: Prepare,
     mut jobs: mpsc::Receiver<Job>,
     prepared: mpsc::Sender<Prepared>,
-    failed: mpsc::Sender<Failed>,
+    // Failures skip the batch and go straight to the producer.
+    failed: mpsc::Sender<Outcome>,
 ) {
     // Tasks (fetching, waiting to retry, or decoding) are bounded, and so are the fetches among
     // them: a task waiting out a retry delay holds no fetch slot.
@@ -64,7 +60,7 @@ pub async fn run(
             };
             let _ = match decoded {
                 Ok((tensor, _slot)) => prepared.send(Prepared { job, tensor }).await.map_err(drop),
-                Err(error) => failed.send(Failed { job, error }).await.map_err(drop),
+                Err(error) => failed.send(Outcome { job, result: Err(error) }).await.map_err(drop),
             };
             drop(permit);
         });

@@ -388,6 +388,20 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// GETs `url`: the status and the JSON body (`Null` if there is none).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let response = client.get(url).send().await.expect("GET");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POSTs `body` as JSON to `url`: the status and the JSON body (`Null` if there is none).
+pub async fn post_json(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let response = client.post(url).json(body).send().await.expect("POST");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// GETs `url` as JSON once the status is 200, or returns `None`.
 pub async fn get_json_ok(client: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
     let response = client.get(url).send().await.ok()?;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use reefline_classifier::engine::Engine;
-use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, wait_for};
+use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, post_json, wait_for};
 use serde_json::json;
 
 /// The real engine, made slow.
@@ -27,15 +27,7 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     let client = reqwest::Client::new();
 
     let urls: Vec<String> = (0..120).map(|i| format!("{}/photos/coffee.png?copy={i}", env.photos)).collect();
-    let accepted: serde_json::Value = client
-        .post(format!("{}/v1/classify", stack.ingest))
-        .json(&json!({ "images": urls }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, accepted) = post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
     let batch_url = format!("{}/v1/batches/{}", stack.sink, accepted["batch_id"].as_str().unwrap());
     let batch = wait_for("120 results behind a slow engine", Duration::from_secs(180), || {
         let (client, url) = (client.clone(), batch_url.clone());

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, wait_for};
+use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, post_json, wait_for};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -25,15 +25,9 @@ async fn poison_records_are_dead_lettered_and_good_ones_still_flow() {
         producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
     }
 
-    let accepted: serde_json::Value = client
-        .post(format!("{}/v1/classify", stack.ingest))
-        .json(&json!({ "images": [format!("{}/photos/coffee.png", env.photos)] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let coffee = format!("{}/photos/coffee.png", env.photos);
+    let (_, accepted) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": [coffee] })).await;
     let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
     let result = wait_for("the good record's result", Duration::from_secs(60), || {
         let (client, url) = (client.clone(), url.clone());

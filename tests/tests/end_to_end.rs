@@ -3,24 +3,13 @@
 use std::time::Duration;
 
 use reefline_e2e::{
-    Broker, Names, Stack, StackSettings, TestDatabase, TestEnv, foolbox_photos, start_registry, wait_for,
+    Broker, Names, Stack, StackSettings, TestDatabase, TestEnv, foolbox_photos, get_json, post_json, start_registry,
+    wait_for,
 };
 use serde_json::{Value, json};
 
 const CAT_CLASSES: std::ops::RangeInclusive<i64> = 281..=285; // tabby, tiger cat, Persian, Siamese, Egyptian cat
 const ESPRESSO: i64 = 967;
-
-async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
-    let response = client.get(url).send().await.expect("GET");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
-    let response = client.post(url).json(body).send().await.expect("POST");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 fn top_indices(result: &Value) -> Vec<i64> {
     result["predictions"].as_array().expect("predictions").iter().map(|p| p["index"].as_i64().unwrap()).collect()
