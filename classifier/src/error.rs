@@ -17,8 +17,8 @@ pub enum ImageError {
     NotAnImage,
     #[error("the image could not be decoded: {0}")]
     DecodeFailed(String),
-    #[error("the image is {width}x{height} pixels; the limit is {limit} pixels per side")]
-    DimensionsTooLarge { width: u32, height: u32, limit: u32 },
+    #[error("the image is {width}x{height} pixels; the limit is {limit}")]
+    DimensionsTooLarge { width: u32, height: u32, limit: String },
     #[error("fetching refused: {0}")]
     Blocked(String),
     #[error("inference failed: {0}")]

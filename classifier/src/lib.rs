@@ -139,7 +139,7 @@ impl Application {
                 },
                 guard::AddressPolicy::from_allowlist(&s.fetch_allow),
             )?,
-            preprocess: Preprocess { size: s.image_size, max_side: s.max_image_side },
+            preprocess: Preprocess { size: s.image_size, max_side: s.max_image_side, max_pixels: s.max_image_pixels },
             fetch_concurrency: s.fetch_concurrency.max(1),
             decode_threads,
             retry: prepare::RetryPolicy {

@@ -15,6 +15,9 @@ pub struct Preprocess {
     pub size: u32,
     /// Largest width or height accepted before decoding.
     pub max_side: u32,
+    /// Most pixels (width × height) accepted before decoding; with `max_side` this bounds the
+    /// memory one decode may take.
+    pub max_pixels: u64,
 }
 
 /// Fraction of the shorter side kept by the center crop (224 of 256).
@@ -52,7 +55,12 @@ impl Preprocess {
         }
         let (width, height) = reader.into_dimensions().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         if width.max(height) > self.max_side {
-            return Err(ImageError::DimensionsTooLarge { width, height, limit: self.max_side });
+            let limit = format!("{} pixels per side", self.max_side);
+            return Err(ImageError::DimensionsTooLarge { width, height, limit });
+        }
+        if u64::from(width) * u64::from(height) > self.max_pixels {
+            let limit = format!("{} pixels in all", self.max_pixels);
+            return Err(ImageError::DimensionsTooLarge { width, height, limit });
         }
         reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
@@ -60,7 +68,8 @@ impl Preprocess {
         let mut limits = Limits::default();
         limits.max_image_width = Some(self.max_side);
         limits.max_image_height = Some(self.max_side);
-        limits.max_alloc = Some(u64::from(self.max_side).pow(2) * 8);
+        // The largest decoded buffer: 16-bit RGBA, 8 bytes a pixel.
+        limits.max_alloc = Some(self.max_pixels * 8);
         reader.limits(limits);
         let image = reader.decode().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         Ok(image.into_rgb8())
@@ -83,7 +92,7 @@ pub fn to_chw(rgb: &[u8], size: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    const P: Preprocess = Preprocess { size: 224, max_side: 4096 };
+    const P: Preprocess = Preprocess { size: 224, max_side: 4096, max_pixels: 4096 * 4096 };
 
     fn png(width: u32, height: u32, pixel: [u8; 3]) -> Vec<u8> {
         let img = image::RgbImage::from_pixel(width, height, image::Rgb(pixel));
@@ -131,7 +140,9 @@ mod tests {
         let mut truncated = png(64, 64, [1, 2, 3]);
         truncated.truncate(60);
         assert_eq!(P.run(&truncated).unwrap_err().kind(), "decode_failed");
-        let small = Preprocess { size: 224, max_side: 100 };
+        let small = Preprocess { size: 224, max_side: 100, max_pixels: 5000 };
         assert_eq!(small.run(&png(101, 50, [0, 0, 0])).unwrap_err().kind(), "dimensions_too_large");
+        let err = small.run(&png(100, 51, [0, 0, 0])).unwrap_err();
+        assert_eq!(err.to_string(), "the image is 100x51 pixels; the limit is 5000 pixels in all");
     }
 }

@@ -144,6 +144,11 @@ pub struct Settings {
     #[arg(long, env = "MAX_IMAGE_SIDE", default_value_t = 10_000)]
     pub max_image_side: u32,
 
+    /// Most pixels (width × height) accepted; bounds the memory one decode may take
+    /// (at most 8 bytes a pixel).
+    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+
     /// Threads decoding and preprocessing images; 0 means one per core.
     #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,

@@ -136,6 +136,16 @@ pub async fn ensure_topics(
     Ok(())
 }
 
+/// The headers [`dead_letter`] adds to a record.
+pub const DEAD_LETTER_HEADERS: [&str; 6] = [
+    "reefline-error-kind",
+    "reefline-error",
+    "reefline-source-topic",
+    "reefline-source-partition",
+    "reefline-source-offset",
+    "reefline-failed-at-ms",
+];
+
 /// Sends a record that could not be processed to the dead-letter topic, with headers naming the
 /// error kind, the reason, where it came from and when. Retries with backoff until the broker has
 /// it: the caller may move past the record only then.

@@ -1,9 +1,10 @@
 //! What all three Reefline services share: Kafka client settings, telemetry, the ops endpoints
-//! (`/metrics`, `/healthz`, `/readyz`) and the shutdown signal.
+//! (`/metrics`, `/healthz`, `/readyz`), the shutdown signal, and the dead-letter replay.
 
 pub mod auth;
 pub mod kafka;
 pub mod ops;
+pub mod replay;
 
 /// Installs the `tracing` subscriber; `RUST_LOG` filters (default `info`).
 pub fn init_telemetry() {

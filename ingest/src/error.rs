@@ -26,6 +26,8 @@ pub enum IngestError {
     UnsupportedMediaType,
     #[error("the broker did not accept the request: {0}; retry later")]
     Unavailable(String),
+    #[error("{pending} images are already waiting for the broker (limit {limit}); retry later")]
+    Overloaded { pending: usize, limit: usize },
 }
 
 impl IngestError {
@@ -41,6 +43,7 @@ impl IngestError {
             IngestError::BodyTooLarge { .. } => "body_too_large",
             IngestError::UnsupportedMediaType => "unsupported_media_type",
             IngestError::Unavailable(_) => "unavailable",
+            IngestError::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -60,6 +63,7 @@ impl IngestError {
             IngestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -70,9 +74,14 @@ impl IntoResponse for IngestError {
         let body = Json(json!({
             "error": { "kind": self.kind(), "field": self.field(), "message": self.to_string() }
         }));
+        let retry_after = match self {
+            IngestError::Unavailable(_) => Some("5"),
+            IngestError::Overloaded { .. } => Some("1"),
+            _ => None,
+        };
         let mut response = (self.status(), body).into_response();
-        if matches!(self, IngestError::Unavailable(_)) {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(seconds));
         }
         response
     }

@@ -26,6 +26,25 @@ pub(crate) struct AppState {
     pub producer: FutureProducer,
     pub codec: Codec,
     pub metrics: metrics::Metrics,
+    /// One permit per image that may wait for the broker's acknowledgement.
+    pub pending: tokio::sync::Semaphore,
+}
+
+/// The producer gives up on a record after the delivery timeout, so no submission waits longer;
+/// its queue holds every image admitted, so admitted records are never refused for lack of room.
+/// Properties given in `KAFKA_PROPERTIES` win.
+fn producer_config(settings: &Settings) -> rdkafka::ClientConfig {
+    let mut config = settings.kafka.producer_config();
+    let ours = [
+        ("message.timeout.ms", settings.delivery_timeout_ms.to_string()),
+        ("queue.buffering.max.messages", settings.max_pending_images.clamp(1, i32::MAX as usize).to_string()),
+    ];
+    for (key, value) in ours {
+        if !settings.kafka.properties.iter().any(|(k, _)| k == key) {
+            config.set(key, value);
+        }
+    }
+    config
 }
 
 /// A bound, ready-to-run ingest service.
@@ -43,7 +62,14 @@ impl Application {
             settings.requests_partitions,
         )
         .await?;
-        let producer: FutureProducer = settings.kafka.producer_config().create()?;
+        anyhow::ensure!(
+            settings.max_pending_images >= settings.max_images,
+            "INGEST_MAX_PENDING_IMAGES ({}) must be at least MAX_IMAGES_PER_REQUEST ({})",
+            settings.max_pending_images,
+            settings.max_images
+        );
+        let producer: FutureProducer = producer_config(&settings).create()?;
+        let pending = tokio::sync::Semaphore::new(settings.max_pending_images);
         let codec = Codec::new(&settings.registry)?;
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
@@ -51,7 +77,7 @@ impl Application {
         readiness.set(true);
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
-        let state = Arc::new(AppState { settings, producer, codec, metrics });
+        let state = Arc::new(AppState { settings, producer, codec, metrics, pending });
         let keys = ApiKeys::load(&state.settings.auth)?;
         keys.announce("ingest", listener.local_addr()?);
         let router = routes::router(state)

@@ -1,6 +1,6 @@
 //! Ingest's Prometheus metrics.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Counters and histograms for submissions.
 pub struct Metrics {
@@ -10,6 +10,8 @@ pub struct Metrics {
     pub images: IntCounterVec,
     /// Time to produce a submission's records and have them acknowledged.
     pub produce_seconds: HistogramVec,
+    /// Images admitted and waiting for the broker's acknowledgement.
+    pub pending: IntGauge,
 }
 
 impl Metrics {
@@ -25,9 +27,11 @@ impl Metrics {
                 .buckets(reefline_common::ops::duration_buckets()),
             &["route"],
         )?;
+        let pending = IntGauge::new("ingest_pending_images", "Images waiting for the broker's acknowledgement")?;
+        registry.register(Box::new(pending.clone()))?;
         registry.register(Box::new(submissions.clone()))?;
         registry.register(Box::new(images.clone()))?;
         registry.register(Box::new(produce_seconds.clone()))?;
-        Ok(Self { submissions, images, produce_seconds })
+        Ok(Self { submissions, images, produce_seconds, pending })
     }
 }

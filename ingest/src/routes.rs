@@ -113,12 +113,40 @@ async fn handle_many(state: &AppState, route: &str, headers: &HeaderMap, body: B
     submit(state, route, urls).await
 }
 
+/// Room for a submission's images among those waiting for the broker, held until it is answered.
+struct Admission<'a> {
+    permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    state: &'a AppState,
+}
+
+impl<'a> Admission<'a> {
+    fn try_new(state: &'a AppState, images: usize) -> Result<Self, IngestError> {
+        let limit = state.settings.max_pending_images;
+        let pending = || limit - state.pending.available_permits();
+        let permit = state
+            .pending
+            .try_acquire_many(images as u32)
+            .map_err(|_| IngestError::Overloaded { pending: pending(), limit })?;
+        state.metrics.pending.set(pending() as i64);
+        Ok(Self { permit: Some(permit), state })
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let pending = self.state.settings.max_pending_images - self.state.pending.available_permits();
+        self.state.metrics.pending.set(pending as i64);
+    }
+}
+
 /// Produces one record per URL and answers only once the broker has acknowledged all of them.
 async fn submit(state: &AppState, route: &str, urls: Vec<Url>) -> Result<Accepted, IngestError> {
     let started = Instant::now();
     let batch_id = Uuid::now_v7().to_string();
     let submitted_at_ms = chrono::Utc::now().timestamp_millis();
     let batch_size = urls.len() as i32;
+    let _admitted = Admission::try_new(state, urls.len())?;
     let topic = &state.settings.requests_topic;
     let mut records = Vec::with_capacity(urls.len());
     for (i, url) in urls.into_iter().enumerate() {
@@ -137,8 +165,12 @@ async fn submit(state: &AppState, route: &str, urls: Vec<Url>) -> Result<Accepte
     let deliveries = records.iter().map(|(id, payload)| {
         let headers = OwnedHeaders::new().insert(Header { key: "reefline-request-id", value: Some(id.as_str()) });
         let record = FutureRecord::to(topic).key(id.as_str()).payload(payload).headers(headers);
-        state.producer.send(record, std::time::Duration::from_secs(5))
+        // No waiting for room in the producer's queue: it has room for every admitted image.
+        state.producer.send(record, std::time::Duration::ZERO)
     });
+    // Every record is either acknowledged or failed within the delivery timeout. When some fail,
+    // the submission is refused as a whole (the client resubmits, with new ids); the records
+    // that did reach the broker are still classified under the refused batch's id.
     for delivery in join_all(deliveries).await {
         delivery.map_err(|(e, _)| IngestError::Unavailable(e.to_string()))?;
     }

@@ -32,6 +32,17 @@ pub struct Settings {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Longest ingest waits for the broker to acknowledge a submission's records before it answers
+    /// 503 (with `Retry-After`), in milliseconds; a submission never waits longer than this.
+    #[arg(long, env = "INGEST_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub delivery_timeout_ms: u64,
+
+    /// Most images that may be waiting for the broker's acknowledgement at once, across all
+    /// submissions; a submission that would go over is refused at once with 429 and `Retry-After`.
+    /// Must be at least `MAX_IMAGES_PER_REQUEST`.
+    #[arg(long, env = "INGEST_MAX_PENDING_IMAGES", default_value_t = 100_000)]
+    pub max_pending_images: usize,
+
     #[command(flatten)]
     pub auth: AuthSettings,
 

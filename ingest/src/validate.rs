@@ -1,5 +1,7 @@
 //! Parsing and checking submissions before anything is produced.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
@@ -54,20 +56,35 @@ pub fn check_images(images: Option<Vec<String>>, limits: Limits) -> Result<Vec<U
     if images.len() > limits.max_images {
         return Err(IngestError::TooManyImages { count: images.len(), limit: limits.max_images });
     }
-    images
-        .iter()
-        .enumerate()
-        .map(|(i, raw)| {
-            check_url(raw, limits.max_url_bytes)
-                .map_err(|reason| IngestError::InvalidUrl { field: format!("images[{i}]"), reason })
-        })
-        .collect()
+    let mut seen: HashMap<Url, usize> = HashMap::with_capacity(images.len());
+    let mut urls = Vec::with_capacity(images.len());
+    for (i, raw) in images.iter().enumerate() {
+        let url = check_url(raw, limits.max_url_bytes)
+            .map_err(|reason| IngestError::InvalidUrl { field: format!("images[{i}]"), reason })?;
+        if let Some(first) = seen.insert(url.clone(), i) {
+            let reason = format!("it repeats `images[{first}]` ({url}); send each URL once");
+            return Err(IngestError::InvalidUrl { field: format!("images[{i}]"), reason });
+        }
+        urls.push(url);
+    }
+    Ok(urls)
+}
+
+/// Characters that change how a URL looks without being visible: controls, bidirectional
+/// overrides and isolates, zero-width characters, the soft hyphen and the byte-order mark.
+fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}')
+        || matches!(c, '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// Checks one URL; the error says what is wrong with it.
 pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
     if raw.len() > max_bytes {
         return Err(format!("it is {} bytes long; the limit is {max_bytes}", raw.len()));
+    }
+    if let Some((at, c)) = raw.char_indices().find(|(_, c)| is_invisible(*c)) {
+        return Err(format!("it holds the invisible or control character U+{:04X} at byte {at}", u32::from(c)));
     }
     let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -114,6 +131,28 @@ mod tests {
             check_url(&format!("http://a.example/{}", "x".repeat(64)), 64).unwrap_err().contains("the limit is 64")
         );
         assert!(check_url("http://user:pw@a.example/x.jpg", 64).unwrap_err().contains("credentials"));
+    }
+
+    #[test]
+    fn repeated_urls_are_refused_naming_both() {
+        let images = vec!["http://a.example/x.jpg".into(), "http://b.example/".into(), "HTTP://A.example/x.jpg".into()];
+        let err = check_images(Some(images), LIMITS).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`images[2]` is not a usable image URL: it repeats `images[0]` (http://a.example/x.jpg); send each URL once"
+        );
+    }
+
+    #[test]
+    fn invisible_and_control_characters_are_refused() {
+        for raw in ["http://a.example/\u{202E}gpj.exe", "http://a\u{200B}.example/x.jpg", "http://a.example/x\n.jpg"] {
+            let err = check_url(raw, 64).unwrap_err();
+            assert!(err.starts_with("it holds the invisible or control character U+"), "{raw:?}: {err}");
+        }
+        assert!(check_url("http://a.example/x.jpg\u{0}", 64).unwrap_err().contains("U+0000 at byte 22"));
+        // Non-ASCII that is visible is fine: the host becomes punycode, the path percent-encoded.
+        let url = check_url("https://bücher.example/größe.jpg", 64).unwrap();
+        assert_eq!(url.as_str(), "https://xn--bcher-kva.example/gr%C3%B6%C3%9Fe.jpg");
     }
 
     #[test]

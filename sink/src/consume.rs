@@ -12,6 +12,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use reefline_schemas::{ClassificationResult, Codec};
 use sqlx::PgPool;
 
+/// How long a stopping sink keeps trying to write the batch in hand.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// The sink's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -35,10 +38,13 @@ pub struct Sink {
     pub max_batch: usize,
     pub linger: Duration,
     pub metrics: Metrics,
+    /// Ready while the database takes writes.
+    pub readiness: reefline_common::ops::Readiness,
 }
 
 impl Sink {
-    /// Runs until `shutdown` fires; the batch in hand is written before it returns.
+    /// Runs until `shutdown` fires; the batch in hand is written before it returns, unless the
+    /// database stays down for [`SHUTDOWN_GRACE`].
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
@@ -64,7 +70,19 @@ impl Sink {
                     () = tokio::time::sleep_until(deadline) => break,
                 }
             }
-            self.write(&batch).await;
+            let write = self.write(&batch);
+            tokio::pin!(write);
+            tokio::select! {
+                () = &mut write => {}
+                () = &mut shutdown => {
+                    // Finish the batch in hand unless the database is down; an unwritten batch's
+                    // offsets are not stored, so it is read again after the restart.
+                    if tokio::time::timeout(SHUTDOWN_GRACE, write).await.is_err() {
+                        tracing::warn!(records = batch.len(), "stopping with a batch unwritten; it will be read again");
+                    }
+                    return;
+                }
+            }
         }
     }
 
@@ -92,12 +110,14 @@ impl Sink {
             let started = Instant::now();
             match crate::db::upsert(&self.pool, &results).await {
                 Ok(()) => {
+                    self.readiness.set(true);
                     self.metrics.write_seconds.observe(started.elapsed().as_secs_f64());
                     self.metrics.batch_size.observe(results.len() as f64);
                     self.metrics.rows.inc_by(results.len() as u64);
                     break;
                 }
                 Err(e) => {
+                    self.readiness.set(false);
                     self.metrics.write_failures.inc();
                     tracing::warn!(error = %e, rows = results.len(), "database write failed; retrying");
                     tokio::time::sleep(backoff).await;

@@ -19,6 +19,16 @@ use tokio::net::TcpListener;
 
 pub use crate::settings::Settings;
 
+/// The `reefline-sink` command: settings from flags and environment, run until SIGINT/SIGTERM.
+pub async fn main() -> anyhow::Result<()> {
+    use clap::Parser;
+    reefline_common::init_telemetry();
+    let settings = Settings::parse();
+    tracing::info!(?settings, "starting");
+    let app = Application::build(settings).await?;
+    app.run_until(reefline_common::shutdown_signal()).await
+}
+
 /// A sink with its database migrated, its consumer subscribed and its listener bound.
 pub struct Application {
     listener: TcpListener,
@@ -72,7 +82,7 @@ impl Application {
         keys.announce("sink", listener.local_addr()?);
         let router = api::router(pool.clone())
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
-            .merge(ops::router(registry.clone(), readiness));
+            .merge(ops::router(registry.clone(), readiness.clone()));
         let sink = consume::Sink {
             consumer,
             pool,
@@ -83,6 +93,7 @@ impl Application {
             max_batch: settings.max_batch.max(1),
             linger: Duration::from_millis(settings.linger_ms),
             metrics: metrics(&registry)?,
+            readiness,
         };
         Ok(Self { listener, router, sink })
     }

@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
         .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
         .collect();
     photos.sort();
-    let pre = Preprocess { size: 224, max_side: 10_000 };
+    let pre = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
     let mut total = 0.0;
     for (name, bytes) in &photos {
         let started = Instant::now();

@@ -1,87 +1,11 @@
 //! Delivery under faults: every request ends as exactly one row whatever happens to the workers.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use reefline_e2e::{ClassifierProcess, Stack, TestEnv, metric, wait_for};
-use serde_json::json;
+use reefline_e2e::workload::{REQUESTS, check_rows, submit_mixed, wait_rows};
+use reefline_e2e::{ServiceProcess, Stack, TestEnv, metric};
 
-const ESPRESSO: i64 = 967;
 const CLASSIFIER: &str = env!("CARGO_BIN_EXE_classifier-under-test");
-const REQUESTS: i64 = 2000;
-
-/// 2,000 URLs: 1,800 real photos (cycling through the 22), 100 missing, 100 not images; submitted
-/// in two requests. Returns what each request id should end as: (`ok` or error kind, URL).
-async fn submit_mixed(client: &reqwest::Client, ingest: &str, photos: &str) -> HashMap<String, (&'static str, String)> {
-    let names: Vec<String> = reefline_e2e::foolbox_photos()
-        .into_iter()
-        .map(|(n, _)| n)
-        .chain(["chelsea.png".into(), "coffee.png".into()])
-        .collect();
-    let urls: Vec<(String, &str)> = (0..REQUESTS as usize)
-        .map(|i| match i % 20 {
-            7 => (format!("{photos}/photos/missing-{i}.jpg"), "not_found"),
-            13 => (format!("{photos}/page.jpg?n={i}"), "not_an_image"),
-            _ => (format!("{photos}/photos/{}?n={i}", names[i % names.len()]), "ok"),
-        })
-        .collect();
-    let mut expected = HashMap::new();
-    for chunk in urls.chunks(1000) {
-        let images: Vec<&str> = chunk.iter().map(|(u, _)| u.as_str()).collect();
-        let response =
-            client.post(format!("{ingest}/v1/classify")).json(&json!({ "images": images })).send().await.unwrap();
-        assert_eq!(response.status(), 202);
-        let accepted: serde_json::Value = response.json().await.unwrap();
-        for ((url, kind), id) in chunk.iter().zip(accepted["request_ids"].as_array().unwrap()) {
-            expected.insert(id.as_str().unwrap().to_owned(), (*kind, url.clone()));
-        }
-    }
-    assert_eq!(expected.len(), REQUESTS as usize);
-    expected
-}
-
-async fn rows(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM results").fetch_one(pool).await.unwrap()
-}
-
-async fn wait_rows(pool: &sqlx::PgPool, at_least: i64, what: &str) {
-    wait_for(what, Duration::from_secs(600), || {
-        let pool = pool.clone();
-        async move { (rows(&pool).await >= at_least).then_some(()) }
-    })
-    .await;
-}
-
-/// Every request has exactly one row, with the right outcome; the same photo always gets the
-/// same label, whichever worker, attempt or batch it went through.
-async fn check_rows(pool: &sqlx::PgPool, expected: &HashMap<String, (&'static str, String)>) {
-    /// request id, status, error kind, top-1 index, URL
-    type Row = (String, String, Option<String>, Option<i64>, String);
-    let stored: Vec<Row> =
-        sqlx::query_as("SELECT request_id, status, error_kind, (predictions->0->>'index')::bigint, url FROM results")
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    assert_eq!(stored.len(), expected.len(), "exactly one row per request");
-    let mut top1_by_photo: HashMap<String, i64> = HashMap::new();
-    for (id, status, kind, top1, url) in &stored {
-        let (expected_kind, expected_url) = &expected[id];
-        assert_eq!(url, expected_url);
-        match *expected_kind {
-            "ok" => {
-                assert_eq!(status, "ok", "{url}");
-                let photo = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
-                let top1 = top1.unwrap();
-                assert_eq!(*top1_by_photo.entry(photo.clone()).or_insert(top1), top1, "{photo}");
-                if photo == "coffee.png" {
-                    assert_eq!(top1, ESPRESSO);
-                }
-            }
-            kind_name => assert_eq!(kind.as_deref(), Some(kind_name), "{url}"),
-        }
-    }
-    assert_eq!(top1_by_photo.len(), 22);
-}
 
 /// Result records the sink read beyond one per request: work redone after a fault.
 async fn duplicates(client: &reqwest::Client, sink: &str) -> f64 {
@@ -119,8 +43,8 @@ impl Fixture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
     let f = fixture().await;
-    let mut steady = ClassifierProcess::spawn(CLASSIFIER, &f.classifier, "steady");
-    let mut victim = ClassifierProcess::spawn(CLASSIFIER, &f.classifier, "victim");
+    let mut steady = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "steady");
+    let mut victim = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "victim");
     let expected = submit_mixed(&f.client, &f.stack.ingest, &f.photos).await;
 
     // Three kills at random points, each followed by a restart.
@@ -133,7 +57,7 @@ async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
         );
         victim.kill();
         eprintln!("faults: SIGKILL to a classifier with {at}+ rows stored");
-        victim = ClassifierProcess::spawn(CLASSIFIER, &f.classifier, "victim");
+        victim = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "victim");
     }
     wait_rows(&f.pool, REQUESTS, "all 2,000 rows").await;
     check_rows(&f.pool, &expected).await;
@@ -148,8 +72,8 @@ async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_terminated_classifier_finishes_its_work_and_hands_over_the_rest() {
     let f = fixture().await;
-    let steady = ClassifierProcess::spawn(CLASSIFIER, &f.classifier, "steady-term");
-    let victim = ClassifierProcess::spawn(CLASSIFIER, &f.classifier, "victim-term");
+    let steady = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "steady-term");
+    let victim = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "victim-term");
     let expected = submit_mixed(&f.client, &f.stack.ingest, &f.photos).await;
 
     wait_rows(&f.pool, 500 + fastrand::i64(0..300), "progress before SIGTERM").await;

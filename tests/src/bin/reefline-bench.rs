@@ -85,7 +85,7 @@ fn ort_options(intra_threads: usize) -> OrtOptions {
 /// Images/s of decode + preprocess (one thread per core) feeding batched inference (its own thread).
 fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize, intra: usize) -> anyhow::Result<f64> {
     let mut engine = OrtEngine::load(&ort_options(intra))?;
-    let pre = Preprocess { size: 224, max_side: 10_000 };
+    let pre = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
     let warm = pre.run(&photos[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
     engine.infer(&warm.repeat(max_batch), max_batch).map_err(|e| anyhow::anyhow!(e))?;
 

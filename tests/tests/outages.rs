@@ -1,0 +1,217 @@
+//! Delivery when the parts around the classifier fail: the broker restarts, Postgres goes away,
+//! the sink is killed, ingest cannot reach the broker. Every request still ends as exactly one row.
+
+use std::time::{Duration, Instant};
+
+use reefline_e2e::workload::{REQUESTS, check_rows, rows, submit_mixed, wait_rows};
+use reefline_e2e::{ServiceProcess, Stack, TcpProxy, TestEnv, free_addr, metric, topic_counts, wait_for};
+use serde_json::json;
+
+const SINK: &str = env!("CARGO_BIN_EXE_sink-under-test");
+
+/// Reads the results topic and reports what the classifier redid: records beyond one per request.
+async fn results_on_topic(env: &TestEnv, what: &str) -> usize {
+    let (records, requests) = topic_counts(&env.broker.kafka(), &env.names.results).await;
+    assert_eq!(requests, REQUESTS as usize, "every request has a result on the topic");
+    let duplicates = records - requests;
+    eprintln!("outages: {what}: {REQUESTS} requests, {records} result records on the topic ({duplicates} repeated)");
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarting_the_broker_mid_stream_loses_and_doubles_nothing() {
+    let mut env = TestEnv::start_durable().await;
+    let stack = Stack::start(env.settings()).await;
+    let pool = env.db.pool().await;
+    let client = reqwest::Client::new();
+    let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
+
+    wait_rows(&pool, 400 + fastrand::i64(0..400), "progress before the restart").await;
+    let before = rows(&pool).await;
+    let restarted = Instant::now();
+    env.broker.restart(Duration::from_secs(2)).await;
+    wait_rows(&pool, before + 100, "progress after the restart").await;
+    let recovered = restarted.elapsed();
+    wait_rows(&pool, REQUESTS, "all 2,000 rows").await;
+    check_rows(&pool, &expected).await;
+    let duplicates = results_on_topic(&env, "broker kill -9 and restart").await;
+    eprintln!("outages: broker restart at {before} rows; 100 more rows {recovered:?} after the kill (2 s down)");
+    // The broker keeps what it acknowledged; the classifier redoes at most what was in flight.
+    assert!(duplicates <= 200, "{duplicates} results repeated after a broker restart");
+
+    // Ingest takes submissions again.
+    let (status, _) = reefline_e2e::post_json(
+        &client,
+        &format!("{}/v1/classify", stack.ingest),
+        &json!({ "images": [format!("{}/photos/coffee.png", env.photos)] }),
+    )
+    .await;
+    assert_eq!(status, 202);
+    wait_rows(&pool, REQUESTS + 1, "the row submitted after the restart").await;
+
+    stack.stop().await;
+    pool.close().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_of_30_s_is_waited_out() {
+    let env = TestEnv::start().await;
+    let proxy = TcpProxy::start(&env.db.server()).await;
+    let mut settings = env.settings();
+    settings.sink.database_url = env.db.url_via(proxy.addr);
+    let stack = Stack::start(settings).await;
+    let pool = env.db.pool().await;
+    let client = reqwest::Client::new();
+    let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
+
+    wait_rows(&pool, 300 + fastrand::i64(0..300), "progress before the outage").await;
+    proxy.cut();
+    let cut = Instant::now();
+    let sink_metrics = format!("{}/metrics", stack.sink);
+    wait_for("the sink to see the database fail", Duration::from_secs(30), || {
+        let (client, url) = (client.clone(), sink_metrics.clone());
+        async move {
+            let text = client.get(url).send().await.ok()?.text().await.ok()?;
+            (metric(&text, "sink_write_failures_total")? > 0.0).then_some(())
+        }
+    })
+    .await;
+    let (readyz, _) = reefline_e2e::get_json(&client, &format!("{}/readyz", stack.sink)).await;
+    assert_eq!(readyz, 503, "the sink is not ready while its database is down");
+    let during = rows(&pool).await;
+    // The outage itself.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(cut.elapsed())).await;
+    assert_eq!(rows(&pool).await, during, "nothing is written while the database is unreachable");
+    proxy.restore();
+    let restored = Instant::now();
+
+    wait_rows(&pool, REQUESTS, "all 2,000 rows").await;
+    let caught_up = restored.elapsed();
+    check_rows(&pool, &expected).await;
+    let (readyz, _) = reefline_e2e::get_json(&client, &format!("{}/readyz", stack.sink)).await;
+    assert_eq!(readyz, 200);
+    let text = client.get(&sink_metrics).send().await.unwrap().text().await.unwrap();
+    let failures = metric(&text, "sink_write_failures_total").unwrap();
+    let duplicates = results_on_topic(&env, "Postgres cut for 30 s").await;
+    eprintln!(
+        "outages: Postgres cut for 30 s at {during} rows: {failures} failed writes retried; \
+         all rows {caught_up:?} after it came back"
+    );
+    assert_eq!(duplicates, 0, "the classifier never noticed the database");
+
+    stack.stop().await;
+    pool.close().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_sink_mid_batch_loses_and_doubles_nothing() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.sink.listen = free_addr();
+    let sink_settings = settings.sink.clone();
+    let stack = Stack::start_without_sink(settings).await;
+    let mut sink = ServiceProcess::sink(SINK, &sink_settings, "sink");
+    let pool = env.db.pool().await;
+    let client = reqwest::Client::new();
+    // The sink creates the results table: wait until it has, then submit.
+    wait_for("the sink to be ready", Duration::from_secs(60), || {
+        let (client, url) = (client.clone(), format!("http://{}/readyz", sink_settings.listen));
+        async move { (client.get(url).send().await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+    let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
+
+    for round in 0..2 {
+        let at = 400 + round * 700 + fastrand::i64(0..300);
+        wait_rows(&pool, at, "progress before the kill").await;
+        assert!(sink.is_running(), "the sink exited on its own; see reefline-sink.log in the temp dir");
+        sink.kill();
+        eprintln!("outages: SIGKILL to the sink with {at}+ rows stored");
+        sink = ServiceProcess::sink(SINK, &sink_settings, "sink");
+    }
+    wait_rows(&pool, REQUESTS, "all 2,000 rows").await;
+    check_rows(&pool, &expected).await;
+    let duplicates = results_on_topic(&env, "sink kill -9 ×2").await;
+    assert_eq!(duplicates, 0, "the classifier never noticed the sink");
+
+    drop(sink);
+    stack.stop().await;
+    pool.close().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending() {
+    let mut env = TestEnv::start_durable().await;
+    let mut settings = env.settings();
+    settings.ingest.delivery_timeout_ms = 2000;
+    settings.ingest.max_pending_images = 1000;
+    let stack = Stack::start(settings).await;
+    let pool = env.db.pool().await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let classify = format!("{}/v1/classify", stack.ingest);
+    let photo = |i: usize| format!("{}/photos/coffee.png?n={i}", env.photos);
+
+    let (status, before) = reefline_e2e::post_json(&client, &classify, &json!({ "images": [photo(0), photo(1)] })).await;
+    assert_eq!(status, 202);
+    wait_rows(&pool, 2, "the first two rows").await;
+
+    env.broker.stop();
+    // 1,000 images fill the pending limit and wait for a broker that is not there...
+    let big = {
+        let (client, classify) = (client.clone(), classify.clone());
+        let images: Vec<String> = (0..1000).map(|i| photo(100 + i)).collect();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let response = client.post(classify).json(&json!({ "images": images })).send().await.unwrap();
+            (response.status(), response.headers().get("retry-after").cloned(), started.elapsed(), response.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    let ingest_metrics = format!("{}/metrics", stack.ingest);
+    wait_for("1,000 images pending", Duration::from_secs(10), || {
+        let (client, url) = (client.clone(), ingest_metrics.clone());
+        async move {
+            let text = client.get(url).send().await.ok()?.text().await.ok()?;
+            (metric(&text, "ingest_pending_images")? == 1000.0).then_some(())
+        }
+    })
+    .await;
+    // ...so one more is refused at once with 429,
+    let response = client.post(&classify).json(&json!({ "images": [photo(2)] })).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["kind"], "overloaded");
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit 1000"), "{body}");
+    // and the 1,000 are refused with 503 once the delivery timeout (2 s) has passed: never a hang.
+    let (status, retry_after, took, body) = big.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.unwrap(), "5");
+    assert_eq!(body["error"]["kind"], "unavailable");
+    eprintln!("outages: ingest with the broker down answered 503 in {took:?}");
+    assert!(took < Duration::from_secs(15), "the refusal took {took:?}");
+
+    env.broker.restart(Duration::ZERO).await;
+    let (status, after) =
+        reefline_e2e::post_json(&client, &classify, &json!({ "images": [photo(3), photo(4), photo(5)] })).await;
+    assert_eq!(status, 202, "{after}");
+    wait_rows(&pool, 5, "the rows submitted after the broker came back").await;
+    // Only the accepted requests went anywhere: nothing of the refused submissions reached the broker.
+    let (requests_on_topic, _) = topic_counts(&env.broker.kafka(), &env.names.requests).await;
+    assert_eq!(requests_on_topic, 5);
+    let mut accepted: Vec<String> = [&before, &after]
+        .iter()
+        .flat_map(|a| a["request_ids"].as_array().unwrap().iter().map(|id| id.as_str().unwrap().to_owned()))
+        .collect();
+    accepted.sort();
+    let mut stored: Vec<String> =
+        sqlx::query_scalar("SELECT request_id FROM results ORDER BY request_id").fetch_all(&pool).await.unwrap();
+    stored.sort();
+    assert_eq!(stored, accepted);
+
+    stack.stop().await;
+    pool.close().await;
+    env.finish().await;
+}
