@@ -71,12 +71,18 @@ impl KafkaSettings {
         config
     }
 
-    /// A producer config: idempotent, all replicas acknowledge.
+    /// A producer config: all in-sync replicas acknowledge, retries on.
+    ///
+    /// Idempotence is off: every record is keyed by its request id and every consumer is
+    /// idempotent, so a duplicate from a retry is harmless, whereas an idempotent producer turns
+    /// records that time out during a broker outage into a fatal error that only a restart
+    /// clears (seen with ingest after a broker restart). `KAFKA_PROPERTIES=enable.idempotence=true`
+    /// turns it back on.
     pub fn producer_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
-            .set("enable.idempotence", "true")
+            .set("enable.idempotence", "false")
             .set("acks", "all")
             .set("linger.ms", self.producer_linger_ms.to_string())
             .set("batch.size", self.producer_batch_bytes.to_string())

@@ -30,6 +30,30 @@ pub(crate) struct AppState {
     pub pending: tokio::sync::Semaphore,
 }
 
+/// Keeps `/readyz` telling whether the broker answers: every second, a metadata request for the
+/// requests topic through the producer's connections.
+async fn watch_broker(state: Arc<AppState>, readiness: Readiness) {
+    use rdkafka::producer::Producer as _;
+    loop {
+        let probe = state.clone();
+        let reachable = tokio::task::spawn_blocking(move || {
+            let topic = probe.settings.requests_topic.as_str();
+            probe.producer.client().fetch_metadata(Some(topic), std::time::Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if reachable != readiness.get() {
+            if reachable {
+                tracing::info!("broker reachable; ready");
+            } else {
+                tracing::warn!("broker unreachable; not ready (submissions will get 503)");
+            }
+        }
+        readiness.set(reachable);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// The producer gives up on a record after the delivery timeout, so no submission waits longer;
 /// its queue holds every image admitted, so admitted records are never refused for lack of room.
 /// Properties given in `KAFKA_PROPERTIES` win.
@@ -38,6 +62,8 @@ fn producer_config(settings: &Settings) -> rdkafka::ClientConfig {
     let ours = [
         ("message.timeout.ms", settings.delivery_timeout_ms.to_string()),
         ("queue.buffering.max.messages", settings.max_pending_images.clamp(1, i32::MAX as usize).to_string()),
+        // Reconnect within a second of the broker coming back, not librdkafka's default 10 s.
+        ("reconnect.backoff.max.ms", "1000".to_owned()),
     ];
     for (key, value) in ours {
         if !settings.kafka.properties.iter().any(|(k, _)| k == key) {
@@ -51,6 +77,8 @@ fn producer_config(settings: &Settings) -> rdkafka::ClientConfig {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    state: Arc<AppState>,
+    readiness: Readiness,
 }
 
 impl Application {
@@ -74,17 +102,16 @@ impl Application {
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
         let readiness = Readiness::default();
-        readiness.set(true);
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
         let state = Arc::new(AppState { settings, producer, codec, metrics, pending });
         let keys = ApiKeys::load(&state.settings.auth)?;
         keys.announce("ingest", listener.local_addr()?);
-        let router = routes::router(state)
+        let router = routes::router(state.clone())
             .layer(DefaultBodyLimit::max(body_limit))
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
-            .merge(ops::router(registry, readiness));
-        Ok(Self { listener, router })
+            .merge(ops::router(registry, readiness.clone()));
+        Ok(Self { listener, router, state, readiness })
     }
 
     /// The address the service listens on (useful when bound to port 0).
@@ -95,6 +122,9 @@ impl Application {
     /// Serves until `shutdown` resolves, then finishes the requests in flight.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await
+        let probe = tokio::spawn(watch_broker(self.state.clone(), self.readiness));
+        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await;
+        probe.abort();
+        served
     }
 }

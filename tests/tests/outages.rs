@@ -85,6 +85,8 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     assert_eq!(rows(&pool).await, during, "nothing is written while the database is unreachable");
     proxy.restore();
     let restored = Instant::now();
+    wait_rows(&pool, during + 1, "the first write after the outage").await;
+    let resumed = restored.elapsed();
 
     wait_rows(&pool, REQUESTS, "all 2,000 rows").await;
     let caught_up = restored.elapsed();
@@ -96,7 +98,7 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     let duplicates = results_on_topic(&env, "Postgres cut for 30 s").await;
     eprintln!(
         "outages: Postgres cut for 30 s at {during} rows: {failures} failed writes retried; \
-         all rows {caught_up:?} after it came back"
+         writing again {resumed:?} after it came back, all rows after {caught_up:?}"
     );
     assert_eq!(duplicates, 0, "the classifier never noticed the database");
 
@@ -113,14 +115,14 @@ async fn killing_the_sink_mid_batch_loses_and_doubles_nothing() {
     let sink_settings = settings.sink.clone();
     let stack = Stack::start_without_sink(settings).await;
     let mut sink = ServiceProcess::sink(SINK, &sink_settings, "sink");
-    let pool = env.db.pool().await;
     let client = reqwest::Client::new();
-    // The sink creates the results table: wait until it has, then submit.
+    // The sink creates the database: wait until it has, then submit.
     wait_for("the sink to be ready", Duration::from_secs(60), || {
         let (client, url) = (client.clone(), format!("http://{}/readyz", sink_settings.listen));
         async move { (client.get(url).send().await.ok()?.status() == 200).then_some(()) }
     })
     .await;
+    let pool = env.db.pool().await;
     let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
 
     for round in 0..2 {
@@ -193,10 +195,19 @@ async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending()
     eprintln!("outages: ingest with the broker down answered 503 in {took:?}");
     assert!(took < Duration::from_secs(15), "the refusal took {took:?}");
 
+    let ready = |want: u16| {
+        let (client, url) = (client.clone(), format!("{}/readyz", stack.ingest));
+        move || {
+            let (client, url) = (client.clone(), url.clone());
+            async move { (client.get(url).send().await.ok()?.status() == want).then_some(()) }
+        }
+    };
+    wait_for("ingest to report the broker down", Duration::from_secs(30), ready(503)).await;
     env.broker.restart(Duration::ZERO).await;
+    wait_for("ingest to see the broker again", Duration::from_secs(30), ready(200)).await;
     let (status, after) =
         reefline_e2e::post_json(&client, &classify, &json!({ "images": [photo(3), photo(4), photo(5)] })).await;
-    assert_eq!(status, 202, "{after}");
+    assert_eq!(status, 202, "the first submission once the broker is back: {after}");
     wait_rows(&pool, 5, "the rows submitted after the broker came back").await;
     // Only the accepted requests went anywhere: nothing of the refused submissions reached the broker.
     let (requests_on_topic, _) = topic_counts(&env.broker.kafka(), &env.names.requests).await;
