@@ -16,7 +16,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 reefline
 COPY --from=build /src/target/release/reefline-ingest /src/target/release/reefline-classifier \
-                  /src/target/release/reefline-sink /src/target/release/reefline-registry /usr/local/bin/
+                  /src/target/release/reefline-sink /src/target/release/reefline-registry \
+                  /src/target/release/reefline-replay /usr/local/bin/
 COPY --from=build /assets/models/efficientnet-lite0.onnx /assets/models/imagenet_labels.tsv /opt/reefline/models/
 COPY --from=build /assets/onnxruntime/ /opt/reefline/onnxruntime/
 ENV MODEL_PATH=/opt/reefline/models/efficientnet-lite0.onnx \
