@@ -65,16 +65,10 @@ impl Produce {
     async fn produce(&self, outcome: Outcome) {
         let result = self.result(&outcome);
         let metrics = &self.offsets.metrics;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.try_produce(&result).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(request_id = %result.request_id, error = %e, "producing the result failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
+        let mut backoff = reefline_common::Backoff::new();
+        while let Err(e) = self.try_produce(&result).await {
+            tracing::warn!(request_id = %result.request_id, error = %e, "producing the result failed; retrying");
+            backoff.wait().await;
         }
         let outcome_label = result.error_kind.as_deref().unwrap_or("ok");
         metrics.results.with_label_values(&[outcome_label]).inc();

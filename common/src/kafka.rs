@@ -171,11 +171,10 @@ pub async fn dead_letter(
         reason,
         "poison record moved to the dead-letter topic"
     );
-    let mut backoff = std::time::Duration::from_millis(100);
+    let mut backoff = crate::Backoff::new();
     while let Err(e) = try_dead_letter(producer, topic, message, kind, reason).await {
         tracing::warn!(error = %e, "dead-letter produce failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+        backoff.wait().await;
     }
 }
 

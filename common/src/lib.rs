@@ -6,6 +6,33 @@ pub mod kafka;
 pub mod ops;
 pub mod replay;
 
+/// Delays for waiting out an outage (broker, registry, database): 100 ms, doubling each time, at
+/// most 10 s.
+pub struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// Sleeps for the current delay, then doubles it for the next time.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Installs the `tracing` subscriber; `RUST_LOG` filters (default `info`).
 pub fn init_telemetry() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

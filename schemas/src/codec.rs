@@ -133,13 +133,12 @@ impl Codec {
     /// Like [`Codec::decode`], but waits out a registry outage (retrying with backoff) instead of
     /// failing, so that good records are never dead-lettered because the registry was down.
     pub async fn decode_waiting<T: Message>(&self, bytes: Option<&[u8]>) -> Result<T, CodecError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = reefline_common::Backoff::new();
         loop {
             match self.decode::<T>(bytes).await {
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "schema registry unavailable; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff.wait().await;
                 }
                 other => return other,
             }

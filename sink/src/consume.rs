@@ -105,7 +105,7 @@ impl Sink {
             }
         }
         let results: Vec<ClassificationResult> = results.into_values().collect();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = reefline_common::Backoff::new();
         loop {
             let started = Instant::now();
             match crate::db::upsert(&self.pool, &results).await {
@@ -120,8 +120,7 @@ impl Sink {
                     self.readiness.set(false);
                     self.metrics.write_failures.inc();
                     tracing::warn!(error = %e, rows = results.len(), "database write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff.wait().await;
                 }
             }
         }

@@ -36,8 +36,11 @@ async fn restarting_the_broker_mid_stream_loses_and_doubles_nothing() {
     check_rows(&pool, &expected).await;
     let duplicates = results_on_topic(&env, "broker kill -9 and restart").await;
     eprintln!("outages: broker restart at {before} rows; 100 more rows {recovered:?} after the kill (2 s down)");
-    // The broker keeps what it acknowledged; the classifier redoes at most what was in flight.
-    assert!(duplicates <= 200, "{duplicates} results repeated after a broker restart");
+    // The broker keeps what it acknowledged and the committed offsets; when the group is formed
+    // again the classifier redoes at most what was in flight (a few hundred at most) and what it
+    // finished since the last commit (1 s of work): 0 and 52 in two runs. Redoing the whole
+    // topic (2,000) or losing the offsets would fail here.
+    assert!(duplicates <= 500, "{duplicates} results repeated after a broker restart");
 
     // Ingest takes submissions again.
     let (status, _) = reefline_e2e::post_json(
