@@ -107,9 +107,8 @@ pub async fn replay(kafka: &KafkaSettings, options: &ReplayOptions) -> anyhow::R
     consumer.assign(&assignment)?;
     let mut done = TopicPartitionList::new();
     while !ends.is_empty() {
-        let message = tokio::time::timeout(TIMEOUT, consumer.recv())
-            .await
-            .context("no dead letter arrived within 30 s")??;
+        let message =
+            tokio::time::timeout(TIMEOUT, consumer.recv()).await.context("no dead letter arrived within 30 s")??;
         let (partition, offset) = (message.partition(), message.offset());
         if offset >= ends.get(&partition).copied().unwrap_or(0) {
             continue;

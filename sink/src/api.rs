@@ -22,9 +22,9 @@ pub(crate) fn router(pool: PgPool) -> Router {
 /// Why a lookup failed.
 #[derive(Debug, thiserror::Error)]
 enum ApiError {
-    #[error("no result for request `{0}` yet")]
+    #[error("no request `{0}` is known")]
     UnknownRequest(String),
-    #[error("no results for batch `{0}` yet")]
+    #[error("no batch `{0}` is known")]
     UnknownBatch(String),
     #[error("the database is unavailable")]
     Database(#[from] sqlx::Error),
@@ -105,9 +105,33 @@ impl From<Row> for ResultView {
     }
 }
 
-async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> Result<Json<ResultView>, ApiError> {
-    let row = db::result(&pool, &request_id).await?.ok_or(ApiError::UnknownRequest(request_id))?;
-    Ok(Json(row.into()))
+/// A request whose result is not in yet.
+#[derive(Serialize)]
+struct PendingView {
+    request_id: String,
+    batch_id: String,
+    batch_index: i32,
+    url: String,
+    status: &'static str,
+    submitted_at: String,
+}
+
+/// 200 with the result; 202 with `"status": "pending"` while the request is known but not done;
+/// 404 when the request is unknown.
+async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> Result<Response, ApiError> {
+    if let Some(row) = db::result(&pool, &request_id).await? {
+        return Ok(Json(ResultView::from(row)).into_response());
+    }
+    let pending = db::pending(&pool, &request_id).await?.ok_or(ApiError::UnknownRequest(request_id))?;
+    let view = PendingView {
+        request_id: pending.request_id,
+        batch_id: pending.batch_id,
+        batch_index: pending.batch_index,
+        url: pending.url,
+        status: "pending",
+        submitted_at: pending.submitted_at.to_rfc3339(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
 /// A batch's progress and the results it has so far, in submission order.
@@ -125,8 +149,11 @@ struct BatchView {
 
 async fn batch(State(pool): State<PgPool>, Path(batch_id): Path<String>) -> Result<Json<BatchView>, ApiError> {
     let rows = db::batch(&pool, &batch_id).await?;
-    let Some(first) = rows.first() else { return Err(ApiError::UnknownBatch(batch_id)) };
-    let total = i64::from(first.batch_size);
+    let total = match rows.first() {
+        Some(first) => first.batch_size,
+        None => db::batch_size(&pool, &batch_id).await?.ok_or_else(|| ApiError::UnknownBatch(batch_id.clone()))?,
+    };
+    let total = i64::from(total);
     let completed = rows.len() as i64;
     let ok = rows.iter().filter(|r| r.status == "ok").count() as i64;
     Ok(Json(BatchView {

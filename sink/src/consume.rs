@@ -2,6 +2,7 @@
 //! then store the offsets for commit.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntCounterVec};
@@ -9,8 +10,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
-use reefline_schemas::{ClassificationResult, Codec};
+use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use sqlx::PgPool;
+
+use crate::db;
 
 /// How long a stopping sink keeps trying to write the batch in hand.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -48,28 +51,9 @@ impl Sink {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            let first = tokio::select! {
-                () = &mut shutdown => return,
-                m = self.consumer.recv() => m,
+            let Some(batch) = next_batch(&self.consumer, self.max_batch, self.linger, shutdown.as_mut()).await else {
+                return;
             };
-            let mut batch = Vec::with_capacity(self.max_batch);
-            match first {
-                Ok(m) => batch.push(m),
-                Err(e) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    continue;
-                }
-            }
-            let deadline = tokio::time::Instant::now() + self.linger;
-            while batch.len() < self.max_batch {
-                tokio::select! {
-                    m = self.consumer.recv() => match m {
-                        Ok(m) => batch.push(m),
-                        Err(e) => tracing::warn!(error = %e, "consumer error"),
-                    },
-                    () = tokio::time::sleep_until(deadline) => break,
-                }
-            }
             let write = self.write(&batch);
             tokio::pin!(write);
             tokio::select! {
@@ -108,7 +92,7 @@ impl Sink {
         let mut backoff = reefline_common::Backoff::new();
         loop {
             let started = Instant::now();
-            match crate::db::upsert(&self.pool, &results).await {
+            match db::upsert(&self.pool, &results).await {
                 Ok(()) => {
                     self.readiness.set(true);
                     self.metrics.write_seconds.observe(started.elapsed().as_secs_f64());
@@ -124,7 +108,7 @@ impl Sink {
                 }
             }
         }
-        self.store_offsets(messages);
+        store_offsets(&self.consumer, &self.topic, messages);
     }
 
     async fn dead_letter(&self, message: &BorrowedMessage<'_>, e: reefline_schemas::CodecError) {
@@ -132,19 +116,99 @@ impl Sink {
             .await;
         self.metrics.dead_letters.with_label_values(&[e.kind()]).inc();
     }
+}
 
-    fn store_offsets(&self, messages: &[BorrowedMessage<'_>]) {
-        let mut next: HashMap<i32, i64> = HashMap::new();
-        for m in messages {
-            let e = next.entry(m.partition()).or_insert(0);
-            *e = (*e).max(m.offset() + 1);
+/// Waits for the next message, then takes more for at most `linger`, up to `max`; `None` once
+/// `shutdown` fires.
+async fn next_batch<'c>(
+    consumer: &'c StreamConsumer,
+    max: usize,
+    linger: Duration,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Option<Vec<BorrowedMessage<'c>>> {
+    let first = loop {
+        tokio::select! {
+            () = &mut shutdown => return None,
+            m = consumer.recv() => match m {
+                Ok(m) => break m,
+                Err(e) => tracing::warn!(error = %e, "consumer error"),
+            },
         }
-        let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in next {
-            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
+    };
+    let mut batch = Vec::with_capacity(max);
+    batch.push(first);
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        tokio::select! {
+            m = consumer.recv() => match m {
+                Ok(m) => batch.push(m),
+                Err(e) => tracing::warn!(error = %e, "consumer error"),
+            },
+            () = tokio::time::sleep_until(deadline) => break,
         }
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
-            tracing::debug!(error = %e, "offsets not stored (partition revoked?)");
+    }
+    Some(batch)
+}
+
+/// Stores, for commit, the offset after the last of `messages` in each partition.
+fn store_offsets(consumer: &StreamConsumer, topic: &str, messages: &[BorrowedMessage<'_>]) {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for m in messages {
+        let e = next.entry(m.partition()).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in next {
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::debug!(error = %e, "offsets not stored (partition revoked?)");
+    }
+}
+
+/// Records every request read from the requests topic, so that lookups can say "pending"
+/// before a result exists. Undecodable records are skipped: dead-lettering them is the
+/// classifier's job.
+pub struct RequestLog {
+    pub consumer: StreamConsumer,
+    pub pool: PgPool,
+    pub codec: Codec,
+    pub topic: String,
+    pub max_batch: usize,
+    pub linger: Duration,
+    /// Requests recorded, and records skipped as undecodable.
+    pub recorded: IntCounter,
+    pub skipped: IntCounter,
+}
+
+impl RequestLog {
+    /// Runs until `shutdown` fires; a batch not yet written is read again after a restart.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        while let Some(batch) = next_batch(&self.consumer, self.max_batch, self.linger, shutdown.as_mut()).await {
+            let mut requests = Vec::with_capacity(batch.len());
+            for message in &batch {
+                match self.codec.decode_waiting::<ImageRequest>(message.payload()).await {
+                    Ok(r) => requests.push(r),
+                    Err(e) => {
+                        self.skipped.inc();
+                        tracing::debug!(error = %e, offset = message.offset(), "request record skipped");
+                    }
+                }
+            }
+            let mut backoff = reefline_common::Backoff::new();
+            loop {
+                match db::insert_requests(&self.pool, &requests).await {
+                    Ok(()) => break,
+                    Err(e) => tracing::warn!(error = %e, rows = requests.len(), "recording requests failed; retrying"),
+                }
+                tokio::select! {
+                    () = backoff.wait() => {}
+                    () = &mut shutdown => return,
+                }
+            }
+            self.recorded.inc_by(requests.len() as u64);
+            store_offsets(&self.consumer, &self.topic, &batch);
         }
     }
 }

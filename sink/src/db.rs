@@ -1,7 +1,7 @@
 //! The results table: migrations, the idempotent upsert, and the lookups.
 
 use chrono::{DateTime, Utc};
-use reefline_schemas::{ClassificationResult, Prediction};
+use reefline_schemas::{ClassificationResult, ImageRequest, Prediction};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::types::Json;
@@ -49,6 +49,52 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
         .await?;
     }
     tx.commit().await
+}
+
+/// Records `requests` as seen, in one transaction; a request seen before is left as it is.
+pub async fn insert_requests(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    for r in requests {
+        sqlx::query(
+            "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at)
+             VALUES ($1, $2, $3, $4, $5, to_timestamp($6 / 1000.0))
+             ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(&r.request_id)
+        .bind(&r.batch_id)
+        .bind(r.batch_index)
+        .bind(r.batch_size)
+        .bind(&r.url)
+        .bind(r.submitted_at_ms as f64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// A request with no result yet.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Pending {
+    pub request_id: String,
+    pub batch_id: String,
+    pub batch_index: i32,
+    pub url: String,
+    pub submitted_at: DateTime<Utc>,
+}
+
+pub async fn pending(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<Pending>> {
+    sqlx::query_as("SELECT request_id, batch_id, batch_index, url, submitted_at FROM requests WHERE request_id = $1")
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The number of images in a batch, from any of its requests seen.
+pub async fn batch_size(pool: &PgPool, batch_id: &str) -> sqlx::Result<Option<i32>> {
+    sqlx::query_scalar("SELECT batch_size FROM requests WHERE batch_id = $1 LIMIT 1")
+        .bind(batch_id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// A stored result, as the lookup API returns it.

@@ -34,6 +34,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     sink: consume::Sink,
+    requests: consume::RequestLog,
 }
 
 fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metrics> {
@@ -69,12 +70,30 @@ fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metri
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = db::connect(&settings.database_url).await?;
-        let topics = [settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
+        let topics =
+            [&settings.results_topic, &settings.dead_letter_topic, &settings.requests_topic].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
         let consumer: StreamConsumer =
             settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create()?;
         consumer.subscribe(&[&settings.results_topic])?;
+        let requests_consumer: StreamConsumer =
+            settings.kafka.consumer_config(&settings.requests_group_id, settings.session_timeout_ms).create()?;
+        requests_consumer.subscribe(&[&settings.requests_topic])?;
         let registry = prometheus::Registry::new();
+        let recorded = IntCounter::new("sink_requests_recorded_total", "Requests recorded as pending")?;
+        let skipped = IntCounter::new("sink_requests_skipped_total", "Request records skipped as undecodable")?;
+        registry.register(Box::new(recorded.clone()))?;
+        registry.register(Box::new(skipped.clone()))?;
+        let requests = consume::RequestLog {
+            consumer: requests_consumer,
+            pool: pool.clone(),
+            codec: Codec::new(&settings.registry)?,
+            topic: settings.requests_topic.clone(),
+            max_batch: settings.max_batch.max(1),
+            linger: Duration::from_millis(settings.linger_ms),
+            recorded,
+            skipped,
+        };
         let readiness = Readiness::default();
         readiness.set(true);
         let listener = TcpListener::bind(&settings.listen).await?;
@@ -95,7 +114,7 @@ impl Application {
             metrics: metrics(&registry)?,
             readiness,
         };
-        Ok(Self { listener, router, sink })
+        Ok(Self { listener, router, sink, requests })
     }
 
     /// The address the lookup API listens on.
@@ -107,21 +126,33 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "sink listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut api_stop = stop_rx.clone();
+        let stopped = |rx: &tokio::sync::watch::Receiver<bool>| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
         let server = tokio::spawn(
-            axum::serve(self.listener, self.router)
-                .with_graceful_shutdown(async move {
-                    let _ = api_stop.wait_for(|s| *s).await;
-                })
-                .into_future(),
+            axum::serve(self.listener, self.router).with_graceful_shutdown(stopped(&stop_rx)).into_future(),
         );
-        let sink = self.sink;
-        sink.run(shutdown).await;
-        if let Err(e) = sink.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(error = %e, "final commit failed");
-        }
-        let _ = stop_tx.send(true);
-        drop(stop_rx);
+        let (sink, requests) = (self.sink, self.requests);
+        let results = async {
+            sink.run(stopped(&stop_rx)).await;
+            if let Err(e) = sink.consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "final commit failed");
+            }
+        };
+        let pending = async {
+            requests.run(stopped(&stop_rx)).await;
+            if let Err(e) = requests.consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "final commit of the requests failed");
+            }
+        };
+        let signal = async {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        tokio::join!(signal, results, pending);
         server.await??;
         tracing::info!("sink stopped");
         Ok(())

@@ -29,6 +29,14 @@ pub struct Settings {
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "reefline.dead-letter")]
     pub dead_letter_topic: String,
 
+    /// Topic the requests are read from, to know what is pending before its result arrives.
+    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
+    pub requests_topic: String,
+
+    /// Consumer group that records the requests (its own, beside the results group).
+    #[arg(long, env = "SINK_REQUESTS_GROUP", default_value = "reefline-sink-requests")]
+    pub requests_group_id: String,
+
     /// Partitions given to topics the sink has to create.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub topic_partitions: i32,

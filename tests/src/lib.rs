@@ -380,6 +380,8 @@ impl StackSettings {
         sink.dead_letter_topic = names.dead_letter.clone();
         sink.topic_partitions = 3;
         sink.group_id = names.sink_group.clone();
+        sink.requests_topic = names.requests.clone();
+        sink.requests_group_id = format!("{}-requests", names.sink_group);
         sink.session_timeout_ms = SESSION_TIMEOUT_MS;
         sink.kafka = kafka;
         sink.registry = registry;
@@ -530,6 +532,7 @@ impl ServiceProcess {
             .args(["--listen", &s.listen, "--database-url", &s.database_url])
             .args(["--results-topic", &s.results_topic, "--dead-letter-topic", &s.dead_letter_topic])
             .args(["--topic-partitions", &s.topic_partitions.to_string(), "--group-id", &s.group_id])
+            .args(["--requests-topic", &s.requests_topic, "--requests-group-id", &s.requests_group_id])
             .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
             .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
         Self::spawn(command, name)
@@ -636,8 +639,7 @@ fn read_topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
     let mut ends = std::collections::HashMap::new();
     let mut assignment = rdkafka::TopicPartitionList::new();
     for partition in metadata.topics()[0].partitions() {
-        let (_, high) =
-            consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10)).expect("watermarks");
+        let (_, high) = consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10)).expect("watermarks");
         if high > 0 {
             ends.insert(partition.id(), high);
             assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).expect("partition");

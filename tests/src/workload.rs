@@ -88,4 +88,3 @@ pub async fn check_rows(pool: &sqlx::PgPool, expected: &Expected) {
     }
     assert_eq!(top1_by_photo.len(), 22);
 }
-

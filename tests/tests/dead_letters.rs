@@ -108,7 +108,8 @@ async fn dead_letters_are_replayed_after_the_fix() {
 
     // A camera system produces with a new version of the request schema (an added optional
     // field) that it has not registered: the id in its records is unknown to the registry.
-    let mut v2: serde_json::Value = serde_json::from_str(<reefline_schemas::ImageRequest as reefline_schemas::Message>::SCHEMA).unwrap();
+    let mut v2: serde_json::Value =
+        serde_json::from_str(<reefline_schemas::ImageRequest as reefline_schemas::Message>::SCHEMA).unwrap();
     v2["fields"].as_array_mut().unwrap().push(json!({ "name": "camera", "type": ["null", "string"], "default": null }));
     let schema = apache_avro::Schema::parse(&v2).unwrap();
     let request_id = uuid::Uuid::now_v7().to_string();
@@ -125,7 +126,13 @@ async fn dead_letters_are_replayed_after_the_fix() {
     let next_id = latest_schema_id(&client, &env.registry.url).await + 1;
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(next_id as u32).to_be_bytes());
-    framed.extend(apache_avro::writer::datum::GenericDatumWriter::builder(&schema).build().unwrap().write_value_to_vec(record).unwrap());
+    framed.extend(
+        apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(record)
+            .unwrap(),
+    );
     let producer: FutureProducer = broker.kafka().producer_config().create().unwrap();
     for (key, payload) in [(request_id.as_str(), &framed[..]), ("plain-text", &b"not avro at all"[..])] {
         let record = FutureRecord::to(&names.requests).key(key).payload(payload);

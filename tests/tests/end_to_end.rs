@@ -286,3 +286,54 @@ async fn api_keys_guard_the_api_but_not_the_ops_endpoints() {
     }
     db.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submission_is_pending_until_its_results_arrive() {
+    let env = TestEnv::start().await;
+    let settings = env.settings();
+    let classifier = settings.classifier.clone();
+    let stack = Stack::start_without_classifier(settings).await;
+    let client = reqwest::Client::new();
+    let urls = [format!("{}/photos/coffee.png", env.photos), format!("{}/photos/missing.jpg", env.photos)];
+    let (status, accepted) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
+    assert_eq!(status, 202);
+    let batch_url = format!("{}/v1/batches/{}", stack.sink, accepted["batch_id"].as_str().unwrap());
+    let coffee_url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
+
+    // No classifier runs yet: the batch is known, with nothing done.
+    let batch = wait_for("the batch to be known", Duration::from_secs(60), || {
+        let (client, url) = (client.clone(), batch_url.clone());
+        async move {
+            let (status, body) = get_json(&client, &url).await;
+            (status == 200).then_some(body)
+        }
+    })
+    .await;
+    assert_eq!(
+        (&batch["total"], &batch["completed"], &batch["pending"], &batch["done"], &batch["results"]),
+        (&json!(2), &json!(0), &json!(2), &json!(false), &json!([]))
+    );
+    let (status, pending) = get_json(&client, &coffee_url).await;
+    assert_eq!(status, 202, "{pending}");
+    assert_eq!(
+        (&pending["status"], &pending["batch_index"], &pending["url"]),
+        (&json!("pending"), &json!(0), &json!(urls[0]))
+    );
+
+    // A classifier starts; the batch completes.
+    let worker =
+        reefline_e2e::ServiceProcess::classifier(env!("CARGO_BIN_EXE_classifier-under-test"), &classifier, "pending");
+    let batch = wait_for("the batch to be done", Duration::from_secs(120), || {
+        let (client, url) = (client.clone(), batch_url.clone());
+        async move { reefline_e2e::get_json_ok(&client, &url).await.filter(|b| b["done"] == true) }
+    })
+    .await;
+    assert_eq!((&batch["completed"], &batch["ok"], &batch["error"]), (&json!(2), &json!(1), &json!(1)));
+    let (status, done) = get_json(&client, &coffee_url).await;
+    assert_eq!((status, &done["predictions"][0]["index"]), (200, &json!(ESPRESSO)));
+
+    drop(worker);
+    stack.stop().await;
+    env.finish().await;
+}

@@ -188,9 +188,7 @@ fn odd_valid_images(rng: &mut fastrand::Rng) -> Vec<Vec<u8>> {
         out.push(encode(&DynamicImage::ImageRgb8(ImageBuffer::from_pixel(w, h, Rgb([200, 10, 10]))), ImageFormat::Png));
     }
     // An animated GIF: three frames; the first is classified.
-    let frames = (0..3).map(|i| {
-        image::Frame::new(ImageBuffer::from_pixel(64, 48, Rgba([i * 80, 0, 0, 255])))
-    });
+    let frames = (0..3).map(|i| image::Frame::new(ImageBuffer::from_pixel(64, 48, Rgba([i * 80, 0, 0, 255]))));
     let mut gif = Vec::new();
     image::codecs::gif::GifEncoder::new(&mut gif).encode_frames(frames).expect("animated GIF");
     out.push(gif);
@@ -200,15 +198,22 @@ fn odd_valid_images(rng: &mut fastrand::Rng) -> Vec<Vec<u8>> {
 /// Bytes that must end as an `error` result: broken, disguised or too large.
 fn broken_images(rng: &mut fastrand::Rng) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let magics: [&[u8]; 6] =
-        [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x10\x00\x00WEBPVP8 ", b"BM", b"\xff\xd8\xff\xdb"];
+    let magics: [&[u8]; 6] = [
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8\xff\xe0",
+        b"GIF89a",
+        b"RIFF\x00\x10\x00\x00WEBPVP8 ",
+        b"BM",
+        b"\xff\xd8\xff\xdb",
+    ];
     for i in 0..90 {
         let mut bytes = magics[i % magics.len()].to_vec();
         let len = rng.usize(0..4000);
         bytes.extend(std::iter::repeat_with(|| rng.u8(..)).take(len));
         out.push(bytes);
     }
-    for body in ["", "<html><body>hello</body></html>", "{\"images\": []}", "<svg xmlns='http://www.w3.org/2000/svg'/>"] {
+    for body in ["", "<html><body>hello</body></html>", "{\"images\": []}", "<svg xmlns='http://www.w3.org/2000/svg'/>"]
+    {
         for _ in 0..5 {
             out.push(body.as_bytes().to_vec());
         }
@@ -319,12 +324,14 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
     for i in (0..files.len()).step_by(20) {
         files.insert(i, ("coffee", coffee.clone()));
     }
-    let files_url = format!("http://{}", serve(serve_files(Arc::new(files.iter().map(|(_, f)| f.clone()).collect()))).await);
+    let files_url =
+        format!("http://{}", serve(serve_files(Arc::new(files.iter().map(|(_, f)| f.clone()).collect()))).await);
     let urls: Vec<String> = (0..files.len()).map(|i| format!("{files_url}/h/{i}")).collect();
     let mut ids = Vec::new();
     for chunk in urls.chunks(1000) {
         let (status, answer) =
-            reefline_e2e::post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": chunk })).await;
+            reefline_e2e::post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": chunk }))
+                .await;
         assert_eq!(status, 202, "{answer}");
         ids.extend(answer["request_ids"].as_array().unwrap().iter().map(|id| id.as_str().unwrap().to_owned()));
     }

@@ -159,7 +159,8 @@ async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending()
     let classify = format!("{}/v1/classify", stack.ingest);
     let photo = |i: usize| format!("{}/photos/coffee.png?n={i}", env.photos);
 
-    let (status, before) = reefline_e2e::post_json(&client, &classify, &json!({ "images": [photo(0), photo(1)] })).await;
+    let (status, before) =
+        reefline_e2e::post_json(&client, &classify, &json!({ "images": [photo(0), photo(1)] })).await;
     assert_eq!(status, 202);
     wait_rows(&pool, 2, "the first two rows").await;
 
@@ -171,7 +172,12 @@ async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending()
         tokio::spawn(async move {
             let started = Instant::now();
             let response = client.post(classify).json(&json!({ "images": images })).send().await.unwrap();
-            (response.status(), response.headers().get("retry-after").cloned(), started.elapsed(), response.json::<serde_json::Value>().await.unwrap())
+            (
+                response.status(),
+                response.headers().get("retry-after").cloned(),
+                started.elapsed(),
+                response.json::<serde_json::Value>().await.unwrap(),
+            )
         })
     };
     let ingest_metrics = format!("{}/metrics", stack.ingest);
