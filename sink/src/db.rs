@@ -16,60 +16,66 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-/// Writes `results` in one transaction. Redelivered or repeated results are harmless: a row is
-/// replaced only by a result completed no earlier than the one it holds.
+/// Writes `results` in one statement. Redelivered or repeated results are harmless: a row is
+/// replaced only by a result completed no earlier than the one it holds. `results` must not hold
+/// the same request twice (one statement cannot update a row twice).
 pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    for r in results {
-        sqlx::query(
-            "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
-                                  model_name, model_version, error_kind, error_message, submitted_at, completed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, to_timestamp($13 / 1000.0), to_timestamp($14 / 1000.0))
-             ON CONFLICT (request_id) DO UPDATE SET
-                 status = EXCLUDED.status, predictions = EXCLUDED.predictions, marine_group = EXCLUDED.marine_group,
-                 model_name = EXCLUDED.model_name, model_version = EXCLUDED.model_version, error_kind = EXCLUDED.error_kind,
-                 error_message = EXCLUDED.error_message, completed_at = EXCLUDED.completed_at, stored_at = now()
-             WHERE results.completed_at <= EXCLUDED.completed_at",
-        )
-        .bind(&r.request_id)
-        .bind(&r.batch_id)
-        .bind(r.batch_index)
-        .bind(r.batch_size)
-        .bind(&r.url)
-        .bind(r.status.as_str())
-        .bind(Json(&r.predictions))
-        .bind(&r.marine_group)
-        .bind(&r.model_name)
-        .bind(&r.model_version)
-        .bind(&r.error_kind)
-        .bind(&r.error_message)
-        .bind(r.submitted_at_ms as f64)
-        .bind(r.completed_at_ms as f64)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await
+    let column = |f: fn(&ClassificationResult) -> String| results.iter().map(f).collect::<Vec<_>>();
+    let optional = |f: fn(&ClassificationResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
+    let predictions: Vec<serde_json::Value> =
+        results.iter().map(|r| serde_json::to_value(&r.predictions).unwrap_or_default()).collect();
+    sqlx::query(
+        "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
+                              model_name, model_version, error_kind, error_message, submitted_at, completed_at)
+         SELECT request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
+                model_version, error_kind, error_message, to_timestamp(submitted_ms / 1000.0), to_timestamp(completed_ms / 1000.0)
+         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::jsonb[], $8::text[],
+                     $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[])
+              AS t(request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
+                   model_version, error_kind, error_message, submitted_ms, completed_ms)
+         ON CONFLICT (request_id) DO UPDATE SET
+             status = EXCLUDED.status, predictions = EXCLUDED.predictions, marine_group = EXCLUDED.marine_group,
+             model_name = EXCLUDED.model_name, model_version = EXCLUDED.model_version, error_kind = EXCLUDED.error_kind,
+             error_message = EXCLUDED.error_message, completed_at = EXCLUDED.completed_at, stored_at = now()
+         WHERE results.completed_at <= EXCLUDED.completed_at",
+    )
+    .bind(column(|r| r.request_id.clone()))
+    .bind(column(|r| r.batch_id.clone()))
+    .bind(results.iter().map(|r| r.batch_index).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.batch_size).collect::<Vec<_>>())
+    .bind(column(|r| r.url.clone()))
+    .bind(column(|r| r.status.as_str().to_owned()))
+    .bind(predictions)
+    .bind(optional(|r| r.marine_group.clone()))
+    .bind(column(|r| r.model_name.clone()))
+    .bind(column(|r| r.model_version.clone()))
+    .bind(optional(|r| r.error_kind.clone()))
+    .bind(optional(|r| r.error_message.clone()))
+    .bind(results.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
+    .bind(results.iter().map(|r| r.completed_at_ms as f64).collect::<Vec<_>>())
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
-/// Records `requests` as seen, in one transaction; a request seen before is left as it is.
+/// Records `requests` as seen, in one statement; a request seen before is left as it is.
 pub async fn insert_requests(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    for r in requests {
-        sqlx::query(
-            "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at)
-             VALUES ($1, $2, $3, $4, $5, to_timestamp($6 / 1000.0))
-             ON CONFLICT (request_id) DO NOTHING",
-        )
-        .bind(&r.request_id)
-        .bind(&r.batch_id)
-        .bind(r.batch_index)
-        .bind(r.batch_size)
-        .bind(&r.url)
-        .bind(r.submitted_at_ms as f64)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await
+    sqlx::query(
+        "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at)
+         SELECT request_id, batch_id, batch_index, batch_size, url, to_timestamp(submitted_ms / 1000.0)
+         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::float8[])
+              AS t(request_id, batch_id, batch_index, batch_size, url, submitted_ms)
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(requests.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.batch_id.as_str()).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.batch_index).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.batch_size).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.url.as_str()).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// A request with no result yet.
