@@ -4,7 +4,6 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -16,7 +15,12 @@ use reefline_common::kafka::KafkaSettings;
 use reefline_schemas::RegistrySettings;
 use tokio::sync::watch;
 
+mod broker;
+mod processes;
 pub mod workload;
+
+pub use broker::Broker;
+pub use processes::{ServiceProcess, TcpProxy, free_addr, topic_counts};
 
 /// The workspace's cache folder (`REEFLINE_CACHE`, else `.cache/` at the workspace root).
 pub fn cache_dir() -> PathBuf {
@@ -25,7 +29,7 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache"))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
@@ -42,106 +46,6 @@ where
         }
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A nisshi broker process, killed when dropped.
-pub struct Broker {
-    child: Child,
-    pub addr: String,
-    /// Where a durable broker keeps its sqlite database (`None`: in memory).
-    data: Option<PathBuf>,
-}
-
-impl Broker {
-    /// Starts a broker with in-memory storage on a free port and waits until it accepts connections.
-    pub async fn start() -> Self {
-        Self::launch(format!("127.0.0.1:{}", free_port()), None).await
-    }
-
-    /// Starts a broker with durable sqlite storage in a fresh temporary folder, so that it can
-    /// be restarted ([`Broker::restart`]) with its topics, records and committed offsets.
-    pub async fn start_durable() -> Self {
-        let data = std::env::temp_dir().join(format!("reefline-broker-{}", uuid::Uuid::now_v7().simple()));
-        std::fs::create_dir_all(&data).expect("broker data folder");
-        Self::launch(format!("127.0.0.1:{}", free_port()), Some(data)).await
-    }
-
-    async fn launch(addr: String, data: Option<PathBuf>) -> Self {
-        let child = Self::spawn(&addr, data.as_deref());
-        let broker = Self { child, addr, data };
-        broker.wait_listening().await;
-        broker
-    }
-
-    fn spawn(addr: &str, data: Option<&Path>) -> Child {
-        let bin =
-            std::env::var_os("NISSHI_BIN").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("tools/bin/nisshi"));
-        assert!(bin.exists(), "{} is missing: run `make setup` (or `make test`) first", bin.display());
-        let url = format!("tcp://{addr}");
-        // A shell keeps the broker on a leash: when this process goes, however it goes, the pipe on
-        // the shell's stdin closes and the shell kills the broker.
-        let leash = r#""$0" "$@" & broker=$!; read -r _; kill -9 "$broker"; wait "$broker""#;
-        // nisshi reads a sqlite path relative to its working directory.
-        let storage = if data.is_some() { "sqlite://broker.db" } else { "memory://reefline/" };
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", leash])
-            .arg(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(data) = data {
-            command.current_dir(data);
-        }
-        command.spawn().expect("starting nisshi")
-    }
-
-    async fn wait_listening(&self) {
-        wait_for("the broker to listen", Duration::from_secs(30), || {
-            let addr = self.addr.clone();
-            async move { tokio::net::TcpStream::connect(&addr).await.ok().map(drop) }
-        })
-        .await;
-    }
-
-    /// SIGKILLs the broker and waits until it is gone.
-    fn kill(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
-    }
-
-    /// SIGKILLs the broker and starts it again on the same address and storage; returns once it
-    /// accepts connections, after about `down` without a broker. Only a durable broker keeps its data.
-    pub async fn restart(&mut self, down: Duration) {
-        self.kill();
-        tokio::time::sleep(down).await;
-        self.child = Self::spawn(&self.addr, self.data.as_deref());
-        self.wait_listening().await;
-    }
-
-    /// SIGKILLs the broker; [`Broker::restart`] brings it back.
-    pub fn stop(&mut self) {
-        self.kill();
-    }
-
-    pub fn kafka(&self) -> KafkaSettings {
-        KafkaSettings::new(self.addr.clone())
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        // A failing test unwinds before its services stop; killing the broker under them would
-        // make their Kafka clients wait on close. The broker goes when the test process does.
-        if std::thread::panicking() {
-            return;
-        }
-        self.kill();
-        if let Some(data) = &self.data {
-            let _ = std::fs::remove_dir_all(data);
-        }
     }
 }
 
@@ -490,173 +394,4 @@ pub async fn get_json_ok(client: &reqwest::Client, url: &str) -> Option<serde_js
         return None;
     }
     response.json().await.ok()
-}
-
-/// A service running as its own process, so that a test can kill it with SIGKILL or SIGTERM.
-pub struct ServiceProcess {
-    child: Child,
-}
-
-fn log_file(name: &str) -> std::fs::File {
-    std::fs::File::create(std::env::temp_dir().join(format!("reefline-{name}.log"))).expect("log file")
-}
-
-impl ServiceProcess {
-    /// Starts the classifier command `bin` (an integration test passes
-    /// `env!("CARGO_BIN_EXE_classifier-under-test")`) with the settings' topics, group, model and broker.
-    pub fn classifier(bin: &str, s: &reefline_classifier::Settings, name: &str) -> Self {
-        let mut command = Command::new(bin);
-        command
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--requests-topic", &s.requests_topic, "--results-topic", &s.results_topic])
-            .args(["--dead-letter-topic", &s.dead_letter_topic, "--group-id", &s.group_id])
-            .args(["--topic-partitions", &s.topic_partitions.to_string()])
-            .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
-            .args(["--max-batch-size", &s.max_batch_size.to_string()])
-            .arg("--model-path")
-            .arg(&s.model_path)
-            .arg("--labels-path")
-            .arg(&s.labels_path)
-            .arg("--ort-dylib")
-            .arg(&s.ort_dylib)
-            .args(["--fetch-allow", &s.fetch_allow.join(",")])
-            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
-        Self::spawn(command, name)
-    }
-
-    /// Starts the sink command `bin` (`env!("CARGO_BIN_EXE_sink-under-test")`) with the settings'
-    /// database, topics, group and broker, listening on `s.listen` (give it a free port).
-    pub fn sink(bin: &str, s: &reefline_sink::Settings, name: &str) -> Self {
-        let mut command = Command::new(bin);
-        command
-            .args(["--listen", &s.listen, "--database-url", &s.database_url])
-            .args(["--results-topic", &s.results_topic, "--dead-letter-topic", &s.dead_letter_topic])
-            .args(["--topic-partitions", &s.topic_partitions.to_string(), "--group-id", &s.group_id])
-            .args(["--requests-topic", &s.requests_topic, "--requests-group-id", &s.requests_group_id])
-            .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
-            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
-        Self::spawn(command, name)
-    }
-
-    fn spawn(mut command: Command, name: &str) -> Self {
-        let log = log_file(name);
-        let child = command
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("starting a service process");
-        Self { child }
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGKILL: no draining, no commit.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then waits for the process to exit; returns how long that took.
-    pub fn terminate(mut self) -> Duration {
-        let started = Instant::now();
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-        started.elapsed()
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A free `127.0.0.1` address for a service started as a process.
-pub fn free_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
-/// A TCP proxy in front of `target` that a test can cut (every connection dropped, new ones
-/// closed at once, as when a server is down) and restore.
-pub struct TcpProxy {
-    pub addr: SocketAddr,
-    up: watch::Sender<bool>,
-}
-
-impl TcpProxy {
-    pub async fn start(target: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
-        let addr = listener.local_addr().expect("address");
-        let (up, up_rx) = watch::channel(true);
-        let target = target.to_owned();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut up = up_rx.clone();
-                if !*up.borrow_and_update() {
-                    continue;
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = up.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Self { addr, up }
-    }
-
-    /// Drops every connection and refuses new ones until [`TcpProxy::restore`].
-    pub fn cut(&self) {
-        self.up.send_replace(false);
-    }
-
-    pub fn restore(&self) {
-        self.up.send_replace(true);
-    }
-}
-
-/// Reads `topic` from the start to its current end: (records, distinct keys).
-pub async fn topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
-    let (kafka, topic) = (kafka.clone(), topic.to_owned());
-    tokio::task::spawn_blocking(move || read_topic_counts(&kafka, &topic)).await.expect("counting task")
-}
-
-fn read_topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
-    use rdkafka::Message;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-
-    let group = format!("counter-{}", uuid::Uuid::now_v7().simple());
-    let consumer: BaseConsumer = kafka.consumer_config(&group, 6000).create().expect("counting consumer");
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
-    let mut ends = std::collections::HashMap::new();
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        let (_, high) = consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10)).expect("watermarks");
-        if high > 0 {
-            ends.insert(partition.id(), high);
-            assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).expect("partition");
-        }
-    }
-    consumer.assign(&assignment).expect("assigning");
-    let (mut records, mut keys) = (0, std::collections::HashSet::new());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ends.is_empty() {
-        assert!(Instant::now() < deadline, "timed out reading {topic}");
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let message = message.expect("reading the topic");
-        records += 1;
-        keys.insert(message.key().map(<[u8]>::to_vec));
-        if ends.get(&message.partition()).is_some_and(|end| message.offset() + 1 >= *end) {
-            ends.remove(&message.partition());
-        }
-    }
-    (records, keys.len())
 }

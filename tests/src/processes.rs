@@ -1,0 +1,180 @@
+//! What the fault tests act on: services as processes they can kill, a TCP proxy they can cut,
+//! and a reader that counts what a topic holds.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use reefline_common::kafka::KafkaSettings;
+use tokio::sync::watch;
+
+use crate::free_port;
+
+/// A service running as its own process, so that a test can kill it with SIGKILL or SIGTERM.
+pub struct ServiceProcess {
+    child: Child,
+}
+
+fn log_file(name: &str) -> std::fs::File {
+    std::fs::File::create(std::env::temp_dir().join(format!("reefline-{name}.log"))).expect("log file")
+}
+
+impl ServiceProcess {
+    /// Starts the classifier command `bin` (an integration test passes
+    /// `env!("CARGO_BIN_EXE_classifier-under-test")`) with the settings' topics, group, model and broker.
+    pub fn classifier(bin: &str, s: &reefline_classifier::Settings, name: &str) -> Self {
+        let mut command = Command::new(bin);
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--requests-topic", &s.requests_topic, "--results-topic", &s.results_topic])
+            .args(["--dead-letter-topic", &s.dead_letter_topic, "--group-id", &s.group_id])
+            .args(["--topic-partitions", &s.topic_partitions.to_string()])
+            .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
+            .args(["--max-batch-size", &s.max_batch_size.to_string()])
+            .arg("--model-path")
+            .arg(&s.model_path)
+            .arg("--labels-path")
+            .arg(&s.labels_path)
+            .arg("--ort-dylib")
+            .arg(&s.ort_dylib)
+            .args(["--fetch-allow", &s.fetch_allow.join(",")])
+            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
+        Self::spawn(command, name)
+    }
+
+    /// Starts the sink command `bin` (`env!("CARGO_BIN_EXE_sink-under-test")`) with the settings'
+    /// database, topics, group and broker, listening on `s.listen` (give it a free port).
+    pub fn sink(bin: &str, s: &reefline_sink::Settings, name: &str) -> Self {
+        let mut command = Command::new(bin);
+        command
+            .args(["--listen", &s.listen, "--database-url", &s.database_url])
+            .args(["--results-topic", &s.results_topic, "--dead-letter-topic", &s.dead_letter_topic])
+            .args(["--topic-partitions", &s.topic_partitions.to_string(), "--group-id", &s.group_id])
+            .args(["--requests-topic", &s.requests_topic, "--requests-group-id", &s.requests_group_id])
+            .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
+            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
+        Self::spawn(command, name)
+    }
+
+    fn spawn(mut command: Command, name: &str) -> Self {
+        let log = log_file(name);
+        let child = command
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting a service process");
+        Self { child }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL: no draining, no commit.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns how long that took.
+    pub fn terminate(mut self) -> Duration {
+        let started = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        started.elapsed()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free `127.0.0.1` address for a service started as a process.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// A TCP proxy in front of `target` that a test can cut (every connection dropped, new ones
+/// closed at once, as when a server is down) and restore.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
+        let addr = listener.local_addr().expect("address");
+        let (up, up_rx) = watch::channel(true);
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut up = up_rx.clone();
+                if !*up.borrow_and_update() {
+                    continue;
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up }
+    }
+
+    /// Drops every connection and refuses new ones until [`TcpProxy::restore`].
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+/// Reads `topic` from the start to its current end: (records, distinct keys).
+pub async fn topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
+    let (kafka, topic) = (kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || read_topic_counts(&kafka, &topic)).await.expect("counting task")
+}
+
+fn read_topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let group = format!("counter-{}", uuid::Uuid::now_v7().simple());
+    let consumer: BaseConsumer = kafka.consumer_config(&group, 6000).create().expect("counting consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
+    let mut ends = std::collections::HashMap::new();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        let (_, high) = consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10)).expect("watermarks");
+        if high > 0 {
+            ends.insert(partition.id(), high);
+            assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).expect("partition");
+        }
+    }
+    consumer.assign(&assignment).expect("assigning");
+    let (mut records, mut keys) = (0, std::collections::HashSet::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() {
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = message.expect("reading the topic");
+        records += 1;
+        keys.insert(message.key().map(<[u8]>::to_vec));
+        if ends.get(&message.partition()).is_some_and(|end| message.offset() + 1 >= *end) {
+            ends.remove(&message.partition());
+        }
+    }
+    (records, keys.len())
+}
