@@ -1,4 +1,4 @@
-//! A battery of generated hostile input — 670 requests to ingest and 416 served files — through the
+//! A battery of generated hostile input — 670 requests to ingest and 418 served files — through the
 //! real pipeline: every request gets a clear answer, every file ends as one row, nothing crashes,
 //! and the good work between them is still done right.
 
@@ -186,6 +186,14 @@ fn odd_valid_images(rng: &mut fastrand::Rng) -> Vec<Vec<u8>> {
     }
     for (w, h) in [(1, 1), (1, 2), (2, 1), (1, 3000), (3000, 1), (5, 4000)] {
         out.push(encode(&DynamicImage::ImageRgb8(ImageBuffer::from_pixel(w, h, Rgb([200, 10, 10]))), ImageFormat::Png));
+    }
+    // CMYK and YCCK JPEGs, as print workflows and some cameras' software write them.
+    for color in [jpeg_encoder::ColorType::Cmyk, jpeg_encoder::ColorType::CmykAsYcck] {
+        let (w, h) = (rng.u16(16..300), rng.u16(16..300));
+        let cmyk: Vec<u8> = (0..usize::from(w) * usize::from(h)).flat_map(|i| [i as u8, 40, 200, 10]).collect();
+        let mut jpeg = Vec::new();
+        jpeg_encoder::Encoder::new(&mut jpeg, 85).encode(&cmyk, w, h, color).expect("CMYK JPEG");
+        out.push(jpeg);
     }
     // An animated GIF: three frames; the first is classified.
     let frames = (0..3).map(|i| image::Frame::new(ImageBuffer::from_pixel(64, 48, Rgba([i * 80, 0, 0, 255]))));
