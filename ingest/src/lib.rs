@@ -30,6 +30,13 @@ pub(crate) struct AppState {
     pub pending: tokio::sync::Semaphore,
 }
 
+impl AppState {
+    /// Images admitted and not yet answered.
+    pub fn pending_images(&self) -> usize {
+        self.settings.max_pending_images - self.pending.available_permits()
+    }
+}
+
 /// Keeps `/readyz` telling whether the broker answers: every second, a metadata request for the
 /// requests topic through the producer's connections.
 async fn watch_broker(state: Arc<AppState>, readiness: Readiness) {

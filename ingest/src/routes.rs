@@ -121,13 +121,11 @@ struct Admission<'a> {
 
 impl<'a> Admission<'a> {
     fn try_new(state: &'a AppState, images: usize) -> Result<Self, IngestError> {
-        let limit = state.settings.max_pending_images;
-        let pending = || limit - state.pending.available_permits();
-        let permit = state
-            .pending
-            .try_acquire_many(images as u32)
-            .map_err(|_| IngestError::Overloaded { pending: pending(), limit })?;
-        state.metrics.pending.set(pending() as i64);
+        let permit = state.pending.try_acquire_many(images as u32).map_err(|_| IngestError::Overloaded {
+            pending: state.pending_images(),
+            limit: state.settings.max_pending_images,
+        })?;
+        state.metrics.pending.set(state.pending_images() as i64);
         Ok(Self { permit: Some(permit), state })
     }
 }
@@ -135,8 +133,7 @@ impl<'a> Admission<'a> {
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         drop(self.permit.take());
-        let pending = self.state.settings.max_pending_images - self.state.pending.available_permits();
-        self.state.metrics.pending.set(pending as i64);
+        self.state.metrics.pending.set(self.state.pending_images() as i64);
     }
 }
 

@@ -76,6 +76,7 @@ impl Application {
         let consumer: StreamConsumer =
             settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create()?;
         consumer.subscribe(&[&settings.results_topic])?;
+        let codec = Codec::new(&settings.registry)?;
         let requests_consumer: StreamConsumer =
             settings.kafka.consumer_config(&settings.requests_group_id, settings.session_timeout_ms).create()?;
         requests_consumer.subscribe(&[&settings.requests_topic])?;
@@ -87,7 +88,7 @@ impl Application {
         let requests = consume::RequestLog {
             consumer: requests_consumer,
             pool: pool.clone(),
-            codec: Codec::new(&settings.registry)?,
+            codec: codec.clone(),
             topic: settings.requests_topic.clone(),
             max_batch: settings.max_batch.max(1),
             linger: Duration::from_millis(settings.linger_ms),
@@ -105,7 +106,7 @@ impl Application {
         let sink = consume::Sink {
             consumer,
             pool,
-            codec: Codec::new(&settings.registry)?,
+            codec,
             producer: settings.kafka.producer_config().create::<FutureProducer>()?,
             topic: settings.results_topic.clone(),
             dead_letter_topic: settings.dead_letter_topic.clone(),

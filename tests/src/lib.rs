@@ -387,6 +387,41 @@ pub async fn post_json(client: &reqwest::Client, url: &str, body: &serde_json::V
     (status, response.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// Polls `url` until it answers `status`; returns the JSON body. Panics after `timeout` naming `what`.
+pub async fn wait_for_status(
+    client: &reqwest::Client,
+    url: &str,
+    status: u16,
+    what: &str,
+    timeout: Duration,
+) -> serde_json::Value {
+    wait_for(what, timeout, || async {
+        let response = client.get(url).send().await.ok()?;
+        if response.status() != status {
+            return None;
+        }
+        Some(response.json().await.unwrap_or(serde_json::Value::Null))
+    })
+    .await
+}
+
+/// Polls `{base}/metrics` until the sample `name` satisfies `check`. Panics after `timeout` naming `what`.
+pub async fn wait_for_metric(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    check: impl Fn(f64) -> bool,
+    what: &str,
+    timeout: Duration,
+) {
+    let url = format!("{base}/metrics");
+    wait_for(what, timeout, || async {
+        let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+        check(metric(&text, name)?).then_some(())
+    })
+    .await
+}
+
 /// GETs `url` as JSON once the status is 200, or returns `None`.
 pub async fn get_json_ok(client: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
     let response = client.get(url).send().await.ok()?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, post_json, wait_for};
+use reefline_e2e::{Stack, TestEnv, metric, post_json, wait_for, wait_for_status};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -29,11 +29,7 @@ async fn poison_records_are_dead_lettered_and_good_ones_still_flow() {
     let (_, accepted) =
         post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": [coffee] })).await;
     let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
-    let result = wait_for("the good record's result", Duration::from_secs(60), || {
-        let (client, url) = (client.clone(), url.clone());
-        async move { get_json_ok(&client, &url).await }
-    })
-    .await;
+    let result = wait_for_status(&client, &url, 200, "the good record's result", Duration::from_secs(60)).await;
     assert_eq!(result["predictions"][0]["label"], "espresso");
 
     let mut config = broker.kafka().consumer_config(&format!("{}-reader", names.classifier_group), 6000);
@@ -100,11 +96,7 @@ async fn dead_letters_are_replayed_after_the_fix() {
     let (_, accepted) =
         post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": [&coffee] })).await;
     let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
-    wait_for("the first result", Duration::from_secs(60), || {
-        let (client, url) = (client.clone(), url.clone());
-        async move { get_json_ok(&client, &url).await }
-    })
-    .await;
+    wait_for_status(&client, &url, 200, "the first result", Duration::from_secs(60)).await;
 
     // A camera system produces with a new version of the request schema (an added optional
     // field) that it has not registered: the id in its records is unknown to the registry.
@@ -173,11 +165,7 @@ async fn dead_letters_are_replayed_after_the_fix() {
     assert_eq!((summary.read, summary.filtered_out, summary.unroutable), (2, 1, 0), "{summary}");
     assert_eq!(summary.replayed.get("schema_registry"), Some(&1));
     let url = format!("{}/v1/results/{request_id}", stack.sink);
-    let result = wait_for("the replayed record's result", Duration::from_secs(60), || {
-        let (client, url) = (client.clone(), url.clone());
-        async move { get_json_ok(&client, &url).await }
-    })
-    .await;
+    let result = wait_for_status(&client, &url, 200, "the replayed record's result", Duration::from_secs(60)).await;
     assert_eq!(result["status"], "ok");
     assert_eq!(result["predictions"][0]["label"], "espresso");
 

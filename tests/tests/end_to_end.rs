@@ -302,14 +302,8 @@ async fn a_submission_is_pending_until_its_results_arrive() {
     let coffee_url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
 
     // No classifier runs yet: the batch is known, with nothing done.
-    let batch = wait_for("the batch to be known", Duration::from_secs(60), || {
-        let (client, url) = (client.clone(), batch_url.clone());
-        async move {
-            let (status, body) = get_json(&client, &url).await;
-            (status == 200).then_some(body)
-        }
-    })
-    .await;
+    let batch =
+        reefline_e2e::wait_for_status(&client, &batch_url, 200, "the batch to be known", Duration::from_secs(60)).await;
     assert_eq!(
         (&batch["total"], &batch["completed"], &batch["pending"], &batch["done"], &batch["results"]),
         (&json!(2), &json!(0), &json!(2), &json!(false), &json!([]))

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use reefline_e2e::workload::{REQUESTS, check_rows, rows, submit_mixed, wait_rows};
-use reefline_e2e::{ServiceProcess, Stack, TcpProxy, TestEnv, free_addr, metric, topic_counts, wait_for};
+use reefline_e2e::{
+    ServiceProcess, Stack, TcpProxy, TestEnv, free_addr, metric, topic_counts, wait_for_metric, wait_for_status,
+};
 use serde_json::json;
 
 const SINK: &str = env!("CARGO_BIN_EXE_sink-under-test");
@@ -71,15 +73,9 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     wait_rows(&pool, 300 + fastrand::i64(0..300), "progress before the outage").await;
     proxy.cut();
     let cut = Instant::now();
-    let sink_metrics = format!("{}/metrics", stack.sink);
-    wait_for("the sink to see the database fail", Duration::from_secs(30), || {
-        let (client, url) = (client.clone(), sink_metrics.clone());
-        async move {
-            let text = client.get(url).send().await.ok()?.text().await.ok()?;
-            (metric(&text, "sink_write_failures_total")? > 0.0).then_some(())
-        }
-    })
-    .await;
+    let failures = "sink_write_failures_total";
+    let what = "the sink to see the database fail";
+    wait_for_metric(&client, &stack.sink, failures, |n| n > 0.0, what, Duration::from_secs(30)).await;
     let (readyz, _) = reefline_e2e::get_json(&client, &format!("{}/readyz", stack.sink)).await;
     assert_eq!(readyz, 503, "the sink is not ready while its database is down");
     let during = rows(&pool).await;
@@ -96,7 +92,7 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     check_rows(&pool, &expected).await;
     let (readyz, _) = reefline_e2e::get_json(&client, &format!("{}/readyz", stack.sink)).await;
     assert_eq!(readyz, 200);
-    let text = client.get(&sink_metrics).send().await.unwrap().text().await.unwrap();
+    let text = client.get(format!("{}/metrics", stack.sink)).send().await.unwrap().text().await.unwrap();
     let failures = metric(&text, "sink_write_failures_total").unwrap();
     let duplicates = results_on_topic(&env, "Postgres cut for 30 s").await;
     eprintln!(
@@ -120,11 +116,8 @@ async fn killing_the_sink_mid_batch_loses_and_doubles_nothing() {
     let mut sink = ServiceProcess::sink(SINK, &sink_settings, "sink");
     let client = reqwest::Client::new();
     // The sink creates the database: wait until it has, then submit.
-    wait_for("the sink to be ready", Duration::from_secs(60), || {
-        let (client, url) = (client.clone(), format!("http://{}/readyz", sink_settings.listen));
-        async move { (client.get(url).send().await.ok()?.status() == 200).then_some(()) }
-    })
-    .await;
+    let sink_ready = format!("http://{}/readyz", sink_settings.listen);
+    wait_for_status(&client, &sink_ready, 200, "the sink to be ready", Duration::from_secs(60)).await;
     let pool = env.db.pool().await;
     let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
 
@@ -180,15 +173,9 @@ async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending()
             )
         })
     };
-    let ingest_metrics = format!("{}/metrics", stack.ingest);
-    wait_for("1,000 images pending", Duration::from_secs(10), || {
-        let (client, url) = (client.clone(), ingest_metrics.clone());
-        async move {
-            let text = client.get(url).send().await.ok()?.text().await.ok()?;
-            (metric(&text, "ingest_pending_images")? == 1000.0).then_some(())
-        }
-    })
-    .await;
+    let pending = "ingest_pending_images";
+    wait_for_metric(&client, &stack.ingest, pending, |n| n == 1000.0, "1,000 images pending", Duration::from_secs(10))
+        .await;
     // ...so one more is refused at once with 429,
     let response = client.post(&classify).json(&json!({ "images": [photo(2)] })).send().await.unwrap();
     assert_eq!(response.status(), 429);
@@ -204,16 +191,10 @@ async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending()
     eprintln!("outages: ingest with the broker down answered 503 in {took:?}");
     assert!(took < Duration::from_secs(15), "the refusal took {took:?}");
 
-    let ready = |want: u16| {
-        let (client, url) = (client.clone(), format!("{}/readyz", stack.ingest));
-        move || {
-            let (client, url) = (client.clone(), url.clone());
-            async move { (client.get(url).send().await.ok()?.status() == want).then_some(()) }
-        }
-    };
-    wait_for("ingest to report the broker down", Duration::from_secs(30), ready(503)).await;
+    let ready = format!("{}/readyz", stack.ingest);
+    wait_for_status(&client, &ready, 503, "ingest to report the broker down", Duration::from_secs(30)).await;
     env.broker.restart(Duration::ZERO).await;
-    wait_for("ingest to see the broker again", Duration::from_secs(30), ready(200)).await;
+    wait_for_status(&client, &ready, 200, "ingest to see the broker again", Duration::from_secs(30)).await;
     let (status, after) =
         reefline_e2e::post_json(&client, &classify, &json!({ "images": [photo(3), photo(4), photo(5)] })).await;
     assert_eq!(status, 202, "the first submission once the broker is back: {after}");
