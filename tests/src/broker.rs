@@ -12,32 +12,25 @@ use crate::{cache_dir, free_port, wait_for};
 pub struct Broker {
     child: Child,
     pub addr: String,
-    /// Where a durable broker keeps its sqlite database (`None`: in memory).
-    data: Option<PathBuf>,
+    /// Where the broker keeps its sqlite database.
+    data: PathBuf,
 }
 
 impl Broker {
-    /// Starts a broker with in-memory storage on a free port and waits until it accepts connections.
+    /// Starts a broker on a free port with the local stack's storage, durable sqlite, in a fresh
+    /// temporary folder (so that [`Broker::restart`] keeps its topics, records and committed
+    /// offsets), and waits until it accepts connections.
     pub async fn start() -> Self {
-        Self::launch(format!("127.0.0.1:{}", free_port()), None).await
-    }
-
-    /// Starts a broker with durable sqlite storage in a fresh temporary folder, so that it can
-    /// be restarted ([`Broker::restart`]) with its topics, records and committed offsets.
-    pub async fn start_durable() -> Self {
         let data = std::env::temp_dir().join(format!("reefline-broker-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&data).expect("broker data folder");
-        Self::launch(format!("127.0.0.1:{}", free_port()), Some(data)).await
-    }
-
-    async fn launch(addr: String, data: Option<PathBuf>) -> Self {
-        let child = Self::spawn(&addr, data.as_deref());
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Self::spawn(&addr, &data);
         let broker = Self { child, addr, data };
         broker.wait_listening().await;
         broker
     }
 
-    fn spawn(addr: &str, data: Option<&Path>) -> Child {
+    fn spawn(addr: &str, data: &Path) -> Child {
         let bin =
             std::env::var_os("NISSHI_BIN").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("tools/bin/nisshi"));
         assert!(bin.exists(), "{} is missing: run `make setup` (or `make test`) first", bin.display());
@@ -46,19 +39,17 @@ impl Broker {
         // the shell's stdin closes and the shell kills the broker.
         let leash = r#""$0" "$@" & broker=$!; read -r _; kill -9 "$broker"; wait "$broker""#;
         // nisshi reads a sqlite path relative to its working directory.
-        let storage = if data.is_some() { "sqlite://broker.db" } else { "memory://reefline/" };
-        let mut command = Command::new("sh");
-        command
+        Command::new("sh")
             .args(["-c", leash])
             .arg(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .current_dir(data)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(data) = data {
-            command.current_dir(data);
-        }
-        command.spawn().expect("starting nisshi")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nisshi")
     }
 
     async fn wait_listening(&self) {
@@ -76,11 +67,11 @@ impl Broker {
     }
 
     /// SIGKILLs the broker and starts it again on the same address and storage; returns once it
-    /// accepts connections, after about `down` without a broker. Only a durable broker keeps its data.
+    /// accepts connections, after about `down` without a broker.
     pub async fn restart(&mut self, down: Duration) {
         self.kill();
         tokio::time::sleep(down).await;
-        self.child = Self::spawn(&self.addr, self.data.as_deref());
+        self.child = Self::spawn(&self.addr, &self.data);
         self.wait_listening().await;
     }
 
@@ -102,8 +93,6 @@ impl Drop for Broker {
             return;
         }
         self.kill();
-        if let Some(data) = &self.data {
-            let _ = std::fs::remove_dir_all(data);
-        }
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }

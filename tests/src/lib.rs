@@ -183,16 +183,9 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// An environment whose broker, like the local stack's, keeps its data on disk and can be restarted.
     pub async fn start() -> Self {
-        Self::with_broker(Broker::start().await).await
-    }
-
-    /// An environment whose broker keeps its data on disk and can be restarted.
-    pub async fn start_durable() -> Self {
-        Self::with_broker(Broker::start_durable().await).await
-    }
-
-    async fn with_broker(broker: Broker) -> Self {
+        let broker = Broker::start().await;
         let registry = start_registry().await;
         let photos = start_photo_server().await;
         Self { broker, registry, photos, db: TestDatabase::new(), names: Names::new() }

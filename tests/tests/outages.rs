@@ -22,7 +22,7 @@ async fn results_on_topic(env: &TestEnv, what: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarting_the_broker_mid_stream_loses_and_doubles_nothing() {
-    let mut env = TestEnv::start_durable().await;
+    let mut env = TestEnv::start().await;
     let stack = Stack::start(env.settings()).await;
     let pool = env.db.pool().await;
     let client = reqwest::Client::new();
@@ -142,7 +142,7 @@ async fn killing_the_sink_mid_batch_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending() {
-    let mut env = TestEnv::start_durable().await;
+    let mut env = TestEnv::start().await;
     let mut settings = env.settings();
     settings.ingest.delivery_timeout_ms = 2000;
     settings.ingest.max_pending_images = 1000;

@@ -1,0 +1,93 @@
+"""The design Reefline replaces, built to be measured against it: FastAPI + Celery + Redis +
+onnxruntime + Pillow, one image per task.
+
+`POST /api/infer {"images": [...]}` enqueues one Celery task per URL and answers with the task
+ids; a prefork worker (one process per core) fetches the image, decodes and preprocesses it with
+Pillow and numpy exactly as the Rust classifier does (the centre 0.875 square resized bilinearly to
+224×224, x = (pixel − 127) / 128, RGB, NCHW), runs the same ONNX file through onnxruntime with batch
+1, and stores the top-5 in the Redis result backend. `GET /api/done` counts finished tasks, so the
+benchmark can stop its clock without reading every result.
+
+Settings (environment): REDIS_URL, MODEL_PATH, LABELS_PATH, ORT_THREADS (per worker process; 1,
+since the workers already use every core).
+"""
+import io
+import os
+
+import numpy as np
+import onnxruntime
+import redis
+import requests
+from celery import Celery
+from celery.signals import worker_process_init
+from fastapi import FastAPI
+from PIL import Image
+from pydantic import BaseModel
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+DONE_KEY = "reefline-baseline:done"
+SIZE = 224
+CROP_FRACTION = 0.875
+
+celery = Celery("baseline", broker=REDIS_URL, backend=REDIS_URL)
+celery.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                   worker_prefetch_multiplier=4, task_acks_late=True, result_expires=3600)
+api = FastAPI(title="Celery baseline")
+counter = redis.Redis.from_url(REDIS_URL)
+
+# Per worker process, made after the fork.
+model = {}
+
+
+@worker_process_init.connect
+def load_model(**_):
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = int(os.environ.get("ORT_THREADS", "1"))
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(os.environ["MODEL_PATH"], options,
+                                           providers=["CPUExecutionProvider"])
+    with open(os.environ["LABELS_PATH"]) as f:
+        labels = [line.rstrip("\n").split("\t")[-1] for line in f if line.strip() and not line.startswith("#")]
+    model.update(session=session, input=session.get_inputs()[0].name, labels=labels,
+                 http=requests.Session())
+
+
+def preprocess(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    side = CROP_FRACTION * min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    pixels = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+    return ((pixels - 127.0) / 128.0).transpose(2, 0, 1)[np.newaxis]
+
+
+@celery.task(name="classify")
+def classify(url: str) -> dict:
+    try:
+        response = model["http"].get(url, timeout=20)
+        response.raise_for_status()
+        logits = model["session"].run(None, {model["input"]: preprocess(response.content)})[0][0]
+        scores = np.exp(logits - logits.max())
+        scores /= scores.sum()
+        top = np.argsort(scores)[::-1][:5]
+        result = {"url": url, "status": "ok",
+                  "predictions": [{"index": int(i), "label": model["labels"][i], "score": float(scores[i])}
+                                  for i in top]}
+    except Exception as error:  # a failed image is a result too
+        result = {"url": url, "status": "error", "error": str(error)}
+    counter.incr(DONE_KEY)
+    return result
+
+
+class Submission(BaseModel):
+    images: list[str]
+
+
+@api.post("/api/infer", status_code=202)
+def infer(submission: Submission):
+    return {"task_ids": [classify.delay(url).id for url in submission.images]}
+
+
+@api.get("/api/done")
+def done():
+    return {"done": int(counter.get(DONE_KEY) or 0)}

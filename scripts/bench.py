@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""`make bench` and `make soak`: what users run, measured against what it replaces.
+
+usage: bench.py bench [--runs 3] [--images 1000] [--no-memory] [--no-celery]
+       bench.py soak  [--requests 100000] [--window 10000] [--no-memory]
+
+Every pipeline figure comes from the stack `make up` runs: scripts/stack.py with its defaults
+(nisshi on durable sqlite storage, every service on its default settings), started in a folder
+and on ports of its own, with photo URLs served over local HTTP and submitted over HTTP. The clock
+stops when the sink has written the last row. The photos are the 252 distinct real photos under
+the cache (`photos/` and `bench-photos/`), served round-robin.
+
+bench, for each run: the single-process limit (`reefline-bench`: the classifier's own decode,
+preprocess and batched inference, no network, no Kafka); the stack end to end, with latency at a
+steady half of that rate and CPU per image of each process; the same stack on an in-memory
+broker (memory://, a comparison only: nothing durable); and the Celery design it replaces
+(bench/celery: FastAPI + Celery prefork, one worker per core, + Redis + onnxruntime + Pillow,
+one image per task, same model file and preprocessing). Prints medians with their spread.
+
+soak: --requests through the stack, submitted at once; the rate of every --window of results,
+each against the first; then the same on memory:// for the ratio; the idle CPU of every process
+(measured over 30 s after 30 s with nothing to do); the broker's disk use; each service's RSS
+at the start and the end.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
+RELEASE = os.path.join(ROOT, "target", "release")
+TICK = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 2
+SERVICES = ["broker", "registry", "sink", "classifier", "ingest"]
+
+
+def say(*args):
+    print("bench:", *args, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, timeout=60):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def wait_until(what, check, timeout=900, every=0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: gave up waiting for {what} after {timeout} s")
+        time.sleep(every)
+    return value
+
+
+# --- processes: CPU and memory from /proc --------------------------------------------------------
+
+def cpu_seconds(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def tree_cpu_seconds(pid):
+    """CPU of a process and of its children still alive (Celery's prefork workers)."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            total += sum(tree_cpu_seconds(int(c)) for c in f.read().split())
+    except OSError:
+        pass
+    return total
+
+
+def rss_mib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def postgres_cpu_seconds():
+    total = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "postgres":
+                    total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
+# --- the photos ----------------------------------------------------------------------------------
+
+def load_photos():
+    paths = sorted(glob.glob(os.path.join(CACHE, "photos", "*")) +
+                   glob.glob(os.path.join(CACHE, "bench-photos", "**", "*.jpg"), recursive=True))
+    photos = [open(p, "rb").read() for p in paths]
+    if len(photos) < 200:
+        sys.exit(f"bench: {len(photos)} photos under {CACHE}; run `make setup`")
+    return photos
+
+
+def serve_photos(photos):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            try:
+                body = photos[int(self.path.rsplit("/", 1)[1]) % len(photos)]
+            except ValueError:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("content-type", "image/jpeg" if body[:2] == b"\xff\xd8" else "image/png")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/p"
+
+
+# --- the stack `make up` runs --------------------------------------------------------------------
+
+class Stack:
+    """scripts/stack.py in a run folder, on ports and a database of its own."""
+
+    def __init__(self, storage=None):
+        self.storage = storage or "sqlite://broker.db"
+        self.run = tempfile.mkdtemp(prefix="reefline-bench-")
+        self.database = f"reefline_bench_{uuid.uuid4().hex[:12]}"
+        self.ports = {name: free_port() for name in ["broker", "registry", "ingest", "sink", "classifier"]}
+        self.env = {**os.environ,
+                    "REEFLINE_RUN": self.run,
+                    "BROKER_PORT": str(self.ports["broker"]),
+                    "REGISTRY_LISTEN": f"127.0.0.1:{self.ports['registry']}",
+                    "INGEST_LISTEN": f"127.0.0.1:{self.ports['ingest']}",
+                    "SINK_LISTEN": f"127.0.0.1:{self.ports['sink']}",
+                    "CLASSIFIER_LISTEN": f"127.0.0.1:{self.ports['classifier']}",
+                    "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.database}"}
+        if storage:
+            self.env["BROKER_STORAGE"] = storage
+            self.env["NISSHI_BIN"] = memory_broker()
+        self.ingest = f"http://127.0.0.1:{self.ports['ingest']}"
+        self.sink = f"http://127.0.0.1:{self.ports['sink']}"
+
+    def __enter__(self):
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts/stack.py"), "up"], env=self.env, check=True,
+                       stdout=subprocess.DEVNULL)
+        self.pids = {name: int(open(os.path.join(self.run, f"{name}.pid")).read()) for name in SERVICES}
+        return self
+
+    def __exit__(self, *_):
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts/stack.py"), "down"], env=self.env,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["psql", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c",
+                        f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)"], stdout=subprocess.DEVNULL)
+        shutil.rmtree(self.run, ignore_errors=True)
+
+    def submit(self, urls):
+        for start in range(0, len(urls), 1000):
+            while True:
+                status, headers, body = http("POST", f"{self.ingest}/v1/classify", {"images": urls[start:start + 1000]})
+                if status == 202:
+                    break
+                if status in (429, 503):
+                    time.sleep(float(headers.get("retry-after", "1")))
+                    continue
+                sys.exit(f"bench: ingest answered {status}: {body[:300]!r}")
+
+    def rows(self):
+        status, _, body = http("GET", f"{self.sink}/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith("sink_rows_written_total"):
+                return int(float(line.split()[-1]))
+        return 0
+
+    def wait_rows(self, target, every=0.05):
+        return wait_until(f"{target} rows", lambda: self.rows() >= target and time.monotonic(), every=every)
+
+    def sql(self, query):
+        out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", self.database, "-Atc", query],
+                             check=True, capture_output=True, text=True).stdout
+        return out.strip()
+
+    def cpu(self):
+        return {**{name: cpu_seconds(pid) for name, pid in self.pids.items()}, "postgres": postgres_cpu_seconds()}
+
+    def rss(self):
+        return {name: rss_mib(pid) for name, pid in self.pids.items() if name != "registry"}
+
+    def broker_disk_mib(self):
+        return sum(os.path.getsize(p) for p in glob.glob(os.path.join(self.run, "broker.db*"))) / 2**20
+
+
+def memory_broker():
+    """The broker built with in-memory storage, for comparisons only (built once, like the other)."""
+    return subprocess.run([os.path.join(ROOT, "scripts/broker/build.sh"), "dynostore"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def pipeline(base, photos_url, images, steady_seconds=10, storage=None):
+    """One end-to-end run: images/s, latency at half that rate, CPU ms per image, RSS."""
+    with Stack(storage) as stack:
+        warm = 2 * 8
+        stack.submit([f"{photos_url}/{i}" for i in range(warm)])
+        stack.wait_rows(warm)
+        cpu_before, started = stack.cpu(), time.monotonic()
+        stack.submit([f"{photos_url}/{base + i}" for i in range(images)])
+        finished = stack.wait_rows(warm + images)
+        rate = images / (finished - started)
+        cpu = {k: (v - cpu_before[k]) * 1000 / images for k, v in stack.cpu().items()}
+
+        # Steady load at half the peak, in ticks of 100 ms; latency is submission to row stored.
+        steady_from = stack.sql("SELECT now()")
+        sent, owed, per_tick = 0, 0.0, max(rate / 2 / 10, 1)
+        next_tick = time.monotonic()
+        for _ in range(steady_seconds * 10):
+            owed += per_tick
+            n, owed = int(owed), owed - int(owed)
+            if n:
+                stack.submit([f"{photos_url}/{base + images + sent + i}" for i in range(n)])
+                sent += n
+            next_tick += 0.1
+            time.sleep(max(0, next_tick - time.monotonic()))
+        stack.wait_rows(warm + images + sent)
+        latency = [float(v) * 1000 for v in stack.sql(
+            "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP "
+            "(ORDER BY extract(epoch FROM stored_at - submitted_at)) "
+            f"FROM results WHERE submitted_at >= '{steady_from}'").strip("{}").split(",")]
+        return {"rate": rate, "latency": latency, "cpu": cpu, "rss": stack.rss()}
+
+
+# --- the Celery design ---------------------------------------------------------------------------
+
+def celery_venv():
+    venv = os.path.join(CACHE, "venv-celery")
+    python = os.path.join(venv, "bin", "python")
+    requirements = os.path.join(ROOT, "bench/celery/requirements.txt")
+    stamp = os.path.join(venv, "requirements.txt")
+    if not (os.path.exists(stamp) and open(stamp).read() == open(requirements).read()):
+        say("creating the Celery baseline's venv (hash-pinned, from PyPI)")
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--only-binary=:all:", "--require-hashes",
+                        "-r", requirements], check=True)
+        shutil.copy(requirements, stamp)
+    return venv
+
+
+def celery(photos_url, base, images):
+    """Images/s of the Celery design on the same photos, and its CPU ms per image."""
+    venv = celery_venv()
+    redis_server = shutil.which("redis-server")
+    if not redis_server:
+        sys.exit("bench: the Celery baseline needs Redis: apt-get install redis-server")
+    redis_port, api_port = free_port(), free_port()
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+           "MODEL_PATH": os.path.join(CACHE, "models/efficientnet-lite0.onnx"),
+           "LABELS_PATH": os.path.join(CACHE, "models/imagenet_labels.tsv"), "ORT_THREADS": "1"}
+    cwd = os.path.join(ROOT, "bench/celery")
+    log = open(os.path.join(tempfile.gettempdir(), "reefline-bench-celery.log"), "ab")
+    procs = {"redis": subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
+                                        "--save", "", "--appendonly", "no"], stdout=log, stderr=log)}
+    try:
+        procs["celery"] = subprocess.Popen(
+            [os.path.join(venv, "bin/celery"), "-A", "app", "worker", "--pool", "prefork",
+             "--concurrency", str(CORES), "--loglevel", "warning", "--without-gossip", "--without-mingle"],
+            cwd=cwd, env=env, stdout=log, stderr=log)
+        procs["fastapi"] = subprocess.Popen(
+            [os.path.join(venv, "bin/uvicorn"), "app:api", "--host", "127.0.0.1", "--port", str(api_port),
+             "--log-level", "warning"], cwd=cwd, env=env, stdout=log, stderr=log)
+        api = f"http://127.0.0.1:{api_port}"
+
+        def up():
+            try:
+                return http("GET", f"{api}/api/done", timeout=1)[0] == 200
+            except OSError:
+                return False
+
+        wait_until("the Celery baseline's API", up, timeout=60)
+
+        def submit(urls):
+            for start in range(0, len(urls), 1000):
+                status, _, body = http("POST", f"{api}/api/infer", {"images": urls[start:start + 1000]})
+                if status != 202:
+                    sys.exit(f"bench: the Celery baseline answered {status}: {body[:300]!r}")
+
+        def done(target):
+            return wait_until(f"{target} Celery results",
+                              lambda: json.loads(http("GET", f"{api}/api/done")[2])["done"] >= target
+                              and time.monotonic())
+
+        warm = 4 * CORES
+        submit([f"{photos_url}/{i}" for i in range(warm)])
+        done(warm)
+        cpu_before, started = sum(tree_cpu_seconds(p.pid) for p in procs.values()), time.monotonic()
+        submit([f"{photos_url}/{base + i}" for i in range(images)])
+        finished = done(warm + images)
+        cpu = (sum(tree_cpu_seconds(p.pid) for p in procs.values()) - cpu_before) * 1000 / images
+        return {"rate": images / (finished - started), "cpu": cpu}
+    finally:
+        for p in reversed(list(procs.values())):
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+# --- the single-process limit --------------------------------------------------------------------
+
+def limit(images):
+    out = subprocess.run([os.path.join(RELEASE, "reefline-bench"), "--images", str(images)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["images_per_s"]
+
+
+# --- the two commands ----------------------------------------------------------------------------
+
+def spread(values, fmt="{:.1f}"):
+    values = sorted(values)
+    middle = statistics.median(values)
+    return middle, f"{fmt.format(middle)} (spread {fmt.format(values[0])}..{fmt.format(values[-1])})"
+
+
+def bench(args):
+    photos = load_photos()
+    photos_url = serve_photos(photos)
+    say(f"{args.images} images a run over {len(photos)} distinct real photos, {args.runs} run(s), {CORES} cores")
+    runs = []
+    for r in range(args.runs):
+        base = 1000 + r * 10 * args.images  # each run's URLs are new to the stack
+        run = {"limit": limit(args.images)}
+        say(f"run {r + 1}: single-process limit {run['limit']:.1f} images/s")
+        run["stack"] = pipeline(base, photos_url, args.images)
+        say(f"run {r + 1}: make-up stack (sqlite) {run['stack']['rate']:.1f} images/s")
+        if args.memory:
+            run["memory"] = pipeline(base, photos_url, args.images, storage="memory://bench/")
+            say(f"run {r + 1}: same on memory:// {run['memory']['rate']:.1f} images/s")
+        if args.celery:
+            run["celery"] = celery(photos_url, base, args.images)
+            say(f"run {r + 1}: Celery baseline {run['celery']['rate']:.1f} images/s")
+        runs.append(run)
+
+    print()
+    _, text = spread([r["limit"] for r in runs])
+    print(f"single_process_limit_images_s       {text}")
+    _, text = spread([r["stack"]["rate"] for r in runs])
+    print(f"end_to_end_images_s (make up)       {text}")
+    _, text = spread([r["stack"]["rate"] / r["limit"] for r in runs], "{:.3f}")
+    print(f"end_to_end / limit                  {text}")
+    if args.memory:
+        _, text = spread([r["memory"]["rate"] for r in runs])
+        print(f"end_to_end_images_s (memory://)     {text}")
+        _, text = spread([r["stack"]["rate"] / r["memory"]["rate"] for r in runs], "{:.3f}")
+        print(f"make up / memory://                 {text}")
+    if args.celery:
+        _, text = spread([r["celery"]["rate"] for r in runs])
+        print(f"celery_baseline_images_s            {text}")
+        _, text = spread([r["stack"]["rate"] / r["celery"]["rate"] for r in runs], "{:.2f}")
+        print(f"end_to_end / celery_baseline        {text}")
+        _, text = spread([r["celery"]["cpu"] for r in runs], "{:.1f}")
+        print(f"celery_cpu_ms_per_image             {text}")
+    middle = sorted(runs, key=lambda r: r["stack"]["rate"])[len(runs) // 2]["stack"]
+    for i, p in enumerate(["p50", "p95", "p99"]):
+        _, text = spread([r["stack"]["latency"][i] for r in runs], "{:.0f}")
+        print(f"latency_ms_at_half_peak {p}         {text}")
+    total = sum(middle["cpu"].values())
+    for name, ms in middle["cpu"].items():
+        print(f"cpu_ms_per_image {name:18} {ms:6.2f} ({100 * ms / total:.0f} %)")
+    print(f"cpu_ms_per_image total             {total:6.2f} ({CORES} cores allow {CORES * 1000 / total:.0f} images/s)")
+    for name, mib in middle["rss"].items():
+        print(f"rss_mib {name:27} {mib:.0f}")
+
+
+def soak_one(photos_url, requests, window, storage=None):
+    with Stack(storage) as stack:
+        warm = 16
+        stack.submit([f"{photos_url}/{i}" for i in range(warm)])
+        stack.wait_rows(warm)
+        rss_start = stack.rss()
+        started = time.monotonic()
+        submitter = threading.Thread(target=stack.submit,
+                                     args=([f"{photos_url}/{warm + i}" for i in range(requests)],), daemon=True)
+        submitter.start()
+        marks, last = [started], started
+        for k in range(1, requests // window + 1):
+            last = stack.wait_rows(warm + k * window, every=0.25)
+            marks.append(last)
+            say(f"{'memory://' if storage else 'make up'}: {k * window:>7,} results, "
+                f"{window / (marks[-1] - marks[-2]):.1f} images/s in the last {window:,}")
+        submitter.join()
+        result = {"rates": [window / (b - a) for a, b in zip(marks, marks[1:])],
+                  "overall": requests / (last - started), "rss_start": rss_start, "rss_end": stack.rss(),
+                  "disk_mib": stack.broker_disk_mib()}
+        say("idle: 30 s with nothing to do, then CPU measured over 30 s")
+        time.sleep(30)
+        before, t0 = stack.cpu(), time.monotonic()
+        time.sleep(30)
+        after, elapsed = stack.cpu(), time.monotonic() - t0
+        result["idle"] = {k: 100 * (after[k] - before[k]) / elapsed for k in before if k != "postgres"}
+        return result
+
+
+def soak(args):
+    photos_url = serve_photos(load_photos())
+    say(f"soak: {args.requests:,} requests through the make-up stack, windows of {args.window:,}")
+    main = soak_one(photos_url, args.requests, args.window)
+    memory = soak_one(photos_url, args.requests, args.window, "memory://soak/") if args.memory else None
+
+    print()
+    first = main["rates"][0]
+    print("window           images/s  vs first")
+    for k, rate in enumerate(main["rates"]):
+        print(f"{k * args.window:>7,}-{(k + 1) * args.window:<7,}  {rate:8.1f}  {100 * (rate / first - 1):+6.1f} %")
+    worst = min(main["rates"]) / first - 1
+    print(f"worst window vs first: {100 * worst:+.1f} % (floor: -15 %)")
+    print(f"whole run, make up:  {main['overall']:.1f} images/s")
+    if memory:
+        print(f"whole run, memory://: {memory['overall']:.1f} images/s; make up / memory:// = "
+              f"{main['overall'] / memory['overall']:.3f} (floor 0.90)")
+    print(f"broker disk use after {args.requests:,} requests: {main['disk_mib']:.0f} MiB")
+    print("idle CPU, % of one core: " + ", ".join(f"{k} {v:.2f}" for k, v in main["idle"].items()) +
+          f"; total {sum(main['idle'].values()):.2f} (ceiling 2)")
+    print("RSS MiB, start -> end: " + ", ".join(
+        f"{k} {main['rss_start'][k]:.0f} -> {main['rss_end'][k]:.0f}" for k in main["rss_start"]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench")
+    b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--images", type=int, default=1000)
+    b.add_argument("--no-memory", dest="memory", action="store_false")
+    b.add_argument("--no-celery", dest="celery", action="store_false")
+    s = sub.add_parser("soak")
+    s.add_argument("--requests", type=int, default=100_000)
+    s.add_argument("--window", type=int, default=10_000)
+    s.add_argument("--no-memory", dest="memory", action="store_false")
+    args = parser.parse_args()
+    (bench if args.command == "bench" else soak)(args)
+
+
+if __name__ == "__main__":
+    main()
