@@ -4,10 +4,12 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use reefline_common::producer::FutureProducer;
 use reefline_schemas::{Codec, ImageRequest};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -46,6 +48,13 @@ impl ConsumerContext for Context {
 }
 
 pub type RequestConsumer = StreamConsumer<Context>;
+
+/// How long a full pipeline may hold the next request before the partitions are paused. Pausing
+/// makes librdkafka drop what it has prefetched and fetch it again on resume, so it is kept for a
+/// real stall: pausing whenever the pipeline was momentarily full (under a backlog, at almost
+/// every request) made the broker read the same records over and over, and each resume waited
+/// for a fetch already in flight.
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
 /// Marks requests done and stores the offsets that may now be committed.
 #[derive(Clone)]
@@ -94,8 +103,10 @@ impl Offsets {
 }
 
 /// Reads until `shutdown` fires, sending decoded requests to `jobs` and poison records to the
-/// dead-letter topic. When `jobs` is full the assigned partitions are paused — the consumer keeps
-/// polling, so the group does not think it dead — and resumed once there is room again.
+/// dead-letter topic. When `jobs` stays full for [`PAUSE_AFTER`] the assigned partitions are
+/// paused — the consumer keeps polling, so the group does not think it dead — and resumed once
+/// the requests held back have been handed over. Until then librdkafka's own prefetch, bounded by
+/// `KAFKA_PREFETCH_KBYTES`, holds what is waiting.
 pub async fn run(
     offsets: Offsets,
     codec: Codec,
@@ -118,9 +129,25 @@ pub async fn run(
                 Err(TrySendError::Closed(_)) => return,
             }
         }
-        if backlog.is_empty() == paused {
-            paused = !paused;
-            offsets.set_paused(paused);
+        if backlog.is_empty() && paused {
+            paused = false;
+            offsets.set_paused(false);
+        }
+        if !backlog.is_empty() && !paused {
+            tokio::select! {
+                () = &mut shutdown => return,
+                permit = jobs.reserve() => match (permit, backlog.pop_front()) {
+                    (Ok(permit), Some(job)) => {
+                        permit.send(job);
+                        continue;
+                    }
+                    _ => return,
+                },
+                () = tokio::time::sleep(PAUSE_AFTER) => {
+                    paused = true;
+                    offsets.set_paused(true);
+                }
+            }
         }
         let message = tokio::select! {
             () = &mut shutdown => return,

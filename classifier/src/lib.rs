@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use axum::Router;
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::producer::{FutureProducer, Producer};
 use reefline_common::ops::{self, Readiness};
+use reefline_common::producer::FutureProducer;
 use reefline_schemas::Codec;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;

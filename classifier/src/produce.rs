@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use reefline_common::producer::FutureProducer;
 use reefline_schemas::{ClassificationResult, Codec, Status};
 use tokio::sync::mpsc;
 

@@ -29,7 +29,7 @@ pub struct KafkaSettings {
     /// Longest the broker may hold a consumer's fetch waiting for data, in milliseconds. A broker
     /// answers as soon as data arrives (Kafka does; the local nisshi does with the project's
     /// patch), so this costs no latency; shorter only means more fetches while idle.
-    #[arg(long = "kafka-fetch-wait-ms", env = "KAFKA_FETCH_WAIT_MS", default_value_t = 500)]
+    #[arg(long = "kafka-fetch-wait-ms", env = "KAFKA_FETCH_WAIT_MS", default_value_t = 2000)]
     pub consumer_fetch_wait_ms: u32,
 
     /// Consumer-group assignment strategy; cooperative-sticky moves only the partitions that
@@ -56,7 +56,7 @@ impl KafkaSettings {
             producer_linger_ms: 5,
             producer_batch_bytes: 1_000_000,
             producer_compression: "lz4".into(),
-            consumer_fetch_wait_ms: 500,
+            consumer_fetch_wait_ms: 2000,
             consumer_assignment_strategy: "cooperative-sticky".into(),
             consumer_prefetch_kbytes: 8192,
         }
@@ -157,7 +157,7 @@ pub const DEAD_LETTER_HEADERS: [&str; 6] = [
 /// error kind, the reason, where it came from and when. Retries with backoff until the broker has
 /// it: the caller may move past the record only then.
 pub async fn dead_letter(
-    producer: &rdkafka::producer::FutureProducer,
+    producer: &crate::producer::FutureProducer,
     topic: &str,
     message: &rdkafka::message::BorrowedMessage<'_>,
     kind: &str,
@@ -180,7 +180,7 @@ pub async fn dead_letter(
 }
 
 async fn try_dead_letter(
-    producer: &rdkafka::producer::FutureProducer,
+    producer: &crate::producer::FutureProducer,
     topic: &str,
     message: &rdkafka::message::BorrowedMessage<'_>,
     kind: &str,

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod kafka;
 pub mod ops;
+pub mod producer;
 pub mod replay;
 
 /// Delays for waiting out an outage (broker, registry, database): 100 ms, doubling each time, at

@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::{DEAD_LETTER_HEADERS, KafkaSettings};

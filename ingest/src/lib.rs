@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use rdkafka::producer::FutureProducer;
 use reefline_common::auth::{ApiKeys, require_key};
 use reefline_common::ops::{self, Readiness};
+use reefline_common::producer::FutureProducer;
 use reefline_schemas::Codec;
 use tokio::net::TcpListener;
 
@@ -40,7 +40,6 @@ impl AppState {
 /// Keeps `/readyz` telling whether the broker answers: every second, a metadata request for the
 /// requests topic through the producer's connections.
 async fn watch_broker(state: Arc<AppState>, readiness: Readiness) {
-    use rdkafka::producer::Producer as _;
     loop {
         let probe = state.clone();
         let reachable = tokio::task::spawn_blocking(move || {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
+use reefline_common::producer::FutureProducer;
 use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use sqlx::PgPool;
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use axum::Router;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use reefline_common::auth::{ApiKeys, require_key};
 use reefline_common::ops::{self, Readiness, duration_buckets};
+use reefline_common::producer::FutureProducer;
 use reefline_schemas::Codec;
 use tokio::net::TcpListener;
 

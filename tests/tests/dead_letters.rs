@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use reefline_common::producer::FutureProducer;
 use reefline_e2e::{Stack, TestEnv, metric, post_json, wait_for, wait_for_status};
 use serde_json::json;
 
