@@ -222,7 +222,9 @@ class Stack:
         return out.strip()
 
     def cpu(self):
-        return {**{name: cpu_seconds(pid) for name, pid in self.pids.items()}, "postgres": postgres_cpu_seconds()}
+        """CPU seconds so far of each service, of Postgres, and of this process (photo server, polling)."""
+        return {**{name: cpu_seconds(pid) for name, pid in self.pids.items()}, "postgres": postgres_cpu_seconds(),
+                "bench": cpu_seconds(os.getpid())}
 
     def rss(self):
         return {name: rss_mib(pid) for name, pid in self.pids.items() if name != "registry"}
@@ -438,7 +440,7 @@ def soak_one(photos_url, requests, window, storage=None):
         before, t0 = stack.cpu(), time.monotonic()
         time.sleep(30)
         after, elapsed = stack.cpu(), time.monotonic() - t0
-        result["idle"] = {k: 100 * (after[k] - before[k]) / elapsed for k in before if k != "postgres"}
+        result["idle"] = {k: 100 * (after[k] - before[k]) / elapsed for k in SERVICES}
         return result
 
 

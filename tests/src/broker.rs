@@ -90,6 +90,8 @@ impl Drop for Broker {
         // A failing test unwinds before its services stop; killing the broker under them would
         // make their Kafka clients wait on close. The broker goes when the test process does.
         if std::thread::panicking() {
+            // Dropping the child would close the leash's stdin and kill it all the same.
+            std::mem::forget(self.child.stdin.take());
             return;
         }
         self.kill();

@@ -27,21 +27,21 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     let stack = Stack::start_with(settings, Box::new(|engine| Box::new(Slow(engine)))).await;
     let client = reqwest::Client::new();
 
-    let urls: Vec<String> = (0..40).map(|i| format!("{}/photos/coffee.png?copy={i}", env.photos)).collect();
+    let urls: Vec<String> = (0..80).map(|i| format!("{}/photos/coffee.png?copy={i}", env.photos)).collect();
     let (_, accepted) = post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
     let batch_url = format!("{}/v1/batches/{}", stack.sink, accepted["batch_id"].as_str().unwrap());
-    let batch = wait_for("40 results behind a slow engine", Duration::from_secs(180), || {
+    let batch = wait_for("80 results behind a slow engine", Duration::from_secs(180), || {
         let (client, url) = (client.clone(), batch_url.clone());
         async move { get_json_ok(&client, &url).await.filter(|b| b["done"] == true) }
     })
     .await;
-    assert_eq!((batch["completed"].as_i64(), batch["ok"].as_i64()), (Some(40), Some(40)));
+    assert_eq!((batch["completed"].as_i64(), batch["ok"].as_i64()), (Some(80), Some(80)));
 
     let rows: i64 = sqlx::query_scalar("SELECT count(DISTINCT request_id) FROM results")
         .fetch_one(&env.db.pool().await)
         .await
         .unwrap();
-    assert_eq!(rows, 40);
+    assert_eq!(rows, 80);
 
     let text = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
     let pauses = metric(&text, "classifier_consumer_pauses_total").unwrap();
@@ -50,8 +50,8 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     assert_eq!(metric(&text, "classifier_in_flight"), Some(0.0));
     let batches = metric(&text, "classifier_batch_size_count").unwrap();
     let images = metric(&text, "classifier_batch_size_sum").unwrap();
-    assert_eq!(images, 40.0);
-    assert!(batches >= 10.0, "batches hold at most 4 images: {batches}");
+    assert_eq!(images, 80.0);
+    assert!(batches >= 20.0, "batches hold at most 4 images: {batches}");
 
     stack.stop().await;
     env.finish().await;
