@@ -38,7 +38,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
@@ -75,6 +74,18 @@ def wait_until(what, check, timeout=900, every=0.05):
             sys.exit(f"bench: gave up waiting for {what} after {timeout} s")
         time.sleep(every)
     return value
+
+
+def wait_count(what, count, target, timeout=900):
+    """Waits until count() reaches target; returns when (time.monotonic()). Asks every 250 ms
+    while more than 100 are to come, then every 10 ms: a precise end without the polling itself
+    taking a share of the cores being measured."""
+    deadline = time.monotonic() + timeout
+    while (n := count()) < target:
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: gave up waiting for {target} {what} ({n} so far)")
+        time.sleep(0.25 if target - n > 100 else 0.01)
+    return time.monotonic()
 
 
 # --- processes: CPU and memory from /proc --------------------------------------------------------
@@ -124,38 +135,33 @@ def postgres_cpu_seconds():
 
 # --- the photos ----------------------------------------------------------------------------------
 
-def load_photos():
-    paths = sorted(glob.glob(os.path.join(CACHE, "photos", "*")) +
-                   glob.glob(os.path.join(CACHE, "bench-photos", "**", "*.jpg"), recursive=True))
-    photos = [open(p, "rb").read() for p in paths]
-    if len(photos) < 200:
-        sys.exit(f"bench: {len(photos)} photos under {CACHE}; run `make setup`")
-    return photos
+def serve_photos():
+    """The bench photos (`photos/` and `bench-photos/` in the cache) over local HTTP, photo n at
+    BASE/n modulo their count, from `reefline-bench --serve`: a lean server, so that the benchmark
+    takes little of the cores it measures. Returns (BASE, number of photos); its pid is in
+    PHOTO_SERVERS, its CPU counted as the bench's."""
+    server = subprocess.Popen([os.path.join(RELEASE, "reefline-bench"), "--serve"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        started = json.loads(server.stdout.readline())
+    except ValueError:
+        sys.exit("bench: the photo server did not start (run `make setup`)")
+    PHOTO_SERVERS.append(server)
+    if started["photos"] < 200:
+        sys.exit(f"bench: {started['photos']} photos under {CACHE}; run `make setup`")
+    return started["url"], started["photos"]
 
 
-def serve_photos(photos):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+PHOTO_SERVERS = []
 
-        def do_GET(self):
-            try:
-                body = photos[int(self.path.rsplit("/", 1)[1]) % len(photos)]
-            except ValueError:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("content-type", "image/jpeg" if body[:2] == b"\xff\xd8" else "image/png")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *_):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/p"
+def stop_photo_servers():
+    for server in PHOTO_SERVERS:
+        server.stdin.close()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 # --- the stack `make up` runs --------------------------------------------------------------------
@@ -213,8 +219,8 @@ class Stack:
                 return int(float(line.split()[-1]))
         return 0
 
-    def wait_rows(self, target, every=0.05):
-        return wait_until(f"{target} rows", lambda: self.rows() >= target and time.monotonic(), every=every)
+    def wait_rows(self, target):
+        return wait_count("rows", self.rows, target)
 
     def sql(self, query):
         out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", self.database, "-Atc", query],
@@ -224,7 +230,7 @@ class Stack:
     def cpu(self):
         """CPU seconds so far of each service, of Postgres, and of this process (photo server, polling)."""
         return {**{name: cpu_seconds(pid) for name, pid in self.pids.items()}, "postgres": postgres_cpu_seconds(),
-                "bench": cpu_seconds(os.getpid())}
+                "bench": cpu_seconds(os.getpid()) + sum(cpu_seconds(server.pid) for server in PHOTO_SERVERS)}
 
     def rss(self):
         return {name: rss_mib(pid) for name, pid in self.pids.items() if name != "registry"}
@@ -327,9 +333,7 @@ def celery(photos_url, base, images):
                     sys.exit(f"bench: the Celery baseline answered {status}: {body[:300]!r}")
 
         def done(target):
-            return wait_until(f"{target} Celery results",
-                              lambda: json.loads(http("GET", f"{api}/api/done")[2])["done"] >= target
-                              and time.monotonic())
+            return wait_count("Celery results", lambda: json.loads(http("GET", f"{api}/api/done")[2])["done"], target)
 
         warm = 4 * CORES
         submit([f"{photos_url}/{i}" for i in range(warm)])
@@ -366,9 +370,8 @@ def spread(values, fmt="{:.1f}"):
 
 
 def bench(args):
-    photos = load_photos()
-    photos_url = serve_photos(photos)
-    say(f"{args.images} images a run over {len(photos)} distinct real photos, {args.runs} run(s), {CORES} cores")
+    photos_url, photos = serve_photos()
+    say(f"{args.images} images a run over {photos} distinct real photos, {args.runs} run(s), {CORES} cores")
     runs = []
     for r in range(args.runs):
         base = 1000 + r * 10 * args.images  # each run's URLs are new to the stack
@@ -427,7 +430,7 @@ def soak_one(photos_url, requests, window, storage=None):
         submitter.start()
         marks, last = [started], started
         for k in range(1, requests // window + 1):
-            last = stack.wait_rows(warm + k * window, every=0.25)
+            last = stack.wait_rows(warm + k * window)
             marks.append(last)
             say(f"{'memory://' if storage else 'make up'}: {k * window:>7,} results, "
                 f"{window / (marks[-1] - marks[-2]):.1f} images/s in the last {window:,}")
@@ -445,7 +448,7 @@ def soak_one(photos_url, requests, window, storage=None):
 
 
 def soak(args):
-    photos_url = serve_photos(load_photos())
+    photos_url, _ = serve_photos()
     say(f"soak: {args.requests:,} requests through the make-up stack, windows of {args.window:,}")
     main = soak_one(photos_url, args.requests, args.window)
     memory = soak_one(photos_url, args.requests, args.window, "memory://soak/") if args.memory else None
@@ -481,7 +484,10 @@ def main():
     s.add_argument("--window", type=int, default=10_000)
     s.add_argument("--no-memory", dest="memory", action="store_false")
     args = parser.parse_args()
-    (bench if args.command == "bench" else soak)(args)
+    try:
+        (bench if args.command == "bench" else soak)(args)
+    finally:
+        stop_photo_servers()
 
 
 if __name__ == "__main__":

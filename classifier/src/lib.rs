@@ -142,6 +142,7 @@ impl Application {
             preprocess: Preprocess { size: s.image_size, max_side: s.max_image_side, max_pixels: s.max_image_pixels },
             fetch_concurrency: s.fetch_concurrency.max(1),
             decode_threads,
+            decode_nice: s.decode_nice,
             retry: prepare::RetryPolicy {
                 max_retries: s.fetch_retries,
                 base: Duration::from_millis(s.fetch_retry_base_ms),

@@ -25,6 +25,7 @@ pub struct Prepare {
     pub preprocess: Preprocess,
     pub fetch_concurrency: usize,
     pub decode_threads: usize,
+    pub decode_nice: i32,
     pub retry: RetryPolicy,
     pub metrics: Metrics,
 }
@@ -89,9 +90,12 @@ impl RetryPolicy {
 impl Prepare {
     /// Decodes and preprocesses on a blocking thread; the caller holds a decoder slot.
     async fn preprocess(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ImageError> {
-        let preprocess = self.preprocess;
+        let (preprocess, nice) = (self.preprocess, self.decode_nice);
         let started = Instant::now();
-        let tensor = tokio::task::spawn_blocking(move || preprocess.run(&bytes))
+        let tensor = tokio::task::spawn_blocking(move || {
+            crate::preprocess::lower_thread_priority(nice);
+            preprocess.run(&bytes)
+        })
             .await
             .map_err(|e| ImageError::DecodeFailed(format!("decoder panicked: {e}")))??;
         self.metrics.preprocess_seconds.observe(started.elapsed().as_secs_f64());

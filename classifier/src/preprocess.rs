@@ -20,6 +20,25 @@ pub struct Preprocess {
     pub max_pixels: u64,
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux; elsewhere nothing), once per
+/// thread. Decoding runs at a lower priority than inference: the engine is the pipeline's
+/// bottleneck, so its threads should never wait for a core a decoder holds, while decoders only
+/// need to stay a few batches ahead and fill the moments the engine leaves a core idle.
+pub fn lower_thread_priority(nice: i32) {
+    thread_local! {
+        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if nice <= 0 || LOWERED.with(|done| done.replace(true)) {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority on this thread's own id (PRIO_PROCESS with a tid is per thread on Linux).
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+    }
+}
+
 /// Fraction of the shorter side kept by the center crop (224 of 256).
 const CROP_FRACTION: f64 = 0.875;
 

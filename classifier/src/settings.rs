@@ -153,6 +153,11 @@ pub struct Settings {
     #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,
 
+    /// Scheduling niceness of the decoding threads (0 to 19; 0 leaves them equal to inference).
+    /// Inference is the bottleneck, so by default decoding yields a shared core to it.
+    #[arg(long, env = "DECODE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub decode_nice: i32,
+
     #[command(flatten)]
     pub kafka: KafkaSettings,
 

@@ -79,9 +79,15 @@ impl IntoResponse for IngestError {
             IngestError::Overloaded { .. } => Some("1"),
             _ => None,
         };
+        let too_large = matches!(self, IngestError::BodyTooLarge { .. });
         let mut response = (self.status(), body).into_response();
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(seconds));
+        }
+        if too_large {
+            // The rest of the body is never read, so the connection cannot carry another request:
+            // say so, or a client reuses it and its next request meets the close (as nginx does).
+            response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
         }
         response
     }

@@ -2,6 +2,12 @@
 //! preprocess → batched inference, in one process, no network, no Kafka, with the classifier's own
 //! code and default settings, over the bench photos (`photos/` and `bench-photos/` in the cache).
 //! Prints one JSON line: `{"images": N, "photos": P, "images_per_s": X}`.
+//!
+//! With `--serve`, serves those photos instead for the pipeline runs: `GET /p/{n}` answers photo
+//! `n` modulo their count. It prints `{"url": BASE, "photos": P}`, then serves until its standard
+//! input closes.
+//! (A lean server, so that the benchmark's own photo server takes as little as it can of the
+//! cores the pipeline is measured on.)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +32,12 @@ struct Args {
     /// ONNX Runtime intra-op threads (0: all cores, the classifier's default).
     #[arg(long, default_value_t = 0)]
     intra_threads: usize,
+    /// Serve the photos over HTTP instead of measuring (see the module docs).
+    #[arg(long)]
+    serve: bool,
+    /// Niceness of the decoding threads (the classifier's default).
+    #[arg(long, default_value_t = 10)]
+    decode_nice: i32,
 }
 
 /// The test photos and the bench photos, in the order scripts/bench.py serves them.
@@ -56,8 +68,9 @@ fn ort_options(intra_threads: usize) -> OrtOptions {
     options
 }
 
-/// Images/s of decode + preprocess (one thread per core) feeding batched inference (its own thread).
-fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize, intra: usize) -> anyhow::Result<f64> {
+/// Images/s of decode + preprocess (one thread per core, at the classifier's lower priority)
+/// feeding batched inference (its own thread).
+fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize, intra: usize, nice: i32) -> anyhow::Result<f64> {
     let mut engine = OrtEngine::load(&ort_options(intra))?;
     let pre = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
     let warm = pre.run(&photos[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -71,6 +84,7 @@ fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize, intra: usi
         .map(|_| {
             let (next, tx, photos) = (next.clone(), tx.clone(), photos.to_vec());
             std::thread::spawn(move || {
+                reefline_classifier::preprocess::lower_thread_priority(nice);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= images {
@@ -110,10 +124,41 @@ fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize, intra: usi
     Ok(images as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Serves `photos` at `/p/{n}` on a free loopback port until standard input closes.
+fn serve(photos: Vec<Vec<u8>>) -> anyhow::Result<()> {
+    use axum::extract::{Path, State};
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+
+    async fn photo(State(photos): State<Arc<Vec<axum::body::Bytes>>>, Path(n): Path<String>) -> axum::response::Response {
+        let Ok(n) = n.parse::<usize>() else { return StatusCode::NOT_FOUND.into_response() };
+        let body = photos[n % photos.len()].clone();
+        let kind = if body.starts_with(&[0xff, 0xd8]) { "image/jpeg" } else { "image/png" };
+        ([(header::CONTENT_TYPE, kind)], body).into_response()
+    }
+
+    let photos: Arc<Vec<axum::body::Bytes>> = Arc::new(photos.into_iter().map(Into::into).collect());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/p", listener.local_addr()?);
+        println!("{}", serde_json::json!({ "url": url, "photos": photos.len() }));
+        let app = axum::Router::new().route("/p/{n}", axum::routing::get(photo)).with_state(photos);
+        let stdin_closed = async {
+            let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await;
+        };
+        axum::serve(listener, app).with_graceful_shutdown(stdin_closed).await?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let photos = load_photos()?;
-    let rate = measure_limit(&photos, args.images, args.max_batch, args.intra_threads)?;
+    if args.serve {
+        return serve(photos);
+    }
+    let rate = measure_limit(&photos, args.images, args.max_batch, args.intra_threads, args.decode_nice)?;
     println!("{}", serde_json::json!({ "images": args.images, "photos": photos.len(), "images_per_s": rate }));
     Ok(())
 }
