@@ -428,15 +428,16 @@ def soak_one(photos_url, requests, window, storage=None):
         submitter = threading.Thread(target=stack.submit,
                                      args=([f"{photos_url}/{warm + i}" for i in range(requests)],), daemon=True)
         submitter.start()
-        marks, last = [started], started
+        marks, last, rss = [started], started, []
         for k in range(1, requests // window + 1):
             last = stack.wait_rows(warm + k * window)
             marks.append(last)
+            rss.append(stack.rss())
             say(f"{'memory://' if storage else 'make up'}: {k * window:>7,} results, "
                 f"{window / (marks[-1] - marks[-2]):.1f} images/s in the last {window:,}")
         submitter.join()
         result = {"rates": [window / (b - a) for a, b in zip(marks, marks[1:])],
-                  "overall": requests / (last - started), "rss_start": rss_start, "rss_end": stack.rss(),
+                  "overall": requests / (last - started), "rss_start": rss_start, "rss": rss,
                   "disk_mib": stack.broker_disk_mib()}
         say("idle: 30 s with nothing to do, then CPU measured over 30 s")
         time.sleep(30)
@@ -455,9 +456,11 @@ def soak(args):
 
     print()
     first = main["rates"][0]
-    print("window           images/s  vs first")
+    services = list(main["rss_start"])
+    print("window           images/s  vs first   RSS MiB at its end: " + ", ".join(services))
     for k, rate in enumerate(main["rates"]):
-        print(f"{k * args.window:>7,}-{(k + 1) * args.window:<7,}  {rate:8.1f}  {100 * (rate / first - 1):+6.1f} %")
+        print(f"{k * args.window:>7,}-{(k + 1) * args.window:<7,}  {rate:8.1f}  {100 * (rate / first - 1):+6.1f} %   "
+              + ", ".join(f"{main['rss'][k][name]:.0f}" for name in services))
     worst = min(main["rates"]) / first - 1
     print(f"worst window vs first: {100 * worst:+.1f} % (floor: -15 %)")
     print(f"whole run, make up:  {main['overall']:.1f} images/s")
@@ -468,7 +471,7 @@ def soak(args):
     print("idle CPU, % of one core: " + ", ".join(f"{k} {v:.2f}" for k, v in main["idle"].items()) +
           f"; total {sum(main['idle'].values()):.2f} (ceiling 2)")
     print("RSS MiB, start -> end: " + ", ".join(
-        f"{k} {main['rss_start'][k]:.0f} -> {main['rss_end'][k]:.0f}" for k in main["rss_start"]))
+        f"{k} {main['rss_start'][k]:.0f} -> {main['rss'][-1][k]:.0f}" for k in services))
 
 
 def main():
