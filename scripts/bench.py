@@ -222,6 +222,13 @@ class Stack:
     def wait_rows(self, target):
         return wait_count("rows", self.rows, target)
 
+    def check_all_ok(self):
+        """A failed image is fast: a rate is a figure only if every result was a classification."""
+        failed = int(self.sql("SELECT count(*) FROM results WHERE status <> 'ok'"))
+        if failed:
+            sys.exit(f"bench: {failed} results are errors: " + self.sql(
+                "SELECT string_agg(DISTINCT error_kind, ', ') FROM results WHERE status <> 'ok'"))
+
     def sql(self, query):
         out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", self.database, "-Atc", query],
                              check=True, capture_output=True, text=True).stdout
@@ -255,6 +262,7 @@ def pipeline(base, photos_url, images, steady_seconds=10, storage=None):
         stack.submit([f"{photos_url}/{base + i}" for i in range(images)])
         finished = stack.wait_rows(warm + images)
         rate = images / (finished - started)
+        stack.check_all_ok()
         cpu = {k: (v - cpu_before[k]) * 1000 / images for k, v in stack.cpu().items()}
 
         # Steady load at half the peak, in ticks of 100 ms; latency is submission to row stored.
@@ -342,6 +350,9 @@ def celery(photos_url, base, images):
         submit([f"{photos_url}/{base + i}" for i in range(images)])
         finished = done(warm + images)
         cpu = (sum(tree_cpu_seconds(p.pid) for p in procs.values()) - cpu_before) * 1000 / images
+        errors = json.loads(http("GET", f"{api}/api/done")[2])["errors"]
+        if errors:
+            sys.exit(f"bench: {errors} of the Celery baseline's images failed (see {log.name}): its rate is no figure")
         return {"rate": images / (finished - started), "cpu": cpu}
     finally:
         for p in reversed(list(procs.values())):
@@ -436,6 +447,7 @@ def soak_one(photos_url, requests, window, storage=None):
             say(f"{'memory://' if storage else 'make up'}: {k * window:>7,} results, "
                 f"{window / (marks[-1] - marks[-2]):.1f} images/s in the last {window:,}")
         submitter.join()
+        stack.check_all_ok()
         result = {"rates": [window / (b - a) for a, b in zip(marks, marks[1:])],
                   "overall": requests / (last - started), "rss_start": rss_start, "rss": rss,
                   "disk_mib": stack.broker_disk_mib()}

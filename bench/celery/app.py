@@ -5,8 +5,8 @@ onnxruntime + Pillow, one image per task.
 ids; a prefork worker (one process per core) fetches the image, decodes and preprocesses it with
 Pillow and numpy exactly as the Rust classifier does (the centre 0.875 square resized bilinearly to
 224×224, x = (pixel − 127) / 128, RGB, NCHW), runs the same ONNX file through onnxruntime with batch
-1, and stores the top-5 in the Redis result backend. `GET /api/done` counts finished tasks, so the
-benchmark can stop its clock without reading every result.
+1, and stores the top-5 in the Redis result backend. `GET /api/done` counts finished tasks (and
+those that failed), so the benchmark can stop its clock without reading every result.
 
 Settings (environment): REDIS_URL, MODEL_PATH, LABELS_PATH, ORT_THREADS (per worker process; 1,
 since the workers already use every core).
@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DONE_KEY = "reefline-baseline:done"
+ERRORS_KEY = "reefline-baseline:errors"
 SIZE = 224
 CROP_FRACTION = 0.875
 
@@ -75,6 +76,7 @@ def classify(url: str) -> dict:
                                   for i in top]}
     except Exception as error:  # a failed image is a result too
         result = {"url": url, "status": "error", "error": str(error)}
+        counter.incr(ERRORS_KEY)
     counter.incr(DONE_KEY)
     return result
 
@@ -90,4 +92,4 @@ def infer(submission: Submission):
 
 @api.get("/api/done")
 def done():
-    return {"done": int(counter.get(DONE_KEY) or 0)}
+    return {"done": int(counter.get(DONE_KEY) or 0), "errors": int(counter.get(ERRORS_KEY) or 0)}
