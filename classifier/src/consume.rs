@@ -24,22 +24,102 @@ pub struct Job {
     pub offset: i64,
 }
 
-/// Consumer callbacks: forget the offsets of partitions taken away in a rebalance.
+/// Requests read and decoded but not yet handed to the pipeline (it was full), oldest first.
+/// Shared with the rebalance callback, which takes back those of revoked partitions.
+#[derive(Clone, Default)]
+pub struct Backlog(Arc<Mutex<VecDeque<Job>>>);
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.0.lock().expect("backlog lock")
+    }
+    fn pop_front(&self) -> Option<Job> {
+        self.lock().pop_front()
+    }
+    fn push_front(&self, job: Job) {
+        self.lock().push_front(job);
+    }
+    fn push_back(&self, job: Job) {
+        self.lock().push_back(job);
+    }
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// Longest a rebalance waits for the revoked partitions' requests in flight to be finished.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Consumer callbacks: hand revoked partitions over cleanly.
 pub struct Context {
     pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub backlog: Backlog,
+    pub in_flight: prometheus::IntGauge,
+}
+
+impl Context {
+    /// Drains the revoked partitions before they go, as vector's Kafka source does: requests not
+    /// yet handed to the pipeline are dropped (nothing was produced for them; the next owner
+    /// reads them), those in the pipeline are waited for (at most [`DRAIN_TIMEOUT`]) until their
+    /// results are acknowledged and their offsets stored, and the offsets are committed, so the
+    /// next owner starts exactly after the last result produced here and redoes nothing.
+    fn drain(&self, consumer: &BaseConsumer<Self>, revoked: &[i32]) {
+        let dropped = {
+            let mut backlog = self.backlog.lock();
+            let before = backlog.len();
+            let mut tracker = self.tracker.lock().expect("offset tracker lock");
+            backlog.retain(|job| {
+                let keep = !revoked.contains(&job.partition);
+                if !keep {
+                    tracker.forget(job.partition, job.offset);
+                }
+                keep
+            });
+            before - backlog.len()
+        };
+        self.in_flight.sub(dropped as i64);
+        let in_flight = || {
+            let tracker = self.tracker.lock().expect("offset tracker lock");
+            revoked.iter().map(|p| tracker.in_flight_on(*p)).sum::<usize>()
+        };
+        let started = std::time::Instant::now();
+        let wait = || {
+            while in_flight() > 0 && started.elapsed() < DRAIN_TIMEOUT {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // This runs inside the consume task's poll: let the runtime move its other tasks away.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
+        let left = in_flight();
+        match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %e, "commit before handing partitions over failed"),
+        }
+        let mut tracker = self.tracker.lock().expect("offset tracker lock");
+        for partition in revoked {
+            tracker.revoke(*partition);
+        }
+        tracing::info!(
+            partitions = revoked.len(),
+            dropped,
+            unfinished = left,
+            took_ms = started.elapsed().as_millis() as u64,
+            "partitions drained and handed over"
+        );
+    }
 }
 
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let mut tracker = self.tracker.lock().expect("offset tracker lock");
-                for elem in tpl.elements() {
-                    tracker.revoke(elem.partition());
-                }
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.drain(consumer, &revoked);
             }
             Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -61,6 +141,7 @@ const PAUSE_AFTER: Duration = Duration::from_millis(250);
 #[derive(Clone)]
 pub struct Offsets {
     pub consumer: Arc<RequestConsumer>,
+    pub backlog: Backlog,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub topic: String,
     pub metrics: Metrics,
@@ -113,11 +194,12 @@ pub async fn run(
     codec: Codec,
     producer: FutureProducer,
     dead_letter_topic: String,
+    max_url_bytes: usize,
     jobs: mpsc::Sender<Job>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut backlog: VecDeque<Job> = VecDeque::new();
+    let backlog = offsets.backlog.clone();
     let mut paused = false;
     loop {
         while let Some(job) = backlog.pop_front() {
@@ -174,12 +256,29 @@ pub async fn run(
         }
         let (partition, offset) = (message.partition(), message.offset());
         offsets.start(partition, offset);
-        match codec.decode_waiting::<ImageRequest>(message.payload()).await {
+        // A record that does not decode, or decodes to a request no ingest would have accepted
+        // (a NUL in its URL, ids that are not UUIDs, ...), is moved aside with its reason.
+        // Waiting out a registry or broker outage here must not hold up a stop: what is not
+        // finished is not committed, so it is read again after a restart.
+        let checked = tokio::select! {
+            () = &mut shutdown => return,
+            decoded = codec.decode_waiting::<ImageRequest>(message.payload()) => decoded
+                .map_err(|e| (e.kind(), e.to_string()))
+                .and_then(|request| match request.check(max_url_bytes) {
+                    Ok(()) => Ok(request),
+                    Err(reason) => Err(("invalid_request", reason)),
+                }),
+        };
+        match checked {
             Ok(request) => backlog.push_back(Job { request, partition, offset }),
-            Err(e) => {
-                reefline_common::kafka::dead_letter(&producer, &dead_letter_topic, &message, e.kind(), &e.to_string())
-                    .await;
-                offsets.metrics.dead_letters.with_label_values(&[e.kind()]).inc();
+            Err((kind, reason)) => {
+                let moved =
+                    reefline_common::kafka::dead_letter(&producer, &dead_letter_topic, (&message).into(), kind, &reason);
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = moved => {}
+                }
+                offsets.metrics.dead_letters.with_label_values(&[kind]).inc();
                 offsets.finish(partition, offset);
             }
         }

@@ -74,13 +74,23 @@ impl Application {
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let backlog = consume::Backlog::default();
         let consumer: RequestConsumer = settings
             .kafka
             .consumer_config(&settings.group_id, settings.session_timeout_ms)
-            .create_with_context(Context { tracker: tracker.clone() })?;
+            .create_with_context(Context {
+                tracker: tracker.clone(),
+                backlog: backlog.clone(),
+                in_flight: metrics.in_flight.clone(),
+            })?;
         consumer.subscribe(&[&settings.requests_topic])?;
-        let offsets =
-            Offsets { consumer: Arc::new(consumer), tracker, topic: settings.requests_topic.clone(), metrics };
+        let offsets = Offsets {
+            consumer: Arc::new(consumer),
+            backlog,
+            tracker,
+            topic: settings.requests_topic.clone(),
+            metrics,
+        };
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
 
@@ -174,15 +184,19 @@ impl Application {
             metrics: metrics.clone(),
         };
         let engine = infer::spawn(inference, batches_rx, outcome_tx, done_tx);
+        let stopping = produce::Stopping::default();
         let produce = tokio::spawn(produce::run(
             produce::Produce {
                 producer: self.producer.clone(),
                 codec: self.codec.clone(),
                 topic: s.results_topic.clone(),
+                requests_topic: s.requests_topic.clone(),
+                dead_letter_topic: s.dead_letter_topic.clone(),
                 model_name: s.model_name.clone(),
                 model_version: s.model_version.clone(),
                 labels: self.labels,
                 offsets: self.offsets.clone(),
+                stopping: stopping.clone(),
             },
             outcome_rx,
         ));
@@ -194,12 +208,14 @@ impl Application {
             self.codec.clone(),
             self.producer.clone(),
             s.dead_letter_topic.clone(),
+            s.max_url_bytes,
             jobs_tx,
             shutdown,
         )
         .await;
 
         tracing::info!("draining in-flight requests");
+        stopping.begin();
         self.readiness.set(false);
         prepare.await?;
         batcher.await?;

@@ -34,6 +34,14 @@ impl PartitionOffsets {
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
+
+    /// Forgets a message that will not be finished here (it was never handed to the pipeline);
+    /// the stored offset never moves past it.
+    pub fn forget(&mut self, offset: i64) {
+        if self.in_flight.get(&offset) == Some(&false) {
+            self.in_flight.remove(&offset);
+        }
+    }
 }
 
 /// Offsets for every assigned partition of one topic.
@@ -49,6 +57,18 @@ impl OffsetTracker {
 
     pub fn finish(&mut self, partition: i32, offset: i64) -> Option<i64> {
         self.partitions.get_mut(&partition)?.finish(offset)
+    }
+
+    /// Forgets one message of a partition (see [`PartitionOffsets::forget`]).
+    pub fn forget(&mut self, partition: i32, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.forget(offset);
+        }
+    }
+
+    /// Messages in flight on `partition`.
+    pub fn in_flight_on(&self, partition: i32) -> usize {
+        self.partitions.get(&partition).map_or(0, PartitionOffsets::in_flight)
     }
 
     /// Forgets a partition that was revoked.
@@ -77,6 +97,21 @@ mod tests {
         assert_eq!(p.finish(14), None);
         assert_eq!(p.finish(13), Some(15));
         assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_forgotten_tail_is_never_passed() {
+        let mut t = OffsetTracker::default();
+        for o in 10..14 {
+            t.start(0, o);
+        }
+        // 12 and 13 were never handed to the pipeline when the partition was revoked.
+        t.forget(0, 12);
+        t.forget(0, 13);
+        assert_eq!(t.in_flight_on(0), 2);
+        assert_eq!(t.finish(0, 11), None);
+        assert_eq!(t.finish(0, 10), Some(12), "the next owner starts at the first forgotten one");
+        assert_eq!(t.in_flight_on(0), 0);
     }
 
     #[test]

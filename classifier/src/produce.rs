@@ -1,13 +1,23 @@
 //! Stage 6, produce: encode each outcome as a result record, produce it, and once the broker
 //! acknowledges it mark the request's offset done.
+//!
+//! A failure that retrying cannot cure (the result is larger than the broker takes, the record
+//! does not encode) moves the request to the dead-letter topic, so the partition's offsets keep
+//! moving; any other failure (broker or registry away) is retried until it works, or until the
+//! classifier has been stopping for [`Stopping::GRACE`], when the request is left for a redo.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
+use reefline_common::kafka::Source;
 use reefline_common::producer::FutureProducer;
-use reefline_schemas::{ClassificationResult, Codec, Status};
+use reefline_schemas::rules::{ERROR_MESSAGE_BYTES, truncate};
+use reefline_schemas::{ClassificationResult, Codec, CodecError, Status};
 use tokio::sync::mpsc;
 
 use crate::consume::Offsets;
@@ -18,19 +28,69 @@ pub struct Produce {
     pub producer: FutureProducer,
     pub codec: Codec,
     pub topic: String,
+    pub requests_topic: String,
+    pub dead_letter_topic: String,
     pub model_name: String,
     pub model_version: String,
     pub labels: crate::labels::Labels,
     pub offsets: Offsets,
+    pub stopping: Stopping,
+}
+
+/// When the classifier began to stop, once it has.
+#[derive(Clone, Default)]
+pub struct Stopping(Arc<OnceLock<Instant>>);
+
+impl Stopping {
+    /// How long a stopping classifier keeps retrying what it has in hand.
+    pub const GRACE: Duration = Duration::from_secs(10);
+
+    pub fn begin(&self) {
+        let _ = self.0.set(Instant::now());
+    }
+
+    /// Whether the classifier has been stopping for longer than [`Stopping::GRACE`].
+    fn given_up(&self) -> bool {
+        self.0.get().is_some_and(|t| t.elapsed() > Self::GRACE)
+    }
 }
 
 /// Records produced at once, awaiting acknowledgement.
 const IN_FLIGHT: usize = 512;
 
-/// Runs until `outcomes` closes and every record is acknowledged.
+/// Runs until `outcomes` closes and every record is acknowledged (or given up on while stopping).
 pub async fn run(stage: Produce, outcomes: mpsc::Receiver<Outcome>) {
     let stream = futures::stream::unfold(outcomes, |mut rx| async move { rx.recv().await.map(|o| (o, rx)) });
     stream.for_each_concurrent(IN_FLIGHT, |outcome| stage.produce(outcome)).await;
+}
+
+/// Why a result was not produced.
+enum Failure {
+    /// Retrying the same record cannot work: (kind, reason).
+    Permanent(&'static str, String),
+    Transient(String),
+}
+
+fn classify_kafka(e: &KafkaError) -> Failure {
+    use RDKafkaErrorCode::*;
+    match e.rdkafka_error_code() {
+        Some(MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge) => {
+            Failure::Permanent("result_too_large", format!("the broker refused the result: {e}"))
+        }
+        Some(InvalidMessage | InvalidRecord) => {
+            Failure::Permanent("result_refused", format!("the broker refused the result: {e}"))
+        }
+        _ => Failure::Transient(e.to_string()),
+    }
+}
+
+fn classify_codec(e: CodecError) -> Failure {
+    match e {
+        CodecError::Undecodable(_) | CodecError::Mismatch { .. } => Failure::Permanent("unencodable", e.to_string()),
+        // The registry away, or refusing the result schema (a deployment fault, the same for every
+        // record): wait for it rather than dead-letter every result.
+        CodecError::RegistryUnavailable(_) | CodecError::Registry(_) => Failure::Transient(e.to_string()),
+    }
 }
 
 impl Produce {
@@ -38,7 +98,12 @@ impl Produce {
         let r = &outcome.job.request;
         let (status, predictions, error_kind, error_message) = match &outcome.result {
             Ok(p) => (Status::Ok, p.clone(), None, None),
-            Err(e) => (Status::Error, Vec::new(), Some(e.kind().to_owned()), Some(e.to_string())),
+            Err(e) => (
+                Status::Error,
+                Vec::new(),
+                Some(e.kind().to_owned()),
+                Some(truncate(&e.to_string(), ERROR_MESSAGE_BYTES).to_owned()),
+            ),
         };
         let marine_group = predictions
             .first()
@@ -67,11 +132,26 @@ impl Produce {
         let result = self.result(&outcome);
         let metrics = &self.offsets.metrics;
         let mut backoff = reefline_common::Backoff::new();
-        while let Err(e) = self.try_produce(&result).await {
-            tracing::warn!(request_id = %result.request_id, error = %e, "producing the result failed; retrying");
-            backoff.wait().await;
-        }
-        let outcome_label = result.error_kind.as_deref().unwrap_or("ok");
+        let outcome_label = loop {
+            match self.try_produce(&result).await {
+                Ok(()) => break result.error_kind.as_deref().unwrap_or("ok"),
+                Err(Failure::Permanent(kind, reason)) => {
+                    if !self.dead_letter(&outcome, kind, &reason).await {
+                        return;
+                    }
+                    metrics.dead_letters.with_label_values(&[kind]).inc();
+                    break kind;
+                }
+                Err(Failure::Transient(e)) => {
+                    if self.stopping.given_up() {
+                        tracing::warn!(request_id = %result.request_id, error = %e, "stopping with a result unproduced; it will be redone");
+                        return;
+                    }
+                    tracing::warn!(request_id = %result.request_id, error = %e, "producing the result failed; retrying");
+                    backoff.wait().await;
+                }
+            }
+        };
         metrics.results.with_label_values(&[outcome_label]).inc();
         let e2e = (result.completed_at_ms - result.submitted_at_ms).max(0) as f64 / 1000.0;
         metrics.end_to_end_seconds.observe(e2e);
@@ -79,12 +159,51 @@ impl Produce {
         self.offsets.finish(outcome.job.partition, outcome.job.offset);
     }
 
-    async fn try_produce(&self, result: &ClassificationResult) -> anyhow::Result<()> {
-        let payload = self.codec.encode(&self.topic, result).await?;
+    async fn try_produce(&self, result: &ClassificationResult) -> Result<(), Failure> {
+        let payload = self.codec.encode(&self.topic, result).await.map_err(classify_codec)?;
         let headers =
             OwnedHeaders::new().insert(Header { key: "reefline-request-id", value: Some(result.request_id.as_str()) });
         let record = FutureRecord::to(&self.topic).key(result.request_id.as_str()).payload(&payload).headers(headers);
-        self.producer.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| e)?;
+        self.producer.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| classify_kafka(&e))?;
         Ok(())
+    }
+
+    /// Moves the request whose result cannot be produced to the dead-letter topic, encoded as it
+    /// was read (a replay sends it back to the requests topic). False if the classifier stopped
+    /// before the broker took it.
+    async fn dead_letter(&self, outcome: &Outcome, kind: &str, reason: &str) -> bool {
+        let job = &outcome.job;
+        let mut backoff = reefline_common::Backoff::new();
+        let payload = loop {
+            match self.codec.encode(&self.requests_topic, &job.request).await {
+                Ok(payload) => break payload,
+                Err(e) if self.stopping.given_up() => {
+                    tracing::warn!(request_id = %job.request.request_id, error = %e, "stopping with a dead letter unsent; the request will be redone");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "encoding a dead letter failed; retrying");
+                    backoff.wait().await;
+                }
+            }
+        };
+        let source = Source {
+            topic: &self.requests_topic,
+            partition: job.partition,
+            offset: job.offset,
+            key: Some(job.request.request_id.as_bytes()),
+            payload: Some(&payload),
+        };
+        let send = reefline_common::kafka::dead_letter(&self.producer, &self.dead_letter_topic, source, kind, reason);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                () = &mut send => return true,
+                () = tokio::time::sleep(Duration::from_secs(1)) => if self.stopping.given_up() {
+                    tracing::warn!(request_id = %job.request.request_id, "stopping with a dead letter unsent; the request will be redone");
+                    return false;
+                },
+            }
+        }
     }
 }

@@ -136,6 +136,11 @@ pub struct Settings {
     #[arg(long, env = "FETCH_RETRY_MAX_MS", default_value_t = 10_000)]
     pub fetch_retry_max_ms: u64,
 
+    /// Longest image URL accepted on a request read from Kafka, in bytes (ingest's limit has the
+    /// same name); at most 8192. A longer one is dead-lettered as `invalid_request`.
+    #[arg(long, env = "MAX_URL_BYTES", default_value_t = 2048)]
+    pub max_url_bytes: usize,
+
     /// Largest image accepted, in bytes.
     #[arg(long, env = "MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: u64,

@@ -10,6 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
 /// Where the API keys come from.
@@ -17,7 +18,7 @@ use subtle::ConstantTimeEq;
 pub struct AuthSettings {
     /// API keys accepted, comma-separated. Prefer `API_KEYS_FILE` outside development.
     #[arg(long = "api-keys", env = "API_KEYS", value_delimiter = ',', hide_env_values = true)]
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<SecretString>,
 
     /// File holding API keys, one per line (blank lines and `#` comments ignored).
     #[arg(long = "api-keys-file", env = "API_KEYS_FILE")]
@@ -46,7 +47,7 @@ impl std::fmt::Debug for ApiKeys {
 impl ApiKeys {
     /// Reads the keys from the settings and the key file.
     pub fn load(settings: &AuthSettings) -> std::io::Result<Self> {
-        let mut keys: Vec<String> = settings.api_keys.iter().map(|k| k.trim().to_owned()).collect();
+        let mut keys: Vec<String> = settings.api_keys.iter().map(|k| k.expose_secret().trim().to_owned()).collect();
         if let Some(file) = &settings.api_keys_file {
             let text = std::fs::read_to_string(file)?;
             keys.extend(

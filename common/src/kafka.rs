@@ -1,6 +1,7 @@
 //! Kafka client settings shared by every service, passed through to librdkafka.
 
 use rdkafka::ClientConfig;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Where the brokers are and any extra librdkafka properties (SASL, SSL, tuning).
 #[derive(Clone, Debug, clap::Args)]
@@ -10,9 +11,16 @@ pub struct KafkaSettings {
     pub brokers: String,
 
     /// Extra librdkafka properties as `key=value`, comma-separated
-    /// (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`).
-    #[arg(long = "kafka-property", env = "KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property)]
-    pub properties: Vec<(String, String)>,
+    /// (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`). Values may be credentials: they
+    /// are never logged (the keys are) and `--help` does not show them.
+    #[arg(
+        long = "kafka-property",
+        env = "KAFKA_PROPERTIES",
+        value_delimiter = ',',
+        value_parser = parse_property,
+        hide_env_values = true
+    )]
+    pub properties: Vec<Property>,
 
     /// How long the producer waits to fill a batch, in milliseconds.
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 5)]
@@ -42,9 +50,43 @@ pub struct KafkaSettings {
     pub consumer_prefetch_kbytes: u32,
 }
 
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not key=value"))?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
+/// One librdkafka property. Its value may be a credential (`sasl.password`, `ssl.key.password`,
+/// a JAAS config), so it is held as a secret and `Debug` shows it only for keys that cannot hold one.
+#[derive(Clone)]
+pub struct Property {
+    pub key: String,
+    value: SecretString,
+}
+
+impl Property {
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
+        Self { key: key.into(), value: SecretString::from(value.into()) }
+    }
+
+    /// The value, to hand to librdkafka.
+    pub fn value(&self) -> &str {
+        self.value.expose_secret()
+    }
+
+    fn may_hold_secret(&self) -> bool {
+        let key = self.key.to_ascii_lowercase();
+        ["password", "secret", "jaas", "token", "key", "credential", "oauth"].iter().any(|word| key.contains(word))
+    }
+}
+
+impl std::fmt::Debug for Property {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.may_hold_secret() {
+            write!(f, "{}=<redacted>", self.key)
+        } else {
+            write!(f, "{}={}", self.key, self.value())
+        }
+    }
+}
+
+fn parse_property(s: &str) -> Result<Property, String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{}` is not key=value", s.split('=').next().unwrap_or("")))?;
+    Ok(Property::new(k.trim(), v.trim()))
 }
 
 impl KafkaSettings {
@@ -66,8 +108,8 @@ impl KafkaSettings {
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
-        for (k, v) in &self.properties {
-            config.set(k, v);
+        for p in &self.properties {
+            config.set(&p.key, p.value());
         }
         config
     }
@@ -89,8 +131,8 @@ impl KafkaSettings {
             .set("batch.size", self.producer_batch_bytes.to_string())
             .set("compression.type", &self.producer_compression)
             .set("message.timeout.ms", "30000");
-        for (k, v) in &self.properties {
-            config.set(k, v);
+        for p in &self.properties {
+            config.set(&p.key, p.value());
         }
         config
     }
@@ -110,8 +152,8 @@ impl KafkaSettings {
             .set("fetch.wait.max.ms", self.consumer_fetch_wait_ms.to_string())
             .set("partition.assignment.strategy", &self.consumer_assignment_strategy)
             .set("queued.max.messages.kbytes", self.consumer_prefetch_kbytes.to_string());
-        for (k, v) in &self.properties {
-            config.set(k, v);
+        for p in &self.properties {
+            config.set(&p.key, p.value());
         }
         config
     }
@@ -153,27 +195,48 @@ pub const DEAD_LETTER_HEADERS: [&str; 6] = [
     "reefline-failed-at-ms",
 ];
 
+/// The record a dead letter is about: where it was read and what it held.
+pub struct Source<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+impl<'a> From<&'a rdkafka::message::BorrowedMessage<'_>> for Source<'a> {
+    fn from(message: &'a rdkafka::message::BorrowedMessage<'_>) -> Self {
+        use rdkafka::Message;
+        Self {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key(),
+            payload: message.payload(),
+        }
+    }
+}
+
 /// Sends a record that could not be processed to the dead-letter topic, with headers naming the
 /// error kind, the reason, where it came from and when. Retries with backoff until the broker has
 /// it: the caller may move past the record only then.
 pub async fn dead_letter(
     producer: &crate::producer::FutureProducer,
     topic: &str,
-    message: &rdkafka::message::BorrowedMessage<'_>,
+    source: Source<'_>,
     kind: &str,
     reason: &str,
 ) {
-    use rdkafka::Message;
     tracing::warn!(
-        topic = message.topic(),
-        partition = message.partition(),
-        offset = message.offset(),
+        topic = source.topic,
+        partition = source.partition,
+        offset = source.offset,
         kind,
         reason,
         "poison record moved to the dead-letter topic"
     );
     let mut backoff = crate::Backoff::new();
-    while let Err(e) = try_dead_letter(producer, topic, message, kind, reason).await {
+    while let Err(e) = try_dead_letter(producer, topic, &source, kind, reason).await {
         tracing::warn!(error = %e, "dead-letter produce failed; retrying");
         backoff.wait().await;
     }
@@ -182,16 +245,15 @@ pub async fn dead_letter(
 async fn try_dead_letter(
     producer: &crate::producer::FutureProducer,
     topic: &str,
-    message: &rdkafka::message::BorrowedMessage<'_>,
+    source: &Source<'_>,
     kind: &str,
     reason: &str,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    use rdkafka::Message;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::FutureRecord;
 
-    let partition = message.partition().to_string();
-    let offset = message.offset().to_string();
+    let partition = source.partition.to_string();
+    let offset = source.offset.to_string();
     let failed_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis().to_string())
@@ -199,16 +261,42 @@ async fn try_dead_letter(
     let headers = OwnedHeaders::new()
         .insert(Header { key: "reefline-error-kind", value: Some(kind) })
         .insert(Header { key: "reefline-error", value: Some(reason) })
-        .insert(Header { key: "reefline-source-topic", value: Some(message.topic()) })
+        .insert(Header { key: "reefline-source-topic", value: Some(source.topic) })
         .insert(Header { key: "reefline-source-partition", value: Some(&partition) })
         .insert(Header { key: "reefline-source-offset", value: Some(&offset) })
         .insert(Header { key: "reefline-failed-at-ms", value: Some(&failed_at) });
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-    if let Some(key) = message.key() {
+    if let Some(key) = source.key {
         record = record.key(key);
     }
-    if let Some(payload) = message.payload() {
+    if let Some(payload) = source.payload {
         record = record.payload(payload);
     }
     producer.send(record, std::time::Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_print() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaSettings,
+        }
+        let cli = Cli::parse_from([
+            "x",
+            "--kafka-property",
+            "security.protocol=SASL_SSL,sasl.username=reef,sasl.password=hunter2,ssl.key.password=k3y",
+        ]);
+        let shown = format!("{:?}", cli.kafka);
+        assert!(shown.contains("security.protocol=SASL_SSL"), "{shown}");
+        assert!(shown.contains("sasl.password=<redacted>"), "{shown}");
+        assert!(!shown.contains("hunter2") && !shown.contains("k3y"), "{shown}");
+        let config = cli.kafka.client_config();
+        assert_eq!(config.get("sasl.password"), Some("hunter2"), "librdkafka still gets it");
+    }
 }

@@ -2,6 +2,7 @@
 //! (`/metrics`, `/healthz`, `/readyz`), the shutdown signal, and the dead-letter replay.
 
 pub mod auth;
+pub mod http;
 pub mod kafka;
 pub mod ops;
 pub mod producer;

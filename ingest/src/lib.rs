@@ -72,7 +72,7 @@ fn producer_config(settings: &Settings) -> rdkafka::ClientConfig {
         ("reconnect.backoff.max.ms", "1000".to_owned()),
     ];
     for (key, value) in ours {
-        if !settings.kafka.properties.iter().any(|(k, _)| k == key) {
+        if !settings.kafka.properties.iter().any(|p| p.key == key) {
             config.set(key, value);
         }
     }
@@ -129,8 +129,8 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
         let probe = tokio::spawn(watch_broker(self.state.clone(), self.readiness));
-        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await;
+        reefline_common::http::serve(self.listener, self.router, self.state.settings.http, shutdown).await;
         probe.abort();
-        served
+        Ok(())
     }
 }

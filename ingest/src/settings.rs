@@ -47,6 +47,9 @@ pub struct Settings {
     pub auth: AuthSettings,
 
     #[command(flatten)]
+    pub http: reefline_common::http::HttpLimits,
+
+    #[command(flatten)]
     pub kafka: KafkaSettings,
 
     #[command(flatten)]

@@ -70,34 +70,7 @@ pub fn check_images(images: Option<Vec<String>>, limits: Limits) -> Result<Vec<U
     Ok(urls)
 }
 
-/// Characters that change how a URL looks without being visible: controls, bidirectional
-/// overrides and isolates, zero-width characters, the soft hyphen and the byte-order mark.
-fn is_invisible(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}')
-        || matches!(c, '\u{2066}'..='\u{2069}' | '\u{FEFF}')
-}
-
-/// Checks one URL; the error says what is wrong with it.
-pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
-    if raw.len() > max_bytes {
-        return Err(format!("it is {} bytes long; the limit is {max_bytes}", raw.len()));
-    }
-    if let Some((at, c)) = raw.char_indices().find(|(_, c)| is_invisible(*c)) {
-        return Err(format!("it holds the invisible or control character U+{:04X} at byte {at}", u32::from(c)));
-    }
-    let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("scheme `{}` is not allowed; use http or https", url.scheme()));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("it has no host".into());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("credentials in URLs are not accepted".into());
-    }
-    Ok(url)
-}
+pub use reefline_schemas::rules::check_url;
 
 #[cfg(test)]
 mod tests {

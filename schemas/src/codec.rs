@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use apache_avro::from_value;
+use secrecy::{ExposeSecret, SecretString};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
@@ -24,7 +25,7 @@ pub struct RegistrySettings {
 
     /// Basic-auth password for the registry.
     #[arg(long = "schema-registry-password", env = "SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
+    pub password: Option<SecretString>,
 }
 
 impl std::fmt::Debug for RegistrySettings {
@@ -32,7 +33,7 @@ impl std::fmt::Debug for RegistrySettings {
         f.debug_struct("RegistrySettings")
             .field("url", &self.url)
             .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password", &self.password)
             .finish()
     }
 }
@@ -47,10 +48,11 @@ impl RegistrySettings {
 /// Why a record could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    /// The registry could not be reached or answered 5xx; trying again may work.
+    /// The registry could not be reached, timed out, or answered anything but a definite "not
+    /// found" (5xx, 429, an unreadable body, ...); trying again may work.
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
-    /// The registry refused the schema or does not know the id.
+    /// The registry does not know the schema id (or refused a schema): the record itself is at fault.
     #[error("schema registry refused: {0}")]
     Registry(String),
     /// The bytes are not a decodable Confluent-framed Avro record.
@@ -77,22 +79,37 @@ impl CodecError {
         matches!(self, CodecError::RegistryUnavailable(_))
     }
 
+    /// Sorts the converter's errors by what the caller should do. The crate marks only failed
+    /// connections and 502/503 as retriable; here every registry answer but 404 (unknown id or
+    /// subject), 409 (incompatible) and 422 (invalid schema) is transient too: a 500, 504, 429
+    /// or a proxy's page must not turn good records into dead letters.
     fn from_src(e: SRCError) -> Self {
         let text = match &e.cause {
             Some(cause) => format!("{}: {cause}", e.error),
             None => e.error.clone(),
         };
         if e.retriable {
+            return CodecError::RegistryUnavailable(text);
+        }
+        if let Some(status) = http_status(&e.error) {
+            return match status {
+                404 | 409 | 422 => CodecError::Registry(text),
+                _ => CodecError::RegistryUnavailable(text),
+            };
+        }
+        if e.error.contains("RawRegisteredSchema") || e.error.contains("from response") {
+            // The registry answered 2xx with a body that is not a registry's.
             CodecError::RegistryUnavailable(text)
-        } else if e.error.starts_with("HTTP request to schema registry failed")
-            || e.error.contains("RawRegisteredSchema")
-            || e.error.contains("from response")
-        {
-            CodecError::Registry(text)
         } else {
             CodecError::Undecodable(text)
         }
     }
+}
+
+/// The status in the converter's "HTTP request to schema registry failed with status 404 Not Found".
+fn http_status(error: &str) -> Option<u16> {
+    let rest = error.strip_prefix("HTTP request to schema registry failed with status ")?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// Encodes and decodes [`Message`]s, registering their schemas under the topic-name strategy.
@@ -107,7 +124,7 @@ impl Codec {
         let mut builder = SrSettings::new_builder(settings.url.trim_end_matches('/').to_owned());
         builder.no_proxy().set_timeout(Duration::from_secs(10));
         if let Some(user) = &settings.user {
-            builder.set_basic_authorization(user, settings.password.as_deref());
+            builder.set_basic_authorization(user, settings.password.as_ref().map(|p| p.expose_secret()));
         }
         let sr = builder.build().map_err(CodecError::from_src)?;
         Ok(Self {
@@ -166,5 +183,29 @@ impl Codec {
         let value =
             decoded.value.resolve(T::schema()).map_err(|e| CodecError::Mismatch { expected, reason: e.to_string() })?;
         from_value(&value).map_err(|e| CodecError::Mismatch { expected, reason: e.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(status: &str) -> CodecError {
+        let error = format!("HTTP request to schema registry failed with status {status}");
+        CodecError::from_src(SRCError::new(&error, Some("RawError".into()), false))
+    }
+
+    #[test]
+    fn only_a_definite_refusal_is_permanent() {
+        for status in ["500 Internal Server Error", "504 Gateway Timeout", "429 Too Many Requests", "401 Unauthorized"] {
+            assert!(failed(status).is_transient(), "{status}");
+        }
+        for status in ["404 Not Found", "409 Conflict", "422 Unprocessable Entity"] {
+            assert_eq!(failed(status).kind(), "schema_registry", "{status}");
+        }
+        let garbled = SRCError::non_retryable_without_cause("could not parse to RawRegisteredSchema");
+        assert!(CodecError::from_src(garbled).is_transient());
+        let bytes = SRCError::non_retryable_without_cause("Invalid magic byte 7");
+        assert_eq!(CodecError::from_src(bytes).kind(), "undecodable");
     }
 }

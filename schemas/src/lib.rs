@@ -4,6 +4,7 @@
 
 mod codec;
 pub mod registry;
+pub mod rules;
 mod types;
 
 pub use codec::{Codec, CodecError, RegistrySettings};

@@ -3,7 +3,8 @@
 //! It implements the REST calls `schema_registry_converter` makes — register, look up by id,
 //! subject versions, lookup under a subject, compatibility config and checks — with the BACKWARD
 //! check (a new version must read data written with the latest) answering 409 when it fails.
-//! State is kept in a JSON file, rewritten atomically on each change, so ids survive restarts.
+//! State is kept in a JSON file, rewritten atomically and synced before a change is answered, so
+//! ids survive restarts and crashes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Store {
     /// Schema text by id; ids start at 1.
     schemas: BTreeMap<u32, String>,
@@ -59,12 +60,19 @@ impl Registry {
         Ok(Self { store: Arc::new(Mutex::new(store)), file: Some(file) })
     }
 
-    async fn persist(&self, store: &Store) -> Result<(), ApiError> {
-        let Some(file) = &self.file else { return Ok(()) };
-        let tmp = file.with_extension("tmp");
-        let bytes = serde_json::to_vec_pretty(store).map_err(|e| ApiError::internal(e.to_string()))?;
-        tokio::fs::write(&tmp, bytes).await.map_err(|e| ApiError::internal(e.to_string()))?;
-        tokio::fs::rename(&tmp, file).await.map_err(|e| ApiError::internal(e.to_string()))
+    /// Makes `next` the registry's state: on disk first (written to a temporary file, synced,
+    /// renamed over the old one, and the folder synced, so a crash leaves the old state or the
+    /// new one), and only then in memory, so nothing is answered that a restart would forget.
+    async fn commit(&self, store: &mut Store, next: Store) -> Result<(), ApiError> {
+        if let Some(file) = self.file.clone() {
+            let bytes = serde_json::to_vec_pretty(&next).map_err(|e| ApiError::internal(e.to_string()))?;
+            tokio::task::spawn_blocking(move || write_durably(&file, &bytes))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .map_err(|e| ApiError::internal(format!("could not save the registry: {e}")))?;
+        }
+        *store = next;
+        Ok(())
     }
 
     /// The REST routes.
@@ -81,6 +89,17 @@ impl Registry {
             .route("/compatibility/subjects/{subject}/versions/{version}", post(check_version))
             .with_state(self)
     }
+}
+
+fn write_durably(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = file.with_extension("tmp");
+    let mut out = std::fs::File::create(&tmp)?;
+    out.write_all(bytes)?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    let folder = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(folder)?.sync_all()
 }
 
 /// An error in the registry's JSON shape: `{"error_code": 40401, "message": "..."}`.
@@ -186,9 +205,10 @@ async fn register(
     }
     let existing = store.schemas.iter().find(|(_, text)| canonical(text).as_deref() == Some(&form)).map(|(id, _)| *id);
     let id = existing.unwrap_or_else(|| store.schemas.keys().next_back().map_or(1, |last| last + 1));
-    store.schemas.entry(id).or_insert(body.schema);
-    store.subjects.entry(subject).or_default().push(id);
-    reg.persist(&store).await?;
+    let mut next = store.clone();
+    next.schemas.entry(id).or_insert(body.schema);
+    next.subjects.entry(subject).or_default().push(id);
+    reg.commit(&mut store, next).await?;
     Ok(Json(json!({"id": id})))
 }
 
@@ -251,8 +271,9 @@ async fn set_config(reg: &Registry, key: String, body: ConfigBody) -> Result<Jso
         ));
     }
     let mut store = reg.store.lock().await;
-    store.config.insert(key, body.compatibility.clone());
-    reg.persist(&store).await?;
+    let mut next = store.clone();
+    next.config.insert(key, body.compatibility.clone());
+    reg.commit(&mut store, next).await?;
     Ok(Json(json!({"compatibility": body.compatibility})))
 }
 

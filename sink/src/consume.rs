@@ -70,52 +70,117 @@ impl Sink {
         }
     }
 
-    /// Decodes, writes and stores the offsets of one batch; retries the database until it answers.
+    /// Decodes, checks, writes and stores the offsets of one batch; retries the database until it
+    /// answers. A record that does not decode, breaks the contract's rules, or that Postgres
+    /// refuses is moved to the dead-letter topic with its reason; the rest is written.
     async fn write(&self, messages: &[BorrowedMessage<'_>]) {
-        let mut results: HashMap<String, ClassificationResult> = HashMap::with_capacity(messages.len());
-        for message in messages {
-            match self.codec.decode_waiting::<ClassificationResult>(message.payload()).await {
+        // The latest result per request (one statement cannot touch a row twice), with the
+        // message it came from.
+        let mut latest: HashMap<String, (ClassificationResult, usize)> = HashMap::with_capacity(messages.len());
+        for (i, message) in messages.iter().enumerate() {
+            let checked = self
+                .codec
+                .decode_waiting::<ClassificationResult>(message.payload())
+                .await
+                .map_err(|e| (e.kind(), e.to_string()))
+                .and_then(|r| r.check().map(|()| r).map_err(|reason| ("invalid_result", reason)));
+            match checked {
                 Ok(r) => {
                     self.metrics.received.inc();
-                    // Keep the latest result per request: one statement cannot touch a row twice.
-                    match results.get(&r.request_id) {
-                        Some(existing) if existing.completed_at_ms > r.completed_at_ms => {}
+                    match latest.get(&r.request_id) {
+                        Some((existing, _)) if !db::replaces(existing, &r) => {}
                         _ => {
-                            results.insert(r.request_id.clone(), r);
+                            latest.insert(r.request_id.clone(), (r, i));
                         }
                     }
                 }
-                Err(e) => self.dead_letter(message, e).await,
+                Err((kind, reason)) => self.dead_letter(message, kind, &reason).await,
             }
         }
-        let results: Vec<ClassificationResult> = results.into_values().collect();
-        let mut backoff = reefline_common::Backoff::new();
-        loop {
-            let started = Instant::now();
-            match db::upsert(&self.pool, &results).await {
-                Ok(()) => {
-                    self.readiness.set(true);
-                    self.metrics.write_seconds.observe(started.elapsed().as_secs_f64());
-                    self.metrics.batch_size.observe(results.len() as f64);
-                    self.metrics.rows.inc_by(results.len() as u64);
-                    break;
-                }
-                Err(e) => {
-                    self.readiness.set(false);
-                    self.metrics.write_failures.inc();
-                    tracing::warn!(error = %e, rows = results.len(), "database write failed; retrying");
-                    backoff.wait().await;
-                }
-            }
+        let (results, sources): (Vec<ClassificationResult>, Vec<usize>) = latest.into_values().unzip();
+        let refused = write_isolating(
+            &results,
+            |rows| async move {
+                let started = Instant::now();
+                db::upsert(&self.pool, rows).await?;
+                self.readiness.set(true);
+                self.metrics.write_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics.batch_size.observe(rows.len() as f64);
+                self.metrics.rows.inc_by(rows.len() as u64);
+                Ok(())
+            },
+            |e, rows| {
+                self.readiness.set(false);
+                self.metrics.write_failures.inc();
+                tracing::warn!(error = %e, rows, "database write failed; retrying");
+            },
+            std::future::pending(),
+        )
+        .await
+        .unwrap_or_default();
+        for (i, reason) in refused {
+            self.dead_letter(&messages[sources[i]], "refused_by_database", &reason).await;
         }
         store_offsets(&self.consumer, &self.topic, messages);
     }
 
-    async fn dead_letter(&self, message: &BorrowedMessage<'_>, e: reefline_schemas::CodecError) {
-        reefline_common::kafka::dead_letter(&self.producer, &self.dead_letter_topic, message, e.kind(), &e.to_string())
+    async fn dead_letter(&self, message: &BorrowedMessage<'_>, kind: &str, reason: &str) {
+        reefline_common::kafka::dead_letter(&self.producer, &self.dead_letter_topic, message.into(), kind, reason)
             .await;
-        self.metrics.dead_letters.with_label_values(&[e.kind()]).inc();
+        self.metrics.dead_letters.with_label_values(&[kind]).inc();
     }
+}
+
+/// Writes `items` with `write`, waiting out a database outage (`on_outage` is told of each failed
+/// try; `shutdown` ends the wait, and then `None` is returned). When Postgres refuses what a write
+/// holds (a data error: a NUL byte, a value out of range), the items are halved until each refused
+/// one is alone; everything else is written, and the refused are returned (index and reason).
+async fn write_isolating<'a, T, W, F>(
+    items: &'a [T],
+    mut write: W,
+    mut on_outage: impl FnMut(&sqlx::Error, usize),
+    shutdown: impl Future<Output = ()>,
+) -> Option<Vec<(usize, String)>>
+where
+    W: FnMut(&'a [T]) -> F,
+    F: Future<Output = sqlx::Result<()>>,
+{
+    tokio::pin!(shutdown);
+    let mut refused = Vec::new();
+    let mut pending = vec![0..items.len()];
+    while let Some(range) = pending.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        let mut backoff = reefline_common::Backoff::new();
+        loop {
+            match write(&items[range.clone()]).await {
+                Ok(()) => break,
+                Err(e) if db::is_refusal(&e) => {
+                    if range.len() == 1 {
+                        let reason = match &e {
+                            sqlx::Error::Database(db) => {
+                                format!("{e} (SQLSTATE {})", db.code().as_deref().unwrap_or("?"))
+                            }
+                            _ => e.to_string(),
+                        };
+                        refused.push((range.start, reason));
+                    } else {
+                        let middle = range.start + range.len() / 2;
+                        pending.push(middle..range.end);
+                        pending.push(range.start..middle);
+                    }
+                    break;
+                }
+                Err(e) => on_outage(&e, range.len()),
+            }
+            tokio::select! {
+                () = backoff.wait() => {}
+                () = &mut shutdown => return None,
+            }
+        }
+    }
+    Some(refused)
 }
 
 /// Waits for the next message, then takes more for at most `linger`, up to `max`; `None` once
@@ -183,31 +248,40 @@ pub struct RequestLog {
 
 impl RequestLog {
     /// Runs until `shutdown` fires; a batch not yet written is read again after a restart.
+    /// Requests that break the contract's rules or that Postgres refuses are skipped (the
+    /// classifier dead-letters them).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         while let Some(batch) = next_batch(&self.consumer, self.max_batch, self.linger, shutdown.as_mut()).await {
             let mut requests = Vec::with_capacity(batch.len());
             for message in &batch {
-                match self.codec.decode_waiting::<ImageRequest>(message.payload()).await {
+                let checked = self
+                    .codec
+                    .decode_waiting::<ImageRequest>(message.payload())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.check(reefline_schemas::rules::URL_CEILING_BYTES).map(|()| r));
+                match checked {
                     Ok(r) => requests.push(r),
-                    Err(e) => {
+                    Err(reason) => {
                         self.skipped.inc();
-                        tracing::debug!(error = %e, offset = message.offset(), "request record skipped");
+                        tracing::debug!(%reason, offset = message.offset(), "request record skipped");
                     }
                 }
             }
-            let mut backoff = reefline_common::Backoff::new();
-            loop {
-                match db::insert_requests(&self.pool, &requests).await {
-                    Ok(()) => break,
-                    Err(e) => tracing::warn!(error = %e, rows = requests.len(), "recording requests failed; retrying"),
-                }
-                tokio::select! {
-                    () = backoff.wait() => {}
-                    () = &mut shutdown => return,
-                }
+            let written = write_isolating(
+                &requests,
+                |rows| db::insert_requests(&self.pool, rows),
+                |e, rows| tracing::warn!(error = %e, rows, "recording requests failed; retrying"),
+                shutdown.as_mut(),
+            )
+            .await;
+            let Some(refused) = written else { return };
+            for (i, reason) in &refused {
+                self.skipped.inc();
+                tracing::warn!(request_id = %requests[*i].request_id, %reason, "request refused by the database; skipped");
             }
-            self.recorded.inc_by(requests.len() as u64);
+            self.recorded.inc_by((requests.len() - refused.len()) as u64);
             store_offsets(&self.consumer, &self.topic, &batch);
         }
     }

@@ -3,10 +3,14 @@
 use chrono::{DateTime, Utc};
 use reefline_schemas::{ClassificationResult, ImageRequest, Prediction};
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 
-/// Connects (creating the database if it does not exist) and applies the migrations.
+/// Connects (creating the database if it does not exist) and applies the migrations; returns the
+/// writers' pool.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     if !sqlx::Postgres::database_exists(url).await? {
         sqlx::Postgres::create_database(url).await?;
@@ -16,9 +20,29 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
+/// A pool of its own for the lookup API, so that a burst of lookups never takes a connection the
+/// writers need: at most `connections`, each statement cut off after `statement_timeout`, and a
+/// lookup that waits longer than that for a connection fails (503) rather than queueing forever.
+pub async fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?
+        .options([("statement_timeout", format!("{}", statement_timeout.as_millis()))]);
+    Ok(PgPoolOptions::new()
+        .max_connections(connections.max(1))
+        .acquire_timeout(statement_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Whether `new` takes the place of `old` for the same request: the upsert's rule, for results
+/// met in one batch.
+pub fn replaces(old: &ClassificationResult, new: &ClassificationResult) -> bool {
+    use reefline_schemas::Status;
+    old.completed_at_ms <= new.completed_at_ms && !(old.status == Status::Ok && new.status == Status::Error)
+}
+
 /// Writes `results` in one statement. Redelivered or repeated results are harmless: a row is
-/// replaced only by a result completed no earlier than the one it holds. `results` must not hold
-/// the same request twice (one statement cannot update a row twice).
+/// replaced only by a result completed no earlier than the one it holds, and never an `ok` by an
+/// `error` (a redo that met a transient failure does not undo a good result). `results` must not
+/// hold the same request twice (one statement cannot update a row twice).
 pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Result<()> {
     let column = |f: fn(&ClassificationResult) -> String| results.iter().map(f).collect::<Vec<_>>();
     let optional = |f: fn(&ClassificationResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
@@ -37,7 +61,8 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
              status = EXCLUDED.status, predictions = EXCLUDED.predictions, marine_group = EXCLUDED.marine_group,
              model_name = EXCLUDED.model_name, model_version = EXCLUDED.model_version, error_kind = EXCLUDED.error_kind,
              error_message = EXCLUDED.error_message, completed_at = EXCLUDED.completed_at, stored_at = now()
-         WHERE results.completed_at <= EXCLUDED.completed_at",
+         WHERE results.completed_at <= EXCLUDED.completed_at
+           AND NOT (results.status = 'ok' AND EXCLUDED.status = 'error')",
     )
     .bind(column(|r| r.request_id.clone()))
     .bind(column(|r| r.batch_id.clone()))
@@ -56,6 +81,19 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Whether Postgres refused a statement for the values it holds (a data exception, an integrity
+/// or a program-limit violation), as opposed to being unavailable: retrying the same values will
+/// fail again, so they must be set aside.
+pub fn is_refusal(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class)))
+        }
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
 }
 
 /// Records `requests` as seen, in one statement; a request seen before is left as it is.

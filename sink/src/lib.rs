@@ -35,6 +35,7 @@ pub struct Application {
     router: Router,
     sink: consume::Sink,
     requests: consume::RequestLog,
+    http: reefline_common::http::HttpLimits,
 }
 
 fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metrics> {
@@ -69,7 +70,14 @@ fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metri
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = db::connect(&settings.database_url).await?;
+        let database_url = secrecy::ExposeSecret::expose_secret(&settings.database_url);
+        let pool = db::connect(database_url).await?;
+        let lookups = db::lookup_pool(
+            database_url,
+            settings.lookup_connections,
+            Duration::from_millis(settings.lookup_timeout_ms),
+        )
+        .await?;
         let topics =
             [&settings.results_topic, &settings.dead_letter_topic, &settings.requests_topic].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
@@ -100,7 +108,7 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen).await?;
         let keys = ApiKeys::load(&settings.auth)?;
         keys.announce("sink", listener.local_addr()?);
-        let router = api::router(pool.clone())
+        let router = api::router(lookups)
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
             .merge(ops::router(registry.clone(), readiness.clone()));
         let sink = consume::Sink {
@@ -115,7 +123,7 @@ impl Application {
             metrics: metrics(&registry)?,
             readiness,
         };
-        Ok(Self { listener, router, sink, requests })
+        Ok(Self { listener, router, sink, requests, http: settings.http })
     }
 
     /// The address the lookup API listens on.
@@ -133,9 +141,8 @@ impl Application {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let server = tokio::spawn(
-            axum::serve(self.listener, self.router).with_graceful_shutdown(stopped(&stop_rx)).into_future(),
-        );
+        let server =
+            tokio::spawn(reefline_common::http::serve(self.listener, self.router, self.http, stopped(&stop_rx)));
         let (sink, requests) = (self.sink, self.requests);
         let results = async {
             sink.run(stopped(&stop_rx)).await;
@@ -154,7 +161,7 @@ impl Application {
             let _ = stop_tx.send(true);
         };
         tokio::join!(signal, results, pending);
-        server.await??;
+        server.await?;
         tracing::info!("sink stopped");
         Ok(())
     }

@@ -3,6 +3,7 @@
 use reefline_common::auth::AuthSettings;
 use reefline_common::kafka::KafkaSettings;
 use reefline_schemas::RegistrySettings;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Where results come from, where they go, and how the lookup API listens.
 #[derive(Clone, clap::Parser)]
@@ -19,7 +20,7 @@ pub struct Settings {
         default_value = "postgres://postgres@127.0.0.1:5432/reefline",
         hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: SecretString,
 
     /// Topic the results are read from.
     #[arg(long, env = "RESULTS_TOPIC", default_value = "reefline.results")]
@@ -57,8 +58,19 @@ pub struct Settings {
     #[arg(long, env = "SINK_LINGER_MS", default_value_t = 50)]
     pub linger_ms: u64,
 
+    /// Database connections the lookup API may hold (its own, apart from the writers' 8).
+    #[arg(long, env = "LOOKUP_CONNECTIONS", default_value_t = 4)]
+    pub lookup_connections: u32,
+
+    /// Longest a lookup may run or wait for a connection, in milliseconds; then 503.
+    #[arg(long, env = "LOOKUP_TIMEOUT_MS", default_value_t = 5000)]
+    pub lookup_timeout_ms: u64,
+
     #[command(flatten)]
     pub auth: AuthSettings,
+
+    #[command(flatten)]
+    pub http: reefline_common::http::HttpLimits,
 
     #[command(flatten)]
     pub kafka: KafkaSettings,
@@ -69,13 +81,9 @@ pub struct Settings {
 
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut url = url_without_password(&self.database_url);
-        if url.is_empty() {
-            url = "<unparsable>".into();
-        }
         f.debug_struct("Settings")
             .field("listen", &self.listen)
-            .field("database_url", &url)
+            .field("database_url", &url_without_password(self.database_url.expose_secret()))
             .field("results_topic", &self.results_topic)
             .field("group_id", &self.group_id)
             .field("auth", &self.auth)
@@ -85,16 +93,33 @@ impl std::fmt::Debug for Settings {
     }
 }
 
-/// The database URL with any password replaced, for logs.
+/// The database URL with any password replaced, for logs; a URL that does not parse is not shown
+/// at all (it may still hold one).
 pub fn url_without_password(url: &str) -> String {
-    match url
-        .split_once("://")
-        .and_then(|(scheme, rest)| rest.split_once('@').map(|(creds, host)| (scheme, creds, host)))
-    {
-        Some((scheme, creds, host)) => {
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.into()
         }
-        None => url.to_owned(),
+        Err(_) => "<unparsable>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_whatever_they_hold() {
+        for (url, shown) in [
+            ("postgres://reef:p%40ss@db:5432/reefline", "postgres://reef:***@db:5432/reefline"),
+            ("postgres://reef:p@ss@db/reefline", "postgres://reef:***@db/reefline"),
+            ("postgres://reef@db/reefline", "postgres://reef@db/reefline"),
+            ("not a url: hunter2", "<unparsable>"),
+        ] {
+            assert_eq!(url_without_password(url), shown, "{url}");
+        }
     }
 }

@@ -272,7 +272,7 @@ impl StackSettings {
 
         let mut sink = reefline_sink::Settings::parse_from(["sink"]);
         sink.listen = "127.0.0.1:0".into();
-        sink.database_url = database_url.to_owned();
+        sink.database_url = database_url.into();
         sink.results_topic = names.results.clone();
         sink.dead_letter_topic = names.dead_letter.clone();
         sink.topic_partitions = 3;

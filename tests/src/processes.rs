@@ -47,7 +47,7 @@ impl ServiceProcess {
     pub fn sink(bin: &str, s: &reefline_sink::Settings, name: &str) -> Self {
         let mut command = Command::new(bin);
         command
-            .args(["--listen", &s.listen, "--database-url", &s.database_url])
+            .args(["--listen", &s.listen, "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
             .args(["--results-topic", &s.results_topic, "--dead-letter-topic", &s.dead_letter_topic])
             .args(["--topic-partitions", &s.topic_partitions.to_string(), "--group-id", &s.group_id])
             .args(["--requests-topic", &s.requests_topic, "--requests-group-id", &s.requests_group_id])

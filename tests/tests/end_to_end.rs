@@ -331,3 +331,68 @@ async fn a_submission_is_pending_until_its_results_arrive() {
     stack.stop().await;
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_configured_secret_reaches_a_log_line_or_help() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let broker = Broker::start().await;
+    let registry = start_registry().await;
+    let db = TestDatabase::new();
+    // Postgres here trusts local connections, so the password is carried but not needed.
+    let database_url = db.url.replacen("postgres://postgres@", "postgres://postgres:Db-p%40ss-5ecret@", 1);
+    assert_ne!(database_url, db.url);
+    let secrets = ["Db-p%40ss-5ecret", "Db-p@ss-5ecret", "Kafka-5ecret", "Registry-5ecret", "Api-5ecret"];
+    let env = [
+        ("DATABASE_URL", database_url.as_str()),
+        ("KAFKA_BROKERS", &broker.kafka().brokers),
+        ("KAFKA_PROPERTIES", "client.id=reefline-sink,sasl.password=Kafka-5ecret"),
+        ("SCHEMA_REGISTRY_URL", &registry.url),
+        ("SCHEMA_REGISTRY_USER", "reef"),
+        ("SCHEMA_REGISTRY_PASSWORD", "Registry-5ecret"),
+        ("API_KEYS", "Api-5ecret"),
+        ("SINK_LISTEN", "127.0.0.1:0"),
+        ("RUST_LOG", "debug"),
+    ];
+    let check = |what: &str, text: &str| {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} shows `{secret}`:\n{text}");
+        }
+    };
+
+    let help = Command::new(env!("CARGO_BIN_EXE_sink-under-test")).arg("--help").envs(env).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    assert!(help.contains("KAFKA_PROPERTIES"), "{help}");
+    check("--help", &help);
+
+    // The sink logs its settings at start-up, at debug everything the libraries say as well.
+    let mut sink = Command::new(env!("CARGO_BIN_EXE_sink-under-test"))
+        .envs(env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let mut lines = BufReader::new(sink.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("sink listening") {
+            break;
+        }
+    }
+    assert!(log.contains("sasl.password=<redacted>"), "the property is named, its value not:\n{log}");
+    assert!(log.contains("postgres://postgres:***@"), "{log}");
+    let _ = Command::new("kill").args(["-TERM", &sink.id().to_string()]).status();
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    let output = sink.wait_with_output().unwrap();
+    log.push_str(&String::from_utf8_lossy(&output.stderr));
+    assert!(log.contains("sink stopped"), "{log}");
+    check("the sink's log", &log);
+    db.drop_database().await;
+}

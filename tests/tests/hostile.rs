@@ -386,3 +386,99 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
     pool.close().await;
     env.finish().await;
 }
+
+/// Opens a connection to `addr` and sends a request's headers one line every 300 ms, never
+/// finishing them, as a slowloris client does; returns once the server has closed the connection,
+/// with how many header lines it had sent.
+async fn slowloris(addr: &str) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"POST /v1/classify HTTP/1.1\r\nHost: reefline\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let mut sent = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    loop {
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return sent,
+                Ok(_) => {} // a 408 before the close, say
+            },
+            _ = tick.tick() => {
+                if stream.write_all(format!("X-Trickle-{sent}: a\r\n").as_bytes()).await.is_err() {
+                    return sent;
+                }
+                sent += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_clients_are_cut_off_and_lookups_answer_while_results_are_written() {
+    use reefline_e2e::workload::{REQUESTS, submit_mixed, wait_rows};
+
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.ingest.http.header_timeout_s = 2;
+    settings.sink.http.header_timeout_s = 2;
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+
+    // 100 slow clients on each service, which would otherwise hold their connections for ever.
+    let mut slow = Vec::new();
+    for base in [&stack.ingest, &stack.sink] {
+        let addr = base.trim_start_matches("http://").to_owned();
+        for _ in 0..100 {
+            let addr = addr.clone();
+            slow.push(tokio::spawn(async move { slowloris(&addr).await }));
+        }
+    }
+
+    // Meanwhile 2,000 images go through, and 800 lookups of their batches and results are made
+    // while their rows are being written.
+    let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
+    let pool = env.db.pool().await;
+    wait_rows(&pool, 100, "the first rows").await;
+    let ids: Vec<String> = expected.keys().cloned().collect();
+    let lookups: Vec<_> = (0..800)
+        .map(|i| {
+            let (client, sink) = (client.clone(), stack.sink.clone());
+            let id = ids[i % ids.len()].clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let status = client.get(format!("{sink}/v1/results/{id}")).send().await.unwrap().status().as_u16();
+                (status, started.elapsed())
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for lookup in lookups {
+        let (status, took) = lookup.await.unwrap();
+        assert!(status == 200 || status == 202, "a lookup under write load answered {status}");
+        latencies.push(took);
+    }
+    latencies.sort();
+    let written_meanwhile = reefline_e2e::workload::rows(&pool).await;
+    eprintln!(
+        "hostile: 800 concurrent lookups while {written_meanwhile} of 2,000 rows were written: p50 {:?}, p99 {:?}, max {:?}",
+        latencies[400],
+        latencies[792],
+        latencies[799]
+    );
+    wait_rows(&pool, REQUESTS, "all 2,000 rows").await;
+
+    let mut lines = Vec::new();
+    for handle in slow {
+        lines.push(tokio::time::timeout(Duration::from_secs(60), handle).await.expect("the server closed").unwrap());
+    }
+    lines.sort();
+    eprintln!("hostile: 200 slowloris connections closed after {}..{} header lines", lines[0], lines[199]);
+    // At 300 ms a line, a 2 s limit closes each connection after about 7 lines, never 60.
+    assert!(lines[199] < 60, "a slow client kept its connection for {} lines", lines[199]);
+
+    let (status, _) = get_json(&client, &format!("{}/readyz", stack.sink)).await;
+    assert_eq!(status, 200);
+    stack.stop().await;
+    pool.close().await;
+    env.finish().await;
+}

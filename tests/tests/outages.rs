@@ -64,7 +64,7 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     let env = TestEnv::start().await;
     let proxy = TcpProxy::start(&env.db.server()).await;
     let mut settings = env.settings();
-    settings.sink.database_url = env.db.url_via(proxy.addr);
+    settings.sink.database_url = env.db.url_via(proxy.addr).into();
     let stack = Stack::start(settings).await;
     let pool = env.db.pool().await;
     let client = reqwest::Client::new();
@@ -211,6 +211,116 @@ async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending()
         sqlx::query_scalar("SELECT request_id FROM results ORDER BY request_id").fetch_all(&pool).await.unwrap();
     stored.sort();
     assert_eq!(stored, accepted);
+
+    stack.stop().await;
+    pool.close().await;
+    env.finish().await;
+}
+
+/// `request` framed with the registry id `id` of a schema that adds an optional `camera` field
+/// to the request schema, as a camera system's newer producer writes it.
+fn framed_with_camera(schema: &apache_avro::Schema, id: u32, request: &reefline_schemas::ImageRequest) -> Vec<u8> {
+    use apache_avro::types::Value;
+    let record = Value::Record(vec![
+        ("request_id".into(), request.request_id.clone().into()),
+        ("batch_id".into(), request.batch_id.clone().into()),
+        ("batch_index".into(), request.batch_index.into()),
+        ("batch_size".into(), request.batch_size.into()),
+        ("url".into(), request.url.clone().into()),
+        ("submitted_at_ms".into(), request.submitted_at_ms.into()),
+        ("source".into(), request.source.clone().into()),
+        ("camera".into(), Value::Union(1, Box::new("reef-cam-7".into()))),
+    ]);
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&id.to_be_bytes());
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema).build().unwrap();
+    framed.extend(writer.write_value_to_vec(record).unwrap());
+    framed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_outage_of_20_s_is_waited_out_and_dead_letters_nothing() {
+    use rdkafka::producer::FutureRecord;
+    use reefline_common::producer::FutureProducer;
+
+    let env = TestEnv::start().await;
+    let proxy = TcpProxy::start(env.registry.url.trim_start_matches("http://")).await;
+    let mut settings = env.settings();
+    let proxied = reefline_schemas::RegistrySettings::new(format!("http://{}", proxy.addr));
+    settings.ingest.registry = proxied.clone();
+    settings.classifier.registry = proxied.clone();
+    settings.sink.registry = proxied;
+    let stack = Stack::start(settings).await;
+    let pool = env.db.pool().await;
+    let client = reqwest::Client::new();
+    let classify = format!("{}/v1/classify", stack.ingest);
+    let photo = |i: usize| format!("{}/photos/coffee.png?n={i}", env.photos);
+
+    let images: Vec<String> = (0..10).map(photo).collect();
+    let (status, _) = reefline_e2e::post_json(&client, &classify, &json!({ "images": images })).await;
+    assert_eq!(status, 202);
+    wait_rows(&pool, 10, "the rows before the outage").await;
+
+    // A camera system registers a newer request schema (an added optional field) that no
+    // service has seen yet, and keeps producing while the registry is down.
+    let mut v2: serde_json::Value =
+        serde_json::from_str(<reefline_schemas::ImageRequest as reefline_schemas::Message>::SCHEMA).unwrap();
+    v2["fields"].as_array_mut().unwrap().push(json!({ "name": "camera", "type": ["null", "string"], "default": null }));
+    let registered: serde_json::Value = client
+        .post(format!("{}/subjects/{}-value/versions", env.registry.url, env.names.requests))
+        .json(&json!({ "schema": v2.to_string() }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let v2_id = registered["id"].as_u64().unwrap() as u32;
+    let schema = apache_avro::Schema::parse(&v2).unwrap();
+
+    proxy.cut();
+    let cut = Instant::now();
+    let producer: FutureProducer = env.broker.kafka().producer_config().create().unwrap();
+    let batch_id = uuid::Uuid::now_v7().to_string();
+    let mut camera_ids = Vec::new();
+    for i in 0..10 {
+        let request = reefline_schemas::ImageRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            batch_id: batch_id.clone(),
+            batch_index: i,
+            batch_size: 10,
+            url: photo(100 + i as usize),
+            submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+            source: "kafka".into(),
+        };
+        let payload = framed_with_camera(&schema, v2_id, &request);
+        let record = FutureRecord::to(&env.names.requests).key(&request.request_id).payload(&payload);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+        camera_ids.push(request.request_id);
+    }
+    // Ingest still takes submissions: it has the request schema's id from before the outage.
+    let images: Vec<String> = (20..30).map(photo).collect();
+    let (status, body) = reefline_e2e::post_json(&client, &classify, &json!({ "images": images })).await;
+    assert_eq!(status, 202, "{body}");
+    // The outage itself.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(cut.elapsed())).await;
+    proxy.restore();
+
+    wait_rows(&pool, 30, "all 30 rows after the outage").await;
+    let ok: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'ok' AND predictions->0->>'index' = '967'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ok, 30, "every image classified as espresso");
+    let camera: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE request_id = ANY($1)")
+        .bind(&camera_ids)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(camera, 10);
+    assert_eq!(topic_counts(&env.broker.kafka(), &env.names.dead_letter).await.0, 0, "nothing dead-lettered");
+    let text = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("classifier_dead_letters_total{"), "no dead-letter counted");
 
     stack.stop().await;
     pool.close().await;

@@ -1,0 +1,223 @@
+//! What a record must hold to enter the pipeline, whoever wrote it. Ingest applies these rules to
+//! every submission; the classifier and the sink apply them again to what they read from Kafka,
+//! because a camera system (or anything else with write access) may produce straight to the
+//! topics, and one record that Postgres or the broker refuses must not stop a partition.
+
+use url::Url;
+
+use crate::{ClassificationResult, ImageRequest};
+
+/// The longest URL any service accepts, whatever `MAX_URL_BYTES` says.
+pub const URL_CEILING_BYTES: usize = 8192;
+
+/// The longest error message a result carries; longer ones are cut (see [`truncate`]).
+pub const ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// The longest any other string a record carries may be (ids, labels, model names, sources).
+pub const SHORT_TEXT_BYTES: usize = 256;
+
+/// Characters that change how a URL looks without being visible: controls, bidirectional
+/// overrides and isolates, zero-width characters, the soft hyphen and the byte-order mark.
+fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}')
+        || matches!(c, '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Checks one image URL; the error says what is wrong with it.
+pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
+    let max_bytes = max_bytes.min(URL_CEILING_BYTES);
+    if raw.len() > max_bytes {
+        return Err(format!("it is {} bytes long; the limit is {max_bytes}", raw.len()));
+    }
+    if let Some((at, c)) = raw.char_indices().find(|(_, c)| is_invisible(*c)) {
+        return Err(format!("it holds the invisible or control character U+{:04X} at byte {at}", u32::from(c)));
+    }
+    let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("scheme `{}` is not allowed; use http or https", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("it has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in URLs are not accepted".into());
+    }
+    Ok(url)
+}
+
+fn check_id(field: &str, value: &str) -> Result<(), String> {
+    uuid::Uuid::try_parse(value).map(|_| ()).map_err(|_| format!("`{field}` is not a UUID: {:?}", preview(value)))
+}
+
+fn check_text(field: &str, value: &str, max_bytes: usize) -> Result<(), String> {
+    if value.len() > max_bytes {
+        return Err(format!("`{field}` is {} bytes long; the limit is {max_bytes}", value.len()));
+    }
+    match value.char_indices().find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\t')) {
+        Some((at, c)) => Err(format!("`{field}` holds the control character U+{:04X} at byte {at}", u32::from(c))),
+        None => Ok(()),
+    }
+}
+
+fn check_position(index: i32, size: i32, submitted_at_ms: i64) -> Result<(), String> {
+    if size < 1 || !(0..size).contains(&index) {
+        return Err(format!("`batch_index` {index} is not within a batch of `batch_size` {size}"));
+    }
+    // Between 2001 and 2286: anything else is not a time this pipeline wrote (and Postgres
+    // refuses timestamps far enough out).
+    if !(1_000_000_000_000..10_000_000_000_000).contains(&submitted_at_ms) {
+        return Err(format!("`submitted_at_ms` {submitted_at_ms} is not a plausible time"));
+    }
+    Ok(())
+}
+
+/// A bounded, printable preview of a value for an error message.
+fn preview(value: &str) -> String {
+    truncate(value, 64).to_owned()
+}
+
+/// `text` cut to at most `max_bytes` on a character boundary.
+pub fn truncate(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl ImageRequest {
+    /// Whether this request may enter the pipeline: UUID ids, a usable URL of at most
+    /// `max_url_bytes`, a position inside its batch, a plausible time, no control characters.
+    pub fn check(&self, max_url_bytes: usize) -> Result<(), String> {
+        check_id("request_id", &self.request_id)?;
+        check_id("batch_id", &self.batch_id)?;
+        check_url(&self.url, max_url_bytes).map_err(|reason| format!("`url` is not a usable image URL: {reason}"))?;
+        check_position(self.batch_index, self.batch_size, self.submitted_at_ms)?;
+        check_text("source", &self.source, SHORT_TEXT_BYTES)
+    }
+}
+
+impl ClassificationResult {
+    /// Whether this result may be stored: the request's rules, plus bounded text in every field.
+    pub fn check(&self) -> Result<(), String> {
+        check_id("request_id", &self.request_id)?;
+        check_id("batch_id", &self.batch_id)?;
+        check_url(&self.url, URL_CEILING_BYTES)
+            .map_err(|reason| format!("`url` is not a usable image URL: {reason}"))?;
+        check_position(self.batch_index, self.batch_size, self.submitted_at_ms)?;
+        if !(1_000_000_000_000..10_000_000_000_000).contains(&self.completed_at_ms) {
+            return Err(format!("`completed_at_ms` {} is not a plausible time", self.completed_at_ms));
+        }
+        for (field, value) in [
+            ("model_name", Some(&self.model_name)),
+            ("model_version", Some(&self.model_version)),
+            ("marine_group", self.marine_group.as_ref()),
+            ("error_kind", self.error_kind.as_ref()),
+        ] {
+            check_text(field, value.map_or("", String::as_str), SHORT_TEXT_BYTES)?;
+        }
+        check_text("error_message", self.error_message.as_deref().unwrap_or(""), ERROR_MESSAGE_BYTES)?;
+        if self.predictions.len() > 1000 {
+            return Err(format!("{} predictions; at most 1000", self.predictions.len()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Prediction, Status};
+
+    fn request() -> ImageRequest {
+        ImageRequest {
+            request_id: "0191b3c4-7d2e-7c1a-9f3b-2a6c0e4d5b1f".into(),
+            batch_id: "0191b3c4-7d2e-7c1a-9f3b-2a6c0e4d5b20".into(),
+            batch_index: 0,
+            batch_size: 1,
+            url: "https://a.example/x.jpg".into(),
+            submitted_at_ms: 1_790_000_000_000,
+            source: "kafka".into(),
+        }
+    }
+
+    fn result() -> ClassificationResult {
+        let r = request();
+        ClassificationResult {
+            request_id: r.request_id,
+            batch_id: r.batch_id,
+            batch_index: 0,
+            batch_size: 1,
+            url: r.url,
+            status: Status::Ok,
+            predictions: vec![Prediction { index: 1, wnid: "n1".into(), label: "goldfish".into(), score: 0.9 }],
+            marine_group: Some("bony_fish".into()),
+            model_name: "m".into(),
+            model_version: "v".into(),
+            error_kind: None,
+            error_message: None,
+            submitted_at_ms: r.submitted_at_ms,
+            completed_at_ms: r.submitted_at_ms + 5,
+        }
+    }
+
+    #[test]
+    fn a_request_as_ingest_writes_it_passes() {
+        request().check(2048).unwrap();
+        result().check().unwrap();
+    }
+
+    #[test]
+    fn ids_must_be_uuids_and_say_which() {
+        let mut r = request();
+        r.request_id = "abc\0def".into();
+        assert_eq!(r.check(2048).unwrap_err(), "`request_id` is not a UUID: \"abc\\0def\"");
+        let mut r = request();
+        r.batch_id = String::new();
+        assert!(r.check(2048).unwrap_err().starts_with("`batch_id` is not a UUID"));
+    }
+
+    #[test]
+    fn urls_follow_ingest_rules() {
+        let mut r = request();
+        r.url = "http://a.example/x.jpg\0".into();
+        assert_eq!(
+            r.check(2048).unwrap_err(),
+            "`url` is not a usable image URL: it holds the invisible or control character U+0000 at byte 22"
+        );
+        r.url = format!("http://a.example/{}", "x".repeat(3000));
+        assert!(r.check(2048).unwrap_err().ends_with("the limit is 2048"));
+        r.url = "file:///etc/passwd".into();
+        assert!(r.check(2048).unwrap_err().contains("scheme `file`"));
+    }
+
+    #[test]
+    fn positions_and_times_must_make_sense() {
+        let mut r = request();
+        r.batch_index = 3;
+        assert_eq!(r.check(2048).unwrap_err(), "`batch_index` 3 is not within a batch of `batch_size` 1");
+        let mut r = request();
+        r.submitted_at_ms = i64::MAX;
+        assert!(r.check(2048).unwrap_err().contains("not a plausible time"));
+    }
+
+    #[test]
+    fn result_text_is_bounded_and_printable() {
+        let mut r = result();
+        r.error_message = Some("x".repeat(ERROR_MESSAGE_BYTES + 1));
+        assert_eq!(r.check().unwrap_err(), "`error_message` is 1025 bytes long; the limit is 1024");
+        let mut r = result();
+        r.model_name = "lite\0".into();
+        assert_eq!(r.check().unwrap_err(), "`model_name` holds the control character U+0000 at byte 4");
+    }
+
+    #[test]
+    fn truncate_keeps_whole_characters() {
+        assert_eq!(truncate("größe", 3), "gr");
+        assert_eq!(truncate("abc", 8), "abc");
+    }
+}
