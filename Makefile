@@ -28,8 +28,11 @@ status:
 demo: up
 	python3 scripts/demo.py
 
-## test: unit and end-to-end tests on the real broker, registry, Postgres, ONNX Runtime and model
+## test: formatting and lints, then unit and end-to-end tests on the real broker, registry,
+## Postgres, ONNX Runtime and model
 test: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cargo test --workspace --locked
 
 clean: down

@@ -272,8 +272,13 @@ pub async fn run(
         match checked {
             Ok(request) => backlog.push_back(Job { request, partition, offset }),
             Err((kind, reason)) => {
-                let moved =
-                    reefline_common::kafka::dead_letter(&producer, &dead_letter_topic, (&message).into(), kind, &reason);
+                let moved = reefline_common::kafka::dead_letter(
+                    &producer,
+                    &dead_letter_topic,
+                    (&message).into(),
+                    kind,
+                    &reason,
+                );
                 tokio::select! {
                     () = &mut shutdown => return,
                     () = moved => {}

@@ -75,22 +75,13 @@ impl Application {
         let metrics = metrics::Metrics::register(&registry)?;
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
         let backlog = consume::Backlog::default();
-        let consumer: RequestConsumer = settings
-            .kafka
-            .consumer_config(&settings.group_id, settings.session_timeout_ms)
-            .create_with_context(Context {
-                tracker: tracker.clone(),
-                backlog: backlog.clone(),
-                in_flight: metrics.in_flight.clone(),
-            })?;
+        let consumer: RequestConsumer =
+            settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create_with_context(
+                Context { tracker: tracker.clone(), backlog: backlog.clone(), in_flight: metrics.in_flight.clone() },
+            )?;
         consumer.subscribe(&[&settings.requests_topic])?;
-        let offsets = Offsets {
-            consumer: Arc::new(consumer),
-            backlog,
-            tracker,
-            topic: settings.requests_topic.clone(),
-            metrics,
-        };
+        let offsets =
+            Offsets { consumer: Arc::new(consumer), backlog, tracker, topic: settings.requests_topic.clone(), metrics };
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
 

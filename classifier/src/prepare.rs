@@ -96,8 +96,8 @@ impl Prepare {
             crate::preprocess::lower_thread_priority(nice);
             preprocess.run(&bytes)
         })
-            .await
-            .map_err(|e| ImageError::DecodeFailed(format!("decoder panicked: {e}")))??;
+        .await
+        .map_err(|e| ImageError::DecodeFailed(format!("decoder panicked: {e}")))??;
         self.metrics.preprocess_seconds.observe(started.elapsed().as_secs_f64());
         Ok(tensor)
     }

@@ -50,10 +50,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, sh
         ))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent.max(1)));
     let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.header_timeout_s.max(1)));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(limits.header_timeout_s.max(1)));
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -71,7 +68,8 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, sh
             () = &mut shutdown => break,
         };
         let service = router.clone().map_request(|request: Request<hyper::body::Incoming>| request.map(Body::new));
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection =
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -85,7 +85,8 @@ impl std::fmt::Debug for Property {
 }
 
 fn parse_property(s: &str) -> Result<Property, String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{}` is not key=value", s.split('=').next().unwrap_or("")))?;
+    let (k, v) =
+        s.split_once('=').ok_or_else(|| format!("`{}` is not key=value", s.split('=').next().unwrap_or("")))?;
     Ok(Property::new(k.trim(), v.trim()))
 }
 

@@ -86,6 +86,8 @@ impl FromClientConfig for FutureProducer {
 impl FutureProducer {
     /// Queues `record` and waits for the broker's answer. While the queue is full it tries again
     /// until `queue_timeout` has passed (`Duration::ZERO`: not at all), as rdkafka's does.
+    // The error carries the record back, as rdkafka's own `FutureProducer::send` does.
+    #[allow(clippy::result_large_err)]
     pub async fn send<K, P>(&self, record: FutureRecord<'_, K, P>, queue_timeout: Duration) -> OwnedDeliveryResult
     where
         K: ToBytes + ?Sized,

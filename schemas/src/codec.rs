@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use apache_avro::from_value;
-use secrecy::{ExposeSecret, SecretString};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::Message;
 
@@ -197,7 +197,8 @@ mod tests {
 
     #[test]
     fn only_a_definite_refusal_is_permanent() {
-        for status in ["500 Internal Server Error", "504 Gateway Timeout", "429 Too Many Requests", "401 Unauthorized"] {
+        for status in ["500 Internal Server Error", "504 Gateway Timeout", "429 Too Many Requests", "401 Unauthorized"]
+        {
             assert!(failed(status).is_transient(), "{status}");
         }
         for status in ["404 Not Found", "409 Conflict", "422 Unprocessable Entity"] {

@@ -25,6 +25,8 @@ fn start(file: &std::path::Path) -> (Child, String) {
             return (child, format!("http://{addr}"));
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("reefline-registry exited without saying where it listens");
 }
 
@@ -58,7 +60,8 @@ async fn a_registration_is_answered_only_once_it_would_survive_a_kill() {
     registry.kill().unwrap(); // SIGKILL: no chance to flush anything
     registry.wait().unwrap();
     let (mut registry, url) = start(&file);
-    let found: Value = client.get(format!("{url}/subjects/b-value/versions/1")).send().await.unwrap().json().await.unwrap();
+    let found: Value =
+        client.get(format!("{url}/subjects/b-value/versions/1")).send().await.unwrap().json().await.unwrap();
     assert_eq!(found["id"], 1);
     assert!(found["schema"].as_str().unwrap().contains("\"B\""), "{found}");
     registry.kill().unwrap();
@@ -91,16 +94,18 @@ async fn a_registry_that_answers_500_504_or_429_is_waited_for_not_blamed_on_the_
         StatusCode::INTERNAL_SERVER_ERROR,
     ]));
     let seen = failures.clone();
-    let front = registry.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
-        let failures = failures.clone();
-        async move {
-            let failure = if req.method() == axum::http::Method::GET { failures.lock().unwrap().pop() } else { None };
-            match failure {
-                Some(status) => axum::response::IntoResponse::into_response((status, "{\"error_code\":50001}")),
-                None => next.run(req).await,
+    let front =
+        registry.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let failures = failures.clone();
+            async move {
+                let failure =
+                    if req.method() == axum::http::Method::GET { failures.lock().unwrap().pop() } else { None };
+                match failure {
+                    Some(status) => axum::response::IntoResponse::into_response((status, "{\"error_code\":50001}")),
+                    None => next.run(req).await,
+                }
             }
-        }
-    }));
+        }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, front).await });

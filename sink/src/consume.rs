@@ -147,7 +147,8 @@ where
 {
     tokio::pin!(shutdown);
     let mut refused = Vec::new();
-    let mut pending = vec![0..items.len()];
+    let mut pending = Vec::with_capacity(16);
+    pending.push(0..items.len());
     while let Some(range) = pending.pop() {
         if range.is_empty() {
             continue;

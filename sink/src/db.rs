@@ -24,8 +24,8 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// writers need: at most `connections`, each statement cut off after `statement_timeout`, and a
 /// lookup that waits longer than that for a connection fails (503) rather than queueing forever.
 pub async fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)?
-        .options([("statement_timeout", format!("{}", statement_timeout.as_millis()))]);
+    let options =
+        PgConnectOptions::from_str(url)?.options([("statement_timeout", format!("{}", statement_timeout.as_millis()))]);
     Ok(PgPoolOptions::new()
         .max_connections(connections.max(1))
         .acquire_timeout(statement_timeout)

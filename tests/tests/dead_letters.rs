@@ -429,8 +429,15 @@ async fn a_result_the_broker_cannot_take_is_dead_lettered_and_the_partition_move
     assert_eq!(keys, expected);
 
     let ops = &stack.classifier_ops;
-    wait_for_metric(&client, ops, "classifier_in_flight", |v| v == 0.0, "nothing left in flight", Duration::from_secs(30))
-        .await;
+    wait_for_metric(
+        &client,
+        ops,
+        "classifier_in_flight",
+        |v| v == 0.0,
+        "nothing left in flight",
+        Duration::from_secs(30),
+    )
+    .await;
     let text = client.get(format!("{ops}/metrics")).send().await.unwrap().text().await.unwrap();
     assert_eq!(metric(&text, "classifier_dead_letters_total{kind=\"result_too_large\"}"), Some(2.0));
     // Nothing is left retrying, so the stop finishes.

@@ -302,7 +302,11 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
         let status = response.status().as_u16();
         if status == 413 {
             // Its body was left unread: the client must not send another request on it.
-            assert_eq!(response.headers().get(header::CONNECTION).map(|v| v.as_bytes()), Some(&b"close"[..]), "request {i}");
+            assert_eq!(
+                response.headers().get(header::CONNECTION).map(|v| v.as_bytes()),
+                Some(&b"close"[..]),
+                "request {i}"
+            );
         }
         let answer: Value = response.json().await.unwrap_or(Value::Null);
         match status {
@@ -461,9 +465,7 @@ async fn slowloris_clients_are_cut_off_and_lookups_answer_while_results_are_writ
     let written_meanwhile = reefline_e2e::workload::rows(&pool).await;
     eprintln!(
         "hostile: 800 concurrent lookups while {written_meanwhile} of 2,000 rows were written: p50 {:?}, p99 {:?}, max {:?}",
-        latencies[400],
-        latencies[792],
-        latencies[799]
+        latencies[400], latencies[792], latencies[799]
     );
     wait_rows(&pool, REQUESTS, "all 2,000 rows").await;
 

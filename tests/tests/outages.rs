@@ -307,10 +307,11 @@ async fn a_registry_outage_of_20_s_is_waited_out_and_dead_letters_nothing() {
     proxy.restore();
 
     wait_rows(&pool, 30, "all 30 rows after the outage").await;
-    let ok: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'ok' AND predictions->0->>'index' = '967'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let ok: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM results WHERE status = 'ok' AND predictions->0->>'index' = '967'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(ok, 30, "every image classified as espresso");
     let camera: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE request_id = ANY($1)")
         .bind(&camera_ids)

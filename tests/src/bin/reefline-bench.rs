@@ -130,7 +130,10 @@ fn serve(photos: Vec<Vec<u8>>) -> anyhow::Result<()> {
     use axum::http::{StatusCode, header};
     use axum::response::IntoResponse;
 
-    async fn photo(State(photos): State<Arc<Vec<axum::body::Bytes>>>, Path(n): Path<String>) -> axum::response::Response {
+    async fn photo(
+        State(photos): State<Arc<Vec<axum::body::Bytes>>>,
+        Path(n): Path<String>,
+    ) -> axum::response::Response {
         let Ok(n) = n.parse::<usize>() else { return StatusCode::NOT_FOUND.into_response() };
         let body = photos[n % photos.len()].clone();
         let kind = if body.starts_with(&[0xff, 0xd8]) { "image/jpeg" } else { "image/png" };
