@@ -33,6 +33,8 @@ demo: up
 test: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	promtool check config ops/prometheus/prometheus.yml
+	promtool test rules ops/prometheus/rules_test.yml
 	cargo test --workspace --locked
 
 clean: down

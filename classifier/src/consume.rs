@@ -55,6 +55,7 @@ pub struct Context {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub backlog: Backlog,
     pub in_flight: prometheus::IntGauge,
+    pub lag: reefline_common::kafka::LagGauge,
 }
 
 impl Context {
@@ -112,7 +113,11 @@ impl Context {
     }
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        self.lag.record(&statistics);
+    }
+}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -75,10 +75,16 @@ impl Application {
         let metrics = metrics::Metrics::register(&registry)?;
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
         let backlog = consume::Backlog::default();
-        let consumer: RequestConsumer =
-            settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create_with_context(
-                Context { tracker: tracker.clone(), backlog: backlog.clone(), in_flight: metrics.in_flight.clone() },
-            )?;
+        let context = Context {
+            tracker: tracker.clone(),
+            backlog: backlog.clone(),
+            in_flight: metrics.in_flight.clone(),
+            lag: reefline_common::kafka::LagGauge::register(&registry, "classifier_consumer_lag")?,
+        };
+        let consumer: RequestConsumer = settings
+            .kafka
+            .consumer_config(&settings.group_id, settings.session_timeout_ms)
+            .create_with_context(context)?;
         consumer.subscribe(&[&settings.requests_topic])?;
         let offsets =
             Offsets { consumer: Arc::new(consumer), backlog, tracker, topic: settings.requests_topic.clone(), metrics };
@@ -192,7 +198,12 @@ impl Application {
             outcome_rx,
         ));
 
-        self.readiness.set(true);
+        let probe = tokio::spawn(watch_dependencies(
+            self.producer.clone(),
+            s.requests_topic.clone(),
+            s.registry.clone(),
+            self.readiness.clone(),
+        ));
         tracing::info!(ops = %ops_addr, topic = %s.requests_topic, group = %s.group_id, "classifier running");
         consume::run(
             self.offsets.clone(),
@@ -207,6 +218,7 @@ impl Application {
 
         tracing::info!("draining in-flight requests");
         stopping.begin();
+        probe.abort();
         self.readiness.set(false);
         prepare.await?;
         batcher.await?;
@@ -223,6 +235,48 @@ impl Application {
         let _ = ops_server.await;
         tracing::info!("classifier stopped");
         Ok(())
+    }
+}
+
+/// Keeps `/readyz` telling whether the classifier can work: every 5 s, a metadata request for the
+/// requests topic (the broker answers) and `GET /config` on the Schema Registry (it answers 2xx).
+async fn watch_dependencies(
+    producer: FutureProducer,
+    topic: String,
+    registry: reefline_schemas::RegistrySettings,
+    readiness: Readiness,
+) {
+    use secrecy::ExposeSecret;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).no_proxy().build().ok();
+    let config = format!("{}/config", registry.url.trim_end_matches('/'));
+    loop {
+        let probe = producer.clone();
+        let topic_name = topic.clone();
+        let broker = tokio::task::spawn_blocking(move || {
+            probe.client().fetch_metadata(Some(&topic_name), Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        let schemas = match &client {
+            Some(client) => {
+                let mut request = client.get(&config);
+                if let Some(user) = &registry.user {
+                    request = request.basic_auth(user, registry.password.as_ref().map(|p| p.expose_secret()));
+                }
+                request.send().await.is_ok_and(|r| r.status().is_success())
+            }
+            None => false,
+        };
+        let ready = broker && schemas;
+        if ready != readiness.get() {
+            if ready {
+                tracing::info!("broker and schema registry reachable; ready");
+            } else {
+                tracing::warn!(broker, schema_registry = schemas, "a dependency is unreachable; not ready");
+            }
+        }
+        readiness.set(ready);
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

@@ -152,13 +152,71 @@ impl KafkaSettings {
             .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(100).to_string())
             .set("fetch.wait.max.ms", self.consumer_fetch_wait_ms.to_string())
             .set("partition.assignment.strategy", &self.consumer_assignment_strategy)
-            .set("queued.max.messages.kbytes", self.consumer_prefetch_kbytes.to_string());
+            .set("queued.max.messages.kbytes", self.consumer_prefetch_kbytes.to_string())
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
         for p in &self.properties {
             config.set(&p.key, p.value());
         }
         config
     }
 }
+
+/// How often librdkafka reports its statistics (and so how fresh the lag metrics are).
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// `<service>_consumer_lag{topic,partition}`: records between a partition's high watermark and the
+/// group's committed offset, for each partition this consumer is assigned, from librdkafka's
+/// statistics. A partition given up leaves the metric.
+#[derive(Clone)]
+pub struct LagGauge(prometheus::IntGaugeVec);
+
+impl LagGauge {
+    /// The gauge `name` (e.g. `classifier_consumer_lag`), registered in `registry`.
+    pub fn register(registry: &prometheus::Registry, name: &str) -> prometheus::Result<Self> {
+        let help = "Records not yet committed by this consumer group, by topic and partition";
+        let gauge = prometheus::IntGaugeVec::new(prometheus::Opts::new(name, help), &["topic", "partition"])?;
+        registry.register(Box::new(gauge.clone()))?;
+        Ok(Self(gauge))
+    }
+
+    pub fn record(&self, statistics: &rdkafka::statistics::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (id, p) in &t.partitions {
+                if *id < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                let partition = id.to_string();
+                let labels = [topic.as_str(), partition.as_str()];
+                // librdkafka says -1 until the group has committed on the partition; then
+                // everything from the low watermark is waiting (the consumer starts there).
+                let lag = if p.consumer_lag >= 0 {
+                    Some(p.consumer_lag)
+                } else if p.hi_offset >= 0 && p.committed_offset < 0 {
+                    Some((p.hi_offset - p.lo_offset.max(0)).max(0))
+                } else {
+                    None
+                };
+                match lag.filter(|_| p.desired) {
+                    Some(lag) => self.0.with_label_values(&labels).set(lag),
+                    None => {
+                        let _ = self.0.remove_label_values(&labels);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A consumer context that records its lag ([`LagGauge`]) and otherwise behaves as the default.
+pub struct LagContext(pub LagGauge);
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        self.0.record(&statistics);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
 
 /// Creates `topics` with `partitions` partitions each, leaving any that already exist as they are.
 pub async fn ensure_topics(

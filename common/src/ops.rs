@@ -45,6 +45,14 @@ async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
     if let Err(e) = encoder.encode(&state.registry.gather(), &mut body) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
+    // What /readyz says, for alerting (the scrape job tells which service it is).
+    let ready = u8::from(state.readiness.get());
+    body.extend_from_slice(
+        format!(
+            "# HELP reefline_ready 1 while /readyz answers 200\n# TYPE reefline_ready gauge\nreefline_ready {ready}\n"
+        )
+        .as_bytes(),
+    );
     ([(header::CONTENT_TYPE, encoder.format_type().to_owned())], body).into_response()
 }
 

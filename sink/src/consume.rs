@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use reefline_common::kafka::LagContext;
+
+/// The sink's consumers: they report their lag.
+pub type LagConsumer = StreamConsumer<LagContext>;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use reefline_common::producer::FutureProducer;
@@ -32,7 +36,7 @@ pub struct Metrics {
 
 /// What the loop needs.
 pub struct Sink {
-    pub consumer: StreamConsumer,
+    pub consumer: LagConsumer,
     pub pool: PgPool,
     pub codec: Codec,
     pub producer: FutureProducer,
@@ -187,7 +191,7 @@ where
 /// Waits for the next message, then takes more for at most `linger`, up to `max`; `None` once
 /// `shutdown` fires.
 async fn next_batch<'c>(
-    consumer: &'c StreamConsumer,
+    consumer: &'c LagConsumer,
     max: usize,
     linger: Duration,
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
@@ -217,7 +221,7 @@ async fn next_batch<'c>(
 }
 
 /// Stores, for commit, the offset after the last of `messages` in each partition.
-fn store_offsets(consumer: &StreamConsumer, topic: &str, messages: &[BorrowedMessage<'_>]) {
+fn store_offsets(consumer: &LagConsumer, topic: &str, messages: &[BorrowedMessage<'_>]) {
     let mut next: HashMap<i32, i64> = HashMap::new();
     for m in messages {
         let e = next.entry(m.partition()).or_insert(0);
@@ -236,7 +240,7 @@ fn store_offsets(consumer: &StreamConsumer, topic: &str, messages: &[BorrowedMes
 /// before a result exists. Undecodable records are skipped: dead-lettering them is the
 /// classifier's job.
 pub struct RequestLog {
-    pub consumer: StreamConsumer,
+    pub consumer: LagConsumer,
     pub pool: PgPool,
     pub codec: Codec,
     pub topic: String,

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use axum::Router;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use reefline_common::auth::{ApiKeys, require_key};
+use reefline_common::kafka::{LagContext, LagGauge};
 use reefline_common::ops::{self, Readiness, duration_buckets};
 use reefline_common::producer::FutureProducer;
 use reefline_schemas::Codec;
@@ -81,14 +82,20 @@ impl Application {
         let topics =
             [&settings.results_topic, &settings.dead_letter_topic, &settings.requests_topic].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
-        let consumer: StreamConsumer =
-            settings.kafka.consumer_config(&settings.group_id, settings.session_timeout_ms).create()?;
+        let registry = prometheus::Registry::new();
+        // One gauge for both consumers: they read different topics.
+        let lag = LagGauge::register(&registry, "sink_consumer_lag")?;
+        let consumer: consume::LagConsumer = settings
+            .kafka
+            .consumer_config(&settings.group_id, settings.session_timeout_ms)
+            .create_with_context(LagContext(lag.clone()))?;
         consumer.subscribe(&[&settings.results_topic])?;
         let codec = Codec::new(&settings.registry)?;
-        let requests_consumer: StreamConsumer =
-            settings.kafka.consumer_config(&settings.requests_group_id, settings.session_timeout_ms).create()?;
+        let requests_consumer: consume::LagConsumer = settings
+            .kafka
+            .consumer_config(&settings.requests_group_id, settings.session_timeout_ms)
+            .create_with_context(LagContext(lag))?;
         requests_consumer.subscribe(&[&settings.requests_topic])?;
-        let registry = prometheus::Registry::new();
         let recorded = IntCounter::new("sink_requests_recorded_total", "Requests recorded as pending")?;
         let skipped = IntCounter::new("sink_requests_skipped_total", "Request records skipped as undecodable")?;
         registry.register(Box::new(recorded.clone()))?;

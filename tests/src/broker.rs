@@ -12,6 +12,8 @@ use crate::{cache_dir, free_port, wait_for};
 pub struct Broker {
     child: Child,
     pub addr: String,
+    /// The address clients are told to connect to, when not `addr`.
+    advertised: Option<String>,
     /// Where the broker keeps its sqlite database.
     data: PathBuf,
 }
@@ -21,20 +23,26 @@ impl Broker {
     /// temporary folder (so that [`Broker::restart`] keeps its topics, records and committed
     /// offsets), and waits until it accepts connections.
     pub async fn start() -> Self {
+        Self::start_advertising(None).await
+    }
+
+    /// Like [`Broker::start`], but telling clients to connect to `advertised` (a proxy in front
+    /// of it, say) instead of its own address.
+    pub async fn start_advertising(advertised: Option<&str>) -> Self {
         let data = std::env::temp_dir().join(format!("reefline-broker-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&data).expect("broker data folder");
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Self::spawn(&addr, &data);
-        let broker = Self { child, addr, data };
+        let child = Self::spawn(&addr, advertised.unwrap_or(&addr), &data);
+        let broker = Self { child, addr, advertised: advertised.map(str::to_owned), data };
         broker.wait_listening().await;
         broker
     }
 
-    fn spawn(addr: &str, data: &Path) -> Child {
+    fn spawn(addr: &str, advertised: &str, data: &Path) -> Child {
         let bin =
             std::env::var_os("NISSHI_BIN").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("tools/bin/nisshi"));
         assert!(bin.exists(), "{} is missing: run `make setup` (or `make test`) first", bin.display());
-        let url = format!("tcp://{addr}");
+        let (url, advertised) = (format!("tcp://{addr}"), format!("tcp://{advertised}"));
         // A shell keeps the broker on a leash: when this process goes, however it goes, the pipe on
         // the shell's stdin closes and the shell kills the broker.
         let leash = r#""$0" "$@" & broker=$!; read -r _; kill -9 "$broker"; wait "$broker""#;
@@ -42,7 +50,7 @@ impl Broker {
         Command::new("sh")
             .args(["-c", leash])
             .arg(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "sqlite://broker.db"])
             .current_dir(data)
             .stdin(Stdio::piped())
@@ -71,7 +79,7 @@ impl Broker {
     pub async fn restart(&mut self, down: Duration) {
         self.kill();
         tokio::time::sleep(down).await;
-        self.child = Self::spawn(&self.addr, &self.data);
+        self.child = Self::spawn(&self.addr, self.advertised.as_deref().unwrap_or(&self.addr), &self.data);
         self.wait_listening().await;
     }
 

@@ -20,7 +20,7 @@ mod processes;
 pub mod workload;
 
 pub use broker::Broker;
-pub use processes::{ServiceProcess, TcpProxy, free_addr, topic_counts};
+pub use processes::{ServiceProcess, TcpProxy, TlsProxy, topic_counts};
 
 /// The workspace's cache folder (`REEFLINE_CACHE`, else `.cache/` at the workspace root).
 pub fn cache_dir() -> PathBuf {
@@ -29,8 +29,20 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache"))
 }
 
-pub(crate) fn free_port() -> u16 {
+/// A port free now, for a program that cannot bind port 0 and say which it got (the broker
+/// advertises its address before it listens; Prometheus does not log the port it bound).
+pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// The random source of a fault test: seeded from `FAULT_SEED` when set (to replay a run), else
+/// from the clock; the seed is printed either way, so a failure can be replayed.
+pub fn fault_rng(test: &str) -> fastrand::Rng {
+    let seed = std::env::var("FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
+    eprintln!("{test}: FAULT_SEED={seed}");
+    fastrand::Rng::with_seed(seed)
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.

@@ -8,15 +8,17 @@ use std::time::{Duration, Instant};
 use reefline_common::kafka::KafkaSettings;
 use tokio::sync::watch;
 
-use crate::free_port;
-
 /// A service running as its own process, so that a test can kill it with SIGKILL or SIGTERM.
+/// Each process, restarts included, logs to a file of its own ([`ServiceProcess::log`]).
 pub struct ServiceProcess {
     child: Child,
+    pub log: std::path::PathBuf,
 }
 
-fn log_file(name: &str) -> std::fs::File {
-    std::fs::File::create(std::env::temp_dir().join(format!("reefline-{name}.log"))).expect("log file")
+fn log_path(name: &str) -> std::path::PathBuf {
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("reefline-{name}-{}-{n}.log", std::process::id()))
 }
 
 impl ServiceProcess {
@@ -43,11 +45,11 @@ impl ServiceProcess {
     }
 
     /// Starts the sink command `bin` (`env!("CARGO_BIN_EXE_sink-under-test")`) with the settings'
-    /// database, topics, group and broker, listening on `s.listen` (give it a free port).
+    /// database, topics, group and broker, on a port it chooses ([`ServiceProcess::address`]).
     pub fn sink(bin: &str, s: &reefline_sink::Settings, name: &str) -> Self {
         let mut command = Command::new(bin);
         command
-            .args(["--listen", &s.listen, "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
+            .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
             .args(["--results-topic", &s.results_topic, "--dead-letter-topic", &s.dead_letter_topic])
             .args(["--topic-partitions", &s.topic_partitions.to_string(), "--group-id", &s.group_id])
             .args(["--requests-topic", &s.requests_topic, "--requests-group-id", &s.requests_group_id])
@@ -57,14 +59,33 @@ impl ServiceProcess {
     }
 
     fn spawn(mut command: Command, name: &str) -> Self {
-        let log = log_file(name);
+        let path = log_path(name);
+        let log = std::fs::File::create(&path).expect("log file");
         let child = command
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
             .expect("starting a service process");
-        Self { child }
+        Self { child, log: path }
+    }
+
+    /// What the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address the process reports in its first log line containing `marker` and `addr=`
+    /// (e.g. "sink listening"), once it has logged it.
+    pub async fn address(&self, marker: &str) -> String {
+        let log = self.log.display().to_string();
+        crate::wait_for(&format!("`{marker}` in {log}"), Duration::from_secs(60), || async {
+            self.log_text()
+                .lines()
+                .filter(|l| l.contains(marker))
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(str::to_owned))
+        })
+        .await
     }
 
     /// Whether the process is still running.
@@ -92,11 +113,6 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A free `127.0.0.1` address for a service started as a process.
-pub fn free_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
 }
 
 /// A TCP proxy in front of `target` that a test can cut (every connection dropped, new ones
@@ -177,4 +193,62 @@ fn read_topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
         }
     }
     (records, keys.len())
+}
+
+/// A TLS-terminating proxy in front of `target`, as a managed Kafka's TLS listener is to a client:
+/// it presents a self-signed certificate for 127.0.0.1 (made with the system's `openssl`), whose
+/// PEM is at [`TlsProxy::ca`] for clients to trust.
+pub struct TlsProxy {
+    pub addr: SocketAddr,
+    pub ca: std::path::PathBuf,
+    target: std::sync::Arc<std::sync::Mutex<String>>,
+    folder: std::path::PathBuf,
+}
+
+impl TlsProxy {
+    /// Starts the proxy; it forwards to nothing until [`TlsProxy::point_at`].
+    pub async fn start() -> Self {
+        let folder = std::env::temp_dir().join(format!("reefline-tls-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&folder).expect("certificate folder");
+        let (cert, key) = (folder.join("cert.pem"), folder.join("key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("running openssl");
+        assert!(made.status.success(), "openssl: {}", String::from_utf8_lossy(&made.stderr));
+        let identity = native_tls::Identity::from_pkcs8(&std::fs::read(&cert).unwrap(), &std::fs::read(&key).unwrap())
+            .expect("TLS identity");
+        let acceptor = tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).expect("acceptor"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the TLS proxy");
+        let addr = listener.local_addr().expect("address");
+        let target = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let forward_to = target.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let target = forward_to.lock().expect("target lock").clone();
+                tokio::spawn(async move {
+                    let Ok(mut inbound) = acceptor.accept(inbound).await else { return };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Self { addr, ca: cert, target, folder }
+    }
+
+    /// Forwards new connections to `target`.
+    pub fn point_at(&self, target: &str) {
+        *self.target.lock().expect("target lock") = target.to_owned();
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.folder);
+    }
 }

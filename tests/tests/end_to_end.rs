@@ -177,8 +177,53 @@ async fn real_photos_are_classified_end_to_end() {
         assert_eq!(client.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
     }
 
+    // Lag per topic and partition, from librdkafka's statistics: once everything is done and
+    // committed, each of the 3 partitions of each topic read shows 0.
+    let names = &env.names;
+    for (base, metric, topic) in [
+        (&stack.classifier_ops, "classifier_consumer_lag", &names.requests),
+        (&stack.sink, "sink_consumer_lag", &names.results),
+        (&stack.sink, "sink_consumer_lag", &names.requests),
+    ] {
+        let what = format!("{metric} for {topic} to reach 0 on 3 partitions");
+        wait_for(&what, Duration::from_secs(60), || {
+            let (client, url) = (client.clone(), format!("{base}/metrics"));
+            let prefix = format!("{metric}{{");
+            let topic = format!("topic=\"{topic}\"");
+            async move {
+                let text = client.get(url).send().await.ok()?.text().await.ok()?;
+                let lags: Vec<f64> = text
+                    .lines()
+                    .filter(|l| l.starts_with(&prefix) && l.contains(&topic))
+                    .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+                    .collect();
+                (lags.len() == 3 && lags.iter().all(|lag| *lag == 0.0)).then_some(())
+            }
+        })
+        .await;
+    }
+
     stack.stop().await;
     drop(pool);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classifier_is_ready_only_while_the_broker_and_the_registry_answer() {
+    let env = TestEnv::start().await;
+    let proxy = reefline_e2e::TcpProxy::start(env.registry.url.trim_start_matches("http://")).await;
+    let mut settings = env.settings();
+    settings.classifier.registry = reefline_schemas::RegistrySettings::new(format!("http://{}", proxy.addr));
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+    let ready = format!("{}/readyz", stack.classifier_ops);
+    let timeout = Duration::from_secs(30);
+    reefline_e2e::wait_for_status(&client, &ready, 200, "the classifier to be ready", timeout).await;
+    proxy.cut();
+    reefline_e2e::wait_for_status(&client, &ready, 503, "not ready without the registry", timeout).await;
+    proxy.restore();
+    reefline_e2e::wait_for_status(&client, &ready, 200, "ready again with the registry", timeout).await;
+    stack.stop().await;
     env.finish().await;
 }
 
@@ -395,4 +440,151 @@ async fn no_configured_secret_reaches_a_log_line_or_help() {
     assert!(log.contains("sink stopped"), "{log}");
     check("the sink's log", &log);
     db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pipeline_runs_over_tls_to_the_broker() {
+    use rdkafka::producer::{BaseProducer, Producer};
+    use reefline_common::kafka::Property;
+
+    // A broker reached only through TLS, as a managed Kafka is: it tells clients to connect to the
+    // TLS proxy in front of it.
+    let proxy = reefline_e2e::TlsProxy::start().await;
+    let broker = Broker::start_advertising(Some(&proxy.addr.to_string())).await;
+    proxy.point_at(&broker.addr);
+    let env = TestEnv {
+        broker,
+        registry: start_registry().await,
+        photos: reefline_e2e::start_photo_server().await,
+        db: TestDatabase::new(),
+        names: Names::new(),
+    };
+    let mut tls = env.broker.kafka();
+    tls.brokers = proxy.addr.to_string();
+    tls.properties = vec![
+        Property::new("security.protocol", "SSL"),
+        Property::new("ssl.ca.location", proxy.ca.display().to_string()),
+    ];
+
+    // Without TLS the proxy's listener gets nowhere.
+    let mut plain = env.broker.kafka();
+    plain.brokers = proxy.addr.to_string();
+    let plain: BaseProducer = plain.client_config().create().unwrap();
+    assert!(plain.client().fetch_metadata(None, Duration::from_secs(3)).is_err(), "a plaintext client got metadata");
+
+    let mut settings = env.settings();
+    settings.ingest.kafka = tls.clone();
+    settings.classifier.kafka = tls.clone();
+    settings.sink.kafka = tls;
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+    let (status, accepted) = post_json(
+        &client,
+        &format!("{}/v1/classify", stack.ingest),
+        &json!({ "images": [format!("{}/photos/coffee.png", env.photos)] }),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
+    let result =
+        reefline_e2e::wait_for_status(&client, &url, 200, "the result over TLS", Duration::from_secs(60)).await;
+    assert_eq!(top_indices(&result)[0], ESPRESSO, "{result}");
+    stack.stop().await;
+    env.finish().await;
+}
+
+/// Prometheus, killed when dropped.
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_prometheus_scrapes_every_service_loads_the_rules_and_sees_the_lag() {
+    let env = TestEnv::start().await;
+    let stack = Stack::start(env.settings()).await;
+    let client = reqwest::Client::new();
+    let (status, accepted) = post_json(
+        &client,
+        &format!("{}/v1/classify", stack.ingest),
+        &json!({ "images": [format!("{}/photos/coffee.png", env.photos)] }),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
+    reefline_e2e::wait_for_status(&client, &url, 200, "the result", Duration::from_secs(60)).await;
+
+    let folder = std::env::temp_dir().join(format!("reefline-prometheus-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&folder).unwrap();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/prometheus/rules.yml");
+    let target = |base: &str| base.trim_start_matches("http://").to_owned();
+    let config = json!({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [rules.canonicalize().unwrap()],
+        "scrape_configs": [
+            {"job_name": "reefline-ingest", "static_configs": [{"targets": [target(&stack.ingest)]}]},
+            {"job_name": "reefline-classifier", "static_configs": [{"targets": [target(&stack.classifier_ops)]}]},
+            {"job_name": "reefline-sink", "static_configs": [{"targets": [target(&stack.sink)]}]},
+        ],
+    });
+    // JSON is YAML.
+    std::fs::write(folder.join("prometheus.yml"), config.to_string()).unwrap();
+    let addr = format!("127.0.0.1:{}", reefline_e2e::free_port());
+    let log = std::fs::File::create(folder.join("prometheus.log")).unwrap();
+    let _prometheus = Prometheus(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", folder.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", folder.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting Debian's prometheus (make setup installs it)"),
+    );
+    let api = |path: &str| format!("http://{addr}/api/v1/{path}");
+
+    let targets = wait_for("Prometheus to scrape all three services", Duration::from_secs(60), || async {
+        let body: Value = client.get(api("targets")).send().await.ok()?.json().await.ok()?;
+        let active = body["data"]["activeTargets"].as_array()?.clone();
+        (active.len() == 3 && active.iter().all(|t| t["health"] == "up")).then_some(active)
+    })
+    .await;
+    let mut jobs: Vec<&str> = targets.iter().filter_map(|t| t["labels"]["job"].as_str()).collect();
+    jobs.sort();
+    assert_eq!(jobs, ["reefline-classifier", "reefline-ingest", "reefline-sink"]);
+
+    let query = |q: &'static str| {
+        let mut url = reqwest::Url::parse(&api("query")).unwrap();
+        url.query_pairs_mut().append_pair("query", q);
+        let client = client.clone();
+        async move {
+            let body: Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            body["data"]["result"].as_array().cloned()
+        }
+    };
+    let lag = wait_for("the classifier's lag in Prometheus", Duration::from_secs(60), || async {
+        query("classifier_consumer_lag").await.filter(|r| r.len() == 3)
+    })
+    .await;
+    assert!(lag.iter().all(|s| s["metric"]["topic"] == env.names.requests.as_str()), "{lag:?}");
+    let ready = wait_for("every service ready in Prometheus", Duration::from_secs(30), || async {
+        query("reefline_ready == 1").await.filter(|r| r.len() == 3)
+    })
+    .await;
+    assert_eq!(ready.len(), 3);
+    let rules: Value = client.get(api("rules")).send().await.unwrap().json().await.unwrap();
+    let mut groups: Vec<&str> =
+        rules["data"]["groups"].as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
+    groups.sort();
+    assert_eq!(groups, ["reefline-alerts", "reefline-recording"]);
+    let firing = query("ALERTS{alertstate=\"firing\"}").await.unwrap();
+    assert!(firing.is_empty(), "nothing is wrong, yet: {firing:?}");
+
+    stack.stop().await;
+    env.finish().await;
+    let _ = std::fs::remove_dir_all(&folder);
 }

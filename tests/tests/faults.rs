@@ -42,6 +42,7 @@ impl Fixture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
+    let mut rng = reefline_e2e::fault_rng("killing_a_classifier_three_times_loses_and_doubles_nothing");
     let f = fixture().await;
     let mut steady = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "steady");
     let mut victim = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "victim");
@@ -49,11 +50,13 @@ async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
 
     // Three kills at random points, each followed by a restart.
     for round in 0..3 {
-        let at = 300 + round * 500 + fastrand::i64(0..200);
+        let at = 300 + round * 500 + rng.i64(0..200);
         wait_rows(&f.pool, at, "progress before the kill").await;
         assert!(
             steady.is_running() && victim.is_running(),
-            "a classifier exited on its own; see its log in the temp dir"
+            "a classifier exited on its own; see {} and {}",
+            steady.log.display(),
+            victim.log.display()
         );
         victim.kill();
         eprintln!("faults: SIGKILL to a classifier with {at}+ rows stored");
@@ -74,12 +77,13 @@ async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_terminated_classifier_finishes_its_work_and_hands_over_the_rest() {
+    let mut rng = reefline_e2e::fault_rng("a_terminated_classifier_finishes_its_work_and_hands_over_the_rest");
     let f = fixture().await;
     let steady = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "steady-term");
     let victim = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "victim-term");
     let expected = submit_mixed(&f.client, &f.stack.ingest, &f.photos).await;
 
-    wait_rows(&f.pool, 500 + fastrand::i64(0..300), "progress before SIGTERM").await;
+    wait_rows(&f.pool, 500 + rng.i64(0..300), "progress before SIGTERM").await;
     let took = victim.terminate();
     eprintln!("faults: SIGTERM: the classifier drained, committed and exited in {took:?}");
     assert!(took < Duration::from_secs(30), "exit took {took:?}");
@@ -98,20 +102,20 @@ async fn a_terminated_classifier_finishes_its_work_and_hands_over_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_classifier_joining_mid_stream_takes_partitions_over_without_redoing_work() {
+    let mut rng = reefline_e2e::fault_rng("a_classifier_joining_mid_stream_takes_partitions_over_without_redoing_work");
     let f = fixture().await;
     let first = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "first-scale");
     let expected = submit_mixed(&f.client, &f.stack.ingest, &f.photos).await;
 
-    wait_rows(&f.pool, 300 + fastrand::i64(0..300), "progress before the second classifier joins").await;
+    wait_rows(&f.pool, 300 + rng.i64(0..300), "progress before the second classifier joins").await;
     let second = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "second-scale");
     wait_rows(&f.pool, REQUESTS, "all 2,000 rows").await;
     check_rows(&f.pool, &expected).await;
     let duplicates = duplicates(&f.client, &f.stack.sink).await;
     eprintln!("faults: scale-out: {REQUESTS} requests, {REQUESTS} rows, {duplicates} results redone");
     assert_eq!(duplicates, 0.0, "the partitions handed over were drained and committed first");
+    assert!(first.log_text().contains("partitions drained and handed over"), "the first gave partitions up");
+    assert!(second.log_text().contains("partitions assigned partitions=1"), "the second took one of the 3");
     drop((first, second));
-    let log = |name: &str| std::fs::read_to_string(std::env::temp_dir().join(format!("reefline-{name}.log"))).unwrap();
-    assert!(log("first-scale").contains("partitions drained and handed over"), "the first gave partitions up");
-    assert!(log("second-scale").contains("partitions assigned"), "the second took them");
     f.finish().await;
 }

@@ -4,9 +4,7 @@
 use std::time::{Duration, Instant};
 
 use reefline_e2e::workload::{REQUESTS, check_rows, rows, submit_mixed, wait_rows};
-use reefline_e2e::{
-    ServiceProcess, Stack, TcpProxy, TestEnv, free_addr, metric, topic_counts, wait_for_metric, wait_for_status,
-};
+use reefline_e2e::{ServiceProcess, Stack, TcpProxy, TestEnv, metric, topic_counts, wait_for_metric, wait_for_status};
 use serde_json::json;
 
 const SINK: &str = env!("CARGO_BIN_EXE_sink-under-test");
@@ -22,13 +20,14 @@ async fn results_on_topic(env: &TestEnv, what: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarting_the_broker_mid_stream_loses_and_doubles_nothing() {
+    let mut rng = reefline_e2e::fault_rng("restarting_the_broker_mid_stream_loses_and_doubles_nothing");
     let mut env = TestEnv::start().await;
     let stack = Stack::start(env.settings()).await;
     let pool = env.db.pool().await;
     let client = reqwest::Client::new();
     let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
 
-    wait_rows(&pool, 400 + fastrand::i64(0..400), "progress before the restart").await;
+    wait_rows(&pool, 400 + rng.i64(0..400), "progress before the restart").await;
     let before = rows(&pool).await;
     let restarted = Instant::now();
     env.broker.restart(Duration::from_secs(2)).await;
@@ -60,7 +59,8 @@ async fn restarting_the_broker_mid_stream_loses_and_doubles_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_database_outage_of_30_s_is_waited_out() {
+async fn a_database_outage_of_10_s_is_waited_out() {
+    let mut rng = reefline_e2e::fault_rng("a_database_outage_of_10_s_is_waited_out");
     let env = TestEnv::start().await;
     let proxy = TcpProxy::start(&env.db.server()).await;
     let mut settings = env.settings();
@@ -70,7 +70,7 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     let client = reqwest::Client::new();
     let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
 
-    wait_rows(&pool, 300 + fastrand::i64(0..300), "progress before the outage").await;
+    wait_rows(&pool, 300 + rng.i64(0..300), "progress before the outage").await;
     proxy.cut();
     let cut = Instant::now();
     let failures = "sink_write_failures_total";
@@ -80,7 +80,7 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     assert_eq!(readyz, 503, "the sink is not ready while its database is down");
     let during = rows(&pool).await;
     // The outage itself.
-    tokio::time::sleep(Duration::from_secs(30).saturating_sub(cut.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed())).await;
     assert_eq!(rows(&pool).await, during, "nothing is written while the database is unreachable");
     proxy.restore();
     let restored = Instant::now();
@@ -94,9 +94,9 @@ async fn a_database_outage_of_30_s_is_waited_out() {
     assert_eq!(readyz, 200);
     let text = client.get(format!("{}/metrics", stack.sink)).send().await.unwrap().text().await.unwrap();
     let failures = metric(&text, "sink_write_failures_total").unwrap();
-    let duplicates = results_on_topic(&env, "Postgres cut for 30 s").await;
+    let duplicates = results_on_topic(&env, "Postgres cut for 10 s").await;
     eprintln!(
-        "outages: Postgres cut for 30 s at {during} rows: {failures} failed writes retried; \
+        "outages: Postgres cut for 10 s at {during} rows: {failures} failed writes retried; \
          writing again {resumed:?} after it came back, all rows after {caught_up:?}"
     );
     assert_eq!(duplicates, 0, "the classifier never noticed the database");
@@ -108,23 +108,23 @@ async fn a_database_outage_of_30_s_is_waited_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_sink_mid_batch_loses_and_doubles_nothing() {
+    let mut rng = reefline_e2e::fault_rng("killing_the_sink_mid_batch_loses_and_doubles_nothing");
     let env = TestEnv::start().await;
-    let mut settings = env.settings();
-    settings.sink.listen = free_addr();
+    let settings = env.settings();
     let sink_settings = settings.sink.clone();
     let stack = Stack::start_without_sink(settings).await;
     let mut sink = ServiceProcess::sink(SINK, &sink_settings, "sink");
     let client = reqwest::Client::new();
     // The sink creates the database: wait until it has, then submit.
-    let sink_ready = format!("http://{}/readyz", sink_settings.listen);
+    let sink_ready = format!("http://{}/readyz", sink.address("sink listening").await);
     wait_for_status(&client, &sink_ready, 200, "the sink to be ready", Duration::from_secs(60)).await;
     let pool = env.db.pool().await;
     let expected = submit_mixed(&client, &stack.ingest, &env.photos).await;
 
     for round in 0..2 {
-        let at = 400 + round * 700 + fastrand::i64(0..300);
+        let at = 400 + round * 700 + rng.i64(0..300);
         wait_rows(&pool, at, "progress before the kill").await;
-        assert!(sink.is_running(), "the sink exited on its own; see reefline-sink.log in the temp dir");
+        assert!(sink.is_running(), "the sink exited on its own; see {}", sink.log.display());
         sink.kill();
         eprintln!("outages: SIGKILL to the sink with {at}+ rows stored");
         sink = ServiceProcess::sink(SINK, &sink_settings, "sink");
