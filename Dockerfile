@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # Reefline services in one image: ingest, classifier, sink and the local schema registry.
 # The model, labels and ONNX Runtime come from PyPI wheels, pinned and sha256-checked by
 # scripts/assets.py, exactly as `make setup` does locally.
@@ -6,18 +7,26 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# The assets first: they change least, so this layer is reused across code changes.
+COPY scripts/assets.py scripts/
+COPY models/ models/
+RUN python3 scripts/assets.py /assets
 COPY . .
-RUN python3 scripts/assets.py /assets \
- && cargo build --release --locked --bins
+# Crates and the target folder live in BuildKit caches, so a code change rebuilds only Reefline's
+# own crates, not the ~400 dependencies.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bins \
+ && mkdir -p /out \
+ && cp target/release/reefline-ingest target/release/reefline-classifier target/release/reefline-sink \
+       target/release/reefline-registry target/release/reefline-replay /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libssl3 \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 reefline
-COPY --from=build /src/target/release/reefline-ingest /src/target/release/reefline-classifier \
-                  /src/target/release/reefline-sink /src/target/release/reefline-registry \
-                  /src/target/release/reefline-replay /usr/local/bin/
+COPY --from=build /out/ /usr/local/bin/
 COPY --from=build /assets/models/efficientnet-lite0.onnx /assets/models/imagenet_labels.tsv /opt/reefline/models/
 COPY --from=build /assets/onnxruntime/ /opt/reefline/onnxruntime/
 ENV MODEL_PATH=/opt/reefline/models/efficientnet-lite0.onnx \

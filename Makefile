@@ -35,6 +35,7 @@ test: setup
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	promtool check config ops/prometheus/prometheus.yml
 	promtool test rules ops/prometheus/rules_test.yml
+	python3 scripts/check_deploy.py
 	cargo test --workspace --locked
 
 clean: down

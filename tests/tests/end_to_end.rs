@@ -584,6 +584,16 @@ async fn a_real_prometheus_scrapes_every_service_loads_the_rules_and_sees_the_la
     let firing = query("ALERTS{alertstate=\"firing\"}").await.unwrap();
     assert!(firing.is_empty(), "nothing is wrong, yet: {firing:?}");
 
+    // Every query of the Grafana dashboard runs against what the services export.
+    let dashboard: Value = serde_json::from_str(include_str!("../../ops/grafana/dashboards/reefline.json")).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let expr = panel["targets"][0]["expr"].as_str().unwrap();
+        let mut url = reqwest::Url::parse(&api("query")).unwrap();
+        url.query_pairs_mut().append_pair("query", expr);
+        let body: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(body["status"], "success", "panel {}: {expr}: {body}", panel["title"]);
+    }
+
     stack.stop().await;
     env.finish().await;
     let _ = std::fs::remove_dir_all(&folder);
