@@ -8,7 +8,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The assets first: they change least, so this layer is reused across code changes.
-COPY scripts/assets.py scripts/
+COPY scripts/assets.py scripts/pinned_venv.py scripts/
 COPY models/ models/
 RUN python3 scripts/assets.py /assets
 COPY . .

@@ -17,6 +17,8 @@ import sys
 import tomllib
 import zipfile
 
+from pinned_venv import pinned_venv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,13 +92,8 @@ def build_model(manifest, cache):
     out = os.path.join(cache, model["onnx"])
     if os.path.exists(out) and sha256(out) == model["onnx_sha256"]:
         return
-    venv = os.path.join(cache, "venv-convert")
-    python = os.path.join(venv, "bin", "python")
-    if not os.path.exists(python):
-        print("assets: creating the converter venv (numpy, onnx; hash-pinned)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--only-binary=:all:", "--require-hashes",
-                        "-r", os.path.join(ROOT, "models/convert-requirements.txt")], check=True)
+    python = pinned_venv(os.path.join(cache, "venv-convert"), os.path.join(ROOT, "models/convert-requirements.txt"),
+                         "the converter venv (numpy, onnx)")
     print(f"assets: building {model['onnx']}", flush=True)
     subprocess.run([python, os.path.join(ROOT, "models/build_effnet_lite_onnx.py"),
                     os.path.join(cache, "models/efficientnet-lite0.pth"), out + ".part",

@@ -32,6 +32,8 @@ import socket
 import statistics
 import subprocess
 import sys
+
+from pinned_venv import pinned_venv
 import tempfile
 import threading
 import time
@@ -289,16 +291,7 @@ def pipeline(base, photos_url, images, steady_seconds=10, storage=None):
 
 def celery_venv():
     venv = os.path.join(CACHE, "venv-celery")
-    python = os.path.join(venv, "bin", "python")
-    requirements = os.path.join(ROOT, "bench/celery/requirements.txt")
-    stamp = os.path.join(venv, "requirements.txt")
-    if not (os.path.exists(stamp) and open(stamp).read() == open(requirements).read()):
-        say("creating the Celery baseline's venv (hash-pinned, from PyPI)")
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--only-binary=:all:", "--require-hashes",
-                        "-r", requirements], check=True)
-        shutil.copy(requirements, stamp)
+    pinned_venv(venv, os.path.join(ROOT, "bench/celery/requirements.txt"), "the Celery baseline's venv")
     return venv
 
 

@@ -10,9 +10,10 @@ dashboard's queries must parse. ops/kubernetes/ is validated against the Kuberne
 
 import json
 import os
-import shutil
 import subprocess
 import sys
+
+from pinned_venv import pinned_venv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
@@ -22,25 +23,10 @@ def say(message):
     print(f"check-deploy: {message}", flush=True)
 
 
-def venv():
-    path = os.path.join(CACHE, "venv-ops")
-    python = os.path.join(path, "bin", "python")
-    requirements = os.path.join(ROOT, "ops/requirements.txt")
-    stamp = os.path.join(path, "requirements.txt")
-    if not (os.path.exists(stamp) and open(stamp).read() == open(requirements).read()):
-        say("creating the checkers' venv (hash-pinned, from PyPI)")
-        shutil.rmtree(path, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", path], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--only-binary=:all:", "--require-hashes",
-                        "-r", requirements], check=True)
-        shutil.copy(requirements, stamp)
-    return path
-
-
-def load_yaml(python, path):
-    """The YAML file as JSON, merge keys resolved, read by ruamel.yaml from the venv."""
+def load_yaml_all(python, path):
+    """Every document of a YAML file, as JSON values (merge keys resolved), read by ruamel.yaml."""
     code = ("import json, sys\nfrom ruamel.yaml import YAML\n"
-            "print(json.dumps(YAML(typ='safe').load(open(sys.argv[1]))))")
+            "print(json.dumps([d for d in YAML(typ='safe').load_all(open(sys.argv[1])) if d]))")
     out = subprocess.run([python, "-c", code, path], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -121,22 +107,16 @@ def check_kubernetes(python):
     return problems
 
 
-def load_yaml_all(python, path):
-    code = ("import json, sys\nfrom ruamel.yaml import YAML\n"
-            "print(json.dumps([d for d in YAML(typ='safe').load_all(open(sys.argv[1])) if d]))")
-    out = subprocess.run([python, "-c", code, path], check=True, capture_output=True, text=True).stdout
-    return json.loads(out)
-
-
 def main():
-    env = venv()
-    python = os.path.join(env, "bin", "python")
+    python = pinned_venv(os.path.join(CACHE, "venv-ops"), os.path.join(ROOT, "ops/requirements.txt"),
+                         "the deployment checkers' venv")
+    env = os.path.dirname(os.path.dirname(python))
     compose = os.path.join(ROOT, "docker-compose.yml")
     schema = subprocess.run(
         [os.path.join(env, "bin", "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", compose])
     if schema.returncode != 0:
         sys.exit("check-deploy: docker-compose.yml does not follow the compose-spec schema (above)")
-    doc = load_yaml(python, compose)
+    doc = load_yaml_all(python, compose)[0]
     problems = []
     services = doc["services"]
     for name, service in services.items():

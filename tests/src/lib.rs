@@ -16,6 +16,7 @@ use reefline_schemas::RegistrySettings;
 use tokio::sync::watch;
 
 mod broker;
+pub mod camera;
 mod processes;
 pub mod workload;
 

@@ -101,31 +101,18 @@ async fn dead_letters_are_replayed_after_the_fix() {
 
     // A camera system produces with a new version of the request schema (an added optional
     // field) that it has not registered: the id in its records is unknown to the registry.
-    let mut v2: serde_json::Value =
-        serde_json::from_str(<reefline_schemas::ImageRequest as reefline_schemas::Message>::SCHEMA).unwrap();
-    v2["fields"].as_array_mut().unwrap().push(json!({ "name": "camera", "type": ["null", "string"], "default": null }));
-    let schema = apache_avro::Schema::parse(&v2).unwrap();
     let request_id = uuid::Uuid::now_v7().to_string();
-    let record = apache_avro::types::Value::Record(vec![
-        ("request_id".into(), request_id.clone().into()),
-        ("batch_id".into(), uuid::Uuid::now_v7().to_string().into()),
-        ("batch_index".into(), 0i32.into()),
-        ("batch_size".into(), 1i32.into()),
-        ("url".into(), coffee.clone().into()),
-        ("submitted_at_ms".into(), chrono::Utc::now().timestamp_millis().into()),
-        ("source".into(), "kafka".into()),
-        ("camera".into(), apache_avro::types::Value::Union(1, Box::new("reef-cam-7".into()))),
-    ]);
+    let request = reefline_schemas::ImageRequest {
+        request_id: request_id.clone(),
+        batch_id: uuid::Uuid::now_v7().to_string(),
+        batch_index: 0,
+        batch_size: 1,
+        url: coffee.clone(),
+        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+        source: "kafka".into(),
+    };
     let next_id = latest_schema_id(&client, &env.registry.url).await + 1;
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(next_id as u32).to_be_bytes());
-    framed.extend(
-        apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
-            .build()
-            .unwrap()
-            .write_value_to_vec(record)
-            .unwrap(),
-    );
+    let framed = reefline_e2e::camera::framed(next_id as u32, &request);
     let producer: FutureProducer = broker.kafka().producer_config().create().unwrap();
     for (key, payload) in [(request_id.as_str(), &framed[..]), ("plain-text", &b"not avro at all"[..])] {
         let record = FutureRecord::to(&names.requests).key(key).payload(payload);
@@ -150,16 +137,10 @@ async fn dead_letters_are_replayed_after_the_fix() {
     assert_eq!(dry.replayed.get("undecodable"), Some(&1));
 
     // The fix: the new version is registered (BACKWARD-compatible) and gets the id the records carry.
-    let registered: serde_json::Value = client
-        .post(format!("{}/subjects/{}-value/versions", env.registry.url, names.requests))
-        .json(&json!({ "schema": v2.to_string() }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(registered["id"].as_u64(), Some(next_id), "{registered}");
+    let registered =
+        reefline_e2e::camera::register(&client, &env.registry.url, &names.requests, &reefline_e2e::camera::schema_v2())
+            .await;
+    assert_eq!(u64::from(registered), next_id, "the id the records carry");
 
     // Replaying only the schema failures sends the camera's record back, and it is classified.
     let summary = replay(&kafka, &options(&["schema_registry"], false)).await.unwrap();

@@ -478,16 +478,7 @@ async fn the_pipeline_runs_over_tls_to_the_broker() {
     settings.sink.kafka = tls;
     let stack = Stack::start(settings).await;
     let client = reqwest::Client::new();
-    let (status, accepted) = post_json(
-        &client,
-        &format!("{}/v1/classify", stack.ingest),
-        &json!({ "images": [format!("{}/photos/coffee.png", env.photos)] }),
-    )
-    .await;
-    assert_eq!(status, 202, "{accepted}");
-    let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
-    let result =
-        reefline_e2e::wait_for_status(&client, &url, 200, "the result over TLS", Duration::from_secs(60)).await;
+    let result = classify_coffee(&client, &stack, &env.photos).await;
     assert_eq!(top_indices(&result)[0], ESPRESSO, "{result}");
     stack.stop().await;
     env.finish().await;
@@ -508,15 +499,7 @@ async fn a_real_prometheus_scrapes_every_service_loads_the_rules_and_sees_the_la
     let env = TestEnv::start().await;
     let stack = Stack::start(env.settings()).await;
     let client = reqwest::Client::new();
-    let (status, accepted) = post_json(
-        &client,
-        &format!("{}/v1/classify", stack.ingest),
-        &json!({ "images": [format!("{}/photos/coffee.png", env.photos)] }),
-    )
-    .await;
-    assert_eq!(status, 202);
-    let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
-    reefline_e2e::wait_for_status(&client, &url, 200, "the result", Duration::from_secs(60)).await;
+    classify_coffee(&client, &stack, &env.photos).await;
 
     let folder = std::env::temp_dir().join(format!("reefline-prometheus-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&folder).unwrap();
@@ -597,4 +580,13 @@ async fn a_real_prometheus_scrapes_every_service_loads_the_rules_and_sees_the_la
     stack.stop().await;
     env.finish().await;
     let _ = std::fs::remove_dir_all(&folder);
+}
+
+/// Submits the coffee photo through `stack` and waits for its stored result.
+async fn classify_coffee(client: &reqwest::Client, stack: &Stack, photos: &str) -> Value {
+    let body = json!({ "images": [format!("{photos}/photos/coffee.png")] });
+    let (status, accepted) = post_json(client, &format!("{}/v1/classify", stack.ingest), &body).await;
+    assert_eq!(status, 202, "{accepted}");
+    let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
+    reefline_e2e::wait_for_status(client, &url, 200, "the coffee photo's result", Duration::from_secs(60)).await
 }

@@ -217,27 +217,6 @@ async fn ingest_refuses_quickly_when_the_broker_is_down_or_too_much_is_pending()
     env.finish().await;
 }
 
-/// `request` framed with the registry id `id` of a schema that adds an optional `camera` field
-/// to the request schema, as a camera system's newer producer writes it.
-fn framed_with_camera(schema: &apache_avro::Schema, id: u32, request: &reefline_schemas::ImageRequest) -> Vec<u8> {
-    use apache_avro::types::Value;
-    let record = Value::Record(vec![
-        ("request_id".into(), request.request_id.clone().into()),
-        ("batch_id".into(), request.batch_id.clone().into()),
-        ("batch_index".into(), request.batch_index.into()),
-        ("batch_size".into(), request.batch_size.into()),
-        ("url".into(), request.url.clone().into()),
-        ("submitted_at_ms".into(), request.submitted_at_ms.into()),
-        ("source".into(), request.source.clone().into()),
-        ("camera".into(), Value::Union(1, Box::new("reef-cam-7".into()))),
-    ]);
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&id.to_be_bytes());
-    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema).build().unwrap();
-    framed.extend(writer.write_value_to_vec(record).unwrap());
-    framed
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_registry_outage_of_20_s_is_waited_out_and_dead_letters_nothing() {
     use rdkafka::producer::FutureRecord;
@@ -263,20 +242,13 @@ async fn a_registry_outage_of_20_s_is_waited_out_and_dead_letters_nothing() {
 
     // A camera system registers a newer request schema (an added optional field) that no
     // service has seen yet, and keeps producing while the registry is down.
-    let mut v2: serde_json::Value =
-        serde_json::from_str(<reefline_schemas::ImageRequest as reefline_schemas::Message>::SCHEMA).unwrap();
-    v2["fields"].as_array_mut().unwrap().push(json!({ "name": "camera", "type": ["null", "string"], "default": null }));
-    let registered: serde_json::Value = client
-        .post(format!("{}/subjects/{}-value/versions", env.registry.url, env.names.requests))
-        .json(&json!({ "schema": v2.to_string() }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let v2_id = registered["id"].as_u64().unwrap() as u32;
-    let schema = apache_avro::Schema::parse(&v2).unwrap();
+    let v2_id = reefline_e2e::camera::register(
+        &client,
+        &env.registry.url,
+        &env.names.requests,
+        &reefline_e2e::camera::schema_v2(),
+    )
+    .await;
 
     proxy.cut();
     let cut = Instant::now();
@@ -293,7 +265,7 @@ async fn a_registry_outage_of_20_s_is_waited_out_and_dead_letters_nothing() {
             submitted_at_ms: chrono::Utc::now().timestamp_millis(),
             source: "kafka".into(),
         };
-        let payload = framed_with_camera(&schema, v2_id, &request);
+        let payload = reefline_e2e::camera::framed(v2_id, &request);
         let record = FutureRecord::to(&env.names.requests).key(&request.request_id).payload(&payload);
         producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
         camera_ids.push(request.request_id);
