@@ -150,6 +150,7 @@ impl Application {
             fetch_concurrency: s.fetch_concurrency.max(1),
             decode_threads,
             decode_nice: s.decode_nice,
+            pixel_budget: prepare::PixelBudget::new(s.decode_pixel_budget),
             retry: prepare::RetryPolicy {
                 max_retries: s.fetch_retries,
                 base: Duration::from_millis(s.fetch_retry_base_ms),

@@ -26,8 +26,31 @@ pub struct Prepare {
     pub fetch_concurrency: usize,
     pub decode_threads: usize,
     pub decode_nice: i32,
+    /// Pixels being decoded at once, across the decoding threads ([`PixelBudget`]).
+    pub pixel_budget: PixelBudget,
     pub retry: RetryPolicy,
     pub metrics: Metrics,
+}
+
+/// Bounds the memory decoding takes by the pixels decoded at once, not only per image: a decode
+/// takes the image's pixel count from the budget (read from its header) and gives it back when
+/// the image is preprocessed. An image larger than the whole budget waits until it has the
+/// budget to itself. Small photos decode side by side; two camera-sized ones may have to take turns.
+pub struct PixelBudget {
+    semaphore: Semaphore,
+    total: u32,
+}
+
+impl PixelBudget {
+    pub fn new(total: u64) -> Self {
+        let total = total.clamp(1, u64::from(u32::MAX)) as u32;
+        Self { semaphore: Semaphore::new(total as usize), total }
+    }
+
+    /// What decoding an image of `pixels` takes from the budget.
+    pub fn cost(&self, pixels: u64) -> u32 {
+        pixels.clamp(1, u64::from(self.total)) as u32
+    }
 }
 
 /// Runs until `jobs` closes and every fetch it started has been passed on.
@@ -88,9 +111,17 @@ impl RetryPolicy {
 }
 
 impl Prepare {
-    /// Decodes and preprocesses on a blocking thread; the caller holds a decoder slot.
+    /// Decodes and preprocesses on a blocking thread, once the image's pixels fit in the decode
+    /// budget; the caller holds a decoder slot.
     async fn preprocess(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ImageError> {
         let (preprocess, nice) = (self.preprocess, self.decode_nice);
+        let cost = self.pixel_budget.cost(preprocess.pixels(&bytes)?);
+        let _budget = self
+            .pixel_budget
+            .semaphore
+            .acquire_many(cost)
+            .await
+            .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let started = Instant::now();
         let tensor = tokio::task::spawn_blocking(move || {
             crate::preprocess::lower_thread_priority(nice);
@@ -134,6 +165,16 @@ impl Prepare {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pixel_budget_charges_what_an_image_decodes_to_at_most_the_whole_budget() {
+        let budget = PixelBudget::new(100_000_000);
+        assert_eq!(budget.cost(500 * 375), 187_500);
+        assert_eq!(budget.cost(4000 * 3000), 12_000_000);
+        assert_eq!(budget.cost(250_000_000), 100_000_000, "a huge image waits for the whole budget, never forever");
+        assert_eq!(budget.cost(0), 1);
+        assert_eq!(PixelBudget::new(u64::MAX).cost(u64::MAX), u32::MAX);
+    }
 
     #[test]
     fn retry_delays_grow_exponentially_with_bounded_jitter() {

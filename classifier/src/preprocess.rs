@@ -65,8 +65,10 @@ impl Preprocess {
         Ok(to_chw(dst.buffer(), self.size as usize))
     }
 
-    fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
-        let mut reader = ImageReader::new(Cursor::new(bytes))
+    /// The image's pixel count, read from its header without decoding it; an error if the bytes
+    /// are not an image or it is larger than the limits.
+    pub fn pixels(&self, bytes: &[u8]) -> Result<u64, ImageError> {
+        let reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         if reader.format().is_none() {
@@ -77,11 +79,17 @@ impl Preprocess {
             let limit = format!("{} pixels per side", self.max_side);
             return Err(ImageError::DimensionsTooLarge { width, height, limit });
         }
-        if u64::from(width) * u64::from(height) > self.max_pixels {
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
             let limit = format!("{} pixels in all", self.max_pixels);
             return Err(ImageError::DimensionsTooLarge { width, height, limit });
         }
-        reader = ImageReader::new(Cursor::new(bytes))
+        Ok(pixels)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
+        self.pixels(bytes)?;
+        let mut reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let mut limits = Limits::default();

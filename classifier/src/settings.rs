@@ -154,6 +154,12 @@ pub struct Settings {
     #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
     pub max_image_pixels: u64,
 
+    /// Most pixels being decoded at once, across all decoding threads (at most 8 bytes each):
+    /// bounds decode memory by what is decoded together, not only per image. An image larger
+    /// than this is decoded alone.
+    #[arg(long, env = "DECODE_PIXEL_BUDGET", default_value_t = 100_000_000)]
+    pub decode_pixel_budget: u64,
+
     /// Threads decoding and preprocessing images; 0 means one per core.
     #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,

@@ -280,7 +280,11 @@ fn serve_files(files: Arc<Vec<Vec<u8>>>) -> Router {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
     let env = TestEnv::start().await;
-    let stack = Stack::start(env.settings()).await;
+    let mut settings = env.settings();
+    // A decode budget of 100,000 pixels: the small odd images decode side by side, each photo
+    // (135,000 to 160,000 pixels) is larger than the whole budget and decodes alone. All still end.
+    settings.classifier.decode_pixel_budget = 100_000;
+    let stack = Stack::start(settings).await;
     let pool = env.db.pool().await;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     // The same battery every run, so that CI is repeatable; HOSTILE_SEED explores others.
