@@ -10,19 +10,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use reefline_common::producer::FutureProducer;
-use reefline_schemas::{Codec, ImageRequest};
+use reefline_schemas::{Codec, CodecError, ImageRequest};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use crate::job::Job;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
-
-/// One request on its way through the pipeline, with where it came from.
-pub struct Job {
-    pub request: ImageRequest,
-    pub partition: i32,
-    pub offset: i64,
-}
 
 /// Requests read and decoded but not yet handed to the pipeline (it was full), oldest first.
 /// Shared with the rebalance callback, which takes back those of revoked partitions.
@@ -267,7 +261,9 @@ pub async fn run(
         // finished is not committed, so it is read again after a restart.
         let checked = tokio::select! {
             () = &mut shutdown => return,
-            decoded = codec.decode_waiting::<ImageRequest>(message.payload()) => decoded
+            decoded = reefline_common::retry_transient("schema registry", CodecError::is_transient, || {
+                codec.decode::<ImageRequest>(message.payload())
+            }) => decoded
                 .map_err(|e| (e.kind(), e.to_string()))
                 .and_then(|request| match request.check(max_url_bytes) {
                     Ok(()) => Ok(request),

@@ -3,23 +3,15 @@
 
 use std::time::Instant;
 
-use reefline_schemas::Prediction;
 use tokio::sync::mpsc;
 
 use crate::batcher::Queued;
-use crate::consume::Job;
 use crate::engine::Engine;
 use crate::error::ImageError;
+use crate::job::{Classified, Outcome, Prepared};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::postprocess;
-use crate::prepare::Prepared;
-
-/// A request's final outcome, ready to be produced.
-pub struct Outcome {
-    pub job: Job,
-    pub result: Result<Vec<Prediction>, ImageError>,
-}
 
 /// The engine and what turns its logits into predictions.
 pub struct Inference<E> {
@@ -55,10 +47,15 @@ pub fn spawn(
                 metrics.inference_seconds.observe(elapsed);
                 metrics.inference_per_image_seconds.observe(elapsed / n as f64);
                 let _ = done.send(());
-                let results: Vec<Result<Vec<Prediction>, ImageError>> = match result {
-                    Ok(rows) => {
-                        rows.iter().map(|logits| Ok(postprocess::predictions(logits, &labels, top_k))).collect()
-                    }
+                let results: Vec<Result<Classified, ImageError>> = match result {
+                    Ok(rows) => rows
+                        .iter()
+                        .map(|logits| {
+                            let predictions = postprocess::predictions(logits, &labels, top_k);
+                            let marine_group = postprocess::marine_group(&predictions, &labels);
+                            Ok(Classified { predictions, marine_group })
+                        })
+                        .collect(),
                     Err(e) => {
                         tracing::error!(error = %e, batch = n, "inference failed");
                         (0..n).map(|_| Err(ImageError::Inference(e.clone()))).collect()

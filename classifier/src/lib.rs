@@ -11,6 +11,7 @@ pub mod error;
 pub mod fetch;
 pub mod guard;
 mod infer;
+mod job;
 pub mod labels;
 mod metrics;
 pub mod offsets;
@@ -192,7 +193,6 @@ impl Application {
                 dead_letter_topic: s.dead_letter_topic.clone(),
                 model_name: s.model_name.clone(),
                 model_version: s.model_version.clone(),
-                labels: self.labels,
                 offsets: self.offsets.clone(),
                 stopping: stopping.clone(),
             },
@@ -285,10 +285,10 @@ async fn watch_dependencies(
 /// reads it); ends once the pipeline has shut down.
 async fn sample_queue_depths(
     metrics: metrics::Metrics,
-    jobs: mpsc::WeakSender<consume::Job>,
-    prepared: mpsc::WeakSender<prepare::Prepared>,
-    batches: mpsc::WeakSender<Vec<batcher::Queued<prepare::Prepared>>>,
-    outcomes: mpsc::WeakSender<infer::Outcome>,
+    jobs: mpsc::WeakSender<job::Job>,
+    prepared: mpsc::WeakSender<job::Prepared>,
+    batches: mpsc::WeakSender<Vec<batcher::Queued<job::Prepared>>>,
+    outcomes: mpsc::WeakSender<job::Outcome>,
 ) {
     fn depth<T>(tx: &mpsc::WeakSender<T>) -> Option<i64> {
         tx.upgrade().map(|tx| (tx.max_capacity() - tx.capacity()) as i64)

@@ -37,6 +37,12 @@ pub fn predictions(logits: &[f32], labels: &Labels, k: usize) -> Vec<Prediction>
         .collect()
 }
 
+/// The marine group of the top class (shark, ray, bony fish, ...), if it is a marine animal.
+pub fn marine_group(predictions: &[Prediction], labels: &Labels) -> Option<String> {
+    let top = predictions.first()?;
+    labels.get(top.index as usize)?.marine_group.map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

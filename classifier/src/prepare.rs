@@ -6,18 +6,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::consume::Job;
 use crate::error::ImageError;
 use crate::fetch::Fetcher;
-use crate::infer::Outcome;
+use crate::job::{Job, Outcome, Prepared};
 use crate::metrics::Metrics;
 use crate::preprocess::Preprocess;
-
-/// A request with its model input, ready for the batching queue.
-pub struct Prepared {
-    pub job: Job,
-    pub tensor: Vec<f32>,
-}
 
 /// What the stage needs.
 pub struct Prepare {

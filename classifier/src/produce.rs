@@ -21,7 +21,7 @@ use reefline_schemas::{ClassificationResult, Codec, CodecError, Status};
 use tokio::sync::mpsc;
 
 use crate::consume::Offsets;
-use crate::infer::Outcome;
+use crate::job::Outcome;
 
 /// What the stage needs.
 pub struct Produce {
@@ -32,7 +32,6 @@ pub struct Produce {
     pub dead_letter_topic: String,
     pub model_name: String,
     pub model_version: String,
-    pub labels: crate::labels::Labels,
     pub offsets: Offsets,
     pub stopping: Stopping,
 }
@@ -96,20 +95,16 @@ fn classify_codec(e: CodecError) -> Failure {
 impl Produce {
     fn result(&self, outcome: &Outcome) -> ClassificationResult {
         let r = &outcome.job.request;
-        let (status, predictions, error_kind, error_message) = match &outcome.result {
-            Ok(p) => (Status::Ok, p.clone(), None, None),
+        let (status, predictions, marine_group, error_kind, error_message) = match &outcome.result {
+            Ok(c) => (Status::Ok, c.predictions.clone(), c.marine_group.clone(), None, None),
             Err(e) => (
                 Status::Error,
                 Vec::new(),
+                None,
                 Some(e.kind().to_owned()),
                 Some(truncate(&e.to_string(), ERROR_MESSAGE_BYTES).to_owned()),
             ),
         };
-        let marine_group = predictions
-            .first()
-            .and_then(|top| self.labels.get(top.index as usize))
-            .and_then(|class| class.marine_group)
-            .map(str::to_owned);
         ClassificationResult {
             request_id: r.request_id.clone(),
             batch_id: r.batch_id.clone(),

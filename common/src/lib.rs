@@ -6,7 +6,6 @@ pub mod http;
 pub mod kafka;
 pub mod ops;
 pub mod producer;
-pub mod replay;
 
 /// Delays for waiting out an outage (broker, registry, database): 100 ms, doubling each time, at
 /// most 10 s.
@@ -32,6 +31,26 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Runs `op` until it succeeds or fails for good: an error that `is_transient` says may pass (a
+/// registry or broker away) is logged, naming `what`, and waited out with [`Backoff`].
+pub async fn retry_transient<T, E, F, Fut>(what: &str, is_transient: impl Fn(&E) -> bool, mut op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match op().await {
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(error = %e, "{what} unavailable; retrying");
+                backoff.wait().await;
+            }
+            other => return other,
+        }
     }
 }
 

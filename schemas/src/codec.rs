@@ -147,21 +147,6 @@ impl Codec {
         result.map_err(CodecError::from_src)
     }
 
-    /// Like [`Codec::decode`], but waits out a registry outage (retrying with backoff) instead of
-    /// failing, so that good records are never dead-lettered because the registry was down.
-    pub async fn decode_waiting<T: Message>(&self, bytes: Option<&[u8]>) -> Result<T, CodecError> {
-        let mut backoff = reefline_common::Backoff::new();
-        loop {
-            match self.decode::<T>(bytes).await {
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, "schema registry unavailable; retrying");
-                    backoff.wait().await;
-                }
-                other => return other,
-            }
-        }
-    }
-
     /// Decodes a record value written with any registered schema that resolves to `T`'s.
     pub async fn decode<T: Message>(&self, bytes: Option<&[u8]>) -> Result<T, CodecError> {
         let bytes = bytes.ok_or_else(|| CodecError::Undecodable("record has no value".into()))?;

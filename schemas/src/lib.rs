@@ -1,9 +1,8 @@
 //! Reefline's wire contract: the Avro schemas in `schemas/avro/`, the Rust types that match them,
-//! and their encoding in the Confluent wire format through a Schema Registry.
-//! The `registry` module is a small registry for local use and tests.
+//! the rules a record must follow to enter the pipeline, and their encoding in the Confluent wire
+//! format through a Schema Registry.
 
 mod codec;
-pub mod registry;
 pub mod rules;
 mod types;
 

@@ -82,9 +82,7 @@ impl Sink {
         // message it came from.
         let mut latest: HashMap<String, (ClassificationResult, usize)> = HashMap::with_capacity(messages.len());
         for (i, message) in messages.iter().enumerate() {
-            let checked = self
-                .codec
-                .decode_waiting::<ClassificationResult>(message.payload())
+            let checked = decode::<ClassificationResult>(&self.codec, message)
                 .await
                 .map_err(|e| (e.kind(), e.to_string()))
                 .and_then(|r| r.check().map(|()| r).map_err(|reason| ("invalid_result", reason)));
@@ -188,6 +186,16 @@ where
     Some(refused)
 }
 
+/// Decodes a record's value, waiting out a registry outage (good records never become dead letters
+/// because the registry was away).
+async fn decode<T: reefline_schemas::Message>(
+    codec: &Codec,
+    message: &BorrowedMessage<'_>,
+) -> Result<T, reefline_schemas::CodecError> {
+    let is_transient = reefline_schemas::CodecError::is_transient;
+    reefline_common::retry_transient("schema registry", is_transient, || codec.decode::<T>(message.payload())).await
+}
+
 /// Waits for the next message, then takes more for at most `linger`, up to `max`; `None` once
 /// `shutdown` fires.
 async fn next_batch<'c>(
@@ -260,9 +268,7 @@ impl RequestLog {
         while let Some(batch) = next_batch(&self.consumer, self.max_batch, self.linger, shutdown.as_mut()).await {
             let mut requests = Vec::with_capacity(batch.len());
             for message in &batch {
-                let checked = self
-                    .codec
-                    .decode_waiting::<ImageRequest>(message.payload())
+                let checked = decode::<ImageRequest>(&self.codec, message)
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.check(reefline_schemas::rules::URL_CEILING_BYTES).map(|()| r));

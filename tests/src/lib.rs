@@ -72,7 +72,7 @@ pub async fn serve(router: Router) -> SocketAddr {
 
 /// Starts the local Schema Registry in memory; returns its settings.
 pub async fn start_registry() -> RegistrySettings {
-    let addr = serve(reefline_schemas::registry::Registry::in_memory().router()).await;
+    let addr = serve(reefline_tools::registry::Registry::in_memory().router()).await;
     RegistrySettings::new(format!("http://{addr}"))
 }
 

@@ -85,7 +85,7 @@ async fn latest_schema_id(client: &reqwest::Client, registry: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_letters_are_replayed_after_the_fix() {
-    use reefline_common::replay::{ReplayOptions, replay};
+    use reefline_tools::replay::{ReplayOptions, replay};
 
     let env = TestEnv::start().await;
     let stack = Stack::start(env.settings()).await;

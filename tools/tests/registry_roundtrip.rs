@@ -1,8 +1,8 @@
 //! Avro in the Confluent wire format through the local registry, with the same REST calls a real
 //! registry answers.
 
-use reefline_schemas::registry::Registry;
 use reefline_schemas::{ClassificationResult, Codec, ImageRequest, Prediction, RegistrySettings, Status};
+use reefline_tools::registry::Registry;
 use serde_json::{Value, json};
 
 async fn serve(registry: Registry) -> String {

@@ -4,8 +4,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use reefline_schemas::registry::Registry;
 use reefline_schemas::{Codec, ImageRequest, RegistrySettings};
+use reefline_tools::registry::Registry;
 use serde_json::{Value, json};
 
 /// Starts `reefline-registry` on a port of its choosing, keeping its state in `file`; returns the
@@ -115,12 +115,19 @@ async fn a_registry_that_answers_500_504_or_429_is_waited_for_not_blamed_on_the_
     let reader = Codec::new(&RegistrySettings::new(&url)).unwrap();
     let first = reader.decode::<ImageRequest>(Some(&bytes)).await.unwrap_err();
     assert!(first.is_transient(), "{first}");
-    assert_eq!(reader.decode_waiting::<ImageRequest>(Some(&bytes)).await.unwrap(), request());
+    let waited = reefline_common::retry_transient("registry", reefline_schemas::CodecError::is_transient, || {
+        reader.decode::<ImageRequest>(Some(&bytes))
+    });
+    assert_eq!(waited.await.unwrap(), request());
     assert!(seen.lock().unwrap().is_empty(), "every failure was met");
 
     // An id the registry does not have is the record's fault: not waited for.
     let mut unknown = bytes.clone();
     unknown[1..5].copy_from_slice(&77u32.to_be_bytes());
-    let e = reader.decode_waiting::<ImageRequest>(Some(&unknown)).await.unwrap_err();
+    let e = reefline_common::retry_transient("registry", reefline_schemas::CodecError::is_transient, || {
+        reader.decode::<ImageRequest>(Some(&unknown))
+    })
+    .await
+    .unwrap_err();
     assert_eq!(e.kind(), "schema_registry");
 }

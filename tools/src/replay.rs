@@ -13,10 +13,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
-use crate::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
+use reefline_common::producer::FutureProducer;
 
-use crate::kafka::{DEAD_LETTER_HEADERS, KafkaSettings};
+use reefline_common::kafka::{DEAD_LETTER_HEADERS, KafkaSettings};
 
 /// Header naming the dead letter a replayed record came from, as `topic/partition/offset`.
 pub const REPLAYED_FROM: &str = "reefline-replayed-from";

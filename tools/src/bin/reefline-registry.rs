@@ -1,9 +1,9 @@
-//! `reefline-registry`: the local Schema Registry (see `reefline_schemas::registry`).
+//! `reefline-registry`: the local Schema Registry (see `reefline_tools::registry`).
 
 use std::path::PathBuf;
 
 use clap::Parser;
-use reefline_schemas::registry::Registry;
+use reefline_tools::registry::Registry;
 
 /// A small Confluent-compatible Schema Registry for local use and tests.
 #[derive(Parser, Debug)]

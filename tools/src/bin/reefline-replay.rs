@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use reefline_common::kafka::KafkaSettings;
-use reefline_common::replay::{ReplayOptions, replay};
+use reefline_tools::replay::{ReplayOptions, replay};
 
 #[derive(Parser)]
 #[command(name = "reefline-replay", about = "Replays dead-lettered records to the topics they came from")]

@@ -1,0 +1,34 @@
+//! What travels between the stages: a request read from Kafka ([`Job`]), its model input once
+//! fetched and preprocessed ([`Prepared`]), and its final outcome ([`Outcome`]). Every stage
+//! imports these from here, and no stage imports another's.
+
+use reefline_schemas::{ImageRequest, Prediction};
+
+use crate::error::ImageError;
+
+/// One request on its way through the pipeline, with where it came from.
+pub struct Job {
+    pub request: ImageRequest,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A request with its model input, ready for the batching queue.
+pub struct Prepared {
+    pub job: Job,
+    pub tensor: Vec<f32>,
+}
+
+/// What the model said of one image: the top classes and, when the top one is a marine animal,
+/// its group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Classified {
+    pub predictions: Vec<Prediction>,
+    pub marine_group: Option<String>,
+}
+
+/// A request's final outcome, ready to be produced.
+pub struct Outcome {
+    pub job: Job,
+    pub result: Result<Classified, ImageError>,
+}
