@@ -41,8 +41,11 @@ impl Backlog {
     }
 }
 
-/// Longest a rebalance waits for the revoked partitions' requests in flight to be finished.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a rebalance waits for the revoked partitions' requests in flight to be finished. The
+/// pipeline finishes them in about its depth divided by its rate (a few seconds; more on a loaded
+/// machine); librdkafka keeps heartbeating meanwhile, and the group waits for this member up to
+/// `max.poll.interval.ms` (5 minutes).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Consumer callbacks: hand revoked partitions over cleanly.
 pub struct Context {

@@ -86,7 +86,9 @@ async fn a_terminated_classifier_finishes_its_work_and_hands_over_the_rest() {
     wait_rows(&f.pool, 500 + rng.i64(0..300), "progress before SIGTERM").await;
     let took = victim.terminate();
     eprintln!("faults: SIGTERM: the classifier drained, committed and exited in {took:?}");
-    assert!(took < Duration::from_secs(30), "exit took {took:?}");
+    // Draining takes the pipeline's depth over its rate: seconds alone, longer beside the other
+    // tests on two cores. The bound only tells a slow drain from a hang.
+    assert!(took < Duration::from_secs(120), "exit took {took:?}");
 
     wait_rows(&f.pool, REQUESTS, "all 2,000 rows").await;
     check_rows(&f.pool, &expected).await;
