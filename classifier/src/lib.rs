@@ -69,8 +69,8 @@ impl Application {
         let options = settings.ort_options();
         let engine = tokio::task::spawn_blocking(move || OrtEngine::load(&options)).await??;
         let topics =
-            [settings.requests_topic.as_str(), settings.results_topic.as_str(), settings.dead_letter_topic.as_str()];
-        reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
+            [settings.topics.requests.as_str(), settings.topics.results.as_str(), settings.topics.dead_letter.as_str()];
+        reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
 
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
@@ -82,13 +82,16 @@ impl Application {
             in_flight: metrics.in_flight.clone(),
             lag: reefline_common::kafka::LagGauge::register(&registry, "classifier_consumer_lag")?,
         };
-        let consumer: RequestConsumer = settings
-            .kafka
-            .consumer_config(&settings.group_id, settings.session_timeout_ms)
-            .create_with_context(context)?;
-        consumer.subscribe(&[&settings.requests_topic])?;
-        let offsets =
-            Offsets { consumer: Arc::new(consumer), backlog, tracker, topic: settings.requests_topic.clone(), metrics };
+        let consumer: RequestConsumer =
+            settings.kafka.consumer_config(&settings.group_id).create_with_context(context)?;
+        consumer.subscribe(&[&settings.topics.requests])?;
+        let offsets = Offsets {
+            consumer: Arc::new(consumer),
+            backlog,
+            tracker,
+            topic: settings.topics.requests.clone(),
+            metrics,
+        };
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
 
@@ -188,9 +191,9 @@ impl Application {
             produce::Produce {
                 producer: self.producer.clone(),
                 codec: self.codec.clone(),
-                topic: s.results_topic.clone(),
-                requests_topic: s.requests_topic.clone(),
-                dead_letter_topic: s.dead_letter_topic.clone(),
+                topic: s.topics.results.clone(),
+                requests_topic: s.topics.requests.clone(),
+                dead_letter_topic: s.topics.dead_letter.clone(),
                 model_name: s.model_name.clone(),
                 model_version: s.model_version.clone(),
                 offsets: self.offsets.clone(),
@@ -201,16 +204,16 @@ impl Application {
 
         let probe = tokio::spawn(watch_dependencies(
             self.producer.clone(),
-            s.requests_topic.clone(),
+            s.topics.requests.clone(),
             s.registry.clone(),
             self.readiness.clone(),
         ));
-        tracing::info!(ops = %ops_addr, topic = %s.requests_topic, group = %s.group_id, "classifier running");
+        tracing::info!(ops = %ops_addr, topic = %s.topics.requests, group = %s.group_id, "classifier running");
         consume::run(
             self.offsets.clone(),
             self.codec.clone(),
             self.producer.clone(),
-            s.dead_letter_topic.clone(),
+            s.topics.dead_letter.clone(),
             s.max_url_bytes,
             jobs_tx,
             shutdown,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use reefline_common::kafka::KafkaSettings;
+use reefline_common::kafka::{KafkaSettings, Topics};
 
 use crate::engine::{Optimization, Provider};
 use reefline_schemas::RegistrySettings;
@@ -15,29 +15,12 @@ pub struct Settings {
     #[arg(long, env = "CLASSIFIER_LISTEN", default_value = "127.0.0.1:8082")]
     pub listen: String,
 
-    /// Topic the image requests are read from.
-    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
-    pub requests_topic: String,
-
-    /// Topic the results are produced to.
-    #[arg(long, env = "RESULTS_TOPIC", default_value = "reefline.results")]
-    pub results_topic: String,
-
-    /// Topic undecodable records are moved to.
-    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "reefline.dead-letter")]
-    pub dead_letter_topic: String,
-
-    /// Partitions given to topics the classifier has to create.
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
-    pub topic_partitions: i32,
+    #[command(flatten)]
+    pub topics: Topics,
 
     /// Consumer group shared by all classifier instances.
     #[arg(long, env = "CLASSIFIER_GROUP", default_value = "reefline-classifier")]
     pub group_id: String,
-
-    /// Consumer session timeout; a group join takes about half of it.
-    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
-    pub session_timeout_ms: u32,
 
     /// The ONNX model file.
     #[arg(long, env = "MODEL_PATH", default_value = ".cache/models/efficientnet-lite0.onnx")]

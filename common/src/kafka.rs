@@ -3,12 +3,38 @@
 use rdkafka::ClientConfig;
 use secrecy::{ExposeSecret, SecretString};
 
+/// The pipeline's topics, the same for every service, and the partitions a service creates one
+/// with when it is missing (the requests topic's partitions bound how many classifiers can share
+/// the work).
+#[derive(Clone, Debug, clap::Args)]
+pub struct Topics {
+    /// Topic the image requests go to (ingest and cameras) and are read from.
+    #[arg(long = "requests-topic", env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
+    pub requests: String,
+
+    /// Topic the results go to.
+    #[arg(long = "results-topic", env = "RESULTS_TOPIC", default_value = "reefline.results")]
+    pub results: String,
+
+    /// Topic records that cannot be processed are moved to.
+    #[arg(long = "dead-letter-topic", env = "DEAD_LETTER_TOPIC", default_value = "reefline.dead-letter")]
+    pub dead_letter: String,
+
+    /// Partitions of a topic a service has to create.
+    #[arg(long = "topic-partitions", env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
+}
+
 /// Where the brokers are and any extra librdkafka properties (SASL, SSL, tuning).
 #[derive(Clone, Debug, clap::Args)]
 pub struct KafkaSettings {
     /// Comma-separated bootstrap brokers.
     #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
+
+    /// Consumer session timeout, in milliseconds; a group join takes about half of it.
+    #[arg(long = "session-timeout-ms", env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u32,
 
     /// Extra librdkafka properties as `key=value`, comma-separated
     /// (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`). Values may be credentials: they
@@ -95,6 +121,7 @@ impl KafkaSettings {
     pub fn new(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
+            session_timeout_ms: 10_000,
             properties: Vec::new(),
             producer_linger_ms: 5,
             producer_batch_bytes: 1_000_000,
@@ -139,7 +166,8 @@ impl KafkaSettings {
     }
 
     /// A consumer config for `group`, storing offsets only when told to.
-    pub fn consumer_config(&self, group: &str, session_timeout_ms: u32) -> ClientConfig {
+    pub fn consumer_config(&self, group: &str) -> ClientConfig {
+        let session_timeout_ms = self.session_timeout_ms;
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)

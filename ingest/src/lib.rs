@@ -43,7 +43,7 @@ async fn watch_broker(state: Arc<AppState>, readiness: Readiness) {
     loop {
         let probe = state.clone();
         let reachable = tokio::task::spawn_blocking(move || {
-            let topic = probe.settings.requests_topic.as_str();
+            let topic = probe.settings.topics.requests.as_str();
             probe.producer.client().fetch_metadata(Some(topic), std::time::Duration::from_secs(2)).is_ok()
         })
         .await
@@ -92,8 +92,8 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         reefline_common::kafka::ensure_topics(
             &settings.kafka,
-            &[&settings.requests_topic],
-            settings.requests_partitions,
+            &[&settings.topics.requests],
+            settings.topics.partitions,
         )
         .await?;
         anyhow::ensure!(

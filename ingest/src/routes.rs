@@ -144,7 +144,7 @@ async fn submit(state: &AppState, route: &str, urls: Vec<Url>) -> Result<Accepte
     let submitted_at_ms = chrono::Utc::now().timestamp_millis();
     let batch_size = urls.len() as i32;
     let _admitted = Admission::try_new(state, urls.len())?;
-    let topic = &state.settings.requests_topic;
+    let topic = &state.settings.topics.requests;
     let mut records = Vec::with_capacity(urls.len());
     for (i, url) in urls.into_iter().enumerate() {
         let request = ImageRequest {

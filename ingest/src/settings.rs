@@ -1,7 +1,7 @@
 //! Ingest's settings: flags with environment variables and local defaults.
 
 use reefline_common::auth::AuthSettings;
-use reefline_common::kafka::KafkaSettings;
+use reefline_common::kafka::{KafkaSettings, Topics};
 use reefline_schemas::RegistrySettings;
 
 /// How ingest listens, where it produces, and the limits it enforces on requests.
@@ -12,13 +12,9 @@ pub struct Settings {
     #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
 
-    /// Topic the image requests are produced to.
-    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
-    pub requests_topic: String,
-
-    /// Partitions given to the requests topic if ingest has to create it.
-    #[arg(long, env = "REQUESTS_PARTITIONS", default_value_t = 6)]
-    pub requests_partitions: i32,
+    /// The topics; ingest produces to `requests`.
+    #[command(flatten)]
+    pub topics: Topics,
 
     /// Most URLs accepted in one submission.
     #[arg(long, env = "MAX_IMAGES_PER_REQUEST", default_value_t = 1000)]

@@ -80,22 +80,18 @@ impl Application {
         )
         .await?;
         let topics =
-            [&settings.results_topic, &settings.dead_letter_topic, &settings.requests_topic].map(String::as_str);
-        reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topic_partitions).await?;
+            [&settings.topics.results, &settings.topics.dead_letter, &settings.topics.requests].map(String::as_str);
+        reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
         let registry = prometheus::Registry::new();
         // One gauge for both consumers: they read different topics.
         let lag = LagGauge::register(&registry, "sink_consumer_lag")?;
-        let consumer: consume::LagConsumer = settings
-            .kafka
-            .consumer_config(&settings.group_id, settings.session_timeout_ms)
-            .create_with_context(LagContext(lag.clone()))?;
-        consumer.subscribe(&[&settings.results_topic])?;
+        let consumer: consume::LagConsumer =
+            settings.kafka.consumer_config(&settings.group_id).create_with_context(LagContext(lag.clone()))?;
+        consumer.subscribe(&[&settings.topics.results])?;
         let codec = Codec::new(&settings.registry)?;
-        let requests_consumer: consume::LagConsumer = settings
-            .kafka
-            .consumer_config(&settings.requests_group_id, settings.session_timeout_ms)
-            .create_with_context(LagContext(lag))?;
-        requests_consumer.subscribe(&[&settings.requests_topic])?;
+        let requests_consumer: consume::LagConsumer =
+            settings.kafka.consumer_config(&settings.requests_group_id).create_with_context(LagContext(lag))?;
+        requests_consumer.subscribe(&[&settings.topics.requests])?;
         let recorded = IntCounter::new("sink_requests_recorded_total", "Requests recorded as pending")?;
         let skipped = IntCounter::new("sink_requests_skipped_total", "Request records skipped as undecodable")?;
         registry.register(Box::new(recorded.clone()))?;
@@ -104,7 +100,7 @@ impl Application {
             consumer: requests_consumer,
             pool: pool.clone(),
             codec: codec.clone(),
-            topic: settings.requests_topic.clone(),
+            topic: settings.topics.requests.clone(),
             max_batch: settings.max_batch.max(1),
             linger: Duration::from_millis(settings.linger_ms),
             recorded,
@@ -123,8 +119,8 @@ impl Application {
             pool,
             codec,
             producer: settings.kafka.producer_config().create::<FutureProducer>()?,
-            topic: settings.results_topic.clone(),
-            dead_letter_topic: settings.dead_letter_topic.clone(),
+            topic: settings.topics.results.clone(),
+            dead_letter_topic: settings.topics.dead_letter.clone(),
             max_batch: settings.max_batch.max(1),
             linger: Duration::from_millis(settings.linger_ms),
             metrics: metrics(&registry)?,

@@ -1,7 +1,7 @@
 //! The sink's settings: flags with environment variables and local defaults.
 
 use reefline_common::auth::AuthSettings;
-use reefline_common::kafka::KafkaSettings;
+use reefline_common::kafka::{KafkaSettings, Topics};
 use reefline_schemas::RegistrySettings;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -22,33 +22,18 @@ pub struct Settings {
     )]
     pub database_url: SecretString,
 
-    /// Topic the results are read from.
-    #[arg(long, env = "RESULTS_TOPIC", default_value = "reefline.results")]
-    pub results_topic: String,
-
-    /// Topic undecodable records are moved to.
-    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "reefline.dead-letter")]
-    pub dead_letter_topic: String,
-
-    /// Topic the requests are read from, to know what is pending before its result arrives.
-    #[arg(long, env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
-    pub requests_topic: String,
+    /// The topics: results are read from `results`, and `requests` too, to know what is pending
+    /// before its result arrives.
+    #[command(flatten)]
+    pub topics: Topics,
 
     /// Consumer group that records the requests (its own, beside the results group).
     #[arg(long, env = "SINK_REQUESTS_GROUP", default_value = "reefline-sink-requests")]
     pub requests_group_id: String,
 
-    /// Partitions given to topics the sink has to create.
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
-    pub topic_partitions: i32,
-
     /// Consumer group of the sink instances.
     #[arg(long, env = "SINK_GROUP", default_value = "reefline-sink")]
     pub group_id: String,
-
-    /// Consumer session timeout; a group join takes about half of it.
-    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
-    pub session_timeout_ms: u32,
 
     /// Most results written in one database transaction.
     #[arg(long, env = "SINK_MAX_BATCH", default_value_t = 500)]
@@ -84,7 +69,7 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("listen", &self.listen)
             .field("database_url", &url_without_password(self.database_url.expose_secret()))
-            .field("results_topic", &self.results_topic)
+            .field("topics", &self.topics)
             .field("group_id", &self.group_id)
             .field("auth", &self.auth)
             .field("kafka", &self.kafka)

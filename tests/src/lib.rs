@@ -254,24 +254,26 @@ pub struct StackSettings {
 const SESSION_TIMEOUT_MS: u32 = 6000;
 
 impl StackSettings {
-    pub fn new(kafka: KafkaSettings, registry: RegistrySettings, database_url: &str, names: &Names) -> Self {
+    pub fn new(mut kafka: KafkaSettings, registry: RegistrySettings, database_url: &str, names: &Names) -> Self {
         use clap::Parser;
         let cache = cache_dir();
+        kafka.session_timeout_ms = SESSION_TIMEOUT_MS;
+        let topics = reefline_common::kafka::Topics {
+            requests: names.requests.clone(),
+            results: names.results.clone(),
+            dead_letter: names.dead_letter.clone(),
+            partitions: 3,
+        };
         let mut ingest = reefline_ingest::Settings::parse_from(["ingest"]);
         ingest.listen = "127.0.0.1:0".into();
-        ingest.requests_topic = names.requests.clone();
-        ingest.requests_partitions = 3;
+        ingest.topics = topics.clone();
         ingest.kafka = kafka.clone();
         ingest.registry = registry.clone();
 
         let mut classifier = reefline_classifier::Settings::parse_from(["classifier"]);
         classifier.listen = "127.0.0.1:0".into();
-        classifier.requests_topic = names.requests.clone();
-        classifier.results_topic = names.results.clone();
-        classifier.dead_letter_topic = names.dead_letter.clone();
-        classifier.topic_partitions = 3;
+        classifier.topics = topics.clone();
         classifier.group_id = names.classifier_group.clone();
-        classifier.session_timeout_ms = SESSION_TIMEOUT_MS;
         classifier.model_path = cache.join("models/efficientnet-lite0.onnx");
         classifier.labels_path = cache.join("models/imagenet_labels.tsv");
         classifier.ort_dylib = cache.join("onnxruntime/libonnxruntime.so.1.31.1");
@@ -286,13 +288,9 @@ impl StackSettings {
         let mut sink = reefline_sink::Settings::parse_from(["sink"]);
         sink.listen = "127.0.0.1:0".into();
         sink.database_url = database_url.into();
-        sink.results_topic = names.results.clone();
-        sink.dead_letter_topic = names.dead_letter.clone();
-        sink.topic_partitions = 3;
+        sink.topics = topics;
         sink.group_id = names.sink_group.clone();
-        sink.requests_topic = names.requests.clone();
         sink.requests_group_id = format!("{}-requests", names.sink_group);
-        sink.session_timeout_ms = SESSION_TIMEOUT_MS;
         sink.kafka = kafka;
         sink.registry = registry;
         Self { ingest, classifier, sink }

@@ -28,10 +28,10 @@ impl ServiceProcess {
         let mut command = Command::new(bin);
         command
             .args(["--listen", "127.0.0.1:0"])
-            .args(["--requests-topic", &s.requests_topic, "--results-topic", &s.results_topic])
-            .args(["--dead-letter-topic", &s.dead_letter_topic, "--group-id", &s.group_id])
-            .args(["--topic-partitions", &s.topic_partitions.to_string()])
-            .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
+            .args(["--requests-topic", &s.topics.requests, "--results-topic", &s.topics.results])
+            .args(["--dead-letter-topic", &s.topics.dead_letter, "--group-id", &s.group_id])
+            .args(["--topic-partitions", &s.topics.partitions.to_string()])
+            .args(["--session-timeout-ms", &s.kafka.session_timeout_ms.to_string()])
             .args(["--max-batch-size", &s.max_batch_size.to_string()])
             .arg("--model-path")
             .arg(&s.model_path)
@@ -50,10 +50,10 @@ impl ServiceProcess {
         let mut command = Command::new(bin);
         command
             .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
-            .args(["--results-topic", &s.results_topic, "--dead-letter-topic", &s.dead_letter_topic])
-            .args(["--topic-partitions", &s.topic_partitions.to_string(), "--group-id", &s.group_id])
-            .args(["--requests-topic", &s.requests_topic, "--requests-group-id", &s.requests_group_id])
-            .args(["--session-timeout-ms", &s.session_timeout_ms.to_string()])
+            .args(["--results-topic", &s.topics.results, "--dead-letter-topic", &s.topics.dead_letter])
+            .args(["--topic-partitions", &s.topics.partitions.to_string(), "--group-id", &s.group_id])
+            .args(["--requests-topic", &s.topics.requests, "--requests-group-id", &s.requests_group_id])
+            .args(["--session-timeout-ms", &s.kafka.session_timeout_ms.to_string()])
             .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
         Self::spawn(command, name)
     }
@@ -168,7 +168,7 @@ fn read_topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
     let group = format!("counter-{}", uuid::Uuid::now_v7().simple());
-    let consumer: BaseConsumer = kafka.consumer_config(&group, 6000).create().expect("counting consumer");
+    let consumer: BaseConsumer = kafka.consumer_config(&group).create().expect("counting consumer");
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
     let mut ends = std::collections::HashMap::new();
     let mut assignment = rdkafka::TopicPartitionList::new();

@@ -33,7 +33,7 @@ async fn poison_records_are_dead_lettered_and_good_ones_still_flow() {
     let result = wait_for_status(&client, &url, 200, "the good record's result", Duration::from_secs(60)).await;
     assert_eq!(result["predictions"][0]["label"], "espresso");
 
-    let mut config = broker.kafka().consumer_config(&format!("{}-reader", names.classifier_group), 6000);
+    let mut config = broker.kafka().consumer_config(&format!("{}-reader", names.classifier_group));
     config.set("enable.auto.commit", "false");
     let reader: StreamConsumer = config.create().unwrap();
     reader.subscribe(&[&names.dead_letter]).unwrap();
@@ -167,7 +167,7 @@ async fn read_dead_letters(
     topic: &str,
     count: usize,
 ) -> Vec<(String, HashMap<String, String>, Vec<u8>)> {
-    let mut config = kafka.consumer_config(&format!("reader-{}", uuid::Uuid::now_v7().simple()), 6000);
+    let mut config = kafka.consumer_config(&format!("reader-{}", uuid::Uuid::now_v7().simple()));
     config.set("enable.auto.commit", "false");
     let reader: StreamConsumer = config.create().unwrap();
     reader.subscribe(&[topic]).unwrap();

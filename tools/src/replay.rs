@@ -75,7 +75,7 @@ fn header<'a>(message: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
 /// Replays the dead letters from the group's position to the current end of the topic.
 pub async fn replay(kafka: &KafkaSettings, options: &ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let topic = options.dead_letter_topic.as_str();
-    let mut config = kafka.consumer_config(&options.group, 10_000);
+    let mut config = kafka.consumer_config(&options.group);
     config.set("enable.auto.commit", "false");
     let consumer: StreamConsumer = config.create()?;
     let producer: FutureProducer = kafka.producer_config().create()?;
