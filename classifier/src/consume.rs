@@ -51,7 +51,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Context {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub backlog: Backlog,
-    pub in_flight: prometheus::IntGauge,
     pub lag: reefline_common::kafka::LagGauge,
 }
 
@@ -75,7 +74,6 @@ impl Context {
             });
             before - backlog.len()
         };
-        self.in_flight.sub(dropped as i64);
         let in_flight = || {
             let tracker = self.tracker.lock().expect("offset tracker lock");
             revoked.iter().map(|p| tracker.in_flight_on(*p)).sum::<usize>()
@@ -146,13 +144,11 @@ pub struct Offsets {
     pub backlog: Backlog,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub topic: String,
-    pub metrics: Metrics,
 }
 
 impl Offsets {
     fn start(&self, partition: i32, offset: i64) {
         self.tracker.lock().expect("offset tracker lock").start(partition, offset);
-        self.metrics.in_flight.inc();
     }
 
     /// Pauses or resumes every assigned partition.
@@ -164,15 +160,10 @@ impl Offsets {
         if let Err(e) = result {
             tracing::warn!(error = %e, paused, "could not pause or resume partitions");
         }
-        if paused {
-            self.metrics.pauses.inc();
-        }
-        self.metrics.paused.set(i64::from(paused));
     }
 
     /// The result for `offset` is acknowledged.
     pub fn finish(&self, partition: i32, offset: i64) {
-        self.metrics.in_flight.dec();
         let next = self.tracker.lock().expect("offset tracker lock").finish(partition, offset);
         if let Some(next) = next {
             let mut tpl = TopicPartitionList::new();
@@ -191,8 +182,10 @@ impl Offsets {
 /// paused — the consumer keeps polling, so the group does not think it dead — and resumed once
 /// the requests held back have been handed over. Until then librdkafka's own prefetch, bounded by
 /// `KAFKA_PREFETCH_KBYTES`, holds what is waiting.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     offsets: Offsets,
+    metrics: Metrics,
     codec: Codec,
     producer: FutureProducer,
     dead_letter_topic: String,
@@ -202,6 +195,13 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let backlog = offsets.backlog.clone();
+    let set_paused = |paused: bool| {
+        offsets.set_paused(paused);
+        if paused {
+            metrics.pauses.inc();
+        }
+        metrics.paused.set(i64::from(paused));
+    };
     let mut paused = false;
     loop {
         while let Some(job) = backlog.pop_front() {
@@ -216,7 +216,7 @@ pub async fn run(
         }
         if backlog.is_empty() && paused {
             paused = false;
-            offsets.set_paused(false);
+            set_paused(false);
         }
         if !backlog.is_empty() && !paused {
             tokio::select! {
@@ -230,7 +230,7 @@ pub async fn run(
                 },
                 () = tokio::time::sleep(PAUSE_AFTER) => {
                     paused = true;
-                    offsets.set_paused(true);
+                    set_paused(true);
                 }
             }
         }
@@ -254,7 +254,7 @@ pub async fn run(
         };
         if paused {
             // Fetched before the pause, or from a partition assigned since: pause that one too.
-            offsets.set_paused(true);
+            set_paused(true);
         }
         let (partition, offset) = (message.partition(), message.offset());
         offsets.start(partition, offset);
@@ -287,7 +287,7 @@ pub async fn run(
                     () = &mut shutdown => return,
                     () = moved => {}
                 }
-                offsets.metrics.dead_letters.with_label_values(&[kind]).inc();
+                metrics.dead_letters.with_label_values(&[kind]).inc();
                 offsets.finish(partition, offset);
             }
         }

@@ -59,6 +59,7 @@ pub struct Application {
     engine: Box<dyn Engine>,
     labels: Labels,
     offsets: Offsets,
+    metrics: metrics::Metrics,
     producer: FutureProducer,
     codec: Codec,
 }
@@ -75,30 +76,36 @@ impl Application {
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        metrics::InFlight::register(&registry, tracker.clone())?;
         let backlog = consume::Backlog::default();
         let context = Context {
             tracker: tracker.clone(),
             backlog: backlog.clone(),
-            in_flight: metrics.in_flight.clone(),
             lag: reefline_common::kafka::LagGauge::register(&registry, "classifier_consumer_lag")?,
         };
         let consumer: RequestConsumer =
             settings.kafka.consumer_config(&settings.group_id).create_with_context(context)?;
         consumer.subscribe(&[&settings.topics.requests])?;
-        let offsets = Offsets {
-            consumer: Arc::new(consumer),
-            backlog,
-            tracker,
-            topic: settings.topics.requests.clone(),
-            metrics,
-        };
+        let offsets =
+            Offsets { consumer: Arc::new(consumer), backlog, tracker, topic: settings.topics.requests.clone() };
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
 
         let readiness = Readiness::default();
         let listener = TcpListener::bind(&settings.listen).await?;
         let ops = ops::router(registry, readiness.clone());
-        Ok(Self { settings, listener, ops, readiness, engine: Box::new(engine), labels, offsets, producer, codec })
+        Ok(Self {
+            settings,
+            listener,
+            ops,
+            readiness,
+            engine: Box::new(engine),
+            labels,
+            offsets,
+            metrics,
+            producer,
+            codec,
+        })
     }
 
     /// Wraps the inference engine, e.g. to instrument or throttle it.
@@ -117,7 +124,7 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let ops_addr = self.local_addr();
         let s = &self.settings;
-        let metrics = self.offsets.metrics.clone();
+        let metrics = self.metrics.clone();
         let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let ops_server = tokio::spawn(
             axum::serve(self.listener, self.ops)
@@ -197,6 +204,7 @@ impl Application {
                 model_name: s.model_name.clone(),
                 model_version: s.model_version.clone(),
                 offsets: self.offsets.clone(),
+                metrics: metrics.clone(),
                 stopping: stopping.clone(),
             },
             outcome_rx,
@@ -211,6 +219,7 @@ impl Application {
         tracing::info!(ops = %ops_addr, topic = %s.topics.requests, group = %s.group_id, "classifier running");
         consume::run(
             self.offsets.clone(),
+            metrics.clone(),
             self.codec.clone(),
             self.producer.clone(),
             s.topics.dead_letter.clone(),

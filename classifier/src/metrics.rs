@@ -20,7 +20,6 @@ pub struct Metrics {
     pub inference_per_image_seconds: Histogram,
     pub end_to_end_seconds: Histogram,
     pub dead_letters: IntCounterVec,
-    pub in_flight: IntGauge,
     /// 1 while the consumer has its partitions paused because the pipeline is full.
     pub paused: IntGauge,
     pub pauses: IntCounter,
@@ -69,10 +68,6 @@ impl Metrics {
                 Opts::new("classifier_dead_letters_total", "Records moved to the dead-letter topic, by kind"),
                 &["kind"],
             )?,
-            in_flight: IntGauge::new(
-                "classifier_in_flight",
-                "Requests taken from Kafka whose results are not yet acknowledged",
-            )?,
             paused: IntGauge::new(
                 "classifier_consumer_paused",
                 "1 while partitions are paused because the pipeline is full",
@@ -98,10 +93,39 @@ impl Metrics {
         registry.register(Box::new(m.inference_per_image_seconds.clone()))?;
         registry.register(Box::new(m.end_to_end_seconds.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
-        registry.register(Box::new(m.in_flight.clone()))?;
         registry.register(Box::new(m.paused.clone()))?;
         registry.register(Box::new(m.pauses.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         Ok(m)
+    }
+}
+
+/// `classifier_in_flight`: requests taken from Kafka whose results are not yet acknowledged, read
+/// from the offset tracker whenever the metrics are scraped (the tracker keeps no metrics).
+pub struct InFlight {
+    pub tracker: std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>,
+    gauge: IntGauge,
+}
+
+impl InFlight {
+    pub fn register(
+        registry: &Registry,
+        tracker: std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>,
+    ) -> prometheus::Result<()> {
+        let gauge =
+            IntGauge::new("classifier_in_flight", "Requests taken from Kafka whose results are not yet acknowledged")?;
+        registry.register(Box::new(Self { tracker, gauge }))
+    }
+}
+
+impl prometheus::core::Collector for InFlight {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let unfinished = self.tracker.lock().map_or(0, |t| t.unfinished());
+        self.gauge.set(unfinished as i64);
+        self.gauge.collect()
     }
 }

@@ -35,6 +35,11 @@ impl PartitionOffsets {
         self.in_flight.len()
     }
 
+    /// Messages taken and not yet finished (finished ones wait here for those before them).
+    pub fn unfinished(&self) -> usize {
+        self.in_flight.values().filter(|done| !**done).count()
+    }
+
     /// Forgets a message that will not be finished here (it was never handed to the pipeline);
     /// the stored offset never moves past it.
     pub fn forget(&mut self, offset: i64) {
@@ -79,6 +84,11 @@ impl OffsetTracker {
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(PartitionOffsets::in_flight).sum()
     }
+
+    /// Messages taken and not yet finished, on every partition.
+    pub fn unfinished(&self) -> usize {
+        self.partitions.values().map(PartitionOffsets::unfinished).sum()
+    }
 }
 
 #[cfg(test)]
@@ -92,6 +102,7 @@ mod tests {
             p.start(o);
         }
         assert_eq!(p.finish(12), None);
+        assert_eq!((p.in_flight(), p.unfinished()), (5, 4), "12 is done but waits for 10 and 11");
         assert_eq!(p.finish(11), None);
         assert_eq!(p.finish(10), Some(13));
         assert_eq!(p.finish(14), None);

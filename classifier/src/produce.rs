@@ -33,6 +33,7 @@ pub struct Produce {
     pub model_name: String,
     pub model_version: String,
     pub offsets: Offsets,
+    pub metrics: crate::metrics::Metrics,
     pub stopping: Stopping,
 }
 
@@ -125,7 +126,7 @@ impl Produce {
 
     async fn produce(&self, outcome: Outcome) {
         let result = self.result(&outcome);
-        let metrics = &self.offsets.metrics;
+        let metrics = &self.metrics;
         let mut backoff = reefline_common::Backoff::new();
         let outcome_label = loop {
             match self.try_produce(&result).await {
