@@ -263,13 +263,7 @@ async fn watch_dependencies(
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).no_proxy().build().ok();
     let config = format!("{}/config", registry.url.trim_end_matches('/'));
     loop {
-        let probe = producer.clone();
-        let topic_name = topic.clone();
-        let broker = tokio::task::spawn_blocking(move || {
-            probe.client().fetch_metadata(Some(&topic_name), Duration::from_secs(2)).is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        let broker = producer.broker_answers(&topic).await;
         let schemas = match &client {
             Some(client) => {
                 let mut request = client.get(&config);

@@ -103,7 +103,7 @@ impl Metrics {
 /// `classifier_in_flight`: requests taken from Kafka whose results are not yet acknowledged, read
 /// from the offset tracker whenever the metrics are scraped (the tracker keeps no metrics).
 pub struct InFlight {
-    pub tracker: std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>,
+    tracker: std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>,
     gauge: IntGauge,
 }
 

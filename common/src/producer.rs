@@ -140,6 +140,16 @@ impl FutureProducer {
         self.inner.client()
     }
 
+    /// Whether the broker answers a metadata request for `topic` within 2 s (for `/readyz`).
+    pub async fn broker_answers(&self, topic: &str) -> bool {
+        let (producer, topic) = (self.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Waits until every queued record has been delivered or `timeout` has passed.
     pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
         self.inner.flush(timeout)

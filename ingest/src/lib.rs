@@ -41,13 +41,7 @@ impl AppState {
 /// requests topic through the producer's connections.
 async fn watch_broker(state: Arc<AppState>, readiness: Readiness) {
     loop {
-        let probe = state.clone();
-        let reachable = tokio::task::spawn_blocking(move || {
-            let topic = probe.settings.topics.requests.as_str();
-            probe.producer.client().fetch_metadata(Some(topic), std::time::Duration::from_secs(2)).is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        let reachable = state.producer.broker_answers(&state.settings.topics.requests).await;
         if reachable != readiness.get() {
             if reachable {
                 tracing::info!("broker reachable; ready");

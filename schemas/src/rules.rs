@@ -60,14 +60,18 @@ fn check_text(field: &str, value: &str, max_bytes: usize) -> Result<(), String> 
     }
 }
 
-fn check_position(index: i32, size: i32, submitted_at_ms: i64) -> Result<(), String> {
+fn check_position(index: i32, size: i32) -> Result<(), String> {
     if size < 1 || !(0..size).contains(&index) {
         return Err(format!("`batch_index` {index} is not within a batch of `batch_size` {size}"));
     }
-    // Between 2001 and 2286: anything else is not a time this pipeline wrote (and Postgres
-    // refuses timestamps far enough out).
-    if !(1_000_000_000_000..10_000_000_000_000).contains(&submitted_at_ms) {
-        return Err(format!("`submitted_at_ms` {submitted_at_ms} is not a plausible time"));
+    Ok(())
+}
+
+/// Between 2001 and 2286: anything else is not a time this pipeline wrote (and Postgres refuses
+/// timestamps far enough out).
+fn check_time(field: &str, unix_ms: i64) -> Result<(), String> {
+    if !(1_000_000_000_000..10_000_000_000_000).contains(&unix_ms) {
+        return Err(format!("`{field}` {unix_ms} is not a plausible time"));
     }
     Ok(())
 }
@@ -96,7 +100,8 @@ impl ImageRequest {
         check_id("request_id", &self.request_id)?;
         check_id("batch_id", &self.batch_id)?;
         check_url(&self.url, max_url_bytes).map_err(|reason| format!("`url` is not a usable image URL: {reason}"))?;
-        check_position(self.batch_index, self.batch_size, self.submitted_at_ms)?;
+        check_position(self.batch_index, self.batch_size)?;
+        check_time("submitted_at_ms", self.submitted_at_ms)?;
         check_text("source", &self.source, SHORT_TEXT_BYTES)
     }
 }
@@ -108,10 +113,9 @@ impl ClassificationResult {
         check_id("batch_id", &self.batch_id)?;
         check_url(&self.url, URL_CEILING_BYTES)
             .map_err(|reason| format!("`url` is not a usable image URL: {reason}"))?;
-        check_position(self.batch_index, self.batch_size, self.submitted_at_ms)?;
-        if !(1_000_000_000_000..10_000_000_000_000).contains(&self.completed_at_ms) {
-            return Err(format!("`completed_at_ms` {} is not a plausible time", self.completed_at_ms));
-        }
+        check_position(self.batch_index, self.batch_size)?;
+        check_time("submitted_at_ms", self.submitted_at_ms)?;
+        check_time("completed_at_ms", self.completed_at_ms)?;
         for (field, value) in [
             ("model_name", Some(&self.model_name)),
             ("model_version", Some(&self.model_version)),

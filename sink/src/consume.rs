@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use reefline_common::kafka::LagContext;
-
-/// The sink's consumers: they report their lag.
-pub type LagConsumer = StreamConsumer<LagContext>;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
+use reefline_common::kafka::LagContext;
 use reefline_common::producer::FutureProducer;
 use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use sqlx::PgPool;
 
 use crate::db;
+
+/// The sink's consumers: they report their lag.
+pub type LagConsumer = StreamConsumer<LagContext>;
 
 /// How long a stopping sink keeps trying to write the batch in hand.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

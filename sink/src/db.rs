@@ -1,11 +1,11 @@
 //! The results table: migrations, the idempotent upsert, and the lookups.
 
-use chrono::{DateTime, Utc};
-use reefline_schemas::{ClassificationResult, ImageRequest, Prediction};
-use sqlx::migrate::MigrateDatabase;
 use std::str::FromStr;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use reefline_schemas::{ClassificationResult, ImageRequest, Prediction};
+use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 
@@ -23,7 +23,7 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// A pool of its own for the lookup API, so that a burst of lookups never takes a connection the
 /// writers need: at most `connections`, each statement cut off after `statement_timeout`, and a
 /// lookup that waits longer than that for a connection fails (503) rather than queueing forever.
-pub async fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> anyhow::Result<PgPool> {
+pub fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> anyhow::Result<PgPool> {
     let options =
         PgConnectOptions::from_str(url)?.options([("statement_timeout", format!("{}", statement_timeout.as_millis()))]);
     Ok(PgPoolOptions::new()

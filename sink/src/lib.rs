@@ -77,8 +77,7 @@ impl Application {
             database_url,
             settings.lookup_connections,
             Duration::from_millis(settings.lookup_timeout_ms),
-        )
-        .await?;
+        )?;
         let topics =
             [&settings.topics.results, &settings.topics.dead_letter, &settings.topics.requests].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
