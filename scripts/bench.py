@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench` and `make soak`: what users run, measured against what it replaces.
 
-usage: bench.py bench [--runs 3] [--images 1000] [--no-memory] [--no-celery]
+usage: bench.py bench [--runs 3] [--images 1000] [--large-images 300] [--no-memory] [--no-celery]
        bench.py soak  [--requests 100000] [--window 10000] [--no-memory]
 
 Every pipeline figure comes from the stack `make up` runs: scripts/stack.py with its defaults
@@ -15,7 +15,9 @@ preprocess and batched inference, no network, no Kafka); the stack end to end, w
 steady half of that rate and CPU per image of each process; the same stack on an in-memory
 broker (memory://, a comparison only: nothing durable); and the Celery design it replaces
 (bench/celery: FastAPI + Celery prefork, one worker per core, + Redis + onnxruntime + Pillow,
-one image per task, same model file and preprocessing). Prints medians with their spread.
+one image per task, same model file and preprocessing). Then the limit, the stack and the Celery
+design again on 12-megapixel versions of the photos (survey-camera size: models/camera_photos.py).
+Prints medians with their spread.
 
 soak: --requests through the stack, submitted at once; the rate of every --window of results,
 each against the first; then the same on memory:// for the ratio; the idle CPU of every process
@@ -137,12 +139,13 @@ def postgres_cpu_seconds():
 
 # --- the photos ----------------------------------------------------------------------------------
 
-def serve_photos():
-    """The bench photos (`photos/` and `bench-photos/` in the cache) over local HTTP, photo n at
-    BASE/n modulo their count, from `reefline-bench --serve`: a lean server, so that the benchmark
-    takes little of the cores it measures. Returns (BASE, number of photos); its pid is in
-    PHOTO_SERVERS, its CPU counted as the bench's."""
-    server = subprocess.Popen([os.path.join(RELEASE, "reefline-bench"), "--serve"], stdin=subprocess.PIPE,
+def serve_photos(folder=None):
+    """The bench photos (`photos/` and `bench-photos/` in the cache, or `folder` of it) over local
+    HTTP, photo n at BASE/n modulo their count, from `reefline-bench --serve`: a lean server, so
+    that the benchmark takes little of the cores it measures. Returns (BASE, number of photos); its
+    pid is in PHOTO_SERVERS, its CPU counted as the bench's."""
+    folders = ["--photos", folder] if folder else []
+    server = subprocess.Popen([os.path.join(RELEASE, "reefline-bench"), "--serve", *folders], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         started = json.loads(server.stdout.readline())
@@ -255,7 +258,8 @@ def memory_broker():
 
 
 def pipeline(base, photos_url, images, steady_seconds=10, storage=None):
-    """One end-to-end run: images/s, latency at half that rate, CPU ms per image, RSS."""
+    """One end-to-end run: images/s, latency at half that rate (unless steady_seconds is 0), CPU
+    ms per image, RSS."""
     with Stack(storage) as stack:
         warm = 2 * 8
         stack.submit([f"{photos_url}/{i}" for i in range(warm)])
@@ -267,6 +271,8 @@ def pipeline(base, photos_url, images, steady_seconds=10, storage=None):
         stack.check_all_ok()
         cpu = {k: (v - cpu_before[k]) * 1000 / images for k, v in stack.cpu().items()}
 
+        if not steady_seconds:
+            return {"rate": rate, "cpu": cpu, "rss": stack.rss()}
         # Steady load at half the peak, in ticks of 100 ms; latency is submission to row stored.
         steady_from = stack.sql("SELECT now()")
         sent, owed, per_tick = 0, 0.0, max(rate / 2 / 10, 1)
@@ -359,8 +365,9 @@ def celery(photos_url, base, images):
 
 # --- the single-process limit --------------------------------------------------------------------
 
-def limit(images):
-    out = subprocess.run([os.path.join(RELEASE, "reefline-bench"), "--images", str(images)], check=True,
+def limit(images, folder=None):
+    folders = ["--photos", folder] if folder else []
+    out = subprocess.run([os.path.join(RELEASE, "reefline-bench"), "--images", str(images), *folders], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_s"]
 
@@ -371,6 +378,55 @@ def spread(values, fmt="{:.1f}"):
     values = sorted(values)
     middle = statistics.median(values)
     return middle, f"{fmt.format(middle)} (spread {fmt.format(values[0])}..{fmt.format(values[-1])})"
+
+
+LARGE = "camera-photos-12mp"
+
+
+def camera_photos():
+    """12-megapixel versions of the 252 photos (models/camera_photos.py, in the reference venv),
+    made once under the cache: the test photos at the top of LARGE, each bench folder below it."""
+    python = os.path.join(CACHE, "venv-reference/bin/python")
+    script = os.path.join(ROOT, "models/camera_photos.py")
+    out = os.path.join(CACHE, LARGE)
+    groups = [(out, sorted(glob.glob(os.path.join(CACHE, "photos/*"))))]
+    for folder in sorted(glob.glob(os.path.join(CACHE, "bench-photos/*"))):
+        groups.append((os.path.join(out, os.path.basename(folder)), sorted(glob.glob(os.path.join(folder, "*")))))
+    missing = sum(not os.path.exists(os.path.join(d, os.path.splitext(os.path.basename(p))[0] + ".jpg"))
+                  for d, photos in groups for p in photos)
+    if missing:
+        say(f"making {missing} 12-megapixel camera versions of the photos (once, under {out})")
+    for d, photos in groups:
+        subprocess.run([python, script, "12", d, *photos], check=True)
+
+
+def large_photos(args, runs):
+    """The same stack and the Celery design on the 12-megapixel versions, with their limit."""
+    camera_photos()
+    url, photos = serve_photos(LARGE)
+    say(f"{args.large_images} images a run over {photos} distinct 12-megapixel photos")
+    for r, run in enumerate(runs):
+        base = 1000 + r * 10 * args.large_images
+        run["large_limit"] = limit(args.large_images, LARGE)
+        run["large"] = pipeline(base, url, args.large_images, steady_seconds=0)
+        say(f"run {r + 1}: 12 MP: limit {run['large_limit']:.1f}, make-up stack {run['large']['rate']:.1f} images/s")
+        if args.celery:
+            run["large_celery"] = celery(url, base, args.large_images)
+            say(f"run {r + 1}: 12 MP: Celery baseline {run['large_celery']['rate']:.1f} images/s")
+    print()
+    _, text = spread([r["large_limit"] for r in runs])
+    print(f"12mp single_process_limit_images_s  {text}")
+    _, text = spread([r["large"]["rate"] for r in runs])
+    print(f"12mp end_to_end_images_s (make up)  {text}")
+    _, text = spread([r["large"]["cpu"]["classifier"] for r in runs], "{:.2f}")
+    print(f"12mp classifier_cpu_ms_per_image    {text}")
+    if args.celery:
+        _, text = spread([r["large_celery"]["rate"] for r in runs])
+        print(f"12mp celery_baseline_images_s       {text}")
+        _, text = spread([r["large"]["rate"] / r["large_celery"]["rate"] for r in runs], "{:.2f}")
+        print(f"12mp end_to_end / celery_baseline   {text}")
+        _, text = spread([r["large_celery"]["cpu"] for r in runs], "{:.1f}")
+        print(f"12mp celery_cpu_ms_per_image        {text}")
 
 
 def bench(args):
@@ -420,6 +476,8 @@ def bench(args):
     print(f"cpu_ms_per_image total             {total:6.2f} ({CORES} cores allow {CORES * 1000 / total:.0f} images/s)")
     for name, mib in middle["rss"].items():
         print(f"rss_mib {name:27} {mib:.0f}")
+    if args.large_images:
+        large_photos(args, runs)
 
 
 def soak_one(photos_url, requests, window, storage=None):
@@ -487,6 +545,7 @@ def main():
     b.add_argument("--images", type=int, default=1000)
     b.add_argument("--no-memory", dest="memory", action="store_false")
     b.add_argument("--no-celery", dest="celery", action="store_false")
+    b.add_argument("--large-images", type=int, default=300, help="12-megapixel images a run (0: none)")
     s = sub.add_parser("soak")
     s.add_argument("--requests", type=int, default=100_000)
     s.add_argument("--window", type=int, default=10_000)

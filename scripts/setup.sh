@@ -20,9 +20,12 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@"
 }
 
-# 1. System packages: a C toolchain and OpenSSL headers (librdkafka, native TLS), Python 3 with venv.
+# 1. System packages: a C toolchain and OpenSSL headers (librdkafka, native TLS), cmake and nasm
+#    (libjpeg-turbo, built from the turbojpeg-sys crate's source), Python 3 with venv.
 missing=()
 command -v cc >/dev/null || missing+=(build-essential)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v nasm >/dev/null || missing+=(nasm)
 command -v make >/dev/null || missing+=(make)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v patch >/dev/null || missing+=(patch)

@@ -3,16 +3,17 @@ onnxruntime + Pillow, one image per task.
 
 `POST /api/infer {"images": [...]}` enqueues one Celery task per URL and answers with the task
 ids; a prefork worker (one process per core) fetches the image, decodes and preprocesses it with
-Pillow and numpy exactly as the Rust classifier does (the centre 0.875 square resized bilinearly to
-224×224, x = (pixel − 127) / 128, RGB, NCHW), runs the same ONNX file through onnxruntime with batch
-1, and stores the top-5 in the Redis result backend. `GET /api/done` counts finished tasks (and
+Pillow and numpy as the reference preprocessing the Rust classifier matches does
+(models/reference.py: the shorter side resized bilinearly to 256, the centre 224×224 cropped,
+x = (pixel − 127) / 128, RGB, NCHW), runs the same ONNX file through onnxruntime with batch 1, and
+stores the top-5 in the Redis result backend. `GET /api/done` counts finished tasks (and
 those that failed), so the benchmark can stop its clock without reading every result.
 
 Settings (environment): REDIS_URL, MODEL_PATH, LABELS_PATH, ORT_THREADS (per worker process; 1,
 since the workers already use every core).
 """
-import io
 import os
+import sys
 
 import numpy as np
 import onnxruntime
@@ -21,14 +22,15 @@ import requests
 from celery import Celery
 from celery.signals import worker_process_init
 from fastapi import FastAPI
-from PIL import Image
 from pydantic import BaseModel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../models"))
+from reference import tensor  # noqa: E402  (the reference preprocessing, shared with the parity test)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DONE_KEY = "reefline-baseline:done"
 ERRORS_KEY = "reefline-baseline:errors"
 SIZE = 224
-CROP_FRACTION = 0.875
 
 celery = Celery("baseline", broker=REDIS_URL, backend=REDIS_URL)
 celery.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
@@ -54,12 +56,7 @@ def load_model(**_):
 
 
 def preprocess(data: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = image.size
-    side = CROP_FRACTION * min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    pixels = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
-    return ((pixels - 127.0) / 128.0).transpose(2, 0, 1)[np.newaxis]
+    return tensor(data, SIZE)[np.newaxis]
 
 
 @celery.task(name="classify")

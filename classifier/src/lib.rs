@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod guard;
 mod infer;
 mod job;
+mod jpeg;
 pub mod labels;
 mod metrics;
 pub mod offsets;
@@ -19,6 +20,7 @@ pub mod postprocess;
 mod prepare;
 pub mod preprocess;
 mod produce;
+mod resample;
 pub mod settings;
 
 use std::net::SocketAddr;

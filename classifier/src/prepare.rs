@@ -26,7 +26,8 @@ pub struct Prepare {
 }
 
 /// Bounds the memory decoding takes by the pixels decoded at once, not only per image: a decode
-/// takes the image's pixel count from the budget (read from its header) and gives it back when
+/// takes the pixels it decodes to from the budget (read from its header: a JPEG scaled in the
+/// IDCT holds a quarter to a sixty-fourth of its pixels) and gives them back when
 /// the image is preprocessed. An image larger than the whole budget waits until it has the
 /// budget to itself. Small photos decode side by side; two camera-sized ones may have to take turns.
 pub struct PixelBudget {
@@ -108,7 +109,8 @@ impl Prepare {
     /// budget; the caller holds a decoder slot.
     async fn preprocess(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ImageError> {
         let (preprocess, nice) = (self.preprocess, self.decode_nice);
-        let cost = self.pixel_budget.cost(preprocess.pixels(&bytes)?);
+        let inspected = preprocess.inspect(&bytes)?;
+        let cost = self.pixel_budget.cost(inspected.decoded_pixels());
         let _budget = self
             .pixel_budget
             .semaphore
@@ -118,7 +120,7 @@ impl Prepare {
         let started = Instant::now();
         let tensor = tokio::task::spawn_blocking(move || {
             crate::preprocess::lower_thread_priority(nice);
-            preprocess.run(&bytes)
+            preprocess.run_inspected(&bytes, &inspected)
         })
         .await
         .map_err(|e| ImageError::DecodeFailed(format!("decoder panicked: {e}")))??;

@@ -1,12 +1,12 @@
-//! Bytes to model input: sniff, decode within limits, resize and center-crop, normalise.
+//! Bytes to model input: sniff, decode within limits, resize and centre-crop as the reference
+//! preprocessing (Pillow, torchvision's Resize and CenterCrop) does, normalise.
 
 use std::io::Cursor;
 
-use fast_image_resize::images::Image;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{ImageReader, Limits};
+use image::{ImageFormat, ImageReader, Limits};
 
 use crate::error::ImageError;
+use crate::{jpeg, resample};
 
 /// How images are turned into tensors.
 #[derive(Clone, Copy, Debug)]
@@ -39,8 +39,58 @@ pub fn lower_thread_priority(nice: i32) {
     }
 }
 
-/// Fraction of the shorter side kept by the center crop (224 of 256).
+/// Fraction of the resized shorter side kept by the centre crop (224 of 256).
 const CROP_FRACTION: f64 = 0.875;
+
+/// What is known of an image before it is decoded: its size and how it will be decoded, read
+/// from its header and within the limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Inspected {
+    width: u32,
+    height: u32,
+    decoder: Decoder,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Decoder {
+    /// libjpeg-turbo, at 1/`denom` of the full size.
+    Jpeg { header: jpeg::Header, denom: u32 },
+    /// The `image` crate: PNG, GIF, WebP, BMP, and the JPEGs libjpeg-turbo cannot give as RGB (CMYK, YCCK).
+    Generic,
+}
+
+impl Inspected {
+    /// Pixels of the decoded image (after any scaling in the IDCT): what decoding it holds in memory.
+    pub fn decoded_pixels(&self) -> u64 {
+        let denom = match self.decoder {
+            Decoder::Jpeg { denom, .. } => denom,
+            Decoder::Generic => 1,
+        };
+        u64::from(jpeg::scaled(self.width, denom)) * u64::from(jpeg::scaled(self.height, denom))
+    }
+}
+
+/// Where the model's input comes from in a decoded image, as torchvision's `Resize(target)` then
+/// `CenterCrop(size)` place it: the image resized so its shorter side is `target` and its longer
+/// side in proportion (truncated), then the `size`×`size` square at (`left`, `top`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Geometry {
+    pub resized_width: u32,
+    pub resized_height: u32,
+    pub left: u32,
+    pub top: u32,
+}
+
+impl Geometry {
+    pub fn new(width: u32, height: u32, target: u32, size: u32) -> Self {
+        let (w, h, t) = (f64::from(width), f64::from(height), f64::from(target));
+        let (resized_width, resized_height) =
+            if width <= height { (target, (t * h / w) as u32) } else { ((t * w / h) as u32, target) };
+        // CenterCrop's offsets: int(round((resized - size) / 2.0)), Python rounding half to even.
+        let offset = |resized: u32| (f64::from(resized.saturating_sub(size)) / 2.0).round_ties_even() as u32;
+        Self { resized_width, resized_height, left: offset(resized_width), top: offset(resized_height) }
+    }
+}
 
 impl Preprocess {
     /// Floats per image: 3 × size × size.
@@ -48,58 +98,101 @@ impl Preprocess {
         3 * (self.size as usize).pow(2)
     }
 
-    /// Decodes `bytes` and returns the CHW float tensor the model takes.
-    pub fn run(&self, bytes: &[u8]) -> Result<Vec<f32>, ImageError> {
-        let rgb = self.decode(bytes)?;
-        let (w, h) = (rgb.width(), rgb.height());
-        let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3)
-            .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
-        let mut dst = Image::new(self.size, self.size, PixelType::U8x3);
-        // Resizing the shorter side to size/0.875 and cropping the center size×size is the same as
-        // resizing the center square of side 0.875·min(w, h) straight to size×size.
-        let side = f64::from(w.min(h)) * CROP_FRACTION;
-        let options = ResizeOptions::new()
-            .crop((f64::from(w) - side) / 2.0, (f64::from(h) - side) / 2.0, side, side)
-            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-        Resizer::new().resize(&src, &mut dst, &options).map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
-        Ok(to_chw(dst.buffer(), self.size as usize))
+    /// The shorter side the image is resized to before the centre crop: round(size / 0.875).
+    pub fn resize_target(&self) -> u32 {
+        (f64::from(self.size) / CROP_FRACTION).round() as u32
     }
 
-    /// The image's pixel count, read from its header without decoding it; an error if the bytes
-    /// are not an image or it is larger than the limits.
-    pub fn pixels(&self, bytes: &[u8]) -> Result<u64, ImageError> {
+    /// Decodes `bytes` and returns the CHW float tensor the model takes.
+    pub fn run(&self, bytes: &[u8]) -> Result<Vec<f32>, ImageError> {
+        let inspected = self.inspect(bytes)?;
+        self.run_inspected(bytes, &inspected)
+    }
+
+    /// [`Preprocess::run`] for an image already inspected.
+    pub fn run_inspected(&self, bytes: &[u8], inspected: &Inspected) -> Result<Vec<f32>, ImageError> {
+        let (rgb, width, height) = self.decode(bytes, inspected)?;
+        self.tensor_from_rgb(&rgb, width, height)
+    }
+
+    /// The model input from decoded interleaved RGB pixels: resized, centre-cropped, normalised.
+    pub fn tensor_from_rgb(&self, rgb: &[u8], width: u32, height: u32) -> Result<Vec<f32>, ImageError> {
+        let g = Geometry::new(width, height, self.resize_target(), self.size);
+        let window = resample::resize_window(
+            rgb,
+            (width as usize, height as usize),
+            (g.resized_width as usize, g.resized_height as usize),
+            (g.left as usize, g.top as usize),
+            self.size as usize,
+        );
+        Ok(to_chw(&window, self.size as usize))
+    }
+
+    /// Reads the image's header without decoding it: its size, and how it will be decoded; an
+    /// error if the bytes are not an image or it is larger than the limits.
+    pub fn inspect(&self, bytes: &[u8]) -> Result<Inspected, ImageError> {
         let reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
-        if reader.format().is_none() {
-            return Err(ImageError::NotAnImage);
-        }
-        let (width, height) = reader.into_dimensions().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
+        let inspected = match reader.format() {
+            None => return Err(ImageError::NotAnImage),
+            Some(ImageFormat::Jpeg) => {
+                let header = jpeg::header(bytes).map_err(ImageError::DecodeFailed)?;
+                let (width, height) = (header.width, header.height);
+                let decoder = if !header.rgb_decodable {
+                    Decoder::Generic
+                } else if header.scalable {
+                    // Scaled only while at least twice the resize target is left, so that Pillow's
+                    // antialiased filter still does the last reduction: a photo up to twice the
+                    // target (the test photos, ImageNet's) decodes in full, exactly as the
+                    // reference does; a 12-megapixel one decodes at 1/4.
+                    let denom = jpeg::reduction_for(width, height, 2 * self.resize_target());
+                    Decoder::Jpeg { header, denom }
+                } else {
+                    Decoder::Jpeg { header, denom: 1 }
+                };
+                Inspected { width, height, decoder }
+            }
+            Some(_) => {
+                let (width, height) = reader.into_dimensions().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
+                Inspected { width, height, decoder: Decoder::Generic }
+            }
+        };
+        let (width, height) = (inspected.width, inspected.height);
         if width.max(height) > self.max_side {
             let limit = format!("{} pixels per side", self.max_side);
             return Err(ImageError::DimensionsTooLarge { width, height, limit });
         }
-        let pixels = u64::from(width) * u64::from(height);
-        if pixels > self.max_pixels {
+        if u64::from(width) * u64::from(height) > self.max_pixels {
             let limit = format!("{} pixels in all", self.max_pixels);
             return Err(ImageError::DimensionsTooLarge { width, height, limit });
         }
-        Ok(pixels)
+        if width == 0 || height == 0 {
+            return Err(ImageError::DecodeFailed(format!("the image is {width}x{height} pixels")));
+        }
+        Ok(inspected)
     }
 
-    fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
-        self.pixels(bytes)?;
+    /// The decoded image as interleaved RGB bytes, with its width and height (a JPEG at the scale
+    /// [`Preprocess::inspect`] chose).
+    pub fn decode(&self, bytes: &[u8], inspected: &Inspected) -> Result<(Vec<u8>, u32, u32), ImageError> {
+        // The largest decoded buffer: 16-bit RGBA, 8 bytes a pixel.
+        let max_bytes = self.max_pixels.saturating_mul(8);
+        if let Decoder::Jpeg { header, denom } = inspected.decoder {
+            let max_memory_mb = u32::try_from(max_bytes >> 20).unwrap_or(u32::MAX).max(1);
+            return jpeg::decode_rgb(bytes, &header, denom, max_memory_mb).map_err(ImageError::DecodeFailed);
+        }
         let mut reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let mut limits = Limits::default();
         limits.max_image_width = Some(self.max_side);
         limits.max_image_height = Some(self.max_side);
-        // The largest decoded buffer: 16-bit RGBA, 8 bytes a pixel.
-        limits.max_alloc = Some(self.max_pixels * 8);
+        limits.max_alloc = Some(max_bytes);
         reader.limits(limits);
-        let image = reader.decode().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
-        Ok(image.into_rgb8())
+        let image = reader.decode().map_err(|e| ImageError::DecodeFailed(e.to_string()))?.into_rgb8();
+        let (width, height) = image.dimensions();
+        Ok((image.into_raw(), width, height))
     }
 }
 
@@ -159,6 +252,52 @@ mod tests {
         let t = P.run(&bytes).unwrap();
         assert_eq!(t[100 * 224 + 10], -127.0 / 128.0);
         assert_eq!(t[100 * 224 + 213], 1.0);
+    }
+
+    fn jpeg(width: u32, height: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Jpeg).unwrap();
+        out
+    }
+
+    #[test]
+    fn the_geometry_is_torchvisions_resize_then_center_crop() {
+        // 500×375: 341×256 (256·500/375 = 341.3, truncated), offsets round((341−224)/2 = 58.5) = 58
+        // (half to even, as Python rounds) and 16.
+        let g = Geometry::new(500, 375, 256, 224);
+        assert_eq!(g, Geometry { resized_width: 341, resized_height: 256, left: 58, top: 16 });
+        let g = Geometry::new(375, 500, 256, 224);
+        assert_eq!(g, Geometry { resized_width: 256, resized_height: 341, left: 16, top: 58 });
+        // 683/2.5: 256·640/425 = 385.5 → 385, (385−224)/2 = 80.5 → 80.
+        assert_eq!(Geometry::new(640, 425, 256, 224).left, 80);
+        assert_eq!(
+            Geometry::new(300, 300, 256, 224),
+            Geometry { resized_width: 256, resized_height: 256, left: 16, top: 16 }
+        );
+        assert_eq!(P.resize_target(), 256);
+        assert_eq!(Preprocess { size: 240, ..P }.resize_target(), 274);
+        assert_eq!(Preprocess { size: 260, ..P }.resize_target(), 297);
+    }
+
+    #[test]
+    fn an_image_of_extreme_aspect_ratio_is_resized_without_a_huge_buffer() {
+        let t = P.run(&png(4000, 1, [10, 20, 30])).unwrap();
+        assert_eq!(t.len(), P.tensor_len());
+        assert!((t[0] - (10.0 - 127.0) / 128.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn large_jpegs_are_decoded_scaled_and_others_in_full() {
+        let p = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
+        let large = p.inspect(&jpeg(4000, 3000)).unwrap();
+        assert_eq!(large.decoded_pixels(), 1000 * 750, "1/4 leaves 750 ≥ 2 × 256; 1/8 would leave 375");
+        assert_eq!(p.inspect(&jpeg(2048, 1536)).unwrap().decoded_pixels(), 1024 * 768);
+        assert_eq!(p.inspect(&jpeg(1024, 682)).unwrap().decoded_pixels(), 1024 * 682);
+        assert_eq!(p.inspect(&jpeg(512, 512)).unwrap().decoded_pixels(), 512 * 512);
+        assert_eq!(p.inspect(&png(4000, 3000, [1, 2, 3])).unwrap().decoded_pixels(), 4000 * 3000);
+        let t = p.run(&jpeg(4000, 3000)).unwrap();
+        assert_eq!(t.len(), p.tensor_len());
     }
 
     #[test]

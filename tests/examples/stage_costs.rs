@@ -1,33 +1,76 @@
-//! Time per image of each CPU stage on the cached photos: decode + preprocess, and inference at
-//! several batch sizes, each on one thread. `cargo run --release -p reefline-e2e --example stage_costs`
+//! CPU time per image of each stage, each on one thread: decoding and resizing (the centre crop and
+//! normalisation with it) as the classifier does them now (libjpeg-turbo, scaled in the IDCT for
+//! large JPEGs) and as it did before (the `image` crate's decoder at full size), on the test photos,
+//! the benchmark's photos and their 12-megapixel versions; then inference at several batch sizes.
+//! `cargo run --release -p reefline-e2e --example stage_costs`
+use std::path::Path;
 use std::time::Instant;
 
 use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
 use reefline_classifier::preprocess::Preprocess;
 use reefline_e2e::cache_dir;
 
-fn main() -> anyhow::Result<()> {
-    let dir = cache_dir().join("photos");
-    let mut photos: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
-        .collect();
-    photos.sort();
-    let pre = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
-    let mut total = 0.0;
-    for (name, bytes) in &photos {
-        let started = Instant::now();
-        for _ in 0..10 {
-            pre.run(bytes).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        }
-        let ms = started.elapsed().as_secs_f64() * 100.0;
-        total += ms;
-        let dims = image::image_dimensions(dir.join(name)).map(|(w, h)| format!("{w}x{h}")).unwrap_or_default();
-        println!("preprocess {name:24} {dims:>9} {:>7} bytes {ms:6.2} ms", bytes.len());
-    }
-    println!("preprocess mean {:.2} ms/image (one thread)", total / photos.len() as f64);
+const PRE: Preprocess = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
 
+fn photos(dir: &Path) -> Vec<Vec<u8>> {
+    let mut paths = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() { dirs.push(path) } else { paths.push(path) }
+        }
+    }
+    paths.sort();
+    paths.iter().map(|p| std::fs::read(p).expect("a photo")).collect()
+}
+
+/// Milliseconds per call of `f`, the mean over `reps` passes over `items`.
+fn ms_per<T>(items: &[T], reps: usize, mut f: impl FnMut(&T)) -> f64 {
+    let started = Instant::now();
+    for _ in 0..reps {
+        items.iter().for_each(&mut f);
+    }
+    started.elapsed().as_secs_f64() * 1000.0 / (reps * items.len()) as f64
+}
+
+fn stages(what: &str, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<()> {
+    if bytes.is_empty() {
+        println!("{what}: none (run `make bench` once to make the 12 MP photos)");
+        return Ok(());
+    }
+    let megapixels = bytes
+        .iter()
+        .map(|b| image::ImageReader::new(std::io::Cursor::new(b)).with_guessed_format().ok()?.into_dimensions().ok())
+        .map(|d| d.map_or(0.0, |(w, h)| f64::from(w) * f64::from(h) / 1e6))
+        .sum::<f64>()
+        / bytes.len() as f64;
+    let before: Vec<_> = bytes.iter().map(|b| image::load_from_memory(b).expect("decodes").into_rgb8()).collect();
+    let after: Vec<_> = bytes
+        .iter()
+        .map(|b| PRE.inspect(b).and_then(|i| PRE.decode(b, &i)).map_err(|e| anyhow::anyhow!("{e}")))
+        .collect::<anyhow::Result<_>>()?;
+    let decode_before = ms_per(bytes, reps, |b| drop(image::load_from_memory(b).expect("decodes").into_rgb8()));
+    let resize_before = ms_per(&before, reps, |img| {
+        PRE.tensor_from_rgb(img.as_raw(), img.width(), img.height()).expect("resizes");
+    });
+    let decode_after = ms_per(bytes, reps, |b| drop(PRE.inspect(b).and_then(|i| PRE.decode(b, &i)).expect("decodes")));
+    let resize_after = ms_per(&after, reps, |(rgb, w, h)| {
+        PRE.tensor_from_rgb(rgb, *w, *h).expect("resizes");
+    });
+    println!("{what} ({} photos, {megapixels:.1} MP on average), ms per image:", bytes.len());
+    println!("  before (image crate, full size): decode {decode_before:6.2}  resize {resize_before:6.2}");
+    println!("  now (libjpeg-turbo, IDCT scale): decode {decode_after:6.2}  resize {resize_after:6.2}");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
     let cache = cache_dir();
+    stages("test photos", &photos(&cache.join("photos")), 10)?;
+    stages("bench photos", &photos(&cache.join("bench-photos")), 3)?;
+    stages("12 MP camera versions", &photos(&cache.join("camera-photos-12mp")), 2)?;
+
+    let tensor = PRE.run(&photos(&cache.join("photos"))[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
     for threads in [1, 2] {
         let mut options = OrtOptions::cpu(
             cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
@@ -36,7 +79,6 @@ fn main() -> anyhow::Result<()> {
         );
         options.intra_threads = threads;
         let mut engine = OrtEngine::load(&options)?;
-        let tensor = pre.run(&photos[0].1).map_err(|e| anyhow::anyhow!("{e}"))?;
         for batch in [1, 4, 8, 16, 32] {
             let input = tensor.repeat(batch);
             engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;

@@ -1,6 +1,7 @@
 //! The project's single-process limit, for `make bench` (scripts/bench.py): read bytes → decode →
 //! preprocess → batched inference, in one process, no network, no Kafka, with the classifier's own
-//! code and default settings, over the bench photos (`photos/` and `bench-photos/` in the cache).
+//! code and default settings, over the bench photos (`photos/` and `bench-photos/` in the cache,
+//! or the folders `--photos` names).
 //! Prints one JSON line: `{"images": N, "photos": P, "images_per_s": X}`.
 //!
 //! With `--serve`, serves those photos instead for the pipeline runs: `GET /p/{n}` answers photo
@@ -38,10 +39,13 @@ struct Args {
     /// Niceness of the decoding threads (the classifier's default).
     #[arg(long, default_value_t = 10)]
     decode_nice: i32,
+    /// Folders of photos under the cache, searched recursively.
+    #[arg(long, num_args = 1.., default_values = ["photos", "bench-photos"])]
+    photos: Vec<String>,
 }
 
-/// The test photos and the bench photos, in the order scripts/bench.py serves them.
-fn load_photos() -> anyhow::Result<Vec<Vec<u8>>> {
+/// The photos of `folders` (under the cache), in the order scripts/bench.py serves them.
+fn load_photos(folders: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
     fn files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
         for entry in std::fs::read_dir(dir).with_context(|| format!("{} (run make setup)", dir.display()))? {
             let path = entry?.path();
@@ -50,8 +54,9 @@ fn load_photos() -> anyhow::Result<Vec<Vec<u8>>> {
         Ok(())
     }
     let mut names = Vec::new();
-    files(&cache_dir().join("photos"), &mut names)?;
-    files(&cache_dir().join("bench-photos"), &mut names)?;
+    for folder in folders {
+        files(&cache_dir().join(folder), &mut names)?;
+    }
     names.sort();
     names.iter().map(|p| std::fs::read(p).map_err(Into::into)).collect()
 }
@@ -157,7 +162,7 @@ fn serve(photos: Vec<Vec<u8>>) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let photos = load_photos()?;
+    let photos = load_photos(&args.photos)?;
     if args.serve {
         return serve(photos);
     }

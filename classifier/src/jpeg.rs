@@ -1,0 +1,146 @@
+//! JPEG decoding with libjpeg-turbo, the decoder Pillow uses (its default integer IDCT and smooth
+//! chroma upsampling), so the classifier sees the pixels the reference preprocessing sees; and
+//! scaled inside the IDCT (1/2, 1/4, 1/8) when a photo is far larger than the model needs, so a
+//! 12-megapixel survey photo is never decoded in full only to be shrunk to 256 pixels.
+//!
+//! A thin safe layer over `turbojpeg-sys` (the `turbojpeg` crate would bring a second `thiserror`
+//! and hides the memory limit): a header read, and a decode into RGB at a scale.
+
+use std::cell::RefCell;
+use std::ffi::CStr;
+
+use turbojpeg_sys as tj;
+
+/// What a JPEG's header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub width: u32,
+    pub height: u32,
+    /// Whether libjpeg-turbo can give RGB at 8 bits a sample (not CMYK or YCCK, not 12 or 16 bits).
+    pub rgb_decodable: bool,
+    /// Whether the DCT may scale it (a lossless JPEG has no DCT).
+    pub scalable: bool,
+}
+
+/// The side of an image scaled by 1/`denom` in the IDCT, rounded up as libjpeg-turbo does.
+pub fn scaled(side: u32, denom: u32) -> u32 {
+    side.div_ceil(denom)
+}
+
+/// The largest reduction (8, 4, 2, else 1) that keeps the shorter side at least `min_short`.
+pub fn reduction_for(width: u32, height: u32, min_short: u32) -> u32 {
+    let short = width.min(height);
+    [8, 4, 2].into_iter().find(|&denom| scaled(short, denom) >= min_short).unwrap_or(1)
+}
+
+/// Reads the header without decoding.
+pub fn header(bytes: &[u8]) -> Result<Header, String> {
+    with_decompressor(|d| {
+        // SAFETY: the handle is valid, the buffer is borrowed for the call only.
+        if unsafe { tj::tj3DecompressHeader(d.0, bytes.as_ptr(), bytes.len() as tj::size_t) } != 0 {
+            return Err(d.error());
+        }
+        let get = |param| unsafe { tj::tj3Get(d.0, param as libc::c_int) };
+        let (width, height) = (get(tj::TJPARAM_TJPARAM_JPEGWIDTH), get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
+        let colorspace = get(tj::TJPARAM_TJPARAM_COLORSPACE) as tj::TJCS;
+        let precision = get(tj::TJPARAM_TJPARAM_PRECISION);
+        let lossless = get(tj::TJPARAM_TJPARAM_LOSSLESS) == 1;
+        Ok(Header {
+            width: u32::try_from(width).map_err(|_| format!("a width of {width}"))?,
+            height: u32::try_from(height).map_err(|_| format!("a height of {height}"))?,
+            rgb_decodable: precision == 8 && !matches!(colorspace, tj::TJCS_TJCS_CMYK | tj::TJCS_TJCS_YCCK),
+            scalable: !lossless,
+        })
+    })
+}
+
+/// Interleaved 8-bit RGB pixels at 1/`denom` of the full size, with their width and height;
+/// `max_memory_mb` bounds what libjpeg-turbo may allocate besides the output (a progressive JPEG
+/// keeps every coefficient of the image). A corrupt but readable stream (libjpeg's warnings, as
+/// a truncated file is) decodes to what it holds, as libjpeg and Pillow's decoder do.
+pub fn decode_rgb(
+    bytes: &[u8],
+    header: &Header,
+    denom: u32,
+    max_memory_mb: u32,
+) -> Result<(Vec<u8>, u32, u32), String> {
+    let (width, height) = (scaled(header.width, denom), scaled(header.height, denom));
+    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    with_decompressor(|d| {
+        let factor = tj::tjscalingfactor { num: 1, denom: denom as libc::c_int };
+        // SAFETY: the handle is valid; `pixels` holds `height` rows of `3 × width` bytes, the size
+        // libjpeg-turbo computes for this scaling factor (checked above with the same rounding).
+        unsafe {
+            tj::tj3Set(d.0, tj::TJPARAM_TJPARAM_MAXMEMORY as libc::c_int, max_memory_mb.min(i32::MAX as u32) as i32);
+            if tj::tj3SetScalingFactor(d.0, factor) != 0 {
+                return Err(d.error());
+            }
+            let done = tj::tj3Decompress8(
+                d.0,
+                bytes.as_ptr(),
+                bytes.len() as tj::size_t,
+                pixels.as_mut_ptr(),
+                (width * 3) as libc::c_int,
+                tj::TJPF_TJPF_RGB as libc::c_int,
+            );
+            if done != 0 && tj::tj3GetErrorCode(d.0) != tj::TJERR_TJERR_WARNING as libc::c_int {
+                return Err(d.error());
+            }
+        }
+        Ok(())
+    })?;
+    Ok((pixels, width, height))
+}
+
+/// A libjpeg-turbo decompressor; one per thread, made on first use.
+struct Decompressor(tj::tjhandle);
+
+impl Decompressor {
+    fn error(&self) -> String {
+        // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
+        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Decompressor {
+    fn drop(&mut self) {
+        // SAFETY: made by tj3Init and destroyed once.
+        unsafe { tj::tj3Destroy(self.0) }
+    }
+}
+
+fn with_decompressor<T>(f: impl FnOnce(&Decompressor) -> Result<T, String>) -> Result<T, String> {
+    thread_local! {
+        static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            // SAFETY: tj3Init has no preconditions; a null handle is checked.
+            let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as libc::c_int) };
+            if handle.is_null() {
+                return Err("libjpeg-turbo could not make a decompressor".into());
+            }
+            *slot = Some(Decompressor(handle));
+        }
+        f(slot.as_ref().expect("made above"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reduction_keeps_the_shorter_side_at_least_the_target() {
+        assert_eq!(reduction_for(500, 375, 256), 1);
+        assert_eq!(reduction_for(1024, 682, 256), 2);
+        assert_eq!(reduction_for(4000, 3000, 256), 8); // 375 ≥ 256
+        assert_eq!(reduction_for(3000, 2000, 256), 4); // 500; 1/8 would give 250
+        assert_eq!(reduction_for(2048, 2048, 256), 8);
+        assert_eq!(reduction_for(2041, 4000, 256), 8); // 2041/8 rounds up to 256
+        assert_eq!(reduction_for(2040, 4000, 256), 4); // 2040/8 is 255
+        assert_eq!(scaled(2041, 8), 256);
+        assert_eq!(reduction_for(100, 100, 256), 1);
+    }
+}

@@ -1,0 +1,134 @@
+//! The model's input and answers: the classifier's preprocessing against the reference (Pillow and
+//! numpy in the project's pinned venv, `models/reference.py`), and survey-camera-sized versions of
+//! the test photos classified as the originals are.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
+use reefline_classifier::preprocess::Preprocess;
+use reefline_e2e::cache_dir;
+
+const SIZE: u32 = 224;
+const PRE: Preprocess = Preprocess { size: SIZE, max_side: 10_000, max_pixels: 50_000_000 };
+
+/// The test photos, by path, sorted.
+fn test_photos() -> Vec<PathBuf> {
+    let mut photos: Vec<PathBuf> = std::fs::read_dir(cache_dir().join("photos"))
+        .expect("photos folder")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    photos.sort();
+    assert_eq!(photos.len(), 22, "the 20 foolbox photos, chelsea and coffee");
+    photos
+}
+
+/// Runs one of `models/`'s scripts in the reference venv (made by `make setup`).
+fn reference_python(script: &str, args: &[&str], photos: &[PathBuf]) {
+    let python = cache_dir().join("venv-reference/bin/python");
+    assert!(python.exists(), "{} is missing: run `make setup`", python.display());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(script);
+    let status = Command::new(python).arg(script).args(args).args(photos).status().expect("running Python");
+    assert!(status.success(), "{args:?}: {status}");
+}
+
+fn engine() -> OrtEngine {
+    let cache = cache_dir();
+    let options = OrtOptions::cpu(
+        cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
+        cache.join("models/efficientnet-lite0.onnx"),
+        SIZE as usize,
+    );
+    OrtEngine::load(&options).expect("loading the model")
+}
+
+fn top1(engine: &mut OrtEngine, tensor: &[f32]) -> usize {
+    top1_and_lead(engine, tensor).0
+}
+
+/// The top class and how far its logit leads the second's.
+fn top1_and_lead(engine: &mut OrtEngine, tensor: &[f32]) -> (usize, f32) {
+    let logits = engine.infer(tensor, 1).expect("inference").remove(0);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    (order[0], logits[order[0]] - logits[order[1]])
+}
+
+/// A lead below this (in logits) is a tie the model cannot decide: any change to the pixels may
+/// flip it (chelsea's 12 MP version: tiger cat over Egyptian cat by 0.004 at full size).
+const UNDECIDED: f32 = 0.05;
+
+fn name(path: &Path) -> String {
+    path.file_name().expect("a file").to_string_lossy().into_owned()
+}
+
+/// The reference tensors `models/reference.py` writes for `photos` into a fresh folder, by name.
+fn reference_tensors(photos: &[PathBuf]) -> impl Fn(&Path) -> Vec<f32> {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!("reefline-reference-{}-{run}", std::process::id()));
+    reference_python("reference.py", &[&SIZE.to_string(), out.to_str().expect("utf-8")], photos);
+    move |photo| {
+        let bytes = std::fs::read(out.join(format!("{}.f32", name(photo)))).expect("the reference tensor");
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
+    }
+}
+
+#[test]
+fn the_classifiers_input_matches_pillows_and_gives_the_same_top1_on_every_photo() {
+    let photos = test_photos();
+    let reference = reference_tensors(&photos);
+    let mut engine = engine();
+    let mut identical = 0;
+    for photo in &photos {
+        let ours = PRE.run(&std::fs::read(photo).expect("photo")).expect("preprocessing");
+        let theirs = reference(photo);
+        assert_eq!(ours.len(), theirs.len(), "{}", name(photo));
+        let mad = ours.iter().zip(&theirs).map(|(a, b)| f64::from((a - b).abs())).sum::<f64>() / ours.len() as f64;
+        eprintln!("{:24} mean absolute difference from Pillow's {mad:.5}", name(photo));
+        assert!(mad < 0.01, "{}: the input differs from Pillow's by {mad:.5} on average", name(photo));
+        identical += usize::from(ours == theirs);
+        assert_eq!(
+            top1(&mut engine, &ours),
+            top1(&mut engine, &theirs),
+            "{}: top-1 differs from the reference's",
+            name(photo)
+        );
+    }
+    eprintln!("{identical} of {} inputs bit-identical to the reference's", photos.len());
+}
+
+#[test]
+fn survey_camera_sized_photos_decoded_at_a_reduced_scale_keep_their_top1() {
+    let photos = test_photos();
+    let dir = cache_dir().join("camera-photos-12mp");
+    reference_python("camera_photos.py", &["12", dir.to_str().expect("utf-8")], &photos);
+    let large: Vec<PathBuf> =
+        photos.iter().map(|p| dir.join(format!("{}.jpg", p.file_stem().expect("a stem").to_string_lossy()))).collect();
+    // Pillow's full decode and resize of the same 12 MP files: what a reduced-scale decode must match
+    // wherever the model can tell the top two classes apart.
+    let reference = reference_tensors(&large);
+    let mut engine = engine();
+    let (mut right_small, mut right_large) = (0, 0);
+    for (photo, big) in photos.iter().zip(&large) {
+        let bytes = std::fs::read(big).expect("the large photo");
+        let inspected = PRE.inspect(&bytes).expect("a JPEG header");
+        assert!(inspected.decoded_pixels() < 1_000_000, "{}: a 12 MP JPEG decodes at a reduced scale", name(big));
+        let ours = top1(&mut engine, &PRE.run_inspected(&bytes, &inspected).expect("preprocessing"));
+        let (full, lead) = top1_and_lead(&mut engine, &reference(big));
+        if lead < UNDECIDED {
+            eprintln!("{}: undecided at full size ({full} leads by {lead:.3}); {ours} at reduced scale", name(big));
+        } else {
+            assert_eq!(ours, full, "{}: top-1 differs from a full decode's (which leads by {lead:.3})", name(big));
+        }
+        let small = top1(&mut engine, &PRE.run(&std::fs::read(photo).expect("photo")).expect("preprocessing"));
+        if let Some(class) =
+            name(photo).strip_prefix("imagenet_").and_then(|s| s.split(['_', '.']).nth(1)?.parse::<usize>().ok())
+        {
+            right_small += usize::from(small == class);
+            right_large += usize::from(ours == class);
+        }
+    }
+    eprintln!("labelled photos right: {right_small} of 20 at their own size, {right_large} at 12 MP");
+    assert!(right_large >= right_small, "top-1 dropped at 12 MP: {right_large} right, {right_small} at their own size");
+}
