@@ -56,8 +56,9 @@ pub fn header(bytes: &[u8]) -> Result<Header, String> {
 
 /// Interleaved 8-bit RGB pixels at 1/`denom` of the full size, with their width and height;
 /// `max_memory_mb` bounds what libjpeg-turbo may allocate besides the output (a progressive JPEG
-/// keeps every coefficient of the image). A corrupt but readable stream (libjpeg's warnings, as
-/// a truncated file is) decodes to what it holds, as libjpeg and Pillow's decoder do.
+/// keeps every coefficient of the image). A stream libjpeg-turbo only warns about (truncated,
+/// corrupt data, random bytes after a JPEG marker) is an error here too: it would decode to
+/// whatever the garbage says, so the caller gives it to a stricter decoder instead.
 pub fn decode_rgb(
     bytes: &[u8],
     header: &Header,
@@ -83,7 +84,7 @@ pub fn decode_rgb(
                 (width * 3) as libc::c_int,
                 tj::TJPF_TJPF_RGB as libc::c_int,
             );
-            if done != 0 && tj::tj3GetErrorCode(d.0) != tj::TJERR_TJERR_WARNING as libc::c_int {
+            if done != 0 {
                 return Err(d.error());
             }
         }

@@ -55,7 +55,8 @@ pub struct Inspected {
 enum Decoder {
     /// libjpeg-turbo, at 1/`denom` of the full size.
     Jpeg { header: jpeg::Header, denom: u32 },
-    /// The `image` crate: PNG, GIF, WebP, BMP, and the JPEGs libjpeg-turbo cannot give as RGB (CMYK, YCCK).
+    /// The `image` crate: PNG, GIF, WebP, BMP, and the JPEGs libjpeg-turbo cannot give as RGB (CMYK,
+    /// YCCK) or cannot read.
     Generic,
 }
 
@@ -134,10 +135,9 @@ impl Preprocess {
         let reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
-        let inspected = match reader.format() {
-            None => return Err(ImageError::NotAnImage),
-            Some(ImageFormat::Jpeg) => {
-                let header = jpeg::header(bytes).map_err(ImageError::DecodeFailed)?;
+        let inspected = match (reader.format(), jpeg_header(bytes)) {
+            (None, _) => return Err(ImageError::NotAnImage),
+            (Some(ImageFormat::Jpeg), Some(header)) => {
                 let (width, height) = (header.width, header.height);
                 let decoder = if !header.rgb_decodable {
                     Decoder::Generic
@@ -153,7 +153,7 @@ impl Preprocess {
                 };
                 Inspected { width, height, decoder }
             }
-            Some(_) => {
+            (Some(_), _) => {
                 let (width, height) = reader.into_dimensions().map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
                 Inspected { width, height, decoder: Decoder::Generic }
             }
@@ -178,9 +178,16 @@ impl Preprocess {
     pub fn decode(&self, bytes: &[u8], inspected: &Inspected) -> Result<(Vec<u8>, u32, u32), ImageError> {
         // The largest decoded buffer: 16-bit RGBA, 8 bytes a pixel.
         let max_bytes = self.max_pixels.saturating_mul(8);
+        let mut jpeg_error = None;
         if let Decoder::Jpeg { header, denom } = inspected.decoder {
             let max_memory_mb = u32::try_from(max_bytes >> 20).unwrap_or(u32::MAX).max(1);
-            return jpeg::decode_rgb(bytes, &header, denom, max_memory_mb).map_err(ImageError::DecodeFailed);
+            match jpeg::decode_rgb(bytes, &header, denom, max_memory_mb) {
+                Ok(decoded) => return Ok(decoded),
+                // A JPEG libjpeg-turbo refuses or warns about may still be one the `image` crate
+                // reads (its encoder's grayscale files; a truncated photo, as far as it goes); if
+                // neither can, libjpeg-turbo's reason is given.
+                Err(e) => jpeg_error = Some(e),
+            }
         }
         let mut reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
@@ -190,10 +197,17 @@ impl Preprocess {
         limits.max_image_height = Some(self.max_side);
         limits.max_alloc = Some(max_bytes);
         reader.limits(limits);
-        let image = reader.decode().map_err(|e| ImageError::DecodeFailed(e.to_string()))?.into_rgb8();
+        let image =
+            reader.decode().map_err(|e| ImageError::DecodeFailed(jpeg_error.unwrap_or_else(|| e.to_string())))?;
+        let image = image.into_rgb8();
         let (width, height) = image.dimensions();
         Ok((image.into_raw(), width, height))
     }
+}
+
+/// The header of a JPEG libjpeg-turbo can read; `None` for anything else (the `image` crate reads those).
+fn jpeg_header(bytes: &[u8]) -> Option<jpeg::Header> {
+    bytes.starts_with(&[0xff, 0xd8]).then(|| jpeg::header(bytes).ok()).flatten()
 }
 
 /// Interleaved RGB bytes to planar floats, x = (pixel − 127) / 128.
@@ -298,6 +312,15 @@ mod tests {
         assert_eq!(p.inspect(&png(4000, 3000, [1, 2, 3])).unwrap().decoded_pixels(), 4000 * 3000);
         let t = p.run(&jpeg(4000, 3000)).unwrap();
         assert_eq!(t.len(), p.tensor_len());
+    }
+
+    #[test]
+    fn jpegs_libjpeg_turbo_refuses_are_read_by_the_image_crate() {
+        // The image crate's own grayscale JPEGs carry a DQT libjpeg-turbo calls bogus.
+        let gray = image::GrayImage::from_fn(37, 23, |x, y| image::Luma([(x ^ y) as u8]));
+        let mut bytes = Vec::new();
+        gray.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Jpeg).unwrap();
+        assert_eq!(P.run(&bytes).unwrap().len(), P.tensor_len());
     }
 
     #[test]
