@@ -39,7 +39,7 @@ def main(fp32, out, size, photos):
         quantize_static(prepared, out, Photos(input_name, size, sorted(photos)),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, os.environ.get("CALIB", "MinMax")))
+                        calibrate_method=CalibrationMethod.MinMax)
     print(f"wrote {out}: int8 QDQ, calibrated on {len(photos)} photos")
 
 

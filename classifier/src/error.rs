@@ -23,6 +23,8 @@ pub enum ImageError {
     Blocked(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("`model` is `{name}`, which this classifier does not serve; it serves: {served}")]
+    UnknownModel { name: String, served: String },
 }
 
 impl ImageError {
@@ -48,6 +50,7 @@ impl ImageError {
             ImageError::DimensionsTooLarge { .. } => "dimensions_too_large",
             ImageError::Blocked(_) => "blocked_address",
             ImageError::Inference(_) => "inference_failed",
+            ImageError::UnknownModel { .. } => "unknown_model",
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Stage 5, infer: the engine's own thread takes batches from the queue, runs the model and
-//! turns logits into labelled predictions.
+//! Stage 5, infer: each model's engine has its own thread; it takes batches from that model's
+//! queue, runs the model and turns logits into labelled predictions.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -8,14 +9,18 @@ use tokio::sync::mpsc;
 use crate::batcher::Queued;
 use crate::engine::Engine;
 use crate::error::ImageError;
-use crate::job::{Classified, Outcome, Prepared};
+use crate::job::{Classified, ModelTag, Outcome, Prepared};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::postprocess;
+use crate::reload::Reload;
 
-/// The engine and what turns its logits into predictions.
-pub struct Inference<E> {
-    pub engine: E,
+/// One model's engine, what swaps it when its file is replaced, and what turns its logits into
+/// predictions.
+pub struct Inference {
+    pub engine: Box<dyn Engine>,
+    pub model: Arc<ModelTag>,
+    pub reload: Option<Reload>,
     pub labels: Labels,
     pub top_k: usize,
     pub image_len: usize,
@@ -24,17 +29,21 @@ pub struct Inference<E> {
 
 /// Spawns the engine thread; it ends when `batches` closes. It sends one `done` per batch.
 pub fn spawn(
-    inference: Inference<impl Engine>,
+    inference: Inference,
     mut batches: mpsc::Receiver<Vec<Queued<Prepared>>>,
     outcomes: mpsc::Sender<Outcome>,
     done: mpsc::UnboundedSender<()>,
 ) -> std::thread::JoinHandle<()> {
-    let Inference { mut engine, labels, top_k, image_len, metrics } = inference;
+    let Inference { mut engine, mut model, mut reload, labels, top_k, image_len, metrics } = inference;
     std::thread::Builder::new()
-        .name("inference".into())
+        .name(format!("infer-{}", model.name))
         .spawn(move || {
             let mut input = Vec::new();
             while let Some(batch) = batches.blocking_recv() {
+                if let Some((fresh, version)) = reload.as_mut().and_then(Reload::check) {
+                    engine = fresh;
+                    model = Arc::new(ModelTag { name: model.name.clone(), version });
+                }
                 let n = batch.len();
                 input.clear();
                 for q in &batch {
@@ -62,7 +71,7 @@ pub fn spawn(
                     }
                 };
                 for (q, result) in batch.into_iter().zip(results) {
-                    if outcomes.blocking_send(Outcome { job: q.item.job, result }).is_err() {
+                    if outcomes.blocking_send(Outcome { job: q.item.job, model: model.clone(), result }).is_err() {
                         return;
                     }
                 }

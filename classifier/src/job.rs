@@ -1,6 +1,9 @@
 //! What travels between the stages: a request read from Kafka ([`Job`]), its model input once
-//! fetched and preprocessed ([`Prepared`]), and its final outcome ([`Outcome`]). Every stage
+//! fetched and preprocessed ([`Prepared`]), and its final outcome ([`Outcome`]) with the model
+//! that gave it ([`ModelTag`]). Every stage
 //! imports these from here, and no stage imports another's.
+
+use std::sync::Arc;
 
 use reefline_schemas::{ImageRequest, Prediction};
 
@@ -13,7 +16,14 @@ pub struct Job {
     pub offset: i64,
 }
 
-/// A request with its model input, ready for the batching queue.
+/// A model as results name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelTag {
+    pub name: String,
+    pub version: String,
+}
+
+/// A request with its model input, ready for its model's batching queue.
 pub struct Prepared {
     pub job: Job,
     pub tensor: Vec<f32>,
@@ -27,8 +37,10 @@ pub struct Classified {
     pub marine_group: Option<String>,
 }
 
-/// A request's final outcome, ready to be produced.
+/// A request's final outcome, ready to be produced, with the model that gave it (or was asked
+/// for, when it is not served).
 pub struct Outcome {
     pub job: Job,
+    pub model: Arc<ModelTag>,
     pub result: Result<Classified, ImageError>,
 }

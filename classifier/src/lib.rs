@@ -2,6 +2,8 @@
 //!
 //! One image flows through one file per stage, in order: `consume` → `prepare` (fetch, then
 //! decode/preprocess) → `batcher` → `infer` → `produce` → back to `consume`'s offset store.
+//! Every model served has its own batching queue and engine thread; the stages around them are
+//! shared.
 //! Stages talk through bounded channels, so a slow stage slows the one before it.
 
 pub mod batcher;
@@ -20,6 +22,7 @@ pub mod postprocess;
 mod prepare;
 pub mod preprocess;
 mod produce;
+mod reload;
 mod resample;
 pub mod settings;
 
@@ -42,6 +45,7 @@ use crate::labels::Labels;
 use crate::offsets::OffsetTracker;
 use crate::preprocess::Preprocess;
 pub use crate::settings::Settings;
+use reefline_common::models::Model;
 
 /// The `reefline-classifier` command: settings from flags and environment, run until SIGTERM.
 pub async fn main() -> anyhow::Result<()> {
@@ -58,7 +62,9 @@ pub struct Application {
     listener: TcpListener,
     ops: Router,
     readiness: Readiness,
-    engine: Box<dyn Engine>,
+    /// One engine per model served, in manifest order.
+    engines: Vec<ServedModel>,
+    default_model: usize,
     labels: Labels,
     offsets: Offsets,
     metrics: metrics::Metrics,
@@ -69,8 +75,23 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let labels = Labels::load(&settings.labels_path)?;
-        let options = settings.ort_options();
-        let engine = tokio::task::spawn_blocking(move || OrtEngine::load(&options)).await??;
+        let models = settings.models.load()?;
+        let default_model = models.iter().position(|m| m.name == settings.models.default).unwrap_or(0);
+        let mut engines = Vec::with_capacity(models.len());
+        for mut model in models {
+            let options = settings.ort_options(settings.models.path(&model), model.image_size);
+            let load: reload::Loader = Box::new(move || Ok(Box::new(OrtEngine::load(&options)?)));
+            let (path, version) = (settings.models.path(&model), model.version.clone());
+            let (engine, (watch, version)) = tokio::task::spawn_blocking(move || {
+                let engine = load()?;
+                anyhow::Ok((engine, reload::Reload::new(path, &version, load)?))
+            })
+            .await??;
+            // The version of the file as it is: the manifest's, unless the file was replaced.
+            model.version = version;
+            tracing::info!(model = %model.name, version = %model.version, "model loaded");
+            engines.push(ServedModel { model, engine, reload: Some(watch) });
+        }
         let topics =
             [settings.topics.requests.as_str(), settings.topics.results.as_str(), settings.topics.dead_letter.as_str()];
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
@@ -101,7 +122,8 @@ impl Application {
             listener,
             ops,
             readiness,
-            engine: Box::new(engine),
+            engines,
+            default_model,
             labels,
             offsets,
             metrics,
@@ -110,9 +132,14 @@ impl Application {
         })
     }
 
-    /// Wraps the inference engine, e.g. to instrument or throttle it.
-    pub fn wrap_engine(mut self, wrap: impl FnOnce(Box<dyn Engine>) -> Box<dyn Engine>) -> Self {
-        self.engine = wrap(self.engine);
+    /// Wraps every model's inference engine, e.g. to instrument or throttle it. A wrapped engine
+    /// is not reloaded when its file is replaced.
+    pub fn wrap_engine(mut self, wrap: impl Fn(Box<dyn Engine>) -> Box<dyn Engine>) -> Self {
+        for served in &mut self.engines {
+            let engine = std::mem::replace(&mut served.engine, Box::new(NoEngine));
+            served.engine = wrap(engine);
+            served.reload = None;
+        }
         self
     }
 
@@ -138,10 +165,38 @@ impl Application {
 
         let batch = s.max_batch_size.max(1);
         let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
-        let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
         let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
-        let (batches_tx, batches_rx) = mpsc::channel(batcher::ENGINE_DEPTH);
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
+
+        // One batching queue and one engine thread per model, so that a batch never mixes models.
+        let policy = batcher::BatchPolicy { max_size: batch, max_delay: Duration::from_millis(s.max_batch_delay_ms) };
+        let (mut inputs, mut batchers, mut engines) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut prepared_queues, mut batch_queues) = (Vec::new(), Vec::new());
+        for ServedModel { model, engine, reload } in self.engines {
+            let tag = Arc::new(job::ModelTag { name: model.name.clone(), version: model.version.clone() });
+            let preprocess =
+                Preprocess { size: model.image_size, max_side: s.max_image_side, max_pixels: s.max_image_pixels };
+            let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
+            let (batches_tx, batches_rx) = mpsc::channel(batcher::ENGINE_DEPTH);
+            let (done_tx, done_rx) = mpsc::unbounded_channel();
+            prepared_queues.push(prepared_tx.downgrade());
+            batch_queues.push(batches_tx.downgrade());
+            let m = metrics.clone();
+            batchers.push(tokio::spawn(batcher::run(policy, prepared_rx, batches_tx, done_rx, move |n, waited| {
+                m.batch_size.observe(n as f64);
+                m.queue_seconds.observe(waited.as_secs_f64());
+            })));
+            let inference = infer::Inference {
+                engine,
+                model: tag.clone(),
+                reload,
+                labels: self.labels.clone(),
+                top_k: s.top_k,
+                image_len: preprocess.tensor_len(),
+                metrics: metrics.clone(),
+            };
+            engines.push(infer::spawn(inference, batches_rx, outcome_tx.clone(), done_tx));
+            inputs.push(prepare::ModelInput { tag, preprocess, queue: prepared_tx });
+        }
 
         let decode_threads = if s.decode_threads == 0 {
             std::thread::available_parallelism().map_or(2, usize::from)
@@ -159,7 +214,8 @@ impl Application {
                 },
                 guard::AddressPolicy::from_allowlist(&s.fetch_allow),
             )?,
-            preprocess: Preprocess { size: s.image_size, max_side: s.max_image_side, max_pixels: s.max_image_pixels },
+            models: inputs,
+            default_model: self.default_model,
             fetch_concurrency: s.fetch_concurrency.max(1),
             decode_threads,
             decode_nice: s.decode_nice,
@@ -171,30 +227,15 @@ impl Application {
             },
             metrics: metrics.clone(),
         };
-        let image_len = stage.preprocess.tensor_len();
         tokio::spawn(sample_queue_depths(
             metrics.clone(),
             jobs_tx.downgrade(),
-            prepared_tx.downgrade(),
-            batches_tx.downgrade(),
+            prepared_queues,
+            batch_queues,
             outcome_tx.downgrade(),
         ));
-        let prepare = tokio::spawn(prepare::run(stage, jobs_rx, prepared_tx, outcome_tx.clone()));
-
-        let policy = batcher::BatchPolicy { max_size: batch, max_delay: Duration::from_millis(s.max_batch_delay_ms) };
-        let m = metrics.clone();
-        let batcher = tokio::spawn(batcher::run(policy, prepared_rx, batches_tx, done_rx, move |n, waited| {
-            m.batch_size.observe(n as f64);
-            m.queue_seconds.observe(waited.as_secs_f64());
-        }));
-        let inference = infer::Inference {
-            engine: self.engine,
-            labels: self.labels.clone(),
-            top_k: s.top_k,
-            image_len,
-            metrics: metrics.clone(),
-        };
-        let engine = infer::spawn(inference, batches_rx, outcome_tx, done_tx);
+        let prepare = tokio::spawn(prepare::run(stage, jobs_rx, outcome_tx.clone()));
+        drop(outcome_tx);
         let stopping = produce::Stopping::default();
         let produce = tokio::spawn(produce::run(
             produce::Produce {
@@ -203,8 +244,6 @@ impl Application {
                 topic: s.topics.results.clone(),
                 requests_topic: s.topics.requests.clone(),
                 dead_letter_topic: s.topics.dead_letter.clone(),
-                model_name: s.model_name.clone(),
-                model_version: s.model_version.clone(),
                 offsets: self.offsets.clone(),
                 metrics: metrics.clone(),
                 stopping: stopping.clone(),
@@ -236,11 +275,15 @@ impl Application {
         probe.abort();
         self.readiness.set(false);
         prepare.await?;
-        batcher.await?;
+        for batcher in batchers {
+            batcher.await?;
+        }
         produce.await?;
-        tokio::task::spawn_blocking(move || engine.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
+        for engine in engines {
+            tokio::task::spawn_blocking(move || engine.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
+        }
         self.producer.flush(Duration::from_secs(10))?;
         match self.offsets.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
@@ -250,6 +293,22 @@ impl Application {
         let _ = ops_server.await;
         tracing::info!("classifier stopped");
         Ok(())
+    }
+}
+
+/// A model the classifier serves, its engine, and what reloads it when its file is replaced.
+struct ServedModel {
+    model: Model,
+    engine: Box<dyn Engine>,
+    reload: Option<reload::Reload>,
+}
+
+/// Stands in for an engine while it is being wrapped.
+struct NoEngine;
+
+impl Engine for NoEngine {
+    fn infer(&mut self, _: &[f32], _: usize) -> Result<Vec<Vec<f32>>, String> {
+        Err("no engine".into())
     }
 }
 
@@ -294,20 +353,24 @@ async fn watch_dependencies(
 async fn sample_queue_depths(
     metrics: metrics::Metrics,
     jobs: mpsc::WeakSender<job::Job>,
-    prepared: mpsc::WeakSender<job::Prepared>,
-    batches: mpsc::WeakSender<Vec<batcher::Queued<job::Prepared>>>,
+    prepared: Vec<mpsc::WeakSender<job::Prepared>>,
+    batches: Vec<mpsc::WeakSender<Vec<batcher::Queued<job::Prepared>>>>,
     outcomes: mpsc::WeakSender<job::Outcome>,
 ) {
     fn depth<T>(tx: &mpsc::WeakSender<T>) -> Option<i64> {
         tx.upgrade().map(|tx| (tx.max_capacity() - tx.capacity()) as i64)
+    }
+    // A stage with one queue per model: the sum over the models' queues.
+    fn total<T>(txs: &[mpsc::WeakSender<T>]) -> Option<i64> {
+        txs.iter().filter_map(depth).reduce(|a, b| a + b)
     }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
         let depths = [
             ("prepare", depth(&jobs)),
-            ("batch", depth(&prepared)),
-            ("infer", depth(&batches)),
+            ("batch", total(&prepared)),
+            ("infer", total(&batches)),
             ("produce", depth(&outcomes)),
         ];
         if depths.iter().all(|(_, d)| d.is_none()) {

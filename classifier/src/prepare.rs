@@ -1,21 +1,33 @@
 //! Stages 2 and 3, fetch and preprocess: many concurrent fetches on the async runtime, then
-//! decoding and preprocessing on a pool of blocking threads sized to the cores.
+//! decoding and preprocessing (at the input size of the model the request names) on a pool of
+//! blocking threads sized to the cores; each input goes to its model's batching queue.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reefline_schemas::rules::{SHORT_TEXT_BYTES, truncate};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::error::ImageError;
 use crate::fetch::Fetcher;
-use crate::job::{Job, Outcome, Prepared};
+use crate::job::{Job, ModelTag, Outcome, Prepared};
 use crate::metrics::Metrics;
 use crate::preprocess::Preprocess;
+
+/// A model the stage prepares input for: how (its input size) and where its inputs go (its
+/// batching queue).
+pub struct ModelInput {
+    pub tag: Arc<ModelTag>,
+    pub preprocess: Preprocess,
+    pub queue: mpsc::Sender<Prepared>,
+}
 
 /// What the stage needs.
 pub struct Prepare {
     pub fetcher: Fetcher,
-    pub preprocess: Preprocess,
+    /// The models served, and the index of the one a request naming none gets.
+    pub models: Vec<ModelInput>,
+    pub default_model: usize,
     pub fetch_concurrency: usize,
     pub decode_threads: usize,
     pub decode_nice: i32,
@@ -51,7 +63,6 @@ impl PixelBudget {
 pub async fn run(
     stage: Prepare,
     mut jobs: mpsc::Receiver<Job>,
-    prepared: mpsc::Sender<Prepared>,
     // Failures skip the batch and go straight to the producer.
     failed: mpsc::Sender<Outcome>,
 ) {
@@ -63,22 +74,33 @@ pub async fn run(
     let stage = Arc::new(stage);
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(job) = jobs.recv().await {
+        let model = match stage.model_for(&job) {
+            Ok(model) => model,
+            Err((tag, error)) => {
+                if failed.send(Outcome { job, model: tag, result: Err(error) }).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
         let Ok(permit) = tasks_allowed.clone().acquire_owned().await else { break };
-        let (stage, fetches, decoders) = (stage.clone(), fetches.clone(), decoders.clone());
-        let (prepared, failed) = (prepared.clone(), failed.clone());
+        let (stage, fetches, decoders, failed) = (stage.clone(), fetches.clone(), decoders.clone(), failed.clone());
         tasks.spawn(async move {
+            let input = &stage.models[model];
             // The decoder slot is held until the tensor is handed on: when the batching queue is
             // full, decoding stops rather than piling up finished tensors.
             let decoded = match stage.fetch(&job.request.url, &fetches).await {
                 Ok(bytes) => match decoders.acquire().await {
-                    Ok(slot) => stage.preprocess(bytes).await.map(|tensor| (tensor, slot)),
+                    Ok(slot) => stage.preprocess(input.preprocess, bytes).await.map(|tensor| (tensor, slot)),
                     Err(_) => return,
                 },
                 Err(error) => Err(error),
             };
             let _ = match decoded {
-                Ok((tensor, _slot)) => prepared.send(Prepared { job, tensor }).await.map_err(drop),
-                Err(error) => failed.send(Outcome { job, result: Err(error) }).await.map_err(drop),
+                Ok((tensor, _slot)) => input.queue.send(Prepared { job, tensor }).await.map_err(drop),
+                Err(error) => {
+                    failed.send(Outcome { job, model: input.tag.clone(), result: Err(error) }).await.map_err(drop)
+                }
             };
             drop(permit);
         });
@@ -105,10 +127,21 @@ impl RetryPolicy {
 }
 
 impl Prepare {
+    /// The index of the model `job` names (the default when it names none); else the tag its
+    /// result carries and why it cannot be classified.
+    fn model_for(&self, job: &Job) -> Result<usize, (Arc<ModelTag>, ImageError)> {
+        let Some(name) = job.request.model.as_deref() else { return Ok(self.default_model) };
+        self.models.iter().position(|m| m.tag.name == name).ok_or_else(|| {
+            let served = self.models.iter().map(|m| m.tag.name.as_str()).collect::<Vec<_>>().join(", ");
+            let tag = ModelTag { name: truncate(name, SHORT_TEXT_BYTES).to_owned(), version: String::new() };
+            (Arc::new(tag), ImageError::UnknownModel { name: truncate(name, 64).to_owned(), served })
+        })
+    }
+
     /// Decodes and preprocesses on a blocking thread, once the image's pixels fit in the decode
     /// budget; the caller holds a decoder slot.
-    async fn preprocess(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ImageError> {
-        let (preprocess, nice) = (self.preprocess, self.decode_nice);
+    async fn preprocess(&self, preprocess: Preprocess, bytes: Vec<u8>) -> Result<Vec<f32>, ImageError> {
+        let nice = self.decode_nice;
         let inspected = preprocess.inspect(&bytes)?;
         let cost = self.pixel_budget.cost(inspected.decoded_pixels());
         let _budget = self

@@ -22,25 +22,13 @@ pub struct Settings {
     #[arg(long, env = "CLASSIFIER_GROUP", default_value = "reefline-classifier")]
     pub group_id: String,
 
-    /// The ONNX model file.
-    #[arg(long, env = "MODEL_PATH", default_value = ".cache/models/efficientnet-lite0.onnx")]
-    pub model_path: PathBuf,
+    /// The models served (all of the manifest's by default) and the default one.
+    #[command(flatten)]
+    pub models: reefline_common::models::ModelSettings,
 
-    /// The ImageNet label table (index, wnid, label).
+    /// The ImageNet label table (index, wnid, label), shared by every model.
     #[arg(long, env = "LABELS_PATH", default_value = ".cache/models/imagenet_labels.tsv")]
     pub labels_path: PathBuf,
-
-    /// Model name written into every result.
-    #[arg(long, env = "MODEL_NAME", default_value = "efficientnet-lite0")]
-    pub model_name: String,
-
-    /// Model version written into every result.
-    #[arg(long, env = "MODEL_VERSION", default_value = "0.1.0+3cb5e8af")]
-    pub model_version: String,
-
-    /// Square input side the model takes.
-    #[arg(long, env = "MODEL_IMAGE_SIZE", default_value_t = 224)]
-    pub image_size: u32,
 
     /// The ONNX Runtime shared library.
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".cache/onnxruntime/libonnxruntime.so.1.31.1")]
@@ -160,12 +148,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The ONNX Runtime options these settings describe.
-    pub fn ort_options(&self) -> crate::engine::OrtOptions {
+    /// The ONNX Runtime options these settings describe, for the model in `model` taking
+    /// `image_size`-pixel squares.
+    pub fn ort_options(&self, model: PathBuf, image_size: u32) -> crate::engine::OrtOptions {
         crate::engine::OrtOptions {
             dylib: self.ort_dylib.clone(),
-            model: self.model_path.clone(),
-            image_size: self.image_size as usize,
+            model,
+            image_size: image_size as usize,
             intra_threads: self.intra_threads,
             inter_threads: self.inter_threads,
             spinning: self.ort_spinning,

@@ -1,9 +1,10 @@
-//! What all three Reefline services share: Kafka client settings, telemetry, the ops endpoints
-//! (`/metrics`, `/healthz`, `/readyz`), the shutdown signal, and the dead-letter replay.
+//! What all three Reefline services share: Kafka client settings, the model manifest, telemetry,
+//! the ops endpoints (`/metrics`, `/healthz`, `/readyz`), the shutdown signal, and the dead-letter replay.
 
 pub mod auth;
 pub mod http;
 pub mod kafka;
+pub mod models;
 pub mod ops;
 pub mod producer;
 

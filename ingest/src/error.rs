@@ -20,6 +20,8 @@ pub enum IngestError {
     TooManyImages { count: usize, limit: usize },
     #[error("`{field}` is not a usable image URL: {reason}")]
     InvalidUrl { field: String, reason: String },
+    #[error("`model` is `{name}`, which is not a model served here; the models are: {served}")]
+    UnknownModel { name: String, served: String },
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
@@ -40,6 +42,7 @@ impl IngestError {
             IngestError::EmptyImages { .. } => "empty_images",
             IngestError::TooManyImages { .. } => "too_many_images",
             IngestError::InvalidUrl { .. } => "invalid_url",
+            IngestError::UnknownModel { .. } => "unknown_model",
             IngestError::BodyTooLarge { .. } => "body_too_large",
             IngestError::UnsupportedMediaType => "unsupported_media_type",
             IngestError::Unavailable(_) => "unavailable",
@@ -54,6 +57,7 @@ impl IngestError {
             | IngestError::MissingField { field }
             | IngestError::InvalidUrl { field, .. } => Some(field),
             IngestError::EmptyImages { .. } | IngestError::TooManyImages { .. } => Some("images"),
+            IngestError::UnknownModel { .. } => Some("model"),
             _ => None,
         }
     }

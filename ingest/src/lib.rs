@@ -23,6 +23,8 @@ pub use settings::Settings;
 /// Everything a request handler needs.
 pub(crate) struct AppState {
     pub settings: Settings,
+    /// Names of the models a submission may ask for.
+    pub models: Vec<String>,
     pub producer: FutureProducer,
     pub codec: Codec,
     pub metrics: metrics::Metrics,
@@ -96,6 +98,7 @@ impl Application {
             settings.max_pending_images,
             settings.max_images
         );
+        let models = settings.models.load()?.into_iter().map(|m| m.name).collect();
         let producer: FutureProducer = producer_config(&settings).create()?;
         let pending = tokio::sync::Semaphore::new(settings.max_pending_images);
         let codec = Codec::new(&settings.registry)?;
@@ -104,7 +107,7 @@ impl Application {
         let readiness = Readiness::default();
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
-        let state = Arc::new(AppState { settings, producer, codec, metrics, pending });
+        let state = Arc::new(AppState { settings, models, producer, codec, metrics, pending });
         let keys = ApiKeys::load(&state.settings.auth)?;
         keys.announce("ingest", listener.local_addr()?);
         let router = routes::router(state.clone())

@@ -70,7 +70,8 @@ async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         let raw = request.image_url.ok_or_else(|| IngestError::MissingField { field: "image_url".into() })?;
         let url = validate::check_url(&raw, state.settings.max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "image_url".into(), reason })?;
-        let accepted = submit(&state, "classify", vec![url]).await?;
+        let model = validate::check_model(request.model, &state.models)?;
+        let accepted = submit(&state, "classify", vec![url], model).await?;
         Ok(AcceptedOne {
             batch_id: accepted.batch_id,
             request_id: accepted.request_ids.into_iter().next().unwrap_or_default(),
@@ -110,7 +111,8 @@ async fn handle_many(state: &AppState, route: &str, headers: &HeaderMap, body: B
     let request: ClassifyRequest = validate::parse_json(&body)?;
     let limits = Limits { max_images: state.settings.max_images, max_url_bytes: state.settings.max_url_bytes };
     let urls = validate::check_images(request.images, limits)?;
-    submit(state, route, urls).await
+    let model = validate::check_model(request.model, &state.models)?;
+    submit(state, route, urls, model).await
 }
 
 /// Room for a submission's images among those waiting for the broker, held until it is answered.
@@ -138,7 +140,7 @@ impl Drop for Admission<'_> {
 }
 
 /// Produces one record per URL and answers only once the broker has acknowledged all of them.
-async fn submit(state: &AppState, route: &str, urls: Vec<Url>) -> Result<Accepted, IngestError> {
+async fn submit(state: &AppState, route: &str, urls: Vec<Url>, model: Option<String>) -> Result<Accepted, IngestError> {
     let started = Instant::now();
     let batch_id = Uuid::now_v7().to_string();
     let submitted_at_ms = chrono::Utc::now().timestamp_millis();
@@ -155,6 +157,7 @@ async fn submit(state: &AppState, route: &str, urls: Vec<Url>) -> Result<Accepte
             url: url.into(),
             submitted_at_ms,
             source: "http".into(),
+            model: model.clone(),
         };
         let payload = state.codec.encode(topic, &request).await.map_err(|e| IngestError::Unavailable(e.to_string()))?;
         records.push((request.request_id, payload));

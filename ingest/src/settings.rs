@@ -50,4 +50,8 @@ pub struct Settings {
 
     #[command(flatten)]
     pub registry: RegistrySettings,
+
+    /// The models a submission may name (`"model"`).
+    #[command(flatten)]
+    pub models: reefline_common::models::ModelSettings,
 }

@@ -6,6 +6,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use reefline_schemas::rules::truncate;
+
 use crate::error::IngestError;
 
 /// `POST /v1/classify` and `POST /api/infer`: a list of image URLs.
@@ -13,6 +15,8 @@ use crate::error::IngestError;
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRequest {
     pub images: Option<Vec<String>>,
+    /// A model of the manifest; absent: the default.
+    pub model: Option<String>,
 }
 
 /// `POST /classify`: one image URL.
@@ -20,6 +24,18 @@ pub struct ClassifyRequest {
 #[serde(deny_unknown_fields)]
 pub struct SingleRequest {
     pub image_url: Option<String>,
+    /// A model of the manifest; absent: the default.
+    pub model: Option<String>,
+}
+
+/// Checks that `model`, when given, is one of those served.
+pub fn check_model(model: Option<String>, served: &[String]) -> Result<Option<String>, IngestError> {
+    match model {
+        Some(name) if !served.contains(&name) => {
+            Err(IngestError::UnknownModel { name: truncate(&name, 64).into(), served: served.join(", ") })
+        }
+        model => Ok(model),
+    }
 }
 
 /// Parses a JSON body, naming the path of the offending field in the error.

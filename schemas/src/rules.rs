@@ -102,7 +102,8 @@ impl ImageRequest {
         check_url(&self.url, max_url_bytes).map_err(|reason| format!("`url` is not a usable image URL: {reason}"))?;
         check_position(self.batch_index, self.batch_size)?;
         check_time("submitted_at_ms", self.submitted_at_ms)?;
-        check_text("source", &self.source, SHORT_TEXT_BYTES)
+        check_text("source", &self.source, SHORT_TEXT_BYTES)?;
+        check_text("model", self.model.as_deref().unwrap_or(""), SHORT_TEXT_BYTES)
     }
 }
 
@@ -146,6 +147,7 @@ mod tests {
             url: "https://a.example/x.jpg".into(),
             submitted_at_ms: 1_790_000_000_000,
             source: "kafka".into(),
+            model: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct ImageRequest {
     pub url: String,
     pub submitted_at_ms: i64,
     pub source: String,
+    /// The model named by the submission; `None` for the classifier's default.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 message!(ImageRequest, "image_request.avsc");
 

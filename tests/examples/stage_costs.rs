@@ -1,7 +1,8 @@
 //! CPU time per image of each stage, each on one thread: decoding and resizing (the centre crop and
 //! normalisation with it) as the classifier does them now (libjpeg-turbo, scaled in the IDCT for
 //! large JPEGs) and as it did before (the `image` crate's decoder at full size), on the test photos,
-//! the benchmark's photos and their 12-megapixel versions; then inference at several batch sizes.
+//! the benchmark's photos and their 12-megapixel versions; then inference of every model of the
+//! manifest at several batch sizes.
 //! `cargo run --release -p reefline-e2e --example stage_costs`
 use std::path::Path;
 use std::time::Instant;
@@ -70,28 +71,40 @@ fn main() -> anyhow::Result<()> {
     stages("bench photos", &photos(&cache.join("bench-photos")), 3)?;
     stages("12 MP camera versions", &photos(&cache.join("camera-photos-12mp")), 2)?;
 
-    let tensor = PRE.run(&photos(&cache.join("photos"))[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    for threads in [1, 2] {
-        let mut options = OrtOptions::cpu(
-            cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
-            cache.join("models/efficientnet-lite0.onnx"),
-            224,
-        );
-        options.intra_threads = threads;
-        let mut engine = OrtEngine::load(&options)?;
-        for batch in [1, 4, 8, 16, 32] {
-            let input = tensor.repeat(batch);
-            engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
-            let started = Instant::now();
-            let reps = 64 / batch;
-            for _ in 0..reps {
-                engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
-            }
-            let per_image = started.elapsed().as_secs_f64() * 1000.0 / (reps * batch) as f64;
-            println!(
-                "infer threads {threads} batch {batch:3}: {per_image:.2} ms/image ({:.0} images/s)",
-                1000.0 / per_image
+    // Inference per image of every model of the manifest, on one thread and on two.
+    let models = reefline_common::models::ModelSettings {
+        manifest: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/manifest.toml"),
+        dir: cache.clone(),
+        served: Vec::new(),
+        default: "efficientnet-lite0".into(),
+    };
+    let photo = &photos(&cache.join("photos"))[0];
+    for model in models.load()? {
+        let pre = Preprocess { size: model.image_size, ..PRE };
+        let tensor = pre.run(photo).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for threads in [1, 2] {
+            let mut options = OrtOptions::cpu(
+                cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
+                models.path(&model),
+                pre.size as usize,
             );
+            options.intra_threads = threads;
+            let mut engine = OrtEngine::load(&options)?;
+            for batch in [1, 8, 32] {
+                let input = tensor.repeat(batch);
+                engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
+                let started = Instant::now();
+                let reps = (64 / batch).max(2);
+                for _ in 0..reps {
+                    engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
+                }
+                let per_image = started.elapsed().as_secs_f64() * 1000.0 / (reps * batch) as f64;
+                println!(
+                    "infer {:24} threads {threads} batch {batch:3}: {per_image:6.2} ms/image ({:.0} images/s)",
+                    model.name,
+                    1000.0 / per_image
+                );
+            }
         }
     }
     Ok(())

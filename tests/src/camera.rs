@@ -40,6 +40,7 @@ pub fn framed(id: u32, request: &ImageRequest) -> Vec<u8> {
         ("url".into(), request.url.clone().into()),
         ("submitted_at_ms".into(), request.submitted_at_ms.into()),
         ("source".into(), request.source.clone().into()),
+        ("model".into(), Avro::Union(0, Box::new(Avro::Null))),
         ("camera".into(), Avro::Union(1, Box::new("reef-cam-7".into()))),
     ]);
     let mut framed = vec![0u8];

@@ -264,8 +264,16 @@ impl StackSettings {
             dead_letter: names.dead_letter.clone(),
             partitions: 3,
         };
+        // One model unless a test asks for more (`serve_every_model`): each loads in a second or so.
+        let models = reefline_common::models::ModelSettings {
+            manifest: Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/manifest.toml"),
+            dir: cache.clone(),
+            served: vec!["efficientnet-lite0".into()],
+            default: "efficientnet-lite0".into(),
+        };
         let mut ingest = reefline_ingest::Settings::parse_from(["ingest"]);
         ingest.listen = "127.0.0.1:0".into();
+        ingest.models = models.clone();
         ingest.topics = topics.clone();
         ingest.kafka = kafka.clone();
         ingest.registry = registry.clone();
@@ -274,7 +282,7 @@ impl StackSettings {
         classifier.listen = "127.0.0.1:0".into();
         classifier.topics = topics.clone();
         classifier.group_id = names.classifier_group.clone();
-        classifier.model_path = cache.join("models/efficientnet-lite0.onnx");
+        classifier.models = models;
         classifier.labels_path = cache.join("models/imagenet_labels.tsv");
         classifier.ort_dylib = cache.join("onnxruntime/libonnxruntime.so.1.31.1");
         classifier.max_batch_size = 8;
@@ -295,6 +303,13 @@ impl StackSettings {
         sink.registry = registry;
         Self { ingest, classifier, sink }
     }
+
+    /// Ingest and the classifier with every model of the manifest, as `make up` runs them.
+    pub fn serve_every_model(mut self) -> Self {
+        self.ingest.models.served.clear();
+        self.classifier.models.served.clear();
+        self
+    }
 }
 
 /// The three services running in-process; stopped (gracefully) by [`Stack::stop`].
@@ -313,17 +328,18 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
     }
 }
 
-/// Wraps the classifier's inference engine.
-pub type EngineWrap = Box<dyn FnOnce(Box<dyn Engine>) -> Box<dyn Engine> + Send>;
+/// Wraps each of the classifier's inference engines.
+pub type EngineWrap = Box<dyn Fn(Box<dyn Engine>) -> Box<dyn Engine> + Send>;
 
 impl Stack {
     pub async fn start(settings: StackSettings) -> Self {
-        Self::start_with(settings, Box::new(|engine| engine)).await
+        Self::start_parts(settings, Some(None), true).await
     }
 
-    /// Starts the stack with the classifier's engine wrapped by `wrap`.
+    /// Starts the stack with the classifier's engines wrapped by `wrap` (they are then not reloaded
+    /// when their files change).
     pub async fn start_with(settings: StackSettings, wrap: EngineWrap) -> Self {
-        Self::start_parts(settings, Some(wrap), true).await
+        Self::start_parts(settings, Some(Some(wrap)), true).await
     }
 
     /// Starts ingest and the sink only; the test runs classifiers as processes ([`ServiceProcess`]).
@@ -333,10 +349,11 @@ impl Stack {
 
     /// Starts ingest and the classifier only; the test runs the sink as a process.
     pub async fn start_without_sink(settings: StackSettings) -> Self {
-        Self::start_parts(settings, Some(Box::new(|engine| engine)), false).await
+        Self::start_parts(settings, Some(None), false).await
     }
 
-    async fn start_parts(settings: StackSettings, classifier: Option<EngineWrap>, sink: bool) -> Self {
+    /// `classifier`: none, or one with its engines as they are (`Some(None)`) or wrapped.
+    async fn start_parts(settings: StackSettings, classifier: Option<Option<EngineWrap>>, sink: bool) -> Self {
         let (stop, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut sink_url = String::new();
@@ -349,10 +366,11 @@ impl Stack {
         let ingest_url = format!("http://{}", ingest.local_addr());
         let mut classifier_ops = String::new();
         if let Some(wrap) = classifier {
-            let classifier = reefline_classifier::Application::build(settings.classifier)
-                .await
-                .expect("building the classifier")
-                .wrap_engine(wrap);
+            let mut classifier =
+                reefline_classifier::Application::build(settings.classifier).await.expect("building the classifier");
+            if let Some(wrap) = wrap {
+                classifier = classifier.wrap_engine(wrap);
+            }
             classifier_ops = format!("http://{}", classifier.local_addr());
             tasks.push(tokio::spawn(classifier.run_until(stopped(&rx))));
         }

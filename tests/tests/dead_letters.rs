@@ -110,6 +110,7 @@ async fn dead_letters_are_replayed_after_the_fix() {
         url: coffee.clone(),
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
+        model: None,
     };
     let next_id = latest_schema_id(&client, &env.registry.url).await + 1;
     let framed = reefline_e2e::camera::framed(next_id as u32, &request);
@@ -200,6 +201,7 @@ fn request(url: &str) -> reefline_schemas::ImageRequest {
         url: url.to_owned(),
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
+        model: None,
     }
 }
 

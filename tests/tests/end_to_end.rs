@@ -590,3 +590,122 @@ async fn classify_coffee(client: &reqwest::Client, stack: &Stack, photos: &str) 
     let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
     reefline_e2e::wait_for_status(client, &url, 200, "the coffee photo's result", Duration::from_secs(60)).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_submission_may_name_its_model_and_each_result_says_which_one_answered() {
+    use rdkafka::producer::FutureRecord;
+
+    let env = TestEnv::start().await;
+    let settings = env.settings().serve_every_model();
+    let manifest = settings.classifier.models.load().expect("the manifest");
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+    let coffee = format!("{}/photos/coffee.png", env.photos);
+    let classify = format!("{}/v1/classify", stack.ingest);
+
+    // Every model of the manifest by name, and none named (the default, Lite0): espresso from each.
+    let mut asked = Vec::new();
+    for model in manifest.iter().map(|m| Some(m.name.as_str())).chain([None]) {
+        let body = match model {
+            Some(name) => json!({ "images": [&coffee], "model": name }),
+            None => json!({ "images": [&coffee] }),
+        };
+        let (status, accepted) = post_json(&client, &classify, &body).await;
+        assert_eq!(status, 202, "{accepted}");
+        asked.push((model.unwrap_or("efficientnet-lite0"), accepted["request_ids"][0].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(asked.len(), 5);
+    for (model, id) in &asked {
+        let url = format!("{}/v1/results/{id}", stack.sink);
+        let result = reefline_e2e::wait_for_status(&client, &url, 200, "a result", Duration::from_secs(120)).await;
+        let version = &manifest.iter().find(|m| m.name == *model).expect("in the manifest").version;
+        assert_eq!(result["model"], json!({ "name": model, "version": version }), "{result}");
+        assert_eq!(result["predictions"][0]["index"], ESPRESSO, "{model}: {result}");
+    }
+
+    // A model nobody serves: a 400 at ingest naming the field, and nothing produced.
+    let (status, body) =
+        post_json(&client, &classify, &json!({ "images": [&coffee], "model": "efficientnet-b7" })).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        (body["error"]["kind"].as_str(), body["error"]["field"].as_str()),
+        (Some("unknown_model"), Some("model"))
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`efficientnet-b7`") && message.contains("efficientnet-lite2"), "{message}");
+
+    // The same produced straight to Kafka, as a camera would: an error result saying so.
+    let request = reefline_schemas::ImageRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        batch_id: uuid::Uuid::now_v7().to_string(),
+        batch_index: 0,
+        batch_size: 1,
+        url: coffee.clone(),
+        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+        source: "kafka".into(),
+        model: Some("efficientnet-b7".into()),
+    };
+    let codec = reefline_schemas::Codec::new(&env.registry).unwrap();
+    let payload = codec.encode(&env.names.requests, &request).await.unwrap();
+    let producer: reefline_common::producer::FutureProducer = env.broker.kafka().producer_config().create().unwrap();
+    let record = FutureRecord::to(&env.names.requests).key(&request.request_id).payload(&payload);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let url = format!("{}/v1/results/{}", stack.sink, request.request_id);
+    let result =
+        reefline_e2e::wait_for_status(&client, &url, 200, "the unknown model's result", Duration::from_secs(60)).await;
+    assert_eq!(result["status"], "error", "{result}");
+    assert_eq!(result["error"]["kind"], "unknown_model", "{result}");
+    assert_eq!(result["model"]["name"], "efficientnet-b7", "{result}");
+
+    stack.stop().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_file_replaced_on_disk_is_swapped_in_without_a_restart_or_a_lost_image() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    // The classifier's model folder is the test's own, holding a copy of Lite0.
+    let cache = reefline_e2e::cache_dir();
+    let dir = std::env::temp_dir().join(format!("reefline-reload-{}", env.names.classifier_group));
+    std::fs::create_dir_all(dir.join("models")).unwrap();
+    let file = dir.join("models/efficientnet-lite0.onnx");
+    std::fs::copy(cache.join("models/efficientnet-lite0.onnx"), &file).unwrap();
+    settings.classifier.models.dir = dir.clone();
+    let manifest = settings.classifier.models.load().unwrap();
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+
+    let before = classify_coffee(&client, &stack, &env.photos).await;
+    assert_eq!(before["model"]["version"], json!(manifest[0].version), "{before}");
+
+    // 40 images in flight while the file is replaced, atomically, by another build (the int8 one).
+    let urls: Vec<String> = (0..40).map(|i| format!("{}/photos/coffee.png?copy={i}", env.photos)).collect();
+    let (status, accepted) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
+    assert_eq!(status, 202, "{accepted}");
+    std::fs::copy(cache.join("models/efficientnet-lite0-int8.onnx"), dir.join("models/incoming.onnx")).unwrap();
+    std::fs::rename(dir.join("models/incoming.onnx"), &file).unwrap();
+    let batch_url = format!("{}/v1/batches/{}", stack.sink, accepted["batch_id"].as_str().unwrap());
+    let batch = wait_for("40 results across the swap", Duration::from_secs(120), || {
+        let (client, url) = (client.clone(), batch_url.clone());
+        async move { reefline_e2e::get_json_ok(&client, &url).await.filter(|b| b["done"] == true) }
+    })
+    .await;
+    assert_eq!((batch["ok"].as_i64(), batch["error"].as_i64()), (Some(40), Some(0)), "{batch}");
+    let int8 = "0.1.0+e16d6291";
+    for result in batch["results"].as_array().unwrap() {
+        assert_eq!(result["predictions"][0]["index"], ESPRESSO, "{result}");
+        let version = result["model"]["version"].as_str().unwrap();
+        assert!(version == manifest[0].version || version == int8, "{result}");
+    }
+
+    // From the first batch on the new file, results name it.
+    let after = classify_coffee(&client, &stack, &env.photos).await;
+    assert_eq!(after["model"], json!({ "name": "efficientnet-lite0", "version": int8 }), "{after}");
+    assert_eq!(after["predictions"][0]["index"], ESPRESSO, "{after}");
+
+    stack.stop().await;
+    env.finish().await;
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -132,3 +132,43 @@ fn survey_camera_sized_photos_decoded_at_a_reduced_scale_keep_their_top1() {
     eprintln!("labelled photos right: {right_small} of 20 at their own size, {right_large} at 12 MP");
     assert!(right_large >= right_small, "top-1 dropped at 12 MP: {right_large} right, {right_small} at their own size");
 }
+
+#[test]
+fn every_model_of_the_manifest_knows_the_labelled_photos() {
+    let cache = cache_dir();
+    let settings = reefline_common::models::ModelSettings {
+        manifest: Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/manifest.toml"),
+        dir: cache.clone(),
+        served: Vec::new(),
+        default: "efficientnet-lite0".into(),
+    };
+    let labelled = reefline_e2e::foolbox_photos();
+    let mut right = std::collections::BTreeMap::new();
+    for model in settings.load().expect("the manifest") {
+        let pre = Preprocess { size: model.image_size, ..PRE };
+        let options = OrtOptions::cpu(
+            cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
+            settings.path(&model),
+            model.image_size as usize,
+        );
+        let mut engine = OrtEngine::load(&options).expect("loading the model");
+        let (mut top1, mut top5) = (0, 0);
+        for (name, class) in &labelled {
+            let tensor =
+                pre.run(&std::fs::read(cache.join("photos").join(name)).expect("photo")).expect("preprocessing");
+            let logits = engine.infer(&tensor, 1).expect("inference").remove(0);
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            top1 += usize::from(order[0] == *class);
+            top5 += usize::from(order[..5].contains(class));
+        }
+        eprintln!("{:24} top-1 {top1}/20, top-5 {top5}/20", model.name);
+        right.insert(model.name, (top1, top5));
+    }
+    for (name, (top1, top5)) in &right {
+        assert!(*top1 >= 16 && *top5 >= 19, "{name}: top-1 {top1}/20, top-5 {top5}/20");
+    }
+    let (fp32, int8) = (right["efficientnet-lite0"], right["efficientnet-lite0-int8"]);
+    assert!(int8.0 + 1 >= fp32.0, "int8 Lite0 loses more than one photo of fp32's: {int8:?} against {fp32:?}");
+    assert!(right["efficientnet-lite2"].0 >= fp32.0, "Lite2 knows fewer photos than Lite0: {right:?}");
+}

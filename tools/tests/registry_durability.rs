@@ -78,6 +78,7 @@ fn request() -> ImageRequest {
         url: "http://photos.example/shark.jpg".into(),
         submitted_at_ms: 1_763_700_000_000,
         source: "kafka".into(),
+        model: None,
     }
 }
 

@@ -21,6 +21,7 @@ fn request() -> ImageRequest {
         url: "http://photos.example/shark.jpg".into(),
         submitted_at_ms: 1_763_700_000_000,
         source: "http".into(),
+        model: None,
     }
 }
 
