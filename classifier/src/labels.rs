@@ -9,6 +9,9 @@ pub struct Class {
     pub label: String,
     /// The marine group (`shark`, `bony_fish`, ...) if this class is a marine animal.
     pub marine_group: Option<&'static str>,
+    /// A marine class's scientific name: genus and species when it is one species, else the
+    /// taxon it covers (`Sphyrna`, `Scyphozoa`).
+    pub scientific_name: Option<&'static str>,
 }
 
 /// The 1,000 classes in model output order.
@@ -20,9 +23,14 @@ const MARINE_TABLE: &str = include_str!("../../models/marine_groups.tsv");
 
 /// `(class index, group)` for every marine class.
 pub fn marine_groups() -> impl Iterator<Item = (usize, &'static str)> {
+    marine_table().map(|(index, group, _)| (index, group))
+}
+
+/// `(class index, group, scientific name)` for every marine class.
+fn marine_table() -> impl Iterator<Item = (usize, &'static str, &'static str)> {
     data_lines(MARINE_TABLE).map(|cols| {
         let index = cols[0].parse().expect("marine table index is a number");
-        (index, cols[1])
+        (index, cols[1], cols.get(3).copied().expect("marine table rows have a scientific name"))
     })
 }
 
@@ -42,17 +50,21 @@ impl Labels {
         let mut classes: Vec<Class> = data_lines(text)
             .enumerate()
             .map(|(i, cols)| match cols.as_slice() {
-                [index, wnid, label] if index.parse() == Ok(i) => {
-                    Ok(Class { wnid: (*wnid).to_owned(), label: (*label).to_owned(), marine_group: None })
-                }
+                [index, wnid, label] if index.parse() == Ok(i) => Ok(Class {
+                    wnid: (*wnid).to_owned(),
+                    label: (*label).to_owned(),
+                    marine_group: None,
+                    scientific_name: None,
+                }),
                 _ => Err(anyhow::anyhow!("labels line {} is not `{i}<TAB>wnid<TAB>label`", i + 1)),
             })
             .collect::<anyhow::Result<_>>()?;
-        for (index, group) in marine_groups() {
+        for (index, group, scientific_name) in marine_table() {
             let class = classes
                 .get_mut(index)
                 .ok_or_else(|| anyhow::anyhow!("marine table names class {index}, beyond the labels"))?;
             class.marine_group = Some(group);
+            class.scientific_name = Some(scientific_name);
         }
         Ok(Self(classes))
     }
@@ -103,5 +115,19 @@ mod tests {
         assert_eq!(labels.get(2).unwrap().marine_group, Some("shark"));
         assert_eq!(labels.get(281).unwrap().marine_group, None);
         assert!(Labels::parse("0\tn0\tx\n2\tn2\ty\n").is_err());
+    }
+
+    #[test]
+    fn marine_classes_carry_their_scientific_name() {
+        let text: String = (0..1000).map(|i| format!("{i}\tn{i:08}\tclass {i}\n")).collect();
+        let labels = Labels::parse(&text).unwrap();
+        let name = |i: usize| labels.get(i).unwrap().scientific_name;
+        assert_eq!(name(2), Some("Carcharodon carcharias")); // great white shark: one species
+        assert_eq!(name(33), Some("Caretta caretta")); // loggerhead
+        assert_eq!(name(148), Some("Orcinus orca")); // killer whale
+        assert_eq!(name(4), Some("Sphyrna")); // hammerheads: a genus
+        assert_eq!(name(107), Some("Scyphozoa")); // jellyfish: a class
+        assert_eq!(name(281), None); // tabby cat
+        assert_eq!((0..1000).filter(|&i| name(i).is_some()).count(), 39, "every marine class has one");
     }
 }

@@ -1,4 +1,5 @@
-//! Logits to results: softmax, top-k, labels and the marine group.
+//! Logits to results: softmax, top-k, labels (with marine classes' scientific names) and the
+//! marine group.
 
 use reefline_schemas::Prediction;
 
@@ -31,6 +32,7 @@ pub fn predictions(logits: &[f32], labels: &Labels, k: usize) -> Vec<Prediction>
                 index: i as i32,
                 wnid: class.map(|c| c.wnid.clone()).unwrap_or_default(),
                 label: class.map(|c| c.label.clone()).unwrap_or_default(),
+                scientific_name: class.and_then(|c| c.scientific_name).map(str::to_owned),
                 score: probs[i],
             }
         })

@@ -50,6 +50,9 @@ pub struct Prediction {
     pub index: i32,
     pub wnid: String,
     pub label: String,
+    /// A marine class's scientific name; `None` for other classes (and in records written before it).
+    #[serde(default)]
+    pub scientific_name: Option<String>,
     pub score: f32,
 }
 

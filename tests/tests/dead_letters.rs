@@ -216,7 +216,13 @@ fn result(url: &str, status: reefline_schemas::Status, label: &str) -> reefline_
         url: r.url,
         status,
         predictions: if ok {
-            vec![reefline_schemas::Prediction { index: 1, wnid: "n01443537".into(), label: label.into(), score: 0.9 }]
+            vec![reefline_schemas::Prediction {
+                index: 1,
+                wnid: "n01443537".into(),
+                label: label.into(),
+                scientific_name: None,
+                score: 0.9,
+            }]
         } else {
             Vec::new()
         },

@@ -37,6 +37,7 @@ fn result() -> ClassificationResult {
             index: 2,
             wnid: "n01484850".into(),
             label: "great white shark".into(),
+            scientific_name: Some("Carcharodon carcharias".into()),
             score: 0.93,
         }],
         marine_group: Some("shark".into()),
