@@ -42,8 +42,10 @@ clean: down
 	rm -rf target
 
 ## bench: single-process limit, the make-up stack end to end, the same on memory://, and the Celery
-## design, on the same 252 real photos; medians of 3 runs (BENCH_ARGS, e.g. "--runs 5 --images 2000")
+## design, on the same 252 real photos and on their 12-megapixel versions; medians of 3 runs; then
+## the CPU cost of each stage (BENCH_ARGS, e.g. "--runs 5 --images 2000")
 bench: build
+	cargo build --release --locked -p reefline-e2e --example stage_costs
 	python3 scripts/bench.py bench $(BENCH_ARGS)
 
 ## soak: 100,000 requests through the make-up stack: rate per 10,000, ratio to memory://, idle CPU,

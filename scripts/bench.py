@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`make bench` and `make soak`: what users run, measured against what it replaces.
 
-usage: bench.py bench [--runs 3] [--images 1000] [--large-images 300] [--no-memory] [--no-celery]
-       bench.py soak  [--requests 100000] [--window 10000] [--no-memory]
+usage: bench.py bench [--runs 3] [--images 1000] [--large-images 300] [--model NAME] [--no-memory] [--no-celery]
+       bench.py soak  [--requests 100000] [--window 10000] [--model NAME] [--no-memory]
 
 Every pipeline figure comes from the stack `make up` runs: scripts/stack.py with its defaults
 (nisshi on durable sqlite storage, every service on its default settings), started in a folder
@@ -17,7 +17,8 @@ broker (memory://, a comparison only: nothing durable); and the Celery design it
 (bench/celery: FastAPI + Celery prefork, one worker per core, + Redis + onnxruntime + Pillow,
 one image per task, same model file and preprocessing). Then the limit, the stack and the Celery
 design again on 12-megapixel versions of the photos (survey-camera size: models/camera_photos.py).
-Prints medians with their spread.
+Prints medians with their spread, then the CPU cost of each stage (decode, resize, inference of
+every model) from `stage_costs`.
 
 soak: --requests through the stack, submitted at once; the rate of every --window of results,
 each against the first; then the same on memory:// for the ratio; the idle CPU of every process
@@ -34,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tomllib
 
 from pinned_venv import pinned_venv
 import tempfile
@@ -309,7 +311,7 @@ def celery(photos_url, base, images):
         sys.exit("bench: the Celery baseline needs Redis: apt-get install redis-server")
     redis_port, api_port = free_port(), free_port()
     env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "MODEL_PATH": os.path.join(CACHE, "models/efficientnet-lite0.onnx"),
+           "MODEL_PATH": os.path.join(CACHE, MODEL["onnx"]), "IMAGE_SIZE": str(MODEL["image_size"]),
            "LABELS_PATH": os.path.join(CACHE, "models/imagenet_labels.tsv"), "ORT_THREADS": "1"}
     cwd = os.path.join(ROOT, "bench/celery")
     log = open(os.path.join(tempfile.gettempdir(), "reefline-bench-celery.log"), "ab")
@@ -365,10 +367,14 @@ def celery(photos_url, base, images):
 
 # --- the single-process limit --------------------------------------------------------------------
 
+MODEL = {}  # the manifest's entry of the model measured (--model), set by main()
+
+
 def limit(images, folder=None):
     folders = ["--photos", folder] if folder else []
-    out = subprocess.run([os.path.join(RELEASE, "reefline-bench"), "--images", str(images), *folders], check=True,
-                         capture_output=True, text=True).stdout
+    model = ["--model-file", MODEL["onnx"], "--image-size", str(MODEL["image_size"])]
+    out = subprocess.run([os.path.join(RELEASE, "reefline-bench"), "--images", str(images), *folders, *model],
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_s"]
 
 
@@ -431,7 +437,8 @@ def large_photos(args, runs):
 
 def bench(args):
     photos_url, photos = serve_photos()
-    say(f"{args.images} images a run over {photos} distinct real photos, {args.runs} run(s), {CORES} cores")
+    say(f"{args.images} images a run over {photos} distinct real photos, {args.runs} run(s), {CORES} cores, "
+        f"model {MODEL['name']}")
     runs = []
     for r in range(args.runs):
         base = 1000 + r * 10 * args.images  # each run's URLs are new to the stack
@@ -478,6 +485,10 @@ def bench(args):
         print(f"rss_mib {name:27} {mib:.0f}")
     if args.large_images:
         large_photos(args, runs)
+    stages = os.path.join(RELEASE, "examples", "stage_costs")
+    if os.path.exists(stages):
+        print("\nCPU per image by stage, one thread (tests/examples/stage_costs.rs):", flush=True)
+        subprocess.run([stages], check=True)
 
 
 def soak_one(photos_url, requests, window, storage=None):
@@ -546,11 +557,20 @@ def main():
     b.add_argument("--no-memory", dest="memory", action="store_false")
     b.add_argument("--no-celery", dest="celery", action="store_false")
     b.add_argument("--large-images", type=int, default=300, help="12-megapixel images a run (0: none)")
+    b.add_argument("--model", default="efficientnet-lite0", help="the model both designs run (models/manifest.toml)")
     s = sub.add_parser("soak")
     s.add_argument("--requests", type=int, default=100_000)
     s.add_argument("--window", type=int, default=10_000)
     s.add_argument("--no-memory", dest="memory", action="store_false")
+    s.add_argument("--model", default="efficientnet-lite0", help="the model the stack runs")
     args = parser.parse_args()
+    with open(os.path.join(ROOT, "models/manifest.toml"), "rb") as f:
+        models = {m["name"]: m for m in tomllib.load(f)["model"]}
+    if args.model not in models:
+        sys.exit(f"bench: --model {args.model} is not in models/manifest.toml ({', '.join(models)})")
+    MODEL.update(models[args.model])
+    # The stack's services read DEFAULT_MODEL from the environment they inherit.
+    os.environ["DEFAULT_MODEL"] = args.model
     try:
         (bench if args.command == "bench" else soak)(args)
     finally:

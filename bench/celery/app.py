@@ -9,7 +9,7 @@ x = (pixel − 127) / 128, RGB, NCHW), runs the same ONNX file through onnxrunti
 stores the top-5 in the Redis result backend. `GET /api/done` counts finished tasks (and
 those that failed), so the benchmark can stop its clock without reading every result.
 
-Settings (environment): REDIS_URL, MODEL_PATH, LABELS_PATH, ORT_THREADS (per worker process; 1,
+Settings (environment): REDIS_URL, MODEL_PATH, IMAGE_SIZE (224), LABELS_PATH, ORT_THREADS (per worker process; 1,
 since the workers already use every core).
 """
 import os
@@ -30,7 +30,7 @@ from reference import tensor  # noqa: E402  (the reference preprocessing, shared
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DONE_KEY = "reefline-baseline:done"
 ERRORS_KEY = "reefline-baseline:errors"
-SIZE = 224
+SIZE = int(os.environ.get("IMAGE_SIZE", "224"))
 
 celery = Celery("baseline", broker=REDIS_URL, backend=REDIS_URL)
 celery.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],

@@ -39,6 +39,12 @@ struct Args {
     /// Niceness of the decoding threads (the classifier's default).
     #[arg(long, default_value_t = 10)]
     decode_nice: i32,
+    /// The model file, relative to the cache (the classifier's default model).
+    #[arg(long, default_value = "models/efficientnet-lite0.onnx")]
+    model_file: String,
+    /// The model's square input side.
+    #[arg(long, default_value_t = 224)]
+    image_size: u32,
     /// Folders of photos under the cache, searched recursively.
     #[arg(long, num_args = 1.., default_values = ["photos", "bench-photos"])]
     photos: Vec<String>,
@@ -61,23 +67,24 @@ fn load_photos(folders: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
     names.iter().map(|p| std::fs::read(p).map_err(Into::into)).collect()
 }
 
-/// The classifier's default ONNX Runtime options, with `intra_threads`.
-fn ort_options(intra_threads: usize) -> OrtOptions {
+/// The classifier's default ONNX Runtime options for the model, with `intra_threads`.
+fn ort_options(args: &Args) -> OrtOptions {
     let cache = cache_dir();
     let mut options = OrtOptions::cpu(
         cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
-        cache.join("models/efficientnet-lite0.onnx"),
-        224,
+        cache.join(&args.model_file),
+        args.image_size as usize,
     );
-    options.intra_threads = intra_threads;
+    options.intra_threads = args.intra_threads;
     options
 }
 
 /// Images/s of decode + preprocess (one thread per core, at the classifier's lower priority)
 /// feeding batched inference (its own thread).
-fn measure_limit(photos: &[Vec<u8>], images: usize, max_batch: usize, intra: usize, nice: i32) -> anyhow::Result<f64> {
-    let mut engine = OrtEngine::load(&ort_options(intra))?;
-    let pre = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
+fn measure_limit(photos: &[Vec<u8>], args: &Args) -> anyhow::Result<f64> {
+    let (images, max_batch, nice) = (args.images, args.max_batch, args.decode_nice);
+    let mut engine = OrtEngine::load(&ort_options(args))?;
+    let pre = Preprocess { size: args.image_size, max_side: 10_000, max_pixels: 50_000_000 };
     let warm = pre.run(&photos[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
     engine.infer(&warm.repeat(max_batch), max_batch).map_err(|e| anyhow::anyhow!(e))?;
 
@@ -166,7 +173,7 @@ fn main() -> anyhow::Result<()> {
     if args.serve {
         return serve(photos);
     }
-    let rate = measure_limit(&photos, args.images, args.max_batch, args.intra_threads, args.decode_nice)?;
+    let rate = measure_limit(&photos, &args)?;
     println!("{}", serde_json::json!({ "images": args.images, "photos": photos.len(), "images_per_s": rate }));
     Ok(())
 }
