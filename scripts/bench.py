@@ -380,6 +380,11 @@ def limit(images, folder=None):
 
 # --- the two commands ----------------------------------------------------------------------------
 
+def line(name, values, fmt="{:.1f}"):
+    """Prints `name`, padded, with the median of `values` and their spread."""
+    print(f"{name:35} {spread(values, fmt)[1]}")
+
+
 def spread(values, fmt="{:.1f}"):
     values = sorted(values)
     middle = statistics.median(values)
@@ -420,19 +425,14 @@ def large_photos(args, runs):
             run["large_celery"] = celery(url, base, args.large_images)
             say(f"run {r + 1}: 12 MP: Celery baseline {run['large_celery']['rate']:.1f} images/s")
     print()
-    _, text = spread([r["large_limit"] for r in runs])
-    print(f"12mp single_process_limit_images_s  {text}")
-    _, text = spread([r["large"]["rate"] for r in runs])
-    print(f"12mp end_to_end_images_s (make up)  {text}")
-    _, text = spread([r["large"]["cpu"]["classifier"] for r in runs], "{:.2f}")
-    print(f"12mp classifier_cpu_ms_per_image    {text}")
+    line("12mp single_process_limit_images_s", [r["large_limit"] for r in runs])
+    line("12mp end_to_end_images_s (make up)", [r["large"]["rate"] for r in runs])
+    line("12mp classifier_cpu_ms_per_image", [r["large"]["cpu"]["classifier"] for r in runs], "{:.2f}")
     if args.celery:
-        _, text = spread([r["large_celery"]["rate"] for r in runs])
-        print(f"12mp celery_baseline_images_s       {text}")
-        _, text = spread([r["large"]["rate"] / r["large_celery"]["rate"] for r in runs], "{:.2f}")
-        print(f"12mp end_to_end / celery_baseline   {text}")
-        _, text = spread([r["large_celery"]["cpu"] for r in runs], "{:.1f}")
-        print(f"12mp celery_cpu_ms_per_image        {text}")
+        line("12mp celery_baseline_images_s", [r["large_celery"]["rate"] for r in runs])
+        ratios = [r["large"]["rate"] / r["large_celery"]["rate"] for r in runs]
+        line("12mp end_to_end / celery_baseline", ratios, "{:.2f}")
+        line("12mp celery_cpu_ms_per_image", [r["large_celery"]["cpu"] for r in runs], "{:.1f}")
 
 
 def bench(args):
@@ -455,28 +455,19 @@ def bench(args):
         runs.append(run)
 
     print()
-    _, text = spread([r["limit"] for r in runs])
-    print(f"single_process_limit_images_s       {text}")
-    _, text = spread([r["stack"]["rate"] for r in runs])
-    print(f"end_to_end_images_s (make up)       {text}")
-    _, text = spread([r["stack"]["rate"] / r["limit"] for r in runs], "{:.3f}")
-    print(f"end_to_end / limit                  {text}")
+    line("single_process_limit_images_s", [r["limit"] for r in runs])
+    line("end_to_end_images_s (make up)", [r["stack"]["rate"] for r in runs])
+    line("end_to_end / limit", [r["stack"]["rate"] / r["limit"] for r in runs], "{:.3f}")
     if args.memory:
-        _, text = spread([r["memory"]["rate"] for r in runs])
-        print(f"end_to_end_images_s (memory://)     {text}")
-        _, text = spread([r["stack"]["rate"] / r["memory"]["rate"] for r in runs], "{:.3f}")
-        print(f"make up / memory://                 {text}")
+        line("end_to_end_images_s (memory://)", [r["memory"]["rate"] for r in runs])
+        line("make up / memory://", [r["stack"]["rate"] / r["memory"]["rate"] for r in runs], "{:.3f}")
     if args.celery:
-        _, text = spread([r["celery"]["rate"] for r in runs])
-        print(f"celery_baseline_images_s            {text}")
-        _, text = spread([r["stack"]["rate"] / r["celery"]["rate"] for r in runs], "{:.2f}")
-        print(f"end_to_end / celery_baseline        {text}")
-        _, text = spread([r["celery"]["cpu"] for r in runs], "{:.1f}")
-        print(f"celery_cpu_ms_per_image             {text}")
+        line("celery_baseline_images_s", [r["celery"]["rate"] for r in runs])
+        line("end_to_end / celery_baseline", [r["stack"]["rate"] / r["celery"]["rate"] for r in runs], "{:.2f}")
+        line("celery_cpu_ms_per_image", [r["celery"]["cpu"] for r in runs], "{:.1f}")
     middle = sorted(runs, key=lambda r: r["stack"]["rate"])[len(runs) // 2]["stack"]
     for i, p in enumerate(["p50", "p95", "p99"]):
-        _, text = spread([r["stack"]["latency"][i] for r in runs], "{:.0f}")
-        print(f"latency_ms_at_half_peak {p}         {text}")
+        line(f"latency_ms_at_half_peak {p}", [r["stack"]["latency"][i] for r in runs], "{:.0f}")
     total = sum(middle["cpu"].values())
     for name, ms in middle["cpu"].items():
         print(f"cpu_ms_per_image {name:18} {ms:6.2f} ({100 * ms / total:.0f} %)")
