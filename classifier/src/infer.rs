@@ -53,8 +53,8 @@ pub fn spawn(
                 let started = Instant::now();
                 let result = engine.infer(&input, n);
                 let elapsed = started.elapsed().as_secs_f64();
-                metrics.inference_seconds.observe(elapsed);
-                metrics.inference_per_image_seconds.observe(elapsed / n as f64);
+                metrics.inference_seconds.with_label_values(&[&model.name]).observe(elapsed);
+                metrics.inference_per_image_seconds.with_label_values(&[&model.name]).observe(elapsed / n as f64);
                 let _ = done.send(());
                 let results: Vec<Result<Classified, ImageError>> = match result {
                     Ok(rows) => rows

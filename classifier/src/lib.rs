@@ -180,10 +180,13 @@ impl Application {
             let (done_tx, done_rx) = mpsc::unbounded_channel();
             prepared_queues.push(prepared_tx.downgrade());
             batch_queues.push(batches_tx.downgrade());
-            let m = metrics.clone();
+            let (size, queued) = (
+                metrics.batch_size.with_label_values(&[&model.name]),
+                metrics.queue_seconds.with_label_values(&[&model.name]),
+            );
             batchers.push(tokio::spawn(batcher::run(policy, prepared_rx, batches_tx, done_rx, move |n, waited| {
-                m.batch_size.observe(n as f64);
-                m.queue_seconds.observe(waited.as_secs_f64());
+                size.observe(n as f64);
+                queued.observe(waited.as_secs_f64());
             })));
             let inference = infer::Inference {
                 engine,

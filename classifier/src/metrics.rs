@@ -1,6 +1,8 @@
 //! The classifier's Prometheus metrics, one set per stage.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use reefline_common::ops::duration_buckets;
 
 /// Counters, gauges and histograms for every stage.
@@ -14,10 +16,11 @@ pub struct Metrics {
     /// Transient fetch failures that were retried, by kind.
     pub fetch_retries: IntCounterVec,
     pub preprocess_seconds: Histogram,
-    pub queue_seconds: Histogram,
-    pub batch_size: Histogram,
-    pub inference_seconds: Histogram,
-    pub inference_per_image_seconds: Histogram,
+    /// The batching and inference figures, by model (each has its own queue and engine).
+    pub queue_seconds: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub inference_seconds: HistogramVec,
+    pub inference_per_image_seconds: HistogramVec,
     pub end_to_end_seconds: Histogram,
     pub dead_letters: IntCounterVec,
     /// 1 while the consumer has its partitions paused because the pipeline is full.
@@ -31,6 +34,9 @@ impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let seconds =
             |name: &str, help: &str| Histogram::with_opts(HistogramOpts::new(name, help).buckets(duration_buckets()));
+        let by_model = |name: &str, help: &str| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(duration_buckets()), &["model"])
+        };
         let m = Self {
             results: IntCounterVec::new(
                 Opts::new("classifier_results_total", "Results produced, by outcome"),
@@ -47,18 +53,19 @@ impl Metrics {
                 &["kind"],
             )?,
             preprocess_seconds: seconds("classifier_preprocess_seconds", "Time to decode and preprocess one image")?,
-            queue_seconds: seconds(
+            queue_seconds: by_model(
                 "classifier_batch_queue_seconds",
-                "Time the oldest image of a batch waited in the batching queue",
+                "Time the oldest image of a batch waited in its model's batching queue",
             )?,
-            batch_size: Histogram::with_opts(
-                HistogramOpts::new("classifier_batch_size", "Images per inference batch")
+            batch_size: HistogramVec::new(
+                HistogramOpts::new("classifier_batch_size", "Images per inference batch, by model")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+                &["model"],
             )?,
-            inference_seconds: seconds("classifier_inference_seconds", "Time to run one batch through the model")?,
-            inference_per_image_seconds: seconds(
+            inference_seconds: by_model("classifier_inference_seconds", "Time to run one batch through the model")?,
+            inference_per_image_seconds: by_model(
                 "classifier_inference_per_image_seconds",
-                "Inference time per image of a batch",
+                "Inference time per image of a batch, by model",
             )?,
             end_to_end_seconds: seconds(
                 "classifier_end_to_end_seconds",

@@ -48,8 +48,8 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     assert!(pauses >= 1.0, "the consumer never paused: {pauses}");
     assert_eq!(metric(&text, "classifier_consumer_paused"), Some(0.0), "resumed once drained");
     assert_eq!(metric(&text, "classifier_in_flight"), Some(0.0));
-    let batches = metric(&text, "classifier_batch_size_count").unwrap();
-    let images = metric(&text, "classifier_batch_size_sum").unwrap();
+    let batches = metric(&text, "classifier_batch_size_count{model=\"efficientnet-lite0\"}").unwrap();
+    let images = metric(&text, "classifier_batch_size_sum{model=\"efficientnet-lite0\"}").unwrap();
     assert_eq!(images, 80.0);
     assert!(batches >= 20.0, "batches hold at most 4 images: {batches}");
 
