@@ -79,9 +79,10 @@ impl Application {
         let default_model = models.iter().position(|m| m.name == settings.models.default).unwrap_or(0);
         let mut engines = Vec::with_capacity(models.len());
         for mut model in models {
-            let options = settings.ort_options(settings.models.path(&model), model.image_size);
+            let path = settings.models.path(&model);
+            let options = settings.ort_options(path.clone(), model.image_size);
             let load: reload::Loader = Box::new(move || Ok(Box::new(OrtEngine::load(&options)?)));
-            let (path, version) = (settings.models.path(&model), model.version.clone());
+            let version = model.version.clone();
             let (engine, (watch, version)) = tokio::task::spawn_blocking(move || {
                 let engine = load()?;
                 anyhow::Ok((engine, reload::Reload::new(path, &version, load)?))
@@ -135,11 +136,11 @@ impl Application {
     /// Wraps every model's inference engine, e.g. to instrument or throttle it. A wrapped engine
     /// is not reloaded when its file is replaced.
     pub fn wrap_engine(mut self, wrap: impl Fn(Box<dyn Engine>) -> Box<dyn Engine>) -> Self {
-        for served in &mut self.engines {
-            let engine = std::mem::replace(&mut served.engine, Box::new(NoEngine));
-            served.engine = wrap(engine);
-            served.reload = None;
-        }
+        self.engines = self
+            .engines
+            .into_iter()
+            .map(|served| ServedModel { engine: wrap(served.engine), reload: None, ..served })
+            .collect();
         self
     }
 
@@ -304,15 +305,6 @@ struct ServedModel {
     model: Model,
     engine: Box<dyn Engine>,
     reload: Option<reload::Reload>,
-}
-
-/// Stands in for an engine while it is being wrapped.
-struct NoEngine;
-
-impl Engine for NoEngine {
-    fn infer(&mut self, _: &[f32], _: usize) -> Result<Vec<Vec<f32>>, String> {
-        Err("no engine".into())
-    }
 }
 
 /// Keeps `/readyz` telling whether the classifier can work: every 5 s, a metadata request for the

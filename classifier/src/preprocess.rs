@@ -139,18 +139,13 @@ impl Preprocess {
             (None, _) => return Err(ImageError::NotAnImage),
             (Some(ImageFormat::Jpeg), Some(header)) => {
                 let (width, height) = (header.width, header.height);
-                let decoder = if !header.rgb_decodable {
-                    Decoder::Generic
-                } else if header.scalable {
-                    // Scaled only while at least twice the resize target is left, so that Pillow's
-                    // antialiased filter still does the last reduction: a photo up to twice the
-                    // target (the test photos, ImageNet's) decodes in full, exactly as the
-                    // reference does; a 12-megapixel one decodes at 1/4.
-                    let denom = jpeg::reduction_for(width, height, 2 * self.resize_target());
-                    Decoder::Jpeg { header, denom }
-                } else {
-                    Decoder::Jpeg { header, denom: 1 }
-                };
+                // Scaled only while at least twice the resize target is left, so that Pillow's
+                // antialiased filter still does the last reduction: a photo up to twice the target
+                // (the test photos, ImageNet's) decodes in full, exactly as the reference does; a
+                // 12-megapixel one decodes at 1/4.
+                let denom =
+                    if header.scalable { jpeg::reduction_for(width, height, 2 * self.resize_target()) } else { 1 };
+                let decoder = if header.rgb_decodable { Decoder::Jpeg { header, denom } } else { Decoder::Generic };
                 Inspected { width, height, decoder }
             }
             (Some(_), _) => {

@@ -72,12 +72,7 @@ fn main() -> anyhow::Result<()> {
     stages("12 MP camera versions", &photos(&cache.join("camera-photos-12mp")), 2)?;
 
     // Inference per image of every model of the manifest, on one thread and on two.
-    let models = reefline_common::models::ModelSettings {
-        manifest: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/manifest.toml"),
-        dir: cache.clone(),
-        served: Vec::new(),
-        default: "efficientnet-lite0".into(),
-    };
+    let models = reefline_e2e::model_settings();
     let photo = &photos(&cache.join("photos"))[0];
     for model in models.load()? {
         let pre = Preprocess { size: model.image_size, ..PRE };

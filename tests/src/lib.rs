@@ -30,6 +30,16 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache"))
 }
 
+/// Every model of the project's manifest, with its files under the cache, Lite0 the default.
+pub fn model_settings() -> reefline_common::models::ModelSettings {
+    reefline_common::models::ModelSettings {
+        manifest: Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/manifest.toml"),
+        dir: cache_dir(),
+        served: Vec::new(),
+        default: "efficientnet-lite0".into(),
+    }
+}
+
 /// A port free now, for a program that cannot bind port 0 and say which it got (the broker
 /// advertises its address before it listens; Prometheus does not log the port it bound).
 pub fn free_port() -> u16 {
@@ -265,12 +275,8 @@ impl StackSettings {
             partitions: 3,
         };
         // One model unless a test asks for more (`serve_every_model`): each loads in a second or so.
-        let models = reefline_common::models::ModelSettings {
-            manifest: Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/manifest.toml"),
-            dir: cache.clone(),
-            served: vec!["efficientnet-lite0".into()],
-            default: "efficientnet-lite0".into(),
-        };
+        let models =
+            reefline_common::models::ModelSettings { served: vec!["efficientnet-lite0".into()], ..model_settings() };
         let mut ingest = reefline_ingest::Settings::parse_from(["ingest"]);
         ingest.listen = "127.0.0.1:0".into();
         ingest.models = models.clone();
@@ -393,6 +399,15 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let (key, value) = line.rsplit_once(' ')?;
         (key == name).then(|| value.parse().ok()).flatten()
     })
+}
+
+/// Submits the coffee photo through `stack` and waits for its result.
+pub async fn classify_coffee(client: &reqwest::Client, stack: &Stack, photos: &str) -> serde_json::Value {
+    let body = serde_json::json!({ "images": [format!("{photos}/photos/coffee.png")] });
+    let (status, accepted) = post_json(client, &format!("{}/v1/classify", stack.ingest), &body).await;
+    assert_eq!(status, 202, "{accepted}");
+    let url = format!("{}/v1/results/{}", stack.sink, accepted["request_ids"][0].as_str().unwrap());
+    wait_for_status(client, &url, 200, "the coffee photo's result", Duration::from_secs(60)).await
 }
 
 /// GETs `url`: the status and the JSON body (`Null` if there is none).

@@ -1,13 +1,19 @@
-//! The model's input and answers: the classifier's preprocessing against the reference (Pillow and
-//! numpy in the project's pinned venv, `models/reference.py`), and survey-camera-sized versions of
-//! the test photos classified as the originals are.
+//! The models and their input: the classifier's preprocessing against the reference (Pillow and
+//! numpy in the project's pinned venv, `models/reference.py`), survey-camera-sized versions of the
+//! test photos classified as the originals are, every model of the manifest on the labelled
+//! photos; and, through the real stack, a model chosen per submission and a model file swapped in
+//! while images are in flight.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
 use reefline_classifier::preprocess::Preprocess;
-use reefline_e2e::cache_dir;
+use reefline_e2e::{Stack, TestEnv, cache_dir, classify_coffee, model_settings, post_json, wait_for};
+use serde_json::json;
+
+const ESPRESSO: i64 = 967;
 
 const SIZE: u32 = 224;
 const PRE: Preprocess = Preprocess { size: SIZE, max_side: 10_000, max_pixels: 50_000_000 };
@@ -136,12 +142,7 @@ fn survey_camera_sized_photos_decoded_at_a_reduced_scale_keep_their_top1() {
 #[test]
 fn every_model_of_the_manifest_knows_the_labelled_photos() {
     let cache = cache_dir();
-    let settings = reefline_common::models::ModelSettings {
-        manifest: Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/manifest.toml"),
-        dir: cache.clone(),
-        served: Vec::new(),
-        default: "efficientnet-lite0".into(),
-    };
+    let settings = model_settings();
     let labelled = reefline_e2e::foolbox_photos();
     let mut right = std::collections::BTreeMap::new();
     for model in settings.load().expect("the manifest") {
@@ -171,4 +172,123 @@ fn every_model_of_the_manifest_knows_the_labelled_photos() {
     let (fp32, int8) = (right["efficientnet-lite0"], right["efficientnet-lite0-int8"]);
     assert!(int8.0 + 1 >= fp32.0, "int8 Lite0 loses more than one photo of fp32's: {int8:?} against {fp32:?}");
     assert!(right["efficientnet-lite2"].0 >= fp32.0, "Lite2 knows fewer photos than Lite0: {right:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_submission_may_name_its_model_and_each_result_says_which_one_answered() {
+    use rdkafka::producer::FutureRecord;
+
+    let env = TestEnv::start().await;
+    let settings = env.settings().serve_every_model();
+    let manifest = settings.classifier.models.load().expect("the manifest");
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+    let coffee = format!("{}/photos/coffee.png", env.photos);
+    let classify = format!("{}/v1/classify", stack.ingest);
+
+    // Every model of the manifest by name, and none named (the default, Lite0): espresso from each.
+    let mut asked = Vec::new();
+    for model in manifest.iter().map(|m| Some(m.name.as_str())).chain([None]) {
+        let body = match model {
+            Some(name) => json!({ "images": [&coffee], "model": name }),
+            None => json!({ "images": [&coffee] }),
+        };
+        let (status, accepted) = post_json(&client, &classify, &body).await;
+        assert_eq!(status, 202, "{accepted}");
+        asked.push((model.unwrap_or("efficientnet-lite0"), accepted["request_ids"][0].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(asked.len(), 5);
+    for (model, id) in &asked {
+        let url = format!("{}/v1/results/{id}", stack.sink);
+        let result = reefline_e2e::wait_for_status(&client, &url, 200, "a result", Duration::from_secs(120)).await;
+        let version = &manifest.iter().find(|m| m.name == *model).expect("in the manifest").version;
+        assert_eq!(result["model"], json!({ "name": model, "version": version }), "{result}");
+        assert_eq!(result["predictions"][0]["index"], ESPRESSO, "{model}: {result}");
+    }
+
+    // A model nobody serves: a 400 at ingest naming the field, and nothing produced.
+    let (status, body) =
+        post_json(&client, &classify, &json!({ "images": [&coffee], "model": "efficientnet-b7" })).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        (body["error"]["kind"].as_str(), body["error"]["field"].as_str()),
+        (Some("unknown_model"), Some("model"))
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`efficientnet-b7`") && message.contains("efficientnet-lite2"), "{message}");
+
+    // The same produced straight to Kafka, as a camera would: an error result saying so.
+    let request = reefline_schemas::ImageRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        batch_id: uuid::Uuid::now_v7().to_string(),
+        batch_index: 0,
+        batch_size: 1,
+        url: coffee.clone(),
+        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+        source: "kafka".into(),
+        model: Some("efficientnet-b7".into()),
+    };
+    let codec = reefline_schemas::Codec::new(&env.registry).unwrap();
+    let payload = codec.encode(&env.names.requests, &request).await.unwrap();
+    let producer: reefline_common::producer::FutureProducer = env.broker.kafka().producer_config().create().unwrap();
+    let record = FutureRecord::to(&env.names.requests).key(&request.request_id).payload(&payload);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let url = format!("{}/v1/results/{}", stack.sink, request.request_id);
+    let result =
+        reefline_e2e::wait_for_status(&client, &url, 200, "the unknown model's result", Duration::from_secs(60)).await;
+    assert_eq!(result["status"], "error", "{result}");
+    assert_eq!(result["error"]["kind"], "unknown_model", "{result}");
+    assert_eq!(result["model"]["name"], "efficientnet-b7", "{result}");
+
+    stack.stop().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_file_replaced_on_disk_is_swapped_in_without_a_restart_or_a_lost_image() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    // The classifier's model folder is the test's own, holding a copy of Lite0.
+    let cache = reefline_e2e::cache_dir();
+    let dir = std::env::temp_dir().join(format!("reefline-reload-{}", env.names.classifier_group));
+    std::fs::create_dir_all(dir.join("models")).unwrap();
+    let file = dir.join("models/efficientnet-lite0.onnx");
+    std::fs::copy(cache.join("models/efficientnet-lite0.onnx"), &file).unwrap();
+    settings.classifier.models.dir = dir.clone();
+    let manifest = settings.classifier.models.load().unwrap();
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+
+    let before = classify_coffee(&client, &stack, &env.photos).await;
+    assert_eq!(before["model"]["version"], json!(manifest[0].version), "{before}");
+
+    // 40 images in flight while the file is replaced, atomically, by another build (the int8 one).
+    let urls: Vec<String> = (0..40).map(|i| format!("{}/photos/coffee.png?copy={i}", env.photos)).collect();
+    let (status, accepted) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls })).await;
+    assert_eq!(status, 202, "{accepted}");
+    std::fs::copy(cache.join("models/efficientnet-lite0-int8.onnx"), dir.join("models/incoming.onnx")).unwrap();
+    std::fs::rename(dir.join("models/incoming.onnx"), &file).unwrap();
+    let batch_url = format!("{}/v1/batches/{}", stack.sink, accepted["batch_id"].as_str().unwrap());
+    let batch = wait_for("40 results across the swap", Duration::from_secs(120), || {
+        let (client, url) = (client.clone(), batch_url.clone());
+        async move { reefline_e2e::get_json_ok(&client, &url).await.filter(|b| b["done"] == true) }
+    })
+    .await;
+    assert_eq!((batch["ok"].as_i64(), batch["error"].as_i64()), (Some(40), Some(0)), "{batch}");
+    let int8 = "0.1.0+e16d6291";
+    for result in batch["results"].as_array().unwrap() {
+        assert_eq!(result["predictions"][0]["index"], ESPRESSO, "{result}");
+        let version = result["model"]["version"].as_str().unwrap();
+        assert!(version == manifest[0].version || version == int8, "{result}");
+    }
+
+    // From the first batch on the new file, results name it.
+    let after = classify_coffee(&client, &stack, &env.photos).await;
+    assert_eq!(after["model"], json!({ "name": "efficientnet-lite0", "version": int8 }), "{after}");
+    assert_eq!(after["predictions"][0]["index"], ESPRESSO, "{after}");
+
+    stack.stop().await;
+    env.finish().await;
+    std::fs::remove_dir_all(&dir).ok();
 }
