@@ -2,7 +2,7 @@
 //! thread it runs on (never the async runtime's workers).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use ort::environment::Environment;
 use ort::session::Session;
@@ -84,17 +84,19 @@ pub struct OrtEngine {
     image_size: usize,
 }
 
-/// ONNX Runtime allows one environment per process, so every engine shares it.
+/// ONNX Runtime allows one environment per process, so every engine shares it; it is made under a
+/// lock, as classifiers built side by side (tests run several) would otherwise each make one.
 fn environment(dylib: &Path) -> anyhow::Result<Environment> {
-    static ENV: OnceLock<Environment> = OnceLock::new();
-    if let Some(env) = ENV.get() {
+    static ENV: Mutex<Option<Environment>> = Mutex::new(None);
+    let mut env = ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(env) = env.as_ref() {
         return Ok(env.clone());
     }
-    let env = ort::init_from(dylib)
+    let made = ort::init_from(dylib)
         .map_err(|e| anyhow::anyhow!("loading ONNX Runtime from {}: {e}", dylib.display()))?
         .with_name("reefline")
         .build()?;
-    Ok(ENV.get_or_init(|| env).clone())
+    Ok(env.insert(made).clone())
 }
 
 impl OrtEngine {
