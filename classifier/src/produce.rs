@@ -17,7 +17,7 @@ use rdkafka::producer::FutureRecord;
 use reefline_common::kafka::Source;
 use reefline_common::producer::FutureProducer;
 use reefline_schemas::rules::{ERROR_MESSAGE_BYTES, truncate};
-use reefline_schemas::{ClassificationResult, Codec, CodecError, Status};
+use reefline_schemas::{BATCH_ID_HEADER, ClassificationResult, Codec, CodecError, REQUEST_ID_HEADER, Status};
 use tokio::sync::mpsc;
 
 use crate::consume::Offsets;
@@ -155,8 +155,9 @@ impl Produce {
 
     async fn try_produce(&self, result: &ClassificationResult) -> Result<(), Failure> {
         let payload = self.codec.encode(&self.topic, result).await.map_err(classify_codec)?;
-        let headers =
-            OwnedHeaders::new().insert(Header { key: "reefline-request-id", value: Some(result.request_id.as_str()) });
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: REQUEST_ID_HEADER, value: Some(result.request_id.as_str()) })
+            .insert(Header { key: BATCH_ID_HEADER, value: Some(result.batch_id.as_str()) });
         let record = FutureRecord::to(&self.topic).key(result.request_id.as_str()).payload(&payload).headers(headers);
         self.producer.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| classify_kafka(&e))?;
         Ok(())

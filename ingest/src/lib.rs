@@ -5,6 +5,7 @@ mod metrics;
 mod routes;
 pub mod settings;
 pub mod validate;
+mod wait;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub(crate) struct AppState {
     pub metrics: metrics::Metrics,
     /// One permit per image that may wait for the broker's acknowledgement.
     pub pending: tokio::sync::Semaphore,
+    /// Submissions waiting for their results.
+    pub waiters: Arc<wait::Waiters>,
 }
 
 impl AppState {
@@ -81,17 +84,16 @@ pub struct Application {
     router: Router,
     state: Arc<AppState>,
     readiness: Readiness,
+    results: rdkafka::consumer::StreamConsumer,
 }
 
 impl Application {
-    /// Creates the topic if needed, connects the producer and binds the listener.
+    /// Creates the topics if needed, connects the producer, starts reading results for waiting
+    /// submissions and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        reefline_common::kafka::ensure_topics(
-            &settings.kafka,
-            &[&settings.topics.requests],
-            settings.topics.partitions,
-        )
-        .await?;
+        let topics = &settings.topics;
+        reefline_common::kafka::ensure_topics(&settings.kafka, &[&topics.requests, &topics.results], topics.partitions)
+            .await?;
         anyhow::ensure!(
             settings.max_pending_images >= settings.max_images,
             "INGEST_MAX_PENDING_IMAGES ({}) must be at least MAX_IMAGES_PER_REQUEST ({})",
@@ -105,16 +107,18 @@ impl Application {
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
         let readiness = Readiness::default();
+        let waiters = Arc::new(wait::Waiters::new(metrics.waiting.clone()));
+        let results = wait::results_consumer(&settings.kafka, &settings.topics.results).await?;
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
-        let state = Arc::new(AppState { settings, models, producer, codec, metrics, pending });
+        let state = Arc::new(AppState { settings, models, producer, codec, metrics, pending, waiters });
         let keys = ApiKeys::load(&state.settings.auth)?;
         keys.announce("ingest", listener.local_addr()?);
         let router = routes::router(state.clone())
             .layer(DefaultBodyLimit::max(body_limit))
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
             .merge(ops::router(registry, readiness.clone()));
-        Ok(Self { listener, router, state, readiness })
+        Ok(Self { listener, router, state, readiness, results })
     }
 
     /// The address the service listens on (useful when bound to port 0).
@@ -126,8 +130,10 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
         let probe = tokio::spawn(watch_broker(self.state.clone(), self.readiness));
+        let follow = tokio::spawn(wait::follow(self.results, self.state.codec.clone(), self.state.waiters.clone()));
         reefline_common::http::serve(self.listener, self.router, self.state.settings.http, shutdown).await;
         probe.abort();
+        follow.abort();
         Ok(())
     }
 }

@@ -12,6 +12,10 @@ pub struct Metrics {
     pub produce_seconds: HistogramVec,
     /// Images admitted and waiting for the broker's acknowledgement.
     pub pending: IntGauge,
+    /// Submissions waiting for their results (`wait`).
+    pub waiting: IntGauge,
+    /// Submissions that waited, by route and whether all their results came in time.
+    pub waits: IntCounterVec,
 }
 
 impl Metrics {
@@ -28,10 +32,17 @@ impl Metrics {
             &["route"],
         )?;
         let pending = IntGauge::new("ingest_pending_images", "Images waiting for the broker's acknowledgement")?;
+        let waiting = IntGauge::new("ingest_waiting_submissions", "Submissions waiting for their results")?;
+        let waits = IntCounterVec::new(
+            Opts::new("ingest_waits_total", "Submissions that waited for their results, by outcome"),
+            &["route", "outcome"],
+        )?;
         registry.register(Box::new(pending.clone()))?;
+        registry.register(Box::new(waiting.clone()))?;
+        registry.register(Box::new(waits.clone()))?;
         registry.register(Box::new(submissions.clone()))?;
         registry.register(Box::new(images.clone()))?;
         registry.register(Box::new(produce_seconds.clone()))?;
-        Ok(Self { submissions, images, produce_seconds, pending })
+        Ok(Self { submissions, images, produce_seconds, pending, waiting, waits })
     }
 }

@@ -1,7 +1,7 @@
 //! The HTTP routes: `/v1/classify`, and the seed-compatible `/api/infer` and `/classify`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,7 +13,8 @@ use axum::{Json, Router};
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
-use reefline_schemas::ImageRequest;
+use reefline_schemas::view::{BatchView, ResultView};
+use reefline_schemas::{ClassificationResult, ImageRequest, REQUEST_ID_HEADER};
 use serde::Serialize;
 use url::Url;
 use uuid::Uuid;
@@ -30,7 +31,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// The answer to an accepted submission.
+/// The answer to an accepted submission that did not wait.
 #[derive(Serialize)]
 struct Accepted {
     batch_id: String,
@@ -38,7 +39,15 @@ struct Accepted {
     request_ids: Vec<String>,
 }
 
-/// The answer to an accepted single-image submission.
+/// The answer to a submission that waited: the batch as the sink shows it, and its request ids.
+#[derive(Serialize)]
+struct Waited {
+    #[serde(flatten)]
+    batch: BatchView,
+    request_ids: Vec<String>,
+}
+
+/// The answer to an accepted single-image submission whose result is not in yet.
 #[derive(Serialize)]
 struct AcceptedOne {
     batch_id: String,
@@ -47,22 +56,20 @@ struct AcceptedOne {
 
 type Body = Result<Bytes, BytesRejection>;
 
+/// `POST /v1/classify`: answers at once unless the request asks to `wait`.
 async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    respond(
-        &state,
-        "v1_classify",
-        handle_many(&state, "v1_classify", &headers, body).await.map(|a| (StatusCode::ACCEPTED, Json(a))),
-    )
+    let result = handle_many(&state, "v1_classify", &headers, body, Duration::ZERO).await;
+    respond(&state, "v1_classify", result)
 }
 
+/// `POST /api/infer`: waits for the results by default, as the service it replaces answered inline.
 async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    respond(
-        &state,
-        "api_infer",
-        handle_many(&state, "api_infer", &headers, body).await.map(|a| (StatusCode::ACCEPTED, Json(a))),
-    )
+    let default_wait = Duration::from_secs_f64(state.settings.infer_wait_seconds.max(0.0));
+    let result = handle_many(&state, "api_infer", &headers, body, default_wait).await;
+    respond(&state, "api_infer", result)
 }
 
+/// `POST /classify`: one image, its result inline when it is done in time.
 async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let body = json_body(&state, &headers, body)?;
@@ -71,14 +78,20 @@ async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         let url = validate::check_url(&raw, state.settings.max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "image_url".into(), reason })?;
         let model = validate::check_model(request.model, &state.models)?;
-        let accepted = submit(&state, "classify", vec![url], model).await?;
-        Ok(AcceptedOne {
-            batch_id: accepted.batch_id,
-            request_id: accepted.request_ids.into_iter().next().unwrap_or_default(),
+        let default_wait = Duration::from_secs_f64(state.settings.infer_wait_seconds.max(0.0));
+        let wait = wait_for(&state, request.wait, default_wait)?;
+        Ok(match submit_and_wait(&state, "classify", vec![url], model, wait).await? {
+            Answer::Waited { mut results, .. } if !results.is_empty() => {
+                (StatusCode::OK, Json(ResultView::from(results.remove(0)))).into_response()
+            }
+            Answer::Waited { batch_id, mut request_ids, .. } | Answer::Accepted { batch_id, mut request_ids } => {
+                let request_id = request_ids.pop().unwrap_or_default();
+                (StatusCode::ACCEPTED, Json(AcceptedOne { batch_id, request_id })).into_response()
+            }
         })
     }
     .await;
-    respond(&state, "classify", result.map(|a| (StatusCode::ACCEPTED, Json(a))))
+    respond(&state, "classify", result)
 }
 
 fn respond(state: &AppState, route: &str, result: Result<impl IntoResponse, IngestError>) -> Response {
@@ -106,13 +119,85 @@ fn json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes,
     })
 }
 
-async fn handle_many(state: &AppState, route: &str, headers: &HeaderMap, body: Body) -> Result<Accepted, IngestError> {
+async fn handle_many(
+    state: &AppState,
+    route: &str,
+    headers: &HeaderMap,
+    body: Body,
+    default_wait: Duration,
+) -> Result<Response, IngestError> {
     let body = json_body(state, headers, body)?;
     let request: ClassifyRequest = validate::parse_json(&body)?;
     let limits = Limits { max_images: state.settings.max_images, max_url_bytes: state.settings.max_url_bytes };
     let urls = validate::check_images(request.images, limits)?;
     let model = validate::check_model(request.model, &state.models)?;
-    submit(state, route, urls, model).await
+    let wait = wait_for(state, request.wait, default_wait)?;
+    Ok(match submit_and_wait(state, route, urls, model, wait).await? {
+        Answer::Accepted { batch_id, request_ids } => {
+            (StatusCode::ACCEPTED, Json(Accepted { batch_id, request_ids })).into_response()
+        }
+        Answer::Waited { batch_id, request_ids, results } => {
+            let batch = BatchView::new(batch_id, request_ids.len() as i64, results);
+            let status = if batch.done { StatusCode::OK } else { StatusCode::ACCEPTED };
+            (status, Json(Waited { batch, request_ids })).into_response()
+        }
+    })
+}
+
+/// How long a submission waits: what it asked for (checked), else the route's default, cut to
+/// `INGEST_MAX_WAIT_SECONDS`.
+fn wait_for(state: &AppState, asked: Option<f64>, default: Duration) -> Result<Duration, IngestError> {
+    let wait = validate::check_wait(asked)?.unwrap_or(default);
+    Ok(wait.min(Duration::from_secs_f64(state.settings.max_wait_seconds.max(0.0))))
+}
+
+/// What became of an accepted submission.
+enum Answer {
+    /// It did not wait.
+    Accepted { batch_id: String, request_ids: Vec<String> },
+    /// It waited; `results` are those that came in time, in submission order.
+    Waited { batch_id: String, request_ids: Vec<String>, results: Vec<ClassificationResult> },
+}
+
+/// Produces the submission and, when it is to wait, waits for its results. It is registered
+/// among the waiters before its first record is produced, so no result can come unseen.
+async fn submit_and_wait(
+    state: &AppState,
+    route: &str,
+    urls: Vec<Url>,
+    model: Option<String>,
+    wait: Duration,
+) -> Result<Answer, IngestError> {
+    let requests = plan(urls, model);
+    let batch_id = requests[0].batch_id.clone();
+    let request_ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+    let registration = (!wait.is_zero()).then(|| state.waiters.register(&batch_id, request_ids.clone()));
+    submit(state, route, requests).await?;
+    let Some(registration) = registration else { return Ok(Answer::Accepted { batch_id, request_ids }) };
+    let results = registration.finish(wait).await;
+    let outcome = if results.len() == request_ids.len() { "complete" } else { "timed_out" };
+    state.metrics.waits.with_label_values(&[route, outcome]).inc();
+    Ok(Answer::Waited { batch_id, request_ids, results })
+}
+
+/// One request record per URL, under a new batch id.
+fn plan(urls: Vec<Url>, model: Option<String>) -> Vec<ImageRequest> {
+    let batch_id = Uuid::now_v7().to_string();
+    let submitted_at_ms = chrono::Utc::now().timestamp_millis();
+    let batch_size = urls.len() as i32;
+    urls.into_iter()
+        .enumerate()
+        .map(|(i, url)| ImageRequest {
+            request_id: Uuid::now_v7().to_string(),
+            batch_id: batch_id.clone(),
+            batch_index: i as i32,
+            batch_size,
+            url: url.into(),
+            submitted_at_ms,
+            source: "http".into(),
+            model: model.clone(),
+        })
+        .collect()
 }
 
 /// Room for a submission's images among those waiting for the broker, held until it is answered.
@@ -139,34 +224,21 @@ impl Drop for Admission<'_> {
     }
 }
 
-/// Produces one record per URL and answers only once the broker has acknowledged all of them.
-async fn submit(state: &AppState, route: &str, urls: Vec<Url>, model: Option<String>) -> Result<Accepted, IngestError> {
+/// Produces one record per request and returns only once the broker has acknowledged all of them.
+async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> Result<(), IngestError> {
     let started = Instant::now();
-    let batch_id = Uuid::now_v7().to_string();
-    let submitted_at_ms = chrono::Utc::now().timestamp_millis();
-    let batch_size = urls.len() as i32;
-    let _admitted = Admission::try_new(state, urls.len())?;
+    let _admitted = Admission::try_new(state, requests.len())?;
     let topic = &state.settings.topics.requests;
-    let mut records = Vec::with_capacity(urls.len());
-    for (i, url) in urls.into_iter().enumerate() {
-        let request = ImageRequest {
-            request_id: Uuid::now_v7().to_string(),
-            batch_id: batch_id.clone(),
-            batch_index: i as i32,
-            batch_size,
-            url: url.into(),
-            submitted_at_ms,
-            source: "http".into(),
-            model: model.clone(),
-        };
-        let payload = state.codec.encode(topic, &request).await.map_err(|e| IngestError::Unavailable(e.to_string()))?;
-        records.push((request.request_id, payload));
+    let mut records = Vec::with_capacity(requests.len());
+    for request in &requests {
+        let payload = state.codec.encode(topic, request).await.map_err(|e| IngestError::Unavailable(e.to_string()))?;
+        records.push((request.request_id.as_str(), payload));
     }
     let deliveries = records.iter().map(|(id, payload)| {
-        let headers = OwnedHeaders::new().insert(Header { key: "reefline-request-id", value: Some(id.as_str()) });
-        let record = FutureRecord::to(topic).key(id.as_str()).payload(payload).headers(headers);
+        let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(*id) });
+        let record = FutureRecord::to(topic).key(*id).payload(payload).headers(headers);
         // No waiting for room in the producer's queue: it has room for every admitted image.
-        state.producer.send(record, std::time::Duration::ZERO)
+        state.producer.send(record, Duration::ZERO)
     });
     // Every record is either acknowledged or failed within the delivery timeout. When some fail,
     // the submission is refused as a whole (the client resubmits, with new ids); the records
@@ -176,6 +248,6 @@ async fn submit(state: &AppState, route: &str, urls: Vec<Url>, model: Option<Str
     }
     state.metrics.images.with_label_values(&[route]).inc_by(records.len() as u64);
     state.metrics.produce_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
-    tracing::info!(%batch_id, images = records.len(), route, "submission accepted");
-    Ok(Accepted { batch_id, request_ids: records.into_iter().map(|(id, _)| id).collect() })
+    tracing::info!(batch_id = %requests[0].batch_id, images = records.len(), route, "submission accepted");
+    Ok(())
 }

@@ -39,6 +39,16 @@ pub struct Settings {
     #[arg(long, env = "INGEST_MAX_PENDING_IMAGES", default_value_t = 100_000)]
     pub max_pending_images: usize,
 
+    /// Longest a submission may wait for its results (`wait`), in seconds; a longer `wait` is cut
+    /// to this.
+    #[arg(long, env = "INGEST_MAX_WAIT_SECONDS", default_value_t = 60.0)]
+    pub max_wait_seconds: f64,
+
+    /// How long `POST /api/infer` and `POST /classify` wait for their results when the request
+    /// names no `wait`, in seconds (they answer inline, as the services they replace did).
+    #[arg(long, env = "INGEST_INFER_WAIT_SECONDS", default_value_t = 30.0)]
+    pub infer_wait_seconds: f64,
+
     #[command(flatten)]
     pub auth: AuthSettings,
 

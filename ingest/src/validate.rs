@@ -17,6 +17,8 @@ pub struct ClassifyRequest {
     pub images: Option<Vec<String>>,
     /// A model of the manifest; absent: the default.
     pub model: Option<String>,
+    /// Seconds to wait for the results before answering (0 to 60).
+    pub wait: Option<f64>,
 }
 
 /// `POST /classify`: one image URL.
@@ -26,6 +28,25 @@ pub struct SingleRequest {
     pub image_url: Option<String>,
     /// A model of the manifest; absent: the default.
     pub model: Option<String>,
+    /// Seconds to wait for the result before answering (0 to 60).
+    pub wait: Option<f64>,
+}
+
+/// Most seconds a request may ask to wait for its results.
+pub const MAX_WAIT_SECONDS: f64 = 60.0;
+
+/// Checks `wait`, when given: 0 to [`MAX_WAIT_SECONDS`] seconds.
+pub fn check_wait(wait: Option<f64>) -> Result<Option<std::time::Duration>, IngestError> {
+    match wait {
+        None => Ok(None),
+        Some(seconds) if (0.0..=MAX_WAIT_SECONDS).contains(&seconds) => {
+            Ok(Some(std::time::Duration::from_secs_f64(seconds)))
+        }
+        Some(seconds) => Err(IngestError::InvalidField {
+            field: "wait".into(),
+            message: format!("{seconds} is not a number of seconds from 0 to {MAX_WAIT_SECONDS}"),
+        }),
+    }
 }
 
 /// Checks that `model`, when given, is one of those served.

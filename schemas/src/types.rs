@@ -95,6 +95,15 @@ pub struct ClassificationResult {
 }
 message!(ClassificationResult, "classification_result.avsc");
 
+impl ClassificationResult {
+    /// Whether `new`, a result for the same request, takes this one's place (at-least-once
+    /// delivery repeats results; a redo may end differently): the later result wins, except that
+    /// an `error` never undoes an `ok` (a redo that met a transient failure).
+    pub fn is_replaced_by(&self, new: &ClassificationResult) -> bool {
+        self.completed_at_ms <= new.completed_at_ms && !(self.status == Status::Ok && new.status == Status::Error)
+    }
+}
+
 mod status_as_string {
     use super::Status;
     use serde::{Deserialize, Deserializer, Serializer};

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use reefline_schemas::Prediction;
+use reefline_schemas::view::{BatchView, ResultView};
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
@@ -52,59 +52,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Model {
-    name: String,
-    version: String,
-}
-
-#[derive(Serialize)]
-struct ErrorView {
-    kind: String,
-    message: String,
-}
-
-/// One result as the API shows it.
-#[derive(Serialize)]
-struct ResultView {
-    request_id: String,
-    batch_id: String,
-    batch_index: i32,
-    url: String,
-    status: String,
-    predictions: Vec<Prediction>,
-    /// Whether the top class is a marine animal.
-    marine: bool,
-    marine_group: Option<String>,
-    model: Model,
-    error: Option<ErrorView>,
-    submitted_at: String,
-    completed_at: String,
-}
-
-impl From<Row> for ResultView {
-    fn from(r: Row) -> Self {
-        let error = match (r.error_kind, r.error_message) {
-            (Some(kind), message) => Some(ErrorView { kind, message: message.unwrap_or_default() }),
-            _ => None,
-        };
-        Self {
-            request_id: r.request_id,
-            batch_id: r.batch_id,
-            batch_index: r.batch_index,
-            url: r.url,
-            status: r.status,
-            predictions: r.predictions.0,
-            marine: r.marine_group.is_some(),
-            marine_group: r.marine_group,
-            model: Model { name: r.model_name, version: r.model_version },
-            error,
-            submitted_at: r.submitted_at.to_rfc3339(),
-            completed_at: r.completed_at.to_rfc3339(),
-        }
-    }
-}
-
 /// A request whose result is not in yet.
 #[derive(Serialize)]
 struct PendingView {
@@ -120,7 +67,7 @@ struct PendingView {
 /// 404 when the request is unknown.
 async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> Result<Response, ApiError> {
     if let Some(row) = db::result(&pool, &request_id).await? {
-        return Ok(Json(ResultView::from(row)).into_response());
+        return Ok(Json(ResultView::from(row.into_result())).into_response());
     }
     let pending = db::pending(&pool, &request_id).await?.ok_or(ApiError::UnknownRequest(request_id))?;
     let view = PendingView {
@@ -134,36 +81,11 @@ async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> R
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
-/// A batch's progress and the results it has so far, in submission order.
-#[derive(Serialize)]
-struct BatchView {
-    batch_id: String,
-    total: i64,
-    completed: i64,
-    pending: i64,
-    ok: i64,
-    error: i64,
-    done: bool,
-    results: Vec<ResultView>,
-}
-
 async fn batch(State(pool): State<PgPool>, Path(batch_id): Path<String>) -> Result<Json<BatchView>, ApiError> {
     let rows = db::batch(&pool, &batch_id).await?;
     let total = match rows.first() {
         Some(first) => first.batch_size,
         None => db::batch_size(&pool, &batch_id).await?.ok_or_else(|| ApiError::UnknownBatch(batch_id.clone()))?,
     };
-    let total = i64::from(total);
-    let completed = rows.len() as i64;
-    let ok = rows.iter().filter(|r| r.status == "ok").count() as i64;
-    Ok(Json(BatchView {
-        batch_id,
-        total,
-        completed,
-        pending: total - completed,
-        ok,
-        error: completed - ok,
-        done: completed >= total,
-        results: rows.into_iter().map(ResultView::from).collect(),
-    }))
+    Ok(Json(BatchView::new(batch_id, i64::from(total), rows.into_iter().map(Row::into_result).collect())))
 }

@@ -90,7 +90,7 @@ impl Sink {
                 Ok(r) => {
                     self.metrics.received.inc();
                     match latest.get(&r.request_id) {
-                        Some((existing, _)) if !db::replaces(existing, &r) => {}
+                        Some((existing, _)) if !existing.is_replaced_by(&r) => {}
                         _ => {
                             latest.insert(r.request_id.clone(), (r, i));
                         }

@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use reefline_schemas::{ClassificationResult, ImageRequest, Prediction};
+use reefline_schemas::{ClassificationResult, ImageRequest, Prediction, Status};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
@@ -30,13 +30,6 @@ pub fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> 
         .max_connections(connections.max(1))
         .acquire_timeout(statement_timeout)
         .connect_lazy_with(options))
-}
-
-/// Whether `new` takes the place of `old` for the same request: the upsert's rule, for results
-/// met in one batch.
-pub fn replaces(old: &ClassificationResult, new: &ClassificationResult) -> bool {
-    use reefline_schemas::Status;
-    old.completed_at_ms <= new.completed_at_ms && !(old.status == Status::Ok && new.status == Status::Error)
 }
 
 /// Writes `results` in one statement. Redelivered or repeated results are harmless: a row is
@@ -158,6 +151,28 @@ pub struct Row {
     pub error_message: Option<String>,
     pub submitted_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
+}
+
+impl Row {
+    /// The result record the row was written from.
+    pub fn into_result(self) -> ClassificationResult {
+        ClassificationResult {
+            request_id: self.request_id,
+            batch_id: self.batch_id,
+            batch_index: self.batch_index,
+            batch_size: self.batch_size,
+            url: self.url,
+            status: if self.status == "ok" { Status::Ok } else { Status::Error },
+            predictions: self.predictions.0,
+            marine_group: self.marine_group,
+            model_name: self.model_name,
+            model_version: self.model_version,
+            error_kind: self.error_kind,
+            error_message: self.error_message,
+            submitted_at_ms: self.submitted_at.timestamp_millis(),
+            completed_at_ms: self.completed_at.timestamp_millis(),
+        }
+    }
 }
 
 const COLUMNS: &str =

@@ -284,6 +284,8 @@ async fn a_thousand_hostile_inputs_get_clear_answers_and_lose_nothing_else() {
     // A decode budget of 100,000 pixels: the small odd images decode side by side, each photo
     // (135,000 to 160,000 pixels) is larger than the whole budget and decodes alone. All still end.
     settings.classifier.decode_pixel_budget = 100_000;
+    // The seed routes answer at once here, as /v1/classify does: their waiting is tested in answers.rs.
+    settings.ingest.infer_wait_seconds = 0.0;
     let stack = Stack::start(settings).await;
     let pool = env.db.pool().await;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();

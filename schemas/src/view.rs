@@ -1,0 +1,128 @@
+//! How results look over HTTP. The sink's lookups and ingest's answers in the same call show one
+//! JSON shape, built here from the result record.
+
+use serde::Serialize;
+
+use crate::{ClassificationResult, Prediction, Status};
+
+/// The model that gave a result.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelView {
+    pub name: String,
+    pub version: String,
+}
+
+/// Why an image has no predictions.
+#[derive(Clone, Debug, Serialize)]
+pub struct ErrorView {
+    pub kind: String,
+    pub message: String,
+}
+
+/// One image's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResultView {
+    pub request_id: String,
+    pub batch_id: String,
+    pub batch_index: i32,
+    pub url: String,
+    /// `ok` or `error`.
+    pub status: &'static str,
+    pub predictions: Vec<Prediction>,
+    /// Whether the top class is a marine animal.
+    pub marine: bool,
+    pub marine_group: Option<String>,
+    pub model: ModelView,
+    pub error: Option<ErrorView>,
+    pub submitted_at: String,
+    pub completed_at: String,
+}
+
+impl From<ClassificationResult> for ResultView {
+    fn from(r: ClassificationResult) -> Self {
+        let error = r.error_kind.map(|kind| ErrorView { kind, message: r.error_message.unwrap_or_default() });
+        Self {
+            request_id: r.request_id,
+            batch_id: r.batch_id,
+            batch_index: r.batch_index,
+            url: r.url,
+            status: r.status.as_str(),
+            predictions: r.predictions,
+            marine: r.marine_group.is_some(),
+            marine_group: r.marine_group,
+            model: ModelView { name: r.model_name, version: r.model_version },
+            error,
+            submitted_at: rfc3339(r.submitted_at_ms),
+            completed_at: rfc3339(r.completed_at_ms),
+        }
+    }
+}
+
+/// A batch's progress and the results it has so far, in submission order.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchView {
+    pub batch_id: String,
+    pub total: i64,
+    pub completed: i64,
+    pub pending: i64,
+    pub ok: i64,
+    pub error: i64,
+    pub done: bool,
+    pub results: Vec<ResultView>,
+}
+
+impl BatchView {
+    /// The view of a batch of `total` images of which `results` are done.
+    pub fn new(batch_id: String, total: i64, results: Vec<ClassificationResult>) -> Self {
+        let completed = results.len() as i64;
+        let ok = results.iter().filter(|r| r.status == Status::Ok).count() as i64;
+        Self {
+            batch_id,
+            total,
+            completed,
+            pending: total - completed,
+            ok,
+            error: completed - ok,
+            done: completed >= total,
+            results: results.into_iter().map(ResultView::from).collect(),
+        }
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339, in UTC.
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(index: i32, status: Status) -> ClassificationResult {
+        ClassificationResult {
+            request_id: format!("r{index}"),
+            batch_id: "b".into(),
+            batch_index: index,
+            batch_size: 3,
+            url: "https://example.org/a.jpg".into(),
+            status,
+            predictions: Vec::new(),
+            marine_group: None,
+            model_name: "m".into(),
+            model_version: "v".into(),
+            error_kind: (status == Status::Error).then(|| "not_found".into()),
+            error_message: None,
+            submitted_at_ms: 1_764_000_000_123,
+            completed_at_ms: 1_764_000_001_000,
+        }
+    }
+
+    #[test]
+    fn a_batch_counts_what_is_done() {
+        let view = BatchView::new("b".into(), 3, vec![result(0, Status::Ok), result(2, Status::Error)]);
+        assert_eq!((view.total, view.completed, view.pending, view.ok, view.error, view.done), (3, 2, 1, 1, 1, false));
+        let error = view.results[1].error.as_ref().expect("an error result has its error");
+        assert_eq!((error.kind.as_str(), error.message.as_str()), ("not_found", ""));
+        assert_eq!(view.results[0].submitted_at, "2025-11-24T16:00:00.123+00:00");
+    }
+}
