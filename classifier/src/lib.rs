@@ -34,7 +34,7 @@ use axum::Router;
 use rdkafka::consumer::{CommitMode, Consumer};
 use reefline_common::ops::{self, Readiness};
 use reefline_common::producer::FutureProducer;
-use reefline_schemas::Codec;
+use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -262,6 +262,11 @@ impl Application {
             self.readiness.clone(),
         ));
         tracing::info!(ops = %ops_addr, topic = %s.topics.requests, group = %s.group_id, "classifier running");
+        // Both ends of its contract: cameras that produce requests straight to Kafka find it too.
+        let register = [
+            reefline_common::register_schema::<ImageRequest>(self.codec.clone(), s.topics.requests.clone()),
+            reefline_common::register_schema::<ClassificationResult>(self.codec.clone(), s.topics.results.clone()),
+        ];
         consume::run(
             self.offsets.clone(),
             metrics.clone(),
@@ -277,6 +282,7 @@ impl Application {
         tracing::info!("draining in-flight requests");
         stopping.begin();
         probe.abort();
+        register.iter().for_each(tokio::task::JoinHandle::abort);
         self.readiness.set(false);
         prepare.await?;
         for batcher in batchers {

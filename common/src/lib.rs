@@ -55,6 +55,23 @@ where
     }
 }
 
+/// Registers `T`'s schema for the values of `topic` in the background, waiting out a registry that
+/// is away, so that a producer that does not register schemas finds the contract on a fresh stack.
+pub fn register_schema<T: reefline_schemas::Message>(
+    codec: reefline_schemas::Codec,
+    topic: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let is_transient = reefline_schemas::CodecError::is_transient;
+        match retry_transient("schema registry", is_transient, || codec.register::<T>(&topic)).await {
+            Ok(id) => tracing::info!(subject = %format!("{topic}-value"), id, "schema registered"),
+            Err(e) => {
+                tracing::error!(subject = %format!("{topic}-value"), error = %e, "schema refused by the registry")
+            }
+        }
+    })
+}
+
 /// Installs the `tracing` subscriber; `RUST_LOG` filters (default `info`).
 pub fn init_telemetry() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

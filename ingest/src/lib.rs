@@ -15,7 +15,7 @@ use axum::extract::DefaultBodyLimit;
 use reefline_common::auth::{ApiKeys, require_key};
 use reefline_common::ops::{self, Readiness};
 use reefline_common::producer::FutureProducer;
-use reefline_schemas::Codec;
+use reefline_schemas::{Codec, ImageRequest};
 use tokio::net::TcpListener;
 
 pub use error::IngestError;
@@ -131,9 +131,12 @@ impl Application {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
         let probe = tokio::spawn(watch_broker(self.state.clone(), self.readiness));
         let follow = tokio::spawn(wait::follow(self.results, self.state.codec.clone(), self.state.waiters.clone()));
+        let topic = self.state.settings.topics.requests.clone();
+        let register = reefline_common::register_schema::<ImageRequest>(self.state.codec.clone(), topic);
         reefline_common::http::serve(self.listener, self.router, self.state.settings.http, shutdown).await;
         probe.abort();
         follow.abort();
+        register.abort();
         Ok(())
     }
 }

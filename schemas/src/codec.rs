@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use apache_avro::from_value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
-use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 use secrecy::{ExposeSecret, SecretString};
@@ -115,6 +115,7 @@ fn http_status(error: &str) -> Option<u16> {
 /// Encodes and decodes [`Message`]s, registering their schemas under the topic-name strategy.
 #[derive(Clone)]
 pub struct Codec {
+    registry: SrSettings,
     encoder: std::sync::Arc<AvroEncoder>,
     decoder: std::sync::Arc<AvroDecoder>,
 }
@@ -129,8 +130,19 @@ impl Codec {
         let sr = builder.build().map_err(CodecError::from_src)?;
         Ok(Self {
             encoder: std::sync::Arc::new(AvroEncoder::new(sr.clone())),
-            decoder: std::sync::Arc::new(AvroDecoder::new(sr)),
+            decoder: std::sync::Arc::new(AvroDecoder::new(sr.clone())),
+            registry: sr,
         })
+    }
+
+    /// Registers `T`'s schema for the values of `topic` (the registry answers the existing id when
+    /// it is registered already) and returns its id. The services do this when they start, so a
+    /// producer configured not to register schemas, as production producers are, finds the
+    /// latest version on a fresh stack.
+    pub async fn register<T: Message>(&self, topic: &str) -> Result<u32, CodecError> {
+        let schema = SuppliedSchema::new(None, SchemaType::Avro, T::SCHEMA.to_owned());
+        let registered = post_schema(&self.registry, format!("{topic}-value"), schema).await;
+        registered.map(|r| r.id).map_err(CodecError::from_src)
     }
 
     /// Encodes `item` as the value of a record on `topic`, registering its schema on first use.

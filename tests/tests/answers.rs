@@ -25,6 +25,15 @@ async fn a_submission_that_waits_gets_its_results_in_the_same_call_from_any_inge
     let client = reqwest::Client::new();
     let photo = |name: &str| format!("{}/photos/{name}", env.photos);
 
+    // Before anything is submitted, the services have registered the contract, so that a camera
+    // configured not to register schemas (it looks the latest version up) works on a fresh stack.
+    for topic in [&env.names.requests, &env.names.results] {
+        let latest = format!("{}/subjects/{topic}-value/versions/latest", env.registry.url);
+        let schema =
+            wait_for_status(&client, &latest, 200, "the schema registered at start", Duration::from_secs(60)).await;
+        assert!(schema["id"].as_u64().is_some(), "{schema}");
+    }
+
     let urls = [photo("coffee.png"), photo("missing.jpg"), photo("chelsea.png")];
     let (status, answer) =
         post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({ "images": urls, "wait": 60 })).await;
