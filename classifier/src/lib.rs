@@ -11,7 +11,7 @@ mod consume;
 pub mod engine;
 pub mod error;
 pub mod fetch;
-pub mod guard;
+pub use reefline_common::guard;
 mod infer;
 mod job;
 mod jpeg;

@@ -16,6 +16,10 @@ pub struct Topics {
     #[arg(long = "results-topic", env = "RESULTS_TOPIC", default_value = "reefline.results")]
     pub results: String,
 
+    /// Topic the sink announces finished submissions on (`BatchCompleted`).
+    #[arg(long = "batches-topic", env = "BATCHES_TOPIC", default_value = "reefline.batches")]
+    pub batches: String,
+
     /// Topic records that cannot be processed are moved to.
     #[arg(long = "dead-letter-topic", env = "DEAD_LETTER_TOPIC", default_value = "reefline.dead-letter")]
     pub dead_letter: String,

@@ -80,7 +80,8 @@ async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         let model = validate::check_model(request.model, &state.models)?;
         let default_wait = Duration::from_secs_f64(state.settings.infer_wait_seconds.max(0.0));
         let wait = wait_for(&state, request.wait, default_wait)?;
-        Ok(match submit_and_wait(&state, "classify", vec![url], model, wait).await? {
+        let submission = Submission { urls: vec![url], model, callback_url: None };
+        Ok(match submit_and_wait(&state, "classify", submission, wait).await? {
             Answer::Waited { mut results, .. } if !results.is_empty() => {
                 (StatusCode::OK, Json(ResultView::from(results.remove(0)))).into_response()
             }
@@ -131,8 +132,9 @@ async fn handle_many(
     let limits = Limits { max_images: state.settings.max_images, max_url_bytes: state.settings.max_url_bytes };
     let urls = validate::check_images(request.images, limits)?;
     let model = validate::check_model(request.model, &state.models)?;
+    let callback_url = validate::check_callback(request.callback_url, state.settings.max_url_bytes)?;
     let wait = wait_for(state, request.wait, default_wait)?;
-    Ok(match submit_and_wait(state, route, urls, model, wait).await? {
+    Ok(match submit_and_wait(state, route, Submission { urls, model, callback_url }, wait).await? {
         Answer::Accepted { batch_id, request_ids } => {
             (StatusCode::ACCEPTED, Json(Accepted { batch_id, request_ids })).into_response()
         }
@@ -164,11 +166,10 @@ enum Answer {
 async fn submit_and_wait(
     state: &AppState,
     route: &str,
-    urls: Vec<Url>,
-    model: Option<String>,
+    submission: Submission,
     wait: Duration,
 ) -> Result<Answer, IngestError> {
-    let requests = plan(urls, model);
+    let requests = submission.plan();
     let batch_id = requests[0].batch_id.clone();
     let request_ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
     let registration = (!wait.is_zero()).then(|| state.waiters.register(&batch_id, request_ids.clone()));
@@ -180,24 +181,36 @@ async fn submit_and_wait(
     Ok(Answer::Waited { batch_id, request_ids, results })
 }
 
-/// One request record per URL, under a new batch id.
-fn plan(urls: Vec<Url>, model: Option<String>) -> Vec<ImageRequest> {
-    let batch_id = Uuid::now_v7().to_string();
-    let submitted_at_ms = chrono::Utc::now().timestamp_millis();
-    let batch_size = urls.len() as i32;
-    urls.into_iter()
-        .enumerate()
-        .map(|(i, url)| ImageRequest {
-            request_id: Uuid::now_v7().to_string(),
-            batch_id: batch_id.clone(),
-            batch_index: i as i32,
-            batch_size,
-            url: url.into(),
-            submitted_at_ms,
-            source: "http".into(),
-            model: model.clone(),
-        })
-        .collect()
+/// A checked submission.
+struct Submission {
+    urls: Vec<Url>,
+    model: Option<String>,
+    callback_url: Option<String>,
+}
+
+impl Submission {
+    /// One request record per URL, under a new batch id.
+    fn plan(self) -> Vec<ImageRequest> {
+        let batch_id = Uuid::now_v7().to_string();
+        let submitted_at_ms = chrono::Utc::now().timestamp_millis();
+        let batch_size = self.urls.len() as i32;
+        let (model, callback_url) = (self.model, self.callback_url);
+        self.urls
+            .into_iter()
+            .enumerate()
+            .map(|(i, url)| ImageRequest {
+                request_id: Uuid::now_v7().to_string(),
+                batch_id: batch_id.clone(),
+                batch_index: i as i32,
+                batch_size,
+                url: url.into(),
+                submitted_at_ms,
+                source: "http".into(),
+                model: model.clone(),
+                callback_url: callback_url.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Room for a submission's images among those waiting for the broker, held until it is answered.

@@ -19,6 +19,8 @@ pub struct ClassifyRequest {
     pub model: Option<String>,
     /// Seconds to wait for the results before answering (0 to 60).
     pub wait: Option<f64>,
+    /// Where to POST the submission's summary once every image has a result.
+    pub callback_url: Option<String>,
 }
 
 /// `POST /classify`: one image URL.
@@ -30,6 +32,18 @@ pub struct SingleRequest {
     pub model: Option<String>,
     /// Seconds to wait for the result before answering (0 to 60).
     pub wait: Option<f64>,
+}
+
+/// Checks `callback_url`, when given, by the rules of an image URL (where it points is checked
+/// when it is called, as image fetches are).
+pub fn check_callback(callback_url: Option<String>, max_url_bytes: usize) -> Result<Option<String>, IngestError> {
+    callback_url
+        .map(|raw| {
+            check_url(&raw, max_url_bytes)
+                .map(String::from)
+                .map_err(|reason| IngestError::InvalidUrl { field: "callback_url".into(), reason })
+        })
+        .transpose()
 }
 
 /// Most seconds a request may ask to wait for its results.

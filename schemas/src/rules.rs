@@ -103,7 +103,13 @@ impl ImageRequest {
         check_position(self.batch_index, self.batch_size)?;
         check_time("submitted_at_ms", self.submitted_at_ms)?;
         check_text("source", &self.source, SHORT_TEXT_BYTES)?;
-        check_text("model", self.model.as_deref().unwrap_or(""), SHORT_TEXT_BYTES)
+        check_text("model", self.model.as_deref().unwrap_or(""), SHORT_TEXT_BYTES)?;
+        match &self.callback_url {
+            Some(url) => check_url(url, max_url_bytes)
+                .map(drop)
+                .map_err(|reason| format!("`callback_url` is not usable: {reason}")),
+            None => Ok(()),
+        }
     }
 }
 
@@ -148,6 +154,7 @@ mod tests {
             submitted_at_ms: 1_790_000_000_000,
             source: "kafka".into(),
             model: None,
+            callback_url: None,
         }
     }
 

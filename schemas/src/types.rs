@@ -41,6 +41,9 @@ pub struct ImageRequest {
     /// The model named by the submission; `None` for the classifier's default.
     #[serde(default)]
     pub model: Option<String>,
+    /// Where the sink POSTs the submission's summary when it is done; `None` for none.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 message!(ImageRequest, "image_request.avsc");
 
@@ -103,6 +106,20 @@ impl ClassificationResult {
         self.completed_at_ms <= new.completed_at_ms && !(self.status == Status::Ok && new.status == Status::Error)
     }
 }
+
+/// A submission all of whose images have a result (`batch_completed.avsc`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchCompleted {
+    pub batch_id: String,
+    pub total: i32,
+    pub ok: i32,
+    pub error: i32,
+    pub marine: i32,
+    pub marine_groups: std::collections::HashMap<String, i32>,
+    pub submitted_at_ms: i64,
+    pub completed_at_ms: i64,
+}
+message!(BatchCompleted, "batch_completed.avsc");
 
 mod status_as_string {
     use super::Status;

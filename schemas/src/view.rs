@@ -69,6 +69,30 @@ pub struct BatchView {
     pub error: i64,
     pub done: bool,
     pub results: Vec<ResultView>,
+    /// The submission's callback, when it named one (the sink's lookup only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackView>,
+}
+
+/// Where a submission's callback stands: `waiting` (the batch is not done), `due`, `delivered` or
+/// `gave_up`, and every attempt.
+#[derive(Clone, Debug, Serialize)]
+pub struct CallbackView {
+    pub url: String,
+    pub state: &'static str,
+    pub next_attempt_at: Option<String>,
+    pub delivered_at: Option<String>,
+    pub gave_up_at: Option<String>,
+    pub attempts: Vec<CallbackAttemptView>,
+}
+
+/// One try of a callback: the HTTP status it got, or why it got none.
+#[derive(Clone, Debug, Serialize)]
+pub struct CallbackAttemptView {
+    pub attempt: i32,
+    pub at: String,
+    pub status: Option<i32>,
+    pub error: Option<String>,
 }
 
 impl BatchView {
@@ -85,6 +109,7 @@ impl BatchView {
             error: completed - ok,
             done: completed >= total,
             results: results.into_iter().map(ResultView::from).collect(),
+            callback: None,
         }
     }
 }

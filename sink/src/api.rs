@@ -87,5 +87,7 @@ async fn batch(State(pool): State<PgPool>, Path(batch_id): Path<String>) -> Resu
         Some(first) => first.batch_size,
         None => db::batch_size(&pool, &batch_id).await?.ok_or_else(|| ApiError::UnknownBatch(batch_id.clone()))?,
     };
-    Ok(Json(BatchView::new(batch_id, i64::from(total), rows.into_iter().map(Row::into_result).collect())))
+    let callback = crate::batches::callback(&pool, &batch_id).await?;
+    let view = BatchView::new(batch_id, i64::from(total), rows.into_iter().map(Row::into_result).collect());
+    Ok(Json(BatchView { callback, ..view }))
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntCounterVec};
@@ -13,6 +14,7 @@ use reefline_common::kafka::LagContext;
 use reefline_common::producer::FutureProducer;
 use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use sqlx::PgPool;
+use tokio::sync::Notify;
 
 use crate::db;
 
@@ -47,6 +49,8 @@ pub struct Sink {
     pub metrics: Metrics,
     /// Ready while the database takes writes.
     pub readiness: reefline_common::ops::Readiness,
+    /// Told when a batch completes.
+    pub wake: Arc<Notify>,
 }
 
 impl Sink {
@@ -105,6 +109,7 @@ impl Sink {
             |rows| async move {
                 let started = Instant::now();
                 db::upsert(&self.pool, rows).await?;
+                complete_batches(&self.pool, &self.wake, rows.iter().map(|r| r.batch_id.as_str())).await?;
                 self.readiness.set(true);
                 self.metrics.write_seconds.observe(started.elapsed().as_secs_f64());
                 self.metrics.batch_size.observe(rows.len() as f64);
@@ -257,6 +262,20 @@ pub struct RequestLog {
     /// Requests recorded, and records skipped as undecodable.
     pub recorded: IntCounter,
     pub skipped: IntCounter,
+    /// Told when a batch completes.
+    pub wake: Arc<Notify>,
+}
+
+/// Marks complete the batches among `batch_ids` that now have every result, and wakes the
+/// notifier when one did.
+async fn complete_batches(pool: &PgPool, wake: &Notify, batch_ids: impl Iterator<Item = &str>) -> sqlx::Result<()> {
+    let mut ids: Vec<&str> = batch_ids.collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if crate::batches::complete(pool, &ids).await? > 0 {
+        wake.notify_one();
+    }
+    Ok(())
 }
 
 impl RequestLog {
@@ -282,7 +301,12 @@ impl RequestLog {
             }
             let written = write_isolating(
                 &requests,
-                |rows| db::insert_requests(&self.pool, rows),
+                |rows| async move {
+                    db::insert_requests(&self.pool, rows).await?;
+                    crate::batches::insert(&self.pool, rows).await?;
+                    // A batch whose results were all written before its requests completes now.
+                    complete_batches(&self.pool, &self.wake, rows.iter().map(|r| r.batch_id.as_str())).await
+                },
                 |e, rows| tracing::warn!(error = %e, rows, "recording requests failed; retrying"),
                 shutdown.as_mut(),
             )

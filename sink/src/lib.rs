@@ -1,11 +1,14 @@
 //! Reefline sink: writes results from Kafka into Postgres and serves the lookup API.
 
 mod api;
+mod batches;
 mod consume;
 pub mod db;
+mod notify;
 pub mod settings;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -15,7 +18,7 @@ use reefline_common::auth::{ApiKeys, require_key};
 use reefline_common::kafka::{LagContext, LagGauge};
 use reefline_common::ops::{self, Readiness, duration_buckets};
 use reefline_common::producer::FutureProducer;
-use reefline_schemas::Codec;
+use reefline_schemas::{BatchCompleted, Codec};
 use tokio::net::TcpListener;
 
 pub use crate::settings::Settings;
@@ -36,6 +39,7 @@ pub struct Application {
     router: Router,
     sink: consume::Sink,
     requests: consume::RequestLog,
+    notifier: notify::Notifier,
     http: reefline_common::http::HttpLimits,
 }
 
@@ -78,8 +82,8 @@ impl Application {
             settings.lookup_connections,
             Duration::from_millis(settings.lookup_timeout_ms),
         )?;
-        let topics =
-            [&settings.topics.results, &settings.topics.dead_letter, &settings.topics.requests].map(String::as_str);
+        let t = &settings.topics;
+        let topics = [&t.results, &t.dead_letter, &t.requests, &t.batches].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
         let registry = prometheus::Registry::new();
         // One gauge for both consumers: they read different topics.
@@ -95,6 +99,7 @@ impl Application {
         let skipped = IntCounter::new("sink_requests_skipped_total", "Request records skipped as undecodable")?;
         registry.register(Box::new(recorded.clone()))?;
         registry.register(Box::new(skipped.clone()))?;
+        let wake = Arc::new(tokio::sync::Notify::new());
         let requests = consume::RequestLog {
             consumer: requests_consumer,
             pool: pool.clone(),
@@ -104,6 +109,31 @@ impl Application {
             linger: Duration::from_millis(settings.linger_ms),
             recorded,
             skipped,
+            wake: wake.clone(),
+        };
+        let notices = IntCounterVec::new(
+            Opts::new("sink_batch_notices_total", "BatchCompleted records and callback attempts, by outcome"),
+            &["kind", "outcome"],
+        )?;
+        registry.register(Box::new(notices.clone()))?;
+        let policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.fetch_allow));
+        let producer = settings.kafka.producer_config().create::<FutureProducer>()?;
+        let notifier = notify::Notifier {
+            pool: pool.clone(),
+            producer: producer.clone(),
+            codec: codec.clone(),
+            topic: settings.topics.batches.clone(),
+            client: notify::callback_client(policy.clone(), Duration::from_millis(settings.callback_timeout_ms))?,
+            policy,
+            secret: settings.callback_secret.clone(),
+            public_url: settings.public_url.clone(),
+            retry: notify::Retry {
+                base: Duration::from_millis(settings.callback_retry_base_ms),
+                max: Duration::from_millis(settings.callback_retry_max_ms),
+                give_up_after: Duration::from_secs(settings.callback_give_up_after_s),
+            },
+            wake: wake.clone(),
+            notices,
         };
         let readiness = Readiness::default();
         readiness.set(true);
@@ -117,15 +147,16 @@ impl Application {
             consumer,
             pool,
             codec,
-            producer: settings.kafka.producer_config().create::<FutureProducer>()?,
+            producer,
             topic: settings.topics.results.clone(),
             dead_letter_topic: settings.topics.dead_letter.clone(),
             max_batch: settings.max_batch.max(1),
             linger: Duration::from_millis(settings.linger_ms),
             metrics: metrics(&registry)?,
             readiness,
+            wake,
         };
-        Ok(Self { listener, router, sink, requests, http: settings.http })
+        Ok(Self { listener, router, sink, requests, notifier, http: settings.http })
     }
 
     /// The address the lookup API listens on.
@@ -145,7 +176,10 @@ impl Application {
         };
         let server =
             tokio::spawn(reefline_common::http::serve(self.listener, self.router, self.http, stopped(&stop_rx)));
-        let (sink, requests) = (self.sink, self.requests);
+        let (sink, requests, notifier) = (self.sink, self.requests, self.notifier);
+        let register =
+            reefline_common::register_schema::<BatchCompleted>(notifier.codec.clone(), notifier.topic.clone());
+        let notices = notifier.run(stopped(&stop_rx));
         let results = async {
             sink.run(stopped(&stop_rx)).await;
             if let Err(e) = sink.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -162,7 +196,8 @@ impl Application {
             shutdown.await;
             let _ = stop_tx.send(true);
         };
-        tokio::join!(signal, results, pending);
+        tokio::join!(signal, results, pending, notices);
+        register.abort();
         server.await?;
         tracing::info!("sink stopped");
         Ok(())

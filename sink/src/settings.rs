@@ -51,6 +51,37 @@ pub struct Settings {
     #[arg(long, env = "LOOKUP_TIMEOUT_MS", default_value_t = 5000)]
     pub lookup_timeout_ms: u64,
 
+    /// Secret the callbacks are signed with (HMAC-SHA256, `Reefline-Signature`); without one they
+    /// go unsigned.
+    #[arg(long, env = "CALLBACK_SECRET", hide_env_values = true)]
+    pub callback_secret: Option<SecretString>,
+
+    /// Where the sink's API is reached from outside, for the links in callbacks.
+    #[arg(long, env = "SINK_PUBLIC_URL", default_value = "http://127.0.0.1:8081")]
+    pub public_url: String,
+
+    /// First wait before a failed callback is tried again, in milliseconds; it doubles with each
+    /// failure, up to `CALLBACK_RETRY_MAX_MS`.
+    #[arg(long, env = "CALLBACK_RETRY_BASE_MS", default_value_t = 10_000)]
+    pub callback_retry_base_ms: u64,
+
+    /// Longest wait between two tries of a callback, in milliseconds.
+    #[arg(long, env = "CALLBACK_RETRY_MAX_MS", default_value_t = 3_600_000)]
+    pub callback_retry_max_ms: u64,
+
+    /// How long after a batch completes its callback is still tried, in seconds.
+    #[arg(long, env = "CALLBACK_GIVE_UP_AFTER_S", default_value_t = 86_400)]
+    pub callback_give_up_after_s: u64,
+
+    /// Longest one callback may take, in milliseconds.
+    #[arg(long, env = "CALLBACK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub callback_timeout_ms: u64,
+
+    /// Callback destinations opened although not public: CIDRs, IPs or host names, comma-separated;
+    /// the same rules as the classifier's image fetches (`FETCH_ALLOW`).
+    #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
+    pub fetch_allow: Vec<String>,
+
     #[command(flatten)]
     pub auth: AuthSettings,
 
@@ -71,6 +102,9 @@ impl std::fmt::Debug for Settings {
             .field("database_url", &url_without_password(self.database_url.expose_secret()))
             .field("topics", &self.topics)
             .field("group_id", &self.group_id)
+            .field("callback_secret", &self.callback_secret)
+            .field("public_url", &self.public_url)
+            .field("fetch_allow", &self.fetch_allow)
             .field("auth", &self.auth)
             .field("kafka", &self.kafka)
             .field("registry", &self.registry)

@@ -230,6 +230,7 @@ pub struct Names {
     pub requests: String,
     pub results: String,
     pub dead_letter: String,
+    pub batches: String,
     pub classifier_group: String,
     pub sink_group: String,
 }
@@ -241,6 +242,7 @@ impl Names {
             requests: format!("requests-{id}"),
             results: format!("results-{id}"),
             dead_letter: format!("dead-letter-{id}"),
+            batches: format!("batches-{id}"),
             classifier_group: format!("classifier-{id}"),
             sink_group: format!("sink-{id}"),
         }
@@ -272,6 +274,7 @@ impl StackSettings {
             requests: names.requests.clone(),
             results: names.results.clone(),
             dead_letter: names.dead_letter.clone(),
+            batches: names.batches.clone(),
             partitions: 3,
         };
         // One model unless a test asks for more (`serve_every_model`): each loads in a second or so.
@@ -305,6 +308,8 @@ impl StackSettings {
         sink.topics = topics;
         sink.group_id = names.sink_group.clone();
         sink.requests_group_id = format!("{}-requests", names.sink_group);
+        sink.fetch_allow = vec!["127.0.0.1/32".into()];
+        sink.callback_retry_base_ms = 100;
         sink.kafka = kafka;
         sink.registry = registry;
         Self { ingest, classifier, sink }

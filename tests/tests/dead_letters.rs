@@ -111,6 +111,7 @@ async fn dead_letters_are_replayed_after_the_fix() {
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
         model: None,
+        callback_url: None,
     };
     let next_id = latest_schema_id(&client, &env.registry.url).await + 1;
     let framed = reefline_e2e::camera::framed(next_id as u32, &request);
@@ -202,6 +203,7 @@ fn request(url: &str) -> reefline_schemas::ImageRequest {
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
         model: None,
+        callback_url: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn request() -> ImageRequest {
         submitted_at_ms: 1_763_700_000_000,
         source: "http".into(),
         model: None,
+        callback_url: None,
     }
 }
 

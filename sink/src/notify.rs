@@ -1,0 +1,288 @@
+//! Telling the world a submission is done: its `BatchCompleted` record on the batches topic and
+//! its callback, each from the batches table as an outbox, so that a sink that stops half-way
+//! leaves the work to the next one (several sinks share it: rows are claimed with SKIP LOCKED).
+//!
+//! The callback is a POST of the batch's summary, signed as Stripe signs webhooks:
+//! `Reefline-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`. It is sent through
+//! the same server-side request forgery rules as image fetches, follows no redirect, and is tried
+//! again with exponential backoff until it is answered 2xx or `CALLBACK_GIVE_UP_AFTER_S` has
+//! passed since the batch completed; a destination the rules refuse is given up at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use prometheus::IntCounterVec;
+use rdkafka::producer::FutureRecord;
+use reefline_common::guard::{AddressPolicy, GuardedResolver};
+use reefline_common::producer::FutureProducer;
+use reefline_schemas::{BatchCompleted, Codec};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::batches::{self, Finished, Summary};
+
+/// How failed callbacks are tried again.
+#[derive(Clone, Copy, Debug)]
+pub struct Retry {
+    pub base: Duration,
+    pub max: Duration,
+    pub give_up_after: Duration,
+}
+
+impl Retry {
+    /// The wait after failed attempt number `attempt` (from 1).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.base.saturating_mul(1 << attempt.saturating_sub(1).min(20)).min(self.max)
+    }
+}
+
+/// A callback claimed for one attempt.
+#[derive(sqlx::FromRow)]
+struct Claimed {
+    #[sqlx(flatten)]
+    batch: Finished,
+    callback_url: String,
+    /// Attempts made before this one.
+    attempts: i64,
+}
+
+/// What the notifier needs.
+pub struct Notifier {
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub codec: Codec,
+    pub topic: String,
+    pub client: reqwest::Client,
+    pub policy: Arc<AddressPolicy>,
+    pub secret: Option<SecretString>,
+    pub public_url: String,
+    pub retry: Retry,
+    /// Woken when batches complete, so that nothing waits for the next tick.
+    pub wake: Arc<Notify>,
+    /// `sink_batch_notices_total{kind="event"|"callback", outcome}`.
+    pub notices: IntCounterVec,
+}
+
+/// A client for callbacks: the guarded resolver, no redirects, no proxy.
+pub fn callback_client(policy: Arc<AddressPolicy>, timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(GuardedResolver { policy }))
+        .user_agent(concat!("reefline-sink/", env!("CARGO_PKG_VERSION")))
+        .no_proxy()
+        .build()
+}
+
+/// The `Reefline-Signature` header value for `body` sent at `t` (Unix seconds).
+pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Notifier {
+    /// Works the outbox until `shutdown` fires: at once when woken, else every second.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            if let Err(e) = self.produce_events().await {
+                tracing::warn!(error = %e, "producing BatchCompleted records; trying again");
+            }
+            if let Err(e) = self.deliver_callbacks().await {
+                tracing::warn!(error = %e, "delivering callbacks; trying again");
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Produces a `BatchCompleted` record for every completed batch that has none yet.
+    async fn produce_events(&self) -> anyhow::Result<()> {
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let claimed: Vec<Finished> = sqlx::query_as(
+                "SELECT batch_id, total, submitted_at, completed_at FROM batches
+                 WHERE completed_at IS NOT NULL AND event_produced_at IS NULL
+                 ORDER BY completed_at LIMIT 100 FOR UPDATE SKIP LOCKED",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            if claimed.is_empty() {
+                return Ok(());
+            }
+            let summaries = batches::summaries(&mut tx, claimed).await?;
+            for summary in &summaries {
+                let record = BatchCompleted {
+                    batch_id: summary.batch_id.clone(),
+                    total: summary.total,
+                    ok: summary.ok,
+                    error: summary.error,
+                    marine: summary.marine,
+                    marine_groups: summary.marine_groups.clone(),
+                    submitted_at_ms: summary.submitted_at.timestamp_millis(),
+                    completed_at_ms: summary.completed_at.timestamp_millis(),
+                };
+                let payload = self.codec.encode(&self.topic, &record).await?;
+                let kafka = FutureRecord::to(&self.topic).key(record.batch_id.as_str()).payload(&payload);
+                self.producer.send(kafka, Duration::from_secs(5)).await.map_err(|(e, _)| e)?;
+            }
+            let ids: Vec<&str> = summaries.iter().map(|s| s.batch_id.as_str()).collect();
+            sqlx::query("UPDATE batches SET event_produced_at = now() WHERE batch_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            self.notices.with_label_values(&["event", "produced"]).inc_by(ids.len() as u64);
+        }
+    }
+
+    /// Tries every callback that is due, side by side. Each is claimed for a while first, so that
+    /// no other sink tries it meanwhile.
+    async fn deliver_callbacks(&self) -> anyhow::Result<()> {
+        let lease = self.client_timeout_lease();
+        let claimed: Vec<Claimed> = sqlx::query_as(
+            "UPDATE batches b SET callback_due_at = now() + $1 * interval '1 millisecond'
+             FROM (SELECT batch_id FROM batches WHERE callback_due_at <= now()
+                   ORDER BY callback_due_at LIMIT 50 FOR UPDATE SKIP LOCKED) due
+             WHERE b.batch_id = due.batch_id
+             RETURNING b.batch_id, b.callback_url, b.total, b.submitted_at, b.completed_at,
+                       (SELECT count(*) FROM callback_attempts a WHERE a.batch_id = b.batch_id) AS attempts",
+        )
+        .bind(lease.as_millis() as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.pool.acquire().await?;
+        let summaries = batches::summaries(&mut conn, claimed.iter().map(|c| c.batch.clone()).collect()).await?;
+        drop(conn);
+        let attempts = claimed.iter().map(|c| (c.callback_url.as_str(), c.attempts as i32 + 1));
+        let calls = summaries.iter().zip(attempts).map(|(summary, (url, attempt))| self.call(summary, url, attempt));
+        futures::future::join_all(calls).await.into_iter().collect::<sqlx::Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    /// Longer than any one call can take.
+    fn client_timeout_lease(&self) -> Duration {
+        Duration::from_secs(300)
+    }
+
+    /// One attempt at one callback, recorded with its outcome and the next step.
+    async fn call(&self, summary: &Summary, url: &str, attempt: i32) -> sqlx::Result<()> {
+        let body = serde_json::to_vec(&self.body(summary)).expect("a summary serialises");
+        let (status, error, permanent) = match self.post(url, body).await {
+            Ok(status) => (Some(i32::from(status.as_u16())), None, false),
+            Err((error, permanent)) => (None, Some(error), permanent),
+        };
+        let delivered = status.is_some_and(|s| (200..300).contains(&s));
+        let now = Utc::now();
+        let next = now + self.retry.delay(attempt as u32);
+        let deadline = summary.completed_at + self.retry.give_up_after;
+        let gave_up = !delivered && (permanent || next > deadline);
+        let outcome = if delivered {
+            "delivered"
+        } else if gave_up {
+            "gave_up"
+        } else {
+            "failed"
+        };
+        tracing::info!(batch_id = %summary.batch_id, attempt, ?status, error = error.as_deref().unwrap_or(""), outcome, "callback");
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO callback_attempts (batch_id, attempt, at, status, error) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&summary.batch_id)
+            .bind(attempt)
+            .bind(now)
+            .bind(status)
+            .bind(&error)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE batches SET callback_due_at = $2, callback_delivered_at = $3, callback_gave_up_at = $4
+             WHERE batch_id = $1",
+        )
+        .bind(&summary.batch_id)
+        .bind((!delivered && !gave_up).then_some(next))
+        .bind(delivered.then_some(now))
+        .bind(gave_up.then_some(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.notices.with_label_values(&["callback", outcome]).inc();
+        Ok(())
+    }
+
+    /// POSTs `body` to `url`: the status, or why there is none and whether that is for good (an
+    /// address the rules refuse, a URL that does not parse).
+    async fn post(&self, url: &str, body: Vec<u8>) -> Result<reqwest::StatusCode, (String, bool)> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| (format!("invalid URL: {e}"), true))?;
+        self.policy.check_url(&parsed).map_err(|reason| (reason, true))?;
+        let mut request = self.client.post(parsed).header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some(secret) = &self.secret {
+            let signed = signature(secret.expose_secret(), Utc::now().timestamp(), &body);
+            request = request.header("Reefline-Signature", signed);
+        }
+        let response = request.body(body).send().await.map_err(|e| explain(&e))?;
+        Ok(response.status())
+    }
+
+    /// The callback's JSON: the batch's counts and where to read its results.
+    fn body(&self, s: &Summary) -> serde_json::Value {
+        let batch = format!("{}/v1/batches/{}", self.public_url.trim_end_matches('/'), s.batch_id);
+        json!({
+            "type": "batch.completed",
+            "batch_id": s.batch_id,
+            "total": s.total,
+            "ok": s.ok,
+            "error": s.error,
+            "marine": s.marine,
+            "marine_groups": s.marine_groups,
+            "submitted_at": s.submitted_at.to_rfc3339(),
+            "completed_at": s.completed_at.to_rfc3339(),
+            "links": { "batch": batch },
+        })
+    }
+}
+
+/// A failed call's message with its causes, and whether it failed for good (the address rules).
+fn explain(e: &reqwest::Error) -> (String, bool) {
+    let (mut message, mut blocked) = (e.to_string(), false);
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        blocked |= s.is::<reefline_common::guard::Blocked>();
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    (message, blocked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_stripes_scheme() {
+        // HMAC-SHA256("secret", "1700000000.{}"), computed independently with Python's hmac module.
+        assert_eq!(
+            signature("secret", 1_700_000_000, b"{}"),
+            "t=1700000000,v1=b8569b78799ff9e3cbff0fc2d63a33a2b57f3282abd07c37ae5e8e7d79a5f163"
+        );
+    }
+
+    #[test]
+    fn retries_back_off_to_the_cap() {
+        let retry =
+            Retry { base: Duration::from_secs(10), max: Duration::from_secs(3600), give_up_after: Duration::ZERO };
+        let delays: Vec<u64> = (1..=11).map(|n| retry.delay(n).as_secs()).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600, 3600]);
+    }
+}

@@ -1,0 +1,145 @@
+//! Told when it is done: a submission's signed callback (tried again after a failure, delivered
+//! once), its attempts at the batch lookup, and its `BatchCompleted` record on the batches topic.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use reefline_e2e::{Stack, TestEnv, get_json, post_json, serve, wait_for};
+use reefline_schemas::{BatchCompleted, Codec};
+use serde_json::{Value, json};
+
+const SECRET: &str = "callback-test-secret";
+
+/// Calls received: (hook name, signature if it verified, body). The first call of each hook is
+/// answered 500.
+type Calls = Arc<Mutex<Vec<(String, Option<String>, Value)>>>;
+
+fn receiver(calls: Calls) -> Router {
+    Router::new()
+        .route(
+            "/hooks/{name}",
+            axum::routing::post(
+                |State(calls): State<Calls>,
+                 axum::extract::Path(name): axum::extract::Path<String>,
+                 headers: HeaderMap,
+                 body: axum::body::Bytes| async move {
+                    let signature = headers.get("reefline-signature").map(|v| v.to_str().unwrap().to_owned());
+                    let mut calls = calls.lock().unwrap();
+                    let first = !calls.iter().any(|(n, _, _)| n == &name);
+                    // The signature is checked on the bytes as sent, before they are parsed.
+                    let verified = signature.as_deref().is_some_and(|s| verify(s, &body));
+                    calls.push((
+                        name,
+                        signature.filter(|_| verified),
+                        serde_json::from_slice(&body).unwrap_or(Value::Null),
+                    ));
+                    if first { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::NO_CONTENT }
+                },
+            ),
+        )
+        .with_state(calls)
+}
+
+/// Checks `t=<unix>,v1=<hex>` against HMAC-SHA256 of "<t>.<body>", as a receiver would.
+fn verify(header: &str, body: &[u8]) -> bool {
+    use hmac::Mac;
+    let parts: std::collections::HashMap<&str, &str> = header.split(',').filter_map(|p| p.split_once('=')).collect();
+    let (Some(t), Some(v1)) = (parts.get("t"), parts.get("v1")) else { return false };
+    let fresh = t.parse::<i64>().is_ok_and(|t| (chrono::Utc::now().timestamp() - t).abs() < 300);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    fresh && hex::decode(v1).is_ok_and(|tag| mac.verify_slice(&tag).is_ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_submission_is_announced_once_by_a_signed_callback_and_a_batch_completed_record() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.sink.callback_secret = Some(SECRET.into());
+    let stack = Stack::start(settings).await;
+    let calls: Calls = Arc::default();
+    let hooks = serve(receiver(calls.clone())).await;
+    let client = reqwest::Client::new();
+    let photo = |name: &str| format!("{}/photos/{name}", env.photos);
+
+    let body = json!({
+        "images": [photo("coffee.png"), photo("missing.jpg")],
+        "callback_url": format!("http://{hooks}/hooks/survey"),
+    });
+    let (status, accepted) = post_json(&client, &format!("{}/v1/classify", stack.ingest), &body).await;
+    assert_eq!(status, 202, "{accepted}");
+    let batch_id = accepted["batch_id"].as_str().unwrap().to_owned();
+    // A callback to an address the fetch rules refuse is given up at once, not tried for a day.
+    let blocked = json!({ "images": [photo("coffee.png")], "callback_url": "http://169.254.169.254/hook" });
+    let (_, blocked) = post_json(&client, &format!("{}/v1/classify", stack.ingest), &blocked).await;
+
+    // The first call is answered 500, so it is tried again; the second is answered 204: delivered.
+    let batch_url = format!("{}/v1/batches/{batch_id}", stack.sink);
+    let batch = wait_for("the callback delivered", Duration::from_secs(120), || {
+        let (client, url) = (client.clone(), batch_url.clone());
+        async move { reefline_e2e::get_json_ok(&client, &url).await.filter(|b| b["callback"]["state"] == "delivered") }
+    })
+    .await;
+    let attempts = batch["callback"]["attempts"].as_array().expect("attempts");
+    let statuses: Vec<&Value> = attempts.iter().map(|a| &a["status"]).collect();
+    assert_eq!(statuses, [&json!(500), &json!(204)], "{batch}");
+    assert_eq!(
+        batch["callback"]["next_attempt_at"],
+        Value::Null,
+        "nothing more is due: it is called once more at most"
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for (name, signature, summary) in &calls {
+        assert_eq!(name, "survey");
+        assert!(signature.is_some(), "every call is signed with the configured secret");
+        assert_eq!(
+            (&summary["type"], &summary["batch_id"], &summary["total"], &summary["ok"], &summary["error"]),
+            (&json!("batch.completed"), &json!(batch_id), &json!(2), &json!(1), &json!(1)),
+            "{summary}"
+        );
+        assert_eq!(
+            summary["links"]["batch"].as_str().map(|l| l.ends_with(&format!("/v1/batches/{batch_id}"))),
+            Some(true)
+        );
+    }
+
+    let blocked_url = format!("{}/v1/batches/{}", stack.sink, blocked["batch_id"].as_str().unwrap());
+    let gave_up = wait_for("the blocked callback given up", Duration::from_secs(120), || {
+        let (client, url) = (client.clone(), blocked_url.clone());
+        async move { reefline_e2e::get_json_ok(&client, &url).await.filter(|b| b["callback"]["state"] == "gave_up") }
+    })
+    .await;
+    let error = gave_up["callback"]["attempts"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("not a public address"), "{gave_up}");
+    assert_eq!(gave_up["callback"]["attempts"].as_array().map(Vec::len), Some(1));
+
+    // One BatchCompleted record per batch on the batches topic, with the same counts.
+    let mut config = env.broker.kafka().consumer_config(&format!("{}-batches-reader", env.names.sink_group));
+    config.set("enable.auto.commit", "false");
+    let reader: StreamConsumer = config.create().unwrap();
+    reader.subscribe(&[&env.names.batches]).unwrap();
+    let codec = Codec::new(&env.registry).unwrap();
+    let mut seen: Vec<BatchCompleted> = Vec::new();
+    while seen.len() < 2 {
+        let message =
+            tokio::time::timeout(Duration::from_secs(60), reader.recv()).await.expect("batch records").unwrap();
+        let record: BatchCompleted = codec.decode(message.payload()).await.expect("a BatchCompleted record");
+        assert_eq!(message.key(), Some(record.batch_id.as_bytes()), "keyed by batch id");
+        seen.push(record);
+    }
+    let ours: Vec<&BatchCompleted> = seen.iter().filter(|b| b.batch_id == batch_id).collect();
+    assert_eq!(ours.len(), 1, "{seen:?}");
+    assert_eq!((ours[0].total, ours[0].ok, ours[0].error, ours[0].marine), (2, 1, 1, 0));
+    let (status, plain) = get_json(&client, &format!("{}/v1/batches/{batch_id}", stack.sink)).await;
+    assert_eq!((status, &plain["done"]), (200, &json!(true)));
+
+    stack.stop().await;
+    env.finish().await;
+}
