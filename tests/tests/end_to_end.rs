@@ -362,7 +362,8 @@ async fn no_configured_secret_reaches_a_log_line_or_help() {
     // Postgres here trusts local connections, so the password is carried but not needed.
     let database_url = db.url.replacen("postgres://postgres@", "postgres://postgres:Db-p%40ss-5ecret@", 1);
     assert_ne!(database_url, db.url);
-    let secrets = ["Db-p%40ss-5ecret", "Db-p@ss-5ecret", "Kafka-5ecret", "Registry-5ecret", "Api-5ecret"];
+    let secrets =
+        ["Db-p%40ss-5ecret", "Db-p@ss-5ecret", "Kafka-5ecret", "Registry-5ecret", "Api-5ecret", "Hook-5ecret"];
     let env = [
         ("DATABASE_URL", database_url.as_str()),
         ("KAFKA_BROKERS", &broker.kafka().brokers),
@@ -371,6 +372,7 @@ async fn no_configured_secret_reaches_a_log_line_or_help() {
         ("SCHEMA_REGISTRY_USER", "reef"),
         ("SCHEMA_REGISTRY_PASSWORD", "Registry-5ecret"),
         ("API_KEYS", "Api-5ecret"),
+        ("CALLBACK_SECRET", "Hook-5ecret"),
         ("SINK_LISTEN", "127.0.0.1:0"),
         ("RUST_LOG", "debug"),
     ];
