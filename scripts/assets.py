@@ -129,6 +129,9 @@ def main(cache):
     # The parity test's reference preprocessing (models/reference.py): Pillow and numpy.
     pinned_venv(os.path.join(cache, "venv-reference"), os.path.join(ROOT, "models/reference-requirements.txt"),
                 "the reference preprocessing's venv (Pillow, numpy)")
+    # The contract test's property-based API tester.
+    pinned_venv(os.path.join(cache, "venv-schemathesis"), os.path.join(ROOT, "tests/schemathesis-requirements.txt"),
+                "the API tester's venv (schemathesis)")
     print(f"assets: ready under {cache}", flush=True)
 
 

@@ -2,6 +2,7 @@
 //! the ops endpoints (`/metrics`, `/healthz`, `/readyz`), the shutdown signal, and the dead-letter replay.
 
 pub mod auth;
+pub mod docs;
 pub mod guard;
 pub mod http;
 pub mod kafka;

@@ -117,7 +117,8 @@ impl Application {
         let router = routes::router(state.clone())
             .layer(DefaultBodyLimit::max(body_limit))
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
-            .merge(ops::router(registry, readiness.clone()));
+            .merge(ops::router(registry, readiness.clone()))
+            .merge(reefline_common::docs::router(<routes::ApiDoc as utoipa::OpenApi>::openapi()));
         Ok(Self { listener, router, state, readiness, results })
     }
 

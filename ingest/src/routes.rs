@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
-use reefline_schemas::view::{BatchView, ResultView};
+use reefline_schemas::view::{BatchView, ErrorBody, ResultView};
 use reefline_schemas::{ClassificationResult, ImageRequest, REQUEST_ID_HEADER};
 use serde::Serialize;
 use url::Url;
@@ -23,6 +23,17 @@ use crate::AppState;
 use crate::error::IngestError;
 use crate::validate::{self, ClassifyRequest, Limits, SingleRequest};
 
+/// Ingest's HTTP API.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Reefline ingest", description = "Submits image URLs for classification. Results are read from the sink's API (port 8081 locally), or waited for here."),
+    paths(classify, infer, classify_one),
+    modifiers(&API_KEYS),
+)]
+pub(crate) struct ApiDoc;
+
+const API_KEYS: reefline_common::docs::ApiKeys = reefline_common::docs::ApiKeys;
+
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/classify", post(classify))
@@ -31,8 +42,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// The answer to an accepted submission that did not wait.
-#[derive(Serialize)]
+/// The answer to an accepted submission whose results are not all in (it did not wait, or not
+/// long enough); one that waited has the fields of a batch too, as in its `200`.
+#[derive(Serialize, utoipa::ToSchema)]
 struct Accepted {
     batch_id: String,
     /// One id per URL, in the order the URLs were given.
@@ -40,7 +52,7 @@ struct Accepted {
 }
 
 /// The answer to a submission that waited: the batch as the sink shows it, and its request ids.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Waited {
     #[serde(flatten)]
     batch: BatchView,
@@ -48,7 +60,7 @@ struct Waited {
 }
 
 /// The answer to an accepted single-image submission whose result is not in yet.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct AcceptedOne {
     batch_id: String,
     request_id: String,
@@ -56,20 +68,50 @@ struct AcceptedOne {
 
 type Body = Result<Bytes, BytesRejection>;
 
-/// `POST /v1/classify`: answers at once unless the request asks to `wait`.
+/// Submit image URLs; answers at once unless the request asks to `wait`.
+#[utoipa::path(post, path = "/v1/classify", request_body = ClassifyRequest, responses(
+    (status = 200, description = "It waited, and every result is in, in input order", body = Waited),
+    (status = 202, description = "Accepted: every record is on the broker; the results are not all in", body = Accepted),
+    (status = 400, description = "Malformed: invalid_json, invalid_field, missing_field, empty_images, too_many_images, invalid_url, unknown_model", body = ErrorBody),
+    (status = 401, description = "A key is required (API_KEYS) and none or a wrong one was sent", body = ErrorBody),
+    (status = 413, description = "body_too_large", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type: not application/json", body = ErrorBody),
+    (status = 429, description = "overloaded: too many images wait for the broker; Retry-After", body = ErrorBody),
+    (status = 503, description = "unavailable: the broker did not acknowledge in time; Retry-After", body = ErrorBody),
+))]
 async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let result = handle_many(&state, "v1_classify", &headers, body, Duration::ZERO).await;
     respond(&state, "v1_classify", result)
 }
 
-/// `POST /api/infer`: waits for the results by default, as the service it replaces answered inline.
+/// Submit image URLs and get the results inline (seed-compatible): waits `INGEST_INFER_WAIT_SECONDS` by default.
+#[utoipa::path(post, path = "/api/infer", request_body = ClassifyRequest, responses(
+    (status = 200, description = "Every result, in input order", body = Waited),
+    (status = 202, description = "Accepted; the results were not all in within the wait", body = Accepted),
+    (status = 400, description = "Malformed (the kinds of /v1/classify)", body = ErrorBody),
+    (status = 401, description = "A key is required and none or a wrong one was sent", body = ErrorBody),
+    (status = 413, description = "body_too_large", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type", body = ErrorBody),
+    (status = 429, description = "overloaded; Retry-After", body = ErrorBody),
+    (status = 503, description = "unavailable; Retry-After", body = ErrorBody),
+))]
 async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let default_wait = Duration::from_secs_f64(state.settings.infer_wait_seconds.max(0.0));
     let result = handle_many(&state, "api_infer", &headers, body, default_wait).await;
     respond(&state, "api_infer", result)
 }
 
-/// `POST /classify`: one image, its result inline when it is done in time.
+/// Submit one image URL (seed-compatible); its result inline when it is done in time.
+#[utoipa::path(post, path = "/classify", request_body = SingleRequest, responses(
+    (status = 200, description = "The result", body = ResultView),
+    (status = 202, description = "Accepted; the result was not in within the wait", body = AcceptedOne),
+    (status = 400, description = "Malformed: invalid_json, invalid_field, missing_field, invalid_url, unknown_model", body = ErrorBody),
+    (status = 401, description = "A key is required and none or a wrong one was sent", body = ErrorBody),
+    (status = 413, description = "body_too_large", body = ErrorBody),
+    (status = 415, description = "unsupported_media_type", body = ErrorBody),
+    (status = 429, description = "overloaded; Retry-After", body = ErrorBody),
+    (status = 503, description = "unavailable; Retry-After", body = ErrorBody),
+))]
 async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let body = json_body(&state, &headers, body)?;
@@ -263,4 +305,23 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
     state.metrics.produce_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
     tracing::info!(batch_id = %requests[0].batch_id, images = records.len(), route, "submission accepted");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_describes_every_route_and_its_errors() {
+        let spec = serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).unwrap();
+        if std::env::var_os("PRINT_SPEC").is_some() {
+            println!("{}", serde_json::to_string_pretty(&spec).unwrap());
+        }
+        let paths: Vec<&String> = spec["paths"].as_object().unwrap().keys().collect();
+        assert_eq!(paths, ["/api/infer", "/classify", "/v1/classify"]);
+        let classify = &spec["paths"]["/v1/classify"]["post"];
+        let statuses: Vec<&String> = classify["responses"].as_object().unwrap().keys().collect();
+        assert_eq!(statuses, ["200", "202", "400", "401", "413", "415", "429", "503"]);
+        assert!(spec["components"]["schemas"]["ClassifyRequest"]["properties"]["wait"].is_object(), "{spec}");
+    }
 }

@@ -11,26 +11,32 @@ use reefline_schemas::rules::truncate;
 use crate::error::IngestError;
 
 /// `POST /v1/classify` and `POST /api/infer`: a list of image URLs.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"images": ["https://example.org/reef/turtle.jpg"], "wait": 30}))]
 pub struct ClassifyRequest {
+    /// 1 to `MAX_IMAGES_PER_REQUEST` (1,000) http(s) URLs, each at most `MAX_URL_BYTES`, none twice.
     pub images: Option<Vec<String>>,
-    /// A model of the manifest; absent: the default.
+    /// A model of the manifest (e.g. `efficientnet-lite2`); absent: the default.
     pub model: Option<String>,
-    /// Seconds to wait for the results before answering (0 to 60).
+    /// Seconds to wait for the results before answering (0 to 60, cut to `INGEST_MAX_WAIT_SECONDS`).
+    #[schema(minimum = 0, maximum = 60)]
     pub wait: Option<f64>,
-    /// Where to POST the submission's summary once every image has a result.
+    /// Where the sink POSTs the submission's signed summary once every image has a result.
     pub callback_url: Option<String>,
 }
 
 /// `POST /classify`: one image URL.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"image_url": "https://example.org/reef/turtle.jpg"}))]
 pub struct SingleRequest {
+    /// An http(s) URL of at most `MAX_URL_BYTES`.
     pub image_url: Option<String>,
     /// A model of the manifest; absent: the default.
     pub model: Option<String>,
-    /// Seconds to wait for the result before answering (0 to 60).
+    /// Seconds to wait for the result before answering (0 to 60); absent: `INGEST_INFER_WAIT_SECONDS`.
+    #[schema(minimum = 0, maximum = 60)]
     pub wait: Option<f64>,
 }
 

@@ -48,7 +48,7 @@ pub struct ImageRequest {
 message!(ImageRequest, "image_request.avsc");
 
 /// One ImageNet class and its softmax score.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Prediction {
     pub index: i32,
     pub wnid: String,

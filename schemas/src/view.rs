@@ -6,27 +6,28 @@ use serde::Serialize;
 use crate::{ClassificationResult, Prediction, Status};
 
 /// The model that gave a result.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelView {
     pub name: String,
     pub version: String,
 }
 
 /// Why an image has no predictions.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorView {
     pub kind: String,
     pub message: String,
 }
 
 /// One image's result.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ResultView {
     pub request_id: String,
     pub batch_id: String,
     pub batch_index: i32,
     pub url: String,
     /// `ok` or `error`.
+    #[schema(value_type = String, example = "ok")]
     pub status: &'static str,
     pub predictions: Vec<Prediction>,
     /// Whether the top class is a marine animal.
@@ -59,7 +60,7 @@ impl From<ClassificationResult> for ResultView {
 }
 
 /// A batch's progress and the results it has so far, in submission order.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct BatchView {
     pub batch_id: String,
     pub total: i64,
@@ -76,9 +77,10 @@ pub struct BatchView {
 
 /// Where a submission's callback stands: `waiting` (the batch is not done), `due`, `delivered` or
 /// `gave_up`, and every attempt.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct CallbackView {
     pub url: String,
+    #[schema(value_type = String, example = "delivered")]
     pub state: &'static str,
     pub next_attempt_at: Option<String>,
     pub delivered_at: Option<String>,
@@ -87,7 +89,7 @@ pub struct CallbackView {
 }
 
 /// One try of a callback: the HTTP status it got, or why it got none.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct CallbackAttemptView {
     pub attempt: i32,
     pub at: String,
@@ -112,6 +114,23 @@ impl BatchView {
             callback: None,
         }
     }
+}
+
+/// Every error answer of the HTTP APIs: `{"error": {"kind", "field", "message"}}`.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable kind, the request field at fault where there is one, and a message.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    #[schema(example = "invalid_url")]
+    pub kind: String,
+    #[schema(example = "images[1]")]
+    pub field: Option<String>,
+    #[schema(example = "`images[1]` is not a usable image URL: scheme `ftp` is not allowed; use http or https")]
+    pub message: String,
 }
 
 /// Milliseconds since the epoch as RFC 3339, in UTC.

@@ -5,12 +5,23 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use reefline_schemas::view::{BatchView, ResultView};
+use reefline_schemas::view::{BatchView, ErrorBody, ResultView};
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
 
 use crate::db::{self, Row};
+
+/// The sink's HTTP API.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Reefline lookups", description = "Results and batches, as the sink has written them to Postgres. Submissions go to ingest (port 8080 locally)."),
+    paths(result, batch),
+    modifiers(&API_KEYS),
+)]
+pub(crate) struct ApiDoc;
+
+const API_KEYS: reefline_common::docs::ApiKeys = reefline_common::docs::ApiKeys;
 
 pub(crate) fn router(pool: PgPool) -> Router {
     Router::new()
@@ -53,18 +64,26 @@ impl IntoResponse for ApiError {
 }
 
 /// A request whose result is not in yet.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct PendingView {
     request_id: String,
     batch_id: String,
     batch_index: i32,
     url: String,
+    #[schema(value_type = String, example = "pending")]
     status: &'static str,
     submitted_at: String,
 }
 
 /// 200 with the result; 202 with `"status": "pending"` while the request is known but not done;
 /// 404 when the request is unknown.
+#[utoipa::path(get, path = "/v1/results/{request_id}", params(("request_id" = String, Path, description = "An id ingest answered with")), responses(
+    (status = 200, description = "The result", body = ResultView),
+    (status = 202, description = "Known, not classified yet", body = PendingView),
+    (status = 401, description = "A key is required and none or a wrong one was sent", body = ErrorBody),
+    (status = 404, description = "not_found: no such request", body = ErrorBody),
+    (status = 503, description = "database_unavailable", body = ErrorBody),
+))]
 async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> Result<Response, ApiError> {
     if let Some(row) = db::result(&pool, &request_id).await? {
         return Ok(Json(ResultView::from(row.into_result())).into_response());
@@ -81,6 +100,12 @@ async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> R
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/batches/{batch_id}", params(("batch_id" = String, Path, description = "An id ingest answered with")), responses(
+    (status = 200, description = "The batch's progress, its results so far in submission order, and its callback", body = BatchView),
+    (status = 401, description = "A key is required and none or a wrong one was sent", body = ErrorBody),
+    (status = 404, description = "not_found: no such batch", body = ErrorBody),
+    (status = 503, description = "database_unavailable", body = ErrorBody),
+))]
 async fn batch(State(pool): State<PgPool>, Path(batch_id): Path<String>) -> Result<Json<BatchView>, ApiError> {
     let rows = db::batch(&pool, &batch_id).await?;
     let total = match rows.first() {

@@ -142,7 +142,8 @@ impl Application {
         keys.announce("sink", listener.local_addr()?);
         let router = api::router(lookups)
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
-            .merge(ops::router(registry.clone(), readiness.clone()));
+            .merge(ops::router(registry.clone(), readiness.clone()))
+            .merge(reefline_common::docs::router(<api::ApiDoc as utoipa::OpenApi>::openapi()));
         let sink = consume::Sink {
             consumer,
             pool,
