@@ -2,7 +2,7 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test bench soak reset clean
+.PHONY: setup build up down status demo test bench bench-wait soak reset clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, photos) and
 ## the broker (built once per user under $${XDG_CACHE_HOME:-~/.cache}/reefline; REEFLINE_TOOLS moves it)
@@ -47,6 +47,11 @@ clean: down
 bench: build
 	cargo build --release --locked -p reefline-e2e --example stage_costs
 	python3 scripts/bench.py bench $(BENCH_ARGS)
+
+## bench-wait: what 1,000 submissions waiting for their answers ("wait") cost the make-up stack's
+## pipeline: its rate with them held against without, ingest's CPU and RSS (WAIT_ARGS, e.g. "--runs 1")
+bench-wait: build
+	python3 scripts/waiters.py $(WAIT_ARGS)
 
 ## soak: 100,000 requests through the make-up stack: rate per 10,000, ratio to memory://, idle CPU,
 ## broker disk, RSS (SOAK_ARGS, e.g. "--requests 20000 --no-memory")

@@ -41,6 +41,7 @@ pub fn framed(id: u32, request: &ImageRequest) -> Vec<u8> {
         ("submitted_at_ms".into(), request.submitted_at_ms.into()),
         ("source".into(), request.source.clone().into()),
         ("model".into(), Avro::Union(0, Box::new(Avro::Null))),
+        ("callback_url".into(), Avro::Union(0, Box::new(Avro::Null))),
         ("camera".into(), Avro::Union(1, Box::new("reef-cam-7".into()))),
     ]);
     let mut framed = vec![0u8];
