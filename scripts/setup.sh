@@ -35,6 +35,8 @@ command -v promtool >/dev/null || missing+=(prometheus)  # rule checks and the s
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+command -v chromium >/dev/null || missing+=(chromium)  # the web page's browser test
+command -v npm >/dev/null || missing+=(nodejs npm)      # Playwright, which drives it
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if ! command -v cargo >/dev/null; then
@@ -71,5 +73,14 @@ python3 "$ROOT/scripts/assets.py" "$CACHE"
 nisshi=$("$ROOT/scripts/broker/build.sh" libsql)
 mkdir -p "$CACHE/tools/bin"
 ln -sfn "$nisshi" "$CACHE/tools/bin/nisshi"
+
+# 5. The browser test's driver: playwright-core from the npm registry, as the lockfile pins it
+#    (it drives Debian's Chromium; no browser is downloaded).
+web="$ROOT/tests/web"
+if ! cmp -s "$web/package-lock.json" "$web/node_modules/.reefline-lock.json" 2>/dev/null; then
+    say "installing the browser test's driver (npm ci, tests/web)"
+    (cd "$web" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    cp "$web/package-lock.json" "$web/node_modules/.reefline-lock.json"
+fi
 
 say "ready (cache: $CACHE)"
