@@ -78,6 +78,24 @@ fn producer_config(settings: &Settings) -> rdkafka::ClientConfig {
     config
 }
 
+/// Lets browser pages of `origins` submit: a preflight is answered before any key is asked for.
+fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        let origins: Vec<HeaderValue> =
+            origins.iter().map(|o| HeaderValue::from_str(o.trim())).collect::<Result<_, _>>()?;
+        AllowOrigin::list(origins)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, HeaderName::from_static("x-api-key")])
+        .max_age(std::time::Duration::from_secs(600)))
+}
+
 /// A bound, ready-to-run ingest service.
 pub struct Application {
     listener: TcpListener,
@@ -118,7 +136,8 @@ impl Application {
             .layer(DefaultBodyLimit::max(body_limit))
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
             .merge(ops::router(registry, readiness.clone()))
-            .merge(reefline_common::docs::router(<routes::ApiDoc as utoipa::OpenApi>::openapi()));
+            .merge(reefline_common::docs::router(<routes::ApiDoc as utoipa::OpenApi>::openapi()))
+            .layer(cors(&state.settings.cors_origins)?);
         Ok(Self { listener, router, state, readiness, results })
     }
 

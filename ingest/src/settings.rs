@@ -49,6 +49,12 @@ pub struct Settings {
     #[arg(long, env = "INGEST_INFER_WAIT_SECONDS", default_value_t = 30.0)]
     pub infer_wait_seconds: f64,
 
+    /// Origins whose pages may call the API from a browser (CORS), comma-separated; `*` for any
+    /// (the default: API keys travel in a header, never as cookies, so no page gets a caller's
+    /// rights by being allowed). The sink's web page is one such caller.
+    #[arg(long, env = "INGEST_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    pub cors_origins: Vec<String>,
+
     #[command(flatten)]
     pub auth: AuthSettings,
 

@@ -5,6 +5,7 @@ mod batches;
 mod consume;
 pub mod db;
 mod notify;
+mod page;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -143,7 +144,8 @@ impl Application {
         let router = api::router(lookups)
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
             .merge(ops::router(registry.clone(), readiness.clone()))
-            .merge(reefline_common::docs::router(<api::ApiDoc as utoipa::OpenApi>::openapi()));
+            .merge(reefline_common::docs::router(<api::ApiDoc as utoipa::OpenApi>::openapi()))
+            .merge(page::router(&settings.ingest_url)?);
         let sink = consume::Sink {
             consumer,
             pool,

@@ -56,6 +56,10 @@ pub struct Settings {
     #[arg(long, env = "CALLBACK_SECRET", hide_env_values = true)]
     pub callback_secret: Option<SecretString>,
 
+    /// Where the web page (`/`) sends submissions: ingest's URL as a browser reaches it.
+    #[arg(long, env = "SINK_INGEST_URL", default_value = "http://127.0.0.1:8080")]
+    pub ingest_url: String,
+
     /// Where the sink's API is reached from outside, for the links in callbacks.
     #[arg(long, env = "SINK_PUBLIC_URL", default_value = "http://127.0.0.1:8081")]
     pub public_url: String,
@@ -104,6 +108,7 @@ impl std::fmt::Debug for Settings {
             .field("group_id", &self.group_id)
             .field("callback_secret", &self.callback_secret)
             .field("public_url", &self.public_url)
+            .field("ingest_url", &self.ingest_url)
             .field("fetch_allow", &self.fetch_allow)
             .field("auth", &self.auth)
             .field("kafka", &self.kafka)

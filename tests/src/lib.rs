@@ -367,14 +367,17 @@ impl Stack {
     async fn start_parts(settings: StackSettings, classifier: Option<Option<EngineWrap>>, sink: bool) -> Self {
         let (stop, rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        // Ingest first: the sink's web page is told where it is.
+        let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
+        let ingest_url = format!("http://{}", ingest.local_addr());
         let mut sink_url = String::new();
         if sink {
-            let sink = reefline_sink::Application::build(settings.sink).await.expect("building the sink");
+            let mut sink_settings = settings.sink;
+            sink_settings.ingest_url = ingest_url.clone();
+            let sink = reefline_sink::Application::build(sink_settings).await.expect("building the sink");
             sink_url = format!("http://{}", sink.local_addr());
             tasks.push(tokio::spawn(sink.run_until(stopped(&rx))));
         }
-        let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
-        let ingest_url = format!("http://{}", ingest.local_addr());
         let mut classifier_ops = String::new();
         if let Some(wrap) = classifier {
             let mut classifier =
