@@ -66,18 +66,37 @@ struct AcceptedOne {
     request_id: String,
 }
 
+/// The refusals of every submission route, for the contract (the answers are `IngestError`s).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum Refused {
+    #[response(
+        status = 400,
+        description = "Malformed: invalid_json, invalid_field, missing_field, empty_images, too_many_images, invalid_url, unknown_model"
+    )]
+    Malformed(ErrorBody),
+    #[response(
+        status = 401,
+        description = "unauthorized: a key is required (API_KEYS) and none or a wrong one was sent"
+    )]
+    Unauthorized(ErrorBody),
+    #[response(status = 413, description = "body_too_large")]
+    TooLarge(ErrorBody),
+    #[response(status = 415, description = "unsupported_media_type: not application/json")]
+    MediaType(ErrorBody),
+    #[response(status = 429, description = "overloaded: too many images wait for the broker; Retry-After")]
+    Overloaded(ErrorBody),
+    #[response(status = 503, description = "unavailable: the broker did not acknowledge in time; Retry-After")]
+    Unavailable(ErrorBody),
+}
+
 type Body = Result<Bytes, BytesRejection>;
 
 /// Submit image URLs; answers at once unless the request asks to `wait`.
 #[utoipa::path(post, path = "/v1/classify", request_body = ClassifyRequest, responses(
     (status = 200, description = "It waited, and every result is in, in input order", body = Waited),
     (status = 202, description = "Accepted: every record is on the broker; the results are not all in", body = Accepted),
-    (status = 400, description = "Malformed: invalid_json, invalid_field, missing_field, empty_images, too_many_images, invalid_url, unknown_model", body = ErrorBody),
-    (status = 401, description = "A key is required (API_KEYS) and none or a wrong one was sent", body = ErrorBody),
-    (status = 413, description = "body_too_large", body = ErrorBody),
-    (status = 415, description = "unsupported_media_type: not application/json", body = ErrorBody),
-    (status = 429, description = "overloaded: too many images wait for the broker; Retry-After", body = ErrorBody),
-    (status = 503, description = "unavailable: the broker did not acknowledge in time; Retry-After", body = ErrorBody),
+    Refused,
 ))]
 async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let result = handle_many(&state, "v1_classify", &headers, body, Duration::ZERO).await;
@@ -88,12 +107,7 @@ async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
 #[utoipa::path(post, path = "/api/infer", request_body = ClassifyRequest, responses(
     (status = 200, description = "Every result, in input order", body = Waited),
     (status = 202, description = "Accepted; the results were not all in within the wait", body = Accepted),
-    (status = 400, description = "Malformed (the kinds of /v1/classify)", body = ErrorBody),
-    (status = 401, description = "A key is required and none or a wrong one was sent", body = ErrorBody),
-    (status = 413, description = "body_too_large", body = ErrorBody),
-    (status = 415, description = "unsupported_media_type", body = ErrorBody),
-    (status = 429, description = "overloaded; Retry-After", body = ErrorBody),
-    (status = 503, description = "unavailable; Retry-After", body = ErrorBody),
+    Refused,
 ))]
 async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let default_wait = Duration::from_secs_f64(state.settings.infer_wait_seconds.max(0.0));
@@ -105,12 +119,7 @@ async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bod
 #[utoipa::path(post, path = "/classify", request_body = SingleRequest, responses(
     (status = 200, description = "The result", body = ResultView),
     (status = 202, description = "Accepted; the result was not in within the wait", body = AcceptedOne),
-    (status = 400, description = "Malformed: invalid_json, invalid_field, missing_field, invalid_url, unknown_model", body = ErrorBody),
-    (status = 401, description = "A key is required and none or a wrong one was sent", body = ErrorBody),
-    (status = 413, description = "body_too_large", body = ErrorBody),
-    (status = 415, description = "unsupported_media_type", body = ErrorBody),
-    (status = 429, description = "overloaded; Retry-After", body = ErrorBody),
-    (status = 503, description = "unavailable; Retry-After", body = ErrorBody),
+    Refused,
 ))]
 async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
