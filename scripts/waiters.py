@@ -3,12 +3,13 @@
 
 usage: waiters.py [--waiters 1000] [--images 3000] [--runs 3]
 
-On the stack `make up` runs (scripts/stack.py, durable broker), each run times --images photos
-submitted in bulk (no wait) and, in a second pass on the same stack, the same number of images
-again while --waiters more are each submitted alone with `"wait": 60` and held open side by side
-(each answered 200 once its result is in). The pipeline's rate in the second pass (all images,
-bulk and waited, until the sink has written the last row) against the first is the cost of
-waiting; so are ingest's CPU per image and its RSS with the waiters held. Medians of the runs.
+On the stack `make up` runs (scripts/stack.py, durable broker), each run times three passes: --images
+photos submitted in bulk; the same number again beside --waiters more each submitted alone and
+answered at once (`"wait": 0`); and again beside --waiters single submissions with `"wait": 60`,
+held open side by side (each answered 200 once its result is in). The rate of the third pass (all
+images, until the sink has written the last row) against the second is the cost of waiting, apart
+from that of many small submissions; so are ingest's CPU per image and its RSS with the waiters
+held. Medians of the runs.
 """
 import argparse
 import concurrent.futures
@@ -23,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import Stack, cpu_seconds, rss_mib, say, serve_photos, stop_photo_servers  # noqa: E402
 
 
-def wait_one(ingest, url):
-    """POSTs one image with "wait": 60; (status, seconds to answer)."""
-    body = json.dumps({"images": [url], "wait": 60}).encode()
+def submit_one(ingest, url, wait):
+    """POSTs one image with `wait`; (status, seconds to answer)."""
+    body = json.dumps({"images": [url], "wait": wait}).encode()
     request = urllib.request.Request(f"{ingest}/v1/classify", data=body, method="POST",
                                      headers={"content-type": "application/json"})
     started = time.monotonic()
@@ -47,22 +48,29 @@ def one_run(photos_url, images, waiters, base):
         plain_rate = images / (stack.wait_rows(16 + images) - started)
         plain_cpu = (cpu_seconds(ingest) - cpu) * 1000 / images
 
+        def alongside(first, wait):
+            """--images in bulk beside --waiters single-image submissions with `wait`: rate, ingest
+            CPU ms per image, ingest RSS, the single submissions' answers."""
+            cpu, started = cpu_seconds(ingest), time.monotonic()
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=waiters)
+            answers = [pool.submit(submit_one, stack.ingest, f"{photos_url}/{first + i}", wait) for i in range(waiters)]
+            stack.submit([f"{photos_url}/{first + waiters + i}" for i in range(images)])
+            rss = rss_mib(ingest)
+            finished = stack.wait_rows(first - base + waiters + images)
+            results = [a.result() for a in answers]
+            pool.shutdown()
+            return ((images + waiters) / (finished - started), (cpu_seconds(ingest) - cpu) * 1000 / (images + waiters),
+                    rss, results)
+
+        # The same single submissions, first answered at once, then held until their result is in.
         first = base + 16 + images
-        cpu, started = cpu_seconds(ingest), time.monotonic()
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=waiters)
-        answers = [pool.submit(wait_one, stack.ingest, f"{photos_url}/{first + i}") for i in range(waiters)]
-        stack.submit([f"{photos_url}/{first + waiters + i}" for i in range(images)])
-        peak_rss = rss_mib(ingest)
-        finished = stack.wait_rows(16 + 2 * images + waiters)
-        results = [a.result() for a in answers]
-        pool.shutdown()
-        waited_rate = (images + waiters) / (finished - started)
-        waited_cpu = (cpu_seconds(ingest) - cpu) * 1000 / (images + waiters)
+        single_rate, single_cpu, single_rss, _ = alongside(first, 0)
+        waited_rate, waited_cpu, peak_rss, results = alongside(first + waiters + images, 60)
         stack.check_all_ok()
         statuses = sorted({s for s, _ in results})
         latencies = sorted(t for _, t in results)
-        return {"plain": plain_rate, "waited": waited_rate, "plain_cpu": plain_cpu, "waited_cpu": waited_cpu,
-                "rss": peak_rss, "statuses": statuses, "ok": sum(s == 200 for s, _ in results),
+        return {"plain": plain_rate, "single": single_rate, "waited": waited_rate, "plain_cpu": plain_cpu,
+                "single_cpu": single_cpu, "waited_cpu": waited_cpu, "single_rss": single_rss, "rss": peak_rss, "statuses": statuses, "ok": sum(s == 200 for s, _ in results),
                 "p50": latencies[len(latencies) // 2], "p95": latencies[int(len(latencies) * 0.95)]}
 
 
@@ -82,14 +90,16 @@ def main():
             say(f"  {runs[-1]}")
     finally:
         stop_photo_servers()
-    median = {k: statistics.median(r[k] for r in runs) for k in ["plain", "waited", "plain_cpu", "waited_cpu", "rss",
-                                                                  "p50", "p95"]}
+    keys = ["plain", "single", "waited", "plain_cpu", "single_cpu", "waited_cpu", "single_rss", "rss", "p50", "p95"]
+    median = {k: statistics.median(r[k] for r in runs) for k in keys}
     print()
-    print(f"pipeline, bulk only:                 {median['plain']:.1f} images/s")
-    print(f"pipeline, with {args.waiters:,} waiters held:  {median['waited']:.1f} images/s "
-          f"({median['waited'] / median['plain']:.3f} of bulk only)")
-    print(f"ingest CPU per image: {median['plain_cpu']:.2f} ms bulk, {median['waited_cpu']:.2f} ms with waiters; "
-          f"ingest RSS with the waiters held: {median['rss']:.0f} MiB")
+    print(f"pipeline, bulk only:                                {median['plain']:.1f} images/s")
+    print(f"pipeline, bulk + {args.waiters:,} single submissions answered at once: {median['single']:.1f} images/s")
+    print(f"pipeline, bulk + the same {args.waiters:,} held until done:     {median['waited']:.1f} images/s "
+          f"({median['waited'] / median['single']:.3f} of answered at once)")
+    print(f"ingest CPU per image: {median['plain_cpu']:.2f} ms bulk, {median['single_cpu']:.2f} ms with single "
+          f"submissions, {median['waited_cpu']:.2f} ms with them waiting; ingest RSS {median['single_rss']:.0f} MiB, "
+          f"{median['rss']:.0f} MiB with the waiters held")
     print(f"waiters answered 200: {min(r['ok'] for r in runs)}/{args.waiters} (statuses seen: "
           f"{sorted({s for r in runs for s in r['statuses']})}); time to answer p50 {median['p50']:.1f} s, "
           f"p95 {median['p95']:.1f} s")
