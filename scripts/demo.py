@@ -71,6 +71,7 @@ def main():
             marine = "-"
         print(f"{name:28} {r['status']:6} {label:38} {marine}")
     print(f"\ndemo: look one up with  curl http://{SINK}/v1/results/{batch['results'][0]['request_id']}")
+    print(f"demo: or browse them at  http://{SINK}/#batch={batch['batch_id']}  (the API: http://{SINK}/docs)")
 
 
 if __name__ == "__main__":
