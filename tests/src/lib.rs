@@ -21,7 +21,7 @@ mod processes;
 pub mod workload;
 
 pub use broker::Broker;
-pub use processes::{ServiceProcess, TcpProxy, TlsProxy, topic_counts};
+pub use processes::{ServiceProcess, TcpProxy, TlsProxy, committed_offsets, topic_counts};
 
 /// The workspace's cache folder (`REEFLINE_CACHE`, else `.cache/` at the workspace root).
 pub fn cache_dir() -> PathBuf {

@@ -255,3 +255,24 @@ impl Drop for TlsProxy {
         let _ = std::fs::remove_dir_all(&self.folder);
     }
 }
+
+/// The sum over `topic`'s partitions of the offsets `group` has committed (0 where none), read
+/// without joining the group.
+pub async fn committed_offsets(kafka: &KafkaSettings, group: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (kafka, group, topic) = (kafka.clone(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut config = kafka.consumer_config(&group);
+        config.set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = config.create().expect("offsets consumer");
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("topic metadata");
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        for partition in metadata.topics()[0].partitions() {
+            partitions.add_partition(&topic, partition.id());
+        }
+        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10)).expect("committed offsets");
+        committed.elements().iter().filter_map(|e| e.offset().to_raw()).filter(|&o| o > 0).sum()
+    })
+    .await
+    .expect("offsets task")
+}

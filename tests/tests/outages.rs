@@ -29,19 +29,31 @@ async fn restarting_the_broker_mid_stream_loses_and_doubles_nothing() {
 
     wait_rows(&pool, 400 + rng.i64(0..400), "progress before the restart").await;
     let before = rows(&pool).await;
+    let (kafka, group, topic) = (env.broker.kafka(), env.names.classifier_group.clone(), env.names.requests.clone());
+    let committed = reefline_e2e::committed_offsets(&kafka, &group, &topic).await;
     let restarted = Instant::now();
     env.broker.restart(Duration::from_secs(2)).await;
     wait_rows(&pool, before + 100, "progress after the restart").await;
     let recovered = restarted.elapsed();
+    let kept = reefline_e2e::committed_offsets(&env.broker.kafka(), &group, &topic).await;
+    assert!(committed > 0 && kept >= committed, "committed offsets {committed} before the restart, {kept} after");
     wait_rows(&pool, REQUESTS, "all 2,000 rows").await;
     check_rows(&pool, &expected).await;
     let duplicates = results_on_topic(&env, "broker kill -9 and restart").await;
-    eprintln!("outages: broker restart at {before} rows; 100 more rows {recovered:?} after the kill (2 s down)");
-    // The broker keeps what it acknowledged and the committed offsets; when the group is formed
-    // again the classifier redoes at most what was in flight (a few hundred at most) and what it
-    // finished since the last commit (1 s of work): 0 and 52 in two runs. Redoing the whole
-    // topic (2,000) or losing the offsets would fail here.
-    assert!(duplicates <= 500, "{duplicates} results repeated after a broker restart");
+    eprintln!(
+        "outages: broker restart at {before} rows, {committed} requests committed; 100 more rows {recovered:?} after \
+         the kill (2 s down)"
+    );
+    // The broker keeps what it acknowledged and the committed offsets (checked above); when the
+    // group is formed again the classifier redoes only what lies past them: what was in flight,
+    // what it finished since its last commit and what it did while it could not commit (0 and 52
+    // in two runs here, 670 once on a loaded machine whose group took 8 s to form again). A
+    // record below the offsets committed before the kill is never redone.
+    let redoable = REQUESTS as usize - committed as usize;
+    assert!(
+        duplicates <= redoable,
+        "{duplicates} results repeated after a broker restart; at most {redoable} could be"
+    );
 
     // Ingest takes submissions again.
     let (status, _) = reefline_e2e::post_json(
