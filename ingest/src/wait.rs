@@ -132,7 +132,9 @@ pub async fn results_consumer(kafka: &KafkaSettings, topic: &str) -> anyhow::Res
         .set("group.id", "reefline-ingest-waiters")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "100");
+        // The broker answers a fetch as soon as a result arrives: a long wait only spares it idle
+        // fetches, as for every consumer of the pipeline.
+        .set("fetch.wait.max.ms", kafka.consumer_fetch_wait_ms.to_string());
     let consumer: StreamConsumer = config.create()?;
     let consumer = Arc::new(consumer);
     let (c, topic_name) = (consumer.clone(), topic.to_owned());
