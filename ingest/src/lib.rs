@@ -40,6 +40,11 @@ impl AppState {
     pub fn pending_images(&self) -> usize {
         self.settings.max_pending_images - self.pending.available_permits()
     }
+
+    /// How long the seed routes wait for results when a request names no `wait`.
+    pub fn infer_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.settings.infer_wait_seconds.max(0.0))
+    }
 }
 
 /// Keeps `/readyz` telling whether the broker answers: every second, a metadata request for the

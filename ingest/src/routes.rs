@@ -110,8 +110,7 @@ async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
     Refused,
 ))]
 async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let default_wait = Duration::from_secs_f64(state.settings.infer_wait_seconds.max(0.0));
-    let result = handle_many(&state, "api_infer", &headers, body, default_wait).await;
+    let result = handle_many(&state, "api_infer", &headers, body, state.infer_wait()).await;
     respond(&state, "api_infer", result)
 }
 
@@ -129,8 +128,7 @@ async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         let url = validate::check_url(&raw, state.settings.max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "image_url".into(), reason })?;
         let model = validate::check_model(request.model, &state.models)?;
-        let default_wait = Duration::from_secs_f64(state.settings.infer_wait_seconds.max(0.0));
-        let wait = wait_for(&state, request.wait, default_wait)?;
+        let wait = wait_for(&state, request.wait, state.infer_wait())?;
         let submission = Submission { urls: vec![url], model, callback_url: None };
         Ok(match submit_and_wait(&state, "classify", submission, wait).await? {
             Answer::Waited { mut results, .. } if !results.is_empty() => {

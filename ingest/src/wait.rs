@@ -135,25 +135,23 @@ pub async fn results_consumer(kafka: &KafkaSettings, topic: &str) -> anyhow::Res
         // The broker answers a fetch as soon as a result arrives: a long wait only spares it idle
         // fetches, as for every consumer of the pipeline.
         .set("fetch.wait.max.ms", kafka.consumer_fetch_wait_ms.to_string());
-    let consumer: StreamConsumer = config.create()?;
-    let consumer = Arc::new(consumer);
-    let (c, topic_name) = (consumer.clone(), topic.to_owned());
+    let topic = topic.to_owned();
     // The ends are read before any submission is taken: every result produced after them is seen.
-    let assignment = tokio::task::spawn_blocking(move || -> anyhow::Result<TopicPartitionList> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<StreamConsumer> {
+        let consumer: StreamConsumer = config.create()?;
         let timeout = Duration::from_secs(10);
-        let metadata = c.fetch_metadata(Some(&topic_name), timeout)?;
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
         let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
-        anyhow::ensure!(partitions > 0, "the results topic `{topic_name}` has no partitions");
+        anyhow::ensure!(partitions > 0, "the results topic `{topic}` has no partitions");
         let mut list = TopicPartitionList::new();
         for partition in 0..partitions as i32 {
-            let (_, high) = c.fetch_watermarks(&topic_name, partition, timeout)?;
-            list.add_partition_offset(&topic_name, partition, Offset::Offset(high))?;
+            let (_, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;
+            list.add_partition_offset(&topic, partition, Offset::Offset(high))?;
         }
-        Ok(list)
+        consumer.assign(&list)?;
+        Ok(consumer)
     })
-    .await??;
-    consumer.assign(&assignment)?;
-    Ok(Arc::into_inner(consumer).expect("the blocking task has ended"))
+    .await?
 }
 
 /// Reads results for the waiters until the task is stopped.

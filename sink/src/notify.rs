@@ -25,6 +25,9 @@ use tokio::sync::Notify;
 
 use crate::batches::{self, Finished, Summary};
 
+/// How long a claimed callback is kept from other sinks: longer than any one call can take.
+const CALLBACK_LEASE: Duration = Duration::from_secs(300);
+
 /// How failed callbacks are tried again.
 #[derive(Clone, Copy, Debug)]
 pub struct Retry {
@@ -148,7 +151,6 @@ impl Notifier {
     /// Tries every callback that is due, side by side. Each is claimed for a while first, so that
     /// no other sink tries it meanwhile.
     async fn deliver_callbacks(&self) -> anyhow::Result<()> {
-        let lease = self.client_timeout_lease();
         let claimed: Vec<Claimed> = sqlx::query_as(
             "UPDATE batches b SET callback_due_at = now() + $1 * interval '1 millisecond'
              FROM (SELECT batch_id FROM batches WHERE callback_due_at <= now()
@@ -157,7 +159,7 @@ impl Notifier {
              RETURNING b.batch_id, b.callback_url, b.total, b.submitted_at, b.completed_at,
                        (SELECT count(*) FROM callback_attempts a WHERE a.batch_id = b.batch_id) AS attempts",
         )
-        .bind(lease.as_millis() as f64)
+        .bind(CALLBACK_LEASE.as_millis() as f64)
         .fetch_all(&self.pool)
         .await?;
         if claimed.is_empty() {
@@ -170,11 +172,6 @@ impl Notifier {
         let calls = summaries.iter().zip(attempts).map(|(summary, (url, attempt))| self.call(summary, url, attempt));
         futures::future::join_all(calls).await.into_iter().collect::<sqlx::Result<Vec<()>>>()?;
         Ok(())
-    }
-
-    /// Longer than any one call can take.
-    fn client_timeout_lease(&self) -> Duration {
-        Duration::from_secs(300)
     }
 
     /// One attempt at one callback, recorded with its outcome and the next step.
