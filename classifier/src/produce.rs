@@ -119,6 +119,9 @@ impl Produce {
             error_message,
             submitted_at_ms: r.submitted_at_ms,
             completed_at_ms: chrono::Utc::now().timestamp_millis(),
+            feed_id: r.feed_id.clone(),
+            line: r.line,
+            metadata: r.metadata.clone(),
         }
     }
 

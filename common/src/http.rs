@@ -43,11 +43,25 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves; then stops accepting,
 /// lets the requests in progress finish (for at most 10 s) and returns.
 pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, shutdown: impl Future<Output = ()>) {
+    serve_with_streaming(listener, router, Router::new(), limits, shutdown).await;
+}
+
+/// As [`serve`], with `streaming` routes besides: uploads and downloads that last as long as
+/// their data does, exempt from the request timeout (they bound their own idle time) but not from
+/// the header timeout or the concurrency limit.
+pub async fn serve_with_streaming(
+    listener: TcpListener,
+    router: Router,
+    streaming: Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()>,
+) {
     let router = router
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(limits.request_timeout_s),
         ))
+        .merge(streaming)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent.max(1)));
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(limits.header_timeout_s.max(1)));

@@ -30,6 +30,21 @@ pub enum IngestError {
     Unavailable(String),
     #[error("{pending} images are already waiting for the broker (limit {limit}); retry later")]
     Overloaded { pending: usize, limit: usize },
+    #[error("bulk feeds are not available: the database (DATABASE_URL) has not been reached yet; retry later")]
+    FeedsUnavailable,
+    #[error("feed {feed_id} is being read from another upload with this Idempotency-Key; retry when it ends")]
+    FeedInProgress { feed_id: String },
+    #[error("{}", unreadable(feed_id, reason))]
+    UnreadableFeed { feed_id: String, reason: String },
+}
+
+fn unreadable(feed_id: &str, reason: &str) -> String {
+    if feed_id.is_empty() {
+        return reason.to_owned();
+    }
+    format!(
+        "{reason}. Feed {feed_id} keeps every line settled before that: resend with the same Idempotency-Key to resume"
+    )
 }
 
 impl IngestError {
@@ -47,6 +62,9 @@ impl IngestError {
             IngestError::UnsupportedMediaType => "unsupported_media_type",
             IngestError::Unavailable(_) => "unavailable",
             IngestError::Overloaded { .. } => "overloaded",
+            IngestError::FeedsUnavailable => "feeds_unavailable",
+            IngestError::FeedInProgress { .. } => "feed_in_progress",
+            IngestError::UnreadableFeed { .. } => "unreadable_feed",
         }
     }
 
@@ -68,6 +86,8 @@ impl IngestError {
             IngestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::FeedsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::FeedInProgress { .. } => StatusCode::CONFLICT,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -79,11 +99,12 @@ impl IntoResponse for IngestError {
             "error": { "kind": self.kind(), "field": self.field(), "message": self.to_string() }
         }));
         let retry_after = match self {
-            IngestError::Unavailable(_) => Some("5"),
-            IngestError::Overloaded { .. } => Some("1"),
+            IngestError::Unavailable(_) | IngestError::FeedsUnavailable => Some("5"),
+            IngestError::Overloaded { .. } | IngestError::FeedInProgress { .. } => Some("1"),
             _ => None,
         };
-        let too_large = matches!(self, IngestError::BodyTooLarge { .. });
+        // The rest of the body is not read: a refused request's, or a feed's that failed half-way.
+        let too_large = matches!(self, IngestError::BodyTooLarge { .. } | IngestError::UnreadableFeed { .. });
         let mut response = (self.status(), body).into_response();
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(seconds));

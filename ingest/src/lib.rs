@@ -1,6 +1,7 @@
 //! Reefline ingest: accepts image URLs over HTTP and produces one Kafka record per image.
 
 mod error;
+pub mod feeds;
 mod metrics;
 mod routes;
 pub mod settings;
@@ -21,6 +22,16 @@ use tokio::net::TcpListener;
 pub use error::IngestError;
 pub use settings::Settings;
 
+/// The `reefline-ingest` command: settings from flags and environment, run until SIGINT/SIGTERM.
+pub async fn main() -> anyhow::Result<()> {
+    use clap::Parser;
+    reefline_common::init_telemetry();
+    let settings = Settings::parse();
+    let app = Application::build(settings).await?;
+    app.run_until(reefline_common::shutdown_signal()).await?;
+    Ok(())
+}
+
 /// Everything a request handler needs.
 pub(crate) struct AppState {
     pub settings: Settings,
@@ -33,6 +44,11 @@ pub(crate) struct AppState {
     pub pending: tokio::sync::Semaphore,
     /// Submissions waiting for their results.
     pub waiters: Arc<wait::Waiters>,
+    /// The feeds ledger, once the database has been reached.
+    pub feeds: Arc<std::sync::OnceLock<sqlx::PgPool>>,
+    /// The client a feed's `source_url` is fetched with, and the address rules it follows.
+    pub source_client: reqwest::Client,
+    pub source_policy: Arc<reefline_common::guard::AddressPolicy>,
 }
 
 impl AppState {
@@ -105,6 +121,7 @@ fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    streaming: Router,
     state: Arc<AppState>,
     readiness: Readiness,
     results: rdkafka::consumer::StreamConsumer,
@@ -134,16 +151,34 @@ impl Application {
         let results = wait::results_consumer(&settings.kafka, &settings.topics.results).await?;
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
-        let state = Arc::new(AppState { settings, models, producer, codec, metrics, pending, waiters });
+        let source_policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.fetch_allow));
+        let source_client = feeds::source_client(source_policy.clone())?;
+        let state = Arc::new(AppState {
+            settings,
+            models,
+            producer,
+            codec,
+            metrics,
+            pending,
+            waiters,
+            feeds: Arc::default(),
+            source_client,
+            source_policy,
+        });
         let keys = ApiKeys::load(&state.settings.auth)?;
         keys.announce("ingest", listener.local_addr()?);
         let router = routes::router(state.clone())
             .layer(DefaultBodyLimit::max(body_limit))
-            .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
+            .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_key))
             .merge(ops::router(registry, readiness.clone()))
             .merge(reefline_common::docs::router(<routes::ApiDoc as utoipa::OpenApi>::openapi()))
             .layer(cors(&state.settings.cors_origins)?);
-        Ok(Self { listener, router, state, readiness, results })
+        // Feeds stream for as long as their upload lasts: no body limit, no overall request
+        // timeout (an upload that stops sending is cut off by FEED_IDLE_TIMEOUT_S instead).
+        let streaming = feeds::router(state.clone())
+            .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
+            .layer(cors(&state.settings.cors_origins)?);
+        Ok(Self { listener, router, streaming, state, readiness, results })
     }
 
     /// The address the service listens on (useful when bound to port 0).
@@ -158,7 +193,10 @@ impl Application {
         let follow = tokio::spawn(wait::follow(self.results, self.state.codec.clone(), self.state.waiters.clone()));
         let topic = self.state.settings.topics.requests.clone();
         let register = reefline_common::register_schema::<ImageRequest>(self.state.codec.clone(), topic);
-        reefline_common::http::serve(self.listener, self.router, self.state.settings.http, shutdown).await;
+        let ledger = tokio::spawn(feeds::connect_in_background(self.state.clone()));
+        let (router, http) = (self.router, self.state.settings.http);
+        reefline_common::http::serve_with_streaming(self.listener, router, self.streaming, http, shutdown).await;
+        ledger.abort();
         probe.abort();
         follow.abort();
         register.abort();

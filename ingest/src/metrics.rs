@@ -16,6 +16,8 @@ pub struct Metrics {
     pub waiting: IntGauge,
     /// Submissions that waited, by route and whether all their results came in time.
     pub waits: IntCounterVec,
+    /// Lines of feeds settled, by outcome (accepted or rejected).
+    pub feed_lines: IntCounterVec,
 }
 
 impl Metrics {
@@ -37,12 +39,17 @@ impl Metrics {
             Opts::new("ingest_waits_total", "Submissions that waited for their results, by outcome"),
             &["route", "outcome"],
         )?;
+        let feed_lines = IntCounterVec::new(
+            Opts::new("ingest_feed_lines_total", "Lines of bulk feeds settled, by outcome"),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(feed_lines.clone()))?;
         registry.register(Box::new(pending.clone()))?;
         registry.register(Box::new(waiting.clone()))?;
         registry.register(Box::new(waits.clone()))?;
         registry.register(Box::new(submissions.clone()))?;
         registry.register(Box::new(images.clone()))?;
         registry.register(Box::new(produce_seconds.clone()))?;
-        Ok(Self { submissions, images, produce_seconds, pending, waiting, waits })
+        Ok(Self { submissions, images, produce_seconds, pending, waiting, waits, feed_lines })
     }
 }

@@ -3,6 +3,7 @@
 use reefline_common::auth::AuthSettings;
 use reefline_common::kafka::{KafkaSettings, Topics};
 use reefline_schemas::RegistrySettings;
+use secrecy::SecretString;
 
 /// How ingest listens, where it produces, and the limits it enforces on requests.
 #[derive(Clone, Debug, clap::Parser)]
@@ -54,6 +55,42 @@ pub struct Settings {
     /// rights by being allowed). The sink's web page is one such caller.
     #[arg(long, env = "INGEST_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     pub cors_origins: Vec<String>,
+
+    /// Postgres URL of the feeds ledger (the sink's database): which feed an Idempotency-Key
+    /// names, how far each feed has been read, and its rejected lines. Submissions of URLs work
+    /// without it; feeds answer 503 until it is reached.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/reefline",
+        hide_env_values = true
+    )]
+    pub database_url: SecretString,
+
+    /// Lines of a feed produced as one batch and settled together; an upload that breaks off
+    /// resumes after the last settled chunk.
+    #[arg(long, env = "FEED_CHUNK_LINES", default_value_t = 1000)]
+    pub feed_chunk_lines: usize,
+
+    /// Longest a feed's upload (or fetched list) may send nothing, in seconds; then it is
+    /// interrupted (resend with the same Idempotency-Key to resume).
+    #[arg(long, env = "FEED_IDLE_TIMEOUT_S", default_value_t = 60)]
+    pub feed_idle_timeout_s: u64,
+
+    /// How long a feed being read by an upload that stopped being heard from stays its own
+    /// (a resend with the same key answers 409 until then), in seconds.
+    #[arg(long, env = "FEED_LEASE_S", default_value_t = 30)]
+    pub feed_lease_s: u64,
+
+    /// Longest a feed waits for the broker, the registry or the database before it is
+    /// interrupted with 503, in seconds (it slows down while they are slow, and is never refused).
+    #[arg(long, env = "FEED_STALL_TIMEOUT_S", default_value_t = 300)]
+    pub feed_stall_timeout_s: u64,
+
+    /// Addresses a feed's `source_url` may point at although not public: CIDRs, IPs or host names,
+    /// comma-separated; the same rules as the classifier's image fetches.
+    #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
+    pub fetch_allow: Vec<String>,
 
     #[command(flatten)]
     pub auth: AuthSettings,

@@ -206,6 +206,9 @@ mod tests {
             error_message: None,
             submitted_at_ms: 0,
             completed_at_ms,
+            feed_id: None,
+            line: None,
+            metadata: None,
         }
     }
 

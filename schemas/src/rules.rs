@@ -5,7 +5,7 @@
 
 use url::Url;
 
-use crate::{ClassificationResult, ImageRequest};
+use crate::{ClassificationResult, ImageRequest, Metadata};
 
 /// The longest URL any service accepts, whatever `MAX_URL_BYTES` says.
 pub const URL_CEILING_BYTES: usize = 8192;
@@ -15,6 +15,12 @@ pub const ERROR_MESSAGE_BYTES: usize = 1024;
 
 /// The longest any other string a record carries may be (ids, labels, model names, sources).
 pub const SHORT_TEXT_BYTES: usize = 256;
+
+/// Most keys an image's metadata may have.
+pub const METADATA_MAX_KEYS: usize = 32;
+
+/// Most bytes an image's metadata may hold, its keys and values together.
+pub const METADATA_MAX_BYTES: usize = 4096;
 
 /// Characters that change how a URL looks without being visible: controls, bidirectional
 /// overrides and isolates, zero-width characters, the soft hyphen and the byte-order mark.
@@ -58,6 +64,38 @@ fn check_text(field: &str, value: &str, max_bytes: usize) -> Result<(), String> 
         Some((at, c)) => Err(format!("`{field}` holds the control character U+{:04X} at byte {at}", u32::from(c))),
         None => Ok(()),
     }
+}
+
+/// Checks an image's metadata: at most [`METADATA_MAX_KEYS`] keys, [`METADATA_MAX_BYTES`] in
+/// all, non-empty keys, and no control characters but tabs and line breaks (Postgres refuses NUL).
+pub fn check_metadata(metadata: &Metadata) -> Result<(), String> {
+    if metadata.len() > METADATA_MAX_KEYS {
+        return Err(format!("metadata has {} keys; the limit is {METADATA_MAX_KEYS}", metadata.len()));
+    }
+    let bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > METADATA_MAX_BYTES {
+        return Err(format!("metadata holds {bytes} bytes; the limit is {METADATA_MAX_BYTES}"));
+    }
+    for (key, value) in metadata {
+        if key.trim().is_empty() {
+            return Err("metadata has an empty key".into());
+        }
+        check_text("metadata key", key, METADATA_MAX_BYTES)?;
+        check_text(&format!("metadata.{}", preview(key)), value, METADATA_MAX_BYTES)?;
+    }
+    Ok(())
+}
+
+/// Checks the fields a feed adds to a request or result: a UUID feed id, a line from 1, metadata
+/// within its limits.
+fn check_feed_fields(feed_id: Option<&str>, line: Option<i64>, metadata: Option<&Metadata>) -> Result<(), String> {
+    if let Some(feed_id) = feed_id {
+        check_id("feed_id", feed_id)?;
+    }
+    if let Some(line) = line.filter(|l| *l < 1) {
+        return Err(format!("`line` {line} is not a line number (they start at 1)"));
+    }
+    metadata.map_or(Ok(()), check_metadata)
 }
 
 fn check_position(index: i32, size: i32) -> Result<(), String> {
@@ -104,12 +142,10 @@ impl ImageRequest {
         check_time("submitted_at_ms", self.submitted_at_ms)?;
         check_text("source", &self.source, SHORT_TEXT_BYTES)?;
         check_text("model", self.model.as_deref().unwrap_or(""), SHORT_TEXT_BYTES)?;
-        match &self.callback_url {
-            Some(url) => check_url(url, max_url_bytes)
-                .map(drop)
-                .map_err(|reason| format!("`callback_url` is not usable: {reason}")),
-            None => Ok(()),
+        if let Some(url) = &self.callback_url {
+            check_url(url, max_url_bytes).map_err(|reason| format!("`callback_url` is not usable: {reason}"))?;
         }
+        check_feed_fields(self.feed_id.as_deref(), self.line, self.metadata.as_ref())
     }
 }
 
@@ -135,7 +171,7 @@ impl ClassificationResult {
         if self.predictions.len() > 1000 {
             return Err(format!("{} predictions; at most 1000", self.predictions.len()));
         }
-        Ok(())
+        check_feed_fields(self.feed_id.as_deref(), self.line, self.metadata.as_ref())
     }
 }
 
@@ -153,8 +189,7 @@ mod tests {
             url: "https://a.example/x.jpg".into(),
             submitted_at_ms: 1_790_000_000_000,
             source: "kafka".into(),
-            model: None,
-            callback_url: None,
+            ..ImageRequest::default()
         }
     }
 
@@ -181,6 +216,9 @@ mod tests {
             error_message: None,
             submitted_at_ms: r.submitted_at_ms,
             completed_at_ms: r.submitted_at_ms + 5,
+            feed_id: None,
+            line: None,
+            metadata: None,
         }
     }
 
@@ -232,6 +270,28 @@ mod tests {
         let mut r = result();
         r.model_name = "lite\0".into();
         assert_eq!(r.check().unwrap_err(), "`model_name` holds the control character U+0000 at byte 4");
+    }
+
+    #[test]
+    fn feed_fields_are_checked_on_requests_and_results() {
+        let mut r = request();
+        r.feed_id = Some("0191b3c4-7d2e-7c1a-9f3b-2a6c0e4d5b21".into());
+        r.line = Some(2);
+        r.metadata = Some(Metadata::from([("station".into(), "Reef 4".into()), ("depth_m".into(), "12.5".into())]));
+        r.check(2048).unwrap();
+        r.line = Some(0);
+        assert_eq!(r.check(2048).unwrap_err(), "`line` 0 is not a line number (they start at 1)");
+        r.line = Some(2);
+        r.metadata = Some((0..33).map(|i| (format!("k{i}"), "v".into())).collect());
+        assert_eq!(r.check(2048).unwrap_err(), "metadata has 33 keys; the limit is 32");
+        r.metadata = Some(Metadata::from([("notes".into(), "x".repeat(4096))]));
+        assert_eq!(r.check(2048).unwrap_err(), "metadata holds 4101 bytes; the limit is 4096");
+        let mut result = result();
+        result.feed_id = Some("not a uuid".into());
+        assert_eq!(result.check().unwrap_err(), "`feed_id` is not a UUID: \"not a uuid\"");
+        result.feed_id = None;
+        result.metadata = Some(Metadata::from([("station".into(), "a\0b".into())]));
+        assert_eq!(result.check().unwrap_err(), "`metadata.station` holds the control character U+0000 at byte 1");
     }
 
     #[test]

@@ -28,8 +28,11 @@ macro_rules! message {
     };
 }
 
+/// What a submitter said about one image (a feed's other columns), carried into its result.
+pub type Metadata = std::collections::BTreeMap<String, String>;
+
 /// One image to classify (`image_request.avsc`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImageRequest {
     pub request_id: String,
     pub batch_id: String,
@@ -44,6 +47,15 @@ pub struct ImageRequest {
     /// Where the sink POSTs the submission's summary when it is done; `None` for none.
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// The bulk feed the image came in; `None` for a submission.
+    #[serde(default)]
+    pub feed_id: Option<String>,
+    /// The line of the feed the URL was on, from 1.
+    #[serde(default)]
+    pub line: Option<i64>,
+    /// What the submitter said about the image; `None` for nothing.
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
 }
 message!(ImageRequest, "image_request.avsc");
 
@@ -95,6 +107,15 @@ pub struct ClassificationResult {
     pub error_message: Option<String>,
     pub submitted_at_ms: i64,
     pub completed_at_ms: i64,
+    /// The request's feed.
+    #[serde(default)]
+    pub feed_id: Option<String>,
+    /// The request's line in its feed.
+    #[serde(default)]
+    pub line: Option<i64>,
+    /// The request's metadata.
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
 }
 message!(ClassificationResult, "classification_result.avsc");
 

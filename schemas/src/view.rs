@@ -37,6 +37,15 @@ pub struct ResultView {
     pub error: Option<ErrorView>,
     pub submitted_at: String,
     pub completed_at: String,
+    /// The bulk feed the image came in (absent for a submission).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feed_id: Option<String>,
+    /// Its line in the feed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<i64>,
+    /// What the submitter said about the image (a feed's other columns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<crate::Metadata>,
 }
 
 impl From<ClassificationResult> for ResultView {
@@ -55,6 +64,9 @@ impl From<ClassificationResult> for ResultView {
             error,
             submitted_at: rfc3339(r.submitted_at_ms),
             completed_at: rfc3339(r.completed_at_ms),
+            feed_id: r.feed_id,
+            line: r.line,
+            metadata: r.metadata,
         }
     }
 }
@@ -134,7 +146,7 @@ pub struct ErrorDetail {
 }
 
 /// Milliseconds since the epoch as RFC 3339, in UTC.
-fn rfc3339(ms: i64) -> String {
+pub fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339()
 }
 
@@ -158,6 +170,9 @@ mod tests {
             error_message: None,
             submitted_at_ms: 1_764_000_000_123,
             completed_at_ms: 1_764_000_001_000,
+            feed_id: None,
+            line: None,
+            metadata: None,
         }
     }
 

@@ -16,7 +16,7 @@ use crate::db::{self, Row};
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Reefline lookups", description = "Results and batches, as the sink has written them to Postgres. Submissions go to ingest (port 8080 locally)."),
-    paths(result, batch),
+    paths(result, batch, crate::feeds::progress, crate::feeds::rejects, crate::export::feed_results, crate::export::batch_results),
     modifiers(&API_KEYS),
 )]
 pub(crate) struct ApiDoc;
@@ -27,16 +27,38 @@ pub(crate) fn router(pool: PgPool) -> Router {
     Router::new()
         .route("/v1/results/{request_id}", get(result))
         .route("/v1/batches/{batch_id}", get(batch))
+        .route("/v1/feeds/{feed_id}", get(crate::feeds::progress))
+        .route("/v1/feeds/{feed_id}/rejects", get(crate::feeds::rejects))
         .with_state(pool)
+}
+
+/// The exports: they last as long as their rows take to send, so they are served without the
+/// request timeout, on connections of their own with no statement timeout.
+pub(crate) fn streaming_router(exports: PgPool) -> Router {
+    Router::new()
+        .route("/v1/feeds/{feed_id}/results", get(crate::export::feed_results))
+        .route("/v1/batches/{batch_id}/results", get(crate::export::batch_results))
+        .with_state(exports)
+}
+
+/// A query string that parsed, or the error naming what did not.
+pub(crate) fn query<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    query.map(|q| q.0).map_err(|e| ApiError::InvalidField { field: "query", message: e.body_text() })
 }
 
 /// Why a lookup failed.
 #[derive(Debug, thiserror::Error)]
-enum ApiError {
+pub(crate) enum ApiError {
     #[error("no request `{0}` is known")]
     UnknownRequest(String),
     #[error("no batch `{0}` is known")]
     UnknownBatch(String),
+    #[error("no feed `{0}` is known")]
+    UnknownFeed(String),
+    #[error("`{field}`: {message}")]
+    InvalidField { field: &'static str, message: String },
     #[error("the database is unavailable")]
     Database(#[from] sqlx::Error),
 }
@@ -44,7 +66,8 @@ enum ApiError {
 impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
-            ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) => "not_found",
+            ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => "not_found",
+            ApiError::InvalidField { .. } => "invalid_field",
             ApiError::Database(_) => "database_unavailable",
         }
     }
@@ -53,13 +76,19 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self {
-            ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) => StatusCode::NOT_FOUND,
+            ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => StatusCode::NOT_FOUND,
+            ApiError::InvalidField { .. } => StatusCode::BAD_REQUEST,
             ApiError::Database(ref e) => {
                 tracing::error!(error = %e, "lookup failed");
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        (status, Json(json!({"error": {"kind": self.kind(), "message": self.to_string()}}))).into_response()
+        let field = match &self {
+            ApiError::InvalidField { field, .. } => Some(*field),
+            _ => None,
+        };
+        let body = json!({"error": {"kind": self.kind(), "field": field, "message": self.to_string()}});
+        (status, Json(body)).into_response()
     }
 }
 

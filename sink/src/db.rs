@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use reefline_schemas::{ClassificationResult, ImageRequest, Prediction, Status};
+use reefline_schemas::{ClassificationResult, ImageRequest, Metadata, Prediction, Status};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
@@ -32,6 +32,16 @@ pub fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> 
         .connect_lazy_with(options))
 }
 
+/// A pool for the exports: at most `connections`, no statement timeout (an export runs as long as
+/// its client reads), and an export that waits longer than `acquire_timeout_ms` for a connection
+/// fails (503).
+pub fn export_pool(url: &str, connections: u32, acquire_timeout_ms: u64) -> anyhow::Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(connections.max(1))
+        .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
+        .connect_lazy_with(PgConnectOptions::from_str(url)?))
+}
+
 /// Writes `results` in one statement. Redelivered or repeated results are harmless: a row is
 /// replaced only by a result completed no earlier than the one it holds, and never an `ok` by an
 /// `error` (a redo that met a transient failure does not undo a good result). `results` must not
@@ -41,15 +51,20 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
     let optional = |f: fn(&ClassificationResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
     let predictions: Vec<serde_json::Value> =
         results.iter().map(|r| serde_json::to_value(&r.predictions).unwrap_or_default()).collect();
+    let metadata: Vec<Option<serde_json::Value>> =
+        results.iter().map(|r| r.metadata.as_ref().and_then(|m| serde_json::to_value(m).ok())).collect();
     sqlx::query(
         "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
-                              model_name, model_version, error_kind, error_message, submitted_at, completed_at)
+                              model_name, model_version, error_kind, error_message, submitted_at, completed_at,
+                              feed_id, line, metadata)
          SELECT request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
-                model_version, error_kind, error_message, to_timestamp(submitted_ms / 1000.0), to_timestamp(completed_ms / 1000.0)
+                model_version, error_kind, error_message, to_timestamp(submitted_ms / 1000.0), to_timestamp(completed_ms / 1000.0),
+                feed_id, line, metadata
          FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::jsonb[], $8::text[],
-                     $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[])
+                     $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[],
+                     $15::text[], $16::int8[], $17::jsonb[])
               AS t(request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
-                   model_version, error_kind, error_message, submitted_ms, completed_ms)
+                   model_version, error_kind, error_message, submitted_ms, completed_ms, feed_id, line, metadata)
          ON CONFLICT (request_id) DO UPDATE SET
              status = EXCLUDED.status, predictions = EXCLUDED.predictions, marine_group = EXCLUDED.marine_group,
              model_name = EXCLUDED.model_name, model_version = EXCLUDED.model_version, error_kind = EXCLUDED.error_kind,
@@ -71,6 +86,9 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
     .bind(optional(|r| r.error_message.clone()))
     .bind(results.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
     .bind(results.iter().map(|r| r.completed_at_ms as f64).collect::<Vec<_>>())
+    .bind(optional(|r| r.feed_id.clone()))
+    .bind(results.iter().map(|r| r.line).collect::<Vec<_>>())
+    .bind(metadata)
     .execute(pool)
     .await?;
     Ok(())
@@ -151,6 +169,9 @@ pub struct Row {
     pub error_message: Option<String>,
     pub submitted_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
+    pub feed_id: Option<String>,
+    pub line: Option<i64>,
+    pub metadata: Option<Json<Metadata>>,
 }
 
 impl Row {
@@ -171,13 +192,17 @@ impl Row {
             error_message: self.error_message,
             submitted_at_ms: self.submitted_at.timestamp_millis(),
             completed_at_ms: self.completed_at.timestamp_millis(),
+            feed_id: self.feed_id,
+            line: self.line,
+            metadata: self.metadata.map(|m| m.0),
         }
     }
 }
 
-const COLUMNS: &str =
-    "request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
-                       model_version, error_kind, error_message, submitted_at, completed_at";
+/// The columns a [`Row`] is read from.
+pub const COLUMNS: &str = "request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
+                           model_name, model_version, error_kind, error_message, submitted_at, completed_at,
+                           feed_id, line, metadata";
 
 pub async fn result(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<Row>> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM results WHERE request_id = $1"))

@@ -4,6 +4,8 @@ mod api;
 mod batches;
 mod consume;
 pub mod db;
+mod export;
+mod feeds;
 mod notify;
 mod page;
 pub mod settings;
@@ -38,6 +40,7 @@ pub async fn main() -> anyhow::Result<()> {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    streaming: Router,
     sink: consume::Sink,
     requests: consume::RequestLog,
     notifier: notify::Notifier,
@@ -83,6 +86,7 @@ impl Application {
             settings.lookup_connections,
             Duration::from_millis(settings.lookup_timeout_ms),
         )?;
+        let exports = db::export_pool(database_url, settings.export_connections, settings.lookup_timeout_ms)?;
         let t = &settings.topics;
         let topics = [&t.results, &t.dead_letter, &t.requests, &t.batches].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
@@ -141,6 +145,8 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen).await?;
         let keys = ApiKeys::load(&settings.auth)?;
         keys.announce("sink", listener.local_addr()?);
+        let streaming = api::streaming_router(exports)
+            .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_key));
         let router = api::router(lookups)
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
             .merge(ops::router(registry.clone(), readiness.clone()))
@@ -159,7 +165,7 @@ impl Application {
             readiness,
             wake,
         };
-        Ok(Self { listener, router, sink, requests, notifier, http: settings.http })
+        Ok(Self { listener, router, streaming, sink, requests, notifier, http: settings.http })
     }
 
     /// The address the lookup API listens on.
@@ -177,8 +183,13 @@ impl Application {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let server =
-            tokio::spawn(reefline_common::http::serve(self.listener, self.router, self.http, stopped(&stop_rx)));
+        let server = tokio::spawn(reefline_common::http::serve_with_streaming(
+            self.listener,
+            self.router,
+            self.streaming,
+            self.http,
+            stopped(&stop_rx),
+        ));
         let (sink, requests, notifier) = (self.sink, self.requests, self.notifier);
         let register =
             reefline_common::register_schema::<BatchCompleted>(notifier.codec.clone(), notifier.topic.clone());

@@ -47,6 +47,11 @@ pub struct Settings {
     #[arg(long, env = "LOOKUP_CONNECTIONS", default_value_t = 4)]
     pub lookup_connections: u32,
 
+    /// Database connections the exports (`…/results?format=`) may hold at once, apart from the
+    /// lookups': an export streams for as long as its client reads, with no statement timeout.
+    #[arg(long, env = "EXPORT_CONNECTIONS", default_value_t = 2)]
+    pub export_connections: u32,
+
     /// Longest a lookup may run or wait for a connection, in milliseconds; then 503.
     #[arg(long, env = "LOOKUP_TIMEOUT_MS", default_value_t = 5000)]
     pub lookup_timeout_ms: u64,

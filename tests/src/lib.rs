@@ -21,7 +21,7 @@ mod processes;
 pub mod workload;
 
 pub use broker::Broker;
-pub use processes::{ServiceProcess, TcpProxy, TlsProxy, committed_offsets, topic_counts};
+pub use processes::{ServiceProcess, TcpProxy, TlsProxy, committed_offsets, topic_counts, topic_size};
 
 /// The workspace's cache folder (`REEFLINE_CACHE`, else `.cache/` at the workspace root).
 pub fn cache_dir() -> PathBuf {
@@ -286,6 +286,9 @@ impl StackSettings {
         ingest.topics = topics.clone();
         ingest.kafka = kafka.clone();
         ingest.registry = registry.clone();
+        ingest.database_url = database_url.into();
+        // Feeds fetched from the photo server (on loopback).
+        ingest.fetch_allow = vec!["127.0.0.1/32".into()];
 
         let mut classifier = reefline_classifier::Settings::parse_from(["classifier"]);
         classifier.listen = "127.0.0.1:0".into();

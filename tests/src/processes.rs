@@ -61,6 +61,33 @@ impl ServiceProcess {
         Self::spawn(command, name)
     }
 
+    /// Starts the ingest command `bin` (`env!("CARGO_BIN_EXE_ingest-under-test")`) with the
+    /// settings' topics, database, broker and registry, on a port it chooses ([`ServiceProcess::address`]).
+    pub fn ingest(bin: &str, s: &reefline_ingest::Settings, name: &str) -> Self {
+        let mut command = Command::new(bin);
+        command
+            .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
+            .args(["--requests-topic", &s.topics.requests, "--results-topic", &s.topics.results])
+            .args(["--topic-partitions", &s.topics.partitions.to_string()])
+            .arg("--models-manifest")
+            .arg(&s.models.manifest)
+            .arg("--models-dir")
+            .arg(&s.models.dir)
+            .args(["--models", &s.models.served.join(","), "--default-model", &s.models.default])
+            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
+        Self::spawn(command, name)
+    }
+
+    /// The process's resident memory at its peak so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     fn spawn(mut command: Command, name: &str) -> Self {
         let path = log_path(name);
         let log = std::fs::File::create(&path).expect("log file");
@@ -196,6 +223,27 @@ fn read_topic_counts(kafka: &KafkaSettings, topic: &str) -> (usize, usize) {
         }
     }
     (records, keys.len())
+}
+
+/// How many records `topic` holds, from its partitions' watermarks (no record is read).
+pub async fn topic_size(kafka: &KafkaSettings, topic: &str) -> i64 {
+    let (kafka, topic) = (kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let group = format!("sizer-{}", uuid::Uuid::now_v7().simple());
+        let consumer: BaseConsumer = kafka.consumer_config(&group).create().expect("consumer");
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("topic metadata");
+        metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| {
+                let (low, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+                high - low
+            })
+            .sum()
+    })
+    .await
+    .expect("sizing task")
 }
 
 /// A TLS-terminating proxy in front of `target`, as a managed Kafka's TLS listener is to a client:

@@ -111,7 +111,7 @@ async fn dead_letters_are_replayed_after_the_fix() {
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
         model: None,
-        callback_url: None,
+        ..Default::default()
     };
     let next_id = latest_schema_id(&client, &env.registry.url).await + 1;
     let framed = reefline_e2e::camera::framed(next_id as u32, &request);
@@ -203,7 +203,7 @@ fn request(url: &str) -> reefline_schemas::ImageRequest {
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
         model: None,
-        callback_url: None,
+        ..Default::default()
     }
 }
 
@@ -235,6 +235,9 @@ fn result(url: &str, status: reefline_schemas::Status, label: &str) -> reefline_
         error_message: (!ok).then(|| "fetching the image timed out after 20 s".into()),
         submitted_at_ms: r.submitted_at_ms,
         completed_at_ms: r.submitted_at_ms + 100,
+        feed_id: None,
+        line: None,
+        metadata: None,
     }
 }
 

@@ -227,7 +227,7 @@ async fn each_submission_may_name_its_model_and_each_result_says_which_one_answe
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
         model: Some("efficientnet-b7".into()),
-        callback_url: None,
+        ..Default::default()
     };
     let codec = reefline_schemas::Codec::new(&env.registry).unwrap();
     let payload = codec.encode(&env.names.requests, &request).await.unwrap();

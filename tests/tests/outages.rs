@@ -277,7 +277,7 @@ async fn a_registry_outage_of_20_s_is_waited_out_and_dead_letters_nothing() {
             submitted_at_ms: chrono::Utc::now().timestamp_millis(),
             source: "kafka".into(),
             model: None,
-            callback_url: None,
+            ..Default::default()
         };
         let payload = reefline_e2e::camera::framed(v2_id, &request);
         let record = FutureRecord::to(&env.names.requests).key(&request.request_id).payload(&payload);

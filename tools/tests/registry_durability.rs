@@ -79,7 +79,7 @@ fn request() -> ImageRequest {
         submitted_at_ms: 1_763_700_000_000,
         source: "kafka".into(),
         model: None,
-        callback_url: None,
+        ..Default::default()
     }
 }
 

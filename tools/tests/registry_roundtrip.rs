@@ -22,7 +22,7 @@ fn request() -> ImageRequest {
         submitted_at_ms: 1_763_700_000_000,
         source: "http".into(),
         model: None,
-        callback_url: None,
+        ..Default::default()
     }
 }
 
@@ -48,6 +48,9 @@ fn result() -> ClassificationResult {
         error_message: None,
         submitted_at_ms: 1_763_700_000_000,
         completed_at_ms: 1_763_700_000_250,
+        feed_id: None,
+        line: None,
+        metadata: None,
     }
 }
 

@@ -1,0 +1,198 @@
+//! The feeds ledger in Postgres: which feed an `Idempotency-Key` names, who is reading it, how far
+//! its reading has got, and every line it rejected. Ingest writes it as it reads; the sink serves it.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use super::parse::Line;
+
+/// Connects (creating the database when it does not exist) and applies the schema's migrations,
+/// the same the sink applies (`sink/migrations`), so either may start first.
+pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    if !sqlx::Postgres::database_exists(url).await? {
+        // Another service may be creating it at this moment.
+        if let Err(e) = sqlx::Postgres::create_database(url).await {
+            anyhow::ensure!(sqlx::Postgres::database_exists(url).await?, e);
+        }
+    }
+    let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+    let mut migrator = sqlx::migrate!("../sink/migrations");
+    // A sink of a later version may have applied migrations this ingest does not know.
+    migrator.set_ignore_missing(true);
+    migrator.run(&pool).await?;
+    Ok(pool)
+}
+
+/// A feed as the ledger holds it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Feed {
+    pub feed_id: String,
+    pub state: String,
+    pub lines_read: i64,
+    pub accepted: i64,
+    pub rejected: i64,
+    /// Every line up to this one is settled (accepted and on the broker, or rejected).
+    pub last_line: i64,
+    pub chunks: i32,
+}
+
+/// What a new upload finds.
+pub enum Opened {
+    /// A feed to read from `feed.last_line + 1` on (from the start for a new one) under `lease`.
+    Read { feed: Feed, lease: Uuid, resumed: bool },
+    /// Read to its end already: the upload is answered with what it holds.
+    Done(Feed),
+    /// Another upload of it is being read.
+    Busy(Feed),
+}
+
+/// What a feed is opened with.
+pub struct NewFeed<'a> {
+    pub key_scope: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub format: Option<&'a str>,
+    pub source_url: Option<&'a str>,
+    pub model: Option<&'a str>,
+}
+
+const FEED_COLUMNS: &str = "feed_id, state, lines_read, accepted, rejected, last_line, chunks";
+
+/// Opens a feed for reading: a new one, or the one its idempotency key names, unless that one is
+/// read already or being read by a reader heard from within `lease_for`.
+pub async fn open(pool: &PgPool, new: &NewFeed<'_>, lease_for: Duration) -> sqlx::Result<Opened> {
+    let lease = Uuid::now_v7();
+    let feed_id = Uuid::now_v7().to_string();
+    let inserted: Option<Feed> = sqlx::query_as(&format!(
+        "INSERT INTO feeds (feed_id, key_scope, idempotency_key, format, source_url, model, state, reader)
+         VALUES ($1, $2, $3, $4, $5, $6, 'reading', $7)
+         ON CONFLICT (key_scope, idempotency_key) DO NOTHING
+         RETURNING {FEED_COLUMNS}"
+    ))
+    .bind(&feed_id)
+    .bind(new.key_scope)
+    .bind(new.idempotency_key)
+    .bind(new.format.unwrap_or("auto"))
+    .bind(new.source_url)
+    .bind(new.model)
+    .bind(lease)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(feed) = inserted {
+        return Ok(Opened::Read { feed, lease, resumed: false });
+    }
+    // The key names a feed already: take it over unless it is read or its reader is alive.
+    let taken: Option<Feed> = sqlx::query_as(&format!(
+        "UPDATE feeds SET state = 'reading', reader = $3, updated_at = now()
+         WHERE key_scope = $1 AND idempotency_key = $2 AND state <> 'read'
+           AND (state = 'interrupted' OR updated_at < now() - make_interval(secs => $4))
+         RETURNING {FEED_COLUMNS}"
+    ))
+    .bind(new.key_scope)
+    .bind(new.idempotency_key)
+    .bind(lease)
+    .bind(lease_for.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    if let Some(feed) = taken {
+        return Ok(Opened::Read { feed, lease, resumed: true });
+    }
+    let feed: Feed =
+        sqlx::query_as(&format!("SELECT {FEED_COLUMNS} FROM feeds WHERE key_scope = $1 AND idempotency_key = $2"))
+            .bind(new.key_scope)
+            .bind(new.idempotency_key)
+            .fetch_one(pool)
+            .await?;
+    Ok(if feed.state == "read" { Opened::Done(feed) } else { Opened::Busy(feed) })
+}
+
+/// Why a checkpoint was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("another upload of this feed took it over")]
+    LostLease,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Settles `lines` (the accepted ones are on the broker): records the rejected ones, moves the
+/// counts and the last settled line on, and notes the metadata columns; in one transaction, and
+/// only while `lease` holds the feed.
+pub async fn checkpoint(
+    pool: &PgPool,
+    feed_id: &str,
+    lease: Uuid,
+    lines: &[Line],
+    columns: &[String],
+) -> Result<(), CheckpointError> {
+    let Some(last_line) = lines.iter().map(Line::number).max() else { return Ok(()) };
+    let (mut lines_, mut contents, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+    for line in lines {
+        if let Line::Rejected { line, reason, content } = line {
+            lines_.push(*line as i64);
+            reasons.push(reason.as_str());
+            contents.push(content.as_str());
+        }
+    }
+    let accepted = (lines.len() - lines_.len()) as i64;
+    let mut tx = pool.begin().await?;
+    let held = sqlx::query(
+        "UPDATE feeds SET lines_read = lines_read + $3, accepted = accepted + $4, rejected = rejected + $5,
+                          last_line = $6, chunks = chunks + CASE WHEN $4 > 0 THEN 1 ELSE 0 END,
+                          columns = $7, updated_at = now()
+         WHERE feed_id = $1 AND reader = $2 AND state = 'reading'",
+    )
+    .bind(feed_id)
+    .bind(lease)
+    .bind(lines.len() as i64)
+    .bind(accepted)
+    .bind(lines_.len() as i64)
+    .bind(last_line as i64)
+    .bind(sqlx::types::Json(columns))
+    .execute(&mut *tx)
+    .await?;
+    if held.rows_affected() == 0 {
+        return Err(CheckpointError::LostLease);
+    }
+    sqlx::query(
+        "INSERT INTO feed_rejects (feed_id, line, reason, content)
+         SELECT $1, line, reason, content FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS t(line, reason, content)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(feed_id)
+    .bind(&lines_)
+    .bind(&reasons)
+    .bind(&contents)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Keeps the lease alive while the reader waits (for the broker, say).
+pub async fn heartbeat(pool: &PgPool, feed_id: &str, lease: Uuid) -> sqlx::Result<()> {
+    sqlx::query("UPDATE feeds SET updated_at = now() WHERE feed_id = $1 AND reader = $2")
+        .bind(feed_id)
+        .bind(lease)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Ends the reading: `read` when the upload was read to its end, else `interrupted` (a resend with
+/// the same key resumes it). Returns the feed as it now is.
+pub async fn close(pool: &PgPool, feed_id: &str, lease: Uuid, complete: bool) -> sqlx::Result<Option<Feed>> {
+    sqlx::query_as(&format!(
+        "UPDATE feeds SET state = $3, updated_at = now(), read_at = CASE WHEN $3 = 'read' THEN now() END
+         WHERE feed_id = $1 AND reader = $2 AND state = 'reading'
+         RETURNING {FEED_COLUMNS}"
+    ))
+    .bind(feed_id)
+    .bind(lease)
+    .bind(if complete { "read" } else { "interrupted" })
+    .fetch_optional(pool)
+    .await
+}

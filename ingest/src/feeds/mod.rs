@@ -1,0 +1,482 @@
+//! `POST /v1/feeds`: a survey's list of image URLs, uploaded (CSV, NDJSON or plain text, gzipped
+//! or not) or fetched from a URL, read as a stream. Each line is accepted (one request record, its
+//! other columns as metadata) or rejected with its reason; chunks of accepted lines are produced
+//! as batches, and each chunk is settled in the ledger once the broker has it, so an upload that
+//! broke off resumes, under the same `Idempotency-Key`, after the last settled line.
+
+mod ledger;
+pub mod parse;
+mod source;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use reefline_schemas::{ImageRequest, REQUEST_ID_HEADER};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use parse::{Chunk, Format, Line, ReadError};
+pub(crate) use source::client as source_client;
+
+use crate::AppState;
+use crate::error::IngestError;
+
+/// The feed routes (served without the overall request timeout and body limit).
+pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new().route("/v1/feeds", axum::routing::post(create)).with_state(state)
+}
+
+/// Reaches the database and migrates it, trying again every few seconds until it answers; feeds
+/// answer 503 until then.
+pub(crate) async fn connect_in_background(state: Arc<AppState>) {
+    let url = secrecy::ExposeSecret::expose_secret(&state.settings.database_url).to_owned();
+    let mut backoff = reefline_common::Backoff::new();
+    loop {
+        match ledger::connect(&url).await {
+            Ok(pool) => {
+                let _ = state.feeds.set(pool);
+                tracing::info!("feeds ledger ready");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the feeds database is unreachable; feeds answer 503 until it is reached");
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+/// The query of an upload.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct FeedQuery {
+    /// `csv`, `ndjson` or `text`; absent: from the Content-Type, else guessed from the first line.
+    format: Option<String>,
+    /// A model of the manifest for every image of the feed; absent: the default.
+    model: Option<String>,
+}
+
+/// A feed ingest fetches itself (`Content-Type: application/json`).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"source_url": "https://data.example.org/survey-2026/photos.csv.gz"}))]
+pub(crate) struct FeedSource {
+    /// An http(s) URL of the list, fetched under the same address rules as images (`FETCH_ALLOW`).
+    source_url: Option<String>,
+    /// `csv`, `ndjson` or `text`; absent: from the response's Content-Type or the file name.
+    format: Option<String>,
+    /// A model of the manifest; absent: the default.
+    model: Option<String>,
+}
+
+/// A feed read to its end (or to where it stood when it was read before, for a repeated key).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct FeedAccepted {
+    feed_id: String,
+    /// `read`: every line is accepted (on the broker) or rejected.
+    #[schema(example = "read")]
+    state: String,
+    /// Lines that were not blank, the header not counted.
+    lines_read: i64,
+    accepted: i64,
+    rejected: i64,
+    /// Batches its accepted lines travel in.
+    batches: i32,
+    /// Whether this upload resumed one that had broken off (same `Idempotency-Key`).
+    resumed: bool,
+    /// Where to follow it, on the sink's API (port 8081 locally).
+    links: FeedLinks,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct FeedLinks {
+    progress: String,
+    rejects: String,
+    results: String,
+}
+
+impl FeedAccepted {
+    fn new(feed: ledger::Feed, resumed: bool) -> Self {
+        let id = &feed.feed_id;
+        let links = FeedLinks {
+            progress: format!("/v1/feeds/{id}"),
+            rejects: format!("/v1/feeds/{id}/rejects"),
+            results: format!("/v1/feeds/{id}/results?format=csv"),
+        };
+        Self {
+            links,
+            feed_id: feed.feed_id,
+            state: feed.state,
+            lines_read: feed.lines_read,
+            accepted: feed.accepted,
+            rejected: feed.rejected,
+            batches: feed.chunks,
+            resumed,
+        }
+    }
+}
+
+/// The feed settings the reader needs.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    chunk_lines: usize,
+    idle: Duration,
+    lease: Duration,
+    stall: Duration,
+    max_url_bytes: usize,
+}
+
+/// Submit a bulk feed of image URLs (an upload, or `{"source_url": …}`); answers once it is read.
+#[utoipa::path(post, path = "/v1/feeds", params(FeedQuery,
+    ("Idempotency-Key" = Option<String>, Header, description = "Names the feed: resending with the same key resumes after the last line accepted, never duplicating, and answers with the same feed_id"),
+), request_body(content(
+    (String = "text/csv", example = "url,station,depth_m\nhttps://photos.example/reef/0001.jpg,Reef 4,12\n"),
+    (String = "application/x-ndjson"),
+    (String = "text/plain"),
+    (FeedSource = "application/json"),
+), description = "CSV with a `url` column (the others are metadata), NDJSON with a `url` key, or a URL a line; gzip-compressed or not. Or, as JSON, a `source_url` to fetch the list from."),
+responses(
+    (status = 201, description = "Read to its end: every line accepted (on the broker) or rejected", body = FeedAccepted,
+        headers(("Idempotent-Replayed" = String, description = "`true` when the key named a feed already read"))),
+    (status = 400, description = "invalid_field, unknown_model, invalid_url (source_url), unreadable_feed (no url column, a line over 1 MiB, broken gzip, a source that failed)", body = reefline_schemas::view::ErrorBody),
+    (status = 401, description = "unauthorized", body = reefline_schemas::view::ErrorBody),
+    (status = 409, description = "feed_in_progress: another upload with this key is being read; Retry-After", body = reefline_schemas::view::ErrorBody),
+    (status = 503, description = "unavailable: the broker or the database stayed away; resend with the same key to resume", body = reefline_schemas::view::ErrorBody),
+))]
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Response {
+    let outcome = match query {
+        Ok(Query(query)) => accept(state.clone(), headers, query, body).await,
+        Err(e) => Err(IngestError::InvalidField { field: "query".into(), message: e.body_text() }),
+    };
+    let label = match &outcome {
+        Ok(_) => "accepted",
+        Err(e) => e.kind(),
+    };
+    state.metrics.submissions.with_label_values(&["feeds", label]).inc();
+    match outcome {
+        Ok((accepted, replayed)) => {
+            let mut response = (StatusCode::CREATED, Json(accepted)).into_response();
+            if replayed {
+                response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            response
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The body of an upload, or of a fetched list, as it streams in.
+type ByteStream = std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+async fn accept(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    query: FeedQuery,
+    body: Body,
+) -> Result<(FeedAccepted, bool), IngestError> {
+    let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let limits = Limits {
+        chunk_lines: state.settings.feed_chunk_lines.clamp(1, state.settings.max_pending_images),
+        idle: Duration::from_secs(state.settings.feed_idle_timeout_s.max(1)),
+        lease: Duration::from_secs(state.settings.feed_lease_s.max(1)),
+        stall: Duration::from_secs(state.settings.feed_stall_timeout_s.max(1)),
+        max_url_bytes: state.settings.max_url_bytes,
+    };
+    let key = idempotency_key(&headers)?;
+    let (stream, format, model, source_url) = if content_type.starts_with("application/json") {
+        let source = source::parse_request(body).await?;
+        let format = parse_format(source.format.as_deref())?;
+        let model = crate::validate::check_model(source.model, &state.models)?;
+        let url = source.source_url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
+        let url = crate::validate::check_url(&url, state.settings.max_url_bytes)
+            .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
+        let (stream, found) = source::open(&state.source_client, &state.source_policy, &url, limits.idle).await?;
+        (stream, format.or(found), model, Some(url.to_string()))
+    } else {
+        let format = parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type));
+        let model = crate::validate::check_model(query.model, &state.models)?;
+        (idle_limited(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limits.idle), format, model, None)
+    };
+    let new = ledger::NewFeed {
+        key_scope: &key_scope(&headers),
+        idempotency_key: key.as_deref(),
+        format: format.map(Format::as_str),
+        source_url: source_url.as_deref(),
+        model: model.as_deref(),
+    };
+    let (feed, lease, resumed) = match ledger::open(&pool, &new, limits.lease).await.map_err(database)? {
+        ledger::Opened::Read { feed, lease, resumed } => (feed, lease, resumed),
+        ledger::Opened::Done(feed) => return Ok((FeedAccepted::new(feed, false), true)),
+        ledger::Opened::Busy(feed) => return Err(IngestError::FeedInProgress { feed_id: feed.feed_id }),
+    };
+    if resumed {
+        tracing::info!(feed_id = %feed.feed_id, after_line = feed.last_line, "resuming a feed");
+    }
+    // The reading goes on in a task of its own: a client that hangs up drops this handler, and the
+    // feed must still be marked interrupted (its reader gone) for a resend to take it over at once.
+    let reader = Reader { state: state.clone(), pool, lease, feed_id: feed.feed_id.clone(), model, limits };
+    let options = parse::Options { format, max_url_bytes: limits.max_url_bytes, chunk_lines: limits.chunk_lines };
+    let outcome = tokio::spawn(reader.run(stream, options, feed.last_line)).await;
+    match outcome.map_err(|e| IngestError::Unavailable(format!("the feed's reader failed: {e}")))? {
+        Ok(feed) => Ok((FeedAccepted::new(feed, resumed), false)),
+        Err(e) => Err(e),
+    }
+}
+
+fn parse_format(format: Option<&str>) -> Result<Option<Format>, IngestError> {
+    format
+        .map(|f| match f.to_ascii_lowercase().as_str() {
+            "csv" => Ok(Format::Csv),
+            "ndjson" | "jsonl" => Ok(Format::Ndjson),
+            "text" | "txt" => Ok(Format::Text),
+            other => Err(IngestError::InvalidField {
+                field: "format".into(),
+                message: format!("`{}` is not one of csv, ndjson, text", reefline_schemas::rules::truncate(other, 32)),
+            }),
+        })
+        .transpose()
+}
+
+/// The `Idempotency-Key` header, when sent: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, IngestError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    match value.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(key.to_owned()))
+        }
+        _ => Err(IngestError::InvalidField {
+            field: "Idempotency-Key".into(),
+            message: "must be 1 to 255 visible ASCII characters (a UUID, say)".into(),
+        }),
+    }
+}
+
+/// Idempotency keys are scoped to the API key that sent them, so two clients never meet each
+/// other's feeds: a hash of it (never the key itself), or `""` when the API is open.
+fn key_scope(headers: &HeaderMap) -> String {
+    use sha2::Digest;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    match presented {
+        Some(key) => hex::encode(&sha2::Sha256::digest(key.trim().as_bytes())[..12]),
+        None => String::new(),
+    }
+}
+
+fn database(e: sqlx::Error) -> IngestError {
+    tracing::warn!(error = %e, "the feeds ledger is unavailable");
+    IngestError::Unavailable(format!("the database did not answer: {e}"))
+}
+
+/// Ends the stream with an error when no bytes come for `idle`: a client that stops sending
+/// without closing holds nothing for long.
+fn idle_limited(stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, idle: Duration) -> ByteStream {
+    Box::pin(futures::stream::unfold(Box::pin(stream), move |mut stream| async move {
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(item)) => Some((item, stream)),
+            Ok(None) => None,
+            Err(_) => {
+                let message = format!("no bytes came for {} s", idle.as_secs());
+                Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)), stream))
+            }
+        }
+    }))
+}
+
+/// One upload of a feed being read, under its lease.
+struct Reader {
+    state: Arc<AppState>,
+    pool: PgPool,
+    lease: Uuid,
+    feed_id: String,
+    model: Option<String>,
+    limits: Limits,
+}
+
+impl Reader {
+    /// Reads `stream` to its end, producing and settling each chunk past `settled` (the last line
+    /// an earlier upload settled); closes the feed as read, or as interrupted on any failure.
+    async fn run(self, stream: ByteStream, options: parse::Options, settled: i64) -> Result<ledger::Feed, IngestError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
+        let parse = tokio::task::spawn_blocking(move || {
+            let input = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+            parse::read(input, options, |chunk| tx.blocking_send(chunk).is_ok())
+        });
+        let mut failure = None;
+        while let Some(chunk) = rx.recv().await {
+            let fresh: Vec<Line> = chunk.lines.into_iter().filter(|l| l.number() as i64 > settled).collect();
+            if let Err(e) = self.settle(&fresh, &chunk.columns).await {
+                failure = Some(e);
+                break;
+            }
+        }
+        drop(rx);
+        let read = parse.await.map_err(|e| IngestError::Unavailable(format!("the feed's parser failed: {e}")));
+        let failure = failure.or_else(|| match read {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(self.unreadable(e)),
+            Err(e) => Some(e),
+        });
+        let closed = ledger::close(&self.pool, &self.feed_id, self.lease, failure.is_none()).await;
+        if let Some(failure) = failure {
+            tracing::info!(feed_id = %self.feed_id, error = %failure, "feed interrupted; a resend with its key resumes it");
+            return Err(failure);
+        }
+        tracing::info!(feed_id = %self.feed_id, "feed read");
+        closed.map_err(database)?.ok_or_else(|| self.lost())
+    }
+
+    fn unreadable(&self, e: ReadError) -> IngestError {
+        IngestError::UnreadableFeed { feed_id: self.feed_id.clone(), reason: e.to_string() }
+    }
+
+    fn lost(&self) -> IngestError {
+        IngestError::FeedInProgress { feed_id: self.feed_id.clone() }
+    }
+
+    /// Produces the accepted lines of a chunk as one batch and, once the broker has them all,
+    /// records the chunk in the ledger.
+    async fn settle(&self, lines: &[Line], columns: &[String]) -> Result<(), IngestError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let requests = self.plan(lines);
+        if !requests.is_empty() {
+            self.produce(&requests).await?;
+        }
+        let metrics = &self.state.metrics;
+        metrics.feed_lines.with_label_values(&["accepted"]).inc_by(requests.len() as u64);
+        metrics.feed_lines.with_label_values(&["rejected"]).inc_by((lines.len() - requests.len()) as u64);
+        let started = Instant::now();
+        let mut backoff = reefline_common::Backoff::new();
+        loop {
+            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, lines, columns).await {
+                Ok(()) => return Ok(()),
+                Err(ledger::CheckpointError::LostLease) => return Err(self.lost()),
+                Err(ledger::CheckpointError::Database(e)) if started.elapsed() > self.limits.stall => {
+                    return Err(database(e));
+                }
+                Err(ledger::CheckpointError::Database(e)) => {
+                    tracing::warn!(feed_id = %self.feed_id, error = %e, "the ledger did not take a chunk; retrying");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// One request per accepted line, as a batch of its own.
+    fn plan(&self, lines: &[Line]) -> Vec<ImageRequest> {
+        let batch_id = Uuid::now_v7().to_string();
+        let submitted_at_ms = chrono::Utc::now().timestamp_millis();
+        let accepted: Vec<_> = lines
+            .iter()
+            .filter_map(|l| match l {
+                Line::Accepted { line, url, metadata } => Some((*line, url, metadata)),
+                Line::Rejected { .. } => None,
+            })
+            .collect();
+        let batch_size = accepted.len() as i32;
+        accepted
+            .into_iter()
+            .enumerate()
+            .map(|(i, (line, url, metadata))| ImageRequest {
+                request_id: Uuid::now_v7().to_string(),
+                batch_id: batch_id.clone(),
+                batch_index: i as i32,
+                batch_size,
+                url: url.clone(),
+                submitted_at_ms,
+                source: "feed".into(),
+                model: self.model.clone(),
+                callback_url: None,
+                feed_id: Some(self.feed_id.clone()),
+                line: Some(line as i64),
+                metadata: (!metadata.is_empty()).then(|| metadata.clone()),
+            })
+            .collect()
+    }
+
+    /// Produces `requests` and returns once the broker has acknowledged every one. Room among the
+    /// images waiting for the broker is waited for (the upload is read no faster than the broker
+    /// takes it); failed records are sent again, with backoff, until the broker has been away for
+    /// `FEED_STALL_TIMEOUT_S`.
+    async fn produce(&self, requests: &[ImageRequest]) -> Result<(), IngestError> {
+        let state = &self.state;
+        let started = Instant::now();
+        let topic = &state.settings.topics.requests;
+        let _permits = state
+            .pending
+            .acquire_many(requests.len() as u32)
+            .await
+            .map_err(|_| IngestError::Unavailable("ingest is stopping".into()))?;
+        state.metrics.pending.set(state.pending_images() as i64);
+        let mut payloads = Vec::with_capacity(requests.len());
+        for request in requests {
+            let payload = loop {
+                match state.codec.encode(topic, request).await {
+                    Ok(payload) => break payload,
+                    Err(e) if started.elapsed() > self.limits.stall => return Err(IngestError::Unavailable(e.to_string())),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the registry did not answer; retrying");
+                        self.wait_a_moment().await;
+                    }
+                }
+            };
+            payloads.push(payload);
+        }
+        let mut unsent: Vec<usize> = (0..requests.len()).collect();
+        while !unsent.is_empty() {
+            let deliveries = unsent.iter().map(|&i| {
+                let id = requests[i].request_id.as_str();
+                let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) });
+                let record = FutureRecord::to(topic).key(id).payload(&payloads[i]).headers(headers);
+                state.producer.send(record, Duration::ZERO)
+            });
+            let outcomes = futures::future::join_all(deliveries).await;
+            let mut failed = Vec::new();
+            let mut last_error = None;
+            for (&i, outcome) in unsent.iter().zip(outcomes) {
+                if let Err((e, _)) = outcome {
+                    failed.push(i);
+                    last_error = Some(e);
+                }
+            }
+            unsent = failed;
+            if let Some(e) = last_error {
+                if started.elapsed() > self.limits.stall {
+                    return Err(IngestError::Unavailable(format!("the broker did not take the feed's records: {e}")));
+                }
+                tracing::warn!(feed_id = %self.feed_id, error = %e, records = unsent.len(), "the broker did not take a chunk; retrying");
+                self.wait_a_moment().await;
+            }
+        }
+        state.metrics.images.with_label_values(&["feeds"]).inc_by(requests.len() as u64);
+        state.metrics.produce_seconds.with_label_values(&["feeds"]).observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A second's pause that keeps the lease alive.
+    async fn wait_a_moment(&self) {
+        let _ = ledger::heartbeat(&self.pool, &self.feed_id, self.lease).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

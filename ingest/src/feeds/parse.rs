@@ -1,0 +1,560 @@
+//! Reading a feed: bytes in (gzip-compressed or not) → one outcome per line (a URL accepted with
+//! its metadata, or a line rejected with its reason), in chunks. It runs on a blocking thread over
+//! the upload as it streams in; nothing holds more than one chunk and one line of it.
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{self, BufRead, BufReader, Read};
+
+use reefline_schemas::Metadata;
+use reefline_schemas::rules::{check_metadata, check_url, truncate};
+
+/// The longest line a feed may have; a longer one is not a list of URLs, and ends the read.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// How much of a rejected line is kept to show with its reason.
+const REJECT_CONTENT_BYTES: usize = 200;
+
+/// The formats a feed may come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A header row with a `url` column; every other column is metadata.
+    Csv,
+    /// One JSON object per line: `url` and metadata.
+    Ndjson,
+    /// One URL per line.
+    Text,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Ndjson => "ndjson",
+            Format::Text => "text",
+        }
+    }
+
+    /// The format a media type names, if any.
+    pub fn from_media_type(media_type: &str) -> Option<Self> {
+        let essence = media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "text/csv" | "application/csv" => Some(Format::Csv),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/jsonlines"
+            | "application/x-jsonlines" => Some(Format::Ndjson),
+            "text/plain" | "text/uri-list" => Some(Format::Text),
+            _ => None,
+        }
+    }
+
+    /// The format a file name's extension names (`list.csv.gz`, `urls.txt`), if any.
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let name = name.to_ascii_lowercase();
+        let name = name.strip_suffix(".gz").unwrap_or(&name);
+        match name.rsplit_once('.')?.1 {
+            "csv" => Some(Format::Csv),
+            "ndjson" | "jsonl" => Some(Format::Ndjson),
+            "txt" | "list" => Some(Format::Text),
+            _ => None,
+        }
+    }
+
+    /// Guesses from the first line: an object is NDJSON, a row with a `url` column a CSV header,
+    /// anything else a URL.
+    fn sniff(first_line: &[u8]) -> Self {
+        let line = String::from_utf8_lossy(first_line);
+        let line = line.trim_start_matches('\u{feff}').trim();
+        if line.starts_with('{') {
+            Format::Ndjson
+        } else if line.split(',').any(|c| c.trim().trim_matches('"').eq_ignore_ascii_case("url")) {
+            Format::Csv
+        } else {
+            Format::Text
+        }
+    }
+}
+
+/// What became of one line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Line {
+    Accepted { line: u64, url: String, metadata: Metadata },
+    Rejected { line: u64, reason: String, content: String },
+}
+
+impl Line {
+    /// The line it was on, from 1.
+    pub fn number(&self) -> u64 {
+        match self {
+            Line::Accepted { line, .. } | Line::Rejected { line, .. } => *line,
+        }
+    }
+}
+
+/// A run of consecutive lines, and the metadata columns known so far.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub lines: Vec<Line>,
+    pub columns: Vec<String>,
+}
+
+/// Why a feed could not be read to its end (a bad line never is a reason).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the feed is a CSV without a `url` column in its header (it has: {0})")]
+    NoUrlColumn(String),
+    #[error("line {line} is longer than {MAX_LINE_BYTES} bytes: this is not a list of URLs")]
+    LineTooLong { line: u64 },
+    #[error("the upload could not be read: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// How lines are checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// `None`: guess from the first line.
+    pub format: Option<Format>,
+    pub max_url_bytes: usize,
+    pub chunk_lines: usize,
+}
+
+/// Reads `input` to its end, handing `emit` one chunk of up to `chunk_lines` lines at a time;
+/// stops early when `emit` returns false (nobody listens any more). Returns the format read.
+pub fn read(input: impl Read, options: Options, mut emit: impl FnMut(Chunk) -> bool) -> Result<Format, ReadError> {
+    let mut input = BufReader::with_capacity(64 * 1024, input);
+    let gzip = input.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    let input: Box<dyn BufRead> = if gzip {
+        Box::new(BufReader::with_capacity(64 * 1024, flate2::bufread::MultiGzDecoder::new(input)))
+    } else {
+        Box::new(input)
+    };
+    let mut input = BufReader::new(LineLimit::new(input));
+    let format = match options.format {
+        Some(format) => format,
+        None => Format::sniff(first_line(input.fill_buf()?)),
+    };
+    let mut out = Emitter { chunk: Chunk::default(), size: options.chunk_lines.max(1), emit: &mut emit, open: true };
+    let mut seen = Seen::default();
+    let result = match format {
+        Format::Csv => read_csv(&mut input, options, &mut seen, &mut out),
+        Format::Ndjson | Format::Text => read_lines(&mut input, format, options, &mut seen, &mut out),
+    };
+    result.map_err(|e| match e {
+        ReadError::Io(io) => match io.get_ref().and_then(|e| e.downcast_ref::<TooLong>()) {
+            Some(TooLong(line)) => ReadError::LineTooLong { line: *line },
+            None => ReadError::Io(io),
+        },
+        other => other,
+    })?;
+    out.flush();
+    Ok(format)
+}
+
+fn first_line(buffered: &[u8]) -> &[u8] {
+    buffered.split(|b| *b == b'\n').next().unwrap_or(buffered)
+}
+
+/// Hands out full chunks.
+struct Emitter<'a, F: FnMut(Chunk) -> bool> {
+    chunk: Chunk,
+    size: usize,
+    emit: &'a mut F,
+    open: bool,
+}
+
+impl<F: FnMut(Chunk) -> bool> Emitter<'_, F> {
+    /// Adds a line; false once nobody listens.
+    fn push(&mut self, line: Line) -> bool {
+        self.chunk.lines.push(line);
+        if self.chunk.lines.len() >= self.size {
+            self.flush();
+        }
+        self.open
+    }
+
+    fn flush(&mut self) {
+        if self.open && !self.chunk.lines.is_empty() {
+            let columns = self.chunk.columns.clone();
+            let full = std::mem::replace(&mut self.chunk, Chunk { lines: Vec::with_capacity(self.size), columns });
+            self.open = (self.emit)(full);
+        }
+    }
+
+    fn add_column(&mut self, name: &str) {
+        if !self.chunk.columns.iter().any(|c| c == name) {
+            self.chunk.columns.push(name.to_owned());
+        }
+    }
+}
+
+/// The URLs met so far, as 64-bit hashes (8 bytes and change each: ten million fit in ~200 MB;
+/// two URLs sharing a hash, about one chance in a million at that size, would be a false duplicate).
+#[derive(Default)]
+struct Seen(HashSet<u64>);
+
+impl Seen {
+    /// False when `url` was met before.
+    fn insert(&mut self, url: &str) -> bool {
+        let mut hasher = DefaultHasher::new();
+        url.hash(&mut hasher);
+        self.0.insert(hasher.finish())
+    }
+}
+
+/// Checks one URL and its metadata: the line's outcome.
+fn judge(line: u64, raw_url: &str, metadata: Metadata, content: &str, options: Options, seen: &mut Seen) -> Line {
+    let reject = |reason: String| Line::Rejected { line, reason, content: truncate(content, REJECT_CONTENT_BYTES).into() };
+    if raw_url.contains('\n') {
+        return reject("the url field runs over several lines (an unbalanced quote?)".into());
+    }
+    let url = match check_url(raw_url, options.max_url_bytes) {
+        Ok(url) => url,
+        Err(reason) => return reject(format!("not a usable URL: {reason}")),
+    };
+    if let Err(reason) = check_metadata(&metadata) {
+        return reject(reason);
+    }
+    if !seen.insert(url.as_str()) {
+        return reject("a duplicate of a URL earlier in the feed".into());
+    }
+    Line::Accepted { line, url: url.into(), metadata }
+}
+
+/// Plain text (a URL a line) and NDJSON (an object a line). Blank lines are skipped.
+fn read_lines<F: FnMut(Chunk) -> bool>(
+    input: &mut impl BufRead,
+    format: Format,
+    options: Options,
+    seen: &mut Seen,
+    out: &mut Emitter<'_, F>,
+) -> Result<(), ReadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut number = 0u64;
+    loop {
+        buf.clear();
+        if input.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        let bytes = if number == 1 { buf.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&buf) } else { &buf[..] };
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            let content = String::from_utf8_lossy(bytes);
+            let line = Line::Rejected {
+                line: number,
+                reason: "not UTF-8 text".into(),
+                content: truncate(content.trim_end(), REJECT_CONTENT_BYTES).into(),
+            };
+            if !out.push(line) {
+                return Ok(());
+            }
+            continue;
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let outcome = match format {
+            Format::Ndjson => match ndjson_line(text) {
+                Ok((url, metadata)) => {
+                    for key in metadata.keys() {
+                        out.add_column(key);
+                    }
+                    judge(number, &url, metadata, text, options, seen)
+                }
+                Err(reason) => {
+                    Line::Rejected { line: number, reason, content: truncate(text, REJECT_CONTENT_BYTES).into() }
+                }
+            },
+            _ => judge(number, text, Metadata::new(), text, options, seen),
+        };
+        if !out.push(outcome) {
+            return Ok(());
+        }
+    }
+}
+
+/// An NDJSON line's URL and metadata: strings as they are, numbers and booleans as their JSON
+/// text, nulls left out.
+fn ndjson_line(text: &str) -> Result<(String, Metadata), String> {
+    let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(object)) => object,
+        Ok(_) => return Err("not a JSON object".into()),
+        Err(e) => return Err(format!("not JSON: {e}")),
+    };
+    let mut url = None;
+    let mut metadata = Metadata::new();
+    for (key, value) in object {
+        let value = match value {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => return Err(format!("`{}` is not a string, number or boolean", truncate(&key, 64))),
+        };
+        if key == "url" {
+            url = Some(value);
+        } else {
+            metadata.insert(key, value);
+        }
+    }
+    url.map(|url| (url, metadata)).ok_or_else(|| "no `url` string".into())
+}
+
+/// A CSV with a header row: the `url` column (any case) is the URL, every other column metadata;
+/// empty values are left out.
+fn read_csv<F: FnMut(Chunk) -> bool>(
+    input: &mut impl BufRead,
+    options: Options,
+    seen: &mut Seen,
+    out: &mut Emitter<'_, F>,
+) -> Result<(), ReadError> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(input);
+    let header: Vec<String> = match reader.byte_headers() {
+        Ok(header) => header.iter().map(|h| String::from_utf8_lossy(h).trim_start_matches('\u{feff}').trim().to_owned()).collect(),
+        Err(e) => return Err(csv_io(e).map_or_else(|| ReadError::NoUrlColumn(String::new()), ReadError::Io)),
+    };
+    let Some(url_column) = header.iter().position(|h| h.eq_ignore_ascii_case("url")) else {
+        return Err(ReadError::NoUrlColumn(truncate(&header.join(", "), 200).into()));
+    };
+    let names = column_names(&header);
+    for (i, name) in names.iter().enumerate() {
+        if i != url_column {
+            out.add_column(name);
+        }
+    }
+    let mut record = csv::ByteRecord::new();
+    loop {
+        let outcome = match reader.read_byte_record(&mut record) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line());
+                match csv_row(line, &record, url_column, &names, options, seen) {
+                    Some(outcome) => outcome,
+                    None => continue,
+                }
+            }
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                let reason = match e.kind() {
+                    csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                        format!("{len} fields where the header has {expected_len}")
+                    }
+                    _ => match csv_io(e) {
+                        Some(io) => return Err(ReadError::Io(io)),
+                        None => "not a CSV row".into(),
+                    },
+                };
+                let content = record_text(&record);
+                Line::Rejected { line, reason, content: truncate(&content, REJECT_CONTENT_BYTES).into() }
+            }
+        };
+        if !out.push(outcome) {
+            return Ok(());
+        }
+    }
+}
+
+/// One row's outcome; `None` for a blank row (nothing to say about it).
+fn csv_row(
+    line: u64,
+    record: &csv::ByteRecord,
+    url_column: usize,
+    names: &[String],
+    options: Options,
+    seen: &mut Seen,
+) -> Option<Line> {
+    if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
+        return None;
+    }
+    let content = record_text(record);
+    let mut fields = Vec::with_capacity(record.len());
+    for field in record {
+        match std::str::from_utf8(field) {
+            Ok(text) => fields.push(text),
+            Err(_) => {
+                let content = truncate(&content, REJECT_CONTENT_BYTES).into();
+                return Some(Line::Rejected { line, reason: "not UTF-8 text".into(), content });
+            }
+        }
+    }
+    let metadata: Metadata = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, value)| *i != url_column && !value.trim().is_empty())
+        .map(|(i, value)| (names[i].clone(), value.trim().to_owned()))
+        .collect();
+    Some(judge(line, fields[url_column].trim(), metadata, &content, options, seen))
+}
+
+/// Header names made usable as keys: an empty one is `column_N`, a repeated one gets `_2`, `_3`.
+fn column_names(header: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::with_capacity(header.len());
+    for (i, h) in header.iter().enumerate() {
+        let base = if h.is_empty() { format!("column_{}", i + 1) } else { h.clone() };
+        let mut name = base.clone();
+        let mut n = 2;
+        while names.contains(&name) {
+            name = format!("{base}_{n}");
+            n += 1;
+        }
+        names.push(name);
+    }
+    names
+}
+
+fn record_text(record: &csv::ByteRecord) -> String {
+    let fields: Vec<_> = record.iter().map(String::from_utf8_lossy).collect();
+    fields.join(",")
+}
+
+fn csv_io(e: csv::Error) -> Option<io::Error> {
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => Some(io),
+        _ => None,
+    }
+}
+
+/// Fails the read when a line runs past [`MAX_LINE_BYTES`], so no line is ever held whole beyond that.
+struct LineLimit<R> {
+    inner: R,
+    line: u64,
+    run: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("line {0} is too long")]
+struct TooLong(u64);
+
+impl<R> LineLimit<R> {
+    fn new(inner: R) -> Self {
+        Self { inner, line: 1, run: 0 }
+    }
+}
+
+impl<R: Read> Read for LineLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                self.line += 1;
+                self.run = 0;
+            } else {
+                self.run += 1;
+                if self.run > MAX_LINE_BYTES {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, TooLong(self.line)));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(format: Option<Format>) -> Options {
+        Options { format, max_url_bytes: 2048, chunk_lines: 3 }
+    }
+
+    fn read_all(input: &[u8], format: Option<Format>) -> (Result<Format, ReadError>, Vec<Chunk>) {
+        let mut chunks = Vec::new();
+        let result = read(input, options(format), |c| {
+            chunks.push(c);
+            true
+        });
+        (result, chunks)
+    }
+
+    fn outcomes(chunks: &[Chunk]) -> Vec<(u64, String)> {
+        chunks
+            .iter()
+            .flat_map(|c| &c.lines)
+            .map(|l| match l {
+                Line::Accepted { line, url, .. } => (*line, url.clone()),
+                Line::Rejected { line, reason, .. } => (*line, format!("rejected: {reason}")),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn text_lines_are_checked_deduplicated_and_chunked() {
+        let input = b"https://a.example/1.jpg\r\n\nftp://a.example/2.jpg\nhttps://a.example/1.jpg\nhttps://a.example/3.jpg\n";
+        let (format, chunks) = read_all(input, None);
+        assert_eq!(format.unwrap(), Format::Text);
+        assert_eq!(chunks.iter().map(|c| c.lines.len()).collect::<Vec<_>>(), [3, 1]);
+        assert_eq!(
+            outcomes(&chunks),
+            [
+                (1, "https://a.example/1.jpg".into()),
+                (3, "rejected: not a usable URL: scheme `ftp` is not allowed; use http or https".into()),
+                (4, "rejected: a duplicate of a URL earlier in the feed".into()),
+                (5, "https://a.example/3.jpg".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn csv_columns_become_metadata_and_bad_rows_are_named_by_line() {
+        let input = "\u{feff}station,URL,depth_m\nReef 4,https://a.example/1.jpg,12\n\"Reef, north\",https://a.example/2.jpg,\nReef 5,https://a.example/3.jpg\n,not a url,3\n";
+        let (format, chunks) = read_all(input.as_bytes(), None);
+        assert_eq!(format.unwrap(), Format::Csv);
+        assert_eq!(chunks[0].columns, ["station", "depth_m"]);
+        let Line::Accepted { metadata, .. } = &chunks[0].lines[0] else { panic!("{:?}", chunks[0].lines[0]) };
+        assert_eq!(metadata, &Metadata::from([("station".into(), "Reef 4".into()), ("depth_m".into(), "12".into())]));
+        let Line::Accepted { metadata, .. } = &chunks[0].lines[1] else { panic!() };
+        assert_eq!(metadata, &Metadata::from([("station".into(), "Reef, north".into())]));
+        let outcomes = outcomes(&chunks);
+        assert_eq!(outcomes[2], (4, "rejected: 2 fields where the header has 3".into()));
+        assert_eq!(outcomes[3].0, 5);
+        assert!(outcomes[3].1.starts_with("rejected: not a usable URL"), "{:?}", outcomes[3]);
+    }
+
+    #[test]
+    fn a_csv_without_a_url_column_is_refused_whole() {
+        let (result, chunks) = read_all(b"station,link\nA,https://a.example/1.jpg\n", Some(Format::Csv));
+        assert_eq!(result.unwrap_err().to_string(), "the feed is a CSV without a `url` column in its header (it has: station, link)");
+        assert!(chunks.is_empty());
+    }
+
+    #[test]
+    fn ndjson_keeps_scalar_metadata_and_rejects_the_rest() {
+        let input = b"{\"url\": \"https://a.example/1.jpg\", \"depth\": 12.5, \"night\": true, \"note\": null}\n[1]\n{\"url\": \"https://a.example/2.jpg\", \"gps\": {\"lat\": 1}}\n{\"id\": 3}\n";
+        let (format, chunks) = read_all(input, None);
+        assert_eq!(format.unwrap(), Format::Ndjson);
+        let Line::Accepted { metadata, .. } = &chunks[0].lines[0] else { panic!() };
+        assert_eq!(metadata, &Metadata::from([("depth".into(), "12.5".into()), ("night".into(), "true".into())]));
+        let outcomes = outcomes(&chunks);
+        assert_eq!(outcomes[1], (2, "rejected: not a JSON object".into()));
+        assert_eq!(outcomes[2], (3, "rejected: `gps` is not a string, number or boolean".into()));
+        assert_eq!(outcomes[3], (4, "rejected: no `url` string".into()));
+    }
+
+    #[test]
+    fn gzip_is_recognised_by_its_bytes() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"url,site\nhttps://a.example/1.jpg,A\n").unwrap();
+        let (format, chunks) = read_all(&gz.finish().unwrap(), None);
+        assert_eq!(format.unwrap(), Format::Csv);
+        assert_eq!(outcomes(&chunks), [(2, "https://a.example/1.jpg".into())]);
+    }
+
+    #[test]
+    fn a_line_of_a_megabyte_ends_the_read() {
+        let mut input = b"https://a.example/1.jpg\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+        let (result, _) = read_all(&input, Some(Format::Text));
+        assert!(matches!(result, Err(ReadError::LineTooLong { line: 2 })), "{result:?}");
+    }
+
+    #[test]
+    fn formats_are_named_by_media_type_and_file_name() {
+        assert_eq!(Format::from_media_type("text/csv; charset=utf-8"), Some(Format::Csv));
+        assert_eq!(Format::from_media_type("application/x-ndjson"), Some(Format::Ndjson));
+        assert_eq!(Format::from_media_type("application/gzip"), None);
+        assert_eq!(Format::from_file_name("survey/list.CSV.gz"), Some(Format::Csv));
+        assert_eq!(Format::from_file_name("urls.txt"), Some(Format::Text));
+        assert_eq!(Format::from_file_name("feed"), None);
+    }
+}

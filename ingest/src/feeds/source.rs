@@ -1,0 +1,74 @@
+//! A feed ingest fetches itself: `{"source_url": "https://…/list.csv.gz"}`, fetched under the
+//! same server-side request forgery rules as the classifier's image fetches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use futures::StreamExt;
+use reefline_common::guard::{AddressPolicy, Blocked, GuardedResolver};
+use url::Url;
+
+use super::parse::Format;
+use super::{ByteStream, FeedSource, idle_limited};
+use crate::error::IngestError;
+
+/// Largest JSON body of a feed source.
+const MAX_SOURCE_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The client lists are fetched with: addresses checked when they are resolved (`FETCH_ALLOW`
+/// opens private ones), no redirects, no proxy.
+pub fn client(policy: Arc<AddressPolicy>) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(GuardedResolver { policy }))
+        .user_agent(concat!("reefline-ingest/", env!("CARGO_PKG_VERSION")))
+        .no_proxy()
+        .build()?)
+}
+
+/// Reads the JSON request naming the source.
+pub async fn parse_request(body: Body) -> Result<FeedSource, IngestError> {
+    let bytes = axum::body::to_bytes(body, MAX_SOURCE_REQUEST_BYTES)
+        .await
+        .map_err(|_| IngestError::BodyTooLarge { limit: MAX_SOURCE_REQUEST_BYTES })?;
+    crate::validate::parse_json(&bytes)
+}
+
+/// Starts fetching `url`: its body as a stream, and the format its Content-Type or file name names.
+pub async fn open(
+    client: &reqwest::Client,
+    policy: &AddressPolicy,
+    url: &Url,
+    idle: Duration,
+) -> Result<(ByteStream, Option<Format>), IngestError> {
+    let refused = |reason: String| IngestError::UnreadableFeed { feed_id: String::new(), reason };
+    policy.check_url(url).map_err(|reason| refused(format!("source_url is refused: {reason}")))?;
+    let response = client.get(url.clone()).send().await.map_err(|e| refused(explain(&e)))?;
+    if !response.status().is_success() {
+        return Err(refused(format!("source_url answered {}", response.status())));
+    }
+    let format = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_media_type)
+        .or_else(|| Format::from_file_name(url.path()));
+    let stream = response.bytes_stream().map(|r| r.map_err(std::io::Error::other));
+    Ok((idle_limited(stream, idle), format))
+}
+
+/// A failed fetch's message with its causes; a refused address says so.
+fn explain(e: &reqwest::Error) -> String {
+    let mut message = format!("source_url could not be fetched: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(blocked) = s.downcast_ref::<Blocked>() {
+            return format!("source_url is refused: {blocked}");
+        }
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    message
+}

@@ -1,0 +1,197 @@
+//! Feed lookups: `GET /v1/feeds/{id}` (how far it has got) and `GET /v1/feeds/{id}/rejects`
+//! (every line refused, with its reason), from the ledger ingest keeps and the results written here.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::api::ApiError;
+
+/// A feed's progress: what was read, what has a result, and how fast results come.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FeedView {
+    pub feed_id: String,
+    /// `reading` (its upload is being read), `interrupted` (the upload broke off: resend it with
+    /// the same Idempotency-Key) or `read`.
+    #[schema(example = "read")]
+    pub state: String,
+    /// `csv`, `ndjson`, `text`, or `auto` while the first line is not read.
+    pub format: String,
+    pub source_url: Option<String>,
+    pub model: Option<String>,
+    /// Its metadata columns, in the feed's order.
+    pub columns: Vec<String>,
+    /// Lines read so far (blank lines and a CSV header not counted).
+    pub lines_read: i64,
+    pub accepted: i64,
+    pub rejected: i64,
+    /// Images with a result, of those accepted.
+    pub completed: i64,
+    pub ok: i64,
+    pub error: i64,
+    pub pending: i64,
+    /// Read to its end, and every accepted image has a result.
+    pub done: bool,
+    /// Results per second over the last minute.
+    pub images_per_second: f64,
+    /// Seconds until every accepted image has a result at that rate; `null` when done, or when no
+    /// result came in the last minute.
+    pub eta_seconds: Option<f64>,
+    pub created_at: String,
+    pub read_at: Option<String>,
+    pub links: FeedLinks,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FeedLinks {
+    pub rejects: String,
+    pub results: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct FeedRow {
+    feed_id: String,
+    state: String,
+    format: String,
+    source_url: Option<String>,
+    model: Option<String>,
+    columns: sqlx::types::Json<Vec<String>>,
+    lines_read: i64,
+    accepted: i64,
+    rejected: i64,
+    created_at: DateTime<Utc>,
+    read_at: Option<DateTime<Utc>>,
+    ok: i64,
+    error: i64,
+    recent: i64,
+    window_s: f64,
+}
+
+/// A feed's metadata columns, or `None` for an unknown feed.
+pub async fn columns(pool: &PgPool, feed_id: &str) -> sqlx::Result<Option<Vec<String>>> {
+    let columns: Option<sqlx::types::Json<Vec<String>>> =
+        sqlx::query_scalar("SELECT columns FROM feeds WHERE feed_id = $1").bind(feed_id).fetch_optional(pool).await?;
+    Ok(columns.map(|c| c.0))
+}
+
+/// How far a feed has got.
+#[utoipa::path(get, path = "/v1/feeds/{feed_id}", params(("feed_id" = String, Path, description = "The id ingest's POST /v1/feeds answered with")), responses(
+    (status = 200, description = "The feed's progress", body = FeedView),
+    (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
+    (status = 404, description = "not_found: no such feed", body = reefline_schemas::view::ErrorBody),
+    (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
+))]
+pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -> Result<Json<FeedView>, ApiError> {
+    let row: FeedRow = sqlx::query_as(
+        "SELECT f.feed_id, f.state, f.format, f.source_url, f.model, f.columns, f.lines_read, f.accepted, f.rejected,
+                f.created_at, f.read_at, r.ok, r.error, r.recent,
+                GREATEST(1.0, LEAST(60.0, EXTRACT(EPOCH FROM now() - f.created_at)::float8)) AS window_s
+         FROM feeds f,
+              LATERAL (SELECT count(*) FILTER (WHERE status = 'ok') AS ok,
+                              count(*) FILTER (WHERE status = 'error') AS error,
+                              count(*) FILTER (WHERE completed_at > now() - interval '1 minute') AS recent
+                       FROM results WHERE feed_id = f.feed_id) r
+         WHERE f.feed_id = $1",
+    )
+    .bind(&feed_id)
+    .fetch_optional(&pool)
+    .await?
+    .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    let completed = row.ok + row.error;
+    let pending = (row.accepted - completed).max(0);
+    let done = row.state == "read" && pending == 0;
+    let rate = row.recent as f64 / row.window_s;
+    let eta_seconds = (!done && rate > 0.0).then(|| (pending as f64 / rate * 10.0).round() / 10.0);
+    let links = FeedLinks {
+        rejects: format!("/v1/feeds/{feed_id}/rejects"),
+        results: format!("/v1/feeds/{feed_id}/results?format=csv"),
+    };
+    Ok(Json(FeedView {
+        feed_id: row.feed_id,
+        state: row.state,
+        format: row.format,
+        source_url: row.source_url,
+        model: row.model,
+        columns: row.columns.0,
+        lines_read: row.lines_read,
+        accepted: row.accepted,
+        rejected: row.rejected,
+        completed,
+        ok: row.ok,
+        error: row.error,
+        pending,
+        done,
+        images_per_second: (rate * 100.0).round() / 100.0,
+        eta_seconds,
+        created_at: row.created_at.to_rfc3339(),
+        read_at: row.read_at.map(|t| t.to_rfc3339()),
+        links,
+    }))
+}
+
+/// A page of rejected lines.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RejectsQuery {
+    /// Lines after this one (the `next_after` of the page before).
+    after: Option<i64>,
+    /// At most this many, 1 to 1,000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+/// A line of a feed that was not accepted, and why.
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Reject {
+    pub line: i64,
+    #[schema(example = "not a usable URL: scheme `ftp` is not allowed; use http or https")]
+    pub reason: String,
+    /// The line as it was sent (its first 200 bytes).
+    pub content: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RejectsPage {
+    pub feed_id: String,
+    pub rejects: Vec<Reject>,
+    /// Pass as `after` for the next page; `null` on the last.
+    pub next_after: Option<i64>,
+}
+
+/// The lines a feed rejected, in line order, a page at a time.
+#[utoipa::path(get, path = "/v1/feeds/{feed_id}/rejects", params(("feed_id" = String, Path, description = "A feed id"), RejectsQuery), responses(
+    (status = 200, description = "A page of rejected lines", body = RejectsPage),
+    (status = 400, description = "invalid_field: `limit` or `after` out of range", body = reefline_schemas::view::ErrorBody),
+    (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
+    (status = 404, description = "not_found: no such feed", body = reefline_schemas::view::ErrorBody),
+    (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
+))]
+pub async fn rejects(
+    State(pool): State<PgPool>,
+    Path(feed_id): Path<String>,
+    query: Result<Query<RejectsQuery>, QueryRejection>,
+) -> Result<Json<RejectsPage>, ApiError> {
+    let query = crate::api::query(query)?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::InvalidField { field: "limit", message: format!("{limit} is not from 1 to 1000") });
+    }
+    columns(&pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    let rejects: Vec<Reject> = sqlx::query_as(
+        "SELECT line, reason, content FROM feed_rejects WHERE feed_id = $1 AND line > $2 ORDER BY line LIMIT $3",
+    )
+    .bind(&feed_id)
+    .bind(query.after.unwrap_or(0))
+    .bind(limit + 1)
+    .fetch_all(&pool)
+    .await?;
+    let mut rejects = rejects;
+    let next_after = (rejects.len() as i64 > limit).then(|| {
+        rejects.truncate(limit as usize);
+        rejects.last().map_or(0, |r| r.line)
+    });
+    Ok(Json(RejectsPage { feed_id, rejects, next_after }))
+}

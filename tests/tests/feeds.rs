@@ -1,0 +1,365 @@
+//! Bulk feeds: a survey's list of URLs uploaded as a stream (or fetched from a URL), each line
+//! accepted or rejected with its reason, resumed after a broken upload under its
+//! Idempotency-Key, its metadata carried to every result, and its results exported.
+
+use std::time::{Duration, Instant};
+
+use reefline_e2e::{ServiceProcess, Stack, TestEnv, foolbox_photos, get_json, topic_counts, topic_size};
+use serde_json::{Value, json};
+
+/// POSTs `body` to `{ingest}/v1/feeds` with `content_type` (and an Idempotency-Key when given).
+async fn post_feed(
+    client: &reqwest::Client,
+    ingest: &str,
+    content_type: &str,
+    key: Option<&str>,
+    body: reqwest::Body,
+) -> reqwest::Result<(u16, Value, reqwest::header::HeaderMap)> {
+    let mut request = client.post(format!("{ingest}/v1/feeds")).header("content-type", content_type).body(body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await?;
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    Ok((status, response.json().await.unwrap_or(Value::Null), headers))
+}
+
+/// Lines `from..=to` of a plain-text feed of distinct URLs, except at `bad` positions: every
+/// seventh of those is not a URL, others an ftp URL or a repeat of line 1.
+fn text_lines(from: usize, to: usize, bad: &std::collections::BTreeMap<usize, &'static str>) -> String {
+    let mut text = String::with_capacity((to + 1 - from) * 48);
+    for n in from..=to {
+        match bad.get(&n) {
+            Some(line) => text.push_str(line),
+            None => text.push_str(&format!("https://survey.example.org/reef/{n:07}.jpg")),
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// Feeds the body in pieces of `piece` lines as the server reads them.
+fn streamed(lines: usize, piece: usize, bad: std::collections::BTreeMap<usize, &'static str>) -> reqwest::Body {
+    let pieces = (0..lines.div_ceil(piece)).map(move |i| {
+        let (from, to) = (i * piece + 1, ((i + 1) * piece).min(lines));
+        Ok::<_, std::io::Error>(text_lines(from, to, &bad))
+    });
+    reqwest::Body::wrap_stream(futures::stream::iter(pieces))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_million_line_feed_is_read_in_bounded_memory_with_every_accepted_line_on_the_broker() {
+    const LINES: usize = 1_000_000;
+    let env = TestEnv::start().await;
+    let settings = env.settings();
+    let ingest = ServiceProcess::ingest(env!("CARGO_BIN_EXE_ingest-under-test"), &settings.ingest, "feed-ingest");
+    let ingest_url = format!("http://{}", ingest.address("ingest listening").await);
+    let client = reqwest::Client::new();
+    wait_for_ledger(&client, &ingest_url).await;
+
+    // Bad lines at seeded places: not URLs, a scheme that is not allowed, repeats of line 1.
+    let mut rng = reefline_e2e::fault_rng("million_line_feed");
+    let mut bad = std::collections::BTreeMap::new();
+    while bad.len() < 300 {
+        let kind = ["not a url", "ftp://survey.example.org/x.jpg", "https://survey.example.org/reef/0000001.jpg"];
+        bad.insert(rng.usize(2..=LINES), kind[bad.len() % 3]);
+    }
+    let started = Instant::now();
+    let (status, feed, _) =
+        post_feed(&client, &ingest_url, "text/plain", None, streamed(LINES, 20_000, bad.clone())).await.expect("upload");
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(status, 201, "{feed}");
+    let accepted = (LINES - bad.len()) as i64;
+    assert_eq!(
+        (&feed["state"], &feed["lines_read"], &feed["accepted"], &feed["rejected"], &feed["resumed"]),
+        (&json!("read"), &json!(LINES), &json!(accepted), &json!(bad.len()), &json!(false)),
+        "{feed}"
+    );
+    assert_eq!(feed["batches"], json!(LINES.div_ceil(1000)), "a batch per 1,000 lines: {feed}");
+    let peak = ingest.peak_rss();
+    eprintln!(
+        "1,000,000-line feed: {:.0} lines/s ({seconds:.1} s), ingest peak RSS {:.1} MiB",
+        LINES as f64 / seconds,
+        peak as f64 / 1048576.0
+    );
+    assert!(peak > 0 && peak < 100 * 1024 * 1024, "ingest's peak RSS was {peak} bytes");
+    assert_eq!(topic_size(&env.broker.kafka(), &env.names.requests).await, accepted, "the requests topic");
+
+    // The rejects, from the sink, each with its line and reason, a page at a time.
+    let sink = ServiceProcess::sink(env!("CARGO_BIN_EXE_sink-under-test"), &settings.sink, "feed-sink");
+    let sink_url = format!("http://{}", sink.address("sink listening").await);
+    let feed_id = feed["feed_id"].as_str().unwrap();
+    let (mut listed, mut after) = (Vec::new(), 0);
+    loop {
+        let (status, page) =
+            get_json(&client, &format!("{sink_url}/v1/feeds/{feed_id}/rejects?limit=250&after={after}")).await;
+        assert_eq!(status, 200, "{page}");
+        listed.extend(page["rejects"].as_array().unwrap().iter().cloned());
+        match page["next_after"].as_i64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    let lines: Vec<i64> = listed.iter().map(|r| r["line"].as_i64().unwrap()).collect();
+    assert_eq!(lines, bad.keys().map(|&l| l as i64).collect::<Vec<_>>());
+    for reject in &listed {
+        let expected = match bad[&(reject["line"].as_i64().unwrap() as usize)] {
+            "not a url" => "not a usable URL: relative URL without a base",
+            "ftp://survey.example.org/x.jpg" => "not a usable URL: scheme `ftp` is not allowed; use http or https",
+            _ => "a duplicate of a URL earlier in the feed",
+        };
+        assert_eq!(reject["reason"], json!(expected), "{reject}");
+    }
+    let (status, progress) = get_json(&client, &format!("{sink_url}/v1/feeds/{feed_id}")).await;
+    assert_eq!(status, 200, "{progress}");
+    assert_eq!((&progress["accepted"], &progress["rejected"]), (&json!(accepted), &json!(bad.len())), "{progress}");
+    drop(sink);
+    drop(ingest);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_key() {
+    let env = TestEnv::start().await;
+    let stack = Stack::start_without_classifier(env.settings()).await;
+    let client = reqwest::Client::new();
+    wait_for_ledger(&client, &stack.ingest).await;
+    let none = std::collections::BTreeMap::new();
+
+    // The first upload sends 2,500 lines, waits until ingest has settled two chunks of 1,000,
+    // then breaks off.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
+    let upload = tokio::spawn({
+        let (client, ingest) = (client.clone(), stack.ingest.clone());
+        async move { post_feed(&client, &ingest, "text/plain", Some("survey-2026-cut"), body).await }
+    });
+    tx.send(Ok(text_lines(1, 2500, &none))).await.unwrap();
+    reefline_e2e::wait_for_metric(
+        &client,
+        &stack.ingest,
+        "ingest_feed_lines_total{outcome=\"accepted\"}",
+        |n| n >= 2000.0,
+        "two chunks settled",
+        Duration::from_secs(60),
+    )
+    .await;
+    tx.send(Err(std::io::Error::other("the connection broke"))).await.unwrap();
+    drop(tx);
+    assert!(upload.await.unwrap().is_err(), "the cut upload got no answer");
+
+    // The whole file again, with the same key: resumed after line 2,000, nothing twice. The
+    // first upload's reader may still be noticing the break: a 409 says to try again.
+    let resend = || async {
+        loop {
+            let body = reqwest::Body::from(text_lines(1, 5000, &none));
+            let (status, feed, headers) =
+                post_feed(&client, &stack.ingest, "text/plain", Some("survey-2026-cut"), body).await.expect("resend");
+            if status != 409 {
+                return (status, feed, headers);
+            }
+            assert_eq!((&feed["error"]["kind"], headers.get("retry-after").is_some()), (&json!("feed_in_progress"), true));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let (status, feed, headers) = resend().await;
+    assert_eq!(status, 201, "{feed}");
+    assert_eq!(
+        (&feed["state"], &feed["lines_read"], &feed["accepted"], &feed["resumed"]),
+        (&json!("read"), &json!(5000), &json!(5000), &json!(true)),
+        "{feed}"
+    );
+    assert!(headers.get("idempotent-replayed").is_none());
+    assert_eq!(topic_counts(&env.broker.kafka(), &env.names.requests).await, (5000, 5000), "records, distinct ids");
+
+    // Once more: the same feed, answered at once without producing anything.
+    let (status, again, headers) = resend().await;
+    assert_eq!((status, &again["feed_id"], &again["accepted"]), (201, &feed["feed_id"], &json!(5000)), "{again}");
+    assert_eq!(headers.get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
+    assert_eq!(topic_size(&env.broker.kafka(), &env.names.requests).await, 5000);
+
+    // Refusals name their problem.
+    let refused = [
+        ("text/csv", "station,link\nA,https://a.example/1.jpg\n", "unreadable_feed"),
+        ("text/plain", "", "created"),
+    ];
+    for (content_type, body, kind) in refused {
+        let (status, answer, _) = post_feed(&client, &stack.ingest, content_type, None, body.to_owned().into()).await.unwrap();
+        if kind == "created" {
+            assert_eq!((status, &answer["lines_read"]), (201, &json!(0)), "an empty feed is read: {answer}");
+        } else {
+            assert_eq!((status, &answer["error"]["kind"]), (400, &json!(kind)), "{answer}");
+        }
+    }
+    let response = client
+        .post(format!("{}/v1/feeds?format=xml", stack.ingest))
+        .header("content-type", "text/plain")
+        .body("https://a.example/1.jpg\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!((&answer["error"]["kind"], &answer["error"]["field"]), (&json!("invalid_field"), &json!("format")));
+    stack.stop().await;
+    env.finish().await;
+}
+
+async fn wait_for_ledger(client: &reqwest::Client, ingest: &str) {
+    // Feeds answer 503 (feeds_unavailable) until ingest has reached its database.
+    reefline_e2e::wait_for("the feeds ledger", Duration::from_secs(60), || async {
+        let response = client
+            .post(format!("{ingest}/v1/feeds"))
+            .header("content-type", "text/plain")
+            .body("")
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 201).then_some(())
+    })
+    .await;
+}
+
+/// Rows of a CSV export, as maps from column to value.
+fn csv_rows(text: &str) -> (Vec<String>, Vec<std::collections::HashMap<String, String>>) {
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+    let rows = reader
+        .records()
+        .map(|r| header.iter().cloned().zip(r.unwrap().iter().map(String::from)).collect())
+        .collect();
+    (header, rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
+    use std::io::Write;
+    const ROWS: usize = 2000;
+    let env = TestEnv::start().await;
+    let stack = Stack::start(env.settings()).await;
+    let client = reqwest::Client::new();
+    wait_for_ledger(&client, &stack.ingest).await;
+
+    // Every photo under many URLs, a missing photo every 100th row, and 20 bad lines.
+    let mut photos: Vec<(String, Option<i64>)> =
+        foolbox_photos().into_iter().map(|(name, class)| (name, Some(class as i64))).collect();
+    photos.push(("coffee.png".into(), Some(967)));
+    let mut csv = String::from("station,transect,url,depth_m,latitude,longitude\n");
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..ROWS {
+        let (station, depth) = (format!("Reef {}", i % 7), format!("{}.5", i % 40));
+        let (name, class) = if i % 100 == 99 { ("missing.jpg".to_owned(), None) } else { photos[i % photos.len()].clone() };
+        let url = format!("{}/photos/{name}?n={i}", env.photos);
+        csv.push_str(&format!("{station},T{},{url},{depth},-16.{i:04},145.{i:04}\n", i % 3));
+        expected.insert(url, (station, depth, class));
+    }
+    let bad_lines = [
+        "Reef 9,T1,not a url,3,0,0",
+        "Reef 9,T1,ftp://photos.example/x.jpg,3,0,0",
+        "Reef 9,T1,https://photos.example/short-row.jpg",
+    ];
+    for n in 0..20 {
+        csv.push_str(bad_lines[n % bad_lines.len()]);
+        csv.push('\n');
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(csv.as_bytes()).unwrap();
+    let (status, feed, _) =
+        post_feed(&client, &stack.ingest, "application/gzip", None, gz.finish().unwrap().into()).await.unwrap();
+    assert_eq!(status, 201, "{feed}");
+    assert_eq!((&feed["accepted"], &feed["rejected"]), (&json!(ROWS), &json!(20)), "{feed}");
+    let feed_id = feed["feed_id"].as_str().unwrap();
+
+    let progress = reefline_e2e::wait_for("every result of the feed", Duration::from_secs(600), || async {
+        let (_, progress) = get_json(&client, &format!("{}/v1/feeds/{feed_id}", stack.sink)).await;
+        (progress["done"] == json!(true)).then_some(progress)
+    })
+    .await;
+    let missing = ROWS / 100;
+    assert_eq!(
+        (&progress["format"], &progress["completed"], &progress["ok"], &progress["error"], &progress["pending"]),
+        (&json!("csv"), &json!(ROWS), &json!(ROWS - missing), &json!(missing), &json!(0)),
+        "{progress}"
+    );
+    assert_eq!(progress["columns"], json!(["station", "transect", "depth_m", "latitude", "longitude"]));
+
+    // CSV: every row, in line order, with its metadata and its label.
+    let export = client.get(format!("{}/v1/feeds/{feed_id}/results?format=csv", stack.sink)).send().await.unwrap();
+    assert_eq!(export.headers()["content-type"], "text/csv; charset=utf-8");
+    let (header, rows) = csv_rows(&export.text().await.unwrap());
+    assert_eq!(&header[..7], ["url", "line", "station", "transect", "depth_m", "latitude", "longitude"]);
+    assert_eq!(rows.len(), ROWS);
+    let mut right = 0;
+    for (n, row) in rows.iter().enumerate() {
+        assert_eq!(row["line"], (n + 2).to_string(), "line order");
+        let (station, depth, class) = &expected[&row["url"]];
+        assert_eq!((&row["station"], &row["depth_m"]), (station, depth), "{row:?}");
+        match class {
+            Some(class) => {
+                assert_eq!(row["status"], "ok", "{row:?}");
+                right += usize::from(row["top1_index"] == class.to_string());
+            }
+            None => assert_eq!((row["status"].as_str(), row["error_kind"].as_str()), ("error", "not_found")),
+        }
+    }
+    // The foolbox photos are labelled (ImageNet's validation labels): the model gets most right.
+    assert!(right >= (ROWS - missing) * 8 / 10, "{right} of {} top-1 right", ROWS - missing);
+
+    // NDJSON, filtered: the errors only, each with its metadata.
+    let errors = client.get(format!("{}/v1/feeds/{feed_id}/results?format=ndjson&status=error", stack.sink)).send().await.unwrap();
+    let errors: Vec<Value> = errors.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(errors.len(), missing);
+    assert!(errors.iter().all(|e| e["metadata"]["transect"].is_string() && e["feed_id"] == json!(feed_id)));
+    let (status, refused) = get_json(&client, &format!("{}/v1/feeds/{feed_id}/results?min_score=2", stack.sink)).await;
+    assert_eq!((status, &refused["error"]["field"]), (400, &json!("min_score")), "{refused}");
+
+    // A batch (one chunk of the feed) exports the same way.
+    let first = &errors[0];
+    let batch = client
+        .get(format!("{}/v1/batches/{}/results?format=csv", stack.sink, first["batch_id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    let (header, rows) = csv_rows(&batch.text().await.unwrap());
+    assert!(header.contains(&"station".to_owned()), "{header:?}");
+    assert_eq!(rows.len(), 1000);
+
+    // The rejects, by line.
+    let (_, rejects) = get_json(&client, &format!("{}/v1/feeds/{feed_id}/rejects", stack.sink)).await;
+    let reasons: Vec<(i64, &str)> = rejects["rejects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|r| (r["line"].as_i64().unwrap(), r["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (2002, "not a usable URL: relative URL without a base"),
+            (2003, "not a usable URL: scheme `ftp` is not allowed; use http or https"),
+            (2004, "5 fields where the header has 6"),
+        ]
+    );
+
+    // The same list fetched by ingest from a URL: a new feed, the same lines; an address the fetch
+    // rules refuse is named.
+    let list = csv.clone();
+    let lists = reefline_e2e::serve(axum::Router::new().route(
+        "/survey/photos.csv",
+        axum::routing::get(move || {
+            let list = list.clone();
+            async move { ([("content-type", "text/csv")], list) }
+        }),
+    ))
+    .await;
+    let source = json!({ "source_url": format!("http://{lists}/survey/photos.csv") });
+    let (status, fetched) = reefline_e2e::post_json(&client, &format!("{}/v1/feeds", stack.ingest), &source).await;
+    assert_eq!((status, &fetched["accepted"], &fetched["rejected"]), (201, &json!(ROWS), &json!(20)), "{fetched}");
+    let metadata = json!({ "source_url": "http://169.254.169.254/latest/list.csv" });
+    let (status, refused) = reefline_e2e::post_json(&client, &format!("{}/v1/feeds", stack.ingest), &metadata).await;
+    assert_eq!((status, &refused["error"]["kind"]), (400, &json!("unreadable_feed")), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("refused"), "{refused}");
+    stack.stop().await;
+    env.finish().await;
+}
