@@ -8,7 +8,7 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use super::parse::Line;
+use super::parse::{Chunk, Line};
 
 /// Connects (creating the database when it does not exist) and applies the schema's migrations,
 /// the same the sink applies (`sink/migrations`), so either may start first.
@@ -118,15 +118,15 @@ pub enum CheckpointError {
     Database(#[from] sqlx::Error),
 }
 
-/// Settles `lines` (the accepted ones are on the broker): records the rejected ones, moves the
-/// counts and the last settled line on, and notes the metadata columns; in one transaction, and
-/// only while `lease` holds the feed.
+/// Settles `lines` of `chunk` (the accepted ones are on the broker): records the rejected ones,
+/// moves the counts and the last settled line on, and notes the format and metadata columns; in
+/// one transaction, and only while `lease` holds the feed.
 pub async fn checkpoint(
     pool: &PgPool,
     feed_id: &str,
     lease: Uuid,
     lines: &[Line],
-    columns: &[String],
+    chunk: &Chunk,
 ) -> Result<(), CheckpointError> {
     let Some(last_line) = lines.iter().map(Line::number).max() else { return Ok(()) };
     let (mut lines_, mut contents, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
@@ -142,7 +142,7 @@ pub async fn checkpoint(
     let held = sqlx::query(
         "UPDATE feeds SET lines_read = lines_read + $3, accepted = accepted + $4, rejected = rejected + $5,
                           last_line = $6, chunks = chunks + CASE WHEN $4 > 0 THEN 1 ELSE 0 END,
-                          columns = $7, updated_at = now()
+                          columns = $7, format = $8, updated_at = now()
          WHERE feed_id = $1 AND reader = $2 AND state = 'reading'",
     )
     .bind(feed_id)
@@ -151,7 +151,8 @@ pub async fn checkpoint(
     .bind(accepted)
     .bind(lines_.len() as i64)
     .bind(last_line as i64)
-    .bind(sqlx::types::Json(columns))
+    .bind(sqlx::types::Json(&chunk.columns))
+    .bind(chunk.format.as_str())
     .execute(&mut *tx)
     .await?;
     if held.rows_affected() == 0 {
@@ -182,17 +183,24 @@ pub async fn heartbeat(pool: &PgPool, feed_id: &str, lease: Uuid) -> sqlx::Resul
         .map(drop)
 }
 
-/// Ends the reading: `read` when the upload was read to its end, else `interrupted` (a resend with
-/// the same key resumes it). Returns the feed as it now is.
-pub async fn close(pool: &PgPool, feed_id: &str, lease: Uuid, complete: bool) -> sqlx::Result<Option<Feed>> {
+/// Ends the reading: `read` (in `format`) when the upload was read to its end, else `interrupted`
+/// (a resend with the same key resumes it). Returns the feed as it now is.
+pub async fn close(
+    pool: &PgPool,
+    feed_id: &str,
+    lease: Uuid,
+    read: Option<super::parse::Format>,
+) -> sqlx::Result<Option<Feed>> {
     sqlx::query_as(&format!(
-        "UPDATE feeds SET state = $3, updated_at = now(), read_at = CASE WHEN $3 = 'read' THEN now() END
+        "UPDATE feeds SET state = $3, updated_at = now(), read_at = CASE WHEN $3 = 'read' THEN now() END,
+                          format = COALESCE($4, format)
          WHERE feed_id = $1 AND reader = $2 AND state = 'reading'
          RETURNING {FEED_COLUMNS}"
     ))
     .bind(feed_id)
     .bind(lease)
-    .bind(if complete { "read" } else { "interrupted" })
+    .bind(if read.is_some() { "read" } else { "interrupted" })
+    .bind(read.map(|f| f.as_str()))
     .fetch_optional(pool)
     .await
 }

@@ -323,20 +323,21 @@ impl Reader {
         });
         let mut failure = None;
         while let Some(chunk) = rx.recv().await {
-            let fresh: Vec<Line> = chunk.lines.into_iter().filter(|l| l.number() as i64 > settled).collect();
-            if let Err(e) = self.settle(&fresh, &chunk.columns).await {
+            let fresh: Vec<Line> = chunk.lines.iter().filter(|l| l.number() as i64 > settled).cloned().collect();
+            if let Err(e) = self.settle(&fresh, &chunk).await {
                 failure = Some(e);
                 break;
             }
         }
         drop(rx);
         let read = parse.await.map_err(|e| IngestError::Unavailable(format!("the feed's parser failed: {e}")));
-        let failure = failure.or_else(|| match read {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(self.unreadable(e)),
-            Err(e) => Some(e),
-        });
-        let closed = ledger::close(&self.pool, &self.feed_id, self.lease, failure.is_none()).await;
+        let (failure, format) = match (failure, read) {
+            (Some(failure), _) => (Some(failure), None),
+            (None, Ok(Ok(format))) => (None, Some(format)),
+            (None, Ok(Err(e))) => (Some(self.unreadable(e)), None),
+            (None, Err(e)) => (Some(e), None),
+        };
+        let closed = ledger::close(&self.pool, &self.feed_id, self.lease, format).await;
         if let Some(failure) = failure {
             tracing::info!(feed_id = %self.feed_id, error = %failure, "feed interrupted; a resend with its key resumes it");
             return Err(failure);
@@ -355,7 +356,7 @@ impl Reader {
 
     /// Produces the accepted lines of a chunk as one batch and, once the broker has them all,
     /// records the chunk in the ledger.
-    async fn settle(&self, lines: &[Line], columns: &[String]) -> Result<(), IngestError> {
+    async fn settle(&self, lines: &[Line], chunk: &Chunk) -> Result<(), IngestError> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -369,7 +370,7 @@ impl Reader {
         let started = Instant::now();
         let mut backoff = reefline_common::Backoff::new();
         loop {
-            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, lines, columns).await {
+            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, lines, chunk).await {
                 Ok(()) => return Ok(()),
                 Err(ledger::CheckpointError::LostLease) => return Err(self.lost()),
                 Err(ledger::CheckpointError::Database(e)) if started.elapsed() > self.limits.stall => {

@@ -91,9 +91,10 @@ impl Line {
     }
 }
 
-/// A run of consecutive lines, and the metadata columns known so far.
-#[derive(Debug, Default)]
+/// A run of consecutive lines, the format they were read in, and the metadata columns known so far.
+#[derive(Debug)]
 pub struct Chunk {
+    pub format: Format,
     pub lines: Vec<Line>,
     pub columns: Vec<String>,
 }
@@ -133,7 +134,8 @@ pub fn read(input: impl Read, options: Options, mut emit: impl FnMut(Chunk) -> b
         Some(format) => format,
         None => Format::sniff(first_line(input.fill_buf()?)),
     };
-    let mut out = Emitter { chunk: Chunk::default(), size: options.chunk_lines.max(1), emit: &mut emit, open: true };
+    let chunk = Chunk { format, lines: Vec::new(), columns: Vec::new() };
+    let mut out = Emitter { chunk, size: options.chunk_lines.max(1), emit: &mut emit, open: true };
     let mut seen = Seen::default();
     let result = match format {
         Format::Csv => read_csv(&mut input, options, &mut seen, &mut out),
@@ -174,8 +176,12 @@ impl<F: FnMut(Chunk) -> bool> Emitter<'_, F> {
 
     fn flush(&mut self) {
         if self.open && !self.chunk.lines.is_empty() {
-            let columns = self.chunk.columns.clone();
-            let full = std::mem::replace(&mut self.chunk, Chunk { lines: Vec::with_capacity(self.size), columns });
+            let next = Chunk {
+                format: self.chunk.format,
+                lines: Vec::with_capacity(self.size),
+                columns: self.chunk.columns.clone(),
+            };
+            let full = std::mem::replace(&mut self.chunk, next);
             self.open = (self.emit)(full);
         }
     }
