@@ -93,7 +93,8 @@ pub async fn feed_results(
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
-    let columns = crate::feeds::columns(&pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    let columns =
+        crate::feeds::columns(&pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     let sql = format!("SELECT {COLUMNS} FROM results WHERE feed_id = $1 AND {FILTERS} ORDER BY line");
     stream(pool, sql, feed_id, filters, columns, "feed").await
 }
@@ -200,7 +201,8 @@ fn trailing() -> Vec<String> {
         }
     }
     names.extend(
-        ["model", "model_version", "submitted_at", "completed_at", "request_id", "batch_id", "feed_id"].map(String::from),
+        ["model", "model_version", "submitted_at", "completed_at", "request_id", "batch_id", "feed_id"]
+            .map(String::from),
     );
     names
 }
@@ -228,7 +230,7 @@ impl Encoder {
                 self.ndjson.push(b'\n');
             }
             Format::Csv => {
-                let _ = self.csv.write_record(&self.row(result));
+                let _ = self.csv.write_record(self.row(result));
             }
         }
     }
@@ -237,7 +239,11 @@ impl Encoder {
         let metadata = r.metadata.unwrap_or_default();
         let mut row = vec![r.url, r.line.map(|l| l.to_string()).unwrap_or_default()];
         row.extend(self.columns.iter().map(|c| metadata.get(c).cloned().unwrap_or_default()));
-        row.extend([r.status.as_str().to_owned(), r.error_kind.unwrap_or_default(), r.error_message.unwrap_or_default()]);
+        row.extend([
+            r.status.as_str().to_owned(),
+            r.error_kind.unwrap_or_default(),
+            r.error_message.unwrap_or_default(),
+        ]);
         for n in 0..TOP {
             let p = r.predictions.get(n);
             row.extend([
@@ -246,7 +252,11 @@ impl Encoder {
                 p.map(|p| format!("{:.6}", p.score)).unwrap_or_default(),
             ]);
             if n == 0 {
-                let marine = if r.status == reefline_schemas::Status::Ok { r.marine_group.is_some().to_string() } else { String::new() };
+                let marine = if r.status == reefline_schemas::Status::Ok {
+                    r.marine_group.is_some().to_string()
+                } else {
+                    String::new()
+                };
                 let scientific = p.and_then(|p| p.scientific_name.clone()).unwrap_or_default();
                 row.extend([marine, r.marine_group.clone().unwrap_or_default(), scientific]);
             }

@@ -145,8 +145,8 @@ impl Application {
         let listener = TcpListener::bind(&settings.listen).await?;
         let keys = ApiKeys::load(&settings.auth)?;
         keys.announce("sink", listener.local_addr()?);
-        let streaming = api::streaming_router(exports)
-            .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_key));
+        let streaming =
+            api::streaming_router(exports).route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_key));
         let router = api::router(lookups)
             .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
             .merge(ops::router(registry.clone(), readiness.clone()))

@@ -237,7 +237,8 @@ pub async fn topic_size(kafka: &KafkaSettings, topic: &str) -> i64 {
             .partitions()
             .iter()
             .map(|p| {
-                let (low, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10)).expect("watermarks");
                 high - low
             })
             .sum()

@@ -65,8 +65,9 @@ async fn a_million_line_feed_is_read_in_bounded_memory_with_every_accepted_line_
         bad.insert(rng.usize(2..=LINES), kind[bad.len() % 3]);
     }
     let started = Instant::now();
-    let (status, feed, _) =
-        post_feed(&client, &ingest_url, "text/plain", None, streamed(LINES, 20_000, bad.clone())).await.expect("upload");
+    let (status, feed, _) = post_feed(&client, &ingest_url, "text/plain", None, streamed(LINES, 20_000, bad.clone()))
+        .await
+        .expect("upload");
     let seconds = started.elapsed().as_secs_f64();
     assert_eq!(status, 201, "{feed}");
     let accepted = (LINES - bad.len()) as i64;
@@ -129,7 +130,11 @@ async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_ke
     // The first upload sends 2,500 lines, waits until ingest has settled two chunks of 1,000,
     // then breaks off.
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
-    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
+    let body =
+        reqwest::Body::wrap_stream(futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+        ));
     let upload = tokio::spawn({
         let (client, ingest) = (client.clone(), stack.ingest.clone());
         async move { post_feed(&client, &ingest, "text/plain", Some("survey-2026-cut"), body).await }
@@ -158,7 +163,10 @@ async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_ke
             if status != 409 {
                 return (status, feed, headers);
             }
-            assert_eq!((&feed["error"]["kind"], headers.get("retry-after").is_some()), (&json!("feed_in_progress"), true));
+            assert_eq!(
+                (&feed["error"]["kind"], headers.get("retry-after").is_some()),
+                (&json!("feed_in_progress"), true)
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
@@ -179,12 +187,11 @@ async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_ke
     assert_eq!(topic_size(&env.broker.kafka(), &env.names.requests).await, 5000);
 
     // Refusals name their problem.
-    let refused = [
-        ("text/csv", "station,link\nA,https://a.example/1.jpg\n", "unreadable_feed"),
-        ("text/plain", "", "created"),
-    ];
+    let refused =
+        [("text/csv", "station,link\nA,https://a.example/1.jpg\n", "unreadable_feed"), ("text/plain", "", "created")];
     for (content_type, body, kind) in refused {
-        let (status, answer, _) = post_feed(&client, &stack.ingest, content_type, None, body.to_owned().into()).await.unwrap();
+        let (status, answer, _) =
+            post_feed(&client, &stack.ingest, content_type, None, body.to_owned().into()).await.unwrap();
         if kind == "created" {
             assert_eq!((status, &answer["lines_read"]), (201, &json!(0)), "an empty feed is read: {answer}");
         } else {
@@ -224,10 +231,8 @@ async fn wait_for_ledger(client: &reqwest::Client, ingest: &str) {
 fn csv_rows(text: &str) -> (Vec<String>, Vec<std::collections::HashMap<String, String>>) {
     let mut reader = csv::Reader::from_reader(text.as_bytes());
     let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-    let rows = reader
-        .records()
-        .map(|r| header.iter().cloned().zip(r.unwrap().iter().map(String::from)).collect())
-        .collect();
+    let rows =
+        reader.records().map(|r| header.iter().cloned().zip(r.unwrap().iter().map(String::from)).collect()).collect();
     (header, rows)
 }
 
@@ -248,7 +253,8 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     let mut expected = std::collections::HashMap::new();
     for i in 0..ROWS {
         let (station, depth) = (format!("Reef {}", i % 7), format!("{}.5", i % 40));
-        let (name, class) = if i % 100 == 99 { ("missing.jpg".to_owned(), None) } else { photos[i % photos.len()].clone() };
+        let (name, class) =
+            if i % 100 == 99 { ("missing.jpg".to_owned(), None) } else { photos[i % photos.len()].clone() };
         let url = format!("{}/photos/{name}?n={i}", env.photos);
         csv.push_str(&format!("{station},T{},{url},{depth},-16.{i:04},145.{i:04}\n", i % 3));
         expected.insert(url, (station, depth, class));
@@ -306,7 +312,11 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     assert!(right >= (ROWS - missing) * 8 / 10, "{right} of {} top-1 right", ROWS - missing);
 
     // NDJSON, filtered: the errors only, each with its metadata.
-    let errors = client.get(format!("{}/v1/feeds/{feed_id}/results?format=ndjson&status=error", stack.sink)).send().await.unwrap();
+    let errors = client
+        .get(format!("{}/v1/feeds/{feed_id}/results?format=ndjson&status=error", stack.sink))
+        .send()
+        .await
+        .unwrap();
     let errors: Vec<Value> = errors.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(errors.len(), missing);
     assert!(errors.iter().all(|e| e["metadata"]["transect"].is_string() && e["feed_id"] == json!(feed_id)));

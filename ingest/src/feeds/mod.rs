@@ -211,7 +211,12 @@ async fn accept(
     } else {
         let format = parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type));
         let model = crate::validate::check_model(query.model, &state.models)?;
-        (idle_limited(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limits.idle), format, model, None)
+        (
+            idle_limited(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limits.idle),
+            format,
+            model,
+            None,
+        )
     };
     let new = ledger::NewFeed {
         key_scope: &key_scope(&headers),
@@ -435,7 +440,9 @@ impl Reader {
             let payload = loop {
                 match state.codec.encode(topic, request).await {
                     Ok(payload) => break payload,
-                    Err(e) if started.elapsed() > self.limits.stall => return Err(IngestError::Unavailable(e.to_string())),
+                    Err(e) if started.elapsed() > self.limits.stall => {
+                        return Err(IngestError::Unavailable(e.to_string()));
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "the registry did not answer; retrying");
                         self.wait_a_moment().await;

@@ -41,7 +41,10 @@ impl Format {
         let essence = media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         match essence.as_str() {
             "text/csv" | "application/csv" => Some(Format::Csv),
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/jsonlines"
+            "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/jsonlines"
             | "application/x-jsonlines" => Some(Format::Ndjson),
             "text/plain" | "text/uri-list" => Some(Format::Text),
             _ => None,
@@ -209,7 +212,8 @@ impl Seen {
 
 /// Checks one URL and its metadata: the line's outcome.
 fn judge(line: u64, raw_url: &str, metadata: Metadata, content: &str, options: Options, seen: &mut Seen) -> Line {
-    let reject = |reason: String| Line::Rejected { line, reason, content: truncate(content, REJECT_CONTENT_BYTES).into() };
+    let reject =
+        |reason: String| Line::Rejected { line, reason, content: truncate(content, REJECT_CONTENT_BYTES).into() };
     if raw_url.contains('\n') {
         return reject("the url field runs over several lines (an unbalanced quote?)".into());
     }
@@ -316,7 +320,9 @@ fn read_csv<F: FnMut(Chunk) -> bool>(
 ) -> Result<(), ReadError> {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(input);
     let header: Vec<String> = match reader.byte_headers() {
-        Ok(header) => header.iter().map(|h| String::from_utf8_lossy(h).trim_start_matches('\u{feff}').trim().to_owned()).collect(),
+        Ok(header) => {
+            header.iter().map(|h| String::from_utf8_lossy(h).trim_start_matches('\u{feff}').trim().to_owned()).collect()
+        }
         Err(e) => return Err(csv_io(e).map_or_else(|| ReadError::NoUrlColumn(String::new()), ReadError::Io)),
     };
     let Some(url_column) = header.iter().position(|h| h.eq_ignore_ascii_case("url")) else {
@@ -485,7 +491,8 @@ mod tests {
 
     #[test]
     fn text_lines_are_checked_deduplicated_and_chunked() {
-        let input = b"https://a.example/1.jpg\r\n\nftp://a.example/2.jpg\nhttps://a.example/1.jpg\nhttps://a.example/3.jpg\n";
+        let input =
+            b"https://a.example/1.jpg\r\n\nftp://a.example/2.jpg\nhttps://a.example/1.jpg\nhttps://a.example/3.jpg\n";
         let (format, chunks) = read_all(input, None);
         assert_eq!(format.unwrap(), Format::Text);
         assert_eq!(chunks.iter().map(|c| c.lines.len()).collect::<Vec<_>>(), [3, 1]);
@@ -519,7 +526,10 @@ mod tests {
     #[test]
     fn a_csv_without_a_url_column_is_refused_whole() {
         let (result, chunks) = read_all(b"station,link\nA,https://a.example/1.jpg\n", Some(Format::Csv));
-        assert_eq!(result.unwrap_err().to_string(), "the feed is a CSV without a `url` column in its header (it has: station, link)");
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            "the feed is a CSV without a `url` column in its header (it has: station, link)"
+        );
         assert!(chunks.is_empty());
     }
 
