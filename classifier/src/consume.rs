@@ -274,7 +274,7 @@ pub async fn run(
                 }),
         };
         match checked {
-            Ok(request) => backlog.push_back(Job { request, partition, offset }),
+            Ok(request) => backlog.push_back(Job { request, partition, offset, photo: None }),
             Err((kind, reason)) => {
                 let moved = reefline_common::kafka::dead_letter(
                     &producer,

@@ -8,12 +8,15 @@ use std::sync::Arc;
 use reefline_schemas::{ImageRequest, Prediction};
 
 use crate::error::ImageError;
+use crate::photo::Photo;
 
 /// One request on its way through the pipeline, with where it came from.
 pub struct Job {
     pub request: ImageRequest,
     pub partition: i32,
     pub offset: i64,
+    /// What its bytes said, once fetched.
+    pub photo: Option<Photo>,
 }
 
 /// A model as results name it.
@@ -43,4 +46,6 @@ pub struct Outcome {
     pub job: Job,
     pub model: Arc<ModelTag>,
     pub result: Result<Classified, ImageError>,
+    /// The predictions came from the result cache: the model did not run.
+    pub cached: bool,
 }

@@ -7,6 +7,7 @@
 //! Stages talk through bounded channels, so a slow stage slows the one before it.
 
 pub mod batcher;
+mod cache;
 mod consume;
 pub mod engine;
 pub mod error;
@@ -18,6 +19,7 @@ mod jpeg;
 pub mod labels;
 mod metrics;
 pub mod offsets;
+pub mod photo;
 pub mod postprocess;
 mod prepare;
 pub mod preprocess;
@@ -224,6 +226,11 @@ impl Application {
             decode_threads,
             decode_nice: s.decode_nice,
             pixel_budget: prepare::PixelBudget::new(s.decode_pixel_budget),
+            cache: cache::ResultCache::new(
+                s.result_cache.then(|| secrecy::ExposeSecret::expose_secret(&s.database_url)),
+                Duration::from_secs(1),
+                metrics.cache_lookups.clone(),
+            )?,
             retry: prepare::RetryPolicy {
                 max_retries: s.fetch_retries,
                 base: Duration::from_millis(s.fetch_retry_base_ms),

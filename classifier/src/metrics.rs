@@ -28,6 +28,8 @@ pub struct Metrics {
     pub pauses: IntCounter,
     /// Items waiting in each bounded channel, by the stage that reads it.
     pub queue_depth: IntGaugeVec,
+    /// Result cache lookups by outcome.
+    pub cache_lookups: IntCounterVec,
 }
 
 impl Metrics {
@@ -87,6 +89,13 @@ impl Metrics {
                 Opts::new("classifier_queue_depth", "Items waiting for each stage"),
                 &["stage"],
             )?,
+            cache_lookups: IntCounterVec::new(
+                Opts::new(
+                    "classifier_cache_lookups_total",
+                    "Result cache lookups by outcome: hit (the model did not run), miss, error (a miss)",
+                ),
+                &["outcome"],
+            )?,
         };
         registry.register(Box::new(m.results.clone()))?;
         registry.register(Box::new(m.fetch_seconds.clone()))?;
@@ -103,6 +112,7 @@ impl Metrics {
         registry.register(Box::new(m.paused.clone()))?;
         registry.register(Box::new(m.pauses.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
+        registry.register(Box::new(m.cache_lookups.clone()))?;
         Ok(m)
     }
 }

@@ -35,6 +35,8 @@ pub struct Prepare {
     pub pixel_budget: PixelBudget,
     pub retry: RetryPolicy,
     pub metrics: Metrics,
+    /// Predictions already made for the same bytes.
+    pub cache: crate::cache::ResultCache,
 }
 
 /// Bounds the memory decoding takes by the pixels decoded at once, not only per image: a decode
@@ -77,7 +79,7 @@ pub async fn run(
         let model = match stage.model_for(&job) {
             Ok(model) => model,
             Err((tag, error)) => {
-                if failed.send(Outcome { job, model: tag, result: Err(error) }).await.is_err() {
+                if failed.send(Outcome { job, model: tag, result: Err(error), cached: false }).await.is_err() {
                     break;
                 }
                 continue;
@@ -86,20 +88,34 @@ pub async fn run(
         let Ok(permit) = tasks_allowed.clone().acquire_owned().await else { break };
         let (stage, fetches, decoders, failed) = (stage.clone(), fetches.clone(), decoders.clone(), failed.clone());
         tasks.spawn(async move {
+            let mut job = job;
             let input = &stage.models[model];
-            // The decoder slot is held until the tensor is handed on: when the batching queue is
-            // full, decoding stops rather than piling up finished tensors.
             let decoded = match stage.fetch(&job.request.url, &fetches).await {
-                Ok(bytes) => match decoders.acquire().await {
-                    Ok(slot) => stage.preprocess(input.preprocess, bytes).await.map(|tensor| (tensor, slot)),
-                    Err(_) => return,
-                },
+                Ok(bytes) => {
+                    let (photo, bytes) = stage.learn(bytes).await;
+                    // The same bytes classified before by the same model: its predictions, no decode.
+                    let cached = stage.cache.get(&photo.sha256, &input.tag).await;
+                    job.photo = Some(photo);
+                    if let Some(classified) = cached {
+                        let outcome = Outcome { job, model: input.tag.clone(), result: Ok(classified), cached: true };
+                        let _ = failed.send(outcome).await;
+                        drop(permit);
+                        return;
+                    }
+                    // The decoder slot is held until the tensor is handed on: when the batching
+                    // queue is full, decoding stops rather than piling up finished tensors.
+                    match decoders.acquire().await {
+                        Ok(slot) => stage.preprocess(input.preprocess, bytes).await.map(|tensor| (tensor, slot)),
+                        Err(_) => return,
+                    }
+                }
                 Err(error) => Err(error),
             };
             let _ = match decoded {
                 Ok((tensor, _slot)) => input.queue.send(Prepared { job, tensor }).await.map_err(drop),
                 Err(error) => {
-                    failed.send(Outcome { job, model: input.tag.clone(), result: Err(error) }).await.map_err(drop)
+                    let outcome = Outcome { job, model: input.tag.clone(), result: Err(error), cached: false };
+                    failed.send(outcome).await.map_err(drop)
                 }
             };
             drop(permit);
@@ -136,6 +152,13 @@ impl Prepare {
             let tag = ModelTag { name: truncate(name, SHORT_TEXT_BYTES).to_owned(), version: String::new() };
             (Arc::new(tag), ImageError::UnknownModel { name: truncate(name, 64).to_owned(), served })
         })
+    }
+
+    /// Hashes the bytes and reads their EXIF, on a blocking thread (a camera JPEG is megabytes).
+    async fn learn(&self, bytes: Vec<u8>) -> (crate::photo::Photo, Vec<u8>) {
+        tokio::task::spawn_blocking(move || (crate::photo::learn(&bytes), bytes))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     /// Decodes and preprocesses on a blocking thread, once the image's pixels fit in the decode

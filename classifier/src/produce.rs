@@ -122,6 +122,9 @@ impl Produce {
             feed_id: r.feed_id.clone(),
             line: r.line,
             metadata: r.metadata.clone(),
+            sha256: outcome.job.photo.as_ref().map(|p| p.sha256.clone()),
+            cached: outcome.cached,
+            exif: outcome.job.photo.as_ref().map(|p| p.exif.clone()),
         }
     }
 

@@ -95,6 +95,22 @@ pub struct Settings {
     #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
     pub fetch_allow: Vec<String>,
 
+    /// Postgres URL of the results (the sink's database), where the result cache looks up the
+    /// predictions already made for the same bytes; a database that does not answer only costs
+    /// the cache (the image is classified).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/reefline",
+        hide_env_values = true
+    )]
+    pub database_url: secrecy::SecretString,
+
+    /// Reuse the predictions stored for the same bytes (SHA-256) and model version instead of
+    /// running the model again.
+    #[arg(long, env = "RESULT_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub result_cache: bool,
+
     /// Retries of a transient fetch failure (timeout, connection failure, 429, 5xx).
     #[arg(long, env = "FETCH_RETRIES", default_value_t = 3)]
     pub fetch_retries: u32,

@@ -209,6 +209,9 @@ mod tests {
             feed_id: None,
             line: None,
             metadata: None,
+            sha256: None,
+            cached: false,
+            exif: None,
         }
     }
 

@@ -8,7 +8,7 @@ mod types;
 pub mod view;
 
 pub use codec::{Codec, CodecError, RegistrySettings};
-pub use types::{BatchCompleted, ClassificationResult, ImageRequest, Message, Metadata, Prediction, Status};
+pub use types::{BatchCompleted, ClassificationResult, Exif, ImageRequest, Message, Metadata, Prediction, Status};
 
 /// The Kafka header every request and result record carries with its request id.
 pub const REQUEST_ID_HEADER: &str = "reefline-request-id";

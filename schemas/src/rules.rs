@@ -149,6 +149,23 @@ impl ImageRequest {
     }
 }
 
+/// Strings bounded and printable, coordinates on the globe.
+fn check_exif(exif: &crate::Exif) -> Result<(), String> {
+    for (field, value) in [("exif.taken_at", &exif.taken_at), ("exif.camera_make", &exif.camera_make), ("exif.camera_model", &exif.camera_model)] {
+        check_text(field, value.as_deref().unwrap_or(""), SHORT_TEXT_BYTES)?;
+    }
+    for (field, value, limit) in [
+        ("exif.gps_latitude", exif.gps_latitude, 90.0),
+        ("exif.gps_longitude", exif.gps_longitude, 180.0),
+        ("exif.gps_altitude", exif.gps_altitude, 1e6),
+    ] {
+        if let Some(v) = value.filter(|v| !v.is_finite() || v.abs() > limit) {
+            return Err(format!("`{field}` {v} is out of range"));
+        }
+    }
+    Ok(())
+}
+
 impl ClassificationResult {
     /// Whether this result may be stored: the request's rules, plus bounded text in every field.
     pub fn check(&self) -> Result<(), String> {
@@ -171,7 +188,11 @@ impl ClassificationResult {
         if self.predictions.len() > 1000 {
             return Err(format!("{} predictions; at most 1000", self.predictions.len()));
         }
-        check_feed_fields(self.feed_id.as_deref(), self.line, self.metadata.as_ref())
+        check_feed_fields(self.feed_id.as_deref(), self.line, self.metadata.as_ref())?;
+        if let Some(sha256) = self.sha256.as_deref().filter(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(format!("`sha256` is not 64 hexadecimal digits: {:?}", preview(sha256)));
+        }
+        self.exif.as_ref().map_or(Ok(()), check_exif)
     }
 }
 
@@ -219,6 +240,9 @@ mod tests {
             feed_id: None,
             line: None,
             metadata: None,
+            sha256: None,
+            cached: false,
+            exif: None,
         }
     }
 

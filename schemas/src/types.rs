@@ -88,6 +88,24 @@ impl Status {
     }
 }
 
+/// What a photo says of itself (its EXIF, and its size from its header); `None` where it says nothing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Exif {
+    /// EXIF DateTimeOriginal, ISO 8601 (with its offset when the photo gives one).
+    pub taken_at: Option<String>,
+    /// Degrees, north positive.
+    pub gps_latitude: Option<f64>,
+    /// Degrees, east positive.
+    pub gps_longitude: Option<f64>,
+    /// Metres above sea level (negative below).
+    pub gps_altitude: Option<f64>,
+    pub camera_make: Option<String>,
+    pub camera_model: Option<String>,
+    /// Pixels, from the image's header.
+    pub width: Option<i32>,
+    pub height: Option<i32>,
+}
+
 /// The outcome for one image (`classification_result.avsc`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassificationResult {
@@ -116,6 +134,15 @@ pub struct ClassificationResult {
     /// The request's metadata.
     #[serde(default)]
     pub metadata: Option<Metadata>,
+    /// SHA-256 of the fetched bytes, lowercase hex.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Whether the predictions were reused from the same bytes classified before by the same model.
+    #[serde(default)]
+    pub cached: bool,
+    /// What the photo says of itself.
+    #[serde(default)]
+    pub exif: Option<Exif>,
 }
 message!(ClassificationResult, "classification_result.avsc");
 

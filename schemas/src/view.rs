@@ -46,6 +46,14 @@ pub struct ResultView {
     /// What the submitter said about the image (a feed's other columns).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<crate::Metadata>,
+    /// SHA-256 of the fetched bytes (absent when nothing was fetched).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The predictions were reused from the same bytes classified before by the same model version.
+    pub cached: bool,
+    /// What the photo says of itself: EXIF date, GPS and camera, and its size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exif: Option<crate::Exif>,
 }
 
 impl From<ClassificationResult> for ResultView {
@@ -67,6 +75,9 @@ impl From<ClassificationResult> for ResultView {
             feed_id: r.feed_id,
             line: r.line,
             metadata: r.metadata,
+            sha256: r.sha256,
+            cached: r.cached,
+            exif: r.exif,
         }
     }
 }
@@ -173,6 +184,9 @@ mod tests {
             feed_id: None,
             line: None,
             metadata: None,
+            sha256: None,
+            cached: false,
+            exif: None,
         }
     }
 

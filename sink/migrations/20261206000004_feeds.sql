@@ -38,5 +38,10 @@ CREATE TABLE feed_rejects (
 );
 
 ALTER TABLE results ADD COLUMN feed_id text, ADD COLUMN line bigint, ADD COLUMN metadata jsonb;
+
+-- What is learned from each photo: the sha256 of its bytes (the classifier's result cache looks
+-- predictions up by it), whether its predictions came from that cache, and its EXIF.
+ALTER TABLE results ADD COLUMN sha256 text, ADD COLUMN cached boolean NOT NULL DEFAULT false, ADD COLUMN exif jsonb;
+CREATE INDEX results_cache ON results (sha256, model_name, model_version) WHERE status = 'ok' AND sha256 IS NOT NULL;
 CREATE INDEX results_feed ON results (feed_id, line) WHERE feed_id IS NOT NULL;
 CREATE INDEX results_feed_completed ON results (feed_id, completed_at) WHERE feed_id IS NOT NULL;

@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use reefline_schemas::{ClassificationResult, ImageRequest, Metadata, Prediction, Status};
+use reefline_schemas::{ClassificationResult, Exif, ImageRequest, Metadata, Prediction, Status};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
@@ -53,22 +53,26 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
         results.iter().map(|r| serde_json::to_value(&r.predictions).unwrap_or_default()).collect();
     let metadata: Vec<Option<serde_json::Value>> =
         results.iter().map(|r| r.metadata.as_ref().and_then(|m| serde_json::to_value(m).ok())).collect();
+    let exif: Vec<Option<serde_json::Value>> =
+        results.iter().map(|r| r.exif.as_ref().and_then(|e| serde_json::to_value(e).ok())).collect();
     sqlx::query(
         "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
                               model_name, model_version, error_kind, error_message, submitted_at, completed_at,
-                              feed_id, line, metadata)
+                              feed_id, line, metadata, sha256, cached, exif)
          SELECT request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
                 model_version, error_kind, error_message, to_timestamp(submitted_ms / 1000.0), to_timestamp(completed_ms / 1000.0),
-                feed_id, line, metadata
+                feed_id, line, metadata, sha256, cached, exif
          FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::jsonb[], $8::text[],
                      $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[],
-                     $15::text[], $16::int8[], $17::jsonb[])
+                     $15::text[], $16::int8[], $17::jsonb[], $18::text[], $19::bool[], $20::jsonb[])
               AS t(request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
-                   model_version, error_kind, error_message, submitted_ms, completed_ms, feed_id, line, metadata)
+                   model_version, error_kind, error_message, submitted_ms, completed_ms, feed_id, line, metadata,
+                   sha256, cached, exif)
          ON CONFLICT (request_id) DO UPDATE SET
              status = EXCLUDED.status, predictions = EXCLUDED.predictions, marine_group = EXCLUDED.marine_group,
              model_name = EXCLUDED.model_name, model_version = EXCLUDED.model_version, error_kind = EXCLUDED.error_kind,
-             error_message = EXCLUDED.error_message, completed_at = EXCLUDED.completed_at, stored_at = now()
+             error_message = EXCLUDED.error_message, completed_at = EXCLUDED.completed_at, stored_at = now(),
+             sha256 = EXCLUDED.sha256, cached = EXCLUDED.cached, exif = EXCLUDED.exif
          WHERE results.completed_at <= EXCLUDED.completed_at
            AND NOT (results.status = 'ok' AND EXCLUDED.status = 'error')",
     )
@@ -89,6 +93,9 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
     .bind(optional(|r| r.feed_id.clone()))
     .bind(results.iter().map(|r| r.line).collect::<Vec<_>>())
     .bind(metadata)
+    .bind(optional(|r| r.sha256.clone()))
+    .bind(results.iter().map(|r| r.cached).collect::<Vec<_>>())
+    .bind(exif)
     .execute(pool)
     .await?;
     Ok(())
@@ -172,6 +179,9 @@ pub struct Row {
     pub feed_id: Option<String>,
     pub line: Option<i64>,
     pub metadata: Option<Json<Metadata>>,
+    pub sha256: Option<String>,
+    pub cached: bool,
+    pub exif: Option<Json<Exif>>,
 }
 
 impl Row {
@@ -195,6 +205,9 @@ impl Row {
             feed_id: self.feed_id,
             line: self.line,
             metadata: self.metadata.map(|m| m.0),
+            sha256: self.sha256,
+            cached: self.cached,
+            exif: self.exif.map(|e| e.0),
         }
     }
 }
@@ -202,7 +215,7 @@ impl Row {
 /// The columns a [`Row`] is read from.
 pub const COLUMNS: &str = "request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
                            model_name, model_version, error_kind, error_message, submitted_at, completed_at,
-                           feed_id, line, metadata";
+                           feed_id, line, metadata, sha256, cached, exif";
 
 pub async fn result(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<Row>> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM results WHERE request_id = $1"))

@@ -189,6 +189,10 @@ struct Encoder {
     columns: Vec<String>,
 }
 
+/// What the photo says of itself, as CSV columns.
+const EXIF: [&str; 8] =
+    ["taken_at", "gps_latitude", "gps_longitude", "gps_altitude", "camera_make", "camera_model", "width", "height"];
+
 /// The CSV's columns before the metadata, and after it.
 const LEADING: [&str; 2] = ["url", "line"];
 
@@ -200,8 +204,9 @@ fn trailing() -> Vec<String> {
             names.extend(["marine", "marine_group", "scientific_name"].map(String::from));
         }
     }
+    names.extend(EXIF.map(String::from));
     names.extend(
-        ["model", "model_version", "submitted_at", "completed_at", "request_id", "batch_id", "feed_id"]
+        ["sha256", "cached", "model", "model_version", "submitted_at", "completed_at", "request_id", "batch_id", "feed_id"]
             .map(String::from),
     );
     names
@@ -261,7 +266,19 @@ impl Encoder {
                 row.extend([marine, r.marine_group.clone().unwrap_or_default(), scientific]);
             }
         }
+        let exif = r.exif.unwrap_or_default();
+        let number = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
         row.extend([
+            exif.taken_at.unwrap_or_default(),
+            number(exif.gps_latitude),
+            number(exif.gps_longitude),
+            number(exif.gps_altitude),
+            exif.camera_make.unwrap_or_default(),
+            exif.camera_model.unwrap_or_default(),
+            exif.width.map(|v| v.to_string()).unwrap_or_default(),
+            exif.height.map(|v| v.to_string()).unwrap_or_default(),
+            r.sha256.unwrap_or_default(),
+            r.cached.to_string(),
             r.model_name,
             r.model_version,
             rfc3339(r.submitted_at_ms),

@@ -173,6 +173,18 @@ function renderGrid() {
   $("grid").replaceChildren(...cards);
 }
 
+/// What the photo says of itself, as rows of the detail view.
+function exifRows(exif) {
+  if (!exif) return [["EXIF", "—"]];
+  const gps = exif.gps_latitude !== null && exif.gps_latitude !== undefined
+    ? `${exif.gps_latitude.toFixed(6)}, ${exif.gps_longitude.toFixed(6)}` +
+      (exif.gps_altitude !== null && exif.gps_altitude !== undefined ? `, ${exif.gps_altitude} m` : "")
+    : "—";
+  const camera = [exif.camera_make, exif.camera_model].filter(Boolean).join(" ") || "—";
+  const size = exif.width ? `${exif.width} × ${exif.height} px` : "—";
+  return [["Taken", exif.taken_at || "—"], ["GPS", gps], ["Camera", camera], ["Size", size]];
+}
+
 function detail(r) {
   $("d-image").src = r.url;
   $("d-title").textContent = r.predictions[0] ? r.predictions[0].label : `${r.status}: ${r.error ? r.error.kind : ""}`;
@@ -191,7 +203,9 @@ function detail(r) {
     ["URL", r.url], ["Status", r.status], ["Marine group", r.marine_group || "—"],
     ["Model", `${r.model.name} ${r.model.version}`], ["Error", r.error ? `${r.error.kind}: ${r.error.message}` : "—"],
     ["Submitted", r.submitted_at], ["Completed", r.completed_at],
-    ["EXIF", "not extracted yet"],
+    ...exifRows(r.exif),
+    ["SHA-256", r.sha256 ? `${r.sha256}${r.cached ? " (predictions reused: classified before)" : ""}` : "—"],
+    ...Object.entries(r.metadata || {}),
   ];
   $("d-meta").replaceChildren(...meta.flatMap(([k, v]) => {
     const dt = document.createElement("dt"), dd = document.createElement("dd");

@@ -304,6 +304,7 @@ impl StackSettings {
         classifier.fetch_retry_base_ms = 50;
         classifier.kafka = kafka.clone();
         classifier.registry = registry.clone();
+        classifier.database_url = database_url.into();
 
         let mut sink = reefline_sink::Settings::parse_from(["sink"]);
         sink.listen = "127.0.0.1:0".into();

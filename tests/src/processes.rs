@@ -43,6 +43,7 @@ impl ServiceProcess {
             .arg("--ort-dylib")
             .arg(&s.ort_dylib)
             .args(["--fetch-allow", &s.fetch_allow.join(",")])
+            .args(["--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
             .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
         Self::spawn(command, name)
     }

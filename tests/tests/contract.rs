@@ -36,10 +36,26 @@ async fn both_apis_serve_their_contract_and_keep_to_it() {
     settings.ingest.infer_wait_seconds = 0.5;
     let stack = Stack::start(settings).await;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    // Feeds answer 503 until ingest has reached its database (a moment after it starts).
+    reefline_e2e::wait_for("the feeds ledger", Duration::from_secs(60), || async {
+        let feed = client.post(format!("{}/v1/feeds", stack.ingest)).header("content-type", "text/plain").body("");
+        (feed.send().await.ok()?.status() == 201).then_some(())
+    })
+    .await;
 
     for (base, paths) in [
-        (&stack.ingest, vec!["/api/infer", "/classify", "/v1/classify"]),
-        (&stack.sink, vec!["/v1/batches/{batch_id}", "/v1/results/{request_id}"]),
+        (&stack.ingest, vec!["/api/infer", "/classify", "/v1/classify", "/v1/feeds"]),
+        (
+            &stack.sink,
+            vec![
+                "/v1/batches/{batch_id}",
+                "/v1/batches/{batch_id}/results",
+                "/v1/feeds/{feed_id}",
+                "/v1/feeds/{feed_id}/rejects",
+                "/v1/feeds/{feed_id}/results",
+                "/v1/results/{request_id}",
+            ],
+        ),
     ] {
         let (status, spec) = get_json(&client, &format!("{base}/openapi.json")).await;
         assert_eq!((status, spec["openapi"].as_str()), (200, Some("3.1.0")), "{spec}");

@@ -238,6 +238,9 @@ fn result(url: &str, status: reefline_schemas::Status, label: &str) -> reefline_
         feed_id: None,
         line: None,
         metadata: None,
+        sha256: None,
+        cached: false,
+        exif: None,
     }
 }
 

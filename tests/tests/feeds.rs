@@ -227,6 +227,44 @@ async fn wait_for_ledger(client: &reqwest::Client, ingest: &str) {
     .await;
 }
 
+/// The coffee photo as a camera would write it: a JPEG whose EXIF gives when, where (GPS) and
+/// with what it was taken.
+fn photo_with_exif() -> Vec<u8> {
+    use exif::{Field, In, Rational, Tag, Value};
+    let rgb = image::open(reefline_e2e::cache_dir().join("photos/coffee.png")).unwrap().to_rgb8();
+    let ascii = |tag, text: &str| Field { tag, ifd_num: In::PRIMARY, value: Value::Ascii(vec![text.as_bytes().to_vec()]) };
+    let rational = |tag, parts: &[(u32, u32)]| Field {
+        tag,
+        ifd_num: In::PRIMARY,
+        value: Value::Rational(parts.iter().map(|&(num, denom)| Rational { num, denom }).collect()),
+    };
+    let fields = [
+        ascii(Tag::Make, "Reefline"),
+        ascii(Tag::Model, "TestCam 1"),
+        ascii(Tag::DateTimeOriginal, "2026:11:20 09:41:07"),
+        ascii(Tag::OffsetTimeOriginal, "+10:00"),
+        ascii(Tag::GPSLatitudeRef, "S"),
+        rational(Tag::GPSLatitude, &[(16, 1), (55, 1), (156, 10)]),
+        ascii(Tag::GPSLongitudeRef, "E"),
+        rational(Tag::GPSLongitude, &[(145, 1), (46, 1), (412, 10)]),
+        Field { tag: Tag::GPSAltitudeRef, ifd_num: In::PRIMARY, value: Value::Byte(vec![1]) },
+        rational(Tag::GPSAltitude, &[(12, 1)]),
+    ];
+    let mut writer = exif::experimental::Writer::new();
+    for field in &fields {
+        writer.push_field(field);
+    }
+    let mut tiff = std::io::Cursor::new(Vec::new());
+    writer.write(&mut tiff, false).unwrap();
+    let mut segment = b"Exif\0\0".to_vec();
+    segment.extend(tiff.into_inner());
+    let mut jpeg = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut jpeg, 90);
+    encoder.add_app_segment(1, &segment).unwrap();
+    encoder.encode(rgb.as_raw(), rgb.width() as u16, rgb.height() as u16, jpeg_encoder::ColorType::Rgb).unwrap();
+    jpeg
+}
+
 /// Rows of a CSV export, as maps from column to value.
 fn csv_rows(text: &str) -> (Vec<String>, Vec<std::collections::HashMap<String, String>>) {
     let mut reader = csv::Reader::from_reader(text.as_bytes());
@@ -249,13 +287,27 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     let mut photos: Vec<(String, Option<i64>)> =
         foolbox_photos().into_iter().map(|(name, class)| (name, Some(class as i64))).collect();
     photos.push(("coffee.png".into(), Some(967)));
+    // A camera photo with EXIF, served under any name.
+    let camera = photo_with_exif();
+    let cameras = reefline_e2e::serve(axum::Router::new().route(
+        "/camera/{name}",
+        axum::routing::get(move || {
+            let camera = camera.clone();
+            async move { ([("content-type", "image/jpeg")], camera) }
+        }),
+    ))
+    .await;
+    let camera_url = format!("http://{cameras}/camera/DSC0001.JPG");
     let mut csv = String::from("station,transect,url,depth_m,latitude,longitude\n");
     let mut expected = std::collections::HashMap::new();
     for i in 0..ROWS {
         let (station, depth) = (format!("Reef {}", i % 7), format!("{}.5", i % 40));
         let (name, class) =
             if i % 100 == 99 { ("missing.jpg".to_owned(), None) } else { photos[i % photos.len()].clone() };
-        let url = format!("{}/photos/{name}?n={i}", env.photos);
+        let (url, class) = match i {
+            0 => (camera_url.clone(), Some(967)),
+            _ => (format!("{}/photos/{name}?n={i}", env.photos), class),
+        };
         csv.push_str(&format!("{station},T{},{url},{depth},-16.{i:04},145.{i:04}\n", i % 3));
         expected.insert(url, (station, depth, class));
     }
@@ -311,6 +363,17 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     // The foolbox photos are labelled (ImageNet's validation labels): the model gets most right.
     assert!(right >= (ROWS - missing) * 8 / 10, "{right} of {} top-1 right", ROWS - missing);
 
+    // The camera photo's row has what its EXIF says, its size and its hash.
+    let camera = rows.iter().find(|r| r["url"] == camera_url).expect("the camera photo's row");
+    let exif_columns = ["taken_at", "gps_latitude", "gps_longitude", "gps_altitude", "camera_make", "camera_model"];
+    assert_eq!(
+        exif_columns.map(|c| camera[c].as_str()),
+        ["2026-11-20T09:41:07+10:00", "-16.921", "145.7781111", "-12", "Reefline", "TestCam 1"],
+        "{camera:?}"
+    );
+    assert_eq!((camera["width"].as_str(), camera["height"].as_str(), camera["sha256"].len()), ("600", "400", 64));
+    assert!(rows.iter().all(|r| r["sha256"].len() == 64 || r["status"] == "error"), "every fetched photo is hashed");
+
     // NDJSON, filtered: the errors only, each with its metadata.
     let errors = client
         .get(format!("{}/v1/feeds/{feed_id}/results?format=ndjson&status=error", stack.sink))
@@ -351,6 +414,34 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
             (2004, "3 fields where the header has 6"),
         ]
     );
+
+    // The same photos under new URLs, as NDJSON: the same bytes by the same model, so the model
+    // does not run again; the results say so, with the predictions stored before.
+    let again = [
+        format!("http://{cameras}/camera/DSC0002.JPG"),
+        format!("{}/photos/coffee.png?again=1", env.photos),
+        format!("{}/photos/{}?again=1", env.photos, photos[0].0),
+    ];
+    let ndjson: String = again.iter().map(|url| format!("{}\n", json!({"url": url, "station": "Reef 1"}))).collect();
+    let (status, second, _) = post_feed(&client, &stack.ingest, "application/x-ndjson", None, ndjson.into()).await.unwrap();
+    assert_eq!((status, &second["accepted"]), (201, &json!(3)), "{second}");
+    let second_id = second["feed_id"].as_str().unwrap();
+    reefline_e2e::wait_for("the second feed", Duration::from_secs(120), || async {
+        let (_, progress) = get_json(&client, &format!("{}/v1/feeds/{second_id}", stack.sink)).await;
+        (progress["done"] == json!(true)).then_some(())
+    })
+    .await;
+    let export = client.get(format!("{}/v1/feeds/{second_id}/results?format=ndjson", stack.sink)).send().await.unwrap();
+    let cached: Vec<Value> = export.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(cached.iter().map(|r| &r["cached"]).collect::<Vec<_>>(), [&json!(true); 3], "{cached:?}");
+    assert_eq!(cached[0]["exif"]["camera_model"], json!("TestCam 1"), "{}", cached[0]);
+    assert_eq!(cached[0]["metadata"], json!({"station": "Reef 1"}));
+    let first_camera = &rows.iter().find(|r| r["url"] == camera_url).unwrap();
+    assert_eq!(cached[0]["sha256"].as_str(), Some(first_camera["sha256"].as_str()));
+    assert_eq!(cached[0]["predictions"][0]["index"].to_string(), first_camera["top1_index"]);
+    let hits = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
+    let hits = reefline_e2e::metric(&hits, "classifier_cache_lookups_total{outcome=\"hit\"}").unwrap_or(0.0);
+    assert!(hits >= 3.0, "{hits} cache hits");
 
     // A list fetched by ingest from a URL (its first ten rows and two bad lines); an address the
     // fetch rules refuse is named.

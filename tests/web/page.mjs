@@ -48,6 +48,10 @@ try {
   const top5 = await page.$$eval("#d-top5 tbody tr", (rows) => rows.map((r) => r.cells[1].textContent));
   assert.equal(top5.length, 5);
   assert.equal(top5[0], "espresso");
+  // And what the photo says of itself: its size from its header, the hash of its bytes.
+  const meta = Object.fromEntries(await page.$$eval("#d-meta dt", (dts) => dts.map((dt) => [dt.textContent, dt.nextElementSibling.textContent])));
+  assert.equal(meta["Size"], "600 × 400 px");
+  assert.match(meta["SHA-256"], /^[0-9a-f]{64}/);
   await page.screenshot({ path: `${shots}/detail.png` });
   await page.keyboard.press("Escape");
 

@@ -51,6 +51,9 @@ fn result() -> ClassificationResult {
         feed_id: None,
         line: None,
         metadata: None,
+        sha256: None,
+        cached: false,
+        exif: None,
     }
 }
 

@@ -1,0 +1,64 @@
+//! The result cache: a photo whose bytes (by SHA-256) were classified before by the same model and
+//! version is not run through the model again; its stored predictions are reused. The store is the
+//! sink's results table (every `ok` result carries its sha256), so the cache is shared by every
+//! classifier and survives restarts: re-running a survey with a few new photos costs only those.
+
+use std::time::Duration;
+
+use prometheus::IntCounterVec;
+use reefline_schemas::Prediction;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::job::{Classified, ModelTag};
+
+/// Looks predictions up by the bytes' hash and the model.
+pub struct ResultCache {
+    /// `None`: the cache is off.
+    pool: Option<PgPool>,
+    /// Lookups by outcome: hit, miss, or error (the database did not answer: a miss).
+    lookups: IntCounterVec,
+}
+
+impl ResultCache {
+    /// A cache over the database at `url` (connected when first used; each lookup bounded by
+    /// `timeout`), or none.
+    pub fn new(url: Option<&str>, timeout: Duration, lookups: IntCounterVec) -> anyhow::Result<Self> {
+        let pool = match url {
+            Some(url) => {
+                let options: PgConnectOptions =
+                    url.parse::<PgConnectOptions>()?.options([("statement_timeout", timeout.as_millis().to_string())]);
+                Some(PgPoolOptions::new().max_connections(4).acquire_timeout(timeout).connect_lazy_with(options))
+            }
+            None => None,
+        };
+        Ok(Self { pool, lookups })
+    }
+
+    /// The predictions stored for `sha256` from `model`, if any. A database that does not answer
+    /// is a miss: the image is classified as if it were new.
+    pub async fn get(&self, sha256: &str, model: &ModelTag) -> Option<Classified> {
+        let pool = self.pool.as_ref()?;
+        let found: Result<Option<(sqlx::types::Json<Vec<Prediction>>, Option<String>)>, _> = sqlx::query_as(
+            "SELECT predictions, marine_group FROM results
+             WHERE sha256 = $1 AND model_name = $2 AND model_version = $3 AND status = 'ok' LIMIT 1",
+        )
+        .bind(sha256)
+        .bind(&model.name)
+        .bind(&model.version)
+        .fetch_optional(pool)
+        .await;
+        let (outcome, classified) = match found {
+            Ok(Some((predictions, marine_group))) => {
+                ("hit", Some(Classified { predictions: predictions.0, marine_group }))
+            }
+            Ok(None) => ("miss", None),
+            Err(e) => {
+                tracing::debug!(error = %e, "result cache lookup failed; classifying");
+                ("error", None)
+            }
+        };
+        self.lookups.with_label_values(&[outcome]).inc();
+        classified
+    }
+}
