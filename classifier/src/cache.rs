@@ -12,6 +12,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::job::{Classified, ModelTag};
 
+/// Predictions as the results table holds them, and the marine group.
+type Stored = (sqlx::types::Json<Vec<Prediction>>, Option<String>);
+
 /// Looks predictions up by the bytes' hash and the model.
 pub struct ResultCache {
     /// `None`: the cache is off.
@@ -39,7 +42,7 @@ impl ResultCache {
     /// is a miss: the image is classified as if it were new.
     pub async fn get(&self, sha256: &str, model: &ModelTag) -> Option<Classified> {
         let pool = self.pool.as_ref()?;
-        let found: Result<Option<(sqlx::types::Json<Vec<Prediction>>, Option<String>)>, _> = sqlx::query_as(
+        let found: sqlx::Result<Option<Stored>> = sqlx::query_as(
             "SELECT predictions, marine_group FROM results
              WHERE sha256 = $1 AND model_name = $2 AND model_version = $3 AND status = 'ok' LIMIT 1",
         )

@@ -71,7 +71,10 @@ pub fn spawn(
                     }
                 };
                 for (q, result) in batch.into_iter().zip(results) {
-                    if outcomes.blocking_send(Outcome { job: q.item.job, model: model.clone(), result, cached: false }).is_err() {
+                    if outcomes
+                        .blocking_send(Outcome { job: q.item.job, model: model.clone(), result, cached: false })
+                        .is_err()
+                    {
                         return;
                     }
                 }

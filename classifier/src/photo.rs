@@ -20,8 +20,10 @@ pub struct Photo {
 pub fn learn(bytes: &[u8]) -> Photo {
     let sha256 = hex::encode(Sha256::digest(bytes));
     let mut exif = read_exif(bytes).unwrap_or_default();
-    if let Ok((width, height)) =
-        image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(drop).and_then(|r| r.into_dimensions().map_err(drop))
+    if let Ok((width, height)) = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(drop)
+        .and_then(|r| r.into_dimensions().map_err(drop))
     {
         exif.width = i32::try_from(width).ok();
         exif.height = i32::try_from(height).ok();
@@ -35,7 +37,8 @@ fn read_exif(bytes: &[u8]) -> Option<Exif> {
         let field = fields.get_field(tag, In::PRIMARY)?;
         match &field.value {
             Value::Ascii(parts) => {
-                let joined: String = parts.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>().join(" ");
+                let joined: String =
+                    parts.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>().join(" ");
                 let clean: String = joined.chars().filter(|c| !c.is_control()).collect();
                 let clean = clean.trim();
                 (!clean.is_empty()).then(|| truncate(clean, SHORT_TEXT_BYTES).to_owned())

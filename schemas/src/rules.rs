@@ -151,7 +151,11 @@ impl ImageRequest {
 
 /// Strings bounded and printable, coordinates on the globe.
 fn check_exif(exif: &crate::Exif) -> Result<(), String> {
-    for (field, value) in [("exif.taken_at", &exif.taken_at), ("exif.camera_make", &exif.camera_make), ("exif.camera_model", &exif.camera_model)] {
+    for (field, value) in [
+        ("exif.taken_at", &exif.taken_at),
+        ("exif.camera_make", &exif.camera_make),
+        ("exif.camera_model", &exif.camera_model),
+    ] {
         check_text(field, value.as_deref().unwrap_or(""), SHORT_TEXT_BYTES)?;
     }
     for (field, value, limit) in [
@@ -189,7 +193,9 @@ impl ClassificationResult {
             return Err(format!("{} predictions; at most 1000", self.predictions.len()));
         }
         check_feed_fields(self.feed_id.as_deref(), self.line, self.metadata.as_ref())?;
-        if let Some(sha256) = self.sha256.as_deref().filter(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit())) {
+        if let Some(sha256) =
+            self.sha256.as_deref().filter(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
             return Err(format!("`sha256` is not 64 hexadecimal digits: {:?}", preview(sha256)));
         }
         self.exif.as_ref().map_or(Ok(()), check_exif)

@@ -206,8 +206,18 @@ fn trailing() -> Vec<String> {
     }
     names.extend(EXIF.map(String::from));
     names.extend(
-        ["sha256", "cached", "model", "model_version", "submitted_at", "completed_at", "request_id", "batch_id", "feed_id"]
-            .map(String::from),
+        [
+            "sha256",
+            "cached",
+            "model",
+            "model_version",
+            "submitted_at",
+            "completed_at",
+            "request_id",
+            "batch_id",
+            "feed_id",
+        ]
+        .map(String::from),
     );
     names
 }

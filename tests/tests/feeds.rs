@@ -232,7 +232,8 @@ async fn wait_for_ledger(client: &reqwest::Client, ingest: &str) {
 fn photo_with_exif() -> Vec<u8> {
     use exif::{Field, In, Rational, Tag, Value};
     let rgb = image::open(reefline_e2e::cache_dir().join("photos/coffee.png")).unwrap().to_rgb8();
-    let ascii = |tag, text: &str| Field { tag, ifd_num: In::PRIMARY, value: Value::Ascii(vec![text.as_bytes().to_vec()]) };
+    let ascii =
+        |tag, text: &str| Field { tag, ifd_num: In::PRIMARY, value: Value::Ascii(vec![text.as_bytes().to_vec()]) };
     let rational = |tag, parts: &[(u32, u32)]| Field {
         tag,
         ifd_num: In::PRIMARY,
@@ -423,7 +424,8 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
         format!("{}/photos/{}?again=1", env.photos, photos[0].0),
     ];
     let ndjson: String = again.iter().map(|url| format!("{}\n", json!({"url": url, "station": "Reef 1"}))).collect();
-    let (status, second, _) = post_feed(&client, &stack.ingest, "application/x-ndjson", None, ndjson.into()).await.unwrap();
+    let (status, second, _) =
+        post_feed(&client, &stack.ingest, "application/x-ndjson", None, ndjson.into()).await.unwrap();
     assert_eq!((status, &second["accepted"]), (201, &json!(3)), "{second}");
     let second_id = second["feed_id"].as_str().unwrap();
     reefline_e2e::wait_for("the second feed", Duration::from_secs(120), || async {
