@@ -34,7 +34,7 @@ pub(crate) fn router(pool: PgPool) -> Router {
 
 /// The exports: they last as long as their rows take to send, so they are served without the
 /// request timeout, on connections of their own with no statement timeout.
-pub(crate) fn streaming_router(exports: PgPool) -> Router {
+pub(crate) fn streaming_router(exports: crate::export::Exports) -> Router {
     Router::new()
         .route("/v1/feeds/{feed_id}/results", get(crate::export::feed_results))
         .route("/v1/batches/{batch_id}/results", get(crate::export::batch_results))

@@ -86,7 +86,10 @@ impl Application {
             settings.lookup_connections,
             Duration::from_millis(settings.lookup_timeout_ms),
         )?;
-        let exports = db::export_pool(database_url, settings.export_connections, settings.lookup_timeout_ms)?;
+        let exports = export::Exports {
+            pool: db::export_pool(database_url, settings.export_connections, settings.lookup_timeout_ms)?,
+            labels: Arc::new(export::read_labels(&settings.labels_path)),
+        };
         let t = &settings.topics;
         let topics = [&t.results, &t.dead_letter, &t.requests, &t.batches].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;

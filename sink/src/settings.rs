@@ -52,6 +52,11 @@ pub struct Settings {
     #[arg(long, env = "EXPORT_CONNECTIONS", default_value_t = 2)]
     pub export_connections: u32,
 
+    /// The ImageNet label table (index, wnid, label) the MegaDetector export names its 1,000
+    /// classification categories from.
+    #[arg(long, env = "LABELS_PATH", default_value = ".cache/models/imagenet_labels.tsv")]
+    pub labels_path: std::path::PathBuf,
+
     /// Longest a lookup may run or wait for a connection, in milliseconds; then 503.
     #[arg(long, env = "LOOKUP_TIMEOUT_MS", default_value_t = 5000)]
     pub lookup_timeout_ms: u64,

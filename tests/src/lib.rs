@@ -313,6 +313,7 @@ impl StackSettings {
         sink.group_id = names.sink_group.clone();
         sink.requests_group_id = format!("{}-requests", names.sink_group);
         sink.fetch_allow = vec!["127.0.0.1/32".into()];
+        sink.labels_path = cache.join("models/imagenet_labels.tsv");
         sink.callback_retry_base_ms = 100;
         sink.kafka = kafka;
         sink.registry = registry;

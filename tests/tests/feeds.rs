@@ -266,6 +266,48 @@ fn photo_with_exif() -> Vec<u8> {
     jpeg
 }
 
+/// Checks an export against the MegaDetector output format's documented rules: `info` with a
+/// string-formatted float `format_version`, string-int category ids with non-blank names, each
+/// image a `file`, processed images a `detections` list (relative `bbox` of 4 numbers, `conf` in
+/// 0..1, classifications in descending confidence naming listed categories), failed ones a
+/// `failure` string and no detection list.
+fn check_megadetector(md: &Value) {
+    assert_eq!(md["info"]["format_version"], json!("1.6"), "{}", md["info"]);
+    assert!(md["info"]["format_version"].as_str().unwrap().parse::<f64>().is_ok());
+    for categories in ["detection_categories", "classification_categories"] {
+        for (id, name) in md[categories].as_object().unwrap() {
+            assert!(
+                id.parse::<u32>().is_ok() && !name.as_str().unwrap().trim().is_empty(),
+                "{categories}: {id} {name}"
+            );
+        }
+    }
+    for image in md["images"].as_array().unwrap() {
+        assert!(image["file"].is_string(), "{image}");
+        if let Some(failure) = image["failure"].as_str() {
+            assert!(!failure.is_empty() && (image["detections"].is_null()), "{image}");
+            continue;
+        }
+        for d in image["detections"].as_array().expect("detections of a processed image") {
+            assert!(md["detection_categories"][d["category"].as_str().unwrap()].is_string(), "{d}");
+            let conf = d["conf"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&conf), "{d}");
+            let bbox: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert!(bbox.len() == 4 && bbox.iter().all(|v| (0.0..=1.0).contains(v)), "{d}");
+            let scores: Vec<f64> = d["classifications"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    assert!(md["classification_categories"][c[0].as_str().unwrap()].is_string(), "{c}");
+                    c[1].as_f64().unwrap()
+                })
+                .collect();
+            assert!(scores.windows(2).all(|w| w[0] >= w[1]), "descending: {d}");
+        }
+    }
+}
+
 /// Rows of a CSV export, as maps from column to value.
 fn csv_rows(text: &str) -> (Vec<String>, Vec<std::collections::HashMap<String, String>>) {
     let mut reader = csv::Reader::from_reader(text.as_bytes());
@@ -374,6 +416,24 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     );
     assert_eq!((camera["width"].as_str(), camera["height"].as_str(), camera["sha256"].len()), ("600", "400", 64));
     assert!(rows.iter().all(|r| r["sha256"].len() == 64 || r["status"] == "error"), "every fetched photo is hashed");
+
+    // The MegaDetector batch format (1.6), as Timelapse and AddaxAI read it, checked against the
+    // format's documented structure.
+    let md = client.get(format!("{}/v1/feeds/{feed_id}/results?format=megadetector", stack.sink)).send().await.unwrap();
+    let md: Value = md.json().await.expect("MegaDetector JSON");
+    check_megadetector(&md);
+    assert_eq!(md["classification_categories"].as_object().unwrap().len(), 1000, "the 1,000 classes");
+    assert_eq!(md["classification_categories"]["967"], json!("espresso"));
+    let images = md["images"].as_array().unwrap();
+    assert_eq!(images.len(), ROWS);
+    assert_eq!(images.iter().filter(|i| i["failure"].is_string()).count(), missing);
+    let camera_image = images.iter().find(|i| i["file"] == json!(camera_url)).unwrap();
+    let detection = &camera_image["detections"][0];
+    assert_eq!(
+        (&detection["category"], &detection["classifications"][0][0]),
+        (&json!("4"), &json!("967")),
+        "{camera_image}"
+    );
 
     // NDJSON, filtered: the errors only, each with its metadata.
     let errors = client

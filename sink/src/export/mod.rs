@@ -9,21 +9,79 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use reefline_schemas::ClassificationResult;
-use reefline_schemas::view::{ResultView, rfc3339};
+use reefline_schemas::view::ResultView;
 use serde::Deserialize;
 use sqlx::PgPool;
 
 use crate::api::ApiError;
 use crate::db::{COLUMNS, Row};
 
-/// How many predictions the CSV gives columns to.
-const TOP: usize = 5;
+mod megadetector;
+mod table;
+
+/// Turns results into an export's bytes, a piece at a time.
+trait Encode: Send {
+    fn push(&mut self, result: ClassificationResult);
+    /// Bytes encoded and not yet taken.
+    fn buffered(&self) -> usize;
+    /// What is encoded so far.
+    fn take(&mut self) -> Bytes;
+    /// Ends the export (what comes after the last result).
+    fn finish(&mut self) {}
+}
+
+/// One result object per line.
+#[derive(Default)]
+struct Lines(Vec<u8>);
+
+impl Encode for Lines {
+    fn push(&mut self, result: ClassificationResult) {
+        let _ = serde_json::to_writer(&mut self.0, &ResultView::from(result));
+        self.0.push(b'\n');
+    }
+
+    fn buffered(&self) -> usize {
+        self.0.len()
+    }
+
+    fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.0))
+    }
+}
+
+/// The label table's (index, label) pairs; none when it cannot be read (the MegaDetector export
+/// then names the classes its results hold).
+pub fn read_labels(path: &std::path::Path) -> Vec<(i32, String)> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut fields = l.split('\t');
+                let index = fields.next()?.trim().parse().ok()?;
+                Some((index, fields.nth(1)?.trim().to_owned()))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no label table; MegaDetector exports name only the classes seen");
+            Vec::new()
+        }
+    }
+}
+
+/// What the exports need: their connections, and the class names the MegaDetector format lists.
+#[derive(Clone)]
+pub struct Exports {
+    pub pool: PgPool,
+    pub labels: std::sync::Arc<Vec<(i32, String)>>,
+}
 
 /// What to export, and which results.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ExportQuery {
-    /// `csv` (the default) or `ndjson`.
+    /// `csv` (the default), `ndjson`, or `megadetector` (the MegaDetector batch output format 1.6, as
+    /// Timelapse and AddaxAI read it: one whole-image detection per image holding the top-5).
     format: Option<String>,
     /// `ok` or `error`.
     status: Option<String>,
@@ -40,6 +98,7 @@ pub struct ExportQuery {
 enum Format {
     Csv,
     Ndjson,
+    MegaDetector,
 }
 
 /// The checked query.
@@ -56,8 +115,12 @@ impl ExportQuery {
         let format = match self.format.as_deref().unwrap_or("csv") {
             "csv" => Format::Csv,
             "ndjson" => Format::Ndjson,
+            "megadetector" => Format::MegaDetector,
             other => {
-                let message = format!("`{}` is not one of csv, ndjson", reefline_schemas::rules::truncate(other, 32));
+                let message = format!(
+                    "`{}` is not one of csv, ndjson, megadetector",
+                    reefline_schemas::rules::truncate(other, 32)
+                );
                 return Err(ApiError::InvalidField { field: "format", message });
             }
         };
@@ -88,15 +151,15 @@ const FILTERS: &str = "($2::text IS NULL OR status = $2)
     (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
 ))]
 pub async fn feed_results(
-    State(pool): State<PgPool>,
+    State(exports): State<Exports>,
     Path(feed_id): Path<String>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
     let columns =
-        crate::feeds::columns(&pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+        crate::feeds::columns(&exports.pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     let sql = format!("SELECT {COLUMNS} FROM results WHERE feed_id = $1 AND {FILTERS} ORDER BY line");
-    stream(pool, sql, feed_id, filters, columns, "feed").await
+    stream(exports.clone(), sql, feed_id, filters, columns, "feed").await
 }
 
 /// Every result of a batch, in submission order.
@@ -109,7 +172,7 @@ pub async fn feed_results(
     (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
 ))]
 pub async fn batch_results(
-    State(pool): State<PgPool>,
+    State(exports): State<Exports>,
     Path(batch_id): Path<String>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -118,7 +181,7 @@ pub async fn batch_results(
         "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1) OR EXISTS (SELECT 1 FROM results WHERE batch_id = $1)",
     )
     .bind(&batch_id)
-    .fetch_one(&pool)
+    .fetch_one(&exports.pool)
     .await?;
     if !known {
         return Err(ApiError::UnknownBatch(batch_id));
@@ -127,26 +190,30 @@ pub async fn batch_results(
         "SELECT DISTINCT k FROM results, jsonb_object_keys(COALESCE(metadata, '{}')) AS k WHERE batch_id = $1 ORDER BY k",
     )
     .bind(&batch_id)
-    .fetch_all(&pool)
+    .fetch_all(&exports.pool)
     .await?;
     let sql = format!("SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND {FILTERS} ORDER BY batch_index");
-    stream(pool, sql, batch_id, filters, columns, "batch").await
+    stream(exports.clone(), sql, batch_id, filters, columns, "batch").await
 }
 
 /// Starts the query on a connection of its own and answers with its rows as they come.
 async fn stream(
-    pool: PgPool,
+    exports: Exports,
     sql: String,
     id: String,
     filters: Filters,
     columns: Vec<String>,
     what: &str,
 ) -> Result<Response, ApiError> {
-    let mut connection = pool.acquire().await?;
+    let mut connection = exports.pool.acquire().await?;
     let format = filters.format;
+    let mut encoder: Box<dyn Encode> = match format {
+        Format::Csv => Box::new(table::Table::new(columns)),
+        Format::Ndjson => Box::new(Lines::default()),
+        Format::MegaDetector => Box::new(megadetector::Batch::new(exports.labels.clone())),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::spawn(async move {
-        let mut encoder = Encoder::new(format, columns);
         let mut rows = sqlx::query_as::<_, Row>(&sql)
             .bind(&id)
             .bind(&filters.status)
@@ -168,150 +235,16 @@ async fn stream(
                 return; // The client went away.
             }
         }
+        encoder.finish();
         let _ = tx.send(Ok(encoder.take())).await;
     });
     let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
     let (content_type, extension) = match format {
         Format::Csv => ("text/csv; charset=utf-8", "csv"),
         Format::Ndjson => ("application/x-ndjson", "ndjson"),
+        Format::MegaDetector => ("application/json", "json"),
     };
     let disposition = format!("attachment; filename=\"reefline-{what}-results.{extension}\"");
     Ok(([(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)], body)
         .into_response())
-}
-
-/// Turns results into the export's bytes.
-struct Encoder {
-    format: Format,
-    csv: csv::Writer<Vec<u8>>,
-    ndjson: Vec<u8>,
-    /// The metadata columns, by their keys.
-    columns: Vec<String>,
-}
-
-/// What the photo says of itself, as CSV columns.
-const EXIF: [&str; 8] =
-    ["taken_at", "gps_latitude", "gps_longitude", "gps_altitude", "camera_make", "camera_model", "width", "height"];
-
-/// The CSV's columns before the metadata, and after it.
-const LEADING: [&str; 2] = ["url", "line"];
-
-fn trailing() -> Vec<String> {
-    let mut names: Vec<String> = ["status", "error_kind", "error_message"].map(String::from).to_vec();
-    for n in 1..=TOP {
-        names.extend([format!("top{n}_label"), format!("top{n}_index"), format!("top{n}_score")]);
-        if n == 1 {
-            names.extend(["marine", "marine_group", "scientific_name"].map(String::from));
-        }
-    }
-    names.extend(EXIF.map(String::from));
-    names.extend(
-        [
-            "sha256",
-            "cached",
-            "model",
-            "model_version",
-            "submitted_at",
-            "completed_at",
-            "request_id",
-            "batch_id",
-            "feed_id",
-        ]
-        .map(String::from),
-    );
-    names
-}
-
-impl Encoder {
-    fn new(format: Format, columns: Vec<String>) -> Self {
-        let mut encoder = Self { format, csv: csv::Writer::from_writer(Vec::new()), ndjson: Vec::new(), columns };
-        if format == Format::Csv {
-            let fixed = trailing();
-            // A metadata column named like one of ours is shown as `meta_<name>`.
-            let shown = encoder.columns.iter().map(|c| {
-                if LEADING.contains(&c.as_str()) || fixed.contains(c) { format!("meta_{c}") } else { c.clone() }
-            });
-            let shown: Vec<String> = shown.collect();
-            let header: Vec<String> = LEADING.map(String::from).into_iter().chain(shown).chain(fixed).collect();
-            let _ = encoder.csv.write_record(&header);
-        }
-        encoder
-    }
-
-    fn push(&mut self, result: ClassificationResult) {
-        match self.format {
-            Format::Ndjson => {
-                let _ = serde_json::to_writer(&mut self.ndjson, &ResultView::from(result));
-                self.ndjson.push(b'\n');
-            }
-            Format::Csv => {
-                let _ = self.csv.write_record(self.row(result));
-            }
-        }
-    }
-
-    fn row(&self, r: ClassificationResult) -> Vec<String> {
-        let metadata = r.metadata.unwrap_or_default();
-        let mut row = vec![r.url, r.line.map(|l| l.to_string()).unwrap_or_default()];
-        row.extend(self.columns.iter().map(|c| metadata.get(c).cloned().unwrap_or_default()));
-        row.extend([
-            r.status.as_str().to_owned(),
-            r.error_kind.unwrap_or_default(),
-            r.error_message.unwrap_or_default(),
-        ]);
-        for n in 0..TOP {
-            let p = r.predictions.get(n);
-            row.extend([
-                p.map(|p| p.label.clone()).unwrap_or_default(),
-                p.map(|p| p.index.to_string()).unwrap_or_default(),
-                p.map(|p| format!("{:.6}", p.score)).unwrap_or_default(),
-            ]);
-            if n == 0 {
-                let marine = if r.status == reefline_schemas::Status::Ok {
-                    r.marine_group.is_some().to_string()
-                } else {
-                    String::new()
-                };
-                let scientific = p.and_then(|p| p.scientific_name.clone()).unwrap_or_default();
-                row.extend([marine, r.marine_group.clone().unwrap_or_default(), scientific]);
-            }
-        }
-        let exif = r.exif.unwrap_or_default();
-        let number = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-        row.extend([
-            exif.taken_at.unwrap_or_default(),
-            number(exif.gps_latitude),
-            number(exif.gps_longitude),
-            number(exif.gps_altitude),
-            exif.camera_make.unwrap_or_default(),
-            exif.camera_model.unwrap_or_default(),
-            exif.width.map(|v| v.to_string()).unwrap_or_default(),
-            exif.height.map(|v| v.to_string()).unwrap_or_default(),
-            r.sha256.unwrap_or_default(),
-            r.cached.to_string(),
-            r.model_name,
-            r.model_version,
-            rfc3339(r.submitted_at_ms),
-            rfc3339(r.completed_at_ms),
-            r.request_id,
-            r.batch_id,
-            r.feed_id.unwrap_or_default(),
-        ]);
-        row
-    }
-
-    fn buffered(&self) -> usize {
-        self.ndjson.len() + self.csv.get_ref().len()
-    }
-
-    /// What is encoded so far.
-    fn take(&mut self) -> Bytes {
-        match self.format {
-            Format::Ndjson => Bytes::from(std::mem::take(&mut self.ndjson)),
-            Format::Csv => {
-                let full = std::mem::replace(&mut self.csv, csv::Writer::from_writer(Vec::new()));
-                Bytes::from(full.into_inner().unwrap_or_default())
-            }
-        }
-    }
 }

@@ -1,0 +1,127 @@
+//! The MegaDetector batch output format (1.6), which Timelapse, AddaxAI and the MegaDetector
+//! tools read. Reefline detects nothing: each image gets one detection covering the whole image
+//! (`bbox` `[0, 0, 1, 1]`), of category `1` ("animal") when its top class is one of ImageNet's
+//! animals (classes 0 to 397) and `4` ("other") otherwise, whose `conf` is the top class's score
+//! and whose `classifications` are the top-5 `[class index, score]`. `classification_categories`
+//! names the 1,000 classes by index; `file` is the image's URL; an image that failed has `failure`
+//! (`<kind>: <message>`) and no detections.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use reefline_schemas::{ClassificationResult, Status};
+use serde_json::{Value, json};
+
+use super::Encode;
+
+/// The format version written.
+pub const FORMAT_VERSION: &str = "1.6";
+
+/// ImageNet's animal classes are its first 398 (tench to puffer).
+const LAST_ANIMAL_CLASS: i32 = 397;
+
+/// An export in the MegaDetector format, written as its results stream by: `images` first, the
+/// categories and `info` (which names the models that gave the results) after the last image.
+pub struct Batch {
+    out: Vec<u8>,
+    images: usize,
+    labels: Arc<Vec<(i32, String)>>,
+    /// Classes seen, named from the results where the label table lacks them.
+    seen: std::collections::BTreeMap<i32, String>,
+    models: BTreeSet<String>,
+    last_completed_ms: i64,
+}
+
+impl Batch {
+    /// An export naming the classes after `labels` (index, name).
+    pub fn new(labels: Arc<Vec<(i32, String)>>) -> Self {
+        Self {
+            out: br#"{"images":["#.to_vec(),
+            images: 0,
+            labels,
+            seen: Default::default(),
+            models: BTreeSet::new(),
+            last_completed_ms: 0,
+        }
+    }
+
+    fn image(&mut self, r: ClassificationResult) -> Value {
+        self.last_completed_ms = self.last_completed_ms.max(r.completed_at_ms);
+        if r.status == Status::Error {
+            let failure = format!("{}: {}", r.error_kind.unwrap_or_default(), r.error_message.unwrap_or_default());
+            return json!({ "file": r.url, "failure": failure, "detections": null });
+        }
+        self.models.insert(format!("{} {}", r.model_name, r.model_version));
+        let Some(top) = r.predictions.first() else { return json!({ "file": r.url, "detections": [] }) };
+        let category = if (0..=LAST_ANIMAL_CLASS).contains(&top.index) { "1" } else { "4" };
+        let classifications: Vec<Value> = r
+            .predictions
+            .iter()
+            .take(5)
+            .map(|p| {
+                self.seen.entry(p.index).or_insert_with(|| p.label.clone());
+                json!([p.index.to_string(), round(p.score)])
+            })
+            .collect();
+        let detection = json!({
+            "category": category,
+            "conf": round(top.score),
+            "bbox": [0.0, 0.0, 1.0, 1.0],
+            "classifications": classifications,
+        });
+        json!({ "file": r.url, "detections": [detection] })
+    }
+}
+
+/// Scores to four decimals, as MegaDetector writes them.
+fn round(score: f32) -> f64 {
+    (f64::from(score) * 10_000.0).round() / 10_000.0
+}
+
+impl Encode for Batch {
+    fn push(&mut self, result: ClassificationResult) {
+        let image = self.image(result);
+        if self.images > 0 {
+            self.out.push(b',');
+        }
+        self.images += 1;
+        let _ = serde_json::to_writer(&mut self.out, &image);
+    }
+
+    fn buffered(&self) -> usize {
+        self.out.len()
+    }
+
+    fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.out))
+    }
+
+    fn finish(&mut self) {
+        let mut categories: std::collections::BTreeMap<i32, String> =
+            self.labels.iter().map(|(i, l)| (*i, l.clone())).collect();
+        for (index, label) in std::mem::take(&mut self.seen) {
+            categories.entry(index).or_insert(label);
+        }
+        let categories: serde_json::Map<String, Value> =
+            categories.into_iter().map(|(i, l)| (i.to_string(), Value::String(l))).collect();
+        let completed = chrono::DateTime::from_timestamp_millis(self.last_completed_ms)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        let info = json!({
+            "format_version": FORMAT_VERSION,
+            "detector": "none: one whole-image detection per image (Reefline)",
+            "classifier": self.models.iter().cloned().collect::<Vec<_>>().join(", "),
+            "classification_completion_time": completed,
+            "classifier_metadata": { "typical_classification_threshold": 0.3 },
+        });
+        let tail = json!({
+            "detection_categories": { "1": "animal", "4": "other" },
+            "classification_categories": categories,
+            "info": info,
+        });
+        // The tail's members follow `images` in the same object.
+        let tail = serde_json::to_string(&tail).unwrap_or_else(|_| "{}".into());
+        self.out.extend_from_slice(b"],");
+        self.out.extend_from_slice(&tail.as_bytes()[1..]);
+    }
+}
