@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url, redirect};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -20,26 +20,78 @@ pub struct FetchLimits {
     pub max_redirects: usize,
     /// Fetches in flight to one host at once, so one slow or huge site cannot take every slot.
     pub per_host: usize,
+    /// Fetches started per second to one host (0: no limit).
+    pub host_rate: f64,
 }
 
-/// A semaphore per host, created on first use and dropped when idle.
+/// What one host is allowed: so many fetches at once, at most so many started a second, and none
+/// before the time a `Retry-After` it sent asked for.
+struct Host {
+    slots: Arc<Semaphore>,
+    /// When the next fetch may start (the rate, and any `Retry-After`).
+    next: Mutex<Instant>,
+}
+
+/// The hosts being fetched from, created on first use and dropped when idle.
 #[derive(Default)]
-struct HostSlots {
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+struct Hosts {
+    hosts: Mutex<HashMap<String, Arc<Host>>>,
 }
 
-impl HostSlots {
-    async fn acquire(&self, host: &str, per_host: usize) -> Option<OwnedSemaphorePermit> {
-        let slots = {
-            let mut hosts = self.hosts.lock().expect("host slots lock");
-            if hosts.len() > 4096 {
-                // Forget hosts with nothing in flight.
-                hosts.retain(|_, s| s.available_permits() < per_host);
-            }
-            hosts.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(per_host))).clone()
-        };
-        slots.acquire_owned().await.ok()
+/// Longest a host's `Retry-After` is honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+impl Hosts {
+    fn get(&self, host: &str, per_host: usize) -> Arc<Host> {
+        let mut hosts = self.hosts.lock().expect("hosts lock");
+        if hosts.len() > 4096 {
+            // Forget hosts with nothing in flight and nothing to wait for.
+            let now = Instant::now();
+            hosts.retain(|_, h| h.slots.available_permits() < per_host || *h.next.lock().expect("host") > now);
+        }
+        let host = hosts.entry(host.to_owned()).or_insert_with(|| {
+            Arc::new(Host { slots: Arc::new(Semaphore::new(per_host)), next: Mutex::new(Instant::now()) })
+        });
+        host.clone()
     }
+}
+
+impl Host {
+    /// Waits for this host's turn: a free slot, then the start time its rate (`per_second`, 0 for
+    /// no limit) and any `Retry-After` allow.
+    async fn turn(&self, per_second: f64) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slots.clone().acquire_owned().await.ok()?;
+        let start = {
+            let mut next = self.next.lock().expect("host");
+            let start = (*next).max(Instant::now());
+            *next = start + pace(per_second);
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
+        Some(slot)
+    }
+
+    /// Starts no fetch before `after` from now (a 429 or 503 with `Retry-After`).
+    fn back_off(&self, after: Duration) {
+        let until = Instant::now() + after.min(MAX_RETRY_AFTER);
+        let mut next = self.next.lock().expect("host");
+        *next = (*next).max(until);
+    }
+}
+
+/// The time between two fetch starts at `per_second` (0 or less: no limit).
+fn pace(per_second: f64) -> Duration {
+    if per_second > 0.0 { Duration::from_secs_f64(1.0 / per_second) } else { Duration::ZERO }
+}
+
+/// A `Retry-After` header's wait: seconds, or an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
 }
 
 /// A shared HTTP client (connection reuse across fetches) and its limits.
@@ -48,7 +100,7 @@ pub struct Fetcher {
     client: reqwest::Client,
     limits: FetchLimits,
     policy: Arc<AddressPolicy>,
-    hosts: Arc<HostSlots>,
+    hosts: Arc<Hosts>,
 }
 
 /// Why a redirect was not followed.
@@ -83,17 +135,43 @@ impl Fetcher {
         Ok(Self { client, limits, policy, hosts: Arc::default() })
     }
 
-    /// The body of `url`, or why it could not be had.
-    pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, ImageError> {
+    /// The body of `url`, or why it could not be had, with the place among the `work`ing tasks it
+    /// took. The host's turn (a slot of its own, its rate, its `Retry-After`) is waited for first,
+    /// and only then a place among the working tasks and one of the `fetches` shared by every host
+    /// (`started` is told when): a slow or throttled host's images wait among themselves, never
+    /// holding a slot another host's images could use. A host is a host name and port.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        work: &Arc<Semaphore>,
+        fetches: &Semaphore,
+        started: impl FnOnce(),
+    ) -> Result<(Vec<u8>, OwnedSemaphorePermit), ImageError> {
         let url = Url::parse(url).map_err(|e| ImageError::Blocked(format!("invalid URL: {e}")))?;
         self.policy.check_url(&url).map_err(ImageError::Blocked)?;
-        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        let _slot = self.hosts.acquire(&host, self.limits.per_host.max(1)).await;
+        let authority = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default().to_ascii_lowercase(),
+            url.port_or_known_default().unwrap_or(0)
+        );
+        let host = self.hosts.get(&authority, self.limits.per_host.max(1));
+        let _turn = host.turn(self.limits.host_rate).await;
+        let stopping = |e: tokio::sync::AcquireError| ImageError::Connection(e.to_string());
+        let working = work.clone().acquire_owned().await.map_err(stopping)?;
+        let _fetch = fetches.acquire().await.map_err(stopping)?;
+        started();
         let mut response = self.client.get(url).send().await.map_err(|e| self.classify(e))?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ImageError::NotFound),
-            other => return Err(ImageError::HttpStatus(other.as_u16())),
+            other => {
+                if matches!(other, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+                    && let Some(after) = retry_after(response.headers())
+                {
+                    host.back_off(after);
+                }
+                return Err(ImageError::HttpStatus(other.as_u16()));
+            }
         }
         let limit = self.limits.max_bytes;
         if response.content_length().is_some_and(|len| len > limit) {
@@ -106,7 +184,7 @@ impl Fetcher {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(body)
+        Ok((body, working))
     }
 
     fn classify(&self, e: reqwest::Error) -> ImageError {
@@ -140,13 +218,45 @@ mod tests {
 
     #[tokio::test]
     async fn one_host_gets_at_most_its_share_of_fetches() {
-        let slots = HostSlots::default();
-        let first = slots.acquire("photos.example", 1).await.unwrap();
-        let other_host = slots.acquire("other.example", 1).await;
+        let hosts = Hosts::default();
+        let first = hosts.get("photos.example", 1).turn(0.0).await.unwrap();
+        let other_host = hosts.get("other.example", 1).turn(0.0).await;
         assert!(other_host.is_some(), "another host is not held up");
-        let mut second = Box::pin(slots.acquire("photos.example", 1));
+        let host = hosts.get("photos.example", 1);
+        let mut second = Box::pin(host.turn(0.0));
         assert!(futures::poll!(&mut second).is_pending(), "a second fetch to the same host waits");
         drop(first);
         assert!(second.await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_host_is_paced_by_its_rate_and_its_retry_after() {
+        let host = Hosts::default().get("photos.example:443", 8);
+        let started = Instant::now();
+        for _ in 0..3 {
+            drop(host.turn(20.0).await);
+        }
+        // Three starts at 20 a second: the third at least 100 ms after the first.
+        assert!(started.elapsed() >= Duration::from_millis(100), "{:?}", started.elapsed());
+        host.back_off(Duration::from_secs(30));
+        let next = *host.next.lock().unwrap();
+        assert!(next >= started + Duration::from_secs(30), "no fetch before the Retry-After");
+        let mut waiting = Box::pin(host.turn(20.0));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        host.back_off(Duration::from_secs(3600));
+        assert!(*host.next.lock().unwrap() <= Instant::now() + MAX_RETRY_AFTER, "a Retry-After is capped");
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::RETRY_AFTER, "120".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(120)));
+        let soon = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc2822();
+        headers.insert(reqwest::header::RETRY_AFTER, soon.parse().unwrap());
+        let wait = retry_after(&headers).unwrap();
+        assert!(wait > Duration::from_secs(55) && wait <= Duration::from_secs(60), "{wait:?}");
+        headers.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
     }
 }

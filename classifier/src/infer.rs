@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use crate::batcher::Queued;
 use crate::engine::Engine;
 use crate::error::ImageError;
-use crate::job::{Classified, ModelTag, Outcome, Prepared};
+use crate::job::{Classified, CurrentModel, ModelTag, Outcome, Prepared};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::postprocess;
@@ -20,6 +20,8 @@ use crate::reload::Reload;
 pub struct Inference {
     pub engine: Box<dyn Engine>,
     pub model: Arc<ModelTag>,
+    /// Told of a swapped-in file's version.
+    pub current: CurrentModel,
     pub reload: Option<Reload>,
     pub labels: Labels,
     pub top_k: usize,
@@ -34,7 +36,7 @@ pub fn spawn(
     outcomes: mpsc::Sender<Outcome>,
     done: mpsc::UnboundedSender<()>,
 ) -> std::thread::JoinHandle<()> {
-    let Inference { mut engine, mut model, mut reload, labels, top_k, image_len, metrics } = inference;
+    let Inference { mut engine, mut model, current, mut reload, labels, top_k, image_len, metrics } = inference;
     std::thread::Builder::new()
         .name(format!("infer-{}", model.name))
         .spawn(move || {
@@ -43,6 +45,7 @@ pub fn spawn(
                 if let Some((fresh, version)) = reload.as_mut().and_then(Reload::check) {
                     engine = fresh;
                     model = Arc::new(ModelTag { name: model.name.clone(), version });
+                    *current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = model.clone();
                 }
                 let n = batch.len();
                 input.clear();

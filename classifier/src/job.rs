@@ -26,6 +26,10 @@ pub struct ModelTag {
     pub version: String,
 }
 
+/// The model version an engine runs now: the engine thread changes it when it swaps in a replaced
+/// file, and the result cache looks predictions up under it.
+pub type CurrentModel = Arc<std::sync::RwLock<Arc<ModelTag>>>;
+
 /// A request with its model input, ready for its model's batching queue.
 pub struct Prepared {
     pub job: Job,

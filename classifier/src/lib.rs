@@ -191,9 +191,11 @@ impl Application {
                 size.observe(n as f64);
                 queued.observe(waited.as_secs_f64());
             })));
+            let current: job::CurrentModel = Arc::new(std::sync::RwLock::new(tag.clone()));
             let inference = infer::Inference {
                 engine,
                 model: tag.clone(),
+                current: current.clone(),
                 reload,
                 labels: self.labels.clone(),
                 top_k: s.top_k,
@@ -201,7 +203,7 @@ impl Application {
                 metrics: metrics.clone(),
             };
             engines.push(infer::spawn(inference, batches_rx, outcome_tx.clone(), done_tx));
-            inputs.push(prepare::ModelInput { tag, preprocess, queue: prepared_tx });
+            inputs.push(prepare::ModelInput { tag, current, preprocess, queue: prepared_tx });
         }
 
         let decode_threads = if s.decode_threads == 0 {
@@ -217,6 +219,7 @@ impl Application {
                     max_bytes: s.max_image_bytes,
                     max_redirects: s.fetch_max_redirects,
                     per_host: s.fetch_per_host,
+                    host_rate: s.fetch_host_rate,
                 },
                 guard::AddressPolicy::from_allowlist(&s.fetch_allow),
             )?,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reefline_schemas::rules::{SHORT_TEXT_BYTES, truncate};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::error::ImageError;
 use crate::fetch::Fetcher;
@@ -18,6 +18,8 @@ use crate::preprocess::Preprocess;
 /// batching queue).
 pub struct ModelInput {
     pub tag: Arc<ModelTag>,
+    /// The version its engine runs now.
+    pub current: crate::job::CurrentModel,
     pub preprocess: Preprocess,
     pub queue: mpsc::Sender<Prepared>,
 }
@@ -61,6 +63,9 @@ impl PixelBudget {
     }
 }
 
+/// Tasks that may wait for their host's turn, per fetch slot.
+const QUEUE_PER_FETCH: usize = 16;
+
 /// Runs until `jobs` closes and every fetch it started has been passed on.
 pub async fn run(
     stage: Prepare,
@@ -68,9 +73,13 @@ pub async fn run(
     // Failures skip the batch and go straight to the producer.
     failed: mpsc::Sender<Outcome>,
 ) {
-    // Tasks (fetching, waiting to retry, or decoding) are bounded, and so are the fetches among
-    // them: a task waiting out a retry delay holds no fetch slot.
-    let tasks_allowed = Arc::new(Semaphore::new(stage.fetch_concurrency * 2));
+    // Tasks are bounded at three levels. Waiting for their host's turn (its own slots, rate and
+    // Retry-After) they hold only a place in a wide queue; from their turn on (fetching, holding
+    // fetched bytes, decoding) a place among twice the fetches; fetching, a fetch slot. So a slow
+    // or throttled host's images wait among themselves, and other hosts' go by them (up to the
+    // queue's width); a task waiting out a retry delay holds neither of the others.
+    let queued = Arc::new(Semaphore::new(stage.fetch_concurrency * QUEUE_PER_FETCH));
+    let work = Arc::new(Semaphore::new(stage.fetch_concurrency * 2));
     let fetches = Arc::new(Semaphore::new(stage.fetch_concurrency));
     let decoders = Arc::new(Semaphore::new(stage.decode_threads));
     let stage = Arc::new(stage);
@@ -85,19 +94,21 @@ pub async fn run(
                 continue;
             }
         };
-        let Ok(permit) = tasks_allowed.clone().acquire_owned().await else { break };
-        let (stage, fetches, decoders, failed) = (stage.clone(), fetches.clone(), decoders.clone(), failed.clone());
+        let Ok(permit) = queued.clone().acquire_owned().await else { break };
+        let (stage, failed) = (stage.clone(), failed.clone());
+        let (work, fetches, decoders) = (work.clone(), fetches.clone(), decoders.clone());
         tasks.spawn(async move {
             let mut job = job;
             let input = &stage.models[model];
-            let decoded = match stage.fetch(&job.request.url, &fetches).await {
-                Ok(bytes) => {
+            let decoded = match stage.fetch(&job.request.url, &work, &fetches).await {
+                Ok((bytes, _working)) => {
                     let (photo, bytes) = stage.learn(bytes).await;
                     // The same bytes classified before by the same model: its predictions, no decode.
-                    let cached = stage.cache.get(&photo.sha256, &input.tag).await;
+                    let model = input.current.read().map_or_else(|e| e.into_inner().clone(), |m| m.clone());
+                    let cached = stage.cache.get(&photo.sha256, &model).await;
                     job.photo = Some(photo);
                     if let Some(classified) = cached {
-                        let outcome = Outcome { job, model: input.tag.clone(), result: Ok(classified), cached: true };
+                        let outcome = Outcome { job, model, result: Ok(classified), cached: true };
                         let _ = failed.send(outcome).await;
                         drop(permit);
                         return;
@@ -184,19 +195,23 @@ impl Prepare {
         Ok(tensor)
     }
 
-    /// Fetches, retrying transient failures after a delay that holds no fetch slot.
-    async fn fetch(&self, url: &str, fetches: &Semaphore) -> Result<Vec<u8>, ImageError> {
+    /// Fetches, retrying transient failures after a delay that holds no slot; the bytes come with
+    /// the place among the working tasks the fetch took (held until the image is handed on).
+    async fn fetch(
+        &self,
+        url: &str,
+        work: &Arc<Semaphore>,
+        fetches: &Semaphore,
+    ) -> Result<(Vec<u8>, OwnedSemaphorePermit), ImageError> {
         let mut retry = 0;
         loop {
-            let permit = fetches.acquire().await.map_err(|e| ImageError::Connection(e.to_string()))?;
-            let started = Instant::now();
-            let result = self.fetcher.fetch(url).await;
-            drop(permit);
+            let mut started = Instant::now();
+            let result = self.fetcher.fetch(url, work, fetches, || started = Instant::now()).await;
             match result {
-                Ok(bytes) => {
+                Ok((bytes, working)) => {
                     self.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
                     self.metrics.fetch_bytes.inc_by(bytes.len() as u64);
-                    return Ok(bytes);
+                    return Ok((bytes, working));
                 }
                 Err(e) if e.is_transient() && retry < self.retry.max_retries => {
                     retry += 1;

@@ -78,6 +78,11 @@ pub struct Settings {
     #[arg(long, env = "FETCH_PER_HOST", default_value_t = 16)]
     pub fetch_per_host: usize,
 
+    /// Image fetches started per second to one host (0: no limit); a host that answers 429 or 503
+    /// with `Retry-After` gets no fetch before that time (at most 120 s) either way.
+    #[arg(long, env = "FETCH_HOST_RATE", default_value_t = 0.0)]
+    pub fetch_host_rate: f64,
+
     /// Connect timeout for one fetch, in seconds.
     #[arg(long, env = "FETCH_CONNECT_TIMEOUT_S", default_value_t = 5)]
     pub fetch_connect_timeout_s: u64,

@@ -36,6 +36,8 @@ pub enum IngestError {
     FeedInProgress { feed_id: String },
     #[error("{}", unreadable(feed_id, reason))]
     UnreadableFeed { feed_id: String, reason: String },
+    #[error("no {what} `{id}` is known")]
+    NotFound { what: &'static str, id: String },
 }
 
 fn unreadable(feed_id: &str, reason: &str) -> String {
@@ -65,6 +67,7 @@ impl IngestError {
             IngestError::FeedsUnavailable => "feeds_unavailable",
             IngestError::FeedInProgress { .. } => "feed_in_progress",
             IngestError::UnreadableFeed { .. } => "unreadable_feed",
+            IngestError::NotFound { .. } => "not_found",
         }
     }
 
@@ -88,6 +91,7 @@ impl IngestError {
             IngestError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::FeedsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::FeedInProgress { .. } => StatusCode::CONFLICT,
+            IngestError::NotFound { .. } => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         }
     }

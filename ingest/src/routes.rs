@@ -27,7 +27,7 @@ use crate::validate::{self, ClassifyRequest, Limits, SingleRequest};
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Reefline ingest", description = "Submits image URLs for classification. Results are read from the sink's API (port 8081 locally), or waited for here."),
-    paths(classify, infer, classify_one, crate::feeds::create),
+    paths(classify, infer, classify_one, crate::feeds::create, crate::feeds::retry::feed, crate::feeds::retry::batch),
     modifiers(&API_KEYS),
 )]
 pub(crate) struct ApiDoc;
@@ -326,7 +326,17 @@ mod tests {
             println!("{}", serde_json::to_string_pretty(&spec).unwrap());
         }
         let paths: Vec<&String> = spec["paths"].as_object().unwrap().keys().collect();
-        assert_eq!(paths, ["/api/infer", "/classify", "/v1/classify", "/v1/feeds"]);
+        assert_eq!(
+            paths,
+            [
+                "/api/infer",
+                "/classify",
+                "/v1/batches/{batch_id}/retry",
+                "/v1/classify",
+                "/v1/feeds",
+                "/v1/feeds/{feed_id}/retry"
+            ]
+        );
         let classify = &spec["paths"]["/v1/classify"]["post"];
         let statuses: Vec<&String> = classify["responses"].as_object().unwrap().keys().collect();
         assert_eq!(statuses, ["200", "202", "400", "401", "413", "415", "429", "503"]);

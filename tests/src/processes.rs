@@ -44,6 +44,7 @@ impl ServiceProcess {
             .arg(&s.ort_dylib)
             .args(["--fetch-allow", &s.fetch_allow.join(",")])
             .args(["--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
+            .args(["--result-cache", &s.result_cache.to_string()])
             .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
         Self::spawn(command, name)
     }

@@ -251,6 +251,8 @@ async fn a_model_file_replaced_on_disk_is_swapped_in_without_a_restart_or_a_lost
     let mut settings = env.settings();
     // The classifier's model folder is the test's own, holding a copy of Lite0.
     let cache = reefline_e2e::cache_dir();
+    // 40 copies of one photo: each must go through an engine, not the result cache.
+    settings.classifier.result_cache = false;
     let dir = std::env::temp_dir().join(format!("reefline-reload-{}", env.names.classifier_group));
     std::fs::create_dir_all(dir.join("models")).unwrap();
     let file = dir.join("models/efficientnet-lite0.onnx");

@@ -6,6 +6,8 @@
 
 mod ledger;
 pub mod parse;
+mod produce;
+pub(crate) mod retry;
 mod source;
 
 use std::sync::Arc;
@@ -18,9 +20,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
-use reefline_schemas::{ImageRequest, REQUEST_ID_HEADER};
+use reefline_schemas::ImageRequest;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -33,7 +33,11 @@ use crate::error::IngestError;
 
 /// The feed routes (served without the overall request timeout and body limit).
 pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
-    axum::Router::new().route("/v1/feeds", axum::routing::post(create)).with_state(state)
+    axum::Router::new()
+        .route("/v1/feeds", axum::routing::post(create))
+        .route("/v1/feeds/{feed_id}/retry", axum::routing::post(retry::feed))
+        .route("/v1/batches/{batch_id}/retry", axum::routing::post(retry::batch))
+        .with_state(state)
 }
 
 /// Reaches the database and migrates it, trying again every few seconds until it answers; feeds
@@ -287,7 +291,7 @@ fn key_scope(headers: &HeaderMap) -> String {
     }
 }
 
-fn database(e: sqlx::Error) -> IngestError {
+pub(super) fn database(e: sqlx::Error) -> IngestError {
     tracing::warn!(error = %e, "the feeds ledger is unavailable");
     IngestError::Unavailable(format!("the database did not answer: {e}"))
 }
@@ -367,7 +371,8 @@ impl Reader {
         }
         let requests = self.plan(lines);
         if !requests.is_empty() {
-            self.produce(&requests).await?;
+            let pause = || self.wait_a_moment();
+            produce::produce_chunk(&self.state, "feeds", &requests, self.limits.stall, pause).await?;
         }
         let metrics = &self.state.metrics;
         metrics.feed_lines.with_label_values(&["accepted"]).inc_by(requests.len() as u64);
@@ -419,67 +424,6 @@ impl Reader {
                 metadata: (!metadata.is_empty()).then(|| metadata.clone()),
             })
             .collect()
-    }
-
-    /// Produces `requests` and returns once the broker has acknowledged every one. Room among the
-    /// images waiting for the broker is waited for (the upload is read no faster than the broker
-    /// takes it); failed records are sent again, with backoff, until the broker has been away for
-    /// `FEED_STALL_TIMEOUT_S`.
-    async fn produce(&self, requests: &[ImageRequest]) -> Result<(), IngestError> {
-        let state = &self.state;
-        let started = Instant::now();
-        let topic = &state.settings.topics.requests;
-        let _permits = state
-            .pending
-            .acquire_many(requests.len() as u32)
-            .await
-            .map_err(|_| IngestError::Unavailable("ingest is stopping".into()))?;
-        state.metrics.pending.set(state.pending_images() as i64);
-        let mut payloads = Vec::with_capacity(requests.len());
-        for request in requests {
-            let payload = loop {
-                match state.codec.encode(topic, request).await {
-                    Ok(payload) => break payload,
-                    Err(e) if started.elapsed() > self.limits.stall => {
-                        return Err(IngestError::Unavailable(e.to_string()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the registry did not answer; retrying");
-                        self.wait_a_moment().await;
-                    }
-                }
-            };
-            payloads.push(payload);
-        }
-        let mut unsent: Vec<usize> = (0..requests.len()).collect();
-        while !unsent.is_empty() {
-            let deliveries = unsent.iter().map(|&i| {
-                let id = requests[i].request_id.as_str();
-                let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) });
-                let record = FutureRecord::to(topic).key(id).payload(&payloads[i]).headers(headers);
-                state.producer.send(record, Duration::ZERO)
-            });
-            let outcomes = futures::future::join_all(deliveries).await;
-            let mut failed = Vec::new();
-            let mut last_error = None;
-            for (&i, outcome) in unsent.iter().zip(outcomes) {
-                if let Err((e, _)) = outcome {
-                    failed.push(i);
-                    last_error = Some(e);
-                }
-            }
-            unsent = failed;
-            if let Some(e) = last_error {
-                if started.elapsed() > self.limits.stall {
-                    return Err(IngestError::Unavailable(format!("the broker did not take the feed's records: {e}")));
-                }
-                tracing::warn!(feed_id = %self.feed_id, error = %e, records = unsent.len(), "the broker did not take a chunk; retrying");
-                self.wait_a_moment().await;
-            }
-        }
-        state.metrics.images.with_label_values(&["feeds"]).inc_by(requests.len() as u64);
-        state.metrics.produce_seconds.with_label_values(&["feeds"]).observe(started.elapsed().as_secs_f64());
-        Ok(())
     }
 
     /// A second's pause that keeps the lease alive.

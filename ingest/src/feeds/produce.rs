@@ -1,0 +1,84 @@
+//! Producing a chunk of requests with backpressure: room among the images waiting for the broker
+//! is waited for (so an upload is read no faster than the broker takes it), and records the broker
+//! did not take are sent again, with a pause between tries, until it has been away too long.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use reefline_schemas::{ImageRequest, REQUEST_ID_HEADER};
+
+use crate::AppState;
+use crate::error::IngestError;
+
+/// Produces `requests` for `route` and returns once the broker has acknowledged every one; fails
+/// once the registry or the broker has been away for `stall`. `pause` is awaited between tries.
+pub async fn produce_chunk<P>(
+    state: &AppState,
+    route: &str,
+    requests: &[ImageRequest],
+    stall: Duration,
+    pause: impl Fn() -> P,
+) -> Result<(), IngestError>
+where
+    P: Future<Output = ()>,
+{
+    let started = Instant::now();
+    let topic = &state.settings.topics.requests;
+    let permits = state
+        .pending
+        .acquire_many(requests.len() as u32)
+        .await
+        .map_err(|_| IngestError::Unavailable("ingest is stopping".into()))?;
+    state.metrics.pending.set(state.pending_images() as i64);
+    let produced = async {
+        let mut payloads = Vec::with_capacity(requests.len());
+        for request in requests {
+            let payload = loop {
+                match state.codec.encode(topic, request).await {
+                    Ok(payload) => break payload,
+                    Err(e) if started.elapsed() > stall => return Err(IngestError::Unavailable(e.to_string())),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the registry did not answer; retrying");
+                        pause().await;
+                    }
+                }
+            };
+            payloads.push(payload);
+        }
+        let mut unsent: Vec<usize> = (0..requests.len()).collect();
+        while !unsent.is_empty() {
+            let deliveries = unsent.iter().map(|&i| {
+                let id = requests[i].request_id.as_str();
+                let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) });
+                let record = FutureRecord::to(topic).key(id).payload(&payloads[i]).headers(headers);
+                state.producer.send(record, Duration::ZERO)
+            });
+            let outcomes = futures::future::join_all(deliveries).await;
+            let mut failed = Vec::new();
+            let mut last_error = None;
+            for (&i, outcome) in unsent.iter().zip(outcomes) {
+                if let Err((e, _)) = outcome {
+                    failed.push(i);
+                    last_error = Some(e);
+                }
+            }
+            unsent = failed;
+            if let Some(e) = last_error {
+                if started.elapsed() > stall {
+                    return Err(IngestError::Unavailable(format!("the broker did not take the records: {e}")));
+                }
+                tracing::warn!(error = %e, records = unsent.len(), "the broker did not take a chunk; retrying");
+                pause().await;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(permits);
+    state.metrics.pending.set(state.pending_images() as i64);
+    produced?;
+    state.metrics.images.with_label_values(&[route]).inc_by(requests.len() as u64);
+    state.metrics.produce_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! `POST /v1/feeds/{id}/retry` and `POST /v1/batches/{id}/retry`: the images of a feed or batch
+//! whose result is a transient failure (a timeout, a connection failure, an HTTP 429 or 5xx) are
+//! sent through again under their own request ids, so that each one's row is replaced by its new
+//! outcome (a good result is never replaced by a failure).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures::TryStreamExt;
+use reefline_schemas::{ImageRequest, Metadata};
+use serde::Serialize;
+
+use crate::AppState;
+use crate::error::IngestError;
+
+/// How many images are produced at a time.
+const CHUNK: usize = 1000;
+
+/// The images sent through again.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Retried {
+    /// The feed or batch id.
+    id: String,
+    /// Images whose transient failure is being classified again.
+    retried: u64,
+}
+
+/// A failed result's request, as the results table holds it.
+#[derive(sqlx::FromRow)]
+struct Failed {
+    request_id: String,
+    batch_id: String,
+    batch_index: i32,
+    batch_size: i32,
+    url: String,
+    model_name: String,
+    feed_id: Option<String>,
+    line: Option<i64>,
+    metadata: Option<sqlx::types::Json<Metadata>>,
+}
+
+/// The failures worth trying again: timeouts, connection failures, 429 and 5xx answers.
+const TRANSIENT: &str = "status = 'error' AND (error_kind IN ('timeout', 'connection_failed')
+    OR (error_kind = 'http_status' AND substring(error_message from 'HTTP ([0-9]{3})')::int IN
+        (429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524)))";
+
+/// Send a feed's transiently failed images through again.
+#[utoipa::path(post, path = "/v1/feeds/{feed_id}/retry", params(("feed_id" = String, Path, description = "A feed id")), responses(
+    (status = 202, description = "Those images are on their way again; their rows will hold their new outcome", body = Retried),
+    (status = 401, description = "unauthorized", body = reefline_schemas::view::ErrorBody),
+    (status = 404, description = "not_found: no such feed", body = reefline_schemas::view::ErrorBody),
+    (status = 503, description = "unavailable: the database or the broker did not answer", body = reefline_schemas::view::ErrorBody),
+))]
+pub(crate) async fn feed(State(state): State<Arc<AppState>>, Path(feed_id): Path<String>) -> Response {
+    answer(retry(&state, "feed_id", feed_id).await)
+}
+
+/// Send a batch's transiently failed images through again.
+#[utoipa::path(post, path = "/v1/batches/{batch_id}/retry", params(("batch_id" = String, Path, description = "A batch id")), responses(
+    (status = 202, description = "Those images are on their way again; their rows will hold their new outcome", body = Retried),
+    (status = 401, description = "unauthorized", body = reefline_schemas::view::ErrorBody),
+    (status = 404, description = "not_found: no such batch", body = reefline_schemas::view::ErrorBody),
+    (status = 503, description = "unavailable: the database or the broker did not answer", body = reefline_schemas::view::ErrorBody),
+))]
+pub(crate) async fn batch(State(state): State<Arc<AppState>>, Path(batch_id): Path<String>) -> Response {
+    answer(retry(&state, "batch_id", batch_id).await)
+}
+
+fn answer(outcome: Result<Retried, IngestError>) -> Response {
+    match outcome {
+        Ok(retried) => (StatusCode::ACCEPTED, Json(retried)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Streams the failed rows of `column = id` and produces them again, a chunk at a time.
+async fn retry(state: &AppState, column: &str, id: String) -> Result<Retried, IngestError> {
+    let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
+    let known: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM results WHERE {column} = $1)
+             OR EXISTS (SELECT 1 FROM {table} WHERE {column} = $1)",
+        table = if column == "feed_id" { "feeds" } else { "batches" }
+    ))
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .map_err(super::database)?;
+    if !known {
+        return Err(IngestError::NotFound { what: if column == "feed_id" { "feed" } else { "batch" }, id });
+    }
+    let sql = format!(
+        "SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line, metadata
+         FROM results WHERE {column} = $1 AND {TRANSIENT} ORDER BY batch_id, batch_index"
+    );
+    let mut connection = pool.acquire().await.map_err(super::database)?;
+    let mut rows = sqlx::query_as::<_, Failed>(&sql).bind(&id).fetch(&mut *connection);
+    let stall = Duration::from_secs(state.settings.feed_stall_timeout_s.max(1));
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut retried = 0u64;
+    loop {
+        let row = rows.try_next().await.map_err(super::database)?;
+        let end = row.is_none();
+        if let Some(row) = row {
+            chunk.push(request(row));
+        }
+        if chunk.len() >= CHUNK || (end && !chunk.is_empty()) {
+            let pause = || tokio::time::sleep(Duration::from_secs(1));
+            super::produce::produce_chunk(state, "retry", &chunk, stall, pause).await?;
+            retried += chunk.len() as u64;
+            chunk.clear();
+        }
+        if end {
+            break;
+        }
+    }
+    drop(rows);
+    tracing::info!(%id, retried, "transient failures sent through again");
+    Ok(Retried { id, retried })
+}
+
+fn request(row: Failed) -> ImageRequest {
+    ImageRequest {
+        request_id: row.request_id,
+        batch_id: row.batch_id,
+        batch_index: row.batch_index,
+        batch_size: row.batch_size,
+        url: row.url,
+        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+        source: "retry".into(),
+        model: Some(row.model_name),
+        callback_url: None,
+        feed_id: row.feed_id,
+        line: row.line,
+        metadata: row.metadata.map(|m| m.0),
+    }
+}
