@@ -45,3 +45,6 @@ ALTER TABLE results ADD COLUMN sha256 text, ADD COLUMN cached boolean NOT NULL D
 CREATE INDEX results_cache ON results (sha256, model_name, model_version) WHERE status = 'ok' AND sha256 IS NOT NULL;
 CREATE INDEX results_feed ON results (feed_id, line) WHERE feed_id IS NOT NULL;
 CREATE INDEX results_feed_completed ON results (feed_id, completed_at) WHERE feed_id IS NOT NULL;
+
+-- GET /v1/results pages through results in completion order.
+CREATE INDEX results_completed ON results (completed_at, request_id);

@@ -16,7 +16,7 @@ use crate::db::{self, Row};
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Reefline lookups", description = "Results and batches, as the sink has written them to Postgres. Submissions go to ingest (port 8080 locally)."),
-    paths(result, batch, crate::feeds::progress, crate::feeds::rejects, crate::export::feed_results, crate::export::batch_results),
+    paths(result, batch, crate::search::search, crate::feeds::progress, crate::feeds::rejects, crate::export::feed_results, crate::export::batch_results),
     modifiers(&API_KEYS),
 )]
 pub(crate) struct ApiDoc;
@@ -25,6 +25,7 @@ const API_KEYS: reefline_common::docs::ApiKeys = reefline_common::docs::ApiKeys;
 
 pub(crate) fn router(pool: PgPool) -> Router {
     Router::new()
+        .route("/v1/results", get(crate::search::search))
         .route("/v1/results/{request_id}", get(result))
         .route("/v1/batches/{batch_id}", get(batch))
         .route("/v1/feeds/{feed_id}", get(crate::feeds::progress))

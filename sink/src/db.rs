@@ -13,7 +13,10 @@ use sqlx::types::Json;
 /// writers' pool.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     if !sqlx::Postgres::database_exists(url).await? {
-        sqlx::Postgres::create_database(url).await?;
+        // Ingest (its feeds ledger) may be creating it at this moment.
+        if let Err(e) = sqlx::Postgres::create_database(url).await {
+            anyhow::ensure!(sqlx::Postgres::database_exists(url).await?, e);
+        }
     }
     let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
     sqlx::migrate!("./migrations").run(&pool).await?;

@@ -8,6 +8,7 @@ mod export;
 mod feeds;
 mod notify;
 mod page;
+mod search;
 pub mod settings;
 
 use std::net::SocketAddr;

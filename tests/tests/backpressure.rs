@@ -23,7 +23,8 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     let env = TestEnv::start().await;
     let mut settings = env.settings();
     settings.classifier.max_batch_size = 4;
-    settings.classifier.fetch_concurrency = 4;
+    // One fetch slot: at most 16 images wait for their host's turn, so 80 fill the pipeline.
+    settings.classifier.fetch_concurrency = 1;
     // 80 copies of one photo: each must go through the (slow) engine, not the result cache.
     settings.classifier.result_cache = false;
     let stack = Stack::start_with(settings, Box::new(|engine| Box::new(Slow(engine)))).await;

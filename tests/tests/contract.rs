@@ -44,7 +44,17 @@ async fn both_apis_serve_their_contract_and_keep_to_it() {
     .await;
 
     for (base, paths) in [
-        (&stack.ingest, vec!["/api/infer", "/classify", "/v1/classify", "/v1/feeds"]),
+        (
+            &stack.ingest,
+            vec![
+                "/api/infer",
+                "/classify",
+                "/v1/batches/{batch_id}/retry",
+                "/v1/classify",
+                "/v1/feeds",
+                "/v1/feeds/{feed_id}/retry",
+            ],
+        ),
         (
             &stack.sink,
             vec![
@@ -53,6 +63,7 @@ async fn both_apis_serve_their_contract_and_keep_to_it() {
                 "/v1/feeds/{feed_id}",
                 "/v1/feeds/{feed_id}/rejects",
                 "/v1/feeds/{feed_id}/results",
+                "/v1/results",
                 "/v1/results/{request_id}",
             ],
         ),

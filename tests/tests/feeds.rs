@@ -447,6 +447,25 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     let (status, refused) = get_json(&client, &format!("{}/v1/feeds/{feed_id}/results?min_score=2", stack.sink)).await;
     assert_eq!((status, &refused["error"]["field"]), (400, &json!("min_score")), "{refused}");
 
+    // Results across feeds and batches, by label, a page at a time: every espresso of the feed.
+    let espressos = rows.iter().filter(|r| r["top1_label"] == "espresso").count();
+    assert!(espressos >= 2, "{espressos}");
+    let (mut found, mut after) = (Vec::new(), String::new());
+    loop {
+        let url = format!("{}/v1/results?label=Espresso&feed={feed_id}&limit=7&after={after}", stack.sink);
+        let (status, page) = get_json(&client, &url).await;
+        assert_eq!(status, 200, "{page}");
+        found.extend(page["results"].as_array().unwrap().iter().map(|r| r["request_id"].as_str().unwrap().to_owned()));
+        match page["next"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+    }
+    let distinct: std::collections::HashSet<&String> = found.iter().collect();
+    assert_eq!((found.len(), distinct.len()), (espressos, espressos), "every espresso once");
+    let (status, refused) = get_json(&client, &format!("{}/v1/results?since=yesterday", stack.sink)).await;
+    assert_eq!((status, &refused["error"]["field"]), (400, &json!("since")), "{refused}");
+
     // A batch (one chunk of the feed) exports the same way.
     let first = &errors[0];
     let batch = client

@@ -153,3 +153,58 @@ async fn backward_compatibility_is_enforced_and_ids_survive_a_restart() {
     assert_eq!(missing.status(), 404);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `T`'s schema as it was before the fields named `added` (all optional) came.
+fn schema_without<T: reefline_schemas::Message>(added: &[&str]) -> Value {
+    let mut schema: Value = serde_json::from_str(T::SCHEMA).unwrap();
+    schema["fields"].as_array_mut().unwrap().retain(|f| !added.contains(&f["name"].as_str().unwrap()));
+    schema
+}
+
+/// `item` written with `schema` (which lacks `added`), framed with registry id `id`.
+fn written_with<T: serde::Serialize>(schema: &Value, id: u32, item: &T, added: &[&str]) -> Vec<u8> {
+    let schema = apache_avro::Schema::parse(schema).unwrap();
+    let apache_avro::types::Value::Record(fields) = apache_avro::to_value(item).unwrap() else { panic!("a record") };
+    let old =
+        apache_avro::types::Value::Record(fields.into_iter().filter(|(n, _)| !added.contains(&n.as_str())).collect());
+    let mut framed = vec![0];
+    framed.extend(id.to_be_bytes());
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&schema).build().unwrap();
+    framed.extend(writer.write_value_to_vec(old).unwrap());
+    framed
+}
+
+#[tokio::test]
+async fn records_written_before_feeds_still_decode_and_the_new_versions_are_backward_compatible() {
+    let url = serve(Registry::in_memory()).await;
+    let codec = Codec::new(&RegistrySettings::new(&url)).unwrap();
+    let feed_fields = ["feed_id", "line", "metadata"];
+    let result_fields = ["feed_id", "line", "metadata", "sha256", "cached", "exif"];
+
+    // The versions before feeds are registered, and records written with them.
+    let old_request = schema_without::<ImageRequest>(&feed_fields);
+    let old_result = schema_without::<ClassificationResult>(&result_fields);
+    assert_eq!(register(&url, "requests-value", &old_request).await, (200, json!({"id": 1})));
+    assert_eq!(register(&url, "results-value", &old_result).await, (200, json!({"id": 2})));
+    let request_bytes = written_with(&old_request, 1, &request(), &feed_fields);
+    let result_bytes = written_with(&old_result, 2, &result(), &result_fields);
+
+    // Today's types read them, the new fields at their defaults.
+    assert_eq!(codec.decode::<ImageRequest>(Some(&request_bytes)).await.unwrap(), request());
+    let decoded = codec.decode::<ClassificationResult>(Some(&result_bytes)).await.unwrap();
+    assert_eq!((decoded.sha256, decoded.cached, decoded.exif, decoded.metadata), (None, false, None, None));
+
+    // Today's versions register over them: the registry checks they can read the old records.
+    let mut fed = request();
+    fed.feed_id = Some("0191b3c4-7d2e-7c1a-9f3b-2a6c0e4d5b21".into());
+    fed.line = Some(17);
+    fed.metadata = Some([("station".to_owned(), "Reef 4".to_owned())].into());
+    let bytes = codec.encode("requests", &fed).await.unwrap();
+    assert_eq!(codec.decode::<ImageRequest>(Some(&bytes)).await.unwrap(), fed);
+    codec.encode("results", &result()).await.unwrap();
+    for subject in ["requests-value", "results-value"] {
+        let versions: Value =
+            reqwest::get(format!("{url}/subjects/{subject}/versions")).await.unwrap().json().await.unwrap();
+        assert_eq!(versions, json!([1, 2]), "{subject}");
+    }
+}
