@@ -290,6 +290,7 @@ fn check_megadetector(md: &Value) {
         }
         for d in image["detections"].as_array().expect("detections of a processed image") {
             assert!(md["detection_categories"][d["category"].as_str().unwrap()].is_string(), "{d}");
+            assert!(d["conf"].is_f64(), "a float, as the format's validator asks: {d}");
             let conf = d["conf"].as_f64().unwrap();
             assert!((0.0..=1.0).contains(&conf), "{d}");
             let bbox: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -428,6 +429,10 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     assert_eq!(images.len(), ROWS);
     assert_eq!(images.iter().filter(|i| i["failure"].is_string()).count(), missing);
     let camera_image = images.iter().find(|i| i["file"] == json!(camera_url)).unwrap();
+    assert_eq!(
+        (&camera_image["exif"]["gps_latitude"], &camera_image["metadata"]["station"]),
+        (&json!(-16.921), &json!("Reef 0"))
+    );
     let detection = &camera_image["detections"][0];
     assert_eq!(
         (&detection["category"], &detection["classifications"][0][0]),

@@ -4,7 +4,8 @@
 //! animals (classes 0 to 397) and `4` ("other") otherwise, whose `conf` is the top class's score
 //! and whose `classifications` are the top-5 `[class index, score]`. `classification_categories`
 //! names the 1,000 classes by index; `file` is the image's URL; an image that failed has `failure`
-//! (`<kind>: <message>`) and no detections.
+//! (`<kind>: <message>`) and no detections. Each image also carries its `metadata` and `exif`, under
+//! keys the format does not name (its readers and validator leave them alone).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -47,10 +48,22 @@ impl Batch {
     }
 
     fn image(&mut self, r: ClassificationResult) -> Value {
+        let mut image = self.detections(&r);
+        // What the format does not name, under keys of their own (readers ignore them).
+        if let Some(metadata) = r.metadata.filter(|m| !m.is_empty()) {
+            image["metadata"] = json!(metadata);
+        }
+        if let Some(exif) = r.exif {
+            image["exif"] = json!(exif);
+        }
+        image
+    }
+
+    fn detections(&mut self, r: &ClassificationResult) -> Value {
         self.last_completed_ms = self.last_completed_ms.max(r.completed_at_ms);
         if r.status == Status::Error {
-            let failure = format!("{}: {}", r.error_kind.unwrap_or_default(), r.error_message.unwrap_or_default());
-            return json!({ "file": r.url, "failure": failure, "detections": null });
+            let (kind, message) = (r.error_kind.as_deref().unwrap_or(""), r.error_message.as_deref().unwrap_or(""));
+            return json!({ "file": r.url, "failure": format!("{kind}: {message}"), "detections": null });
         }
         self.models.insert(format!("{} {}", r.model_name, r.model_version));
         let Some(top) = r.predictions.first() else { return json!({ "file": r.url, "detections": [] }) };
