@@ -2,7 +2,7 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test bench bench-wait soak reset clean
+.PHONY: setup build up down status demo test bench bench-wait bench-feed soak reset clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, photos) and
 ## the broker (built once per user under $${XDG_CACHE_HOME:-~/.cache}/reefline; REEFLINE_TOOLS moves it)
@@ -52,6 +52,12 @@ bench: build
 ## pipeline: its rate with them held against without, ingest's CPU and RSS (WAIT_ARGS, e.g. "--runs 1")
 bench-wait: build
 	python3 scripts/waiters.py $(WAIT_ARGS)
+
+## bench-feed: bulk feeds on the make-up stack: a 1,000,000-line feed through ingest alone (lines/s,
+## RSS), and a 10,000-photo CSV feed end to end against the same photos through /v1/classify
+## (FEED_ARGS, e.g. "--lines 200000 --photos 2000")
+bench-feed: build
+	python3 scripts/feedbench.py $(FEED_ARGS)
 
 ## soak: 100,000 requests through the make-up stack: rate per 10,000, ratio to memory://, idle CPU,
 ## broker disk, RSS (SOAK_ARGS, e.g. "--requests 20000 --no-memory")

@@ -188,7 +188,11 @@ class Stack:
                     "INGEST_LISTEN": f"127.0.0.1:{self.ports['ingest']}",
                     "SINK_LISTEN": f"127.0.0.1:{self.ports['sink']}",
                     "CLASSIFIER_LISTEN": f"127.0.0.1:{self.ports['classifier']}",
-                    "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.database}"}
+                    "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.database}",
+                    # The bench photos repeat under many URLs: with the result cache, the model
+                    # would run once per distinct photo. The figures are the pipeline's at work
+                    # (and the Celery design has no such cache), so it is off unless asked for.
+                    "RESULT_CACHE": os.environ.get("RESULT_CACHE", "false")}
         if storage:
             self.env["BROKER_STORAGE"] = storage
             self.env["NISSHI_BIN"] = memory_broker()
