@@ -2,7 +2,8 @@
 //! normalisation with it) as the classifier does them now (libjpeg-turbo, scaled in the IDCT for
 //! large JPEGs) and as it did before (the `image` crate's decoder at full size), on the test photos,
 //! the benchmark's photos and their 12-megapixel versions; then inference of every model of the
-//! manifest at several batch sizes.
+//! manifest at several batch sizes. Also what learning from the bytes costs (their sha256, EXIF and
+//! header, for every image).
 //! `cargo run --release -p reefline-e2e --example stage_costs`
 use std::path::Path;
 use std::time::Instant;
@@ -59,7 +60,9 @@ fn stages(what: &str, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<()> {
     let resize_after = ms_per(&after, reps, |(rgb, w, h)| {
         PRE.tensor_from_rgb(rgb, *w, *h).expect("resizes");
     });
+    let learn = ms_per(bytes, reps, |b| drop(reefline_classifier::photo::learn(b)));
     println!("{what} ({} photos, {megapixels:.1} MP on average), ms per image:", bytes.len());
+    println!("  learn (sha256, EXIF, header):    {learn:6.2}");
     println!("  before (image crate, full size): decode {decode_before:6.2}  resize {resize_before:6.2}");
     println!("  now (libjpeg-turbo, IDCT scale): decode {decode_after:6.2}  resize {resize_after:6.2}");
     Ok(())
