@@ -154,6 +154,7 @@ responses(
         headers(("Idempotent-Replayed" = String, description = "`true` when the key named a feed already read"))),
     (status = 400, description = "invalid_field, unknown_model, invalid_url (source_url), unreadable_feed (no url column, a line over 1 MiB, broken gzip, a source that failed)", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "unauthorized", body = reefline_schemas::view::ErrorBody),
+    (status = 413, description = "body_too_large: a `source_url` request over 64 KiB (uploads have no size limit)", body = reefline_schemas::view::ErrorBody),
     (status = 409, description = "feed_in_progress: another upload with this key is being read; Retry-After", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "unavailable: the broker or the database stayed away; resend with the same key to resume", body = reefline_schemas::view::ErrorBody),
 ))]
