@@ -81,7 +81,8 @@ impl ApiKeys {
     }
 }
 
-fn presented(headers: &HeaderMap) -> Option<&[u8]> {
+/// The key a request presents, if any (`Authorization: Bearer` first, else `X-API-Key`).
+pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let v = v.as_bytes();
         return v.strip_prefix(b"Bearer ").or_else(|| v.strip_prefix(b"bearer "));

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 mod broker;
 pub mod camera;
+pub mod feeds;
 mod processes;
 pub mod workload;
 

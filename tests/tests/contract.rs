@@ -37,11 +37,7 @@ async fn both_apis_serve_their_contract_and_keep_to_it() {
     let stack = Stack::start(settings).await;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     // Feeds answer 503 until ingest has reached its database (a moment after it starts).
-    reefline_e2e::wait_for("the feeds ledger", Duration::from_secs(60), || async {
-        let feed = client.post(format!("{}/v1/feeds", stack.ingest)).header("content-type", "text/plain").body("");
-        (feed.send().await.ok()?.status() == 201).then_some(())
-    })
-    .await;
+    reefline_e2e::feeds::wait_for_ledger(&client, &stack.ingest).await;
 
     for (base, paths) in [
         (

@@ -118,16 +118,11 @@ pub enum CheckpointError {
     Database(#[from] sqlx::Error),
 }
 
-/// Settles `lines` of `chunk` (the accepted ones are on the broker): records the rejected ones,
+/// Settles the lines of `chunk` (the accepted ones are on the broker): records the rejected ones,
 /// moves the counts and the last settled line on, and notes the format and metadata columns; in
 /// one transaction, and only while `lease` holds the feed.
-pub async fn checkpoint(
-    pool: &PgPool,
-    feed_id: &str,
-    lease: Uuid,
-    lines: &[Line],
-    chunk: &Chunk,
-) -> Result<(), CheckpointError> {
+pub async fn checkpoint(pool: &PgPool, feed_id: &str, lease: Uuid, chunk: &Chunk) -> Result<(), CheckpointError> {
+    let lines = &chunk.lines;
     let Some(last_line) = lines.iter().map(Line::number).max() else { return Ok(()) };
     let (mut lines_, mut contents, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
     for line in lines {

@@ -281,13 +281,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, IngestError> {
 /// other's feeds: a hash of it (never the key itself), or `""` when the API is open.
 fn key_scope(headers: &HeaderMap) -> String {
     use sha2::Digest;
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    match presented {
-        Some(key) => hex::encode(&sha2::Sha256::digest(key.trim().as_bytes())[..12]),
+    match reefline_common::auth::presented(headers) {
+        Some(key) => hex::encode(&sha2::Sha256::digest(key)[..12]),
         None => String::new(),
     }
 }
@@ -332,9 +327,10 @@ impl Reader {
             parse::read(input, options, |chunk| tx.blocking_send(chunk).is_ok())
         });
         let mut failure = None;
-        while let Some(chunk) = rx.recv().await {
-            let fresh: Vec<Line> = chunk.lines.iter().filter(|l| l.number() as i64 > settled).cloned().collect();
-            if let Err(e) = self.settle(&fresh, &chunk).await {
+        while let Some(mut chunk) = rx.recv().await {
+            // Lines an earlier upload of the feed settled are read again, not produced again.
+            chunk.lines.retain(|l| l.number() as i64 > settled);
+            if let Err(e) = self.settle(&chunk).await {
                 failure = Some(e);
                 break;
             }
@@ -366,7 +362,8 @@ impl Reader {
 
     /// Produces the accepted lines of a chunk as one batch and, once the broker has them all,
     /// records the chunk in the ledger.
-    async fn settle(&self, lines: &[Line], chunk: &Chunk) -> Result<(), IngestError> {
+    async fn settle(&self, chunk: &Chunk) -> Result<(), IngestError> {
+        let lines = &chunk.lines[..];
         if lines.is_empty() {
             return Ok(());
         }
@@ -381,7 +378,7 @@ impl Reader {
         let started = Instant::now();
         let mut backoff = reefline_common::Backoff::new();
         loop {
-            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, lines, chunk).await {
+            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, chunk).await {
                 Ok(()) => return Ok(()),
                 Err(ledger::CheckpointError::LostLease) => return Err(self.lost()),
                 Err(ledger::CheckpointError::Database(e)) if started.elapsed() > self.limits.stall => {
