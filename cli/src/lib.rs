@@ -52,6 +52,9 @@ enum Command {
         /// upload that breaks off is resent with one on its own.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Where the sink POSTs the feed's signed summary once every image has a result.
+        #[arg(long)]
+        callback_url: Option<String>,
         /// Follow the feed with a progress bar until every image has a result.
         #[arg(long)]
         wait: bool,
@@ -89,8 +92,8 @@ pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = Client::new(cli.api)?;
     match cli.command {
-        Command::Submit { file, format, model, idempotency_key, wait } => {
-            let feed = client.submit(&file, format, model, idempotency_key).await?;
+        Command::Submit { file, format, model, idempotency_key, callback_url, wait } => {
+            let feed = client.submit(&file, format, model, callback_url, idempotency_key).await?;
             let id = feed["feed_id"].as_str().context("no feed_id in the answer")?.to_owned();
             print_json(&feed)?;
             if wait {
@@ -149,6 +152,7 @@ impl Client {
         file: &str,
         format: Option<String>,
         model: Option<String>,
+        callback_url: Option<String>,
         key: Option<String>,
     ) -> anyhow::Result<Value> {
         let from_stdin = file == "-";
@@ -156,6 +160,7 @@ impl Client {
         let format = format.or_else(|| format_of(file));
         let mut query: Vec<(&str, String)> = format.iter().map(|f| ("format", f.clone())).collect();
         query.extend(model.map(|m| ("model", m)));
+        query.extend(callback_url.map(|c| ("callback_url", c)));
         let url = with_query(&format!("{}/v1/feeds", self.api.ingest_url.trim_end_matches('/')), &query)?;
         let mut tries = 0;
         loop {

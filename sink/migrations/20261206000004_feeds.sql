@@ -48,3 +48,16 @@ CREATE INDEX results_feed_completed ON results (feed_id, completed_at) WHERE fee
 
 -- GET /v1/results pages through results in completion order.
 CREATE INDEX results_completed ON results (completed_at, request_id);
+
+-- A feed is told done as a submission is: a batches row of kind 'feed' (its batch_id the feed_id),
+-- written by ingest once the feed is read, completed by the sink once every accepted line has a
+-- result; its BatchCompleted record and its callback come from that row. The batches its chunks
+-- travel in ('feed_chunk') are tracked to know when that may be, and tell nobody themselves.
+ALTER TABLE feeds ADD COLUMN callback_url text;
+ALTER TABLE batches
+    ADD COLUMN kind text NOT NULL DEFAULT 'submission' CHECK (kind IN ('submission', 'feed', 'feed_chunk')),
+    ADD COLUMN feed_id text;
+CREATE INDEX batches_open_chunks ON batches (feed_id) WHERE kind = 'feed_chunk' AND completed_at IS NULL;
+DROP INDEX batches_outbox;
+CREATE INDEX batches_outbox ON batches (completed_at)
+    WHERE completed_at IS NOT NULL AND event_produced_at IS NULL AND kind <> 'feed_chunk';

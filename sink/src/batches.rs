@@ -1,5 +1,9 @@
 //! The batches table: a row per submission from its request records, marked complete once every
 //! image has a result, then an outbox for its `BatchCompleted` record and its callback.
+//!
+//! A feed has a row too (kind `feed`, its batch id the feed id), which ingest writes once the feed
+//! is read; it is complete once every accepted line has a result. The batches its chunks travel in
+//! (kind `feed_chunk`) are complete as submissions are, and tell nobody themselves.
 
 use std::collections::HashMap;
 
@@ -11,15 +15,18 @@ use sqlx::PgPool;
 /// Records the batches of `requests`; a batch seen before is left as it is.
 pub async fn insert(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO batches (batch_id, total, callback_url, submitted_at)
-         SELECT batch_id, total, callback_url, to_timestamp(submitted_ms / 1000.0)
-         FROM UNNEST($1::text[], $2::int[], $3::text[], $4::float8[]) AS t(batch_id, total, callback_url, submitted_ms)
+        "INSERT INTO batches (batch_id, total, callback_url, submitted_at, kind, feed_id)
+         SELECT batch_id, total, callback_url, to_timestamp(submitted_ms / 1000.0),
+                CASE WHEN feed_id IS NULL THEN 'submission' ELSE 'feed_chunk' END, feed_id
+         FROM UNNEST($1::text[], $2::int[], $3::text[], $4::float8[], $5::text[])
+              AS t(batch_id, total, callback_url, submitted_ms, feed_id)
          ON CONFLICT (batch_id) DO NOTHING",
     )
     .bind(requests.iter().map(|r| r.batch_id.as_str()).collect::<Vec<_>>())
     .bind(requests.iter().map(|r| r.batch_size).collect::<Vec<_>>())
     .bind(requests.iter().map(|r| r.callback_url.as_deref()).collect::<Vec<_>>())
     .bind(requests.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
+    .bind(requests.iter().map(|r| r.feed_id.as_deref()).collect::<Vec<_>>())
     .execute(pool)
     .await?;
     Ok(())
@@ -33,9 +40,27 @@ pub async fn complete(pool: &PgPool, batch_ids: &[&str]) -> sqlx::Result<u64> {
         "UPDATE batches b
          SET completed_at = now(), callback_due_at = CASE WHEN b.callback_url IS NULL THEN NULL ELSE now() END
          FROM (SELECT batch_id, count(*) AS n FROM results WHERE batch_id = ANY($1) GROUP BY batch_id) c
-         WHERE b.batch_id = c.batch_id AND b.completed_at IS NULL AND c.n >= b.total",
+         WHERE b.batch_id = c.batch_id AND b.completed_at IS NULL AND c.n >= b.total AND b.kind <> 'feed'",
     )
     .bind(batch_ids)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Marks complete the feeds (read to their end) whose every accepted line has a result, and makes
+/// their callbacks due; the number marked. Lines are counted only once none of the feed's chunks
+/// is open, and counted distinct: a chunk an interrupted upload produced and its resend produced
+/// again has two results for a line.
+pub async fn complete_feeds(pool: &PgPool) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE batches f
+         SET completed_at = now(), callback_due_at = CASE WHEN f.callback_url IS NULL THEN NULL ELSE now() END
+         WHERE f.kind = 'feed' AND f.completed_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM batches c
+                           WHERE c.kind = 'feed_chunk' AND c.feed_id = f.batch_id AND c.completed_at IS NULL)
+           AND (SELECT count(DISTINCT line) FROM results r WHERE r.feed_id = f.batch_id) >= f.total",
+    )
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
@@ -45,6 +70,8 @@ pub async fn complete(pool: &PgPool, batch_ids: &[&str]) -> sqlx::Result<u64> {
 #[derive(Clone, Debug)]
 pub struct Summary {
     pub batch_id: String,
+    /// Whether the batch is a feed (its batch id the feed id).
+    pub feed: bool,
     pub total: i32,
     pub ok: i32,
     pub error: i32,
@@ -58,25 +85,36 @@ pub struct Summary {
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Finished {
     pub batch_id: String,
+    /// `submission` or `feed`.
+    pub kind: String,
     pub total: i32,
     pub submitted_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
 }
 
-/// The figures of each of `batches`.
+/// The figures of each of `batches`: a feed's from the results of its lines (the latest result of
+/// a line that has two).
 pub async fn summaries(conn: &mut sqlx::PgConnection, batches: Vec<Finished>) -> sqlx::Result<Vec<Summary>> {
-    let ids: Vec<&str> = batches.iter().map(|b| b.batch_id.as_str()).collect();
+    let (feeds, submissions): (Vec<&Finished>, Vec<&Finished>) = batches.iter().partition(|b| b.kind == "feed");
+    let ids = |batches: Vec<&Finished>| batches.into_iter().map(|b| b.batch_id.clone()).collect::<Vec<_>>();
     let counts: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
         "SELECT batch_id, status, marine_group, count(*) FROM results WHERE batch_id = ANY($1)
-         GROUP BY batch_id, status, marine_group",
+         GROUP BY batch_id, status, marine_group
+         UNION ALL
+         SELECT feed_id, status, marine_group, count(*)
+         FROM (SELECT DISTINCT ON (feed_id, line) feed_id, status, marine_group FROM results
+               WHERE feed_id = ANY($2) ORDER BY feed_id, line, completed_at DESC) latest
+         GROUP BY feed_id, status, marine_group",
     )
-    .bind(&ids)
+    .bind(ids(submissions))
+    .bind(ids(feeds))
     .fetch_all(&mut *conn)
     .await?;
     let mut summaries: Vec<Summary> = batches
         .into_iter()
-        .map(|Finished { batch_id, total, submitted_at, completed_at }| Summary {
+        .map(|Finished { batch_id, kind, total, submitted_at, completed_at }| Summary {
             batch_id,
+            feed: kind == "feed",
             total,
             ok: 0,
             error: 0,

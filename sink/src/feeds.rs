@@ -42,6 +42,11 @@ pub struct FeedView {
     pub eta_seconds: Option<f64>,
     pub created_at: String,
     pub read_at: Option<String>,
+    /// When the last accepted line got its result (the moment its `BatchCompleted` record and
+    /// callback go out); `null` until then.
+    pub completed_at: Option<String>,
+    /// The feed's `callback_url`, its state and every attempt; `null` when it has none.
+    pub callback: Option<reefline_schemas::view::CallbackView>,
     pub links: FeedLinks,
 }
 
@@ -64,6 +69,7 @@ struct FeedRow {
     rejected: i64,
     created_at: DateTime<Utc>,
     read_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
     ok: i64,
     error: i64,
     recent: i64,
@@ -87,19 +93,21 @@ pub async fn columns(pool: &PgPool, feed_id: &str) -> sqlx::Result<Option<Vec<St
 pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -> Result<Json<FeedView>, ApiError> {
     let row: FeedRow = sqlx::query_as(
         "SELECT f.feed_id, f.state, f.format, f.source_url, f.model, f.columns, f.lines_read, f.accepted, f.rejected,
-                f.created_at, f.read_at, r.ok, r.error, r.recent,
+                f.created_at, f.read_at, b.completed_at, r.ok, r.error, r.recent,
                 GREATEST(1.0, LEAST(60.0, EXTRACT(EPOCH FROM now() - f.created_at)::float8)) AS window_s
-         FROM feeds f,
-              LATERAL (SELECT count(*) FILTER (WHERE status = 'ok') AS ok,
-                              count(*) FILTER (WHERE status = 'error') AS error,
-                              count(*) FILTER (WHERE completed_at > now() - interval '1 minute') AS recent
-                       FROM results WHERE feed_id = f.feed_id) r
+         FROM feeds f
+              CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'ok') AS ok,
+                                         count(*) FILTER (WHERE status = 'error') AS error,
+                                         count(*) FILTER (WHERE completed_at > now() - interval '1 minute') AS recent
+                                  FROM results WHERE feed_id = f.feed_id) r
+              LEFT JOIN batches b ON b.batch_id = f.feed_id AND b.kind = 'feed'
          WHERE f.feed_id = $1",
     )
     .bind(&feed_id)
     .fetch_optional(&pool)
     .await?
     .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    let callback = crate::batches::callback(&pool, &feed_id).await?;
     let completed = row.ok + row.error;
     let pending = (row.accepted - completed).max(0);
     let done = row.state == "read" && pending == 0;
@@ -128,6 +136,8 @@ pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -
         eta_seconds,
         created_at: row.created_at.to_rfc3339(),
         read_at: row.read_at.map(|t| t.to_rfc3339()),
+        completed_at: row.completed_at.map(|t| t.to_rfc3339()),
+        callback,
         links,
     }))
 }

@@ -94,6 +94,11 @@ impl Notifier {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
+            match batches::complete_feeds(&self.pool).await {
+                Ok(n) if n > 0 => tracing::info!(feeds = n, "feeds complete"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "completing feeds; trying again"),
+            }
             if let Err(e) = self.produce_events().await {
                 tracing::warn!(error = %e, "producing BatchCompleted records; trying again");
             }
@@ -113,8 +118,8 @@ impl Notifier {
         loop {
             let mut tx = self.pool.begin().await?;
             let claimed: Vec<Finished> = sqlx::query_as(
-                "SELECT batch_id, total, submitted_at, completed_at FROM batches
-                 WHERE completed_at IS NOT NULL AND event_produced_at IS NULL
+                "SELECT batch_id, kind, total, submitted_at, completed_at FROM batches
+                 WHERE completed_at IS NOT NULL AND event_produced_at IS NULL AND kind <> 'feed_chunk'
                  ORDER BY completed_at LIMIT 100 FOR UPDATE SKIP LOCKED",
             )
             .fetch_all(&mut *tx)
@@ -156,7 +161,7 @@ impl Notifier {
              FROM (SELECT batch_id FROM batches WHERE callback_due_at <= now()
                    ORDER BY callback_due_at LIMIT 50 FOR UPDATE SKIP LOCKED) due
              WHERE b.batch_id = due.batch_id
-             RETURNING b.batch_id, b.callback_url, b.total, b.submitted_at, b.completed_at,
+             RETURNING b.batch_id, b.kind, b.callback_url, b.total, b.submitted_at, b.completed_at,
                        (SELECT count(*) FROM callback_attempts a WHERE a.batch_id = b.batch_id) AS attempts",
         )
         .bind(CALLBACK_LEASE.as_millis() as f64)
@@ -232,12 +237,10 @@ impl Notifier {
         Ok(response.status())
     }
 
-    /// The callback's JSON: the batch's counts and where to read its results.
+    /// The callback's JSON: the batch's (or the feed's) counts and where to read its results.
     fn body(&self, s: &Summary) -> serde_json::Value {
-        let batch = format!("{}/v1/batches/{}", self.public_url.trim_end_matches('/'), s.batch_id);
-        json!({
-            "type": "batch.completed",
-            "batch_id": s.batch_id,
+        let base = self.public_url.trim_end_matches('/');
+        let mut body = json!({
             "total": s.total,
             "ok": s.ok,
             "error": s.error,
@@ -245,8 +248,19 @@ impl Notifier {
             "marine_groups": s.marine_groups,
             "submitted_at": s.submitted_at.to_rfc3339(),
             "completed_at": s.completed_at.to_rfc3339(),
-            "links": { "batch": batch },
-        })
+        });
+        let extra = if s.feed {
+            let feed = format!("{base}/v1/feeds/{}", s.batch_id);
+            json!({
+                "type": "feed.completed",
+                "feed_id": s.batch_id,
+                "links": { "feed": feed, "results": format!("{feed}/results?format=csv"), "rejects": format!("{feed}/rejects") },
+            })
+        } else {
+            json!({ "type": "batch.completed", "batch_id": s.batch_id, "links": { "batch": format!("{base}/v1/batches/{}", s.batch_id) } })
+        };
+        body.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+        body
     }
 }
 

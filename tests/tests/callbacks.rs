@@ -1,5 +1,6 @@
-//! Told when it is done: a submission's signed callback (tried again after a failure, delivered
-//! once), its attempts at the batch lookup, and its `BatchCompleted` record on the batches topic.
+//! Told when it is done: a submission's (and a feed's) signed callback, tried again after a failure
+//! and delivered once, its attempts at the batch (or feed) lookup, and its `BatchCompleted` record on
+//! the batches topic: one for the feed, none for the batches its chunks travel in.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,10 +59,12 @@ fn verify(header: &str, body: &[u8]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_finished_submission_is_announced_once_by_a_signed_callback_and_a_batch_completed_record() {
+async fn a_finished_submission_or_feed_is_announced_once_by_a_signed_callback_and_a_batch_completed_record() {
     let env = TestEnv::start().await;
     let mut settings = env.settings();
     settings.sink.callback_secret = Some(SECRET.into());
+    // Two lines a chunk: the feed below travels in two batches.
+    settings.ingest.feed_chunk_lines = 2;
     let stack = Stack::start(settings).await;
     let calls: Calls = Arc::default();
     let hooks = serve(receiver(calls.clone())).await;
@@ -78,6 +81,32 @@ async fn a_finished_submission_is_announced_once_by_a_signed_callback_and_a_batc
     // A callback to an address the fetch rules refuse is given up at once, not tried for a day.
     let blocked = json!({ "images": [photo("coffee.png")], "callback_url": "http://169.254.169.254/hook" });
     let (_, blocked) = post_json(&client, &format!("{}/v1/classify", stack.ingest), &blocked).await;
+    // A feed of four lines: two photos, one that is missing, one line that is no URL; sent again
+    // while ingest has not reached its database yet (503).
+    let csv = format!(
+        "url,station\n{},A\n{},B\n{},C\nnot a url,D\n",
+        photo("coffee.png?n=1"),
+        photo("coffee.png?n=2"),
+        photo("missing.jpg")
+    );
+    let feed_hook = format!("http://{hooks}/hooks/feed");
+    let upload =
+        reqwest::Url::parse_with_params(&format!("{}/v1/feeds", stack.ingest), [("callback_url", &feed_hook)]).unwrap();
+    let (status, feed) = wait_for("ingest's feeds ledger", Duration::from_secs(60), || {
+        let request = client.post(upload.clone()).header("content-type", "text/csv").body(csv.clone());
+        async move {
+            let response = request.send().await.ok()?;
+            let status = response.status().as_u16();
+            (status != 503).then_some((status, response.json::<Value>().await.ok()?))
+        }
+    })
+    .await;
+    assert_eq!(
+        (status, &feed["accepted"], &feed["rejected"], &feed["batches"]),
+        (201, &json!(3), &json!(1), &json!(2)),
+        "{feed}"
+    );
+    let feed_id = feed["feed_id"].as_str().unwrap().to_owned();
 
     // The first call is answered 500, so it is tried again; the second is answered 204: delivered.
     let batch_url = format!("{}/v1/batches/{batch_id}", stack.sink);
@@ -94,10 +123,31 @@ async fn a_finished_submission_is_announced_once_by_a_signed_callback_and_a_batc
         Value::Null,
         "nothing more is due: it is called once more at most"
     );
+    let feed_url = format!("{}/v1/feeds/{feed_id}", stack.sink);
+    let followed = wait_for("the feed's callback delivered", Duration::from_secs(120), || {
+        let (client, url) = (client.clone(), feed_url.clone());
+        async move { reefline_e2e::get_json_ok(&client, &url).await.filter(|f| f["callback"]["state"] == "delivered") }
+    })
+    .await;
+    let statuses: Vec<&Value> =
+        followed["callback"]["attempts"].as_array().unwrap().iter().map(|a| &a["status"]).collect();
+    assert_eq!(statuses, [&json!(500), &json!(204)], "{followed}");
+    assert_eq!((&followed["done"], &followed["callback"]["url"]), (&json!(true), &json!(feed_hook)), "{followed}");
+    assert!(followed["completed_at"].is_string(), "{followed}");
+
     let calls = calls.lock().unwrap().clone();
-    assert_eq!(calls.len(), 2, "{calls:?}");
-    for (name, signature, summary) in &calls {
-        assert_eq!(name, "survey");
+    let (survey, feeds): (Vec<_>, Vec<_>) = calls.iter().partition(|(name, _, _)| name == "survey");
+    assert_eq!((survey.len(), feeds.len()), (2, 2), "{calls:?}");
+    for (_, signature, summary) in &feeds {
+        assert!(signature.is_some(), "every call is signed with the configured secret");
+        assert_eq!(
+            (&summary["type"], &summary["feed_id"], &summary["total"], &summary["ok"], &summary["error"]),
+            (&json!("feed.completed"), &json!(feed_id), &json!(3), &json!(2), &json!(1)),
+            "{summary}"
+        );
+        assert_eq!(summary["links"]["feed"].as_str().map(|l| l.ends_with(&format!("/v1/feeds/{feed_id}"))), Some(true));
+    }
+    for (_, signature, summary) in &survey {
         assert!(signature.is_some(), "every call is signed with the configured secret");
         assert_eq!(
             (&summary["type"], &summary["batch_id"], &summary["total"], &summary["ok"], &summary["error"]),
@@ -120,23 +170,29 @@ async fn a_finished_submission_is_announced_once_by_a_signed_callback_and_a_batc
     assert!(error.contains("not a public address"), "{gave_up}");
     assert_eq!(gave_up["callback"]["attempts"].as_array().map(Vec::len), Some(1));
 
-    // One BatchCompleted record per batch on the batches topic, with the same counts.
+    // One BatchCompleted record per batch on the batches topic, with the same counts; the feed's
+    // under its feed id, and none for the batches of its chunks (which complete before it does).
     let mut config = env.broker.kafka().consumer_config(&format!("{}-batches-reader", env.names.sink_group));
     config.set("enable.auto.commit", "false");
     let reader: StreamConsumer = config.create().unwrap();
     reader.subscribe(&[&env.names.batches]).unwrap();
     let codec = Codec::new(&env.registry).unwrap();
     let mut seen: Vec<BatchCompleted> = Vec::new();
-    while seen.len() < 2 {
+    while seen.len() < 3 {
         let message =
             tokio::time::timeout(Duration::from_secs(60), reader.recv()).await.expect("batch records").unwrap();
         let record: BatchCompleted = codec.decode(message.payload()).await.expect("a BatchCompleted record");
         assert_eq!(message.key(), Some(record.batch_id.as_bytes()), "keyed by batch id");
         seen.push(record);
     }
-    let ours: Vec<&BatchCompleted> = seen.iter().filter(|b| b.batch_id == batch_id).collect();
-    assert_eq!(ours.len(), 1, "{seen:?}");
-    assert_eq!((ours[0].total, ours[0].ok, ours[0].error, ours[0].marine), (2, 1, 1, 0));
+    let mut ids: Vec<&str> = seen.iter().map(|b| b.batch_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut expected = [batch_id.as_str(), blocked["batch_id"].as_str().unwrap(), feed_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "{seen:?}");
+    let counts = |id: &str| seen.iter().find(|b| b.batch_id == id).map(|b| (b.total, b.ok, b.error, b.marine));
+    assert_eq!(counts(&batch_id), Some((2, 1, 1, 0)));
+    assert_eq!(counts(&feed_id), Some((3, 2, 1, 0)));
     let (status, plain) = get_json(&client, &format!("{}/v1/batches/{batch_id}", stack.sink)).await;
     assert_eq!((status, &plain["done"]), (200, &json!(true)));
 

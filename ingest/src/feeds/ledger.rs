@@ -57,6 +57,8 @@ pub struct NewFeed<'a> {
     pub format: Option<&'a str>,
     pub source_url: Option<&'a str>,
     pub model: Option<&'a str>,
+    /// Kept from the upload that created the feed; a resend's is ignored.
+    pub callback_url: Option<&'a str>,
 }
 
 const FEED_COLUMNS: &str = "feed_id, state, lines_read, accepted, rejected, last_line, chunks";
@@ -67,8 +69,8 @@ pub async fn open(pool: &PgPool, new: &NewFeed<'_>, lease_for: Duration) -> sqlx
     let lease = Uuid::now_v7();
     let feed_id = Uuid::now_v7().to_string();
     let inserted: Option<Feed> = sqlx::query_as(&format!(
-        "INSERT INTO feeds (feed_id, key_scope, idempotency_key, format, source_url, model, state, reader)
-         VALUES ($1, $2, $3, $4, $5, $6, 'reading', $7)
+        "INSERT INTO feeds (feed_id, key_scope, idempotency_key, format, source_url, model, callback_url, state, reader)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'reading', $8)
          ON CONFLICT (key_scope, idempotency_key) DO NOTHING
          RETURNING {FEED_COLUMNS}"
     ))
@@ -78,6 +80,7 @@ pub async fn open(pool: &PgPool, new: &NewFeed<'_>, lease_for: Duration) -> sqlx
     .bind(new.format.unwrap_or("auto"))
     .bind(new.source_url)
     .bind(new.model)
+    .bind(new.callback_url)
     .bind(lease)
     .fetch_optional(pool)
     .await?;
@@ -180,13 +183,18 @@ pub async fn heartbeat(pool: &PgPool, feed_id: &str, lease: Uuid) -> sqlx::Resul
 
 /// Ends the reading: `read` (in `format`) when the upload was read to its end, else `interrupted`
 /// (a resend with the same key resumes it). Returns the feed as it now is.
+///
+/// A feed read to its end gets its row in the batches table in the same transaction: the sink
+/// marks it complete once every accepted line has a result, and tells of it (its `BatchCompleted`
+/// record, its callback) as it tells of a submission.
 pub async fn close(
     pool: &PgPool,
     feed_id: &str,
     lease: Uuid,
     read: Option<super::parse::Format>,
 ) -> sqlx::Result<Option<Feed>> {
-    sqlx::query_as(&format!(
+    let mut tx = pool.begin().await?;
+    let feed: Option<Feed> = sqlx::query_as(&format!(
         "UPDATE feeds SET state = $3, updated_at = now(), read_at = CASE WHEN $3 = 'read' THEN now() END,
                           format = COALESCE($4, format)
          WHERE feed_id = $1 AND reader = $2 AND state = 'reading'
@@ -196,6 +204,18 @@ pub async fn close(
     .bind(lease)
     .bind(if read.is_some() { "read" } else { "interrupted" })
     .bind(read.map(|f| f.as_str()))
-    .fetch_optional(pool)
-    .await
+    .fetch_optional(&mut *tx)
+    .await?;
+    if feed.as_ref().is_some_and(|f| f.state == "read") {
+        sqlx::query(
+            "INSERT INTO batches (batch_id, kind, total, callback_url, submitted_at)
+             SELECT feed_id, 'feed', accepted, callback_url, created_at FROM feeds WHERE feed_id = $1
+             ON CONFLICT (batch_id) DO NOTHING",
+        )
+        .bind(feed_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(feed)
 }

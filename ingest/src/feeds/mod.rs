@@ -68,6 +68,8 @@ pub(crate) struct FeedQuery {
     format: Option<String>,
     /// A model of the manifest for every image of the feed; absent: the default.
     model: Option<String>,
+    /// Where the sink POSTs the feed's signed summary once every accepted line has a result.
+    callback_url: Option<String>,
 }
 
 /// A feed ingest fetches itself (`Content-Type: application/json`).
@@ -81,6 +83,8 @@ pub(crate) struct FeedSource {
     format: Option<String>,
     /// A model of the manifest; absent: the default.
     model: Option<String>,
+    /// Where the sink POSTs the feed's signed summary once every accepted line has a result.
+    callback_url: Option<String>,
 }
 
 /// A feed read to its end (or to where it stood when it was read before, for a repeated key).
@@ -204,23 +208,27 @@ async fn accept(
         max_url_bytes: state.settings.max_url_bytes,
     };
     let key = idempotency_key(&headers)?;
-    let (stream, format, model, source_url) = if content_type.starts_with("application/json") {
+    let max_url_bytes = state.settings.max_url_bytes;
+    let (stream, format, model, source_url, callback_url) = if content_type.starts_with("application/json") {
         let source = source::parse_request(body).await?;
         let format = parse_format(source.format.as_deref())?;
         let model = crate::validate::check_model(source.model, &state.models)?;
+        let callback_url = crate::validate::check_callback(source.callback_url, max_url_bytes)?;
         let url = source.source_url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
-        let url = crate::validate::check_url(&url, state.settings.max_url_bytes)
+        let url = crate::validate::check_url(&url, max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
         let (stream, found) = source::open(&state.source_client, &state.source_policy, &url, limits.idle).await?;
-        (stream, format.or(found), model, Some(url.to_string()))
+        (stream, format.or(found), model, Some(url.to_string()), callback_url)
     } else {
         let format = parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type));
         let model = crate::validate::check_model(query.model, &state.models)?;
+        let callback_url = crate::validate::check_callback(query.callback_url, max_url_bytes)?;
         (
             idle_limited(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limits.idle),
             format,
             model,
             None,
+            callback_url,
         )
     };
     let new = ledger::NewFeed {
@@ -229,6 +237,7 @@ async fn accept(
         format: format.map(Format::as_str),
         source_url: source_url.as_deref(),
         model: model.as_deref(),
+        callback_url: callback_url.as_deref(),
     };
     let (feed, lease, resumed) = match ledger::open(&pool, &new, limits.lease).await.map_err(database)? {
         ledger::Opened::Read { feed, lease, resumed } => (feed, lease, resumed),

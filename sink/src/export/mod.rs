@@ -178,7 +178,7 @@ pub async fn batch_results(
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
     let known: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1) OR EXISTS (SELECT 1 FROM results WHERE batch_id = $1)",
+        "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1 AND kind <> 'feed') OR EXISTS (SELECT 1 FROM results WHERE batch_id = $1)",
     )
     .bind(&batch_id)
     .fetch_one(&exports.pool)
