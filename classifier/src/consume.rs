@@ -1,7 +1,7 @@
 //! Stage 1, consume: read requests from Kafka, decode them, track their offsets, and store an
 //! offset only once the result for it and everything before it on the partition is acknowledged.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
@@ -14,6 +14,7 @@ use reefline_schemas::{Codec, CodecError, ImageRequest};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use crate::deliveries::{Deliveries, Mode};
 use crate::job::Job;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
@@ -47,11 +48,18 @@ impl Backlog {
 /// `max.poll.interval.ms` (5 minutes).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How each partition's requests are taken, from its first request since it was assigned here
+/// (forgotten when it is revoked).
+pub type Modes = Arc<Mutex<HashMap<i32, Mode>>>;
+
 /// Consumer callbacks: hand revoked partitions over cleanly.
 pub struct Context {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub backlog: Backlog,
     pub lag: reefline_common::kafka::LagGauge,
+    pub modes: Modes,
+    pub deliveries: Deliveries,
+    pub topic: String,
 }
 
 impl Context {
@@ -90,13 +98,31 @@ impl Context {
             _ => wait(),
         }
         let left = in_flight();
-        match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::warn!(error = %e, "commit before handing partitions over failed"),
+        let committed = match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "commit before handing partitions over failed");
+                false
+            }
+        };
+        {
+            let mut tracker = self.tracker.lock().expect("offset tracker lock");
+            let mut modes = self.modes.lock().expect("modes lock");
+            for partition in revoked {
+                tracker.revoke(*partition);
+                modes.remove(partition);
+            }
         }
-        let mut tracker = self.tracker.lock().expect("offset tracker lock");
-        for partition in revoked {
-            tracker.revoke(*partition);
+        if committed && left == 0 {
+            let clean = committed_offsets(consumer, &self.topic, revoked);
+            if let Ok(tokio::runtime::RuntimeFlavor::MultiThread) =
+                tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())
+            {
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::block_in_place(|| handle.block_on(self.deliveries.handed_over(&clean)));
+            }
         }
         tracing::info!(
             partitions = revoked.len(),
@@ -129,6 +155,32 @@ impl ConsumerContext for Context {
 
 pub type RequestConsumer = StreamConsumer<Context>;
 
+/// The committed offsets of `partitions` of `topic` (those that have one).
+pub fn committed_offsets<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partitions: &[i32],
+) -> Vec<(i32, i64)> {
+    let mut tpl = TopicPartitionList::new();
+    for partition in partitions {
+        tpl.add_partition(topic, *partition);
+    }
+    match consumer.committed_offsets(tpl, Duration::from_secs(5)) {
+        Ok(tpl) => tpl
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the committed offsets failed");
+            Vec::new()
+        }
+    }
+}
+
 /// How long a full pipeline may hold the next request before the partitions are paused (under a
 /// steady backlog a batch frees room every ~100 ms). Pausing
 /// makes librdkafka drop what it has prefetched and fetch it again on resume, so it is kept for a
@@ -144,11 +196,52 @@ pub struct Offsets {
     pub backlog: Backlog,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub topic: String,
+    pub modes: Modes,
+    pub deliveries: Deliveries,
 }
 
 impl Offsets {
     fn start(&self, partition: i32, offset: i64) {
         self.tracker.lock().expect("offset tracker lock").start(partition, offset);
+    }
+
+    fn unfinished(&self) -> usize {
+        self.tracker.lock().expect("offset tracker lock").unfinished()
+    }
+
+    /// How the request at `offset` is to be taken: a partition's first request since it was
+    /// assigned asks the delivery ledger.
+    async fn mode(&self, partition: i32, offset: i64) -> Mode {
+        let known = self.modes.lock().expect("modes lock").get(&partition).copied();
+        let mode = match known {
+            Some(mode) => mode,
+            None => self.deliveries.assigned(partition, offset).await,
+        };
+        let mode = match mode {
+            Mode::Careful { until } if offset >= until => Mode::Normal,
+            mode => mode,
+        };
+        self.modes.lock().expect("modes lock").insert(partition, mode);
+        mode
+    }
+
+    /// Records a clean handover of every assigned partition, when nothing taken is unfinished and
+    /// the offsets are committed (a stop).
+    pub async fn hand_over_cleanly(&self) {
+        if self.deliveries.limit() == 0 || self.unfinished() > 0 {
+            return;
+        }
+        let partitions: Vec<i32> = match self.consumer.assignment() {
+            Ok(tpl) => tpl.elements().iter().map(|e| e.partition()).collect(),
+            Err(_) => return,
+        };
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || committed_offsets(consumer.as_ref(), &topic, &partitions)).await;
+        if let Ok(committed) = committed {
+            self.deliveries.handed_over(&committed).await;
+        }
     }
 
     /// Pauses or resumes every assigned partition.
@@ -204,15 +297,8 @@ pub async fn run(
     };
     let mut paused = false;
     loop {
-        while let Some(job) = backlog.pop_front() {
-            match jobs.try_send(job) {
-                Ok(()) => {}
-                Err(TrySendError::Full(job)) => {
-                    backlog.push_front(job);
-                    break;
-                }
-                Err(TrySendError::Closed(_)) => return,
-            }
+        if hand_over(&backlog, &jobs).is_err() {
+            return;
         }
         if backlog.is_empty() && paused {
             paused = false;
@@ -258,6 +344,40 @@ pub async fn run(
         }
         let (partition, offset) = (message.partition(), message.offset());
         offsets.start(partition, offset);
+        // After a partition's last owner stopped mid-way, its next requests are taken alone and
+        // counted: one that was tried alone `DELIVERY_LIMIT` times is moved aside.
+        let (mut alone, mut crashed) = (false, None);
+        if offsets.deliveries.limit() > 0
+            && let Mode::Careful { .. } = offsets.mode(partition, offset).await
+        {
+            tokio::select! {
+                () = &mut shutdown => return,
+                idle = idle(&offsets, &backlog, &jobs, 1) => if idle.is_err() { return },
+            }
+            let limit = offsets.deliveries.limit();
+            match offsets.deliveries.try_once(partition, offset).await {
+                Some(tries) if tries > limit => {
+                    // Moved aside for an operator to replay once it is fixed, and failed with its
+                    // reason as a result, so that its batch completes.
+                    let reason = crate::error::ImageError::CrashLoop { tries: limit }.to_string();
+                    tracing::warn!(partition, offset, "{reason}");
+                    let moved = reefline_common::kafka::dead_letter(
+                        &producer,
+                        &dead_letter_topic,
+                        (&message).into(),
+                        "crash_loop",
+                        &reason,
+                    );
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = moved => {}
+                    }
+                    metrics.dead_letters.with_label_values(&["crash_loop"]).inc();
+                    crashed = Some(limit);
+                }
+                _ => alone = true,
+            }
+        }
         // A record that does not decode, or decodes to a request no ingest would have accepted
         // (a NUL in its URL, ids that are not UUIDs, ...), is moved aside with its reason.
         // Waiting out a registry or broker outage here must not hold up a stop: what is not
@@ -274,7 +394,15 @@ pub async fn run(
                 }),
         };
         match checked {
-            Ok(request) => backlog.push_back(Job { request, partition, offset, photo: None }),
+            Ok(request) if alone => {
+                // Nothing else is taken until it is finished.
+                backlog.push_back(Job { request, partition, offset, photo: None, crashed });
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    idle = idle(&offsets, &backlog, &jobs, 0) => if idle.is_err() { return },
+                }
+            }
+            Ok(request) => backlog.push_back(Job { request, partition, offset, photo: None, crashed }),
             Err((kind, reason)) => {
                 let moved = reefline_common::kafka::dead_letter(
                     &producer,
@@ -291,5 +419,31 @@ pub async fn run(
                 offsets.finish(partition, offset);
             }
         }
+    }
+}
+
+/// Hands the backlog to the pipeline while it has room; `Err` when the pipeline is gone.
+fn hand_over(backlog: &Backlog, jobs: &mpsc::Sender<Job>) -> Result<(), ()> {
+    while let Some(job) = backlog.pop_front() {
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                backlog.push_front(job);
+                break;
+            }
+            Err(TrySendError::Closed(_)) => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until at most `left` requests taken are unfinished, handing the backlog over meanwhile.
+async fn idle(offsets: &Offsets, backlog: &Backlog, jobs: &mpsc::Sender<Job>, left: usize) -> Result<(), ()> {
+    loop {
+        hand_over(backlog, jobs)?;
+        if offsets.unfinished() <= left {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

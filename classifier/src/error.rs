@@ -25,6 +25,10 @@ pub enum ImageError {
     Inference(String),
     #[error("`model` is `{name}`, which this classifier does not serve; it serves: {served}")]
     UnknownModel { name: String, served: String },
+    #[error(
+        "a classifier stopped while working on this image alone {tries} times (out of memory, say); it is not tried again"
+    )]
+    CrashLoop { tries: u32 },
 }
 
 impl ImageError {
@@ -51,6 +55,7 @@ impl ImageError {
             ImageError::Blocked(_) => "blocked_address",
             ImageError::Inference(_) => "inference_failed",
             ImageError::UnknownModel { .. } => "unknown_model",
+            ImageError::CrashLoop { .. } => "crash_loop",
         }
     }
 }

@@ -17,6 +17,9 @@ pub struct Job {
     pub offset: i64,
     /// What its bytes said, once fetched.
     pub photo: Option<Photo>,
+    /// Set when classifiers stopped this many times working on it alone: it is failed with
+    /// [`ImageError::CrashLoop`] instead of being tried again.
+    pub crashed: Option<u32>,
 }
 
 /// A model as results name it.

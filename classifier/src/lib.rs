@@ -9,6 +9,7 @@
 pub mod batcher;
 mod cache;
 mod consume;
+mod deliveries;
 pub mod engine;
 pub mod error;
 pub mod fetch;
@@ -104,16 +105,32 @@ impl Application {
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
         metrics::InFlight::register(&registry, tracker.clone())?;
         let backlog = consume::Backlog::default();
+        let modes = consume::Modes::default();
+        let deliveries = deliveries::Deliveries::new(
+            Some(secrecy::ExposeSecret::expose_secret(&settings.database_url)),
+            &settings.group_id,
+            &settings.topics.requests,
+            settings.delivery_limit,
+        )?;
         let context = Context {
             tracker: tracker.clone(),
             backlog: backlog.clone(),
             lag: reefline_common::kafka::LagGauge::register(&registry, "classifier_consumer_lag")?,
+            modes: modes.clone(),
+            deliveries: deliveries.clone(),
+            topic: settings.topics.requests.clone(),
         };
         let consumer: RequestConsumer =
             settings.kafka.consumer_config(&settings.group_id).create_with_context(context)?;
         consumer.subscribe(&[&settings.topics.requests])?;
-        let offsets =
-            Offsets { consumer: Arc::new(consumer), backlog, tracker, topic: settings.topics.requests.clone() };
+        let offsets = Offsets {
+            consumer: Arc::new(consumer),
+            backlog,
+            tracker,
+            topic: settings.topics.requests.clone(),
+            modes,
+            deliveries,
+        };
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
 
@@ -309,6 +326,7 @@ impl Application {
             Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => tracing::warn!(error = %e, "final commit failed"),
         }
+        self.offsets.hand_over_cleanly().await;
         let _ = ops_stop_tx.send(());
         let _ = ops_server.await;
         close_consumer(self.offsets.consumer, Duration::from_secs(10)).await;

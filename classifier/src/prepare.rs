@@ -85,9 +85,16 @@ pub async fn run(
     let stage = Arc::new(stage);
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(job) = jobs.recv().await {
-        let model = match stage.model_for(&job) {
-            Ok(model) => model,
-            Err((tag, error)) => {
+        let model = match (stage.model_for(&job), job.crashed) {
+            (Ok(model), None) => model,
+            (Ok(model), Some(tries)) => {
+                let (tag, error) = (stage.models[model].tag.clone(), ImageError::CrashLoop { tries });
+                if failed.send(Outcome { job, model: tag, result: Err(error), cached: false }).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            (Err((tag, error)), _) => {
                 if failed.send(Outcome { job, model: tag, result: Err(error), cached: false }).await.is_err() {
                     break;
                 }

@@ -116,6 +116,12 @@ pub struct Settings {
     #[arg(long, env = "RESULT_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub result_cache: bool,
 
+    /// Tries of a request alone, after a classifier stopped mid-way, before it is moved to the
+    /// dead-letter topic as one that stops the process (kind `crash_loop`); 0: off. The ledger is
+    /// the database at `DATABASE_URL`.
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 3)]
+    pub delivery_limit: u32,
+
     /// Retries of a transient fetch failure (timeout, connection failure, 429, 5xx).
     #[arg(long, env = "FETCH_RETRIES", default_value_t = 3)]
     pub fetch_retries: u32,

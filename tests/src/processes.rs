@@ -25,7 +25,31 @@ impl ServiceProcess {
     /// Starts the classifier command `bin` (an integration test passes
     /// `env!("CARGO_BIN_EXE_classifier-under-test")`) with the settings' topics, group, model and broker.
     pub fn classifier(bin: &str, s: &reefline_classifier::Settings, name: &str) -> Self {
-        let mut command = Command::new(bin);
+        Self::spawn(Self::classifier_command(Command::new(bin), s), name)
+    }
+
+    /// Like [`ServiceProcess::classifier`], killed with SIGKILL as soon as its resident memory
+    /// passes `bytes`, as a container's memory limit (the kernel's OOM killer) would.
+    pub fn classifier_with_memory_limit(bin: &str, s: &reefline_classifier::Settings, name: &str, bytes: u64) -> Self {
+        let process = Self::spawn(Self::classifier_command(Command::new(bin), s), name);
+        let pid = process.child.id();
+        std::thread::spawn(move || {
+            let status = format!("/proc/{pid}/status");
+            while let Ok(text) = std::fs::read_to_string(&status) {
+                if text.lines().any(|l| l.starts_with("State:") && l.contains("zombie")) {
+                    return;
+                }
+                if rss_of(&text, "VmRSS:") > bytes {
+                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        process
+    }
+
+    fn classifier_command(mut command: Command, s: &reefline_classifier::Settings) -> Command {
         command
             .args(["--listen", "127.0.0.1:0"])
             .args(["--requests-topic", &s.topics.requests, "--results-topic", &s.topics.results])
@@ -45,8 +69,17 @@ impl ServiceProcess {
             .args(["--fetch-allow", &s.fetch_allow.join(",")])
             .args(["--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
             .args(["--result-cache", &s.result_cache.to_string()])
+            .args([
+                "--max-image-bytes",
+                &s.max_image_bytes.to_string(),
+                "--max-image-side",
+                &s.max_image_side.to_string(),
+            ])
+            .args(["--max-image-pixels", &s.max_image_pixels.to_string()])
+            .args(["--decode-pixel-budget", &s.decode_pixel_budget.to_string()])
+            .args(["--delivery-limit", &s.delivery_limit.to_string()])
             .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
-        Self::spawn(command, name)
+        command
     }
 
     /// Starts the sink command `bin` (`env!("CARGO_BIN_EXE_sink-under-test")`) with the settings'
@@ -82,12 +115,7 @@ impl ServiceProcess {
 
     /// The process's resident memory at its peak so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        rss_of(&std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default(), "VmHWM:")
     }
 
     fn spawn(mut command: Command, name: &str) -> Self {
@@ -145,6 +173,15 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A size in bytes from the text of `/proc/PID/status` (`field` is `VmRSS:` or `VmHWM:`).
+fn rss_of(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// A TCP proxy in front of `target` that a test can cut (every connection dropped, new ones

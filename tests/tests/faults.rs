@@ -1,9 +1,11 @@
-//! Delivery under faults: every request ends as exactly one row whatever happens to the workers.
+//! Delivery under faults: every request ends as exactly one row whatever happens to the workers,
+//! even a request whose image kills the worker that takes it.
 
 use std::time::Duration;
 
 use reefline_e2e::workload::{REQUESTS, check_rows, submit_mixed, wait_rows};
-use reefline_e2e::{ServiceProcess, Stack, TestEnv, metric};
+use reefline_e2e::{ServiceProcess, Stack, TestEnv, foolbox_photos, metric, post_json, serve, topic_counts, wait_for};
+use serde_json::{Value, json};
 
 const CLASSIFIER: &str = env!("CARGO_BIN_EXE_classifier-under-test");
 
@@ -122,5 +124,91 @@ async fn a_classifier_joining_mid_stream_takes_partitions_over_without_redoing_w
     assert!(first.log_text().contains("partitions drained and handed over"), "the first gave partitions up");
     assert!(second.log_text().contains("partitions assigned partitions=1"), "the second took one of the 3");
     drop((first, second));
+    f.finish().await;
+}
+
+/// The memory limit of the classifier the huge PNG kills.
+const MEMORY: u64 = 1536 << 20;
+
+/// A 30,000 × 30,000 one-bit greyscale PNG of about 100 KB: decoded, 900 MB of grey, then 2.7 GB of RGB.
+fn huge_png() -> Vec<u8> {
+    use std::io::Write;
+    const SIDE: u32 = 30_000;
+    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    let row = vec![0u8; 1 + (SIDE as usize).div_ceil(8)]; // the filter byte, then a bit a pixel
+    for _ in 0..SIDE {
+        idat.write_all(&row).unwrap();
+    }
+    let mut header = [SIDE.to_be_bytes(), SIDE.to_be_bytes()].concat();
+    header.extend([1, 0, 0, 0, 0]); // 1 bit a pixel, greyscale, deflate, no filter, no interlace
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [(b"IHDR", header), (b"IDAT", idat.finish().unwrap()), (b"IEND", Vec::new())] {
+        png.extend((data.len() as u32).to_be_bytes());
+        png.extend(kind);
+        png.extend(&data);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(&data);
+        png.extend(crc.sum().to_be_bytes());
+    }
+    png
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_that_kills_the_classifier_is_tried_alone_three_times_then_set_aside() {
+    let f = fixture().await;
+    // An operator raised the image limits beyond what the classifier's memory allows: the PNG below
+    // decodes to 3.6 GB, and the classifier is killed once it holds 1.5 GiB, as a container's
+    // memory limit kills it.
+    let mut settings = f.classifier.clone();
+    (settings.max_image_side, settings.max_image_pixels) = (100_000, 2_000_000_000);
+    let png = huge_png();
+    let killer = serve(axum::Router::new().route(
+        "/huge.png",
+        axum::routing::get(move || {
+            let png = png.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "image/png")], png) }
+        }),
+    ))
+    .await;
+    let killer_url = format!("http://{killer}/huge.png");
+    let mut images: Vec<String> =
+        foolbox_photos().into_iter().map(|(name, _)| format!("{}/photos/{name}", f.photos)).collect();
+    images.insert(images.len() / 2, killer_url.clone());
+    let (status, accepted) =
+        post_json(&f.client, &format!("{}/v1/classify", f.stack.ingest), &json!({ "images": images })).await;
+    assert_eq!(status, 202, "{accepted}");
+    let batch_url = format!("{}/v1/batches/{}", f.stack.sink, accepted["batch_id"].as_str().unwrap());
+
+    // Restarted whenever it stops, as Kubernetes or Compose would.
+    let (mut classifier, mut stops) =
+        (ServiceProcess::classifier_with_memory_limit(CLASSIFIER, &settings, "crash-loop", MEMORY), 0);
+    let batch = wait_for("the batch done", Duration::from_secs(600), || {
+        if !classifier.is_running() {
+            stops += 1;
+            assert!(stops <= 6, "the classifier stopped {stops} times; see {}", classifier.log.display());
+            classifier = ServiceProcess::classifier_with_memory_limit(CLASSIFIER, &settings, "crash-loop", MEMORY);
+        }
+        let (client, url) = (f.client.clone(), batch_url.clone());
+        async move { reefline_e2e::get_json_ok(&client, &url).await.filter(|b| b["done"] == true) }
+    })
+    .await;
+    // Once among the others, then three times alone; the fourth time alone it is set aside.
+    assert_eq!(stops, 4, "see {}", classifier.log.display());
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(
+        (results.len(), batch["ok"].as_i64(), batch["error"].as_i64()),
+        (images.len(), Some(images.len() as i64 - 1), Some(1))
+    );
+    let failed: Vec<&Value> = results.iter().filter(|r| r["status"] == "error").collect();
+    assert_eq!((&failed[0]["url"], &failed[0]["error"]["kind"]), (&json!(killer_url), &json!("crash_loop")), "{batch}");
+    assert_eq!(
+        topic_counts(&f.env.broker.kafka(), &f.env.names.dead_letter).await.0,
+        1,
+        "one dead letter, to replay once fixed"
+    );
+    assert!(classifier.log_text().contains("taking its next requests one at a time"));
+
+    drop(classifier);
     f.finish().await;
 }

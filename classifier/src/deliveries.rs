@@ -1,0 +1,151 @@
+//! The delivery ledger, against a request that kills the process (an image whose decode runs out
+//! of memory, say): without it the request is read again after every restart, and kills every
+//! classifier that takes its partition.
+//!
+//! A classifier that hands a partition over cleanly (every request it took finished and the offset
+//! committed: a rebalance's drain, a SIGTERM) records the offset it left it at. One that takes a
+//! partition over at any other offset knows its last owner stopped mid-way, somewhere among the
+//! next requests: it takes the next [`CAREFUL_WINDOW`] of them one at a time, each alone in the
+//! pipeline, counting each try. A request tried `DELIVERY_LIMIT` times alone without finishing
+//! is moved to the dead-letter topic instead of being tried again. Nothing is written while a
+//! partition is worked normally; the ledger is the sink's database, and when it does not answer
+//! requests are taken as usual.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// How many requests after an unclean handover are taken one at a time. The one that stopped the
+/// last owner is usually among them (its requests are taken in offset order); when it lies
+/// further on, each crash moves the committed offset past another window, until it is.
+pub const CAREFUL_WINDOW: i64 = 64;
+
+/// How a partition's requests are taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Side by side, as usual.
+    Normal,
+    /// One at a time and counted, up to (not including) this offset.
+    Careful { until: i64 },
+}
+
+/// The ledger of one consumer group on one topic.
+#[derive(Clone)]
+pub struct Deliveries {
+    /// `None`: off (`DELIVERY_LIMIT=0`, or no database).
+    pool: Option<PgPool>,
+    group: String,
+    topic: String,
+    limit: u32,
+}
+
+impl Deliveries {
+    /// A ledger in the database at `url` (connected when first used), or none; `limit` tries
+    /// alone before a request is dead-lettered (0: off).
+    pub fn new(url: Option<&str>, group: &str, topic: &str, limit: u32) -> anyhow::Result<Self> {
+        let timeout = Duration::from_secs(2);
+        let pool = match url.filter(|_| limit > 0) {
+            Some(url) => {
+                let options =
+                    url.parse::<PgConnectOptions>()?.options([("statement_timeout", timeout.as_millis().to_string())]);
+                Some(PgPoolOptions::new().max_connections(2).acquire_timeout(timeout).connect_lazy_with(options))
+            }
+            None => None,
+        };
+        Ok(Self { pool, group: group.to_owned(), topic: topic.to_owned(), limit })
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// A partition's first request since it was assigned here is at `offset`: how to take it and
+    /// those after it. A partition never seen before is taken normally; so is every partition when
+    /// the ledger does not answer.
+    pub async fn assigned(&self, partition: i32, offset: i64) -> Mode {
+        let Some(pool) = &self.pool else { return Mode::Normal };
+        // Claims the partition (no longer clean) and reads how it was left, in one statement.
+        let claimed: sqlx::Result<(Option<i64>, bool)> = sqlx::query_as(
+            "WITH old AS (SELECT clean_offset FROM classifier_partitions
+                          WHERE group_id = $1 AND topic = $2 AND partition = $3)
+             INSERT INTO classifier_partitions (group_id, topic, partition) VALUES ($1, $2, $3)
+             ON CONFLICT (group_id, topic, partition) DO UPDATE SET clean_offset = NULL
+             RETURNING (SELECT clean_offset FROM old), NOT EXISTS (SELECT 1 FROM old)",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(partition)
+        .fetch_one(pool)
+        .await;
+        let _ = sqlx::query(
+            "DELETE FROM classifier_attempts WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" < $4",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(pool)
+        .await;
+        match claimed {
+            Ok((_, true)) => Mode::Normal,
+            Ok((Some(clean), false)) if clean == offset => Mode::Normal,
+            Ok((left_at, false)) => {
+                tracing::warn!(
+                    partition,
+                    offset,
+                    clean_offset = left_at,
+                    window = CAREFUL_WINDOW,
+                    "the partition's last owner stopped mid-way: taking its next requests one at a time"
+                );
+                Mode::Careful { until: offset + CAREFUL_WINDOW }
+            }
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "the delivery ledger did not answer; taking requests as usual");
+                Mode::Normal
+            }
+        }
+    }
+
+    /// Counts a try of the request at `offset`, about to be taken alone: the tries so far, this
+    /// one included, or `None` when the ledger did not answer.
+    pub async fn try_once(&self, partition: i32, offset: i64) -> Option<u32> {
+        let pool = self.pool.as_ref()?;
+        let tries: sqlx::Result<i32> = sqlx::query_scalar(
+            "INSERT INTO classifier_attempts (group_id, topic, partition, \"offset\", attempts) VALUES ($1, $2, $3, $4, 1)
+             ON CONFLICT (group_id, topic, partition, \"offset\")
+             DO UPDATE SET attempts = classifier_attempts.attempts + 1
+             RETURNING attempts",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(partition)
+        .bind(offset)
+        .fetch_one(pool)
+        .await;
+        tries
+            .inspect_err(|e| tracing::warn!(partition, offset, error = %e, "the delivery ledger did not answer"))
+            .ok()
+            .map(|n| n as u32)
+    }
+
+    /// Records that these partitions were handed over cleanly, each at its committed offset.
+    pub async fn handed_over(&self, committed: &[(i32, i64)]) {
+        let Some(pool) = &self.pool else { return };
+        let (partitions, offsets): (Vec<i32>, Vec<i64>) = committed.iter().copied().unzip();
+        let marked = sqlx::query(
+            "UPDATE classifier_partitions c SET clean_offset = t.o
+             FROM UNNEST($3::int[], $4::int8[]) AS t(p, o)
+             WHERE c.group_id = $1 AND c.topic = $2 AND c.partition = t.p",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(&partitions)
+        .bind(&offsets)
+        .execute(pool)
+        .await;
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, "the delivery ledger did not record a clean handover");
+        }
+    }
+}
