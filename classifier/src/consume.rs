@@ -59,7 +59,6 @@ pub struct Context {
     pub lag: reefline_common::kafka::LagGauge,
     pub modes: Modes,
     pub deliveries: Deliveries,
-    pub topic: String,
 }
 
 impl Context {
@@ -107,22 +106,21 @@ impl Context {
                 false
             }
         };
-        {
+        let clean: Vec<(i32, i64)> = {
             let mut tracker = self.tracker.lock().expect("offset tracker lock");
+            let clean = tracker.next_offsets().into_iter().filter(|(p, _)| revoked.contains(p)).collect();
             let mut modes = self.modes.lock().expect("modes lock");
             for partition in revoked {
                 tracker.revoke(*partition);
                 modes.remove(partition);
             }
-        }
-        if committed && left == 0 {
-            let clean = committed_offsets(consumer, &self.topic, revoked);
-            if let Ok(tokio::runtime::RuntimeFlavor::MultiThread) =
-                tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())
-            {
-                let handle = tokio::runtime::Handle::current();
-                tokio::task::block_in_place(|| handle.block_on(self.deliveries.handed_over(&clean)));
-            }
+            clean
+        };
+        // A clean handover is recorded, so that the next owner takes the partitions as usual.
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        if committed && left == 0 && matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| handle.block_on(self.deliveries.handed_over(&clean)));
         }
         tracing::info!(
             partitions = revoked.len(),
@@ -154,32 +152,6 @@ impl ConsumerContext for Context {
 }
 
 pub type RequestConsumer = StreamConsumer<Context>;
-
-/// The committed offsets of `partitions` of `topic` (those that have one).
-pub fn committed_offsets<C: ConsumerContext>(
-    consumer: &impl Consumer<C>,
-    topic: &str,
-    partitions: &[i32],
-) -> Vec<(i32, i64)> {
-    let mut tpl = TopicPartitionList::new();
-    for partition in partitions {
-        tpl.add_partition(topic, *partition);
-    }
-    match consumer.committed_offsets(tpl, Duration::from_secs(5)) {
-        Ok(tpl) => tpl
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the committed offsets failed");
-            Vec::new()
-        }
-    }
-}
 
 /// How long a full pipeline may hold the next request before the partitions are paused (under a
 /// steady backlog a batch frees room every ~100 ms). Pausing
@@ -225,23 +197,17 @@ impl Offsets {
         mode
     }
 
-    /// Records a clean handover of every assigned partition, when nothing taken is unfinished and
+    /// Records a clean handover of every partition taken, when nothing taken is unfinished and
     /// the offsets are committed (a stop).
     pub async fn hand_over_cleanly(&self) {
-        if self.deliveries.limit() == 0 || self.unfinished() > 0 {
-            return;
-        }
-        let partitions: Vec<i32> = match self.consumer.assignment() {
-            Ok(tpl) => tpl.elements().iter().map(|e| e.partition()).collect(),
-            Err(_) => return,
+        let clean = {
+            let tracker = self.tracker.lock().expect("offset tracker lock");
+            if tracker.unfinished() > 0 {
+                return;
+            }
+            tracker.next_offsets()
         };
-        let consumer = self.consumer.clone();
-        let topic = self.topic.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || committed_offsets(consumer.as_ref(), &topic, &partitions)).await;
-        if let Ok(committed) = committed {
-            self.deliveries.handed_over(&committed).await;
-        }
+        self.deliveries.handed_over(&clean).await;
     }
 
     /// Pauses or resumes every assigned partition.
@@ -396,13 +362,17 @@ pub async fn run(
         match checked {
             Ok(request) if alone => {
                 // Nothing else is taken until it is finished.
-                backlog.push_back(Job { request, partition, offset, photo: None, crashed });
+                let span = job_span(&request, &message);
+                backlog.push_back(Job { request, partition, offset, photo: None, crashed, span });
                 tokio::select! {
                     () = &mut shutdown => return,
                     idle = idle(&offsets, &backlog, &jobs, 0) => if idle.is_err() { return },
                 }
             }
-            Ok(request) => backlog.push_back(Job { request, partition, offset, photo: None, crashed }),
+            Ok(request) => {
+                let span = job_span(&request, &message);
+                backlog.push_back(Job { request, partition, offset, photo: None, crashed, span });
+            }
             Err((kind, reason)) => {
                 let moved = reefline_common::kafka::dead_letter(
                     &producer,
@@ -420,6 +390,19 @@ pub async fn run(
             }
         }
     }
+}
+
+/// A request's `classify` span, continuing the trace its record carries.
+fn job_span(request: &ImageRequest, message: &rdkafka::message::BorrowedMessage<'_>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "classify",
+        request_id = %request.request_id,
+        batch_id = %request.batch_id,
+        partition = message.partition(),
+        offset = message.offset(),
+    );
+    reefline_common::telemetry::continue_from(&span, message.headers());
+    span
 }
 
 /// Hands the backlog to the pipeline while it has room; `Err` when the pipeline is gone.

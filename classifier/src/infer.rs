@@ -53,9 +53,14 @@ pub fn spawn(
                     input.extend_from_slice(&q.item.tensor);
                 }
                 debug_assert_eq!(input.len(), n * image_len);
+                let spans: Vec<tracing::Span> = batch
+                    .iter()
+                    .map(|q| tracing::info_span!(parent: &q.item.job.span, "infer", batch_size = n))
+                    .collect();
                 let started = Instant::now();
                 let result = engine.infer(&input, n);
                 let elapsed = started.elapsed().as_secs_f64();
+                drop(spans);
                 metrics.inference_seconds.with_label_values(&[&model.name]).observe(elapsed);
                 metrics.inference_per_image_seconds.with_label_values(&[&model.name]).observe(elapsed / n as f64);
                 let _ = done.send(());

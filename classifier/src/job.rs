@@ -20,6 +20,9 @@ pub struct Job {
     /// Set when classifiers stopped this many times working on it alone: it is failed with
     /// [`ImageError::CrashLoop`] instead of being tried again.
     pub crashed: Option<u32>,
+    /// Its `classify` span (a child of the trace its record carried), open until its result is
+    /// produced; each stage's span is a child of it.
+    pub span: tracing::Span,
 }
 
 /// A model as results name it.

@@ -53,7 +53,7 @@ use reefline_common::models::Model;
 /// The `reefline-classifier` command: settings from flags and environment, run until SIGTERM.
 pub async fn main() -> anyhow::Result<()> {
     use clap::Parser;
-    reefline_common::init_telemetry();
+    let _telemetry = reefline_common::telemetry::init("reefline-classifier");
     let app = Application::build(Settings::parse()).await?;
     tracing::info!(ops = %app.local_addr(), "classifier built");
     app.run_until(reefline_common::shutdown_signal()).await
@@ -118,7 +118,6 @@ impl Application {
             lag: reefline_common::kafka::LagGauge::register(&registry, "classifier_consumer_lag")?,
             modes: modes.clone(),
             deliveries: deliveries.clone(),
-            topic: settings.topics.requests.clone(),
         };
         let consumer: RequestConsumer =
             settings.kafka.consumer_config(&settings.group_id).create_with_context(context)?;
@@ -323,10 +322,11 @@ impl Application {
         }
         self.producer.flush(Duration::from_secs(10))?;
         match self.offsets.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+                self.offsets.hand_over_cleanly().await;
+            }
             Err(e) => tracing::warn!(error = %e, "final commit failed"),
         }
-        self.offsets.hand_over_cleanly().await;
         let _ = ops_stop_tx.send(());
         let _ = ops_server.await;
         close_consumer(self.offsets.consumer, Duration::from_secs(10)).await;

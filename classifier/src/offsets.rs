@@ -7,12 +7,21 @@ use std::collections::{BTreeMap, HashMap};
 #[derive(Default, Debug)]
 pub struct PartitionOffsets {
     in_flight: BTreeMap<i64, bool>,
+    /// The offset to store (next to read): the first message's until one is finished.
+    next: Option<i64>,
 }
 
 impl PartitionOffsets {
     /// A message was taken from the partition.
     pub fn start(&mut self, offset: i64) {
+        self.next.get_or_insert(offset);
         self.in_flight.insert(offset, false);
+    }
+
+    /// The offset stored (or, before anything is, where this owner began): where the partition
+    /// stands once nothing is unfinished.
+    pub fn next(&self) -> Option<i64> {
+        self.next
     }
 
     /// A message's result is acknowledged; returns the offset to store (next to read), if it moved.
@@ -27,6 +36,9 @@ impl PartitionOffsets {
             }
             next = Some(entry.key() + 1);
             entry.remove();
+        }
+        if next.is_some() {
+            self.next = next;
         }
         next
     }
@@ -74,6 +86,11 @@ impl OffsetTracker {
     /// Messages in flight on `partition`.
     pub fn in_flight_on(&self, partition: i32) -> usize {
         self.partitions.get(&partition).map_or(0, PartitionOffsets::in_flight)
+    }
+
+    /// Where each partition stands (see [`PartitionOffsets::next`]).
+    pub fn next_offsets(&self) -> Vec<(i32, i64)> {
+        self.partitions.iter().filter_map(|(p, offsets)| Some((*p, offsets.next()?))).collect()
     }
 
     /// Forgets a partition that was revoked.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use reefline_schemas::rules::{SHORT_TEXT_BYTES, truncate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::error::ImageError;
 use crate::fetch::Fetcher;
@@ -107,7 +108,8 @@ pub async fn run(
         tasks.spawn(async move {
             let mut job = job;
             let input = &stage.models[model];
-            let decoded = match stage.fetch(&job.request.url, &work, &fetches).await {
+            let fetching = tracing::info_span!(parent: &job.span, "fetch");
+            let decoded = match stage.fetch(&job.request.url, &work, &fetches).instrument(fetching).await {
                 Ok((bytes, _working)) => {
                     let (photo, bytes) = stage.learn(bytes).await;
                     // The same bytes classified before by the same model: its predictions, no decode.
@@ -123,7 +125,11 @@ pub async fn run(
                     // The decoder slot is held until the tensor is handed on: when the batching
                     // queue is full, decoding stops rather than piling up finished tensors.
                     match decoders.acquire().await {
-                        Ok(slot) => stage.preprocess(input.preprocess, bytes).await.map(|tensor| (tensor, slot)),
+                        Ok(slot) => {
+                            let decoding = tracing::info_span!(parent: &job.span, "decode");
+                            let tensor = stage.preprocess(input.preprocess, bytes).instrument(decoding).await;
+                            tensor.map(|tensor| (tensor, slot))
+                        }
                         Err(_) => return,
                     }
                 }

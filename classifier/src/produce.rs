@@ -19,6 +19,7 @@ use reefline_common::producer::FutureProducer;
 use reefline_schemas::rules::{ERROR_MESSAGE_BYTES, truncate};
 use reefline_schemas::{BATCH_ID_HEADER, ClassificationResult, Codec, CodecError, REQUEST_ID_HEADER, Status};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::consume::Offsets;
 use crate::job::Outcome;
@@ -133,7 +134,8 @@ impl Produce {
         let metrics = &self.metrics;
         let mut backoff = reefline_common::Backoff::new();
         let outcome_label = loop {
-            match self.try_produce(&result).await {
+            let producing = tracing::info_span!(parent: &outcome.job.span, "produce", status = result.status.as_str());
+            match self.try_produce(&result, &outcome.job.span).instrument(producing).await {
                 Ok(()) => break result.error_kind.as_deref().unwrap_or("ok"),
                 Err(Failure::Permanent(kind, reason)) => {
                     if !self.dead_letter(&outcome, kind, &reason).await {
@@ -159,11 +161,13 @@ impl Produce {
         self.offsets.finish(outcome.job.partition, outcome.job.offset);
     }
 
-    async fn try_produce(&self, result: &ClassificationResult) -> Result<(), Failure> {
+    /// Produces `result`, its record carrying the trace context of `span` (the request's).
+    async fn try_produce(&self, result: &ClassificationResult, span: &tracing::Span) -> Result<(), Failure> {
         let payload = self.codec.encode(&self.topic, result).await.map_err(classify_codec)?;
         let headers = OwnedHeaders::new()
             .insert(Header { key: REQUEST_ID_HEADER, value: Some(result.request_id.as_str()) })
             .insert(Header { key: BATCH_ID_HEADER, value: Some(result.batch_id.as_str()) });
+        let headers = reefline_common::telemetry::inject(span, headers);
         let record = FutureRecord::to(&self.topic).key(result.request_id.as_str()).payload(&payload).headers(headers);
         self.producer.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| classify_kafka(&e))?;
         Ok(())

@@ -25,7 +25,7 @@ pub use settings::Settings;
 /// The `reefline-ingest` command: settings from flags and environment, run until SIGINT/SIGTERM.
 pub async fn main() -> anyhow::Result<()> {
     use clap::Parser;
-    reefline_common::init_telemetry();
+    let _telemetry = reefline_common::telemetry::init("reefline-ingest");
     let settings = Settings::parse();
     let app = Application::build(settings).await?;
     app.run_until(reefline_common::shutdown_signal()).await?;

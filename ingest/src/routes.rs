@@ -291,6 +291,8 @@ impl Drop for Admission<'_> {
 async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> Result<(), IngestError> {
     let started = Instant::now();
     let _admitted = Admission::try_new(state, requests.len())?;
+    // The trace of the submission: each record carries its context to the classifier.
+    let span = tracing::info_span!("submit", batch_id = %requests[0].batch_id, images = requests.len(), route);
     let topic = &state.settings.topics.requests;
     let mut records = Vec::with_capacity(requests.len());
     for request in &requests {
@@ -299,6 +301,7 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
     }
     let deliveries = records.iter().map(|(id, payload)| {
         let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(*id) });
+        let headers = reefline_common::telemetry::inject(&span, headers);
         let record = FutureRecord::to(topic).key(*id).payload(payload).headers(headers);
         // No waiting for room in the producer's queue: it has room for every admitted image.
         state.producer.send(record, Duration::ZERO)

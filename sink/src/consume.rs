@@ -104,6 +104,16 @@ impl Sink {
             }
         }
         let (results, sources): (Vec<ClassificationResult>, Vec<usize>) = latest.into_values().unzip();
+        // A `store` span per result, in the trace its record carries, open until it is written.
+        let spans: Vec<tracing::Span> = results
+            .iter()
+            .zip(&sources)
+            .map(|(r, &i)| {
+                let span = tracing::info_span!("store", request_id = %r.request_id, batch_id = %r.batch_id);
+                reefline_common::telemetry::continue_from(&span, messages[i].headers());
+                span
+            })
+            .collect();
         let refused = write_isolating(
             &results,
             |rows| async move {
@@ -125,6 +135,7 @@ impl Sink {
         )
         .await
         .unwrap_or_default();
+        drop(spans);
         for (i, reason) in refused {
             self.dead_letter(&messages[sources[i]], "refused_by_database", &reason).await;
         }

@@ -30,7 +30,7 @@ pub use crate::settings::Settings;
 /// The `reefline-sink` command: settings from flags and environment, run until SIGINT/SIGTERM.
 pub async fn main() -> anyhow::Result<()> {
     use clap::Parser;
-    reefline_common::init_telemetry();
+    let _telemetry = reefline_common::telemetry::init("reefline-sink");
     let settings = Settings::parse();
     tracing::info!(?settings, "starting");
     let app = Application::build(settings).await?;

@@ -15,6 +15,9 @@ pub struct ServiceProcess {
     pub log: std::path::PathBuf,
 }
 
+/// Environment variables for a service process, beyond `RUST_LOG`.
+pub type Env<'a> = &'a [(&'a str, &'a str)];
+
 fn log_path(name: &str) -> std::path::PathBuf {
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -25,7 +28,14 @@ impl ServiceProcess {
     /// Starts the classifier command `bin` (an integration test passes
     /// `env!("CARGO_BIN_EXE_classifier-under-test")`) with the settings' topics, group, model and broker.
     pub fn classifier(bin: &str, s: &reefline_classifier::Settings, name: &str) -> Self {
-        Self::spawn(Self::classifier_command(Command::new(bin), s), name)
+        Self::classifier_with_env(bin, s, name, &[])
+    }
+
+    /// Like [`ServiceProcess::classifier`], with these environment variables set too.
+    pub fn classifier_with_env(bin: &str, s: &reefline_classifier::Settings, name: &str, env: Env<'_>) -> Self {
+        let mut command = Self::classifier_command(Command::new(bin), s);
+        command.envs(env.iter().copied());
+        Self::spawn(command, name)
     }
 
     /// Like [`ServiceProcess::classifier`], killed with SIGKILL as soon as its resident memory
@@ -85,7 +95,13 @@ impl ServiceProcess {
     /// Starts the sink command `bin` (`env!("CARGO_BIN_EXE_sink-under-test")`) with the settings'
     /// database, topics, group and broker, on a port it chooses ([`ServiceProcess::address`]).
     pub fn sink(bin: &str, s: &reefline_sink::Settings, name: &str) -> Self {
+        Self::sink_with_env(bin, s, name, &[])
+    }
+
+    /// Like [`ServiceProcess::sink`], with these environment variables set too.
+    pub fn sink_with_env(bin: &str, s: &reefline_sink::Settings, name: &str, env: Env<'_>) -> Self {
         let mut command = Command::new(bin);
+        command.envs(env.iter().copied());
         command
             .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
             .args(["--results-topic", &s.topics.results, "--dead-letter-topic", &s.topics.dead_letter])
@@ -99,7 +115,13 @@ impl ServiceProcess {
     /// Starts the ingest command `bin` (`env!("CARGO_BIN_EXE_ingest-under-test")`) with the
     /// settings' topics, database, broker and registry, on a port it chooses ([`ServiceProcess::address`]).
     pub fn ingest(bin: &str, s: &reefline_ingest::Settings, name: &str) -> Self {
+        Self::ingest_with_env(bin, s, name, &[])
+    }
+
+    /// Like [`ServiceProcess::ingest`], with these environment variables set too.
+    pub fn ingest_with_env(bin: &str, s: &reefline_ingest::Settings, name: &str, env: Env<'_>) -> Self {
         let mut command = Command::new(bin);
+        command.envs(env.iter().copied());
         command
             .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
             .args(["--requests-topic", &s.topics.requests, "--results-topic", &s.topics.results])

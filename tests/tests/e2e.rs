@@ -15,4 +15,5 @@ mod feeds;
 mod hostile;
 mod models;
 mod outages;
+mod traces;
 mod web;

@@ -25,6 +25,8 @@ where
 {
     let started = Instant::now();
     let topic = &state.settings.topics.requests;
+    let batch_id = requests.first().map_or("", |r| r.batch_id.as_str());
+    let span = tracing::info_span!("produce_chunk", batch_id, images = requests.len(), route);
     let permits = state
         .pending
         .acquire_many(requests.len() as u32)
@@ -51,6 +53,7 @@ where
             let deliveries = unsent.iter().map(|&i| {
                 let id = requests[i].request_id.as_str();
                 let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) });
+                let headers = reefline_common::telemetry::inject(&span, headers);
                 let record = FutureRecord::to(topic).key(id).payload(&payloads[i]).headers(headers);
                 state.producer.send(record, Duration::ZERO)
             });

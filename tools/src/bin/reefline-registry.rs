@@ -19,7 +19,7 @@ struct Settings {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    reefline_common::init_telemetry();
+    let _telemetry = reefline_common::telemetry::init("reefline-registry");
     let settings = Settings::parse();
     let registry = match settings.file {
         Some(file) => Registry::open(file)?,

@@ -16,7 +16,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    reefline_common::init_telemetry();
+    let _telemetry = reefline_common::telemetry::init("reefline-replay");
     let cli = Cli::parse();
     let summary = replay(&cli.kafka, &cli.options).await?;
     let what = if cli.options.dry_run { "dry run (nothing produced)" } else { "replay done" };
