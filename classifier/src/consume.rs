@@ -200,8 +200,13 @@ impl Offsets {
     /// Records a clean handover of every partition taken, when nothing taken is unfinished and
     /// the offsets are committed (a stop).
     pub async fn hand_over_cleanly(&self) {
+        // Requests read but never handed to the pipeline are the next owner's to read.
+        let unsent: Vec<Job> = self.backlog.lock().drain(..).collect();
         let clean = {
-            let tracker = self.tracker.lock().expect("offset tracker lock");
+            let mut tracker = self.tracker.lock().expect("offset tracker lock");
+            for job in unsent {
+                tracker.forget(job.partition, job.offset);
+            }
             if tracker.unfinished() > 0 {
                 return;
             }

@@ -9,6 +9,9 @@ use serde_json::{Value, json};
 
 const CLASSIFIER: &str = env!("CARGO_BIN_EXE_classifier-under-test");
 
+/// What a classifier logs when it takes a partition whose last owner stopped mid-way.
+const CAREFUL: &str = "taking its next requests one at a time";
+
 /// Result records the sink read beyond one per request: work redone after a fault.
 async fn duplicates(client: &reqwest::Client, sink: &str) -> f64 {
     let text = client.get(format!("{sink}/metrics")).send().await.unwrap().text().await.unwrap();
@@ -102,6 +105,9 @@ async fn a_terminated_classifier_finishes_its_work_and_hands_over_the_rest() {
     // What the stopped classifier started it finished and committed before its partitions were
     // handed over, so its successor redoes nothing.
     assert_eq!(duplicates, 0.0, "results redone after a graceful stop");
+    // The handover was recorded as clean: its successor takes the partitions as usual, not one
+    // request at a time as after a crash.
+    assert!(!steady.log_text().contains(CAREFUL), "see {}", steady.log.display());
 
     drop(steady);
     f.finish().await;
@@ -129,6 +135,7 @@ async fn a_classifier_joining_mid_stream_takes_partitions_over_without_redoing_w
         async move { handed.then_some(()) }
     })
     .await;
+    assert!(!second.log_text().contains(CAREFUL), "see {}", second.log.display());
     drop((first, second));
     f.finish().await;
 }
@@ -213,7 +220,7 @@ async fn an_image_that_kills_the_classifier_is_tried_alone_three_times_then_set_
         1,
         "one dead letter, to replay once fixed"
     );
-    assert!(classifier.log_text().contains("taking its next requests one at a time"));
+    assert!(classifier.log_text().contains(CAREFUL));
 
     drop(classifier);
     f.finish().await;
