@@ -177,6 +177,12 @@ impl Offsets {
         self.tracker.lock().expect("offset tracker lock").start(partition, offset);
     }
 
+    /// A request read but left when the classifier stops, before the pipeline had it: the next
+    /// owner reads it.
+    fn forget(&self, partition: i32, offset: i64) {
+        self.tracker.lock().expect("offset tracker lock").forget(partition, offset);
+    }
+
     fn unfinished(&self) -> usize {
         self.tracker.lock().expect("offset tracker lock").unfinished()
     }
@@ -322,7 +328,7 @@ pub async fn run(
             && let Mode::Careful { .. } = offsets.mode(partition, offset).await
         {
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => return offsets.forget(partition, offset),
                 idle = idle(&offsets, &backlog, &jobs, 1) => if idle.is_err() { return },
             }
             let limit = offsets.deliveries.limit();
@@ -340,7 +346,7 @@ pub async fn run(
                         &reason,
                     );
                     tokio::select! {
-                        () = &mut shutdown => return,
+                        () = &mut shutdown => return offsets.forget(partition, offset),
                         () = moved => {}
                     }
                     metrics.dead_letters.with_label_values(&["crash_loop"]).inc();
@@ -354,7 +360,7 @@ pub async fn run(
         // Waiting out a registry or broker outage here must not hold up a stop: what is not
         // finished is not committed, so it is read again after a restart.
         let checked = tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut shutdown => return offsets.forget(partition, offset),
             decoded = reefline_common::retry_transient("schema registry", CodecError::is_transient, || {
                 codec.decode::<ImageRequest>(message.payload())
             }) => decoded
@@ -370,9 +376,10 @@ pub async fn run(
                 let span = job_span(&request, &message);
                 backlog.push_back(Job { request, partition, offset, photo: None, crashed, span });
                 tokio::select! {
-                    () = &mut shutdown => return,
+                    () = &mut shutdown => return offsets.forget(partition, offset),
                     idle = idle(&offsets, &backlog, &jobs, 0) => if idle.is_err() { return },
                 }
+                offsets.deliveries.finished(partition, offset).await;
             }
             Ok(request) => {
                 let span = job_span(&request, &message);

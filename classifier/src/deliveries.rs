@@ -129,6 +129,22 @@ impl Deliveries {
             .map(|n| n as u32)
     }
 
+    /// The request at `offset`, taken alone, finished: its tries are forgotten, so that being
+    /// taken alone again (its offset not yet committed when a later request stopped the process)
+    /// does not count against it.
+    pub async fn finished(&self, partition: i32, offset: i64) {
+        let Some(pool) = &self.pool else { return };
+        let _ = sqlx::query(
+            "DELETE FROM classifier_attempts WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(pool)
+        .await;
+    }
+
     /// Records that these partitions were handed over cleanly, each at its committed offset.
     pub async fn handed_over(&self, committed: &[(i32, i64)]) {
         let Some(pool) = &self.pool else { return };

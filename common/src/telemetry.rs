@@ -13,6 +13,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -52,8 +54,11 @@ pub fn init(service: &'static str) -> Telemetry {
             None
         }
     });
-    let spans = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
-    let installed = tracing_subscriber::registry().with(filter).with(logs).with(spans).try_init().is_ok();
+    // `RUST_LOG` filters the logs only: spans (and the context records carry) stay at `info`.
+    let spans = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)).with_filter(LevelFilter::INFO));
+    let installed = tracing_subscriber::registry().with(logs.with_filter(filter)).with(spans).try_init().is_ok();
     if installed && let Some(endpoint) = endpoint.filter(|_| provider.is_some()) {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         tracing::info!(%endpoint, "exporting spans over OTLP/HTTP");

@@ -58,6 +58,7 @@ ALTER TABLE batches
     ADD COLUMN kind text NOT NULL DEFAULT 'submission' CHECK (kind IN ('submission', 'feed', 'feed_chunk')),
     ADD COLUMN feed_id text;
 CREATE INDEX batches_open_chunks ON batches (feed_id) WHERE kind = 'feed_chunk' AND completed_at IS NULL;
+CREATE INDEX batches_open_feeds ON batches (batch_id) WHERE kind = 'feed' AND completed_at IS NULL;
 DROP INDEX batches_outbox;
 CREATE INDEX batches_outbox ON batches (completed_at)
     WHERE completed_at IS NOT NULL AND event_produced_at IS NULL AND kind <> 'feed_chunk';

@@ -49,16 +49,18 @@ pub async fn complete(pool: &PgPool, batch_ids: &[&str]) -> sqlx::Result<u64> {
 }
 
 /// Marks complete the feeds (read to their end) whose every accepted line has a result, and makes
-/// their callbacks due; the number marked. Lines are counted only once none of the feed's chunks
-/// is open, and counted distinct: a chunk an interrupted upload produced and its resend produced
-/// again has two results for a line.
+/// their callbacks due; the number marked. Lines are counted only once no request logged for the
+/// feed's open chunks waits for its result, and counted distinct: a chunk an interrupted upload
+/// produced (in part, maybe: that chunk's batch never fills) and its resend produced again has two
+/// results for a line.
 pub async fn complete_feeds(pool: &PgPool) -> sqlx::Result<u64> {
     let done = sqlx::query(
         "UPDATE batches f
          SET completed_at = now(), callback_due_at = CASE WHEN f.callback_url IS NULL THEN NULL ELSE now() END
          WHERE f.kind = 'feed' AND f.completed_at IS NULL
-           AND NOT EXISTS (SELECT 1 FROM batches c
-                           WHERE c.kind = 'feed_chunk' AND c.feed_id = f.batch_id AND c.completed_at IS NULL)
+           AND NOT EXISTS (SELECT 1 FROM batches c JOIN requests q ON q.batch_id = c.batch_id
+                           WHERE c.kind = 'feed_chunk' AND c.feed_id = f.batch_id AND c.completed_at IS NULL
+                             AND NOT EXISTS (SELECT 1 FROM results r WHERE r.request_id = q.request_id))
            AND (SELECT count(DISTINCT line) FROM results r WHERE r.feed_id = f.batch_id) >= f.total",
     )
     .execute(pool)

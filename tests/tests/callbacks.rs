@@ -193,6 +193,8 @@ async fn a_finished_submission_or_feed_is_announced_once_by_a_signed_callback_an
     let counts = |id: &str| seen.iter().find(|b| b.batch_id == id).map(|b| (b.total, b.ok, b.error, b.marine));
     assert_eq!(counts(&batch_id), Some((2, 1, 1, 0)));
     assert_eq!(counts(&feed_id), Some((3, 2, 1, 0)));
+    // Nothing else was produced there, before or after: no record for a chunk, none twice.
+    assert_eq!(reefline_e2e::topic_size(&env.broker.kafka(), &env.names.batches).await, 3);
     let (status, plain) = get_json(&client, &format!("{}/v1/batches/{batch_id}", stack.sink)).await;
     assert_eq!((status, &plain["done"]), (200, &json!(true)));
 
