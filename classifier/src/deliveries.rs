@@ -78,15 +78,7 @@ impl Deliveries {
         .bind(partition)
         .fetch_one(pool)
         .await;
-        let _ = sqlx::query(
-            "DELETE FROM classifier_attempts WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" < $4",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(partition)
-        .bind(offset)
-        .execute(pool)
-        .await;
+        self.forget_tries(pool, partition, offset, true).await;
         match claimed {
             Ok((_, true)) => Mode::Normal,
             Ok((Some(clean), false)) if clean == offset => Mode::Normal,
@@ -134,13 +126,20 @@ impl Deliveries {
     /// does not count against it.
     pub async fn finished(&self, partition: i32, offset: i64) {
         let Some(pool) = &self.pool else { return };
+        self.forget_tries(pool, partition, offset, false).await;
+    }
+
+    /// Forgets the tries counted on `partition` at `offset`, or (`below`) before it.
+    async fn forget_tries(&self, pool: &PgPool, partition: i32, offset: i64, below: bool) {
         let _ = sqlx::query(
-            "DELETE FROM classifier_attempts WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4",
+            "DELETE FROM classifier_attempts WHERE group_id = $1 AND topic = $2 AND partition = $3
+               AND CASE WHEN $5 THEN \"offset\" < $4 ELSE \"offset\" = $4 END",
         )
         .bind(&self.group)
         .bind(&self.topic)
         .bind(partition)
         .bind(offset)
+        .bind(below)
         .execute(pool)
         .await;
     }
