@@ -12,6 +12,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::job::{Classified, ModelTag};
 
+/// A pool of at most `connections` to the sink's database at `url`, connected when first used,
+/// each statement and each wait for a connection bounded by `timeout`: the classifier's uses of the
+/// database (this cache, the delivery ledger) are worth no more than that.
+pub(crate) fn lazy_pool(url: &str, connections: u32, timeout: Duration) -> anyhow::Result<PgPool> {
+    let options = url.parse::<PgConnectOptions>()?.options([("statement_timeout", timeout.as_millis().to_string())]);
+    Ok(PgPoolOptions::new().max_connections(connections).acquire_timeout(timeout).connect_lazy_with(options))
+}
+
 /// Predictions as the results table holds them, and the marine group.
 type Stored = (sqlx::types::Json<Vec<Prediction>>, Option<String>);
 
@@ -27,14 +35,7 @@ impl ResultCache {
     /// A cache over the database at `url` (connected when first used; each lookup bounded by
     /// `timeout`), or none.
     pub fn new(url: Option<&str>, timeout: Duration, lookups: IntCounterVec) -> anyhow::Result<Self> {
-        let pool = match url {
-            Some(url) => {
-                let options: PgConnectOptions =
-                    url.parse::<PgConnectOptions>()?.options([("statement_timeout", timeout.as_millis().to_string())]);
-                Some(PgPoolOptions::new().max_connections(4).acquire_timeout(timeout).connect_lazy_with(options))
-            }
-            None => None,
-        };
+        let pool = url.map(|url| lazy_pool(url, 4, timeout)).transpose()?;
         Ok(Self { pool, lookups })
     }
 

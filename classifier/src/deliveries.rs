@@ -14,7 +14,6 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// How many requests after an unclean handover are taken one at a time. The one that stopped the
 /// last owner is usually among them (its requests are taken in offset order); when it lies
@@ -44,15 +43,8 @@ impl Deliveries {
     /// A ledger in the database at `url` (connected when first used), or none; `limit` tries
     /// alone before a request is dead-lettered (0: off).
     pub fn new(url: Option<&str>, group: &str, topic: &str, limit: u32) -> anyhow::Result<Self> {
-        let timeout = Duration::from_secs(2);
-        let pool = match url.filter(|_| limit > 0) {
-            Some(url) => {
-                let options =
-                    url.parse::<PgConnectOptions>()?.options([("statement_timeout", timeout.as_millis().to_string())]);
-                Some(PgPoolOptions::new().max_connections(2).acquire_timeout(timeout).connect_lazy_with(options))
-            }
-            None => None,
-        };
+        let pool =
+            url.filter(|_| limit > 0).map(|url| crate::cache::lazy_pool(url, 2, Duration::from_secs(2))).transpose()?;
         Ok(Self { pool, group: group.to_owned(), topic: topic.to_owned(), limit })
     }
 

@@ -86,16 +86,14 @@ pub async fn run(
     let stage = Arc::new(stage);
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(job) = jobs.recv().await {
-        let model = match (stage.model_for(&job), job.crashed) {
-            (Ok(model), None) => model,
-            (Ok(model), Some(tries)) => {
-                let (tag, error) = (stage.models[model].tag.clone(), ImageError::CrashLoop { tries });
-                if failed.send(Outcome { job, model: tag, result: Err(error), cached: false }).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            (Err((tag, error)), _) => {
+        // A request classifiers kept stopping on fails under its model, as one naming no served model does.
+        let chosen = stage.model_for(&job).and_then(|model| match job.crashed {
+            Some(tries) => Err((stage.models[model].tag.clone(), ImageError::CrashLoop { tries })),
+            None => Ok(model),
+        });
+        let model = match chosen {
+            Ok(model) => model,
+            Err((tag, error)) => {
                 if failed.send(Outcome { job, model: tag, result: Err(error), cached: false }).await.is_err() {
                     break;
                 }

@@ -199,12 +199,21 @@ impl Client {
     /// A feed's progress, or a batch's when no feed has the id.
     async fn status(&self, id: &str) -> anyhow::Result<Value> {
         let sink = self.api.sink_url.trim_end_matches('/');
-        for url in [format!("{sink}/v1/feeds/{id}"), format!("{sink}/v1/batches/{id}")] {
-            let response = self.request(reqwest::Method::GET, url).send().await?;
-            if response.status() == 404 {
-                continue;
+        self.feed_or_batch(
+            reqwest::Method::GET,
+            id,
+            [format!("{sink}/v1/feeds/{id}"), format!("{sink}/v1/batches/{id}")],
+        )
+        .await
+    }
+
+    /// The answer of the first of `urls` (a feed's, then a batch's) that knows `id`.
+    async fn feed_or_batch(&self, method: reqwest::Method, id: &str, urls: [String; 2]) -> anyhow::Result<Value> {
+        for url in urls {
+            let response = self.request(method.clone(), url).send().await?;
+            if response.status() != 404 {
+                return answer(response).await;
             }
-            return answer(response).await;
         }
         bail!("no feed or batch `{id}` is known")
     }
@@ -268,14 +277,8 @@ impl Client {
     /// Sends a feed's (or a batch's) transient failures through again.
     async fn retry(&self, id: &str) -> anyhow::Result<Value> {
         let ingest = self.api.ingest_url.trim_end_matches('/');
-        for url in [format!("{ingest}/v1/feeds/{id}/retry"), format!("{ingest}/v1/batches/{id}/retry")] {
-            let response = self.request(reqwest::Method::POST, url).send().await?;
-            if response.status() == 404 {
-                continue;
-            }
-            return answer(response).await;
-        }
-        bail!("no feed or batch `{id}` is known")
+        let urls = [format!("{ingest}/v1/feeds/{id}/retry"), format!("{ingest}/v1/batches/{id}/retry")];
+        self.feed_or_batch(reqwest::Method::POST, id, urls).await
     }
 }
 

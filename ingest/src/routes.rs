@@ -11,10 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use futures::future::join_all;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
 use reefline_schemas::view::{BatchView, ErrorBody, ResultView};
-use reefline_schemas::{ClassificationResult, ImageRequest, REQUEST_ID_HEADER};
+use reefline_schemas::{ClassificationResult, ImageRequest};
 use serde::Serialize;
 use url::Url;
 use uuid::Uuid;
@@ -300,9 +298,7 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
         records.push((request.request_id.as_str(), payload));
     }
     let deliveries = records.iter().map(|(id, payload)| {
-        let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(*id) });
-        let headers = reefline_common::telemetry::inject(&span, headers);
-        let record = FutureRecord::to(topic).key(*id).payload(payload).headers(headers);
+        let record = crate::feeds::produce::request_record(topic, id, payload, &span);
         // No waiting for room in the producer's queue: it has room for every admitted image.
         state.producer.send(record, Duration::ZERO)
     });

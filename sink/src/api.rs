@@ -49,6 +49,14 @@ pub(crate) fn query<T>(
     query.map(|q| q.0).map_err(|e| ApiError::InvalidField { field: "query", message: e.body_text() })
 }
 
+/// A page's `limit`: 1 to 1,000, 100 when absent.
+pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(100) {
+        limit @ 1..=1000 => Ok(limit),
+        limit => Err(ApiError::InvalidField { field: "limit", message: format!("{limit} is not from 1 to 1000") }),
+    }
+}
+
 /// Why a lookup failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {

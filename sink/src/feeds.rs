@@ -185,10 +185,7 @@ pub async fn rejects(
     query: Result<Query<RejectsQuery>, QueryRejection>,
 ) -> Result<Json<RejectsPage>, ApiError> {
     let query = crate::api::query(query)?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::InvalidField { field: "limit", message: format!("{limit} is not from 1 to 1000") });
-    }
+    let limit = crate::api::page_limit(query.limit)?;
     columns(&pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     let rejects: Vec<Reject> = sqlx::query_as(
         "SELECT line, reason, content FROM feed_rejects WHERE feed_id = $1 AND line > $2 ORDER BY line LIMIT $3",

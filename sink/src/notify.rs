@@ -240,7 +240,15 @@ impl Notifier {
     /// The callback's JSON: the batch's (or the feed's) counts and where to read its results.
     fn body(&self, s: &Summary) -> serde_json::Value {
         let base = self.public_url.trim_end_matches('/');
+        let (kind, id_key, links) = if s.feed {
+            let feed = format!("{base}/v1/feeds/{}", s.batch_id);
+            let links = json!({ "feed": feed, "results": format!("{feed}/results?format=csv"), "rejects": format!("{feed}/rejects") });
+            ("feed.completed", "feed_id", links)
+        } else {
+            ("batch.completed", "batch_id", json!({ "batch": format!("{base}/v1/batches/{}", s.batch_id) }))
+        };
         let mut body = json!({
+            "type": kind,
             "total": s.total,
             "ok": s.ok,
             "error": s.error,
@@ -248,18 +256,9 @@ impl Notifier {
             "marine_groups": s.marine_groups,
             "submitted_at": s.submitted_at.to_rfc3339(),
             "completed_at": s.completed_at.to_rfc3339(),
+            "links": links,
         });
-        let extra = if s.feed {
-            let feed = format!("{base}/v1/feeds/{}", s.batch_id);
-            json!({
-                "type": "feed.completed",
-                "feed_id": s.batch_id,
-                "links": { "feed": feed, "results": format!("{feed}/results?format=csv"), "rejects": format!("{feed}/rejects") },
-            })
-        } else {
-            json!({ "type": "batch.completed", "batch_id": s.batch_id, "links": { "batch": format!("{base}/v1/batches/{}", s.batch_id) } })
-        };
-        body.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+        body[id_key] = json!(s.batch_id);
         body
     }
 }

@@ -90,10 +90,7 @@ pub async fn search(
     query: Result<Query<SearchQuery>, QueryRejection>,
 ) -> Result<Json<ResultsPage>, ApiError> {
     let q = crate::api::query(query)?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(invalid("limit", format!("{limit} is not from 1 to 1000")));
-    }
+    let limit = crate::api::page_limit(q.limit)?;
     if let Some(status) = q.status.as_deref().filter(|s| !matches!(*s, "ok" | "error")) {
         return Err(invalid(
             "status",

@@ -6,7 +6,7 @@
 
 mod ledger;
 pub mod parse;
-mod produce;
+pub(crate) mod produce;
 pub(crate) mod retry;
 mod source;
 

@@ -11,6 +11,18 @@ use reefline_schemas::{ImageRequest, REQUEST_ID_HEADER};
 use crate::AppState;
 use crate::error::IngestError;
 
+/// A request's record, keyed by its id: its id in a header too, and the trace context of `span`.
+pub(crate) fn request_record<'a>(
+    topic: &'a str,
+    request_id: &'a str,
+    payload: &'a [u8],
+    span: &tracing::Span,
+) -> FutureRecord<'a, str, [u8]> {
+    let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(request_id) });
+    let headers = reefline_common::telemetry::inject(span, headers);
+    FutureRecord::to(topic).key(request_id).payload(payload).headers(headers)
+}
+
 /// Produces `requests` for `route` and returns once the broker has acknowledged every one; fails
 /// once the registry or the broker has been away for `stall`. `pause` is awaited between tries.
 pub async fn produce_chunk<P>(
@@ -51,10 +63,7 @@ where
         let mut unsent: Vec<usize> = (0..requests.len()).collect();
         while !unsent.is_empty() {
             let deliveries = unsent.iter().map(|&i| {
-                let id = requests[i].request_id.as_str();
-                let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(id) });
-                let headers = reefline_common::telemetry::inject(&span, headers);
-                let record = FutureRecord::to(topic).key(id).payload(&payloads[i]).headers(headers);
+                let record = request_record(topic, &requests[i].request_id, &payloads[i], &span);
                 state.producer.send(record, Duration::ZERO)
             });
             let outcomes = futures::future::join_all(deliveries).await;
