@@ -419,7 +419,8 @@ def large_photos(args, runs):
     """The same stack and the Celery design on the 12-megapixel versions, with their limit."""
     camera_photos()
     url, photos = serve_photos(LARGE)
-    say(f"{args.large_images} images a run over {photos} distinct 12-megapixel photos")
+    say(f"{args.large_images} images a run over {photos} distinct 12-megapixel photos "
+        f"(JPEG_SCALE_MARGIN={args.jpeg_scale_margin}: decoded at 1/{4 if args.jpeg_scale_margin >= 2 else 8})")
     for r, run in enumerate(runs):
         base = 1000 + r * 10 * args.large_images
         run["large_limit"] = limit(args.large_images, LARGE)
@@ -431,7 +432,12 @@ def large_photos(args, runs):
     print()
     line("12mp single_process_limit_images_s", [r["large_limit"] for r in runs])
     line("12mp end_to_end_images_s (make up)", [r["large"]["rate"] for r in runs])
+    line("12mp end_to_end / limit", [r["large"]["rate"] / r["large_limit"] for r in runs], "{:.3f}")
     line("12mp classifier_cpu_ms_per_image", [r["large"]["cpu"]["classifier"] for r in runs], "{:.2f}")
+    middle = sorted(runs, key=lambda r: r["large"]["rate"])[len(runs) // 2]["large"]
+    total = sum(middle["cpu"].values())
+    print(f"12mp cpu_ms_per_image " + ", ".join(f"{name} {ms:.2f}" for name, ms in middle["cpu"].items())
+          + f"; total {total:.2f} ({CORES} cores allow {CORES * 1000 / total:.0f} images/s)")
     if args.celery:
         line("12mp celery_baseline_images_s", [r["large_celery"]["rate"] for r in runs])
         ratios = [r["large"]["rate"] / r["large_celery"]["rate"] for r in runs]
@@ -440,13 +446,25 @@ def large_photos(args, runs):
 
 
 def bench(args):
+    runs = [{} for _ in range(args.runs)]
+    if not args.large_only:
+        small_photos(args, runs)
+    if args.large_images:
+        large_photos(args, runs)
+    stages = os.path.join(RELEASE, "examples", "stage_costs")
+    if os.path.exists(stages):
+        print("\nCPU per image by stage, one thread (tests/examples/stage_costs.rs):", flush=True)
+        subprocess.run([stages], check=True)
+
+
+def small_photos(args, runs):
+    """The limit, the stack (and on memory://) and the Celery design on the bench photos."""
     photos_url, photos = serve_photos()
     say(f"{args.images} images a run over {photos} distinct real photos, {args.runs} run(s), {CORES} cores, "
         f"model {MODEL['name']}")
-    runs = []
-    for r in range(args.runs):
+    for r, run in enumerate(runs):
         base = 1000 + r * 10 * args.images  # each run's URLs are new to the stack
-        run = {"limit": limit(args.images)}
+        run["limit"] = limit(args.images)
         say(f"run {r + 1}: single-process limit {run['limit']:.1f} images/s")
         run["stack"] = pipeline(base, photos_url, args.images)
         say(f"run {r + 1}: make-up stack (sqlite) {run['stack']['rate']:.1f} images/s")
@@ -456,7 +474,6 @@ def bench(args):
         if args.celery:
             run["celery"] = celery(photos_url, base, args.images)
             say(f"run {r + 1}: Celery baseline {run['celery']['rate']:.1f} images/s")
-        runs.append(run)
 
     print()
     line("single_process_limit_images_s", [r["limit"] for r in runs])
@@ -478,12 +495,6 @@ def bench(args):
     print(f"cpu_ms_per_image total             {total:6.2f} ({CORES} cores allow {CORES * 1000 / total:.0f} images/s)")
     for name, mib in middle["rss"].items():
         print(f"rss_mib {name:27} {mib:.0f}")
-    if args.large_images:
-        large_photos(args, runs)
-    stages = os.path.join(RELEASE, "examples", "stage_costs")
-    if os.path.exists(stages):
-        print("\nCPU per image by stage, one thread (tests/examples/stage_costs.rs):", flush=True)
-        subprocess.run([stages], check=True)
 
 
 def soak_one(photos_url, requests, window, storage=None):
@@ -552,7 +563,11 @@ def main():
     b.add_argument("--no-memory", dest="memory", action="store_false")
     b.add_argument("--no-celery", dest="celery", action="store_false")
     b.add_argument("--large-images", type=int, default=300, help="12-megapixel images a run (0: none)")
+    b.add_argument("--large-only", action="store_true", help="only the 12-megapixel runs")
     b.add_argument("--model", default="efficientnet-lite0", help="the model both designs run (models/manifest.toml)")
+    b.add_argument("--jpeg-scale-margin", type=int, choices=range(1, 9),
+                   default=int(os.environ.get("JPEG_SCALE_MARGIN", "2")),
+                   help="the stack's and the limit's JPEG_SCALE_MARGIN (1: 12 MP photos decoded at 1/8, not 1/4)")
     s = sub.add_parser("soak")
     s.add_argument("--requests", type=int, default=100_000)
     s.add_argument("--window", type=int, default=10_000)
@@ -566,6 +581,8 @@ def main():
     MODEL.update(models[args.model])
     # The stack's services read DEFAULT_MODEL from the environment they inherit.
     os.environ["DEFAULT_MODEL"] = args.model
+    if args.command == "bench":
+        os.environ["JPEG_SCALE_MARGIN"] = str(args.jpeg_scale_margin)
     try:
         (bench if args.command == "bench" else soak)(args)
     finally:

@@ -192,8 +192,12 @@ impl Application {
         let (mut prepared_queues, mut batch_queues) = (Vec::new(), Vec::new());
         for ServedModel { model, engine, reload } in self.engines {
             let tag = Arc::new(job::ModelTag { name: model.name.clone(), version: model.version.clone() });
-            let preprocess =
-                Preprocess { size: model.image_size, max_side: s.max_image_side, max_pixels: s.max_image_pixels };
+            let preprocess = Preprocess {
+                size: model.image_size,
+                max_side: s.max_image_side,
+                max_pixels: s.max_image_pixels,
+                jpeg_scale_margin: s.jpeg_scale_margin,
+            };
             let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
             let (batches_tx, batches_rx) = mpsc::channel(batcher::ENGINE_DEPTH);
             let (done_tx, done_rx) = mpsc::unbounded_channel();

@@ -18,6 +18,12 @@ pub struct Preprocess {
     /// Most pixels (width × height) accepted before decoding; with `max_side` this bounds the
     /// memory one decode may take.
     pub max_pixels: u64,
+    /// A JPEG is shrunk in the IDCT (1/2, 1/4, 1/8) while its shorter side stays at least this
+    /// many times the resize target. 2 leaves at least the last halving to Pillow's antialiased
+    /// filter, so a photo up to twice the target (ImageNet's, the test photos) decodes in full and
+    /// matches the reference to the bit, and a 12-megapixel one decodes at 1/4; 1 decodes least
+    /// (the 12-megapixel one at 1/8, a 512-pixel one at 1/2) and gives up that parity.
+    pub jpeg_scale_margin: u32,
 }
 
 /// Lowers the calling thread's scheduling priority to `nice` (Linux; elsewhere nothing), once per
@@ -139,12 +145,8 @@ impl Preprocess {
             (None, _) => return Err(ImageError::NotAnImage),
             (Some(ImageFormat::Jpeg), Some(header)) => {
                 let (width, height) = (header.width, header.height);
-                // Scaled only while at least twice the resize target is left, so that Pillow's
-                // antialiased filter still does the last reduction: a photo up to twice the target
-                // (the test photos, ImageNet's) decodes in full, exactly as the reference does; a
-                // 12-megapixel one decodes at 1/4.
-                let denom =
-                    if header.scalable { jpeg::reduction_for(width, height, 2 * self.resize_target()) } else { 1 };
+                let min_short = self.jpeg_scale_margin.max(1) * self.resize_target();
+                let denom = if header.scalable { jpeg::reduction_for(width, height, min_short) } else { 1 };
                 let decoder = if header.rgb_decodable { Decoder::Jpeg { header, denom } } else { Decoder::Generic };
                 Inspected { width, height, decoder }
             }
@@ -221,7 +223,7 @@ pub fn to_chw(rgb: &[u8], size: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    const P: Preprocess = Preprocess { size: 224, max_side: 4096, max_pixels: 4096 * 4096 };
+    const P: Preprocess = Preprocess { size: 224, max_side: 4096, max_pixels: 4096 * 4096, jpeg_scale_margin: 2 };
 
     fn png(width: u32, height: u32, pixel: [u8; 3]) -> Vec<u8> {
         let img = image::RgbImage::from_pixel(width, height, image::Rgb(pixel));
@@ -298,7 +300,7 @@ mod tests {
 
     #[test]
     fn large_jpegs_are_decoded_scaled_and_others_in_full() {
-        let p = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
+        let p = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
         let large = p.inspect(&jpeg(4000, 3000)).unwrap();
         assert_eq!(large.decoded_pixels(), 1000 * 750, "1/4 leaves 750 ≥ 2 × 256; 1/8 would leave 375");
         assert_eq!(p.inspect(&jpeg(2048, 1536)).unwrap().decoded_pixels(), 1024 * 768);
@@ -307,6 +309,14 @@ mod tests {
         assert_eq!(p.inspect(&png(4000, 3000, [1, 2, 3])).unwrap().decoded_pixels(), 4000 * 3000);
         let t = p.run(&jpeg(4000, 3000)).unwrap();
         assert_eq!(t.len(), p.tensor_len());
+
+        // A margin of 1: shrunk as long as the shorter side keeps the resize target (256).
+        let least = Preprocess { jpeg_scale_margin: 1, ..p };
+        assert_eq!(least.inspect(&jpeg(4000, 3000)).unwrap().decoded_pixels(), 500 * 375);
+        assert_eq!(least.inspect(&jpeg(1024, 682)).unwrap().decoded_pixels(), 512 * 341);
+        assert_eq!(least.inspect(&jpeg(512, 512)).unwrap().decoded_pixels(), 256 * 256);
+        assert_eq!(least.inspect(&jpeg(500, 375)).unwrap().decoded_pixels(), 500 * 375);
+        assert_eq!(least.run(&jpeg(4000, 3000)).unwrap().len(), p.tensor_len());
     }
 
     #[test]
@@ -324,7 +334,7 @@ mod tests {
         let mut truncated = png(64, 64, [1, 2, 3]);
         truncated.truncate(60);
         assert_eq!(P.run(&truncated).unwrap_err().kind(), "decode_failed");
-        let small = Preprocess { size: 224, max_side: 100, max_pixels: 5000 };
+        let small = Preprocess { size: 224, max_side: 100, max_pixels: 5000, jpeg_scale_margin: 2 };
         assert_eq!(small.run(&png(101, 50, [0, 0, 0])).unwrap_err().kind(), "dimensions_too_large");
         let err = small.run(&png(100, 51, [0, 0, 0])).unwrap_err();
         assert_eq!(err.to_string(), "the image is 100x51 pixels; the limit is 5000 pixels in all");

@@ -152,6 +152,13 @@ pub struct Settings {
     #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
     pub max_image_pixels: u64,
 
+    /// A JPEG is shrunk in the IDCT (1/2, 1/4, 1/8) while its shorter side stays at least this
+    /// many times the model's resize target (256 for a 224 input). 2 keeps the reference's pixels
+    /// for photos up to twice the target (a 12-megapixel photo decodes at 1/4); 1 decodes least
+    /// (at 1/8), for survey-camera photos where speed matters more than bit-parity.
+    #[arg(long, env = "JPEG_SCALE_MARGIN", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub jpeg_scale_margin: u32,
+
     /// Most pixels being decoded at once, across all decoding threads (at most 8 bytes each):
     /// bounds decode memory by what is decoded together, not only per image. An image larger
     /// than this is decoded alone.

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use reefline_classifier::preprocess::Preprocess;
 
-const PREPROCESS: Preprocess = Preprocess { size: 224, max_side: 4096, max_pixels: 4096 * 4096 };
+const PREPROCESS: Preprocess = Preprocess { size: 224, max_side: 4096, max_pixels: 4096 * 4096, jpeg_scale_margin: 2 };
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(tensor) = PREPROCESS.run(bytes) {

@@ -1,6 +1,7 @@
 //! CPU time per image of each stage, each on one thread: decoding and resizing (the centre crop and
 //! normalisation with it) as the classifier does them now (libjpeg-turbo, scaled in the IDCT for
-//! large JPEGs) and as it did before (the `image` crate's decoder at full size), on the test photos,
+//! large JPEGs; and with `JPEG_SCALE_MARGIN=1`, which scales more) and as it did before (the
+//! `image` crate's decoder at full size), on the test photos,
 //! the benchmark's photos and their 12-megapixel versions; then inference of every model of the
 //! manifest at several batch sizes. Also what learning from the bytes costs (their sha256, EXIF and
 //! header, for every image).
@@ -12,7 +13,7 @@ use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
 use reefline_classifier::preprocess::Preprocess;
 use reefline_e2e::cache_dir;
 
-const PRE: Preprocess = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000 };
+const PRE: Preprocess = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
 
 fn photos(dir: &Path) -> Vec<Vec<u8>> {
     let mut paths = Vec::new();
@@ -60,11 +61,22 @@ fn stages(what: &str, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<()> {
     let resize_after = ms_per(&after, reps, |(rgb, w, h)| {
         PRE.tensor_from_rgb(rgb, *w, *h).expect("resizes");
     });
+    let least = Preprocess { jpeg_scale_margin: 1, ..PRE };
+    let decoded_least: Vec<_> = bytes
+        .iter()
+        .map(|b| least.inspect(b).and_then(|i| least.decode(b, &i)).map_err(|e| anyhow::anyhow!("{e}")))
+        .collect::<anyhow::Result<_>>()?;
+    let decode_least =
+        ms_per(bytes, reps, |b| drop(least.inspect(b).and_then(|i| least.decode(b, &i)).expect("decodes")));
+    let resize_least = ms_per(&decoded_least, reps, |(rgb, w, h)| {
+        least.tensor_from_rgb(rgb, *w, *h).expect("resizes");
+    });
     let learn = ms_per(bytes, reps, |b| drop(reefline_classifier::photo::learn(b)));
     println!("{what} ({} photos, {megapixels:.1} MP on average), ms per image:", bytes.len());
     println!("  learn (sha256, EXIF, header):    {learn:6.2}");
     println!("  before (image crate, full size): decode {decode_before:6.2}  resize {resize_before:6.2}");
     println!("  now (libjpeg-turbo, IDCT scale): decode {decode_after:6.2}  resize {resize_after:6.2}");
+    println!("  JPEG_SCALE_MARGIN=1:             decode {decode_least:6.2}  resize {resize_least:6.2}");
     Ok(())
 }
 

@@ -45,6 +45,9 @@ struct Args {
     /// The model's square input side.
     #[arg(long, default_value_t = 224)]
     image_size: u32,
+    /// How far the IDCT may shrink a JPEG (the classifier's `JPEG_SCALE_MARGIN`).
+    #[arg(long, env = "JPEG_SCALE_MARGIN", default_value_t = 2)]
+    jpeg_scale_margin: u32,
     /// Folders of photos under the cache, searched recursively.
     #[arg(long, num_args = 1.., default_values = ["photos", "bench-photos"])]
     photos: Vec<String>,
@@ -84,7 +87,12 @@ fn ort_options(args: &Args) -> OrtOptions {
 fn measure_limit(photos: &[Vec<u8>], args: &Args) -> anyhow::Result<f64> {
     let (images, max_batch, nice) = (args.images, args.max_batch, args.decode_nice);
     let mut engine = OrtEngine::load(&ort_options(args))?;
-    let pre = Preprocess { size: args.image_size, max_side: 10_000, max_pixels: 50_000_000 };
+    let pre = Preprocess {
+        size: args.image_size,
+        max_side: 10_000,
+        max_pixels: 50_000_000,
+        jpeg_scale_margin: args.jpeg_scale_margin,
+    };
     let warm = pre.run(&photos[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
     engine.infer(&warm.repeat(max_batch), max_batch).map_err(|e| anyhow::anyhow!(e))?;
 
