@@ -43,7 +43,7 @@ clean: down
 
 ## bench: single-process limit, the make-up stack end to end, the same on memory://, and the Celery
 ## design, on the same 252 real photos and on their 12-megapixel versions; medians of 3 runs; then
-## the CPU cost of each stage (BENCH_ARGS, e.g. "--runs 5 --images 2000")
+## the CPU cost of each stage (BENCH_ARGS, e.g. "--runs 5 --images 2000" or "--large-only --jpeg-scale-margin 1")
 bench: build
 	cargo build --release --locked -p reefline-e2e --example stage_costs
 	python3 scripts/bench.py bench $(BENCH_ARGS)
