@@ -2,7 +2,7 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test bench bench-wait bench-feed soak reset clean
+.PHONY: setup build up down status demo test bench bench-scale bench-wait bench-feed soak reset clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, photos) and
 ## the broker (built once per user under $${XDG_CACHE_HOME:-~/.cache}/reefline; REEFLINE_TOOLS moves it)
@@ -47,6 +47,11 @@ clean: down
 bench: build
 	cargo build --release --locked -p reefline-e2e --example stage_costs
 	python3 scripts/bench.py bench $(BENCH_ARGS)
+
+## bench-scale: the make-up stack with 1, 2 and 4 classifier instances in one consumer group on the
+## same photos: images/s against one, CPU per image (SCALE_ARGS, e.g. "--large --classifiers 1 2 4 8")
+bench-scale: build
+	python3 scripts/bench.py scale $(SCALE_ARGS)
 
 ## bench-wait: what 1,000 submissions waiting for their answers ("wait") cost the make-up stack's
 ## pipeline: its rate with them held against without, ingest's CPU and RSS (WAIT_ARGS, e.g. "--runs 1")

@@ -2,6 +2,7 @@
 """`make bench` and `make soak`: what users run, measured against what it replaces.
 
 usage: bench.py bench [--runs 3] [--images 1000] [--large-images 300] [--model NAME] [--no-memory] [--no-celery]
+       bench.py scale [--classifiers 1 2 4] [--partitions 12] [--runs 1] [--images 1000] [--large] [--model NAME]
        bench.py soak  [--requests 100000] [--window 10000] [--model NAME] [--no-memory]
 
 Every pipeline figure comes from the stack `make up` runs: scripts/stack.py with its defaults
@@ -19,6 +20,10 @@ one image per task, same model file and preprocessing). Then the limit, the stac
 design again on 12-megapixel versions of the photos (survey-camera size: models/camera_photos.py).
 Prints medians with their spread, then the CPU cost of each stage (decode, resize, inference of
 every model) from `stage_costs`.
+
+scale: the same stack with 1, 2, 4 classifier instances (CLASSIFIERS; one consumer group, the
+requests topic with 12 partitions so that each count shares them evenly), on the bench photos or
+their 12-megapixel versions: images/s against one instance, and CPU per image.
 
 soak: --requests through the stack, submitted at once; the rate of every --window of results,
 each against the first; then the same on memory:// for the ratio; the idle CPU of every process
@@ -176,11 +181,12 @@ def stop_photo_servers():
 class Stack:
     """scripts/stack.py in a run folder, on ports and a database of its own."""
 
-    def __init__(self, storage=None):
+    def __init__(self, storage=None, classifiers=1, env=None):
         self.storage = storage or "sqlite://broker.db"
         self.run = tempfile.mkdtemp(prefix="reefline-bench-")
         self.database = f"reefline_bench_{uuid.uuid4().hex[:12]}"
         self.ports = {name: free_port() for name in ["broker", "registry", "ingest", "sink", "classifier"]}
+        self.services = [*SERVICES, *(f"classifier-{k}" for k in range(2, classifiers + 1))]
         self.env = {**os.environ,
                     "REEFLINE_RUN": self.run,
                     "BROKER_PORT": str(self.ports["broker"]),
@@ -192,7 +198,10 @@ class Stack:
                     # The bench photos repeat under many URLs: with the result cache, the model
                     # would run once per distinct photo. The figures are the pipeline's at work
                     # (and the Celery design has no such cache), so it is off unless asked for.
-                    "RESULT_CACHE": os.environ.get("RESULT_CACHE", "false")}
+                    "RESULT_CACHE": os.environ.get("RESULT_CACHE", "false"),
+                    "CLASSIFIERS": str(classifiers),
+                    **{f"CLASSIFIER_LISTEN_{k}": f"127.0.0.1:{free_port()}" for k in range(2, classifiers + 1)},
+                    **(env or {})}
         if storage:
             self.env["BROKER_STORAGE"] = storage
             self.env["NISSHI_BIN"] = memory_broker()
@@ -202,7 +211,7 @@ class Stack:
     def __enter__(self):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts/stack.py"), "up"], env=self.env, check=True,
                        stdout=subprocess.DEVNULL)
-        self.pids = {name: int(open(os.path.join(self.run, f"{name}.pid")).read()) for name in SERVICES}
+        self.pids = {name: int(open(os.path.join(self.run, f"{name}.pid")).read()) for name in self.services}
         return self
 
     def __exit__(self, *_):
@@ -246,8 +255,12 @@ class Stack:
         return out.strip()
 
     def cpu(self):
-        """CPU seconds so far of each service, of Postgres, and of this process (photo server, polling)."""
-        return {**{name: cpu_seconds(pid) for name, pid in self.pids.items()}, "postgres": postgres_cpu_seconds(),
+        """CPU seconds so far of each service (every classifier instance together), of Postgres, and
+        of this process (photo server, polling)."""
+        seconds = {name: 0.0 for name in SERVICES}
+        for name, pid in self.pids.items():
+            seconds[name.split("-")[0]] += cpu_seconds(pid)
+        return {**seconds, "postgres": postgres_cpu_seconds(),
                 "bench": cpu_seconds(os.getpid()) + sum(cpu_seconds(server.pid) for server in PHOTO_SERVERS)}
 
     def rss(self):
@@ -263,10 +276,10 @@ def memory_broker():
                           capture_output=True, text=True).stdout.strip()
 
 
-def pipeline(base, photos_url, images, steady_seconds=10, storage=None):
+def pipeline(base, photos_url, images, steady_seconds=10, storage=None, classifiers=1, env=None):
     """One end-to-end run: images/s, latency at half that rate (unless steady_seconds is 0), CPU
     ms per image, RSS."""
-    with Stack(storage) as stack:
+    with Stack(storage, classifiers, env) as stack:
         warm = 2 * 8
         stack.submit([f"{photos_url}/{i}" for i in range(warm)])
         stack.wait_rows(warm)
@@ -497,6 +510,38 @@ def small_photos(args, runs):
         print(f"rss_mib {name:27} {mib:.0f}")
 
 
+def scale(args):
+    """The make-up stack with 1, 2, 4... classifier instances in one consumer group, on the same
+    photos: images/s against one instance, and CPU per image."""
+    folder = LARGE if args.large else None
+    if args.large:
+        camera_photos()
+    url, photos = serve_photos(folder)
+    env = {"TOPIC_PARTITIONS": str(args.partitions)}
+    say(f"{args.images} images a run over {photos} distinct {'12-megapixel ' if args.large else ''}photos, "
+        f"{args.runs} run(s), {CORES} cores, model {MODEL['name']}, {args.partitions} partitions, "
+        f"classifiers {', '.join(map(str, args.classifiers))}")
+    rates = {n: [] for n in args.classifiers}
+    cpu = {}
+    for r in range(args.runs):
+        for n in args.classifiers:
+            base = 1000 + (r * len(args.classifiers) + args.classifiers.index(n)) * 10 * args.images
+            result = pipeline(base, url, args.images, steady_seconds=0, classifiers=n, env=env)
+            rates[n].append(result["rate"])
+            cpu.setdefault(n, []).append(result["cpu"])
+            say(f"run {r + 1}: {n} classifier(s): {result['rate']:.1f} images/s")
+    print()
+    first = args.classifiers[0]
+    for n in args.classifiers:
+        line(f"classifiers {n}: end_to_end_images_s", rates[n])
+        line(f"classifiers {n}: against {first}", [a / b for a, b in zip(rates[n], rates[first])], "{:.2f}")
+        middle = sorted(cpu[n], key=lambda c: c["classifier"])[len(cpu[n]) // 2]
+        total = sum(middle.values())
+        print(f"classifiers {n}: cpu_ms_per_image classifiers {middle['classifier']:.2f}, broker {middle['broker']:.2f}, "
+              f"whole stack {total:.2f} "
+              f"({CORES} cores allow {CORES * 1000 / total:.0f} images/s)")
+
+
 def soak_one(photos_url, requests, window, storage=None):
     with Stack(storage) as stack:
         warm = 16
@@ -569,6 +614,13 @@ def main():
                    default=int(os.environ.get("JPEG_SCALE_MARGIN", "2")),
                    help="the stack's and the limit's JPEG_SCALE_MARGIN (1: 12 MP photos decoded at 1/8, not 1/4)")
     s = sub.add_parser("soak")
+    c = sub.add_parser("scale")
+    c.add_argument("--classifiers", type=int, nargs="+", default=[1, 2, 4])
+    c.add_argument("--partitions", type=int, default=12, help="of the requests topic (divisible by each count)")
+    c.add_argument("--runs", type=int, default=1)
+    c.add_argument("--images", type=int, default=1000)
+    c.add_argument("--large", action="store_true", help="the 12-megapixel photos")
+    c.add_argument("--model", default="efficientnet-lite0", help="the model the stack runs")
     s.add_argument("--requests", type=int, default=100_000)
     s.add_argument("--window", type=int, default=10_000)
     s.add_argument("--no-memory", dest="memory", action="store_false")
@@ -584,7 +636,7 @@ def main():
     if args.command == "bench":
         os.environ["JPEG_SCALE_MARGIN"] = str(args.jpeg_scale_margin)
     try:
-        (bench if args.command == "bench" else soak)(args)
+        {"bench": bench, "scale": scale, "soak": soak}[args.command](args)
     finally:
         stop_photo_servers()
 

@@ -8,8 +8,12 @@ the classifier and ingest, each logging to $REEFLINE_CACHE/run/<name>.log, and w
 answers; it leaves running ones alone. `down` stops them in reverse order and waits for each.
 Ports come from the usual variables (INGEST_LISTEN, SINK_LISTEN, CLASSIFIER_LISTEN,
 REGISTRY_LISTEN, BROKER_PORT); the services read the rest of their settings from the environment.
-REEFLINE_RUN moves the run folder (pid files, logs, broker data); `make bench` and `make soak`
-start this same stack in folders of their own. BROKER_STORAGE (default sqlite://broker.db, in the
+CLASSIFIERS (default 1) starts that many classifier instances, one consumer group sharing the
+requests topic's partitions (TOPIC_PARTITIONS, 6 by default, bounds how many get work): the first
+is "classifier" on CLASSIFIER_LISTEN, instance k is "classifier-k" on CLASSIFIER_LISTEN_k, by
+default CLASSIFIER_LISTEN's port + 100 × (k - 1). `down` stops every instance it finds.
+REEFLINE_RUN moves the run folder (pid files, logs, broker data); `make bench`, `make bench-scale`
+and `make soak` start this same stack in folders of their own. BROKER_STORAGE (default sqlite://broker.db, in the
 run folder) and NISSHI_BIN exist for those benchmarks' in-memory comparison.
 """
 import os
@@ -31,6 +35,18 @@ REGISTRY = os.environ.get("REGISTRY_LISTEN", "127.0.0.1:8085")
 INGEST = os.environ.get("INGEST_LISTEN", "127.0.0.1:8080")
 SINK = os.environ.get("SINK_LISTEN", "127.0.0.1:8081")
 CLASSIFIER = os.environ.get("CLASSIFIER_LISTEN", "127.0.0.1:8082")
+
+
+def classifier_instances():
+    """(name, listen address) of each classifier instance: CLASSIFIERS of them, and any other
+    instance still running from an earlier `up` (so that `down` stops it too)."""
+    wanted = int(os.environ.get("CLASSIFIERS", "1"))
+    running = [int(name[len("classifier-"):-len(".pid")]) for name in os.listdir(RUN) if
+               name.startswith("classifier-") and name.endswith(".pid")] if os.path.isdir(RUN) else []
+    host, port = CLASSIFIER.rsplit(":", 1)
+    return [("classifier" if k == 1 else f"classifier-{k}",
+             CLASSIFIER if k == 1 else os.environ.get(f"CLASSIFIER_LISTEN_{k}", f"{host}:{int(port) + 100 * (k - 1)}"))
+            for k in range(1, max([wanted, *running]) + 1)]
 
 
 def services():
@@ -57,7 +73,8 @@ def services():
         ("registry", [os.path.join(BIN, "reefline-registry"), "--listen", REGISTRY, "--file",
                       os.path.join(RUN, "registry.json")], env, ("tcp", REGISTRY)),
         ("sink", [os.path.join(BIN, "reefline-sink")], env, ("http", f"http://{SINK}/readyz")),
-        ("classifier", [os.path.join(BIN, "reefline-classifier")], env, ("http", f"http://{CLASSIFIER}/readyz")),
+        *[(name, [os.path.join(BIN, "reefline-classifier")], {**env, "CLASSIFIER_LISTEN": listen},
+           ("http", f"http://{listen}/readyz")) for name, listen in classifier_instances()],
         ("ingest", [os.path.join(BIN, "reefline-ingest")], env, ("http", f"http://{INGEST}/readyz")),
     ]
 
