@@ -48,6 +48,9 @@ impl Backlog {
 /// `max.poll.interval.ms` (5 minutes).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest wait for the delivery ledger to record a clean handover.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How each partition's requests are taken, from its first request since it was assigned here
 /// (forgotten when it is revoked).
 pub type Modes = Arc<Mutex<HashMap<i32, Mode>>>;
@@ -118,9 +121,22 @@ impl Context {
         };
         // A clean handover is recorded, so that the next owner takes the partitions as usual.
         let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        // Written by a task of its own and waited for at most HANDOVER_TIMEOUT: a consumer dropped
+        // while its runtime shuts down (a service stopped by a panic) revokes its partitions here
+        // too, and a runtime that is shutting down never runs the task (the wait ends at once)
+        // where blocking on the write itself would wait forever.
         if committed && left == 0 && matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::block_in_place(|| handle.block_on(self.deliveries.handed_over(&clean)));
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+            let deliveries = self.deliveries.clone();
+            tokio::runtime::Handle::current().spawn(async move {
+                deliveries.handed_over(&clean).await;
+                let _ = done_tx.send(());
+            });
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                tokio::task::block_in_place(|| done_rx.recv_timeout(HANDOVER_TIMEOUT))
+            {
+                tracing::warn!("the delivery ledger took too long to record a clean handover");
+            }
         }
         tracing::info!(
             partitions = revoked.len(),
