@@ -63,6 +63,7 @@ struct FeedRow {
     format: String,
     source_url: Option<String>,
     model: Option<String>,
+    callback_url: Option<String>,
     columns: sqlx::types::Json<Vec<String>>,
     lines_read: i64,
     accepted: i64,
@@ -92,7 +93,7 @@ pub async fn columns(pool: &PgPool, feed_id: &str) -> sqlx::Result<Option<Vec<St
 ))]
 pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -> Result<Json<FeedView>, ApiError> {
     let row: FeedRow = sqlx::query_as(
-        "SELECT f.feed_id, f.state, f.format, f.source_url, f.model, f.columns, f.lines_read, f.accepted, f.rejected,
+        "SELECT f.feed_id, f.state, f.format, f.source_url, f.model, f.callback_url, f.columns, f.lines_read, f.accepted, f.rejected,
                 f.created_at, f.read_at, b.completed_at, r.ok, r.error, r.recent,
                 GREATEST(1.0, LEAST(60.0, EXTRACT(EPOCH FROM now() - f.created_at)::float8)) AS window_s
          FROM feeds f
@@ -107,7 +108,19 @@ pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -
     .fetch_optional(&pool)
     .await?
     .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
-    let callback = crate::batches::callback(&pool, &feed_id).await?;
+    // The feed's batches row, which carries its callback's progress, is written once the feed is
+    // read; until then its callback is waiting.
+    let callback = match crate::batches::callback(&pool, &feed_id).await? {
+        None => row.callback_url.map(|url| reefline_schemas::view::CallbackView {
+            url,
+            state: "waiting",
+            next_attempt_at: None,
+            delivered_at: None,
+            gave_up_at: None,
+            attempts: Vec::new(),
+        }),
+        known => known,
+    };
     let completed = row.ok + row.error;
     let pending = (row.accepted - completed).max(0);
     let done = row.state == "read" && pending == 0;

@@ -198,6 +198,48 @@ async fn a_finished_submission_or_feed_is_announced_once_by_a_signed_callback_an
     let (status, plain) = get_json(&client, &format!("{}/v1/batches/{batch_id}", stack.sink)).await;
     assert_eq!((status, &plain["done"]), (200, &json!(true)));
 
+    // While a feed is still being read, its callback is shown waiting (its batches row is written
+    // once the feed is read). This upload then breaks off, so the feed never completes.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(2);
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    let later_hook = format!("http://{hooks}/hooks/later");
+    let upload =
+        reqwest::Url::parse_with_params(&format!("{}/v1/feeds", stack.ingest), [("callback_url", &later_hook)])
+            .unwrap();
+    let request = client.post(upload).header("content-type", "text/csv").body(body).send();
+    let upload = tokio::spawn(request);
+    tx.send(Ok(format!("url,station\n{},E\n", photo("coffee.png?n=3")))).await.unwrap();
+    let pool = env.db.pool().await;
+    let reading: String = wait_for("the feed being read", Duration::from_secs(60), || {
+        let (pool, hook) = (pool.clone(), later_hook.clone());
+        async move {
+            sqlx::query_scalar("SELECT feed_id FROM feeds WHERE callback_url = $1 AND state = 'reading'")
+                .bind(hook)
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await;
+    let (status, progress) = get_json(&client, &format!("{}/v1/feeds/{reading}", stack.sink)).await;
+    tx.send(Err(std::io::Error::other("the connection broke"))).await.unwrap();
+    drop(tx);
+    assert!(upload.await.unwrap().is_err(), "the cut upload got no answer");
+    pool.close().await;
+    assert_eq!(
+        (status, &progress["state"], &progress["callback"]),
+        (
+            200,
+            &json!("reading"),
+            &json!({ "url": later_hook, "state": "waiting", "next_attempt_at": null, "delivered_at": null,
+                     "gave_up_at": null, "attempts": [] })
+        ),
+        "{progress}"
+    );
+
     stack.stop().await;
     env.finish().await;
 }
