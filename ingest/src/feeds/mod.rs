@@ -63,6 +63,7 @@ pub(crate) async fn connect_in_background(state: Arc<AppState>) {
 /// The query of an upload.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)] // a misspelt `callback_url` or `model` is refused, not ignored
 pub(crate) struct FeedQuery {
     /// `csv`, `ndjson` or `text`; absent: from the Content-Type, else guessed from the first line.
     format: Option<String>,
