@@ -158,6 +158,7 @@ pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -
 /// A page of rejected lines.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)] // a misspelt filter is refused, not silently left out
 pub struct RejectsQuery {
     /// Lines after this one (the `next_after` of the page before).
     after: Option<i64>,

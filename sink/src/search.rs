@@ -16,6 +16,7 @@ use crate::db::{COLUMNS, Row};
 /// Which results, and which page.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)] // a misspelt filter is refused, not silently left out
 pub struct SearchQuery {
     /// The top class's label, any case (`great white shark`).
     label: Option<String>,

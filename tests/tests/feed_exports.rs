@@ -242,6 +242,13 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     assert_eq!((found.len(), distinct.len()), (espressos, espressos), "every espresso once");
     let (status, refused) = get_json(&client, &format!("{}/v1/results?since=yesterday", stack.sink)).await;
     assert_eq!((status, &refused["error"]["field"]), (400, &json!("since")), "{refused}");
+    // A misspelt filter is refused, naming it, rather than ignored (which would return everything).
+    for path in ["/v1/results?lable=Espresso", &format!("/v1/feeds/{feed_id}/results?marnie=true")] {
+        let (status, refused) = get_json(&client, &format!("{}{path}", stack.sink)).await;
+        assert_eq!((status, &refused["error"]["field"]), (400, &json!("query")), "{path}: {refused}");
+        let named = path.split(['?', '=']).nth(1).unwrap();
+        assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains(named)), "{refused}");
+    }
 
     // A batch (one chunk of the feed) exports the same way.
     let first = &errors[0];

@@ -79,6 +79,7 @@ pub struct Exports {
 /// What to export, and which results.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)] // a misspelt filter is refused, not silently left out
 pub struct ExportQuery {
     /// `csv` (the default), `ndjson`, or `megadetector` (the MegaDetector batch output format 1.6, as
     /// Timelapse and AddaxAI read it: one whole-image detection per image holding the top-5).
