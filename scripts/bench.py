@@ -433,7 +433,7 @@ def large_photos(args, runs):
     camera_photos()
     url, photos = serve_photos(LARGE)
     say(f"{args.large_images} images a run over {photos} distinct 12-megapixel photos "
-        f"(JPEG_SCALE_MARGIN={args.jpeg_scale_margin}: decoded at 1/{4 if args.jpeg_scale_margin >= 2 else 8})")
+        f"(JPEG_SCALE_MARGIN={args.jpeg_scale_margin})")
     for r, run in enumerate(runs):
         base = 1000 + r * 10 * args.large_images
         run["large_limit"] = limit(args.large_images, LARGE)
@@ -524,8 +524,8 @@ def scale(args):
     rates = {n: [] for n in args.classifiers}
     cpu = {}
     for r in range(args.runs):
-        for n in args.classifiers:
-            base = 1000 + (r * len(args.classifiers) + args.classifiers.index(n)) * 10 * args.images
+        for i, n in enumerate(args.classifiers):
+            base = 1000 + (r * len(args.classifiers) + i) * 10 * args.images  # new URLs for each stack
             result = pipeline(base, url, args.images, steady_seconds=0, classifiers=n, env=env)
             rates[n].append(result["rate"])
             cpu.setdefault(n, []).append(result["cpu"])

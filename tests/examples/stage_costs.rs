@@ -37,6 +37,18 @@ fn ms_per<T>(items: &[T], reps: usize, mut f: impl FnMut(&T)) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0 / (reps * items.len()) as f64
 }
 
+/// Milliseconds per image to decode `bytes` as `pre` does (libjpeg-turbo, scaled in the IDCT),
+/// and to resize what that decoded.
+fn decode_and_resize(pre: &Preprocess, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<(f64, f64)> {
+    let decode = |b: &Vec<u8>| pre.inspect(b).and_then(|i| pre.decode(b, &i)).map_err(|e| anyhow::anyhow!("{e}"));
+    let decoded: Vec<_> = bytes.iter().map(decode).collect::<anyhow::Result<_>>()?;
+    let decode_ms = ms_per(bytes, reps, |b| drop(decode(b).expect("decodes")));
+    let resize_ms = ms_per(&decoded, reps, |(rgb, w, h)| {
+        pre.tensor_from_rgb(rgb, *w, *h).expect("resizes");
+    });
+    Ok((decode_ms, resize_ms))
+}
+
 fn stages(what: &str, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<()> {
     if bytes.is_empty() {
         println!("{what}: none (run `make bench` once to make the 12 MP photos)");
@@ -49,28 +61,12 @@ fn stages(what: &str, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<()> {
         .sum::<f64>()
         / bytes.len() as f64;
     let before: Vec<_> = bytes.iter().map(|b| image::load_from_memory(b).expect("decodes").into_rgb8()).collect();
-    let after: Vec<_> = bytes
-        .iter()
-        .map(|b| PRE.inspect(b).and_then(|i| PRE.decode(b, &i)).map_err(|e| anyhow::anyhow!("{e}")))
-        .collect::<anyhow::Result<_>>()?;
     let decode_before = ms_per(bytes, reps, |b| drop(image::load_from_memory(b).expect("decodes").into_rgb8()));
     let resize_before = ms_per(&before, reps, |img| {
         PRE.tensor_from_rgb(img.as_raw(), img.width(), img.height()).expect("resizes");
     });
-    let decode_after = ms_per(bytes, reps, |b| drop(PRE.inspect(b).and_then(|i| PRE.decode(b, &i)).expect("decodes")));
-    let resize_after = ms_per(&after, reps, |(rgb, w, h)| {
-        PRE.tensor_from_rgb(rgb, *w, *h).expect("resizes");
-    });
-    let least = Preprocess { jpeg_scale_margin: 1, ..PRE };
-    let decoded_least: Vec<_> = bytes
-        .iter()
-        .map(|b| least.inspect(b).and_then(|i| least.decode(b, &i)).map_err(|e| anyhow::anyhow!("{e}")))
-        .collect::<anyhow::Result<_>>()?;
-    let decode_least =
-        ms_per(bytes, reps, |b| drop(least.inspect(b).and_then(|i| least.decode(b, &i)).expect("decodes")));
-    let resize_least = ms_per(&decoded_least, reps, |(rgb, w, h)| {
-        least.tensor_from_rgb(rgb, *w, *h).expect("resizes");
-    });
+    let (decode_after, resize_after) = decode_and_resize(&PRE, bytes, reps)?;
+    let (decode_least, resize_least) = decode_and_resize(&Preprocess { jpeg_scale_margin: 1, ..PRE }, bytes, reps)?;
     let learn = ms_per(bytes, reps, |b| drop(reefline_classifier::photo::learn(b)));
     println!("{what} ({} photos, {megapixels:.1} MP on average), ms per image:", bytes.len());
     println!("  learn (sha256, EXIF, header):    {learn:6.2}");

@@ -46,8 +46,7 @@ struct Failed {
 /// The failures worth trying again: timeouts, connection failures, 429 and 5xx answers, the
 /// failures the classifier itself retries (`ImageError::is_transient`).
 const TRANSIENT: &str = "status = 'error' AND (error_kind IN ('timeout', 'connection_failed')
-    OR (error_kind = 'http_status' AND (substring(error_message from 'HTTP ([0-9]{3})')::int = 429
-        OR substring(error_message from 'HTTP ([0-9]{3})')::int BETWEEN 500 AND 599)))";
+    OR (error_kind = 'http_status' AND substring(error_message from 'HTTP ([0-9]{3})') ~ '^(429|5[0-9][0-9])$'))";
 
 /// Send a feed's transiently failed images through again.
 #[utoipa::path(post, path = "/v1/feeds/{feed_id}/retry", params(("feed_id" = String, Path, description = "A feed id")), responses(
