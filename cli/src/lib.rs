@@ -1,17 +1,28 @@
 //! `reefline`: a survey operator's command line over the HTTP API. `submit` uploads a feed (CSV,
 //! NDJSON or a URL a line, gzipped or not) and, with `--wait`, follows it with a progress bar until
-//! every image has a result; `status`, `export` and `retry` take a feed's (or a batch's) id.
+//! every image has a result; `status`, `export` and `retry` take a feed's (or a batch's) id; `export -o`
+//! writes its file whole or not at all. `keys add TENANT ROLE` makes a new API key and the line of
+//! the services' `API_KEYS_FILE` that admits it.
+//!
+//! The API key is never a command-line argument (anyone on the machine reads those in `ps`): it comes
+//! from `REEFLINE_API_KEY`, or from the first line of the file `--api-key-file` (or
+//! `REEFLINE_API_KEY_FILE`) names, which wins when both are given.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
-/// Where the services are, and the key to show them.
+/// The environment variable that holds the API key.
+const KEY_ENV: &str = "REEFLINE_API_KEY";
+
+/// Where the services are, and where the key to show them is.
 #[derive(Args, Debug)]
 struct Api {
     /// Ingest's base URL (submissions and retries).
@@ -22,9 +33,9 @@ struct Api {
     #[arg(long, env = "REEFLINE_SINK_URL", default_value = "http://127.0.0.1:8081", global = true)]
     sink_url: String,
 
-    /// API key, when the services require one.
-    #[arg(long, env = "REEFLINE_API_KEY", hide_env_values = true, global = true)]
-    api_key: Option<SecretString>,
+    /// A file whose first line is the API key (else the key is `REEFLINE_API_KEY`'s, if set).
+    #[arg(long, env = "REEFLINE_API_KEY_FILE", global = true)]
+    api_key_file: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -85,12 +96,46 @@ enum Command {
     },
     /// Send the images that failed transiently (timeouts, 429, 5xx) through again.
     Retry { id: String },
+    /// Make API keys for the services' `API_KEYS_FILE`.
+    Keys {
+        #[command(subcommand)]
+        command: Keys,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Keys {
+    /// Print a new key, then the line to append to the API keys file (`<tenant> <role> <sha256 of the key>`).
+    Add {
+        /// The tenant the key belongs to: a-z, 0-9, `_` and `-`, starting with a letter or digit, at most 63.
+        #[arg(value_parser = tenant)]
+        tenant: String,
+        /// What the key may do.
+        role: Role,
+    },
+}
+
+/// What a key may do.
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Role {
+    /// Read its tenant's work.
+    Read,
+    /// Submit and read its tenant's work.
+    Submit,
+    /// Every tenant's work, and operations such as replay.
+    Admin,
 }
 
 /// Parses the command line and runs the command.
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let client = Client::new(cli.api)?;
+    if let Command::Keys { command: Keys::Add { tenant, role } } = &cli.command {
+        let (key, line) = new_key(tenant, *role)?;
+        println!("{}\n{line}", key.expose_secret());
+        return Ok(());
+    }
+    let key = api_key(cli.api.api_key_file.as_deref(), std::env::var(KEY_ENV).ok())?;
+    let client = Client::new(cli.api, key)?;
     match cli.command {
         Command::Submit { file, format, model, idempotency_key, callback_url, wait } => {
             let feed = client.submit(&file, format, model, callback_url, idempotency_key).await?;
@@ -111,8 +156,97 @@ pub async fn main() -> anyhow::Result<()> {
             client.export(&id, &query, output).await?;
         }
         Command::Retry { id } => print_json(&client.retry(&id).await?)?,
+        Command::Keys { .. } => unreachable!("answered above, without a key"),
     }
     Ok(())
+}
+
+/// The API key: the first line of `file` when one is named, else `from_env`; none is fine (open mode).
+fn api_key(file: Option<&Path>, from_env: Option<String>) -> anyhow::Result<Option<SecretString>> {
+    let Some(file) = file else {
+        let key = from_env.map(|key| SecretString::from(key.trim()));
+        return Ok(key.filter(|key| !key.expose_secret().is_empty()));
+    };
+    let text = SecretString::from(
+        std::fs::read_to_string(file).with_context(|| format!("reading the API key from {}", file.display()))?,
+    );
+    let key = text.expose_secret().lines().next().unwrap_or_default().trim();
+    if key.is_empty() {
+        bail!("{} holds no API key on its first line", file.display());
+    }
+    Ok(Some(key.into()))
+}
+
+/// A tenant's name, as the API keys file takes it: `^[a-z0-9][a-z0-9_-]{0,62}$`.
+fn tenant(name: &str) -> Result<String, String> {
+    let fits = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = match name.as_bytes() {
+        [first, rest @ ..] => {
+            fits(*first) && rest.len() <= 62 && rest.iter().all(|&c| fits(c) || c == b'_' || c == b'-')
+        }
+        [] => false,
+    };
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!("`{name}` is not a tenant name: a-z, 0-9, `_` and `-`, starting with a letter or digit, 1-63 long"))
+    }
+}
+
+/// A new API key (`rk_` and 32 bytes of the OS random source, in hex) and its line of the API keys
+/// file: `<tenant> <role> <sha256 hex of the key>`; the key itself is stored nowhere.
+fn new_key(tenant: &str, role: Role) -> anyhow::Result<(SecretString, String)> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow!("the OS random source failed: {e}"))?;
+    let key = format!("rk_{}", hex::encode(bytes));
+    let role = role.to_possible_value().expect("no role is skipped");
+    let line = format!("{tenant} {} {}", role.get_name(), hex::encode(Sha256::digest(key.as_bytes())));
+    Ok((key.into(), line))
+}
+
+/// A file written whole or not at all: the bytes go to `.NAME.part-<pid>` beside it, renamed onto it
+/// by [`Partial::commit`]; dropped before that (an export broke off), the temporary file is removed
+/// and the file is as it was.
+struct Partial {
+    temporary: PathBuf,
+    path: PathBuf,
+    file: Option<BufWriter<File>>,
+}
+
+impl Partial {
+    fn create(path: &Path) -> anyhow::Result<Self> {
+        let name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
+        let temporary = path.with_file_name(format!(".{}.part-{}", name.to_string_lossy(), std::process::id()));
+        let file = File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
+        Ok(Self { temporary, path: path.to_owned(), file: Some(BufWriter::new(file)) })
+    }
+
+    /// Puts the whole file in its place.
+    fn commit(mut self) -> anyhow::Result<()> {
+        let file = self.file.take().expect("committed once");
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&self.temporary, &self.path)
+            .with_context(|| format!("renaming {} to {}", self.temporary.display(), self.path.display()))
+    }
+}
+
+impl Write for Partial {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.file.as_mut().expect("not committed").write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().expect("not committed").flush()
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
 }
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
@@ -126,20 +260,21 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 struct Client {
     http: reqwest::Client,
     api: Api,
+    key: Option<SecretString>,
 }
 
 /// How many times an upload of a file is sent again after its connection broke.
 const UPLOAD_TRIES: u32 = 5;
 
 impl Client {
-    fn new(api: Api) -> anyhow::Result<Self> {
+    fn new(api: Api, key: Option<SecretString>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build()?;
-        Ok(Self { http, api })
+        Ok(Self { http, api, key })
     }
 
     fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
         let request = self.http.request(method, url);
-        match &self.api.api_key {
+        match &self.key {
             Some(key) => request.bearer_auth(key.expose_secret()),
             None => request,
         }
@@ -243,7 +378,7 @@ impl Client {
         }
     }
 
-    /// Streams an export to `output` (or standard output).
+    /// Streams an export to `output` (whole or not at all), or to standard output.
     async fn export(&self, id: &str, query: &[(&str, String)], output: Option<PathBuf>) -> anyhow::Result<()> {
         use futures::StreamExt;
         let sink = self.api.sink_url.trim_end_matches('/');
@@ -259,19 +394,20 @@ impl Client {
         if !response.status().is_success() {
             bail!("{}: {}", response.status(), response.text().await.unwrap_or_default());
         }
-        let mut out: Box<dyn Write> = match &output {
-            Some(path) => Box::new(std::io::BufWriter::new(
-                std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-            )),
-            None => Box::new(std::io::stdout().lock()),
-        };
         let mut body = response.bytes_stream();
+        let Some(path) = output else {
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = body.next().await {
+                out.write_all(&chunk?)?;
+            }
+            return Ok(out.flush()?);
+        };
+        let mut out = Partial::create(&path)?;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
+            let chunk = chunk.with_context(|| format!("the export broke off; {} is unchanged", path.display()))?;
             out.write_all(&chunk)?;
         }
-        out.flush()?;
-        Ok(())
+        out.commit()
     }
 
     /// Sends a feed's (or a batch's) transient failures through again.
@@ -331,5 +467,85 @@ mod tests {
             Cli::try_parse_from(["reefline", "export", "abc", "--format", "megadetector", "-o", "out.json"]).unwrap();
         assert!(matches!(cli.command, Command::Export { ref format, .. } if format == "megadetector"));
         assert!(Cli::try_parse_from(["reefline", "frobnicate"]).is_err());
+        let key_on_the_command_line = Cli::try_parse_from(["reefline", "status", "abc", "--api-key", "secret"]);
+        assert!(key_on_the_command_line.is_err(), "a key in argv is readable by anyone, in `ps`");
+    }
+
+    /// A directory of its own for one test, empty.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("reefline-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_key_comes_from_a_file_or_the_environment() {
+        let dir = scratch("key");
+        let file = dir.join("key");
+        std::fs::write(&file, "  rk_fromfile \nsecond line\n").unwrap();
+        let key = |file: Option<&Path>, env: Option<&str>| {
+            api_key(file, env.map(String::from)).map(|k| k.map(|k| k.expose_secret().to_owned()))
+        };
+        assert_eq!(key(Some(&file), Some("rk_fromenv")).unwrap().as_deref(), Some("rk_fromfile"));
+        assert_eq!(key(None, Some("rk_fromenv")).unwrap().as_deref(), Some("rk_fromenv"));
+        assert_eq!(key(None, None).unwrap(), None);
+        let missing = key(Some(&dir.join("absent")), None).unwrap_err();
+        assert!(format!("{missing:#}").contains("reading the API key from"), "{missing:#}");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(key(Some(&file), None).unwrap_err().to_string().contains("holds no API key"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_keys_line_holds_the_hash_of_the_key() {
+        let cli = Cli::try_parse_from(["reefline", "keys", "add", "reef-4_north", "submit"]).unwrap();
+        let Command::Keys { command: Keys::Add { tenant, role } } = cli.command else { panic!("{:?}", cli.command) };
+        let (key, line) = new_key(&tenant, role).unwrap();
+        let key = key.expose_secret();
+        let hex = key.strip_prefix("rk_").expect("keys start rk_");
+        assert!(hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{key}");
+        let hash = hex::encode(Sha256::digest(key.as_bytes()));
+        assert_eq!(line, format!("reef-4_north submit {hash}"));
+        assert_ne!(new_key("a", Role::Read).unwrap().0.expose_secret(), key, "each key is new");
+    }
+
+    #[test]
+    fn a_bad_tenant_or_role_is_refused() {
+        for tenant in ["", "Reef", "-reef", "_reef", "reef 4", "reef/4", "récif", &"a".repeat(64)] {
+            assert!(Cli::try_parse_from(["reefline", "keys", "add", tenant, "read"]).is_err(), "tenant `{tenant}`");
+        }
+        assert!(Cli::try_parse_from(["reefline", "keys", "add", &"a".repeat(63), "admin"]).is_ok());
+        for role in ["", "owner", "Admin", "read,submit"] {
+            assert!(Cli::try_parse_from(["reefline", "keys", "add", "reef", role]).is_err(), "role `{role}`");
+        }
+    }
+
+    #[test]
+    fn an_export_that_breaks_off_leaves_the_old_file_as_it_was() {
+        let dir = scratch("partial");
+        let path = dir.join("survey.csv");
+        std::fs::write(&path, "old").unwrap();
+        let broken = || -> anyhow::Result<()> {
+            let mut out = Partial::create(&path)?;
+            out.write_all(b"url,line\nhttps://a/1.jpg")?;
+            bail!("the connection broke")
+        };
+        assert!(broken().is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
+        let names = |dir: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&dir), ["survey.csv"], "no temporary file is left");
+
+        let mut out = Partial::create(&path).unwrap();
+        out.write_all(b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old", "nothing shows before the commit");
+        out.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        assert_eq!(names(&dir), ["survey.csv"]);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
