@@ -1,6 +1,8 @@
 // Reefline's web page: submit URLs to ingest, follow the batch at the sink, browse and export it.
 // Plain browser JavaScript, served by the sink from its binary; nothing is loaded from elsewhere
-// but the photos themselves (straight from their URLs).
+// but the photos themselves (straight from their URLs), and only those the service fetched: a URL it
+// refused (a private address, say) or failed on is never loaded, so that a link to this page cannot
+// make an operator's browser reach into the intranet.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -145,21 +147,38 @@ function visible() {
   });
 }
 
+/// Words for an error kind: `blocked_address` is "blocked address".
+const words = (kind) => kind.replace(/_/g, " ");
+
+/// The photo of a result the service fetched; for any other, a placeholder naming why there is none.
+function photo(r) {
+  if (r.status === "ok") {
+    const image = document.createElement("img");
+    image.loading = "lazy";
+    image.alt = "";
+    image.referrerPolicy = "no-referrer";
+    image.src = r.url;
+    return image;
+  }
+  const none = document.createElement("div");
+  none.className = "no-photo";
+  none.textContent = `no photo: ${r.error ? words(r.error.kind) : r.status}`;
+  // app.css sizes images only; the placeholder takes their place in the card.
+  Object.assign(none.style, { aspectRatio: "4 / 3", display: "grid", placeItems: "center", background: "#cdd" });
+  return none;
+}
+
 function renderGrid() {
   const cards = visible().map((r) => {
     const card = document.createElement("button");
     card.className = `card ${r.status}`;
     card.type = "button";
     card.dataset.requestId = r.request_id;
-    const image = document.createElement("img");
-    image.loading = "lazy";
-    image.alt = "";
-    image.referrerPolicy = "no-referrer";
-    image.src = r.url;
+    const image = photo(r);
     const label = document.createElement("span");
     label.className = "label";
     const top = r.predictions[0];
-    label.textContent = top ? top.label : (r.error ? r.error.kind.replace(/_/g, " ") : r.status);
+    label.textContent = top ? top.label : (r.error ? words(r.error.kind) : r.status);
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = top ? `${(top.score * 100).toFixed(1)} %` : "";
@@ -186,7 +205,11 @@ function exifRows(exif) {
 }
 
 function detail(r) {
-  $("d-image").src = r.url;
+  // Only a photo the service fetched (app.css's `display: block` outranks `hidden`).
+  const image = $("d-image");
+  image.style.display = r.status === "ok" ? "" : "none";
+  if (r.status === "ok") image.src = r.url;
+  else image.removeAttribute("src");
   $("d-title").textContent = r.predictions[0] ? r.predictions[0].label : `${r.status}: ${r.error ? r.error.kind : ""}`;
   const rows = r.predictions.map((p, i) => {
     const row = document.createElement("tr");

@@ -1,6 +1,6 @@
 // The web page in a real headless Chromium (Debian's, driven by Playwright): submit three photos,
-// see them complete with the right labels, filter, open one, download the CSV, and see an API
-// error shown. Usage: node page.mjs SINK_URL PHOTOS_URL SCREENSHOT_DIR
+// see them complete with the right labels and no photo loaded for the one that failed, filter, open
+// one, download the CSV, and see an API error shown. Usage: node page.mjs SINK_URL PHOTOS_URL SCREENSHOT_DIR
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
@@ -32,6 +32,10 @@ try {
   assert.equal(labels[0], "espresso");
   assert.match(labels[1], /cat|tabby/, labels[1]);
   assert.equal(labels[2], "not found");
+  // Only the photos the service fetched are loaded; a failed one shows why instead of its URL.
+  const sources = await page.$$eval("#grid .card img", (images) => images.map((i) => i.getAttribute("src")));
+  assert.deepEqual(sources, urls.slice(0, 2));
+  assert.equal(await page.textContent("#grid .card >> nth=2 >> .no-photo"), "no photo: not found");
   await page.screenshot({ path: `${shots}/results.png`, fullPage: true });
 
   // Filters: errors only, then a minimum score that only the espresso reaches.
@@ -53,6 +57,11 @@ try {
   assert.equal(meta["Size"], "600 × 400 px");
   assert.match(meta["SHA-256"], /^[0-9a-f]{64}/);
   await page.screenshot({ path: `${shots}/detail.png` });
+  await page.keyboard.press("Escape");
+  // The failed one opens without its photo.
+  await page.click("#grid .card >> nth=2");
+  await page.waitForSelector("#detail[open]");
+  assert.equal(await page.getAttribute("#d-image", "src"), null);
   await page.keyboard.press("Escape");
 
   // The CSV holds one row per image, in order, with the top label.
