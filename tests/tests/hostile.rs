@@ -490,3 +490,109 @@ async fn slowloris_clients_are_cut_off_and_lookups_answer_while_results_are_writ
     pool.close().await;
     env.finish().await;
 }
+
+/// Raises this process's soft limit on open files to its hard limit, and says whether `needed`
+/// files can be open at once.
+fn raise_open_file_limit(needed: u64) -> bool {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write only the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return false;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return false;
+            }
+        }
+    }
+    limit.rlim_cur >= needed
+}
+
+/// Sends the headers of a chunked upload to `/upload`, then a byte every 300 ms, for ever.
+async fn trickle(addr: std::net::SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let headers = b"POST /upload HTTP/1.1\r\nHost: reefline\r\nTransfer-Encoding: chunked\r\n\r\n";
+    stream.write_all(headers).await.unwrap();
+    while stream.write_all(b"1\r\nx\r\n").await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_connections_are_closed_and_probes_answer_while_uploads_hold_every_slot() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+
+    const SILENT: usize = 2_000;
+    const UPLOADS: usize = 200;
+    // Each connection is a socket at both ends, in this one process.
+    assert!(raise_open_file_limit(2 * (SILENT + UPLOADS) as u64 + 500), "the open-file limit is too low");
+    let limits = reefline_common::http::HttpLimits { header_timeout_s: 2, max_concurrent: 8, ..Default::default() };
+    let readiness = reefline_common::ops::Readiness::default();
+    readiness.set(true);
+    let uploading = Arc::new(AtomicUsize::new(0));
+    let counting = uploading.clone();
+    let upload = axum::routing::post(move |body: axum::body::Body| {
+        counting.fetch_add(1, Ordering::SeqCst);
+        async move { axum::body::to_bytes(body, usize::MAX).await.map_or(0, |bytes| bytes.len()).to_string() }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(reefline_common::http::serve_with_streaming(
+        listener,
+        reefline_common::ops::router(Default::default(), readiness),
+        Router::new().route("/upload", upload),
+        limits,
+        async move { stopped.await.unwrap_or(()) },
+    ));
+
+    // 200 uploads that never end: every request slot is taken, the rest wait for one.
+    let uploads: Vec<_> = (0..UPLOADS).map(|_| tokio::spawn(trickle(addr))).collect();
+    wait_for("uploads in every request slot", Duration::from_secs(30), || {
+        let uploading = uploading.load(Ordering::SeqCst);
+        async move { (uploading == limits.max_concurrent).then_some(()) }
+    })
+    .await;
+
+    // 2,000 connections that send nothing, each watched until the server closes it.
+    let mut silent = Vec::with_capacity(SILENT);
+    for _ in 0..SILENT {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let opened = std::time::Instant::now();
+        silent.push(tokio::spawn(async move {
+            let read = stream.read(&mut [0u8; 64]).await;
+            (read.map_err(|e| e.kind()), opened.elapsed())
+        }));
+    }
+
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let probe = client.get(format!("http://{addr}/readyz")).send();
+        let response = tokio::time::timeout(Duration::from_secs(1), probe).await.expect("/readyz answered within 1 s");
+        assert_eq!(response.unwrap().status(), 200);
+    }
+
+    let limit = Duration::from_secs(limits.header_timeout_s);
+    let mut longest = Duration::ZERO;
+    for watch in silent {
+        let (read, open_for) = tokio::time::timeout(Duration::from_secs(30), watch)
+            .await
+            .expect("the server closed every silent connection")
+            .unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "a silent connection read {read:?}");
+        longest = longest.max(open_for);
+    }
+    eprintln!("hostile: {SILENT} silent connections closed, the last after {longest:?}");
+    assert!(longest < limit + Duration::from_secs(2), "a silent connection stayed open {longest:?}");
+    assert_eq!(uploading.load(Ordering::SeqCst), limits.max_concurrent, "the uploads still hold their slots");
+
+    for upload in uploads {
+        upload.abort();
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap();
+}
