@@ -9,7 +9,7 @@ use reqwest::{StatusCode, Url, redirect};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ImageError;
-use crate::guard::{AddressPolicy, Blocked, GuardedResolver};
+use crate::guard::{AddressPolicy, Blocked, GuardedResolver, error_text};
 
 /// Limits on one fetch.
 #[derive(Clone, Copy, Debug)]
@@ -201,13 +201,7 @@ impl Fetcher {
         if e.is_timeout() {
             ImageError::Timeout(self.limits.total_timeout.as_secs())
         } else {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message = format!("{message}: {s}");
-                source = s.source();
-            }
-            ImageError::Connection(message)
+            ImageError::Connection(error_text(&e))
         }
     }
 }
@@ -245,6 +239,41 @@ mod tests {
         assert!(futures::poll!(&mut waiting).is_pending());
         host.back_off(Duration::from_secs(3600));
         assert!(*host.next.lock().unwrap() <= Instant::now() + MAX_RETRY_AFTER, "a Retry-After is capped");
+    }
+
+    #[tokio::test]
+    async fn failures_name_no_resolved_address_and_no_token() {
+        let limits = FetchLimits {
+            connect_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(10),
+            max_bytes: 1 << 20,
+            max_redirects: 3,
+            per_host: 4,
+            host_rate: 0.0,
+        };
+        let (work, fetches) = (Arc::new(Semaphore::new(4)), Semaphore::new(4));
+        let fetch = |fetcher: Fetcher, url: String| {
+            let (work, fetches) = (work.clone(), &fetches);
+            async move {
+                match fetcher.fetch(&url, &work, fetches, || {}).await {
+                    Ok(_) => panic!("{url} was fetched"),
+                    Err(e) => e,
+                }
+            }
+        };
+
+        let guarded = Fetcher::new(limits, AddressPolicy::default()).unwrap();
+        let refused = fetch(guarded, "http://localhost/x.jpg?sig=s3cret".into()).await;
+        let message = refused.to_string();
+        assert_eq!(refused.kind(), "blocked_address", "{message}");
+        assert!(message.contains("`localhost`"), "{message}");
+        assert!(!message.contains("127.0.0.1") && !message.contains("::1") && !message.contains("s3cret"), "{message}");
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let open = Fetcher::new(limits, AddressPolicy::from_allowlist(&["127.0.0.1/32".into()])).unwrap();
+        let failed = fetch(open, format!("http://127.0.0.1:{port}/x.jpg?sig=s3cret")).await;
+        assert_eq!(failed.kind(), "connection_failed", "{failed}");
+        assert!(!failed.to_string().contains("s3cret"), "{failed}");
     }
 
     #[test]

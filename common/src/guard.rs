@@ -118,12 +118,13 @@ pub struct GuardedResolver {
     pub policy: Arc<AddressPolicy>,
 }
 
-/// Why a name was refused; the fetcher turns it into a `blocked_address` result.
+/// Why a name was refused; the fetcher turns it into a `blocked_address` result. It names the host
+/// the client gave and never the addresses it resolved to: those are the internal network's, and
+/// the message reaches the client (results, `source_url` errors, callback attempts).
 #[derive(Debug, thiserror::Error)]
-#[error("{host} resolves only to addresses that are not public ({addrs})")]
+#[error("`{host}` resolves only to addresses that are not public and that FETCH_ALLOW does not open")]
 pub struct Blocked {
     pub host: String,
-    pub addrs: String,
 }
 
 impl Resolve for GuardedResolver {
@@ -138,11 +139,46 @@ impl Resolve for GuardedResolver {
             let allowed: Vec<SocketAddr> = addrs.iter().copied().filter(|a| policy.permits(a.ip())).collect();
             if allowed.is_empty() {
                 let addrs = addrs.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ");
-                return Err(Box::new(Blocked { host, addrs }) as Box<dyn std::error::Error + Send + Sync>);
+                tracing::debug!(%host, %addrs, "a name resolving only to refused addresses");
+                return Err(Box::new(Blocked { host }) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
     }
+}
+
+/// `url` as it may be logged: scheme, host, port and path, without the user name and password,
+/// the query shown as `?…` and the fragment left out (they often hold a token).
+pub fn redact(url: &str) -> String {
+    let Ok(mut url) = url::Url::parse(url) else {
+        return "(a URL that does not parse)".into();
+    };
+    let had_query = url.query().is_some();
+    // Neither fails for a URL with a host; one without (`mailto:`) has no credentials to drop.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    let mut shown = url.to_string();
+    if had_query {
+        shown.push_str("?…");
+    }
+    shown
+}
+
+/// A failed request's message with its causes, the URL in it shown as [`redact`] shows it: the
+/// message is logged and stored, and the caller knows which URL it was.
+pub fn error_text(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), &redact(url.as_str()));
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -204,6 +240,37 @@ mod tests {
         assert!(check("http://8.8.8.8/x.jpg").is_ok());
         assert!(check("http://example.org/x.jpg").is_ok(), "names are checked when they resolve");
         assert!(check("file:///etc/passwd").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_name_is_named_and_its_addresses_are_not() {
+        let resolver = GuardedResolver { policy: Arc::new(AddressPolicy::default()) };
+        let err = resolver.resolve("localhost".parse::<Name>().unwrap()).await.err().expect("refused").to_string();
+        assert!(err.starts_with("`localhost` resolves only to"), "{err}");
+        // localhost resolves to 127.0.0.1 (and ::1); an internal name's addresses map the intranet.
+        assert!(!err.contains("127.0.0.1") && !err.contains("::1"), "{err}");
+    }
+
+    #[test]
+    fn redaction_keeps_where_a_url_points_and_drops_its_secrets() {
+        assert_eq!(
+            redact("https://user:s3cret@hooks.example:8443/cb/42?token=s3cret&x=1#s3cret"),
+            "https://hooks.example:8443/cb/42?…"
+        );
+        assert_eq!(redact("http://10.0.0.7/list.csv"), "http://10.0.0.7/list.csv");
+        assert_eq!(redact("https://photos.example/a.jpg?"), "https://photos.example/a.jpg?…");
+        assert!(!redact("not a URL ?token=s3cret").contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn error_texts_show_the_url_redacted() {
+        // A port nothing listens on: the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let e = client.get(format!("http://user:s3cret@127.0.0.1:{port}/cb?token=s3cret")).send().await.unwrap_err();
+        let text = error_text(&e);
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains(&format!("http://127.0.0.1:{port}/cb?…")), "{text}");
     }
 
     #[tokio::test]

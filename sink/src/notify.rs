@@ -15,7 +15,7 @@ use chrono::Utc;
 use hmac::{Hmac, Mac};
 use prometheus::IntCounterVec;
 use rdkafka::producer::FutureRecord;
-use reefline_common::guard::{AddressPolicy, GuardedResolver};
+use reefline_common::guard::{AddressPolicy, Blocked, GuardedResolver, error_text, redact};
 use reefline_common::producer::FutureProducer;
 use reefline_schemas::{BatchCompleted, Codec};
 use secrecy::{ExposeSecret, SecretString};
@@ -198,7 +198,7 @@ impl Notifier {
         } else {
             "failed"
         };
-        tracing::info!(batch_id = %summary.batch_id, attempt, ?status, error = error.as_deref().unwrap_or(""), outcome, "callback");
+        tracing::info!(batch_id = %summary.batch_id, url = %redact(url), attempt, ?status, error = error.as_deref().unwrap_or(""), outcome, "callback");
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO callback_attempts (batch_id, attempt, at, status, error) VALUES ($1, $2, $3, $4, $5)")
             .bind(&summary.batch_id)
@@ -263,16 +263,16 @@ impl Notifier {
     }
 }
 
-/// A failed call's message with its causes, and whether it failed for good (the address rules).
+/// A failed call's message with its causes (the URL redacted: the message is logged), and whether
+/// it failed for good (the address rules).
 fn explain(e: &reqwest::Error) -> (String, bool) {
-    let (mut message, mut blocked) = (e.to_string(), false);
+    let mut blocked = false;
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        blocked |= s.is::<reefline_common::guard::Blocked>();
-        message = format!("{message}: {s}");
+        blocked |= s.is::<Blocked>();
         source = s.source();
     }
-    (message, blocked)
+    (error_text(e), blocked)
 }
 
 #[cfg(test)]
@@ -286,6 +286,24 @@ mod tests {
             signature("secret", 1_700_000_000, b"{}"),
             "t=1700000000,v1=b8569b78799ff9e3cbff0fc2d63a33a2b57f3282abd07c37ae5e8e7d79a5f163"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_callback_names_no_resolved_address_and_no_token() {
+        let guarded = callback_client(Arc::new(AddressPolicy::default()), Duration::from_secs(5)).unwrap();
+        let e = guarded.post("http://localhost/hook?token=s3cret").send().await.unwrap_err();
+        let (message, permanent) = explain(&e);
+        assert!(permanent, "{message}");
+        assert!(message.contains("`localhost`"), "{message}");
+        assert!(!message.contains("127.0.0.1") && !message.contains("::1") && !message.contains("s3cret"), "{message}");
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let policy = Arc::new(AddressPolicy::from_allowlist(&["127.0.0.1/32".into()]));
+        let open = callback_client(policy, Duration::from_secs(5)).unwrap();
+        let e = open.post(format!("http://user:pw@127.0.0.1:{port}/hook?token=s3cret")).send().await.unwrap_err();
+        let (message, permanent) = explain(&e);
+        assert!(!permanent, "{message}");
+        assert!(!message.contains("s3cret") && !message.contains("pw@"), "{message}");
     }
 
     #[test]

@@ -59,16 +59,36 @@ pub async fn open(
     Ok((idle_limited(stream, idle), format))
 }
 
-/// A failed fetch's message with its causes; a refused address says so.
+/// A failed fetch's message with its causes, the URL redacted; a refused address says so, naming
+/// the host and never what it resolved to.
 fn explain(e: &reqwest::Error) -> String {
-    let mut message = format!("source_url could not be fetched: {e}");
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(blocked) = s.downcast_ref::<Blocked>() {
             return format!("source_url is refused: {blocked}");
         }
-        message = format!("{message}: {s}");
         source = s.source();
     }
-    message
+    format!("source_url could not be fetched: {}", reefline_common::guard::error_text(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_source_names_no_resolved_address_and_no_token() {
+        let refused = client(Arc::new(AddressPolicy::default())).unwrap();
+        let e = refused.get("http://localhost/list.csv?token=s3cret").send().await.unwrap_err();
+        let reason = explain(&e);
+        assert!(reason.starts_with("source_url is refused: `localhost` resolves only to"), "{reason}");
+        assert!(!reason.contains("127.0.0.1") && !reason.contains("::1") && !reason.contains("s3cret"), "{reason}");
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let open = client(Arc::new(AddressPolicy::from_allowlist(&["127.0.0.1/32".into()]))).unwrap();
+        let e = open.get(format!("http://127.0.0.1:{port}/list.csv?token=s3cret")).send().await.unwrap_err();
+        let reason = explain(&e);
+        assert!(reason.starts_with("source_url could not be fetched"), "{reason}");
+        assert!(!reason.contains("s3cret"), "{reason}");
+    }
 }
