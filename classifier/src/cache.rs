@@ -2,6 +2,8 @@
 //! version is not run through the model again; its stored predictions are reused. The store is the
 //! sink's results table (every `ok` result carries its sha256), so the cache is shared by every
 //! classifier and survives restarts: re-running a survey with a few new photos costs only those.
+//! A tenant reuses only its own results (what another team photographed is not revealed by how
+//! fast its answer comes), unless the operator shares the cache (`RESULT_CACHE_SHARED`).
 
 use std::time::Duration;
 
@@ -27,6 +29,8 @@ type Stored = (sqlx::types::Json<Vec<Prediction>>, Option<String>);
 pub struct ResultCache {
     /// `None`: the cache is off.
     pool: Option<PgPool>,
+    /// Every tenant reuses every tenant's results.
+    shared: bool,
     /// Lookups by outcome: hit, miss, or error (the database did not answer: a miss).
     lookups: IntCounterVec,
 }
@@ -34,22 +38,26 @@ pub struct ResultCache {
 impl ResultCache {
     /// A cache over the database at `url` (connected when first used; each lookup bounded by
     /// `timeout`), or none.
-    pub fn new(url: Option<&str>, timeout: Duration, lookups: IntCounterVec) -> anyhow::Result<Self> {
+    pub fn new(url: Option<&str>, shared: bool, timeout: Duration, lookups: IntCounterVec) -> anyhow::Result<Self> {
         let pool = url.map(|url| lazy_pool(url, 4, timeout)).transpose()?;
-        Ok(Self { pool, lookups })
+        Ok(Self { pool, shared, lookups })
     }
 
-    /// The predictions stored for `sha256` from `model`, if any. A database that does not answer
-    /// is a miss: the image is classified as if it were new.
-    pub async fn get(&self, sha256: &str, model: &ModelTag) -> Option<Classified> {
+    /// The predictions stored for `sha256` from `model` for `tenant` (any tenant's when the cache
+    /// is shared), if any. A database that does not answer is a miss: the image is classified as
+    /// if it were new.
+    pub async fn get(&self, sha256: &str, model: &ModelTag, tenant: Option<&str>) -> Option<Classified> {
         let pool = self.pool.as_ref()?;
+        let tenant = tenant.filter(|_| !self.shared);
         let found: sqlx::Result<Option<Stored>> = sqlx::query_as(
             "SELECT predictions, marine_group FROM results
-             WHERE sha256 = $1 AND model_name = $2 AND model_version = $3 AND status = 'ok' LIMIT 1",
+             WHERE sha256 = $1 AND model_name = $2 AND model_version = $3 AND status = 'ok'
+               AND ($4::text IS NULL OR tenant = $4) LIMIT 1",
         )
         .bind(sha256)
         .bind(&model.name)
         .bind(&model.version)
+        .bind(tenant)
         .fetch_optional(pool)
         .await;
         let (outcome, classified) = match found {

@@ -276,6 +276,7 @@ pub async fn run(
     producer: FutureProducer,
     dead_letter_topic: String,
     max_url_bytes: usize,
+    tenants: reefline_common::tenant::TenantSeal,
     jobs: mpsc::Sender<Job>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -384,6 +385,12 @@ pub async fn run(
                 .and_then(|request| match request.check(max_url_bytes) {
                     Ok(()) => Ok(request),
                     Err(reason) => Err(("invalid_request", reason)),
+                })
+                .map(|mut request| {
+                    // The tenant it claims only under ingest's seal; else the topic's.
+                    let tenant = tenants.tenant_of(request.tenant.as_deref(), &request.request_id, message.headers());
+                    request.tenant = Some(tenant);
+                    request
                 }),
         };
         match checked {

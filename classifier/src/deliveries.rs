@@ -29,6 +29,21 @@ pub enum Mode {
     Careful { until: i64 },
 }
 
+/// How to take a partition whose first request is at `offset`, its last owner having left it at
+/// `clean_offset` (`None`: not cleanly) or it being `new` to the ledger.
+///
+/// An offset before the clean handover's belongs to another incarnation of the topic: the topic was
+/// deleted and created again (after `make reset`, a new broker beside the same database), or the
+/// group's offsets were moved back (a replay). Neither is a crash: offsets move back only by hand,
+/// and the record is of the old log, so the partition is taken as usual.
+fn mode(clean_offset: Option<i64>, new: bool, offset: i64) -> Mode {
+    match clean_offset {
+        _ if new => Mode::Normal,
+        Some(clean) if offset <= clean => Mode::Normal,
+        _ => Mode::Careful { until: offset + CAREFUL_WINDOW },
+    }
+}
+
 /// The ledger of one consumer group on one topic.
 #[derive(Clone)]
 pub struct Deliveries {
@@ -72,17 +87,25 @@ impl Deliveries {
         .await;
         self.forget_tries(pool, partition, offset, true).await;
         match claimed {
-            Ok((_, true)) => Mode::Normal,
-            Ok((Some(clean), false)) if clean == offset => Mode::Normal,
-            Ok((left_at, false)) => {
-                tracing::warn!(
-                    partition,
-                    offset,
-                    clean_offset = left_at,
-                    window = CAREFUL_WINDOW,
-                    "the partition's last owner stopped mid-way: taking its next requests one at a time"
-                );
-                Mode::Careful { until: offset + CAREFUL_WINDOW }
+            Ok((left_at, new)) => {
+                let mode = mode(left_at, new, offset);
+                if let Mode::Careful { .. } = mode {
+                    tracing::warn!(
+                        partition,
+                        offset,
+                        clean_offset = left_at,
+                        window = CAREFUL_WINDOW,
+                        "the partition's last owner stopped mid-way: taking its next requests one at a time"
+                    );
+                } else if left_at.is_some_and(|clean| offset < clean) {
+                    tracing::info!(
+                        partition,
+                        offset,
+                        clean_offset = left_at,
+                        "the partition starts before its last clean handover: a new topic (or its offsets reset)"
+                    );
+                }
+                mode
             }
             Err(e) => {
                 tracing::warn!(partition, error = %e, "the delivery ledger did not answer; taking requests as usual");
@@ -154,5 +177,20 @@ impl Deliveries {
         if let Err(e) = marked {
             tracing::warn!(error = %e, "the delivery ledger did not record a clean handover");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_partition_left_mid_way_is_taken_carefully() {
+        assert_eq!(mode(None, true, 0), Mode::Normal, "never seen");
+        assert_eq!(mode(Some(5000), false, 5000), Mode::Normal, "handed over cleanly");
+        assert_eq!(mode(None, false, 5000), Mode::Careful { until: 5000 + CAREFUL_WINDOW }, "left mid-way");
+        assert_eq!(mode(Some(4000), false, 5000), Mode::Careful { until: 5000 + CAREFUL_WINDOW }, "moved on since");
+        // A recreated topic starts again at 0: the old log's clean offset says nothing of it.
+        assert_eq!(mode(Some(5000), false, 0), Mode::Normal);
     }
 }

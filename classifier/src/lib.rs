@@ -73,6 +73,8 @@ pub struct Application {
     metrics: metrics::Metrics,
     producer: FutureProducer,
     codec: Codec,
+    /// Whose each request is.
+    tenants: reefline_common::tenant::TenantSeal,
 }
 
 impl Application {
@@ -136,6 +138,7 @@ impl Application {
         let readiness = Readiness::default();
         let listener = TcpListener::bind(&settings.listen).await?;
         let ops = ops::router(registry, readiness.clone());
+        let tenants = reefline_common::tenant::TenantSeal::new(&settings.tenants)?;
         Ok(Self {
             settings,
             listener,
@@ -148,6 +151,7 @@ impl Application {
             metrics,
             producer,
             codec,
+            tenants,
         })
     }
 
@@ -251,6 +255,7 @@ impl Application {
             pixel_budget: prepare::PixelBudget::new(s.decode_pixel_budget),
             cache: cache::ResultCache::new(
                 s.result_cache.then(|| secrecy::ExposeSecret::expose_secret(&s.database_url)),
+                s.result_cache_shared,
                 Duration::from_secs(1),
                 metrics.cache_lookups.clone(),
             )?,
@@ -304,6 +309,7 @@ impl Application {
             self.producer.clone(),
             s.topics.dead_letter.clone(),
             s.max_url_bytes,
+            self.tenants.clone(),
             jobs_tx,
             shutdown,
         )

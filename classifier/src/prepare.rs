@@ -112,7 +112,7 @@ pub async fn run(
                     let (photo, bytes) = stage.learn(bytes).await;
                     // The same bytes classified before by the same model: its predictions, no decode.
                     let model = input.current.read().map_or_else(|e| e.into_inner().clone(), |m| m.clone());
-                    let cached = stage.cache.get(&photo.sha256, &model).await;
+                    let cached = stage.cache.get(&photo.sha256, &model, job.request.tenant.as_deref()).await;
                     job.photo = Some(photo);
                     if let Some(classified) = cached {
                         let outcome = Outcome { job, model, result: Ok(classified), cached: true };

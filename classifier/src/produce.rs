@@ -126,6 +126,7 @@ impl Produce {
             sha256: outcome.job.photo.as_ref().map(|p| p.sha256.clone()),
             cached: outcome.cached,
             exif: outcome.job.photo.as_ref().map(|p| p.exif.clone()),
+            tenant: r.tenant.clone(),
         }
     }
 

@@ -116,6 +116,11 @@ pub struct Settings {
     #[arg(long, env = "RESULT_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub result_cache: bool,
 
+    /// Let every tenant reuse every tenant's cached predictions (by default a tenant reuses only
+    /// its own: whether another team sent the same photo is not revealed).
+    #[arg(long, env = "RESULT_CACHE_SHARED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub result_cache_shared: bool,
+
     /// Tries of a request alone, after a classifier stopped mid-way, before it is moved to the
     /// dead-letter topic as one that stops the process (kind `crash_loop`); 0: off. The ledger is
     /// the database at `DATABASE_URL`.
@@ -179,6 +184,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub registry: RegistrySettings,
+
+    #[command(flatten)]
+    pub tenants: reefline_common::tenant::TenantSettings,
 }
 
 impl Settings {

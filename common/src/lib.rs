@@ -10,6 +10,7 @@ pub mod models;
 pub mod ops;
 pub mod producer;
 pub mod telemetry;
+pub mod tenant;
 
 /// Delays for waiting out an outage (broker, registry, database): 100 ms, doubling each time, at
 /// most 10 s.

@@ -36,8 +36,30 @@ pub enum IngestError {
     FeedInProgress { feed_id: String },
     #[error("{}", unreadable(feed_id, reason))]
     UnreadableFeed { feed_id: String, reason: String },
+    #[error(
+        "the feed goes on past line {limit}, the most lines a feed may have: feed {feed_id} was read to line {limit} \
+         and closed there (a resend with its key reads no further); line {line} and the rest were not read, send \
+         them as a feed of their own"
+    )]
+    FeedTooLong { feed_id: String, limit: u64, line: u64 },
+    #[error(
+        "line {line} would be the feed's rejected line {}; the limit is {limit}: feed {feed_id} was read to the \
+         line before it and closed there (a resend with its key reads no further); see its rejects, correct the \
+         list and send it as a new feed", limit + 1
+    )]
+    TooManyRejects { feed_id: String, limit: u64, line: u64 },
     #[error("no {what} `{id}` is known")]
     NotFound { what: &'static str, id: String },
+    #[error(
+        "this Idempotency-Key names feed {feed_id}, sent with another file, source_url, model or format; use a new key for a new feed"
+    )]
+    IdempotencyKeyReused { feed_id: String },
+    #[error("this key's role is `{role}`; submitting needs `submit` or `admin`")]
+    Forbidden { role: &'static str },
+    #[error("this tenant may submit {per_second} images a second; this submission fits in {retry_after_s} s")]
+    QuotaExceeded { per_second: u32, retry_after_s: u64 },
+    #[error("{what} `{id}` is being retried already; retry when that ends")]
+    RetryInProgress { what: &'static str, id: String },
 }
 
 fn unreadable(feed_id: &str, reason: &str) -> String {
@@ -51,6 +73,11 @@ fn unreadable(feed_id: &str, reason: &str) -> String {
 
 impl IngestError {
     /// Stable snake_case name, used in the error body and as a metric label.
+    /// Refuses `caller` unless its role may submit.
+    pub fn unless_submitter(caller: &reefline_common::auth::Caller) -> Result<(), IngestError> {
+        if caller.may_submit() { Ok(()) } else { Err(IngestError::Forbidden { role: caller.role.as_str() }) }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             IngestError::InvalidJson(_) => "invalid_json",
@@ -67,7 +94,13 @@ impl IngestError {
             IngestError::FeedsUnavailable => "feeds_unavailable",
             IngestError::FeedInProgress { .. } => "feed_in_progress",
             IngestError::UnreadableFeed { .. } => "unreadable_feed",
+            IngestError::FeedTooLong { .. } => "feed_too_long",
+            IngestError::TooManyRejects { .. } => "too_many_rejects",
             IngestError::NotFound { .. } => "not_found",
+            IngestError::Forbidden { .. } => "forbidden",
+            IngestError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
+            IngestError::QuotaExceeded { .. } => "quota_exceeded",
+            IngestError::RetryInProgress { .. } => "retry_in_progress",
         }
     }
 
@@ -88,10 +121,13 @@ impl IngestError {
             IngestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::Overloaded { .. } | IngestError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::FeedsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::FeedInProgress { .. } => StatusCode::CONFLICT,
             IngestError::NotFound { .. } => StatusCode::NOT_FOUND,
+            IngestError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            IngestError::IdempotencyKeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::RetryInProgress { .. } => StatusCode::CONFLICT,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -103,15 +139,23 @@ impl IntoResponse for IngestError {
             "error": { "kind": self.kind(), "field": self.field(), "message": self.to_string() }
         }));
         let retry_after = match self {
-            IngestError::Unavailable(_) | IngestError::FeedsUnavailable => Some("5"),
-            IngestError::Overloaded { .. } | IngestError::FeedInProgress { .. } => Some("1"),
+            IngestError::Unavailable(_) | IngestError::FeedsUnavailable => Some(5),
+            IngestError::Overloaded { .. } | IngestError::FeedInProgress { .. } => Some(1),
+            IngestError::RetryInProgress { .. } => Some(5),
+            IngestError::QuotaExceeded { retry_after_s, .. } => Some(retry_after_s),
             _ => None,
         };
         // The rest of the body is not read: a refused request's, or a feed's that failed half-way.
-        let too_large = matches!(self, IngestError::BodyTooLarge { .. } | IngestError::UnreadableFeed { .. });
+        let too_large = matches!(
+            self,
+            IngestError::BodyTooLarge { .. }
+                | IngestError::UnreadableFeed { .. }
+                | IngestError::FeedTooLong { .. }
+                | IngestError::TooManyRejects { .. }
+        );
         let mut response = (self.status(), body).into_response();
         if let Some(seconds) = retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(seconds));
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
         }
         if too_large {
             // The rest of the body is never read, so the connection cannot carry another request:

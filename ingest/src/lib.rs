@@ -3,6 +3,7 @@
 mod error;
 pub mod feeds;
 mod metrics;
+mod quota;
 mod routes;
 pub mod settings;
 pub mod validate;
@@ -49,6 +50,10 @@ pub(crate) struct AppState {
     /// The client a feed's `source_url` is fetched with, and the address rules it follows.
     pub source_client: reqwest::Client,
     pub source_policy: Arc<reefline_common::guard::AddressPolicy>,
+    /// Seals each request record's tenant.
+    pub tenants: reefline_common::tenant::TenantSeal,
+    /// Each tenant's rate.
+    pub quotas: quota::Quotas,
 }
 
 impl AppState {
@@ -153,6 +158,19 @@ impl Application {
         let body_limit = settings.max_body_bytes;
         let source_policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.fetch_allow));
         let source_client = feeds::source_client(source_policy.clone())?;
+        let keys = ApiKeys::load(&settings.auth)?;
+        let tenants = reefline_common::tenant::TenantSeal::new(&settings.tenants)?;
+        if let Some(tenant) = keys.tenants().into_iter().find(|t| t != tenants.kafka_tenant()) {
+            anyhow::ensure!(
+                tenants.can_seal(),
+                "API keys name tenant `{tenant}`, but TENANT_SECRET is not set: without it the classifiers and the \
+                 sink cannot tell its requests from the requests topic's tenant (`{}`); set the same TENANT_SECRET \
+                 on ingest, every classifier and the sink",
+                tenants.kafka_tenant()
+            );
+        }
+        let quotas =
+            quota::Quotas::new(settings.tenant_images_per_second, settings.tenant_images_burst, settings.max_images);
         let state = Arc::new(AppState {
             settings,
             models,
@@ -164,8 +182,9 @@ impl Application {
             feeds: Arc::default(),
             source_client,
             source_policy,
+            tenants,
+            quotas,
         });
-        let keys = ApiKeys::load(&state.settings.auth)?;
         keys.announce("ingest", listener.local_addr()?);
         let router = routes::router(state.clone())
             .layer(DefaultBodyLimit::max(body_limit))

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub waits: IntCounterVec,
     /// Lines of feeds settled, by outcome (accepted or rejected).
     pub feed_lines: IntCounterVec,
+    /// Images produced, by tenant (tenants are configured: the labels are bounded).
+    pub tenant_images: IntCounterVec,
+    /// Submissions refused for their tenant's quota, by tenant.
+    pub quota_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -43,6 +47,16 @@ impl Metrics {
             Opts::new("ingest_feed_lines_total", "Lines of bulk feeds settled, by outcome"),
             &["outcome"],
         )?;
+        let tenant_images = IntCounterVec::new(
+            Opts::new("ingest_tenant_images_total", "Image requests produced to Kafka, by tenant"),
+            &["tenant"],
+        )?;
+        let quota_refusals = IntCounterVec::new(
+            Opts::new("ingest_quota_refusals_total", "Submissions refused for their tenant's quota, by tenant"),
+            &["tenant"],
+        )?;
+        registry.register(Box::new(tenant_images.clone()))?;
+        registry.register(Box::new(quota_refusals.clone()))?;
         registry.register(Box::new(feed_lines.clone()))?;
         registry.register(Box::new(pending.clone()))?;
         registry.register(Box::new(waiting.clone()))?;
@@ -50,6 +64,16 @@ impl Metrics {
         registry.register(Box::new(submissions.clone()))?;
         registry.register(Box::new(images.clone()))?;
         registry.register(Box::new(produce_seconds.clone()))?;
-        Ok(Self { submissions, images, produce_seconds, pending, waiting, waits, feed_lines })
+        Ok(Self {
+            submissions,
+            images,
+            produce_seconds,
+            pending,
+            waiting,
+            waits,
+            feed_lines,
+            tenant_images,
+            quota_refusals,
+        })
     }
 }

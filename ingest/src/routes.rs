@@ -17,6 +17,8 @@ use serde::Serialize;
 use url::Url;
 use uuid::Uuid;
 
+use reefline_common::auth::Caller;
+
 use crate::AppState;
 use crate::error::IngestError;
 use crate::validate::{self, ClassifyRequest, Limits, SingleRequest};
@@ -78,11 +80,16 @@ enum Refused {
         description = "unauthorized: a key is required (API_KEYS) and none or a wrong one was sent"
     )]
     Unauthorized(ErrorBody),
+    #[response(status = 403, description = "forbidden: the key's role is `read`")]
+    Forbidden(ErrorBody),
     #[response(status = 413, description = "body_too_large")]
     TooLarge(ErrorBody),
     #[response(status = 415, description = "unsupported_media_type: not application/json")]
     MediaType(ErrorBody),
-    #[response(status = 429, description = "overloaded: too many images wait for the broker; Retry-After")]
+    #[response(
+        status = 429,
+        description = "overloaded: too many images wait for the broker; quota_exceeded: over the tenant's images a second (TENANT_IMAGES_PER_SECOND). Retry-After"
+    )]
     Overloaded(ErrorBody),
     #[response(status = 503, description = "unavailable: the broker did not acknowledge in time; Retry-After")]
     Unavailable(ErrorBody),
@@ -96,8 +103,8 @@ type Body = Result<Bytes, BytesRejection>;
     (status = 202, description = "Accepted: every record is on the broker; the results are not all in", body = Accepted),
     Refused,
 ))]
-async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let result = handle_many(&state, "v1_classify", &headers, body, Duration::ZERO).await;
+async fn classify(State(state): State<Arc<AppState>>, caller: Caller, headers: HeaderMap, body: Body) -> Response {
+    let result = handle_many(&state, &caller, "v1_classify", &headers, body, Duration::ZERO).await;
     respond(&state, "v1_classify", result)
 }
 
@@ -107,8 +114,8 @@ async fn classify(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
     (status = 202, description = "Accepted; the results were not all in within the wait", body = Accepted),
     Refused,
 ))]
-async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let result = handle_many(&state, "api_infer", &headers, body, state.infer_wait()).await;
+async fn infer(State(state): State<Arc<AppState>>, caller: Caller, headers: HeaderMap, body: Body) -> Response {
+    let result = handle_many(&state, &caller, "api_infer", &headers, body, state.infer_wait()).await;
     respond(&state, "api_infer", result)
 }
 
@@ -118,8 +125,9 @@ async fn infer(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bod
     (status = 202, description = "Accepted; the result was not in within the wait", body = AcceptedOne),
     Refused,
 ))]
-async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn classify_one(State(state): State<Arc<AppState>>, caller: Caller, headers: HeaderMap, body: Body) -> Response {
     let result = async {
+        IngestError::unless_submitter(&caller)?;
         let body = json_body(&state, &headers, body)?;
         let request: SingleRequest = validate::parse_json(&body)?;
         let raw = request.image_url.ok_or_else(|| IngestError::MissingField { field: "image_url".into() })?;
@@ -127,7 +135,7 @@ async fn classify_one(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
             .map_err(|reason| IngestError::InvalidUrl { field: "image_url".into(), reason })?;
         let model = validate::check_model(request.model, &state.models)?;
         let wait = wait_for(&state, request.wait, state.infer_wait())?;
-        let submission = Submission { urls: vec![url], model, callback_url: None };
+        let submission = Submission { urls: vec![url], model, callback_url: None, tenant: caller.tenant.clone() };
         Ok(match submit_and_wait(&state, "classify", submission, wait).await? {
             Answer::Waited { mut results, .. } if !results.is_empty() => {
                 (StatusCode::OK, Json(ResultView::from(results.remove(0)))).into_response()
@@ -169,11 +177,13 @@ fn json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes,
 
 async fn handle_many(
     state: &AppState,
+    caller: &Caller,
     route: &str,
     headers: &HeaderMap,
     body: Body,
     default_wait: Duration,
 ) -> Result<Response, IngestError> {
+    IngestError::unless_submitter(caller)?;
     let body = json_body(state, headers, body)?;
     let request: ClassifyRequest = validate::parse_json(&body)?;
     let limits = Limits { max_images: state.settings.max_images, max_url_bytes: state.settings.max_url_bytes };
@@ -181,7 +191,8 @@ async fn handle_many(
     let model = validate::check_model(request.model, &state.models)?;
     let callback_url = validate::check_callback(request.callback_url, state.settings.max_url_bytes)?;
     let wait = wait_for(state, request.wait, default_wait)?;
-    Ok(match submit_and_wait(state, route, Submission { urls, model, callback_url }, wait).await? {
+    let submission = Submission { urls, model, callback_url, tenant: caller.tenant.clone() };
+    Ok(match submit_and_wait(state, route, submission, wait).await? {
         Answer::Accepted { batch_id, request_ids } => {
             (StatusCode::ACCEPTED, Json(Accepted { batch_id, request_ids })).into_response()
         }
@@ -233,6 +244,8 @@ struct Submission {
     urls: Vec<Url>,
     model: Option<String>,
     callback_url: Option<String>,
+    /// The caller's tenant.
+    tenant: String,
 }
 
 impl Submission {
@@ -241,7 +254,7 @@ impl Submission {
         let batch_id = Uuid::now_v7().to_string();
         let submitted_at_ms = chrono::Utc::now().timestamp_millis();
         let batch_size = self.urls.len() as i32;
-        let (model, callback_url) = (self.model, self.callback_url);
+        let (model, callback_url, tenant) = (self.model, self.callback_url, self.tenant);
         self.urls
             .into_iter()
             .enumerate()
@@ -255,6 +268,7 @@ impl Submission {
                 source: "http".into(),
                 model: model.clone(),
                 callback_url: callback_url.clone(),
+                tenant: Some(tenant.clone()),
                 ..ImageRequest::default()
             })
             .collect()
@@ -288,6 +302,12 @@ impl Drop for Admission<'_> {
 /// Produces one record per request and returns only once the broker has acknowledged all of them.
 async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> Result<(), IngestError> {
     let started = Instant::now();
+    let tenant = requests[0].tenant.as_deref().unwrap_or(state.tenants.kafka_tenant());
+    if let Err(over) = state.quotas.admit(tenant, requests.len()) {
+        state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
+        let retry_after_s = over.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        return Err(IngestError::QuotaExceeded { per_second: over.per_second, retry_after_s });
+    }
     let _admitted = Admission::try_new(state, requests.len())?;
     // The trace of the submission: each record carries its context to the classifier.
     let span = tracing::info_span!("submit", batch_id = %requests[0].batch_id, images = requests.len(), route);
@@ -295,10 +315,10 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
     let mut records = Vec::with_capacity(requests.len());
     for request in &requests {
         let payload = state.codec.encode(topic, request).await.map_err(|e| IngestError::Unavailable(e.to_string()))?;
-        records.push((request.request_id.as_str(), payload));
+        records.push((request, payload));
     }
-    let deliveries = records.iter().map(|(id, payload)| {
-        let record = crate::feeds::produce::request_record(topic, id, payload, &span);
+    let deliveries = records.iter().map(|(request, payload)| {
+        let record = crate::feeds::produce::request_record(state, request, payload, &span);
         // No waiting for room in the producer's queue: it has room for every admitted image.
         state.producer.send(record, Duration::ZERO)
     });
@@ -308,10 +328,60 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
     for delivery in join_all(deliveries).await {
         delivery.map_err(|(e, _)| IngestError::Unavailable(e.to_string()))?;
     }
+    record_handed_out(state, &requests).await;
     state.metrics.images.with_label_values(&[route]).inc_by(records.len() as u64);
+    state.metrics.tenant_images.with_label_values(&[tenant]).inc_by(records.len() as u64);
     state.metrics.produce_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
     tracing::info!(batch_id = %requests[0].batch_id, images = records.len(), route, "submission accepted");
     Ok(())
+}
+
+/// Records the submission's requests and batch as the sink records them from the requests topic,
+/// before its ids are handed out: an id answered with is known from that moment (pending), never
+/// unknown while the sink has yet to read its record. Without the database (not reached yet, or
+/// away) the sink's own reading still records them, a moment later.
+async fn record_handed_out(state: &AppState, requests: &[ImageRequest]) {
+    let Some(pool) = state.feeds.get() else { return };
+    let column = |f: fn(&ImageRequest) -> &str| requests.iter().map(f).collect::<Vec<_>>();
+    fn tenant(r: &ImageRequest) -> &str {
+        r.tenant.as_deref().unwrap_or(reefline_common::auth::DEFAULT_TENANT)
+    }
+    let recorded = async {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at, tenant)
+             SELECT request_id, batch_id, batch_index, batch_size, url, to_timestamp(submitted_ms / 1000.0), tenant
+             FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::float8[], $7::text[])
+                  AS t(request_id, batch_id, batch_index, batch_size, url, submitted_ms, tenant)
+             ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(column(|r| &r.request_id))
+        .bind(column(|r| &r.batch_id))
+        .bind(requests.iter().map(|r| r.batch_index).collect::<Vec<_>>())
+        .bind(requests.iter().map(|r| r.batch_size).collect::<Vec<_>>())
+        .bind(column(|r| &r.url))
+        .bind(requests.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
+        .bind(requests.iter().map(tenant).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        let first = &requests[0];
+        sqlx::query(
+            "INSERT INTO batches (batch_id, total, callback_url, submitted_at, tenant)
+             VALUES ($1, $2, $3, to_timestamp($4 / 1000.0), $5)
+             ON CONFLICT (batch_id) DO NOTHING",
+        )
+        .bind(&first.batch_id)
+        .bind(first.batch_size)
+        .bind(first.callback_url.as_deref())
+        .bind(first.submitted_at_ms as f64)
+        .bind(tenant(first))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    };
+    if let Err(e) = recorded.await {
+        tracing::warn!(error = %e, batch_id = %requests[0].batch_id, "could not record a submission's ids; the sink will");
+    }
 }
 
 #[cfg(test)]
@@ -338,7 +408,7 @@ mod tests {
         );
         let classify = &spec["paths"]["/v1/classify"]["post"];
         let statuses: Vec<&String> = classify["responses"].as_object().unwrap().keys().collect();
-        assert_eq!(statuses, ["200", "202", "400", "401", "413", "415", "429", "503"]);
+        assert_eq!(statuses, ["200", "202", "400", "401", "403", "413", "415", "429", "503"]);
         assert!(spec["components"]["schemas"]["ClassifyRequest"]["properties"]["wait"].is_object(), "{spec}");
     }
 }

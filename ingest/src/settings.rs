@@ -40,6 +40,16 @@ pub struct Settings {
     #[arg(long, env = "INGEST_MAX_PENDING_IMAGES", default_value_t = 100_000)]
     pub max_pending_images: usize,
 
+    /// Images per second each tenant may submit (0: no limit). A submission over it is refused with
+    /// 429 `quota_exceeded` and `Retry-After`; a feed's chunks and retries wait for their turn.
+    #[arg(long, env = "TENANT_IMAGES_PER_SECOND", default_value_t = 0)]
+    pub tenant_images_per_second: u32,
+
+    /// Most images a tenant may submit at once above its rate (its bucket's size); at least
+    /// `TENANT_IMAGES_PER_SECOND` and `MAX_IMAGES_PER_REQUEST`.
+    #[arg(long, env = "TENANT_IMAGES_BURST", default_value_t = 0)]
+    pub tenant_images_burst: u32,
+
     /// Longest a submission may wait for its results (`wait`), in seconds; a longer `wait` is cut
     /// to this.
     #[arg(long, env = "INGEST_MAX_WAIT_SECONDS", default_value_t = 60.0)]
@@ -87,6 +97,37 @@ pub struct Settings {
     #[arg(long, env = "FEED_STALL_TIMEOUT_S", default_value_t = 300)]
     pub feed_stall_timeout_s: u64,
 
+    /// Most lines a feed may have, numbered as its rejects are (blank lines and a CSV's header
+    /// count); a longer one is read to this line, settled, closed there (a resend with its key
+    /// reads no further) and answered 400 `feed_too_long`.
+    #[arg(long, env = "FEED_MAX_LINES", default_value_t = 10_000_000)]
+    pub feed_max_lines: u64,
+
+    /// Most lines a feed may reject; at the one past it the feed is closed, its lines before that
+    /// settled, and the upload answered 400 `too_many_rejects`.
+    #[arg(long, env = "FEED_MAX_REJECTED_LINES", default_value_t = 100_000)]
+    pub feed_max_rejected_lines: u64,
+
+    /// Most rejected lines of a feed kept (with their reasons) in `feed_rejects`, its first ones;
+    /// the rest are only counted in the feed's `rejected`.
+    #[arg(long, env = "FEED_MAX_STORED_REJECTS", default_value_t = 1_000)]
+    pub feed_max_stored_rejects: u64,
+
+    /// Most distinct URLs of a feed remembered to reject duplicates (~20 bytes each); past it, a
+    /// URL is still checked against those remembered, but no more are remembered.
+    #[arg(long, env = "FEED_DEDUP_ENTRIES", default_value_t = 1_000_000)]
+    pub feed_dedup_entries: usize,
+
+    /// Longest the fetch of a feed's `source_url` may take, from the request to its last byte, in
+    /// seconds; then the feed is interrupted (a resend with its key resumes it).
+    #[arg(long, env = "FEED_SOURCE_DEADLINE_S", default_value_t = 3_600)]
+    pub feed_source_deadline_s: u64,
+
+    /// Fewest bytes a second a `source_url` must send, on average over each 60 s spent waiting for
+    /// it (the first 60 s are its grace); a slower one is cut off and the feed interrupted. 0: any rate.
+    #[arg(long, env = "FEED_SOURCE_MIN_BYTES_PER_S", default_value_t = 1_024)]
+    pub feed_source_min_bytes_per_s: u64,
+
     /// Addresses a feed's `source_url` may point at although not public: CIDRs, IPs or host names,
     /// comma-separated; the same rules as the classifier's image fetches.
     #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
@@ -94,6 +135,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub auth: AuthSettings,
+
+    #[command(flatten)]
+    pub tenants: reefline_common::tenant::TenantSettings,
 
     #[command(flatten)]
     pub http: reefline_common::http::HttpLimits,

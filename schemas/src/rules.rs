@@ -249,6 +249,7 @@ mod tests {
             sha256: None,
             cached: false,
             exif: None,
+            tenant: None,
         }
     }
 

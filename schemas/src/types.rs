@@ -56,6 +56,10 @@ pub struct ImageRequest {
     /// What the submitter said about the image; `None` for nothing.
     #[serde(default)]
     pub metadata: Option<Metadata>,
+    /// The tenant it belongs to, as ingest claims it; honoured only under a valid seal
+    /// (`reefline_common::tenant`).
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 message!(ImageRequest, "image_request.avsc");
 
@@ -143,6 +147,9 @@ pub struct ClassificationResult {
     /// What the photo says of itself.
     #[serde(default)]
     pub exif: Option<Exif>,
+    /// The tenant the request belongs to; `None` in records written before tenants (the default).
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 message!(ClassificationResult, "classification_result.avsc");
 

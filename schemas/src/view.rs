@@ -187,6 +187,7 @@ mod tests {
             sha256: None,
             cached: false,
             exif: None,
+            tenant: None,
         }
     }
 

@@ -10,6 +10,8 @@ use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
 
+use reefline_common::auth::Caller;
+
 use crate::db::{self, Row};
 
 /// The sink's HTTP API.
@@ -68,6 +70,8 @@ pub(crate) enum ApiError {
     UnknownFeed(String),
     #[error("`{field}`: {message}")]
     InvalidField { field: &'static str, message: String },
+    #[error("this tenant runs {limit} exports already (EXPORTS_PER_TENANT); retry when one ends")]
+    TooManyExports { limit: u32 },
     #[error("the database is unavailable")]
     Database(#[from] sqlx::Error),
 }
@@ -77,6 +81,7 @@ impl ApiError {
         match self {
             ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => "not_found",
             ApiError::InvalidField { .. } => "invalid_field",
+            ApiError::TooManyExports { .. } => "too_many_exports",
             ApiError::Database(_) => "database_unavailable",
         }
     }
@@ -87,6 +92,7 @@ impl IntoResponse for ApiError {
         let status = match self {
             ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => StatusCode::NOT_FOUND,
             ApiError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooManyExports { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Database(ref e) => {
                 tracing::error!(error = %e, "lookup failed");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -97,6 +103,9 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let body = json!({"error": {"kind": self.kind(), "field": field, "message": self.to_string()}});
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return (status, [(axum::http::header::RETRY_AFTER, "5")], Json(body)).into_response();
+        }
         (status, Json(body)).into_response()
     }
 }
@@ -122,11 +131,16 @@ struct PendingView {
     (status = 404, description = "not_found: no such request", body = ErrorBody),
     (status = 503, description = "database_unavailable", body = ErrorBody),
 ))]
-async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> Result<Response, ApiError> {
-    if let Some(row) = db::result(&pool, &request_id).await? {
+async fn result(
+    State(pool): State<PgPool>,
+    caller: Caller,
+    Path(request_id): Path<String>,
+) -> Result<Response, ApiError> {
+    // Another tenant's request answers as an unknown one does.
+    if let Some(row) = db::result(&pool, &request_id, caller.scope()).await? {
         return Ok(Json(ResultView::from(row.into_result())).into_response());
     }
-    let pending = db::pending(&pool, &request_id).await?.ok_or(ApiError::UnknownRequest(request_id))?;
+    let pending = db::pending(&pool, &request_id, caller.scope()).await?.ok_or(ApiError::UnknownRequest(request_id))?;
     let view = PendingView {
         request_id: pending.request_id,
         batch_id: pending.batch_id,
@@ -144,11 +158,17 @@ async fn result(State(pool): State<PgPool>, Path(request_id): Path<String>) -> R
     (status = 404, description = "not_found: no such batch", body = ErrorBody),
     (status = 503, description = "database_unavailable", body = ErrorBody),
 ))]
-async fn batch(State(pool): State<PgPool>, Path(batch_id): Path<String>) -> Result<Json<BatchView>, ApiError> {
-    let rows = db::batch(&pool, &batch_id).await?;
+async fn batch(
+    State(pool): State<PgPool>,
+    caller: Caller,
+    Path(batch_id): Path<String>,
+) -> Result<Json<BatchView>, ApiError> {
+    let rows = db::batch(&pool, &batch_id, caller.scope()).await?;
     let total = match rows.first() {
         Some(first) => first.batch_size,
-        None => db::batch_size(&pool, &batch_id).await?.ok_or_else(|| ApiError::UnknownBatch(batch_id.clone()))?,
+        None => db::batch_size(&pool, &batch_id, caller.scope())
+            .await?
+            .ok_or_else(|| ApiError::UnknownBatch(batch_id.clone()))?,
     };
     let callback = crate::batches::callback(&pool, &batch_id).await?;
     let view = BatchView::new(batch_id, i64::from(total), rows.into_iter().map(Row::into_result).collect());

@@ -15,11 +15,11 @@ use sqlx::PgPool;
 /// Records the batches of `requests`; a batch seen before is left as it is.
 pub async fn insert(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO batches (batch_id, total, callback_url, submitted_at, kind, feed_id)
+        "INSERT INTO batches (batch_id, total, callback_url, submitted_at, kind, feed_id, tenant)
          SELECT batch_id, total, callback_url, to_timestamp(submitted_ms / 1000.0),
-                CASE WHEN feed_id IS NULL THEN 'submission' ELSE 'feed_chunk' END, feed_id
-         FROM UNNEST($1::text[], $2::int[], $3::text[], $4::float8[], $5::text[])
-              AS t(batch_id, total, callback_url, submitted_ms, feed_id)
+                CASE WHEN feed_id IS NULL THEN 'submission' ELSE 'feed_chunk' END, feed_id, tenant
+         FROM UNNEST($1::text[], $2::int[], $3::text[], $4::float8[], $5::text[], $6::text[])
+              AS t(batch_id, total, callback_url, submitted_ms, feed_id, tenant)
          ON CONFLICT (batch_id) DO NOTHING",
     )
     .bind(requests.iter().map(|r| r.batch_id.as_str()).collect::<Vec<_>>())
@@ -27,6 +27,7 @@ pub async fn insert(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::Result<()
     .bind(requests.iter().map(|r| r.callback_url.as_deref()).collect::<Vec<_>>())
     .bind(requests.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
     .bind(requests.iter().map(|r| r.feed_id.as_deref()).collect::<Vec<_>>())
+    .bind(requests.iter().map(crate::db::tenant_of_request).collect::<Vec<_>>())
     .execute(pool)
     .await?;
     Ok(())
@@ -39,8 +40,9 @@ pub async fn complete(pool: &PgPool, batch_ids: &[&str]) -> sqlx::Result<u64> {
     let done = sqlx::query(
         "UPDATE batches b
          SET completed_at = now(), callback_due_at = CASE WHEN b.callback_url IS NULL THEN NULL ELSE now() END
-         FROM (SELECT batch_id, count(*) AS n FROM results WHERE batch_id = ANY($1) GROUP BY batch_id) c
-         WHERE b.batch_id = c.batch_id AND b.completed_at IS NULL AND c.n >= b.total AND b.kind <> 'feed'",
+         FROM (SELECT batch_id, tenant, count(*) AS n FROM results WHERE batch_id = ANY($1) GROUP BY batch_id, tenant) c
+         WHERE b.batch_id = c.batch_id AND b.tenant = c.tenant AND b.completed_at IS NULL AND c.n >= b.total
+           AND b.kind <> 'feed'",
     )
     .bind(batch_ids)
     .execute(pool)
@@ -61,7 +63,7 @@ pub async fn complete_feeds(pool: &PgPool) -> sqlx::Result<u64> {
            AND NOT EXISTS (SELECT 1 FROM batches c JOIN requests q ON q.batch_id = c.batch_id
                            WHERE c.kind = 'feed_chunk' AND c.feed_id = f.batch_id AND c.completed_at IS NULL
                              AND NOT EXISTS (SELECT 1 FROM results r WHERE r.request_id = q.request_id))
-           AND (SELECT count(DISTINCT line) FROM results r WHERE r.feed_id = f.batch_id) >= f.total",
+           AND (SELECT count(DISTINCT line) FROM results r WHERE r.feed_id = f.batch_id AND r.tenant = f.tenant) >= f.total",
     )
     .execute(pool)
     .await?;

@@ -275,6 +275,8 @@ pub struct RequestLog {
     pub skipped: IntCounter,
     /// Told when a batch completes.
     pub wake: Arc<Notify>,
+    /// Whose each request is.
+    pub tenants: reefline_common::tenant::TenantSeal,
 }
 
 /// Marks complete the batches among `batch_ids` that now have every result, and wakes the
@@ -301,7 +303,12 @@ impl RequestLog {
                 let checked = decode::<ImageRequest>(&self.codec, message)
                     .await
                     .map_err(|e| e.to_string())
-                    .and_then(|r| r.check(reefline_schemas::rules::URL_CEILING_BYTES).map(|()| r));
+                    .and_then(|r| r.check(reefline_schemas::rules::URL_CEILING_BYTES).map(|()| r))
+                    .map(|mut r| {
+                        // The tenant it claims only under ingest's seal; else the topic's.
+                        r.tenant = Some(self.tenants.tenant_of(r.tenant.as_deref(), &r.request_id, message.headers()));
+                        r
+                    });
                 match checked {
                     Ok(r) => requests.push(r),
                     Err(reason) => {

@@ -9,6 +9,16 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 
+/// A request's tenant as the sink stores it (records before tenants: the default).
+pub fn tenant_of_request(r: &ImageRequest) -> &str {
+    r.tenant.as_deref().unwrap_or(reefline_common::auth::DEFAULT_TENANT)
+}
+
+/// A result's tenant as the sink stores it (records before tenants: the default).
+pub fn tenant_of_result(r: &ClassificationResult) -> String {
+    r.tenant.clone().unwrap_or_else(|| reefline_common::auth::DEFAULT_TENANT.to_owned())
+}
+
 /// Connects (creating the database if it does not exist) and applies the migrations; returns the
 /// writers' pool.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
@@ -35,14 +45,21 @@ pub fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> 
         .connect_lazy_with(options))
 }
 
-/// A pool for the exports: at most `connections`, no statement timeout (an export runs as long as
-/// its client reads), and an export that waits longer than `acquire_timeout_ms` for a connection
-/// fails (503).
-pub fn export_pool(url: &str, connections: u32, acquire_timeout_ms: u64) -> anyhow::Result<PgPool> {
+/// A pool for the exports: at most `connections`, each query cut off after `statement_timeout`
+/// (an export runs as long as its client reads, but its snapshot holds back VACUUM), and an export
+/// that waits longer than `acquire_timeout_ms` for a connection fails (503).
+pub fn export_pool(
+    url: &str,
+    connections: u32,
+    acquire_timeout_ms: u64,
+    statement_timeout: Duration,
+) -> anyhow::Result<PgPool> {
+    let options =
+        PgConnectOptions::from_str(url)?.options([("statement_timeout", statement_timeout.as_millis().to_string())]);
     Ok(PgPoolOptions::new()
         .max_connections(connections.max(1))
         .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
-        .connect_lazy_with(PgConnectOptions::from_str(url)?))
+        .connect_lazy_with(options))
 }
 
 /// Writes `results` in one statement. Redelivered or repeated results are harmless: a row is
@@ -61,16 +78,16 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
     sqlx::query(
         "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
                               model_name, model_version, error_kind, error_message, submitted_at, completed_at,
-                              feed_id, line, metadata, sha256, cached, exif)
+                              feed_id, line, metadata, sha256, cached, exif, tenant)
          SELECT request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
                 model_version, error_kind, error_message, to_timestamp(submitted_ms / 1000.0), to_timestamp(completed_ms / 1000.0),
-                feed_id, line, metadata, sha256, cached, exif
+                feed_id, line, metadata, sha256, cached, exif, tenant
          FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::jsonb[], $8::text[],
                      $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[],
-                     $15::text[], $16::int8[], $17::jsonb[], $18::text[], $19::bool[], $20::jsonb[])
+                     $15::text[], $16::int8[], $17::jsonb[], $18::text[], $19::bool[], $20::jsonb[], $21::text[])
               AS t(request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
                    model_version, error_kind, error_message, submitted_ms, completed_ms, feed_id, line, metadata,
-                   sha256, cached, exif)
+                   sha256, cached, exif, tenant)
          ON CONFLICT (request_id) DO UPDATE SET
              status = EXCLUDED.status, predictions = EXCLUDED.predictions, marine_group = EXCLUDED.marine_group,
              model_name = EXCLUDED.model_name, model_version = EXCLUDED.model_version, error_kind = EXCLUDED.error_kind,
@@ -99,6 +116,7 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
     .bind(optional(|r| r.sha256.clone()))
     .bind(results.iter().map(|r| r.cached).collect::<Vec<_>>())
     .bind(exif)
+    .bind(results.iter().map(tenant_of_result).collect::<Vec<_>>())
     .execute(pool)
     .await?;
     Ok(())
@@ -120,10 +138,10 @@ pub fn is_refusal(e: &sqlx::Error) -> bool {
 /// Records `requests` as seen, in one statement; a request seen before is left as it is.
 pub async fn insert_requests(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at)
-         SELECT request_id, batch_id, batch_index, batch_size, url, to_timestamp(submitted_ms / 1000.0)
-         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::float8[])
-              AS t(request_id, batch_id, batch_index, batch_size, url, submitted_ms)
+        "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at, tenant)
+         SELECT request_id, batch_id, batch_index, batch_size, url, to_timestamp(submitted_ms / 1000.0), tenant
+         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::float8[], $7::text[])
+              AS t(request_id, batch_id, batch_index, batch_size, url, submitted_ms, tenant)
          ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(requests.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
@@ -132,6 +150,7 @@ pub async fn insert_requests(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::
     .bind(requests.iter().map(|r| r.batch_size).collect::<Vec<_>>())
     .bind(requests.iter().map(|r| r.url.as_str()).collect::<Vec<_>>())
     .bind(requests.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
+    .bind(requests.iter().map(tenant_of_request).collect::<Vec<_>>())
     .execute(pool)
     .await?;
     Ok(())
@@ -147,19 +166,27 @@ pub struct Pending {
     pub submitted_at: DateTime<Utc>,
 }
 
-pub async fn pending(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<Pending>> {
-    sqlx::query_as("SELECT request_id, batch_id, batch_index, url, submitted_at FROM requests WHERE request_id = $1")
-        .bind(request_id)
-        .fetch_optional(pool)
-        .await
+/// A request of tenant `scope` (any tenant's when `None`) with no result yet.
+pub async fn pending(pool: &PgPool, request_id: &str, scope: Option<&str>) -> sqlx::Result<Option<Pending>> {
+    sqlx::query_as(
+        "SELECT request_id, batch_id, batch_index, url, submitted_at FROM requests
+         WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)",
+    )
+    .bind(request_id)
+    .bind(scope)
+    .fetch_optional(pool)
+    .await
 }
 
-/// The number of images in a batch, from any of its requests seen.
-pub async fn batch_size(pool: &PgPool, batch_id: &str) -> sqlx::Result<Option<i32>> {
-    sqlx::query_scalar("SELECT batch_size FROM requests WHERE batch_id = $1 LIMIT 1")
-        .bind(batch_id)
-        .fetch_optional(pool)
-        .await
+/// The number of images in a batch of tenant `scope`, from any of its requests seen.
+pub async fn batch_size(pool: &PgPool, batch_id: &str, scope: Option<&str>) -> sqlx::Result<Option<i32>> {
+    sqlx::query_scalar(
+        "SELECT batch_size FROM requests WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) LIMIT 1",
+    )
+    .bind(batch_id)
+    .bind(scope)
+    .fetch_optional(pool)
+    .await
 }
 
 /// A stored result, as the lookup API returns it.
@@ -185,6 +212,7 @@ pub struct Row {
     pub sha256: Option<String>,
     pub cached: bool,
     pub exif: Option<Json<Exif>>,
+    pub tenant: String,
 }
 
 impl Row {
@@ -211,6 +239,7 @@ impl Row {
             sha256: self.sha256,
             cached: self.cached,
             exif: self.exif.map(|e| e.0),
+            tenant: Some(self.tenant),
         }
     }
 }
@@ -218,18 +247,26 @@ impl Row {
 /// The columns a [`Row`] is read from.
 pub const COLUMNS: &str = "request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
                            model_name, model_version, error_kind, error_message, submitted_at, completed_at,
-                           feed_id, line, metadata, sha256, cached, exif";
+                           feed_id, line, metadata, sha256, cached, exif, tenant";
 
-pub async fn result(pool: &PgPool, request_id: &str) -> sqlx::Result<Option<Row>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM results WHERE request_id = $1"))
-        .bind(request_id)
-        .fetch_optional(pool)
-        .await
+/// The result of `request_id` if it is tenant `scope`'s (any tenant's when `None`).
+pub async fn result(pool: &PgPool, request_id: &str, scope: Option<&str>) -> sqlx::Result<Option<Row>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM results WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)"
+    ))
+    .bind(request_id)
+    .bind(scope)
+    .fetch_optional(pool)
+    .await
 }
 
-pub async fn batch(pool: &PgPool, batch_id: &str) -> sqlx::Result<Vec<Row>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM results WHERE batch_id = $1 ORDER BY batch_index"))
-        .bind(batch_id)
-        .fetch_all(pool)
-        .await
+/// The results of `batch_id` if it is tenant `scope`'s (any tenant's when `None`).
+pub async fn batch(pool: &PgPool, batch_id: &str, scope: Option<&str>) -> sqlx::Result<Vec<Row>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY batch_index"
+    ))
+    .bind(batch_id)
+    .bind(scope)
+    .fetch_all(pool)
+    .await
 }

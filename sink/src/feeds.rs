@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
+use reefline_common::auth::Caller;
+
 use crate::api::ApiError;
 
 /// A feed's progress: what was read, what has a result, and how fast results come.
@@ -77,10 +79,25 @@ struct FeedRow {
     window_s: f64,
 }
 
-/// A feed's metadata columns, or `None` for an unknown feed.
-pub async fn columns(pool: &PgPool, feed_id: &str) -> sqlx::Result<Option<Vec<String>>> {
+/// The latest result of each line of the feed `feed_id` of tenant `tenant` (SQL expressions), in
+/// line order: a line can have two results (a chunk produced twice: an upload cut off between its
+/// produce and its checkpoint, or a slow reader whose lease was taken over), and every count,
+/// export and search takes each line once.
+pub fn latest_per_line(feed_id: &str, tenant: &str) -> String {
+    format!(
+        "SELECT DISTINCT ON (line) * FROM results WHERE feed_id = {feed_id} AND tenant = {tenant}
+         ORDER BY line, completed_at DESC, request_id DESC"
+    )
+}
+
+/// A feed's metadata columns, or `None` for a feed unknown to tenant `scope` (any tenant when `None`).
+pub async fn columns(pool: &PgPool, feed_id: &str, scope: Option<&str>) -> sqlx::Result<Option<Vec<String>>> {
     let columns: Option<sqlx::types::Json<Vec<String>>> =
-        sqlx::query_scalar("SELECT columns FROM feeds WHERE feed_id = $1").bind(feed_id).fetch_optional(pool).await?;
+        sqlx::query_scalar("SELECT columns FROM feeds WHERE feed_id = $1 AND ($2::text IS NULL OR tenant = $2)")
+            .bind(feed_id)
+            .bind(scope)
+            .fetch_optional(pool)
+            .await?;
     Ok(columns.map(|c| c.0))
 }
 
@@ -91,8 +108,12 @@ pub async fn columns(pool: &PgPool, feed_id: &str) -> sqlx::Result<Option<Vec<St
     (status = 404, description = "not_found: no such feed", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
 ))]
-pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -> Result<Json<FeedView>, ApiError> {
-    let row: FeedRow = sqlx::query_as(
+pub async fn progress(
+    State(pool): State<PgPool>,
+    caller: Caller,
+    Path(feed_id): Path<String>,
+) -> Result<Json<FeedView>, ApiError> {
+    let row: FeedRow = sqlx::query_as(&format!(
         "SELECT f.feed_id, f.state, f.format, f.source_url, f.model, f.callback_url, f.columns, f.lines_read, f.accepted, f.rejected,
                 f.created_at, f.read_at, b.completed_at, r.ok, r.error, r.recent,
                 GREATEST(1.0, LEAST(60.0, EXTRACT(EPOCH FROM now() - f.created_at)::float8)) AS window_s
@@ -100,11 +121,13 @@ pub async fn progress(State(pool): State<PgPool>, Path(feed_id): Path<String>) -
               CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'ok') AS ok,
                                          count(*) FILTER (WHERE status = 'error') AS error,
                                          count(*) FILTER (WHERE completed_at > now() - interval '1 minute') AS recent
-                                  FROM results WHERE feed_id = f.feed_id) r
+                                  FROM ({LATEST_PER_LINE}) latest) r
               LEFT JOIN batches b ON b.batch_id = f.feed_id AND b.kind = 'feed'
-         WHERE f.feed_id = $1",
-    )
+         WHERE f.feed_id = $1 AND ($2::text IS NULL OR f.tenant = $2)",
+        LATEST_PER_LINE = latest_per_line("f.feed_id", "f.tenant"),
+    ))
     .bind(&feed_id)
+    .bind(caller.scope())
     .fetch_optional(&pool)
     .await?
     .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
@@ -195,12 +218,13 @@ pub struct RejectsPage {
 ))]
 pub async fn rejects(
     State(pool): State<PgPool>,
+    caller: Caller,
     Path(feed_id): Path<String>,
     query: Result<Query<RejectsQuery>, QueryRejection>,
 ) -> Result<Json<RejectsPage>, ApiError> {
     let query = crate::api::query(query)?;
     let limit = crate::api::page_limit(query.limit)?;
-    columns(&pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    columns(&pool, &feed_id, caller.scope()).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     let rejects: Vec<Reject> = sqlx::query_as(
         "SELECT line, reason, content FROM feed_rejects WHERE feed_id = $1 AND line > $2 ORDER BY line LIMIT $3",
     )

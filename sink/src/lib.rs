@@ -88,8 +88,16 @@ impl Application {
             Duration::from_millis(settings.lookup_timeout_ms),
         )?;
         let exports = export::Exports {
-            pool: db::export_pool(database_url, settings.export_connections, settings.lookup_timeout_ms)?,
+            pool: db::export_pool(
+                database_url,
+                settings.export_connections,
+                settings.lookup_timeout_ms,
+                Duration::from_secs(settings.export_timeout_s.max(1)),
+            )?,
             labels: Arc::new(export::read_labels(&settings.labels_path)),
+            running: Arc::default(),
+            per_tenant: settings.exports_per_tenant.max(1),
+            idle: Duration::from_secs(settings.export_idle_timeout_s.max(1)),
         };
         let t = &settings.topics;
         let topics = [&t.results, &t.dead_letter, &t.requests, &t.batches].map(String::as_str);
@@ -119,6 +127,7 @@ impl Application {
             recorded,
             skipped,
             wake: wake.clone(),
+            tenants: reefline_common::tenant::TenantSeal::new(&settings.tenants)?,
         };
         let notices = IntCounterVec::new(
             Opts::new("sink_batch_notices_total", "BatchCompleted records and callback attempts, by outcome"),

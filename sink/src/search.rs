@@ -1,6 +1,6 @@
 //! `GET /v1/results`: results across batches and feeds, filtered by label, marine group, score,
 //! status, time, batch or feed, newest last, a page at a time (keyset pagination: a page is found
-//! through the index whatever its depth).
+//! through the index whatever its depth); a key sees its own tenant's results only.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -88,6 +88,7 @@ fn cursor(after: Option<&str>) -> Result<Option<(DateTime<Utc>, String)>, ApiErr
 ))]
 pub async fn search(
     State(pool): State<PgPool>,
+    caller: reefline_common::auth::Caller,
     query: Result<Query<SearchQuery>, QueryRejection>,
 ) -> Result<Json<ResultsPage>, ApiError> {
     let q = crate::api::query(query)?;
@@ -115,6 +116,12 @@ pub async fn search(
            AND ($8::text IS NULL OR batch_id = $8)
            AND ($9::text IS NULL OR feed_id = $9)
            AND ($10::timestamptz IS NULL OR (completed_at, request_id) > ($10, $11))
+           AND ($13::text IS NULL OR tenant = $13)
+           -- A feed's line once: its latest result.
+           AND (feed_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM results newer
+                WHERE newer.feed_id = results.feed_id AND newer.line = results.line AND newer.tenant = results.tenant
+                  AND (newer.completed_at, newer.request_id) > (results.completed_at, results.request_id)))
          ORDER BY completed_at, request_id
          LIMIT $12"
     ))
@@ -130,6 +137,7 @@ pub async fn search(
     .bind(after.as_ref().map(|(at, _)| *at))
     .bind(after.as_ref().map_or("", |(_, id)| id.as_str()))
     .bind(limit + 1)
+    .bind(caller.scope())
     .fetch_all(&pool)
     .await?;
     let mut rows = rows;

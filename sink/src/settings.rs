@@ -48,9 +48,24 @@ pub struct Settings {
     pub lookup_connections: u32,
 
     /// Database connections the exports (`…/results?format=`) may hold at once, apart from the
-    /// lookups': an export streams for as long as its client reads, with no statement timeout.
-    #[arg(long, env = "EXPORT_CONNECTIONS", default_value_t = 2)]
+    /// lookups': an export streams for as long as its client reads, within `EXPORT_TIMEOUT_S`.
+    #[arg(long, env = "EXPORT_CONNECTIONS", default_value_t = 4)]
     pub export_connections: u32,
+
+    /// Exports one tenant may run at once (an admin's count as one tenant's); more get 429
+    /// `too_many_exports`, so that one tenant's exports never take every connection.
+    #[arg(long, env = "EXPORTS_PER_TENANT", default_value_t = 1)]
+    pub exports_per_tenant: u32,
+
+    /// Longest an export may wait for its client to read the next piece, in seconds; then it is
+    /// ended (its connection and snapshot released).
+    #[arg(long, env = "EXPORT_IDLE_TIMEOUT_S", default_value_t = 30)]
+    pub export_idle_timeout_s: u64,
+
+    /// Longest an export's query may run, in seconds (Postgres' statement_timeout): an open
+    /// snapshot holds back VACUUM of the results table.
+    #[arg(long, env = "EXPORT_TIMEOUT_S", default_value_t = 1800)]
+    pub export_timeout_s: u64,
 
     /// The ImageNet label table (index, wnid, label) the MegaDetector export names its 1,000
     /// classification categories from.
@@ -100,6 +115,9 @@ pub struct Settings {
     pub auth: AuthSettings,
 
     #[command(flatten)]
+    pub tenants: reefline_common::tenant::TenantSettings,
+
+    #[command(flatten)]
     pub http: reefline_common::http::HttpLimits,
 
     #[command(flatten)]
@@ -121,6 +139,7 @@ impl std::fmt::Debug for Settings {
             .field("ingest_url", &self.ingest_url)
             .field("fetch_allow", &self.fetch_allow)
             .field("auth", &self.auth)
+            .field("tenants", &self.tenants)
             .field("kafka", &self.kafka)
             .field("registry", &self.registry)
             .finish_non_exhaustive()

@@ -281,7 +281,13 @@ impl StackSettings {
         // One model unless a test asks for more (`serve_every_model`): each loads in a second or so.
         let models =
             reefline_common::models::ModelSettings { served: vec!["efficientnet-lite0".into()], ..model_settings() };
+        // One secret for the three, as an operator sets it, so that tests may give keys to tenants.
+        let tenants = reefline_common::tenant::TenantSettings {
+            tenant_secret: Some(format!("tenant-secret-{}", uuid::Uuid::now_v7().simple()).into()),
+            ..Default::default()
+        };
         let mut ingest = reefline_ingest::Settings::parse_from(["ingest"]);
+        ingest.tenants = tenants.clone();
         ingest.listen = "127.0.0.1:0".into();
         ingest.models = models.clone();
         ingest.topics = topics.clone();
@@ -292,6 +298,7 @@ impl StackSettings {
         ingest.fetch_allow = vec!["127.0.0.1/32".into()];
 
         let mut classifier = reefline_classifier::Settings::parse_from(["classifier"]);
+        classifier.tenants = tenants.clone();
         classifier.listen = "127.0.0.1:0".into();
         classifier.topics = topics.clone();
         classifier.group_id = names.classifier_group.clone();
@@ -308,6 +315,7 @@ impl StackSettings {
         classifier.database_url = database_url.into();
 
         let mut sink = reefline_sink::Settings::parse_from(["sink"]);
+        sink.tenants = tenants;
         sink.listen = "127.0.0.1:0".into();
         sink.database_url = database_url.into();
         sink.topics = topics;

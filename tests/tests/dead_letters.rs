@@ -241,6 +241,7 @@ fn result(url: &str, status: reefline_schemas::Status, label: &str) -> reefline_
         sha256: None,
         cached: false,
         exif: None,
+        tenant: None,
     }
 }
 

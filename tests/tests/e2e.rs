@@ -15,5 +15,6 @@ mod feeds;
 mod hostile;
 mod models;
 mod outages;
+mod tenants;
 mod traces;
 mod web;

@@ -304,6 +304,41 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     let first_camera = &rows.iter().find(|r| r["url"] == camera_url).unwrap();
     assert_eq!(cached[0]["sha256"].as_str(), Some(first_camera["sha256"].as_str()));
     assert_eq!(cached[0]["predictions"][0]["index"].to_string(), first_camera["top1_index"]);
+    // A line with two results (its chunk produced twice: an upload cut off between produce and
+    // checkpoint) counts once, exports once and is found once: its latest result.
+    let first = &cached[0];
+    let twice = reefline_schemas::ImageRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        batch_id: first["batch_id"].as_str().unwrap().to_owned(),
+        batch_index: 0,
+        batch_size: 3,
+        url: first["url"].as_str().unwrap().to_owned(),
+        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+        source: "feed".into(),
+        feed_id: Some(second_id.to_owned()),
+        line: first["line"].as_i64(),
+        ..Default::default()
+    };
+    let producer: reefline_common::producer::FutureProducer = env.broker.kafka().producer_config().create().unwrap();
+    let codec = reefline_schemas::Codec::new(&env.registry).unwrap();
+    let payload = codec.encode(&env.names.requests, &twice).await.unwrap();
+    let record = rdkafka::producer::FutureRecord::to(&env.names.requests).key(&twice.request_id).payload(&payload);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let url = format!("{}/v1/results/{}", stack.sink, twice.request_id);
+    reefline_e2e::wait_for_status(&client, &url, 200, "the line's second result", Duration::from_secs(60)).await;
+    let (_, progress) = get_json(&client, &format!("{}/v1/feeds/{second_id}", stack.sink)).await;
+    assert_eq!(
+        (&progress["completed"], &progress["ok"], &progress["done"]),
+        (&json!(3), &json!(3), &json!(true)),
+        "{progress}"
+    );
+    let export = client.get(format!("{}/v1/feeds/{second_id}/results?format=ndjson", stack.sink)).send().await.unwrap();
+    let lines: Vec<Value> = export.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|r| r["line"].as_i64().unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(lines[0]["request_id"], json!(twice.request_id), "the line's latest result");
+    let (_, page) = get_json(&client, &format!("{}/v1/results?feed={second_id}", stack.sink)).await;
+    assert_eq!(page["results"].as_array().unwrap().len(), 3, "{page}");
+
     let hits = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
     let hits = reefline_e2e::metric(&hits, "classifier_cache_lookups_total{outcome=\"hit\"}").unwrap_or(0.0);
     assert!(hits >= 3.0, "{hits} cache hits");
@@ -326,6 +361,76 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     let (status, refused) = reefline_e2e::post_json(&client, &format!("{}/v1/feeds", stack.ingest), &metadata).await;
     assert_eq!((status, &refused["error"]["kind"]), (400, &json!("unreadable_feed")), "{refused}");
     assert!(refused["error"]["message"].as_str().unwrap().contains("refused"), "{refused}");
+    stack.stop().await;
+    env.finish().await;
+}
+
+/// Exports still running: their queries as Postgres shows them.
+async fn exports_running(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'
+           AND query LIKE '%FROM results WHERE batch_id = $1 AND%'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_an_export_holds_neither_a_connection_nor_a_snapshot() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.sink.export_idle_timeout_s = 2;
+    settings.sink.exports_per_tenant = 1;
+    let stack = Stack::start_without_classifier(settings).await;
+    let client = reqwest::Client::new();
+    // A batch of 20,000 results, some 20 MB of CSV: more than the sockets between a client that
+    // stops reading and the sink can hold.
+    let pool = env.db.pool().await;
+    let batch_id = uuid::Uuid::now_v7().to_string();
+    sqlx::query(
+        "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, model_name,
+                              model_version, submitted_at, completed_at)
+         SELECT $1 || '-' || i, $1, i, 20000, 'https://photos.example/' || repeat('x', 900) || i || '.jpg', 'ok',
+                '[]', 'm', 'v', now(), now()
+         FROM generate_series(0, 19999) AS i",
+    )
+    .bind(&batch_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let export = format!("{}/v1/batches/{batch_id}/results?format=csv", stack.sink);
+
+    // A client asks for the export and never reads it.
+    let addr = stack.sink.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!("GET /v1/batches/{batch_id}/results?format=csv HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    reefline_e2e::wait_for("the stalled export's query", Duration::from_secs(30), || async {
+        (exports_running(&pool).await == 1).then_some(())
+    })
+    .await;
+    // Meanwhile the tenant may run no second export: the others' connections stay free.
+    let refused = client.get(&export).send().await.unwrap();
+    assert_eq!((refused.status().as_u16(), refused.headers().contains_key("retry-after")), (429, true));
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(refused["error"]["kind"], "too_many_exports", "{refused}");
+    // The stalled export is ended within its idle timeout: its query, and the snapshot that held
+    // back VACUUM, are gone while its client still holds the socket.
+    reefline_e2e::wait_for("the stalled export to end", Duration::from_secs(30), || async {
+        (exports_running(&pool).await == 0).then_some(())
+    })
+    .await;
+    let whole = reefline_e2e::wait_for("a whole export", Duration::from_secs(30), || async {
+        let response = client.get(&export).send().await.ok()?;
+        (response.status() == 200).then_some(())?;
+        response.text().await.ok()
+    })
+    .await;
+    assert_eq!(csv_rows(&whole).1.len(), 20_000);
+    drop(stalled);
     stack.stop().await;
     env.finish().await;
 }

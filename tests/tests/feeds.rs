@@ -154,6 +154,21 @@ async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_ke
     assert_eq!((status, &again["feed_id"], &again["accepted"]), (201, &feed["feed_id"], &json!(5000)), "{again}");
     assert_eq!(headers.get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
     assert_eq!(topic_size(&env.broker.kafka(), &env.names.requests).await, 5000);
+    // The same key with another file (or model) is refused, not taken for a resume of this feed.
+    let other = reqwest::Body::from(text_lines(6001, 6100, &none));
+    let (status, reused, _) =
+        post_feed(&client, &stack.ingest, "text/plain", Some("survey-2026-cut"), other).await.unwrap();
+    assert_eq!((status, &reused["error"]["kind"]), (422, &json!("idempotency_key_reused")), "{reused}");
+    let response = client
+        .post(format!("{}/v1/feeds?model=efficientnet-lite0", stack.ingest))
+        .header("content-type", "text/plain")
+        .header("idempotency-key", "survey-2026-cut")
+        .body(text_lines(1, 5000, &none))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert_eq!(topic_size(&env.broker.kafka(), &env.names.requests).await, 5000);
 
     // Refusals name their problem.
     let refused =
@@ -184,6 +199,56 @@ async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_ke
         assert_eq!((&answer["error"]["kind"], &answer["error"]["field"]), (&json!("invalid_field"), &json!(field)));
         assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains(named)), "{answer}");
     }
+    stack.stop().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_but_live_reader_keeps_its_feed_from_a_resend() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.ingest.feed_lease_s = 1;
+    let stack = Stack::start_without_classifier(settings).await;
+    let client = reqwest::Client::new();
+    wait_for_ledger(&client, &stack.ingest).await;
+    let none = std::collections::BTreeMap::new();
+    let pool = env.db.pool().await;
+
+    // An upload that sends ten lines, then nothing for a while: its reader is alive (waiting for
+    // the rest, as one waits for a slow broker), and far longer than the lease.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
+    let body =
+        reqwest::Body::wrap_stream(futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+        ));
+    let upload = tokio::spawn({
+        let (client, ingest) = (client.clone(), stack.ingest.clone());
+        async move { post_feed(&client, &ingest, "text/plain", Some("slow-reader"), body).await }
+    });
+    tx.send(Ok(text_lines(1, 10, &none))).await.unwrap();
+    // Its lease is renewed on a timer, not only when a chunk is settled: three lease times on.
+    reefline_e2e::wait_for("the lease renewed three lease times on", Duration::from_secs(30), || async {
+        let renewed: Option<bool> = sqlx::query_scalar(
+            "SELECT updated_at > created_at + interval '3 seconds' FROM feeds
+             WHERE idempotency_key = 'slow-reader' AND state = 'reading'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        renewed.filter(|r| *r)
+    })
+    .await;
+    let resend = reqwest::Body::from(text_lines(1, 20, &none));
+    let (status, busy, _) = post_feed(&client, &stack.ingest, "text/plain", Some("slow-reader"), resend).await.unwrap();
+    assert_eq!((status, &busy["error"]["kind"]), (409, &json!("feed_in_progress")), "{busy}");
+
+    // The slow upload ends; every line is its, once.
+    tx.send(Ok(text_lines(11, 20, &none))).await.unwrap();
+    drop(tx);
+    let (status, feed, _) = upload.await.unwrap().unwrap();
+    assert_eq!((status, &feed["accepted"]), (201, &json!(20)), "{feed}");
+    assert_eq!(topic_counts(&env.broker.kafka(), &env.names.requests).await.0, 20);
     stack.stop().await;
     env.finish().await;
 }

@@ -54,6 +54,7 @@ fn result() -> ClassificationResult {
         sha256: None,
         cached: false,
         exif: None,
+        tenant: None,
     }
 }
 
@@ -178,8 +179,8 @@ fn written_with<T: serde::Serialize>(schema: &Value, id: u32, item: &T, added: &
 async fn records_written_before_feeds_still_decode_and_the_new_versions_are_backward_compatible() {
     let url = serve(Registry::in_memory()).await;
     let codec = Codec::new(&RegistrySettings::new(&url)).unwrap();
-    let feed_fields = ["feed_id", "line", "metadata"];
-    let result_fields = ["feed_id", "line", "metadata", "sha256", "cached", "exif"];
+    let feed_fields = ["feed_id", "line", "metadata", "tenant"];
+    let result_fields = ["feed_id", "line", "metadata", "sha256", "cached", "exif", "tenant"];
 
     // The versions before feeds are registered, and records written with them.
     let old_request = schema_without::<ImageRequest>(&feed_fields);

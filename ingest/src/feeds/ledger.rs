@@ -48,17 +48,35 @@ pub enum Opened {
     Done(Feed),
     /// Another upload of it is being read.
     Busy(Feed),
+    /// The key names a feed of another file, source or model.
+    Reused(Feed),
 }
 
 /// What a feed is opened with.
 pub struct NewFeed<'a> {
-    pub key_scope: &'a str,
+    /// The uploader's tenant: its Idempotency-Keys are its own.
+    pub tenant: &'a str,
     pub idempotency_key: Option<&'a str>,
     pub format: Option<&'a str>,
     pub source_url: Option<&'a str>,
     pub model: Option<&'a str>,
     /// Kept from the upload that created the feed; a resend's is ignored.
     pub callback_url: Option<&'a str>,
+    /// What the key is used for ([`fingerprint`]): a resend must match it.
+    pub fingerprint: &'a str,
+}
+
+/// The fingerprint of a feed's upload: its format as asked for, `source_url` and model, and the
+/// first bytes of its body (none for a fetched list, which may change between fetches).
+pub fn fingerprint(format: Option<&str>, source_url: Option<&str>, model: Option<&str>, first_bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [format, source_url, model] {
+        hash.update(part.unwrap_or("").as_bytes());
+        hash.update([0]);
+    }
+    hash.update(first_bytes);
+    hex::encode(hash.finalize())
 }
 
 const FEED_COLUMNS: &str = "feed_id, state, lines_read, accepted, rejected, last_line, chunks";
@@ -69,19 +87,21 @@ pub async fn open(pool: &PgPool, new: &NewFeed<'_>, lease_for: Duration) -> sqlx
     let lease = Uuid::now_v7();
     let feed_id = Uuid::now_v7().to_string();
     let inserted: Option<Feed> = sqlx::query_as(&format!(
-        "INSERT INTO feeds (feed_id, key_scope, idempotency_key, format, source_url, model, callback_url, state, reader)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'reading', $8)
+        "INSERT INTO feeds (feed_id, key_scope, idempotency_key, format, source_url, model, callback_url, state, reader,
+                            tenant, fingerprint)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'reading', $8, $2, $9)
          ON CONFLICT (key_scope, idempotency_key) DO NOTHING
          RETURNING {FEED_COLUMNS}"
     ))
     .bind(&feed_id)
-    .bind(new.key_scope)
+    .bind(new.tenant)
     .bind(new.idempotency_key)
     .bind(new.format.unwrap_or("auto"))
     .bind(new.source_url)
     .bind(new.model)
     .bind(new.callback_url)
     .bind(lease)
+    .bind(new.fingerprint)
     .fetch_optional(pool)
     .await?;
     if let Some(feed) = inserted {
@@ -92,24 +112,39 @@ pub async fn open(pool: &PgPool, new: &NewFeed<'_>, lease_for: Duration) -> sqlx
         "UPDATE feeds SET state = 'reading', reader = $3, updated_at = now()
          WHERE key_scope = $1 AND idempotency_key = $2 AND state <> 'read'
            AND (state = 'interrupted' OR updated_at < now() - make_interval(secs => $4))
+           AND (fingerprint IS NULL OR fingerprint = $5)
          RETURNING {FEED_COLUMNS}"
     ))
-    .bind(new.key_scope)
+    .bind(new.tenant)
     .bind(new.idempotency_key)
     .bind(lease)
     .bind(lease_for.as_secs_f64())
+    .bind(new.fingerprint)
     .fetch_optional(pool)
     .await?;
     if let Some(feed) = taken {
         return Ok(Opened::Read { feed, lease, resumed: true });
     }
-    let feed: Feed =
-        sqlx::query_as(&format!("SELECT {FEED_COLUMNS} FROM feeds WHERE key_scope = $1 AND idempotency_key = $2"))
-            .bind(new.key_scope)
-            .bind(new.idempotency_key)
+    let (feed, same): (Feed, bool) = {
+        let row: (String, bool) = sqlx::query_as(
+            "SELECT feed_id, fingerprint IS NULL OR fingerprint = $3 FROM feeds WHERE key_scope = $1 AND idempotency_key = $2",
+        )
+        .bind(new.tenant)
+        .bind(new.idempotency_key)
+        .bind(new.fingerprint)
+        .fetch_one(pool)
+        .await?;
+        let feed = sqlx::query_as(&format!("SELECT {FEED_COLUMNS} FROM feeds WHERE feed_id = $1"))
+            .bind(&row.0)
             .fetch_one(pool)
             .await?;
-    Ok(if feed.state == "read" { Opened::Done(feed) } else { Opened::Busy(feed) })
+        (feed, row.1)
+    };
+    Ok(match (same, feed.state.as_str()) {
+        (false, _) => Opened::Reused(feed),
+        (true, "read") => Opened::Done(feed),
+        (true, _) => Opened::Busy(feed),
+    })
 }
 
 /// Why a checkpoint was not written.
@@ -121,10 +156,17 @@ pub enum CheckpointError {
     Database(#[from] sqlx::Error),
 }
 
-/// Settles the lines of `chunk` (the accepted ones are on the broker): records the rejected ones,
-/// moves the counts and the last settled line on, and notes the format and metadata columns; in
-/// one transaction, and only while `lease` holds the feed.
-pub async fn checkpoint(pool: &PgPool, feed_id: &str, lease: Uuid, chunk: &Chunk) -> Result<(), CheckpointError> {
+/// Settles the lines of `chunk` (the accepted ones are on the broker): records the rejected ones
+/// (while the feed has fewer than `max_stored_rejects` recorded; the rest are only counted), moves
+/// the counts and the last settled line on, and notes the format and metadata columns; in one
+/// transaction, and only while `lease` holds the feed.
+pub async fn checkpoint(
+    pool: &PgPool,
+    feed_id: &str,
+    lease: Uuid,
+    chunk: &Chunk,
+    max_stored_rejects: u64,
+) -> Result<(), CheckpointError> {
     let lines = &chunk.lines;
     let Some(last_line) = lines.iter().map(Line::number).max() else { return Ok(()) };
     let (mut lines_, mut contents, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
@@ -137,11 +179,12 @@ pub async fn checkpoint(pool: &PgPool, feed_id: &str, lease: Uuid, chunk: &Chunk
     }
     let accepted = (lines.len() - lines_.len()) as i64;
     let mut tx = pool.begin().await?;
-    let held = sqlx::query(
+    let rejected_after: Option<i64> = sqlx::query_scalar(
         "UPDATE feeds SET lines_read = lines_read + $3, accepted = accepted + $4, rejected = rejected + $5,
                           last_line = $6, chunks = chunks + CASE WHEN $4 > 0 THEN 1 ELSE 0 END,
                           columns = $7, format = $8, updated_at = now()
-         WHERE feed_id = $1 AND reader = $2 AND state = 'reading'",
+         WHERE feed_id = $1 AND reader = $2 AND state = 'reading'
+         RETURNING rejected",
     )
     .bind(feed_id)
     .bind(lease)
@@ -151,14 +194,21 @@ pub async fn checkpoint(pool: &PgPool, feed_id: &str, lease: Uuid, chunk: &Chunk
     .bind(last_line as i64)
     .bind(sqlx::types::Json(&chunk.columns))
     .bind(chunk.format.as_str())
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if held.rows_affected() == 0 {
-        return Err(CheckpointError::LostLease);
+    let Some(rejected_after) = rejected_after else { return Err(CheckpointError::LostLease) };
+    let stored = rejects_to_store(rejected_after - lines_.len() as i64, lines_.len(), max_stored_rejects);
+    if stored == 0 {
+        tx.commit().await?;
+        return Ok(());
     }
+    lines_.truncate(stored);
+    reasons.truncate(stored);
+    contents.truncate(stored);
     sqlx::query(
-        "INSERT INTO feed_rejects (feed_id, line, reason, content)
-         SELECT $1, line, reason, content FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS t(line, reason, content)
+        "INSERT INTO feed_rejects (feed_id, line, reason, content, tenant)
+         SELECT $1, line, reason, content, (SELECT tenant FROM feeds WHERE feed_id = $1)
+         FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS t(line, reason, content)
          ON CONFLICT DO NOTHING",
     )
     .bind(feed_id)
@@ -171,18 +221,44 @@ pub async fn checkpoint(pool: &PgPool, feed_id: &str, lease: Uuid, chunk: &Chunk
     Ok(())
 }
 
-/// Keeps the lease alive while the reader waits (for the broker, say).
-pub async fn heartbeat(pool: &PgPool, feed_id: &str, lease: Uuid) -> sqlx::Result<()> {
-    sqlx::query("UPDATE feeds SET updated_at = now() WHERE feed_id = $1 AND reader = $2")
-        .bind(feed_id)
-        .bind(lease)
-        .execute(pool)
-        .await
-        .map(drop)
+/// How many of a chunk's `in_chunk` rejected lines are recorded (its first ones), when the feed
+/// had rejected `rejected_before` lines before it: every earlier chunk recorded its first rejects
+/// while the feed had fewer than `max_stored` recorded, so `min(rejected_before, max_stored)` are
+/// recorded already, however many uploads the feed took.
+pub(super) fn rejects_to_store(rejected_before: i64, in_chunk: usize, max_stored: u64) -> usize {
+    let recorded = rejected_before.max(0) as u64;
+    (max_stored.saturating_sub(recorded)).min(in_chunk as u64) as usize
 }
 
-/// Ends the reading: `read` (in `format`) when the upload was read to its end, else `interrupted`
-/// (a resend with the same key resumes it). Returns the feed as it now is.
+/// Keeps the lease alive while the reader reads or waits (for its client, the broker, its
+/// tenant's quota); whether `lease` still holds the feed.
+pub async fn heartbeat(pool: &PgPool, feed_id: &str, lease: Uuid) -> sqlx::Result<bool> {
+    let held =
+        sqlx::query("UPDATE feeds SET updated_at = now() WHERE feed_id = $1 AND reader = $2 AND state = 'reading'")
+            .bind(feed_id)
+            .bind(lease)
+            .execute(pool)
+            .await?;
+    Ok(held.rows_affected() == 1)
+}
+
+/// Renews the lease every `every` for as long as the reader runs (the task is aborted when it
+/// ends), so that a slow but live reader is never taken over: reading a chunk, producing it and
+/// waiting for room can each outlast the lease.
+pub async fn keep(pool: PgPool, feed_id: String, lease: Uuid, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match heartbeat(&pool, &feed_id, lease).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => tracing::warn!(%feed_id, error = %e, "could not renew a feed's lease; retrying"),
+        }
+    }
+}
+
+/// Ends the reading: `read` (in `format`) when the upload was read to its end, or to a limit that
+/// ends the feed there, else `interrupted` (a resend with the same key resumes it). Returns the
+/// feed as it now is.
 ///
 /// A feed read to its end gets its row in the batches table in the same transaction: the sink
 /// marks it complete once every accepted line has a result, and tells of it (its `BatchCompleted`
@@ -208,8 +284,8 @@ pub async fn close(
     .await?;
     if feed.as_ref().is_some_and(|f| f.state == "read") {
         sqlx::query(
-            "INSERT INTO batches (batch_id, kind, total, callback_url, submitted_at)
-             SELECT feed_id, 'feed', accepted, callback_url, created_at FROM feeds WHERE feed_id = $1
+            "INSERT INTO batches (batch_id, kind, total, callback_url, submitted_at, tenant)
+             SELECT feed_id, 'feed', accepted, callback_url, created_at, tenant FROM feeds WHERE feed_id = $1
              ON CONFLICT (batch_id) DO NOTHING",
         )
         .bind(feed_id)
@@ -218,4 +294,27 @@ pub async fn close(
     }
     tx.commit().await?;
     Ok(feed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rejects_to_store;
+
+    #[test]
+    fn rejects_are_recorded_up_to_the_cap_across_chunks_and_uploads() {
+        assert_eq!(rejects_to_store(0, 300, 1000), 300);
+        assert_eq!(rejects_to_store(900, 300, 1000), 100);
+        assert_eq!(rejects_to_store(1000, 300, 1000), 0);
+        // A feed that recorded every reject before the cap existed records no more.
+        assert_eq!(rejects_to_store(5000, 300, 1000), 0);
+        assert_eq!(rejects_to_store(0, 300, 0), 0);
+        // Uploads resumed after each chunk: what is recorded adds up to the cap, never past it.
+        let mut before = 0;
+        let mut recorded = 0;
+        for in_chunk in [400, 0, 400, 400, 400] {
+            recorded += rejects_to_store(before, in_chunk, 1000);
+            before += in_chunk as i64;
+        }
+        assert_eq!(recorded, 1000);
+    }
 }

@@ -5,6 +5,7 @@
 //! broke off resumes, under the same `Idempotency-Key`, after the last settled line.
 
 mod ledger;
+mod pace;
 pub mod parse;
 pub(crate) mod produce;
 pub(crate) mod retry;
@@ -25,8 +26,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use parse::{Chunk, Format, Line, ReadError};
+use parse::{Chunk, Cut, Format, Line, ReadError};
 pub(crate) use source::client as source_client;
+
+use reefline_common::auth::Caller;
 
 use crate::AppState;
 use crate::error::IngestError;
@@ -143,6 +146,9 @@ struct Limits {
     lease: Duration,
     stall: Duration,
     max_url_bytes: usize,
+    max_stored_rejects: u64,
+    /// What a fetched list must keep to.
+    source: pace::Pace,
 }
 
 /// Submit a bulk feed of image URLs (an upload, or `{"source_url": …}`); answers once it is read.
@@ -157,20 +163,22 @@ struct Limits {
 responses(
     (status = 201, description = "Read to its end: every line accepted (on the broker) or rejected", body = FeedAccepted,
         headers(("Idempotent-Replayed" = String, description = "`true` when the key named a feed already read"))),
-    (status = 400, description = "invalid_field, unknown_model, invalid_url (source_url), unreadable_feed (no url column, a line over 1 MiB, broken gzip, a source that failed)", body = reefline_schemas::view::ErrorBody),
+    (status = 400, description = "invalid_field, unknown_model, invalid_url (source_url), unreadable_feed (no url column, a line over 1 MiB, broken gzip, a source that failed, or was too slow), feed_too_long (past FEED_MAX_LINES lines), too_many_rejects (past FEED_MAX_REJECTED_LINES rejected lines): the last two close the feed where it was cut", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "unauthorized", body = reefline_schemas::view::ErrorBody),
     (status = 413, description = "body_too_large: a `source_url` request over 64 KiB (uploads have no size limit)", body = reefline_schemas::view::ErrorBody),
     (status = 409, description = "feed_in_progress: another upload with this key is being read; Retry-After", body = reefline_schemas::view::ErrorBody),
+    (status = 422, description = "idempotency_key_reused: the key names a feed of another file, source_url, model or format", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "unavailable: the broker or the database stayed away; resend with the same key to resume", body = reefline_schemas::view::ErrorBody),
 ))]
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     headers: HeaderMap,
     query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Response {
     let outcome = match query {
-        Ok(Query(query)) => accept(state.clone(), headers, query, body).await,
+        Ok(Query(query)) => accept(state.clone(), caller, headers, query, body).await,
         Err(e) => Err(IngestError::InvalidField { field: "query".into(), message: e.body_text() }),
     };
     let label = match &outcome {
@@ -195,10 +203,12 @@ type ByteStream = std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + 
 
 async fn accept(
     state: Arc<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     query: FeedQuery,
     body: Body,
 ) -> Result<(FeedAccepted, bool), IngestError> {
+    IngestError::unless_submitter(&caller)?;
     let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let limits = Limits {
@@ -207,6 +217,12 @@ async fn accept(
         lease: Duration::from_secs(state.settings.feed_lease_s.max(1)),
         stall: Duration::from_secs(state.settings.feed_stall_timeout_s.max(1)),
         max_url_bytes: state.settings.max_url_bytes,
+        max_stored_rejects: state.settings.feed_max_stored_rejects,
+        source: pace::Pace {
+            idle: Duration::from_secs(state.settings.feed_idle_timeout_s.max(1)),
+            deadline: Duration::from_secs(state.settings.feed_source_deadline_s.max(1)),
+            min_bytes_per_s: state.settings.feed_source_min_bytes_per_s,
+        },
     };
     let key = idempotency_key(&headers)?;
     let max_url_bytes = state.settings.max_url_bytes;
@@ -218,7 +234,7 @@ async fn accept(
         let url = source.source_url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
         let url = crate::validate::check_url(&url, max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
-        let (stream, found) = source::open(&state.source_client, &state.source_policy, &url, limits.idle).await?;
+        let (stream, found) = source::open(&state.source_client, &state.source_policy, &url, limits.source).await?;
         (stream, format.or(found), model, Some(url.to_string()), callback_url)
     } else {
         let format = parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type));
@@ -232,31 +248,73 @@ async fn accept(
             callback_url,
         )
     };
+    // What the key is used for: a resend with another file, source or model is refused rather
+    // than "resumed" (the new file's first lines would never be classified).
+    let (first_bytes, stream) =
+        if source_url.is_none() { peek(stream, FINGERPRINT_BYTES).await? } else { (Bytes::new(), stream) };
+    let fingerprint =
+        ledger::fingerprint(format.map(Format::as_str), source_url.as_deref(), model.as_deref(), &first_bytes);
     let new = ledger::NewFeed {
-        key_scope: &key_scope(&headers),
+        tenant: &caller.tenant,
         idempotency_key: key.as_deref(),
         format: format.map(Format::as_str),
         source_url: source_url.as_deref(),
         model: model.as_deref(),
         callback_url: callback_url.as_deref(),
+        fingerprint: &fingerprint,
     };
     let (feed, lease, resumed) = match ledger::open(&pool, &new, limits.lease).await.map_err(database)? {
         ledger::Opened::Read { feed, lease, resumed } => (feed, lease, resumed),
         ledger::Opened::Done(feed) => return Ok((FeedAccepted::new(feed, false), true)),
         ledger::Opened::Busy(feed) => return Err(IngestError::FeedInProgress { feed_id: feed.feed_id }),
+        ledger::Opened::Reused(feed) => return Err(IngestError::IdempotencyKeyReused { feed_id: feed.feed_id }),
     };
     if resumed {
         tracing::info!(feed_id = %feed.feed_id, after_line = feed.last_line, "resuming a feed");
     }
     // The reading goes on in a task of its own: a client that hangs up drops this handler, and the
     // feed must still be marked interrupted (its reader gone) for a resend to take it over at once.
-    let reader = Reader { state: state.clone(), pool, lease, feed_id: feed.feed_id.clone(), model, limits };
-    let options = parse::Options { format, max_url_bytes: limits.max_url_bytes, chunk_lines: limits.chunk_lines };
+    let feed_id = feed.feed_id.clone();
+    let reader = Reader { state: state.clone(), pool, lease, feed_id, model, tenant: caller.tenant, limits };
+    let options = parse::Options {
+        format,
+        max_url_bytes: limits.max_url_bytes,
+        chunk_lines: limits.chunk_lines,
+        max_lines: state.settings.feed_max_lines,
+        max_rejected: state.settings.feed_max_rejected_lines,
+        dedup_entries: state.settings.feed_dedup_entries,
+    };
     let outcome = tokio::spawn(reader.run(stream, options, feed.last_line)).await;
     match outcome.map_err(|e| IngestError::Unavailable(format!("the feed's reader failed: {e}")))? {
         Ok(feed) => Ok((FeedAccepted::new(feed, resumed), false)),
         Err(e) => Err(e),
     }
+}
+
+/// How much of an upload's start its fingerprint covers.
+const FINGERPRINT_BYTES: usize = 4096;
+
+/// The first `n` bytes of `stream` (fewer when it is shorter), and the stream as it was.
+async fn peek(mut stream: ByteStream, n: usize) -> Result<(Bytes, ByteStream), IngestError> {
+    let (mut first, mut ended) = (Vec::new(), false);
+    while first.len() < n && !ended {
+        match stream.next().await {
+            Some(Ok(piece)) => first.extend_from_slice(&piece),
+            Some(Err(e)) => {
+                return Err(IngestError::UnreadableFeed {
+                    feed_id: String::new(),
+                    reason: format!("the upload broke off: {e}"),
+                });
+            }
+            None => ended = true,
+        }
+    }
+    let first = Bytes::from(first);
+    let head = first.slice(..first.len().min(n));
+    let start = futures::stream::iter([Ok(first)]);
+    // A stream that has ended must not be asked again.
+    let stream: ByteStream = if ended { Box::pin(start) } else { Box::pin(start.chain(stream)) };
+    Ok((head, stream))
 }
 
 fn parse_format(format: Option<&str>) -> Result<Option<Format>, IngestError> {
@@ -287,16 +345,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, IngestError> {
     }
 }
 
-/// Idempotency keys are scoped to the API key that sent them, so two clients never meet each
-/// other's feeds: a hash of it (never the key itself), or `""` when the API is open.
-fn key_scope(headers: &HeaderMap) -> String {
-    use sha2::Digest;
-    match reefline_common::auth::presented(headers) {
-        Some(key) => hex::encode(&sha2::Sha256::digest(key)[..12]),
-        None => String::new(),
-    }
-}
-
 pub(super) fn database(e: sqlx::Error) -> IngestError {
     tracing::warn!(error = %e, "the feeds ledger is unavailable");
     IngestError::Unavailable(format!("the database did not answer: {e}"))
@@ -324,13 +372,20 @@ struct Reader {
     lease: Uuid,
     feed_id: String,
     model: Option<String>,
+    /// The uploader's tenant, which every request of the feed carries.
+    tenant: String,
     limits: Limits,
 }
 
 impl Reader {
     /// Reads `stream` to its end, producing and settling each chunk past `settled` (the last line
-    /// an earlier upload settled); closes the feed as read, or as interrupted on any failure.
+    /// an earlier upload settled); closes the feed as read, or as interrupted on any failure. A feed
+    /// cut short by a limit (too many lines, too many rejects) is closed as read where it was cut,
+    /// so that no resend reads on past the limit, and answered with the limit's error.
     async fn run(self, stream: ByteStream, options: parse::Options, settled: i64) -> Result<ledger::Feed, IngestError> {
+        let every = self.limits.lease / 3;
+        let keep = tokio::spawn(ledger::keep(self.pool.clone(), self.feed_id.clone(), self.lease, every));
+        let _keep = AbortOnDrop(keep);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
         let parse = tokio::task::spawn_blocking(move || {
             let input = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
@@ -349,17 +404,29 @@ impl Reader {
         let read = parse.await.map_err(|e| IngestError::Unavailable(format!("the feed's parser failed: {e}")));
         let (failure, format) = match (failure, read) {
             (Some(failure), _) => (Some(failure), None),
-            (None, Ok(Ok(format))) => (None, Some(format)),
+            (None, Ok(Ok(outcome))) => (outcome.cut.map(|cut| self.cut(cut)), Some(outcome.format)),
             (None, Ok(Err(e))) => (Some(self.unreadable(e)), None),
             (None, Err(e)) => (Some(e), None),
         };
         let closed = ledger::close(&self.pool, &self.feed_id, self.lease, format).await;
         if let Some(failure) = failure {
-            tracing::info!(feed_id = %self.feed_id, error = %failure, "feed interrupted; a resend with its key resumes it");
+            if format.is_some() {
+                tracing::info!(feed_id = %self.feed_id, error = %failure, "feed cut short by a limit and closed");
+            } else {
+                tracing::info!(feed_id = %self.feed_id, error = %failure, "feed interrupted; a resend with its key resumes it");
+            }
             return Err(failure);
         }
         tracing::info!(feed_id = %self.feed_id, "feed read");
         closed.map_err(database)?.ok_or_else(|| self.lost())
+    }
+
+    fn cut(&self, cut: Cut) -> IngestError {
+        let feed_id = self.feed_id.clone();
+        match cut {
+            Cut::TooLong { limit, line } => IngestError::FeedTooLong { feed_id, limit, line },
+            Cut::TooManyRejects { limit, line } => IngestError::TooManyRejects { feed_id, limit, line },
+        }
     }
 
     fn unreadable(&self, e: ReadError) -> IngestError {
@@ -378,6 +445,12 @@ impl Reader {
             return Ok(());
         }
         let requests = self.plan(lines);
+        // Only while the lease holds: a reader that lost it (a resend took the feed over after
+        // the database was away for longer than the lease) must not produce lines twice. A
+        // database that does not answer cannot have given the feed to another reader either.
+        if let Ok(false) = ledger::heartbeat(&self.pool, &self.feed_id, self.lease).await {
+            return Err(self.lost());
+        }
         if !requests.is_empty() {
             let pause = || self.wait_a_moment();
             produce::produce_chunk(&self.state, "feeds", &requests, self.limits.stall, pause).await?;
@@ -387,8 +460,9 @@ impl Reader {
         metrics.feed_lines.with_label_values(&["rejected"]).inc_by((lines.len() - requests.len()) as u64);
         let started = Instant::now();
         let mut backoff = reefline_common::Backoff::new();
+        let max_stored = self.limits.max_stored_rejects;
         loop {
-            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, chunk).await {
+            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, chunk, max_stored).await {
                 Ok(()) => return Ok(()),
                 Err(ledger::CheckpointError::LostLease) => return Err(self.lost()),
                 Err(ledger::CheckpointError::Database(e)) if started.elapsed() > self.limits.stall => {
@@ -430,13 +504,22 @@ impl Reader {
                 feed_id: Some(self.feed_id.clone()),
                 line: Some(line as i64),
                 metadata: (!metadata.is_empty()).then(|| metadata.clone()),
+                tenant: Some(self.tenant.clone()),
             })
             .collect()
     }
 
-    /// A second's pause that keeps the lease alive.
+    /// A second's pause.
     async fn wait_a_moment(&self) {
-        let _ = ledger::heartbeat(&self.pool, &self.feed_id, self.lease).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A task aborted when this is dropped (the feed's lease keeper, when its reader ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

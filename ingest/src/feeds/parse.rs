@@ -1,8 +1,10 @@
 //! Reading a feed: bytes in (gzip-compressed or not) → one outcome per line (a URL accepted with
 //! its metadata, or a line rejected with its reason), in chunks. It runs on a blocking thread over
-//! the upload as it streams in; nothing holds more than one chunk and one line of it.
+//! the upload as it streams in; nothing holds more than one chunk and one line of it, and what it
+//! remembers across lines (the URLs met, the metadata columns) is capped.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, BufRead, BufReader, Read};
 
@@ -14,6 +16,10 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// How much of a rejected line is kept to show with its reason.
 const REJECT_CONTENT_BYTES: usize = 200;
+
+/// The most metadata columns a feed may have (a CSV's header, NDJSON keys across all lines): each
+/// is remembered for the whole read, and exports give each one a column.
+pub const MAX_COLUMNS: usize = 1000;
 
 /// The formats a feed may come in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
@@ -109,22 +115,49 @@ pub enum ReadError {
     NoUrlColumn(String),
     #[error("line {line} is longer than {MAX_LINE_BYTES} bytes: this is not a list of URLs")]
     LineTooLong { line: u64 },
+    #[error("the CSV header has {count} columns; the limit is {}", MAX_COLUMNS + 1)]
+    TooManyColumns { count: usize },
     #[error("the upload could not be read: {0}")]
     Io(#[from] io::Error),
 }
 
-/// How lines are checked.
+/// How lines are checked, and how much of a feed is read.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
     /// `None`: guess from the first line.
     pub format: Option<Format>,
     pub max_url_bytes: usize,
     pub chunk_lines: usize,
+    /// The last line read (lines are numbered as the rejects name them: blank ones and a CSV's
+    /// header count); a feed with more ends there.
+    pub max_lines: u64,
+    /// The most lines a feed may reject; the read ends before the one that would pass it.
+    pub max_rejected: u64,
+    /// The most distinct URLs remembered to tell duplicates by; past it, a URL is still checked
+    /// against those remembered, but no more are remembered.
+    pub dedup_entries: usize,
 }
 
-/// Reads `input` to its end, handing `emit` one chunk of up to `chunk_lines` lines at a time;
-/// stops early when `emit` returns false (nobody listens any more). Returns the format read.
-pub fn read(input: impl Read, options: Options, mut emit: impl FnMut(Chunk) -> bool) -> Result<Format, ReadError> {
+/// How a read ended: the format the feed was read in, and the limit that ended it early, if any.
+#[derive(Debug)]
+pub struct Outcome {
+    pub format: Format,
+    pub cut: Option<Cut>,
+}
+
+/// A limit a feed ran into: every line before `line` has been handed out (so can be settled), and
+/// `line` and the rest are not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Line `line` is past [`Options::max_lines`] (`limit`).
+    TooLong { limit: u64, line: u64 },
+    /// Line `line` would have been rejected line `limit + 1`.
+    TooManyRejects { limit: u64, line: u64 },
+}
+
+/// Reads `input` to its end (or to a limit of `options`), handing `emit` one chunk of up to
+/// `chunk_lines` lines at a time; stops early when `emit` returns false (nobody listens any more).
+pub fn read(input: impl Read, options: Options, mut emit: impl FnMut(Chunk) -> bool) -> Result<Outcome, ReadError> {
     let mut input = BufReader::with_capacity(64 * 1024, input);
     let gzip = input.fill_buf()?.starts_with(&[0x1f, 0x8b]);
     let input: Box<dyn BufRead> = if gzip {
@@ -132,44 +165,69 @@ pub fn read(input: impl Read, options: Options, mut emit: impl FnMut(Chunk) -> b
     } else {
         Box::new(input)
     };
-    let mut input = BufReader::new(LineLimit::new(input));
+    let max_lines = options.max_lines.max(1);
+    let mut input = BufReader::new(LineLimit::new(input, max_lines));
     let format = match options.format {
         Some(format) => format,
         None => Format::sniff(first_line(input.fill_buf()?)),
     };
     let chunk = Chunk { format, lines: Vec::new(), columns: Vec::new() };
-    let mut out = Emitter { chunk, size: options.chunk_lines.max(1), emit: &mut emit, open: true };
-    let mut seen = Seen::default();
+    let mut out = Emitter {
+        chunk,
+        known: HashSet::new(),
+        size: options.chunk_lines.max(1),
+        emit: &mut emit,
+        open: true,
+        rejected: 0,
+        max_rejected: options.max_rejected,
+        cut: None,
+    };
+    let mut seen = Seen::new(options.dedup_entries);
     let result = match format {
         Format::Csv => read_csv(&mut input, options, &mut seen, &mut out),
         Format::Ndjson | Format::Text => read_lines(&mut input, format, options, &mut seen, &mut out),
     };
-    result.map_err(|e| match e {
-        ReadError::Io(io) => match io.get_ref().and_then(|e| e.downcast_ref::<TooLong>()) {
-            Some(TooLong(line)) => ReadError::LineTooLong { line: *line },
-            None => ReadError::Io(io),
+    match result {
+        Ok(()) => {}
+        Err(ReadError::Io(io)) => match io.get_ref().and_then(|e| e.downcast_ref::<Overrun>()) {
+            Some(Overrun::LineTooLong(line)) => return Err(ReadError::LineTooLong { line: *line }),
+            // Every line before the first one past the limit has been read.
+            Some(Overrun::TooManyLines) => out.cut = Some(Cut::TooLong { limit: max_lines, line: max_lines + 1 }),
+            None => return Err(ReadError::Io(io)),
         },
-        other => other,
-    })?;
+        Err(other) => return Err(other),
+    }
     out.flush();
-    Ok(format)
+    Ok(Outcome { format, cut: out.cut })
 }
 
 fn first_line(buffered: &[u8]) -> &[u8] {
     buffered.split(|b| *b == b'\n').next().unwrap_or(buffered)
 }
 
-/// Hands out full chunks.
+/// Hands out full chunks, and ends the read at the rejected line that would pass the limit.
 struct Emitter<'a, F: FnMut(Chunk) -> bool> {
     chunk: Chunk,
+    /// The chunk's columns, to look up.
+    known: HashSet<String>,
     size: usize,
     emit: &'a mut F,
     open: bool,
+    rejected: u64,
+    max_rejected: u64,
+    cut: Option<Cut>,
 }
 
 impl<F: FnMut(Chunk) -> bool> Emitter<'_, F> {
-    /// Adds a line; false once nobody listens.
+    /// Adds a line; false once nobody listens or a limit ended the read.
     fn push(&mut self, line: Line) -> bool {
+        if let Line::Rejected { line, .. } = line {
+            if self.rejected >= self.max_rejected {
+                self.cut = Some(Cut::TooManyRejects { limit: self.max_rejected, line });
+                return false;
+            }
+            self.rejected += 1;
+        }
         self.chunk.lines.push(line);
         if self.chunk.lines.len() >= self.size {
             self.flush();
@@ -189,24 +247,47 @@ impl<F: FnMut(Chunk) -> bool> Emitter<'_, F> {
         }
     }
 
+    /// Adds a line's metadata keys to the columns; refuses, adding none, when that would make
+    /// more than [`MAX_COLUMNS`].
+    fn add_columns<'k>(&mut self, names: impl Iterator<Item = &'k String> + Clone) -> Result<(), String> {
+        let new = names.clone().filter(|n| !self.known.contains(*n)).count();
+        if self.chunk.columns.len() + new > MAX_COLUMNS {
+            let had = self.known.len();
+            return Err(format!("the feed already has {had} metadata columns; the limit is {MAX_COLUMNS}"));
+        }
+        for name in names {
+            self.add_column(name);
+        }
+        Ok(())
+    }
+
     fn add_column(&mut self, name: &str) {
-        if !self.chunk.columns.iter().any(|c| c == name) {
+        if self.known.insert(name.to_owned()) {
             self.chunk.columns.push(name.to_owned());
         }
     }
 }
 
-/// The URLs met so far, as 64-bit hashes (8 bytes and change each: ten million fit in ~200 MB;
-/// two URLs sharing a hash, about one chance in a million at that size, would be a false duplicate).
-#[derive(Default)]
-struct Seen(HashSet<u64>);
+/// The URLs met so far, as 64-bit hashes (about 18 bytes each in the set: a million take ~20 MB;
+/// two URLs sharing a hash, about one chance in thirty million at that size, would be a false
+/// duplicate). Once `capacity` are held no more are added: a later URL is still checked against
+/// them, but a repeat of a URL met only past the cap is not noticed.
+struct Seen {
+    hashes: HashSet<u64>,
+    capacity: usize,
+}
 
 impl Seen {
-    /// False when `url` was met before.
+    fn new(capacity: usize) -> Self {
+        Self { hashes: HashSet::new(), capacity }
+    }
+
+    /// False when `url` was met before (and remembered).
     fn insert(&mut self, url: &str) -> bool {
         let mut hasher = DefaultHasher::new();
         url.hash(&mut hasher);
-        self.0.insert(hasher.finish())
+        let hash = hasher.finish();
+        if self.hashes.len() < self.capacity { self.hashes.insert(hash) } else { !self.hashes.contains(&hash) }
     }
 }
 
@@ -264,13 +345,8 @@ fn read_lines<F: FnMut(Chunk) -> bool>(
             continue;
         }
         let outcome = match format {
-            Format::Ndjson => match ndjson_line(text) {
-                Ok((url, metadata)) => {
-                    for key in metadata.keys() {
-                        out.add_column(key);
-                    }
-                    judge(number, &url, metadata, text, options, seen)
-                }
+            Format::Ndjson => match ndjson_line(text).and_then(|l| out.add_columns(l.1.keys()).map(|()| l)) {
+                Ok((url, metadata)) => judge(number, &url, metadata, text, options, seen),
                 Err(reason) => {
                     Line::Rejected { line: number, reason, content: truncate(text, REJECT_CONTENT_BYTES).into() }
                 }
@@ -328,6 +404,9 @@ fn read_csv<F: FnMut(Chunk) -> bool>(
     let Some(url_column) = header.iter().position(|h| h.eq_ignore_ascii_case("url")) else {
         return Err(ReadError::NoUrlColumn(truncate(&header.join(", "), 200).into()));
     };
+    if header.len() > MAX_COLUMNS + 1 {
+        return Err(ReadError::TooManyColumns { count: header.len() });
+    }
     let names = column_names(&header);
     for (i, name) in names.iter().enumerate() {
         if i != url_column {
@@ -426,34 +505,62 @@ fn csv_io(e: csv::Error) -> Option<io::Error> {
     }
 }
 
-/// Fails the read when a line runs past [`MAX_LINE_BYTES`], so no line is ever held whole beyond that.
+/// Fails the read when a line runs past [`MAX_LINE_BYTES`], so no line is ever held whole beyond
+/// that, and when the input goes on past line `max_lines`: it hands out every byte up to the end of
+/// that line first, so the lines before it are all read.
 struct LineLimit<R> {
     inner: R,
     line: u64,
     run: usize,
+    max_lines: u64,
+    /// Bytes past the last line were read and not handed out.
+    held_back: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("line {0} is too long")]
-struct TooLong(u64);
+/// Why [`LineLimit`] ended the read.
+#[derive(Debug)]
+enum Overrun {
+    LineTooLong(u64),
+    TooManyLines,
+}
+
+impl fmt::Display for Overrun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Overrun::LineTooLong(line) => write!(f, "line {line} is too long"),
+            Overrun::TooManyLines => f.write_str("the feed has too many lines"),
+        }
+    }
+}
+
+impl std::error::Error for Overrun {}
 
 impl<R> LineLimit<R> {
-    fn new(inner: R) -> Self {
-        Self { inner, line: 1, run: 0 }
+    fn new(inner: R, max_lines: u64) -> Self {
+        Self { inner, line: 1, run: 0, max_lines, held_back: false }
     }
 }
 
 impl<R: Read> Read for LineLimit<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        for &b in &buf[..n] {
+        // Past the last line, any byte at all (those held back, or new ones) is a line too many.
+        let n = if self.held_back { 1 } else { self.inner.read(buf)? };
+        if self.line > self.max_lines && n > 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, Overrun::TooManyLines));
+        }
+        for (i, &b) in buf[..n].iter().enumerate() {
             if b == b'\n' {
                 self.line += 1;
                 self.run = 0;
+                if self.line > self.max_lines && i + 1 < n {
+                    // The bytes after are past the last line read: the next read says so.
+                    self.held_back = true;
+                    return Ok(i + 1);
+                }
             } else {
                 self.run += 1;
                 if self.run > MAX_LINE_BYTES {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, TooLong(self.line)));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, Overrun::LineTooLong(self.line)));
                 }
             }
         }
@@ -466,16 +573,35 @@ mod tests {
     use super::*;
 
     fn options(format: Option<Format>) -> Options {
-        Options { format, max_url_bytes: 2048, chunk_lines: 3 }
+        Options {
+            format,
+            max_url_bytes: 2048,
+            chunk_lines: 3,
+            max_lines: 10_000_000,
+            max_rejected: 100_000,
+            dedup_entries: 1_000_000,
+        }
     }
 
     fn read_all(input: &[u8], format: Option<Format>) -> (Result<Format, ReadError>, Vec<Chunk>) {
+        let (result, chunks) = read_with(input, options(format));
+        (result.map(|outcome| outcome.format), chunks)
+    }
+
+    fn read_with(input: &[u8], options: Options) -> (Result<Outcome, ReadError>, Vec<Chunk>) {
         let mut chunks = Vec::new();
-        let result = read(input, options(format), |c| {
+        let result = read(input, options, |c| {
             chunks.push(c);
             true
         });
         (result, chunks)
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
     }
 
     fn outcomes(chunks: &[Chunk]) -> Vec<(u64, String)> {
@@ -562,6 +688,88 @@ mod tests {
         input.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
         let (result, _) = read_all(&input, Some(Format::Text));
         assert!(matches!(result, Err(ReadError::LineTooLong { line: 2 })), "{result:?}");
+    }
+
+    #[test]
+    fn a_gzip_of_two_million_bad_lines_stops_at_the_rejects_limit() {
+        let input = gzip(&b"x\n".repeat(2_000_000));
+        let options = Options { chunk_lines: 1000, ..options(Some(Format::Text)) };
+        let (outcome, chunks) = read_with(&input, options);
+        let outcome = outcome.unwrap();
+        assert_eq!(outcome.cut, Some(Cut::TooManyRejects { limit: 100_000, line: 100_001 }));
+        let lines: Vec<u64> = chunks.iter().flat_map(|c| &c.lines).map(Line::number).collect();
+        assert_eq!(lines.len(), 100_000);
+        assert_eq!(lines.last(), Some(&100_000));
+        assert!(chunks.iter().flat_map(|c| &c.lines).all(|l| matches!(l, Line::Rejected { .. })));
+        // The ledger stores the first FEED_MAX_STORED_REJECTS of them, chunk by chunk.
+        let mut rejected_before = 0;
+        let mut stored = 0;
+        for chunk in &chunks {
+            stored += super::super::ledger::rejects_to_store(rejected_before, chunk.lines.len(), 1000);
+            rejected_before += chunk.lines.len() as i64;
+        }
+        assert_eq!(stored, 1000);
+    }
+
+    #[test]
+    fn a_feed_ends_at_its_line_limit_with_every_line_before_read() {
+        let text: String = (1..=10).map(|i| format!("https://a.example/{i}.jpg\n")).collect();
+        let options = Options { max_lines: 4, ..options(Some(Format::Text)) };
+        let (outcome, chunks) = read_with(text.as_bytes(), options);
+        assert_eq!(outcome.unwrap().cut, Some(Cut::TooLong { limit: 4, line: 5 }));
+        assert_eq!(chunks.iter().map(|c| c.lines.len()).collect::<Vec<_>>(), [3, 1]);
+        assert_eq!(outcomes(&chunks).last(), Some(&(4, "https://a.example/4.jpg".into())));
+
+        // Gzipped, a line at a time, blank lines and a CSV header counted: the same place.
+        let (outcome, chunks) = read_with(&gzip(&b"\n".repeat(1_000_000)), Options { max_lines: 100, ..options });
+        assert_eq!(outcome.unwrap().cut, Some(Cut::TooLong { limit: 100, line: 101 }));
+        assert!(chunks.is_empty());
+        let csv = "url,site\nhttps://a.example/1.jpg,A\nhttps://a.example/2.jpg,B\nhttps://a.example/3.jpg,C\n";
+        let (outcome, chunks) = read_with(csv.as_bytes(), Options { max_lines: 3, format: None, ..options });
+        assert_eq!(outcome.unwrap().cut, Some(Cut::TooLong { limit: 3, line: 4 }));
+        assert_eq!(outcomes(&chunks), [(2, "https://a.example/1.jpg".into()), (3, "https://a.example/2.jpg".into())]);
+
+        // A feed of exactly the limit is read to its end.
+        let four: String = (1..=4).map(|i| format!("https://a.example/{i}.jpg\n")).collect();
+        let (outcome, chunks) = read_with(four.as_bytes(), options);
+        assert_eq!((outcome.unwrap().cut, outcomes(&chunks).len()), (None, 4));
+        let (outcome, _) = read_with(text.as_bytes(), Options { max_lines: 10, ..options });
+        assert_eq!(outcome.unwrap().cut, None);
+    }
+
+    #[test]
+    fn de_duplication_remembers_at_most_its_capacity() {
+        let input = b"https://a.example/a\nhttps://a.example/b\nhttps://a.example/a\nhttps://a.example/c\nhttps://a.example/c\nhttps://a.example/b\n";
+        let (_, chunks) = read_with(input, Options { dedup_entries: 2, ..options(Some(Format::Text)) });
+        let duplicate = "rejected: a duplicate of a URL earlier in the feed";
+        assert_eq!(
+            outcomes(&chunks),
+            [
+                (1, "https://a.example/a".into()),
+                (2, "https://a.example/b".into()),
+                (3, duplicate.into()),
+                // Past the capacity: checked against the URLs remembered, not remembered itself.
+                (4, "https://a.example/c".into()),
+                (5, "https://a.example/c".into()),
+                (6, duplicate.into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn metadata_columns_are_capped() {
+        let ndjson: String =
+            (0..=MAX_COLUMNS).map(|i| format!("{{\"url\": \"https://a.example/{i}\", \"k{i}\": \"v\"}}\n")).collect();
+        let (_, chunks) = read_with(ndjson.as_bytes(), options(None));
+        let outcomes = outcomes(&chunks);
+        assert_eq!(outcomes.len(), MAX_COLUMNS + 1);
+        assert!(outcomes[..MAX_COLUMNS].iter().all(|(_, o)| !o.starts_with("rejected")));
+        assert_eq!(outcomes[MAX_COLUMNS].1, "rejected: the feed already has 1000 metadata columns; the limit is 1000");
+        assert_eq!(chunks.last().unwrap().columns.len(), MAX_COLUMNS);
+
+        let header = format!("url{}\n", ",c".repeat(MAX_COLUMNS + 1));
+        let (result, _) = read_all(header.as_bytes(), Some(Format::Csv));
+        assert!(matches!(result, Err(ReadError::TooManyColumns { count: 1002 })), "{result:?}");
     }
 
     #[test]

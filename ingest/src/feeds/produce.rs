@@ -11,16 +11,20 @@ use reefline_schemas::{ImageRequest, REQUEST_ID_HEADER};
 use crate::AppState;
 use crate::error::IngestError;
 
-/// A request's record, keyed by its id: its id in a header too, and the trace context of `span`.
+/// A request's record, keyed by its id: its id in a header too, the trace context of `span`, and the
+/// seal of its tenant.
 pub(crate) fn request_record<'a>(
-    topic: &'a str,
-    request_id: &'a str,
+    state: &'a AppState,
+    request: &'a ImageRequest,
     payload: &'a [u8],
     span: &tracing::Span,
 ) -> FutureRecord<'a, str, [u8]> {
+    let request_id = request.request_id.as_str();
     let headers = OwnedHeaders::new().insert(Header { key: REQUEST_ID_HEADER, value: Some(request_id) });
     let headers = reefline_common::telemetry::inject(span, headers);
-    FutureRecord::to(topic).key(request_id).payload(payload).headers(headers)
+    let tenant = request.tenant.as_deref().unwrap_or(state.tenants.kafka_tenant());
+    let headers = state.tenants.add_to(headers, tenant, request_id);
+    FutureRecord::to(&state.settings.topics.requests).key(request_id).payload(payload).headers(headers)
 }
 
 /// Produces `requests` for `route` and returns once the broker has acknowledged every one; fails
@@ -39,6 +43,9 @@ where
     let topic = &state.settings.topics.requests;
     let batch_id = requests.first().map_or("", |r| r.batch_id.as_str());
     let span = tracing::info_span!("produce_chunk", batch_id, images = requests.len(), route);
+    // Bulk work waits for its tenant's rate rather than being refused: nothing accepted is lost.
+    let tenant = requests.first().and_then(|r| r.tenant.as_deref()).unwrap_or(state.tenants.kafka_tenant());
+    state.quotas.wait(tenant, requests.len()).await;
     let permits = state
         .pending
         .acquire_many(requests.len() as u32)
@@ -63,7 +70,7 @@ where
         let mut unsent: Vec<usize> = (0..requests.len()).collect();
         while !unsent.is_empty() {
             let deliveries = unsent.iter().map(|&i| {
-                let record = request_record(topic, &requests[i].request_id, &payloads[i], &span);
+                let record = request_record(state, &requests[i], &payloads[i], &span);
                 state.producer.send(record, Duration::ZERO)
             });
             let outcomes = futures::future::join_all(deliveries).await;
@@ -91,6 +98,7 @@ where
     state.metrics.pending.set(state.pending_images() as i64);
     produced?;
     state.metrics.images.with_label_values(&[route]).inc_by(requests.len() as u64);
+    state.metrics.tenant_images.with_label_values(&[tenant]).inc_by(requests.len() as u64);
     state.metrics.produce_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! `POST /v1/feeds/{id}/retry` and `POST /v1/batches/{id}/retry`: the images of a feed or batch
 //! whose result is a transient failure (a timeout, a connection failure, an HTTP 429 or 5xx) are
 //! sent through again under their own request ids, so that each one's row is replaced by its new
-//! outcome (a good result is never replaced by a failure).
+//! outcome (a good result is never replaced by a failure). A key retries its own tenant's work
+//! only; one retry of a feed or batch runs at a time (a second answers `409`), across every ingest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +15,13 @@ use futures::TryStreamExt;
 use reefline_schemas::{ImageRequest, Metadata};
 use serde::Serialize;
 
+use reefline_common::auth::Caller;
+
 use crate::AppState;
 use crate::error::IngestError;
 
-/// How many images are produced at a time.
+/// How many images are produced at a time, at most (and at most `INGEST_MAX_PENDING_IMAGES`: a
+/// chunk waits for room for all of its images at once).
 const CHUNK: usize = 1000;
 
 /// The images sent through again.
@@ -41,6 +45,7 @@ struct Failed {
     feed_id: Option<String>,
     line: Option<i64>,
     metadata: Option<sqlx::types::Json<Metadata>>,
+    tenant: String,
 }
 
 /// The failures worth trying again: timeouts, connection failures, 429 and 5xx answers, the
@@ -52,22 +57,30 @@ const TRANSIENT: &str = "status = 'error' AND (error_kind IN ('timeout', 'connec
 #[utoipa::path(post, path = "/v1/feeds/{feed_id}/retry", params(("feed_id" = String, Path, description = "A feed id")), responses(
     (status = 202, description = "Those images are on their way again; their rows will hold their new outcome", body = Retried),
     (status = 401, description = "unauthorized", body = reefline_schemas::view::ErrorBody),
+    (status = 403, description = "forbidden: the key's role is `read`", body = reefline_schemas::view::ErrorBody),
     (status = 404, description = "not_found: no such feed", body = reefline_schemas::view::ErrorBody),
+    (status = 409, description = "retry_in_progress: this feed is being retried already; Retry-After", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "unavailable: the database or the broker did not answer", body = reefline_schemas::view::ErrorBody),
 ))]
-pub(crate) async fn feed(State(state): State<Arc<AppState>>, Path(feed_id): Path<String>) -> Response {
-    answer(retry(&state, "feed_id", feed_id).await)
+pub(crate) async fn feed(State(state): State<Arc<AppState>>, caller: Caller, Path(feed_id): Path<String>) -> Response {
+    answer(retry(&state, &caller, "feed_id", feed_id).await)
 }
 
 /// Send a batch's transiently failed images through again.
 #[utoipa::path(post, path = "/v1/batches/{batch_id}/retry", params(("batch_id" = String, Path, description = "A batch id")), responses(
     (status = 202, description = "Those images are on their way again; their rows will hold their new outcome", body = Retried),
     (status = 401, description = "unauthorized", body = reefline_schemas::view::ErrorBody),
+    (status = 403, description = "forbidden: the key's role is `read`", body = reefline_schemas::view::ErrorBody),
     (status = 404, description = "not_found: no such batch", body = reefline_schemas::view::ErrorBody),
+    (status = 409, description = "retry_in_progress: this batch is being retried already; Retry-After", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "unavailable: the database or the broker did not answer", body = reefline_schemas::view::ErrorBody),
 ))]
-pub(crate) async fn batch(State(state): State<Arc<AppState>>, Path(batch_id): Path<String>) -> Response {
-    answer(retry(&state, "batch_id", batch_id).await)
+pub(crate) async fn batch(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(batch_id): Path<String>,
+) -> Response {
+    answer(retry(&state, &caller, "batch_id", batch_id).await)
 }
 
 fn answer(outcome: Result<Retried, IngestError>) -> Response {
@@ -77,29 +90,46 @@ fn answer(outcome: Result<Retried, IngestError>) -> Response {
     }
 }
 
-/// Streams the failed rows of `column = id` and produces them again, a chunk at a time.
-async fn retry(state: &AppState, column: &str, id: String) -> Result<Retried, IngestError> {
+/// Streams the failed rows of `column = id` (of the caller's tenant) and produces them again, a
+/// chunk at a time.
+async fn retry(state: &AppState, caller: &Caller, column: &str, id: String) -> Result<Retried, IngestError> {
+    IngestError::unless_submitter(caller)?;
     let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
+    let what = if column == "feed_id" { "feed" } else { "batch" };
+    // Another tenant's feed or batch answers as an unknown one.
     let known: bool = sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM results WHERE {column} = $1)
-             OR EXISTS (SELECT 1 FROM {table} WHERE {column} = $1)",
+        "SELECT EXISTS (SELECT 1 FROM results WHERE {column} = $1 AND ($2::text IS NULL OR tenant = $2))
+             OR EXISTS (SELECT 1 FROM {table} WHERE {column} = $1 AND ($2::text IS NULL OR tenant = $2))",
         table = if column == "feed_id" { "feeds" } else { "batches" }
     ))
     .bind(&id)
+    .bind(caller.scope())
     .fetch_one(&pool)
     .await
     .map_err(super::database)?;
     if !known {
-        return Err(IngestError::NotFound { what: if column == "feed_id" { "feed" } else { "batch" }, id });
+        return Err(IngestError::NotFound { what, id });
+    }
+    // The rows are read in a transaction holding the retry's lock, released when it ends (also
+    // when this ingest dies): a second retry of the same id, on any ingest, is refused meanwhile.
+    let mut tx = pool.begin().await.map_err(super::database)?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended('retry ' || $1, 0))")
+        .bind(&id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(super::database)?;
+    if !locked {
+        return Err(IngestError::RetryInProgress { what, id });
     }
     let sql = format!(
-        "SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line, metadata
-         FROM results WHERE {column} = $1 AND {TRANSIENT} ORDER BY batch_id, batch_index"
+        "SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line, metadata, tenant
+         FROM results WHERE {column} = $1 AND {TRANSIENT} AND ($2::text IS NULL OR tenant = $2)
+         ORDER BY batch_id, batch_index"
     );
-    let mut connection = pool.acquire().await.map_err(super::database)?;
-    let mut rows = sqlx::query_as::<_, Failed>(&sql).bind(&id).fetch(&mut *connection);
+    let mut rows = sqlx::query_as::<_, Failed>(&sql).bind(&id).bind(caller.scope()).fetch(&mut *tx);
     let stall = Duration::from_secs(state.settings.feed_stall_timeout_s.max(1));
-    let mut chunk = Vec::with_capacity(CHUNK);
+    let chunk_size = CHUNK.min(state.settings.max_pending_images).max(1);
+    let mut chunk = Vec::with_capacity(chunk_size);
     let mut retried = 0u64;
     loop {
         let row = rows.try_next().await.map_err(super::database)?;
@@ -107,7 +137,7 @@ async fn retry(state: &AppState, column: &str, id: String) -> Result<Retried, In
         if let Some(row) = row {
             chunk.push(request(row));
         }
-        if chunk.len() >= CHUNK || (end && !chunk.is_empty()) {
+        if chunk.len() >= chunk_size || (end && !chunk.is_empty()) {
             let pause = || tokio::time::sleep(Duration::from_secs(1));
             super::produce::produce_chunk(state, "retry", &chunk, stall, pause).await?;
             retried += chunk.len() as u64;
@@ -118,6 +148,7 @@ async fn retry(state: &AppState, column: &str, id: String) -> Result<Retried, In
         }
     }
     drop(rows);
+    let _ = tx.rollback().await;
     tracing::info!(%id, retried, "transient failures sent through again");
     Ok(Retried { id, retried })
 }
@@ -136,5 +167,6 @@ fn request(row: Failed) -> ImageRequest {
         feed_id: row.feed_id,
         line: row.line,
         metadata: row.metadata.map(|m| m.0),
+        tenant: Some(row.tenant),
     }
 }

@@ -9,8 +9,9 @@ use futures::StreamExt;
 use reefline_common::guard::{AddressPolicy, Blocked, GuardedResolver};
 use url::Url;
 
+use super::pace::{Pace, paced};
 use super::parse::Format;
-use super::{ByteStream, FeedSource, idle_limited};
+use super::{ByteStream, FeedSource};
 use crate::error::IngestError;
 
 /// Largest JSON body of a feed source.
@@ -36,16 +37,22 @@ pub async fn parse_request(body: Body) -> Result<FeedSource, IngestError> {
     crate::validate::parse_json(&bytes)
 }
 
-/// Starts fetching `url`: its body as a stream, and the format its Content-Type or file name names.
+/// Starts fetching `url`: its body as a stream that must keep to `pace`, and the format its
+/// Content-Type or file name names.
 pub async fn open(
     client: &reqwest::Client,
     policy: &AddressPolicy,
     url: &Url,
-    idle: Duration,
+    pace: Pace,
 ) -> Result<(ByteStream, Option<Format>), IngestError> {
+    let started = tokio::time::Instant::now();
     let refused = |reason: String| IngestError::UnreadableFeed { feed_id: String::new(), reason };
     policy.check_url(url).map_err(|reason| refused(format!("source_url is refused: {reason}")))?;
-    let response = client.get(url.clone()).send().await.map_err(|e| refused(explain(&e)))?;
+    let headers_within = pace.idle.min(pace.deadline);
+    let response = tokio::time::timeout(headers_within, client.get(url.clone()).send())
+        .await
+        .map_err(|_| refused(format!("source_url sent no answer within {} s", headers_within.as_secs())))?
+        .map_err(|e| refused(explain(&e)))?;
     if !response.status().is_success() {
         return Err(refused(format!("source_url answered {}", response.status())));
     }
@@ -56,7 +63,7 @@ pub async fn open(
         .and_then(Format::from_media_type)
         .or_else(|| Format::from_file_name(url.path()));
     let stream = response.bytes_stream().map(|r| r.map_err(std::io::Error::other));
-    Ok((idle_limited(stream, idle), format))
+    Ok((paced(stream, pace, started), format))
 }
 
 /// A failed fetch's message with its causes, the URL redacted; a refused address says so, naming

@@ -13,6 +13,8 @@ use reefline_schemas::view::ResultView;
 use serde::Deserialize;
 use sqlx::PgPool;
 
+use reefline_common::auth::Caller;
+
 use crate::api::ApiError;
 use crate::db::{COLUMNS, Row};
 
@@ -69,11 +71,48 @@ pub fn read_labels(path: &std::path::Path) -> Vec<(i32, String)> {
     }
 }
 
-/// What the exports need: their connections, and the class names the MegaDetector format lists.
+/// What the exports need: their connections, the class names the MegaDetector format lists, and
+/// the limits that keep idle or greedy clients from holding every connection.
 #[derive(Clone)]
 pub struct Exports {
     pub pool: PgPool,
     pub labels: std::sync::Arc<Vec<(i32, String)>>,
+    /// Exports running, by tenant.
+    pub running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    /// Most exports one tenant may run at once.
+    pub per_tenant: u32,
+    /// Longest an export waits for its client to read.
+    pub idle: std::time::Duration,
+}
+
+/// One of a tenant's running exports, counted until dropped.
+struct Running {
+    running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    tenant: String,
+}
+
+impl Exports {
+    fn start(&self, tenant: &str) -> Result<Running, ApiError> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let count = running.entry(tenant.to_owned()).or_default();
+        if *count >= self.per_tenant {
+            return Err(ApiError::TooManyExports { limit: self.per_tenant });
+        }
+        *count += 1;
+        Ok(Running { running: self.running.clone(), tenant: tenant.to_owned() })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = running.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                running.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// What to export, and which results.
@@ -136,11 +175,13 @@ impl ExportQuery {
     }
 }
 
-/// The filters as SQL over `results`, binding `$2` to `$5`.
+/// The filters as SQL over `results`, binding `$2` to `$6` (`$6`: the caller's tenant, or none for
+/// an admin: a record produced straight to Kafka under another tenant's batch id is not theirs).
 const FILTERS: &str = "($2::text IS NULL OR status = $2)
     AND ($3::bool IS NULL OR (marine_group IS NOT NULL) = $3)
     AND ($4::text IS NULL OR marine_group = $4)
-    AND ($5::float8 IS NULL OR (predictions->0->>'score')::float8 >= $5)";
+    AND ($5::float8 IS NULL OR (predictions->0->>'score')::float8 >= $5)
+    AND ($6::text IS NULL OR tenant = $6)";
 
 /// Every result of a feed, in line order.
 #[utoipa::path(get, path = "/v1/feeds/{feed_id}/results", params(("feed_id" = String, Path, description = "A feed id"), ExportQuery), responses(
@@ -149,18 +190,24 @@ const FILTERS: &str = "($2::text IS NULL OR status = $2)
     (status = 400, description = "invalid_field: a filter or format that is not one", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
     (status = 404, description = "not_found: no such feed", body = reefline_schemas::view::ErrorBody),
+    (status = 429, description = "too_many_exports: the tenant runs EXPORTS_PER_TENANT exports already; Retry-After", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
 ))]
 pub async fn feed_results(
     State(exports): State<Exports>,
+    caller: Caller,
     Path(feed_id): Path<String>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
-    let columns =
-        crate::feeds::columns(&exports.pool, &feed_id).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
-    let sql = format!("SELECT {COLUMNS} FROM results WHERE feed_id = $1 AND {FILTERS} ORDER BY line");
-    stream(exports.clone(), sql, feed_id, filters, columns, "feed").await
+    // Another tenant's feed answers as an unknown one; a feed's results are its tenant's.
+    let columns = crate::feeds::columns(&exports.pool, &feed_id, caller.scope())
+        .await?
+        .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    // Each line once, its latest result; the filters apply to that result.
+    let latest = crate::feeds::latest_per_line("$1", "(SELECT tenant FROM feeds WHERE feed_id = $1)");
+    let sql = format!("SELECT {COLUMNS} FROM ({latest}) latest WHERE {FILTERS} ORDER BY line");
+    stream(exports.clone(), sql, feed_id, filters, columns, caller, "feed").await
 }
 
 /// Every result of a batch, in submission order.
@@ -170,31 +217,38 @@ pub async fn feed_results(
     (status = 400, description = "invalid_field: a filter or format that is not one", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
     (status = 404, description = "not_found: no such batch", body = reefline_schemas::view::ErrorBody),
+    (status = 429, description = "too_many_exports: the tenant runs EXPORTS_PER_TENANT exports already; Retry-After", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
 ))]
 pub async fn batch_results(
     State(exports): State<Exports>,
+    caller: Caller,
     Path(batch_id): Path<String>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
+    // Another tenant's batch answers as an unknown one; a batch's results are its tenant's.
     let known: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1 AND kind <> 'feed') OR EXISTS (SELECT 1 FROM results WHERE batch_id = $1)",
+        "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1 AND kind <> 'feed' AND ($2::text IS NULL OR tenant = $2))
+             OR EXISTS (SELECT 1 FROM results WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2))",
     )
     .bind(&batch_id)
+    .bind(caller.scope())
     .fetch_one(&exports.pool)
     .await?;
     if !known {
         return Err(ApiError::UnknownBatch(batch_id));
     }
     let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT k FROM results, jsonb_object_keys(COALESCE(metadata, '{}')) AS k WHERE batch_id = $1 ORDER BY k",
+        "SELECT DISTINCT k FROM results, jsonb_object_keys(COALESCE(metadata, '{}')) AS k
+         WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY k",
     )
     .bind(&batch_id)
+    .bind(caller.scope())
     .fetch_all(&exports.pool)
     .await?;
     let sql = format!("SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND {FILTERS} ORDER BY batch_index");
-    stream(exports.clone(), sql, batch_id, filters, columns, "batch").await
+    stream(exports.clone(), sql, batch_id, filters, columns, caller, "batch").await
 }
 
 /// Starts the query on a connection of its own and answers with its rows as they come.
@@ -204,10 +258,12 @@ async fn stream(
     id: String,
     filters: Filters,
     columns: Vec<String>,
+    caller: Caller,
     what: &str,
 ) -> Result<Response, ApiError> {
+    let running = exports.start(&caller.tenant)?;
     let mut connection = exports.pool.acquire().await?;
-    let format = filters.format;
+    let (format, idle) = (filters.format, exports.idle);
     let mut encoder: Box<dyn Encode> = match format {
         Format::Csv => Box::new(table::Table::new(columns)),
         Format::Ndjson => Box::new(Lines::default()),
@@ -215,29 +271,47 @@ async fn stream(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::spawn(async move {
-        let mut rows = sqlx::query_as::<_, Row>(&sql)
-            .bind(&id)
-            .bind(&filters.status)
-            .bind(filters.marine)
-            .bind(&filters.group)
-            .bind(filters.min_score)
-            .fetch(&mut *connection);
-        while let Some(row) = rows.next().await {
-            let row = match row {
-                Ok(row) => row,
-                Err(e) => {
-                    tracing::warn!(error = %e, "an export failed half-way");
-                    let _ = tx.send(Err(std::io::Error::other(e))).await;
-                    return;
+        let _running = running;
+        // A piece the client does not take within `idle` ends the export: its connection and
+        // snapshot are released rather than held by a client that stopped reading.
+        let send = |chunk| {
+            let tx = tx.clone();
+            async move { matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(()))) }
+        };
+        let finished = async {
+            let mut rows = sqlx::query_as::<_, Row>(&sql)
+                .bind(&id)
+                .bind(&filters.status)
+                .bind(filters.marine)
+                .bind(&filters.group)
+                .bind(filters.min_score)
+                .bind(caller.scope())
+                .fetch(&mut *connection);
+            while let Some(row) = rows.next().await {
+                let row = match row {
+                    Ok(row) => row,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an export failed half-way");
+                        send(Err(std::io::Error::other(e))).await;
+                        return false;
+                    }
+                };
+                encoder.push(row.into_result());
+                if encoder.buffered() >= 64 * 1024 && !send(Ok(encoder.take())).await {
+                    tracing::info!(idle_s = idle.as_secs(), "an export's client went away or stopped reading; ended");
+                    return false;
                 }
-            };
-            encoder.push(row.into_result());
-            if encoder.buffered() >= 64 * 1024 && tx.send(Ok(encoder.take())).await.is_err() {
-                return; // The client went away.
             }
+            encoder.finish();
+            send(Ok(encoder.take())).await;
+            true
         }
-        encoder.finish();
-        let _ = tx.send(Ok(encoder.take())).await;
+        .await;
+        if !finished {
+            // Closing the socket of a query cut off mid-way ends it in Postgres at once, with its
+            // snapshot; returned to the pool, it would go on until its rows were drained.
+            drop(connection.detach());
+        }
     });
     let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
     let (content_type, extension) = match format {
