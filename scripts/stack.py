@@ -60,9 +60,12 @@ def services():
         "INGEST_LISTEN": INGEST,
         "SINK_LISTEN": SINK,
         "CLASSIFIER_LISTEN": CLASSIFIER,
-        # The local stack may fetch from loopback (the demo's photo server); nothing else private.
-        "FETCH_ALLOW": os.environ.get("FETCH_ALLOW", "127.0.0.1/32"),
     }
+    # The classifier may fetch images from loopback (the demo's photo server); nothing else private.
+    # Feed sources (SOURCE_ALLOW) and callbacks (CALLBACK_ALLOW) get no loopback: it would open the
+    # sink, ingest, the registry and the broker to any source_url or callback_url (an allowlist
+    # cannot name ports). Either may still be set in the environment.
+    classifier_env = {**env, "FETCH_ALLOW": os.environ.get("FETCH_ALLOW", "127.0.0.1/32")}
     broker_url = f"tcp://{BROKER}"
     nisshi = os.environ.get("NISSHI_BIN", os.path.join(CACHE, "tools/bin/nisshi"))
     # nisshi reads a sqlite path relative to its working directory, RUN.
@@ -73,7 +76,7 @@ def services():
         ("registry", [os.path.join(BIN, "reefline-registry"), "--listen", REGISTRY, "--file",
                       os.path.join(RUN, "registry.json")], env, ("tcp", REGISTRY)),
         ("sink", [os.path.join(BIN, "reefline-sink")], env, ("http", f"http://{SINK}/readyz")),
-        *[(name, [os.path.join(BIN, "reefline-classifier")], {**env, "CLASSIFIER_LISTEN": listen},
+        *[(name, [os.path.join(BIN, "reefline-classifier")], {**classifier_env, "CLASSIFIER_LISTEN": listen},
            ("http", f"http://{listen}/readyz")) for name, listen in classifier_instances()],
         ("ingest", [os.path.join(BIN, "reefline-ingest")], env, ("http", f"http://{INGEST}/readyz")),
     ]

@@ -96,7 +96,8 @@ pub struct Settings {
     pub fetch_max_redirects: usize,
 
     /// Destinations opened although not public: CIDRs, IPs or host names, comma-separated
-    /// (e.g. `127.0.0.1/32` for a local photo server). Everything else private is refused.
+    /// (e.g. `127.0.0.1/32` for a local photo server). Everything else private is refused. Image
+    /// fetches only: feed sources and callbacks have their own (`SOURCE_ALLOW`, `CALLBACK_ALLOW`).
     #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
     pub fetch_allow: Vec<String>,
 

@@ -122,7 +122,7 @@ pub struct GuardedResolver {
 /// the client gave and never the addresses it resolved to: those are the internal network's, and
 /// the message reaches the client (results, `source_url` errors, callback attempts).
 #[derive(Debug, thiserror::Error)]
-#[error("`{host}` resolves only to addresses that are not public and that FETCH_ALLOW does not open")]
+#[error("`{host}` resolves only to addresses that are not public and that its allowlist does not open")]
 pub struct Blocked {
     pub host: String,
 }

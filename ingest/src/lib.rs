@@ -156,7 +156,7 @@ impl Application {
         let results = wait::results_consumer(&settings.kafka, &settings.topics.results).await?;
         let listener = TcpListener::bind(&settings.listen).await?;
         let body_limit = settings.max_body_bytes;
-        let source_policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.fetch_allow));
+        let source_policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.source_allow));
         let source_client = feeds::source_client(source_policy.clone())?;
         let keys = ApiKeys::load(&settings.auth)?;
         let tenants = reefline_common::tenant::TenantSeal::new(&settings.tenants)?;

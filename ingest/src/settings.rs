@@ -129,9 +129,10 @@ pub struct Settings {
     pub feed_source_min_bytes_per_s: u64,
 
     /// Addresses a feed's `source_url` may point at although not public: CIDRs, IPs or host names,
-    /// comma-separated; the same rules as the classifier's image fetches.
-    #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
-    pub fetch_allow: Vec<String>,
+    /// comma-separated; the rules of the classifier's image fetches, with a list of its own (none by
+    /// default: public addresses only), so that opening a photo server never opens the services'.
+    #[arg(long, env = "SOURCE_ALLOW", value_delimiter = ',')]
+    pub source_allow: Vec<String>,
 
     #[command(flatten)]
     pub auth: AuthSettings,

@@ -134,7 +134,7 @@ impl Application {
             &["kind", "outcome"],
         )?;
         registry.register(Box::new(notices.clone()))?;
-        let policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.fetch_allow));
+        let policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.callback_allow));
         let producer = settings.kafka.producer_config().create::<FutureProducer>()?;
         let notifier = notify::Notifier {
             pool: pool.clone(),

@@ -107,9 +107,10 @@ pub struct Settings {
     pub callback_timeout_ms: u64,
 
     /// Callback destinations opened although not public: CIDRs, IPs or host names, comma-separated;
-    /// the same rules as the classifier's image fetches (`FETCH_ALLOW`).
-    #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
-    pub fetch_allow: Vec<String>,
+    /// the rules of the classifier's image fetches, with a list of its own (none by default: public
+    /// addresses only).
+    #[arg(long, env = "CALLBACK_ALLOW", value_delimiter = ',')]
+    pub callback_allow: Vec<String>,
 
     #[command(flatten)]
     pub auth: AuthSettings,
@@ -137,7 +138,7 @@ impl std::fmt::Debug for Settings {
             .field("callback_secret", &self.callback_secret)
             .field("public_url", &self.public_url)
             .field("ingest_url", &self.ingest_url)
-            .field("fetch_allow", &self.fetch_allow)
+            .field("callback_allow", &self.callback_allow)
             .field("auth", &self.auth)
             .field("tenants", &self.tenants)
             .field("kafka", &self.kafka)

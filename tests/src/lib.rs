@@ -295,7 +295,7 @@ impl StackSettings {
         ingest.registry = registry.clone();
         ingest.database_url = database_url.into();
         // Feeds fetched from the photo server (on loopback).
-        ingest.fetch_allow = vec!["127.0.0.1/32".into()];
+        ingest.source_allow = vec!["127.0.0.1/32".into()];
 
         let mut classifier = reefline_classifier::Settings::parse_from(["classifier"]);
         classifier.tenants = tenants.clone();
@@ -321,7 +321,7 @@ impl StackSettings {
         sink.topics = topics;
         sink.group_id = names.sink_group.clone();
         sink.requests_group_id = format!("{}-requests", names.sink_group);
-        sink.fetch_allow = vec!["127.0.0.1/32".into()];
+        sink.callback_allow = vec!["127.0.0.1/32".into()];
         sink.labels_path = cache.join("models/imagenet_labels.tsv");
         sink.callback_retry_base_ms = 100;
         sink.kafka = kafka;

@@ -2,6 +2,7 @@
 //! parts it needs (see the harness, `reefline_e2e`). `cargo test -p reefline-e2e --test e2e feeds::`
 //! runs one file's tests.
 
+mod allowlists;
 mod answers;
 mod backpressure;
 mod callbacks;

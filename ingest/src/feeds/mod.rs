@@ -81,7 +81,7 @@ pub(crate) struct FeedQuery {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"source_url": "https://data.example.org/survey-2026/photos.csv.gz"}))]
 pub(crate) struct FeedSource {
-    /// An http(s) URL of the list, fetched under the same address rules as images (`FETCH_ALLOW`).
+    /// An http(s) URL of the list, fetched under the address rules of images (`SOURCE_ALLOW` opens private ones).
     source_url: Option<String>,
     /// `csv`, `ndjson` or `text`; absent: from the response's Content-Type or the file name.
     format: Option<String>,

@@ -17,7 +17,7 @@ use crate::error::IngestError;
 /// Largest JSON body of a feed source.
 const MAX_SOURCE_REQUEST_BYTES: usize = 64 * 1024;
 
-/// The client lists are fetched with: addresses checked when they are resolved (`FETCH_ALLOW`
+/// The client lists are fetched with: addresses checked when they are resolved (`SOURCE_ALLOW`
 /// opens private ones), no redirects, no proxy.
 pub fn client(policy: Arc<AddressPolicy>) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
