@@ -403,9 +403,12 @@ async fn a_client_that_stops_reading_an_export_holds_neither_a_connection_nor_a_
     .unwrap();
     let export = format!("{}/v1/batches/{batch_id}/results?format=csv", stack.sink);
 
-    // A client asks for the export and never reads it.
+    // A client asks for the export and never reads it (its receive buffer small, as the kernel
+    // would otherwise take most of the export into it).
     let addr = stack.sink.trim_start_matches("http://").to_owned();
-    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr.parse().unwrap()).await.unwrap();
     let request = format!("GET /v1/batches/{batch_id}/results?format=csv HTTP/1.1\r\nhost: {addr}\r\n\r\n");
     stalled.write_all(request.as_bytes()).await.unwrap();
     reefline_e2e::wait_for("the stalled export's query", Duration::from_secs(30), || async {

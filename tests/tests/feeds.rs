@@ -214,7 +214,7 @@ async fn a_slow_but_live_reader_keeps_its_feed_from_a_resend() {
     let none = std::collections::BTreeMap::new();
     let pool = env.db.pool().await;
 
-    // An upload that sends ten lines, then nothing for a while: its reader is alive (waiting for
+    // An upload that sends 200 lines (more than the 4 KiB its fingerprint takes), then nothing for a while: its reader is alive (waiting for
     // the rest, as one waits for a slow broker), and far longer than the lease.
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
     let body =
@@ -226,7 +226,7 @@ async fn a_slow_but_live_reader_keeps_its_feed_from_a_resend() {
         let (client, ingest) = (client.clone(), stack.ingest.clone());
         async move { post_feed(&client, &ingest, "text/plain", Some("slow-reader"), body).await }
     });
-    tx.send(Ok(text_lines(1, 10, &none))).await.unwrap();
+    tx.send(Ok(text_lines(1, 200, &none))).await.unwrap();
     // Its lease is renewed on a timer, not only when a chunk is settled: three lease times on.
     reefline_e2e::wait_for("the lease renewed three lease times on", Duration::from_secs(30), || async {
         let renewed: Option<bool> = sqlx::query_scalar(
@@ -239,16 +239,16 @@ async fn a_slow_but_live_reader_keeps_its_feed_from_a_resend() {
         renewed.filter(|r| *r)
     })
     .await;
-    let resend = reqwest::Body::from(text_lines(1, 20, &none));
+    let resend = reqwest::Body::from(text_lines(1, 300, &none));
     let (status, busy, _) = post_feed(&client, &stack.ingest, "text/plain", Some("slow-reader"), resend).await.unwrap();
     assert_eq!((status, &busy["error"]["kind"]), (409, &json!("feed_in_progress")), "{busy}");
 
     // The slow upload ends; every line is its, once.
-    tx.send(Ok(text_lines(11, 20, &none))).await.unwrap();
+    tx.send(Ok(text_lines(201, 300, &none))).await.unwrap();
     drop(tx);
     let (status, feed, _) = upload.await.unwrap().unwrap();
-    assert_eq!((status, &feed["accepted"]), (201, &json!(20)), "{feed}");
-    assert_eq!(topic_counts(&env.broker.kafka(), &env.names.requests).await.0, 20);
+    assert_eq!((status, &feed["accepted"]), (201, &json!(300)), "{feed}");
+    assert_eq!(topic_counts(&env.broker.kafka(), &env.names.requests).await.0, 300);
     stack.stop().await;
     env.finish().await;
 }
