@@ -55,6 +55,34 @@ async fn a_million_line_feed_is_read_in_bounded_memory_with_every_accepted_line_
     assert!(peak > 0 && peak < 100 * 1024 * 1024, "ingest's peak RSS was {peak} bytes");
     assert_eq!(topic_size(&env.broker.kafka(), &env.names.requests).await, accepted, "the requests topic");
 
+    // A 1 MB gzip of 500,000,000 bad lines (`yes x | head -n 5e8 | gzip -9`, as 500 members of a
+    // million lines each) is cut off at FEED_MAX_REJECTED_LINES within seconds, storing at most
+    // FEED_MAX_STORED_REJECTS of them, in bounded memory.
+    let member = {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&b"x\n".repeat(1_000_000)).unwrap();
+        gz.finish().unwrap()
+    };
+    let bomb = member.repeat(500);
+    assert!(bomb.len() < 1_500_000, "{} bytes", bomb.len());
+    let started = Instant::now();
+    let (status, cut, _) = post_feed(&client, &ingest_url, "application/gzip", None, bomb.into()).await.unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!((status, &cut["error"]["kind"]), (400, &json!("too_many_rejects")), "{cut}");
+    let pool = env.db.pool().await;
+    let (rejected, stored): (i64, i64) = sqlx::query_as(
+        "SELECT f.rejected, (SELECT count(*) FROM feed_rejects r WHERE r.feed_id = f.feed_id)
+         FROM feeds f ORDER BY created_at DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((rejected, stored), (100_000, 1_000), "the feed's rejected count and stored rejects");
+    let peak = ingest.peak_rss();
+    eprintln!("500 M-line gzip: cut off in {seconds:.1} s; ingest peak RSS {:.1} MiB", peak as f64 / 1048576.0);
+    assert!(peak < 100 * 1024 * 1024, "ingest's peak RSS was {peak} bytes");
+
     // The rejects, from the sink, each with its line and reason, a page at a time.
     let sink = ServiceProcess::sink(env!("CARGO_BIN_EXE_sink-under-test"), &settings.sink, "feed-sink");
     let sink_url = format!("http://{}", sink.address("sink listening").await);
