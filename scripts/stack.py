@@ -17,6 +17,7 @@ and `make soak` start this same stack in folders of their own. BROKER_STORAGE (d
 run folder) and NISSHI_BIN exist for those benchmarks' in-memory comparison.
 """
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -49,8 +50,25 @@ def classifier_instances():
             for k in range(1, max([wanted, *running]) + 1)]
 
 
+def tenant_secret():
+    """TENANT_SECRET from the environment, else one made for this stack and kept under .cache/run:
+    ingest seals each request's tenant with it and the classifiers and the sink check the seal, so
+    API_KEYS_FILE may give keys to several tenants (docs/security.md)."""
+    if os.environ.get("TENANT_SECRET"):
+        return os.environ["TENANT_SECRET"]
+    path = os.path.join(RUN, "tenant-secret")
+    if not os.path.exists(path):
+        os.makedirs(RUN, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    with open(path) as f:
+        return f.read().strip()
+
+
 def services():
     env = {
+        "TENANT_SECRET": tenant_secret(),
         "KAFKA_BROKERS": os.environ.get("KAFKA_BROKERS", BROKER),
         "SCHEMA_REGISTRY_URL": os.environ.get("SCHEMA_REGISTRY_URL", f"http://{REGISTRY}"),
         "MODELS_MANIFEST": os.path.join(ROOT, "models/manifest.toml"),
