@@ -193,3 +193,56 @@ async fn a_slow_host_never_holds_up_images_from_another_host() {
     stack.stop().await;
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_fits_the_pending_limit_and_runs_once_at_a_time() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    // Fewer images may wait for the broker than a retry's chunk of 1,000.
+    settings.ingest.max_pending_images = 10;
+    settings.ingest.max_images = 10;
+    let stack = Stack::start_without_classifier(settings).await;
+    let client = reqwest::Client::new();
+    wait_for_ledger(&client, &stack.ingest).await;
+    let pool = env.db.pool().await;
+    // A batch of 25 images that timed out.
+    let batch_id = uuid::Uuid::now_v7().to_string();
+    sqlx::query(
+        "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, model_name,
+                              model_version, error_kind, error_message, submitted_at, completed_at)
+         SELECT $1 || '-' || i, $1, i, 25, 'https://photos.example/' || i || '.jpg', 'error', '[]',
+                'efficientnet-lite0', 'v', 'timeout', 'the server did not answer within 20 s', now(), now()
+         FROM generate_series(0, 24) AS i",
+    )
+    .bind(&batch_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let retry = format!("{}/v1/batches/{batch_id}/retry", stack.ingest);
+
+    // While another retry of it runs (its lock held), a second is refused.
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended('retry ' || $1, 0))")
+        .bind(&batch_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let refused = client.post(&retry).send().await.unwrap();
+    assert_eq!((refused.status().as_u16(), refused.headers().contains_key("retry-after")), (409, true));
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(refused["error"]["kind"], "retry_in_progress", "{refused}");
+    sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *holder).await.unwrap();
+    drop(holder);
+
+    // Then it runs, ten images at a time: all 25 are on the broker again.
+    let response = tokio::time::timeout(Duration::from_secs(60), client.post(&retry).send())
+        .await
+        .expect("a retry larger than the pending limit finishes")
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let retried: Value = response.json().await.unwrap();
+    assert_eq!(retried["retried"], 25, "{retried}");
+    assert_eq!(reefline_e2e::topic_size(&env.broker.kafka(), &env.names.requests).await, 25);
+    stack.stop().await;
+    env.finish().await;
+}
