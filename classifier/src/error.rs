@@ -29,6 +29,9 @@ pub enum ImageError {
         "a classifier stopped while working on this image alone {tries} times (out of memory, say); it is not tried again"
     )]
     CrashLoop { tries: u32 },
+    /// A stage panicked on this image (a bug, in a parser say): which stage, and what it said.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ImageError {
@@ -56,6 +59,7 @@ impl ImageError {
             ImageError::Inference(_) => "inference_failed",
             ImageError::UnknownModel { .. } => "unknown_model",
             ImageError::CrashLoop { .. } => "crash_loop",
+            ImageError::Internal(_) => "internal",
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// Result cache lookups by outcome.
     pub cache_lookups: IntCounterVec,
+    /// Panics caught in one image's stage, by stage (each became an `internal` error result).
+    pub panics: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,6 +98,10 @@ impl Metrics {
                 ),
                 &["outcome"],
             )?,
+            panics: IntCounterVec::new(
+                Opts::new("classifier_panics_total", "Panics caught in one image's stage, by stage"),
+                &["stage"],
+            )?,
         };
         registry.register(Box::new(m.results.clone()))?;
         registry.register(Box::new(m.fetch_seconds.clone()))?;
@@ -113,6 +119,7 @@ impl Metrics {
         registry.register(Box::new(m.pauses.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
         registry.register(Box::new(m.cache_lookups.clone()))?;
+        registry.register(Box::new(m.panics.clone()))?;
         Ok(m)
     }
 }

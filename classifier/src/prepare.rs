@@ -1,12 +1,19 @@
 //! Stages 2 and 3, fetch and preprocess: many concurrent fetches on the async runtime, then
 //! decoding and preprocessing (at the input size of the model the request names) on a pool of
-//! blocking threads sized to the cores; each input goes to its model's batching queue.
+//! blocking threads sized to the cores; each input goes to its model's batching queue. A panic in
+//! one image's stage (a parser's bug on hostile bytes) is caught where it happens and becomes that
+//! image's `internal` error result: its offset finishes and the images behind it keep flowing.
 
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use reefline_schemas::rules::{SHORT_TEXT_BYTES, truncate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinError;
 use tracing::Instrument;
 
 use crate::error::ImageError;
@@ -107,9 +114,15 @@ pub async fn run(
             let mut job = job;
             let input = &stage.models[model];
             let fetching = tracing::info_span!(parent: &job.span, "fetch");
-            let decoded = match stage.fetch(&job.request.url, &work, &fetches).instrument(fetching).await {
-                Ok((bytes, _working)) => {
-                    let (photo, bytes) = stage.learn(bytes).await;
+            let fetched = caught(stage.fetch(&job.request.url, &work, &fetches).instrument(fetching))
+                .await
+                .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "fetch", panic)));
+            let learned = match fetched {
+                Ok((bytes, working)) => stage.learn(bytes).await.map(|learned| (learned, working)),
+                Err(error) => Err(error),
+            };
+            let decoded = match learned {
+                Ok(((photo, bytes), _working)) => {
                     // The same bytes classified before by the same model: its predictions, no decode.
                     let model = input.current.read().map_or_else(|e| e.into_inner().clone(), |m| m.clone());
                     let cached = stage.cache.get(&photo.sha256, &model, job.request.tenant.as_deref()).await;
@@ -125,7 +138,9 @@ pub async fn run(
                     match decoders.acquire().await {
                         Ok(slot) => {
                             let decoding = tracing::info_span!(parent: &job.span, "decode");
-                            let tensor = stage.preprocess(input.preprocess, bytes).instrument(decoding).await;
+                            let tensor = caught(stage.preprocess(input.preprocess, bytes).instrument(decoding))
+                                .await
+                                .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "decode", panic)));
                             tensor.map(|tensor| (tensor, slot))
                         }
                         Err(_) => return,
@@ -142,9 +157,58 @@ pub async fn run(
             };
             drop(permit);
         });
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            escaped(joined);
+        }
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(joined) = tasks.join_next().await {
+        escaped(joined);
+    }
+}
+
+/// A panic's payload.
+type Panic = Box<dyn Any + Send>;
+
+/// Awaits one image's stage work, catching a panic in it.
+async fn caught<T>(work: impl Future<Output = T>) -> Result<T, Panic> {
+    AssertUnwindSafe(work).catch_unwind().await
+}
+
+/// Runs `work` on a blocking thread, catching a panic there.
+async fn on_blocking_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Panic> {
+    tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(work)))
+        .await
+        // Cancelled: the runtime is shutting down, and the result will not be produced anyway.
+        .unwrap_or_else(|e| Err(Box::new(e.to_string())))
+}
+
+/// Longest part of a panic's message an `internal` error repeats.
+const PANIC_MESSAGE_BYTES: usize = 200;
+
+/// What a panic said, when it said it as text.
+fn panic_message(panic: &Panic) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => message,
+        (_, Some(message)) => message,
+        _ => "(no message)",
+    }
+}
+
+/// The `internal` error a panic in one image's `stage` becomes, counted and logged.
+fn panicked(metrics: &Metrics, stage: &'static str, panic: Panic) -> ImageError {
+    let message = truncate(panic_message(&panic), PANIC_MESSAGE_BYTES);
+    metrics.panics.with_label_values(&[stage]).inc();
+    tracing::error!(stage, panic = message, "a stage panicked on one image; its result is an `internal` error");
+    ImageError::Internal(format!("the {stage} stage panicked: {message}"))
+}
+
+/// Logs a task that ended in a panic outside every caught stage (its image gets no result).
+fn escaped(joined: Result<(), JoinError>) {
+    if let Err(e) = joined
+        && let Ok(panic) = e.try_into_panic()
+    {
+        tracing::error!(panic = panic_message(&panic), "an image's task panicked outside its stages");
+    }
 }
 
 /// How transient fetch failures are retried: exponential backoff with jitter, a bounded number of times.
@@ -176,11 +240,12 @@ impl Prepare {
         })
     }
 
-    /// Hashes the bytes and reads their EXIF, on a blocking thread (a camera JPEG is megabytes).
-    async fn learn(&self, bytes: Vec<u8>) -> (crate::photo::Photo, Vec<u8>) {
-        tokio::task::spawn_blocking(move || (crate::photo::learn(&bytes), bytes))
+    /// Hashes the bytes and reads their EXIF and header, on a blocking thread (a camera JPEG is
+    /// megabytes).
+    async fn learn(&self, bytes: Vec<u8>) -> Result<(crate::photo::Photo, Vec<u8>), ImageError> {
+        on_blocking_thread(move || (crate::photo::learn(&bytes), bytes))
             .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            .map_err(|panic| panicked(&self.metrics, "metadata", panic))
     }
 
     /// Decodes and preprocesses on a blocking thread, once the image's pixels fit in the decode
@@ -196,12 +261,12 @@ impl Prepare {
             .await
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let started = Instant::now();
-        let tensor = tokio::task::spawn_blocking(move || {
+        let tensor = on_blocking_thread(move || {
             crate::preprocess::lower_thread_priority(nice);
             preprocess.run_inspected(&bytes, &inspected)
         })
         .await
-        .map_err(|e| ImageError::DecodeFailed(format!("decoder panicked: {e}")))??;
+        .map_err(|panic| panicked(&self.metrics, "decode", panic))??;
         self.metrics.preprocess_seconds.observe(started.elapsed().as_secs_f64());
         Ok(tensor)
     }
@@ -251,6 +316,33 @@ mod tests {
         assert_eq!(budget.cost(250_000_000), 100_000_000, "a huge image waits for the whole budget, never forever");
         assert_eq!(budget.cost(0), 1);
         assert_eq!(PixelBudget::new(u64::MAX).cost(u64::MAX), u32::MAX);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_stage_becomes_an_internal_error_naming_the_stage_and_is_counted() {
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let on_runtime = caught(async { panic!("EXIF offset {} is out of range", 70_000) }).await;
+        let error: ImageError = panicked(&metrics, "fetch", on_runtime.unwrap_err());
+        assert_eq!(error.kind(), "internal");
+        assert_eq!(error.to_string(), "internal error: the fetch stage panicked: EXIF offset 70000 is out of range");
+
+        let on_blocking = on_blocking_thread(|| -> Vec<u8> { panic!("{}", "header ".repeat(1000)) }).await;
+        let ImageError::Internal(message) = panicked(&metrics, "metadata", on_blocking.unwrap_err()) else {
+            panic!("not internal")
+        };
+        assert!(message.starts_with("the metadata stage panicked: header header "), "{message}");
+        assert!(message.len() <= 64 + PANIC_MESSAGE_BYTES, "the panic's message is truncated: {}", message.len());
+
+        let unprintable = on_blocking_thread(|| std::panic::panic_any(7_u8)).await.unwrap_err();
+        assert_eq!(
+            panicked(&metrics, "decode", unprintable).to_string(),
+            "internal error: the decode stage panicked: (no message)"
+        );
+        assert_eq!(on_blocking_thread(|| 7).await.ok(), Some(7), "work that does not panic gives its value");
+        assert_eq!(caught(async { 7 }).await.ok(), Some(7));
+
+        let counted = |stage: &str| metrics.panics.with_label_values(&[stage]).get();
+        assert_eq!((counted("fetch"), counted("metadata"), counted("decode")), (1, 1, 1));
     }
 
     #[test]
