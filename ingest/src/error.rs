@@ -58,6 +58,8 @@ pub enum IngestError {
     Forbidden { role: &'static str },
     #[error("this tenant may submit {per_second} images a second; this submission fits in {retry_after_s} s")]
     QuotaExceeded { per_second: u32, retry_after_s: u64 },
+    #[error("this tenant may submit {per_day} images a day (UTC) and has used them; more after midnight UTC")]
+    DailyQuotaExceeded { per_day: u64, retry_after_s: u64 },
     #[error("{what} `{id}` is being retried already; retry when that ends")]
     RetryInProgress { what: &'static str, id: String },
 }
@@ -73,6 +75,11 @@ fn unreadable(feed_id: &str, reason: &str) -> String {
 
 impl IngestError {
     /// Stable snake_case name, used in the error body and as a metric label.
+    /// The refusal of images over their tenant's day.
+    pub fn over_day(over: crate::quota::OverDay) -> Self {
+        IngestError::DailyQuotaExceeded { per_day: over.per_day, retry_after_s: over.retry_after.as_secs().max(1) }
+    }
+
     /// Refuses `caller` unless its role may submit.
     pub fn unless_submitter(caller: &reefline_common::auth::Caller) -> Result<(), IngestError> {
         if caller.may_submit() { Ok(()) } else { Err(IngestError::Forbidden { role: caller.role.as_str() }) }
@@ -99,7 +106,7 @@ impl IngestError {
             IngestError::NotFound { .. } => "not_found",
             IngestError::Forbidden { .. } => "forbidden",
             IngestError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
-            IngestError::QuotaExceeded { .. } => "quota_exceeded",
+            IngestError::QuotaExceeded { .. } | IngestError::DailyQuotaExceeded { .. } => "quota_exceeded",
             IngestError::RetryInProgress { .. } => "retry_in_progress",
         }
     }
@@ -121,7 +128,9 @@ impl IngestError {
             IngestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::Overloaded { .. } | IngestError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::Overloaded { .. }
+            | IngestError::QuotaExceeded { .. }
+            | IngestError::DailyQuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::FeedsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::FeedInProgress { .. } => StatusCode::CONFLICT,
             IngestError::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -142,7 +151,8 @@ impl IntoResponse for IngestError {
             IngestError::Unavailable(_) | IngestError::FeedsUnavailable => Some(5),
             IngestError::Overloaded { .. } | IngestError::FeedInProgress { .. } => Some(1),
             IngestError::RetryInProgress { .. } => Some(5),
-            IngestError::QuotaExceeded { retry_after_s, .. } => Some(retry_after_s),
+            IngestError::QuotaExceeded { retry_after_s, .. }
+            | IngestError::DailyQuotaExceeded { retry_after_s, .. } => Some(retry_after_s),
             _ => None,
         };
         // The rest of the body is not read: a refused request's, or a feed's that failed half-way.
@@ -152,6 +162,7 @@ impl IntoResponse for IngestError {
                 | IngestError::UnreadableFeed { .. }
                 | IngestError::FeedTooLong { .. }
                 | IngestError::TooManyRejects { .. }
+                | IngestError::DailyQuotaExceeded { .. }
         );
         let mut response = (self.status(), body).into_response();
         if let Some(seconds) = retry_after {

@@ -1,7 +1,9 @@
-//! Per-tenant quotas: images per second, as a token bucket per tenant (GCRA, from `governor`).
-//! A submission over its tenant's rate is refused at once (`429 quota_exceeded`, `Retry-After`
-//! saying when it would fit); bulk work (feed chunks, retries) waits for its turn instead, so an
-//! accepted line is never lost and a feed is read only as fast as its tenant may go.
+//! Per-tenant quotas: images per second, as a token bucket per tenant (GCRA, from `governor`),
+//! and images per day, counted in Postgres so that every ingest instance agrees. A submission over
+//! its tenant's rate is refused at once (`429 quota_exceeded`, `Retry-After` saying when it would
+//! fit); bulk work (feed chunks, retries) waits for its turn instead, so an accepted line is never
+//! lost and a feed is read only as fast as its tenant may go. Over the day's images, a submission
+//! is refused and a feed stops before the chunk that would go over (resumable the next day).
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -72,6 +74,45 @@ impl Quotas {
             // `take` is at most a burst, so it always fits eventually.
             let _ = limiter.until_key_n_ready(&key, cells).await;
             left -= take;
+        }
+    }
+}
+
+/// A tenant's images of the day are used up (UTC days).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverDay {
+    pub per_day: u64,
+    /// Until the next UTC day.
+    pub retry_after: Duration,
+}
+
+/// Adds `n` images to `tenant`'s count of the day unless that would pass `per_day` (0: no limit).
+/// A database that does not answer admits the images (the per-second rate still holds).
+pub async fn take_daily(pool: Option<&sqlx::PgPool>, tenant: &str, n: usize, per_day: u64) -> Result<(), OverDay> {
+    let Some(pool) = pool.filter(|_| per_day > 0) else { return Ok(()) };
+    let now = chrono::Utc::now();
+    let tomorrow = (now.date_naive() + chrono::Days::new(1)).and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+    let over = OverDay { per_day, retry_after: (tomorrow - now).to_std().unwrap_or_default() };
+    if n as u64 > per_day {
+        return Err(over);
+    }
+    let taken: sqlx::Result<Option<i64>> = sqlx::query_scalar(
+        "INSERT INTO tenant_usage AS u (tenant, day, images) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)
+         ON CONFLICT (tenant, day) DO UPDATE SET images = u.images + EXCLUDED.images
+         WHERE u.images + EXCLUDED.images <= $3
+         RETURNING images",
+    )
+    .bind(tenant)
+    .bind(n as i64)
+    .bind(per_day as i64)
+    .fetch_optional(pool)
+    .await;
+    match taken {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(over),
+        Err(e) => {
+            tracing::warn!(tenant, error = %e, "the daily quota could not be counted; admitting");
+            Ok(())
         }
     }
 }

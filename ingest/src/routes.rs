@@ -308,6 +308,11 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
         let retry_after_s = over.retry_after.as_secs_f64().ceil().max(1.0) as u64;
         return Err(IngestError::QuotaExceeded { per_second: over.per_second, retry_after_s });
     }
+    let per_day = state.settings.tenant_images_per_day;
+    if let Err(over) = crate::quota::take_daily(state.feeds.get(), tenant, requests.len(), per_day).await {
+        state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
+        return Err(IngestError::over_day(over));
+    }
     let _admitted = Admission::try_new(state, requests.len())?;
     // The trace of the submission: each record carries its context to the classifier.
     let span = tracing::info_span!("submit", batch_id = %requests[0].batch_id, images = requests.len(), route);

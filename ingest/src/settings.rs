@@ -45,6 +45,11 @@ pub struct Settings {
     #[arg(long, env = "TENANT_IMAGES_PER_SECOND", default_value_t = 0)]
     pub tenant_images_per_second: u32,
 
+    /// Images each tenant may submit a day (UTC; 0: no limit), counted across every ingest in the
+    /// database: a submission over it gets 429 `quota_exceeded`, a feed stops before its chunk.
+    #[arg(long, env = "TENANT_IMAGES_PER_DAY", default_value_t = 0)]
+    pub tenant_images_per_day: u64,
+
     /// Most images a tenant may submit at once above its rate (its bucket's size); at least
     /// `TENANT_IMAGES_PER_SECOND` and `MAX_IMAGES_PER_REQUEST`.
     #[arg(long, env = "TENANT_IMAGES_BURST", default_value_t = 0)]

@@ -266,3 +266,49 @@ async fn a_tenant_over_its_quota_gets_429_and_loses_nothing() {
     std::fs::remove_file(keys).unwrap();
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_images_of_the_day_are_counted_across_submissions_and_feeds() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.ingest.tenant_images_per_day = 3;
+    let keys = key_file(&mut settings, &[("reef-key", "reef", "submit"), ("kelp-key", "kelp", "submit")]);
+    let stack = Stack::start_without_classifier(settings).await;
+    let (reef, kelp) = (client_with("reef-key"), client_with("kelp-key"));
+    let ingest = stack.ingest.clone();
+    let classify = format!("{ingest}/v1/classify");
+    let urls = |n: usize| (0..n).map(|i| format!("https://photos.example/{i}.jpg")).collect::<Vec<_>>();
+    // Ingest counts the day in the database it reaches with the feeds ledger.
+    let (status, _, _) = wait_for("the feeds ledger", Duration::from_secs(60), || {
+        let (reef, ingest) = (reef.clone(), ingest.clone());
+        async move {
+            let posted = post_feed(&reef, &ingest, "text/plain", None, String::new().into()).await.ok()?;
+            (posted.0 != 503).then_some(posted)
+        }
+    })
+    .await;
+    assert_eq!(status, 201);
+
+    let (status, _) = post_json(&reef, &classify, &json!({"images": urls(2)})).await;
+    assert_eq!(status, 202);
+    let response = reef.post(&classify).json(&json!({"images": urls(2)})).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert!(response.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() <= 86_400);
+    let refused: Value = response.json().await.unwrap();
+    assert_eq!(refused["error"]["kind"], "quota_exceeded");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("3 images a day"), "{refused}");
+    // A feed stops before the chunk that would go over; what it settled stays.
+    let lines: String = urls(2).iter().map(|u| format!("{u}?feed\n")).collect();
+    let (status, refused, _) = post_feed(&reef, &ingest, "text/plain", Some("day-feed"), lines.into()).await.unwrap();
+    assert_eq!((status, &refused["error"]["kind"]), (429, &json!("quota_exceeded")), "{refused}");
+    // The last image of the day fits; another tenant has a day of its own.
+    let (status, _) = post_json(&reef, &classify, &json!({"images": urls(1)})).await;
+    assert_eq!(status, 202);
+    let (status, _) = post_json(&kelp, &classify, &json!({"images": urls(3)})).await;
+    assert_eq!(status, 202);
+    assert_eq!(reefline_e2e::topic_size(&env.broker.kafka(), &env.names.requests).await, 6);
+
+    stack.stop().await;
+    std::fs::remove_file(keys).unwrap();
+    env.finish().await;
+}

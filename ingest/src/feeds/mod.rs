@@ -452,6 +452,11 @@ impl Reader {
             return Err(self.lost());
         }
         if !requests.is_empty() {
+            let per_day = self.state.settings.tenant_images_per_day;
+            if let Err(over) = crate::quota::take_daily(Some(&self.pool), &self.tenant, requests.len(), per_day).await {
+                self.state.metrics.quota_refusals.with_label_values(&[&self.tenant]).inc();
+                return Err(IngestError::over_day(over));
+            }
             let pause = || self.wait_a_moment();
             produce::produce_chunk(&self.state, "feeds", &requests, self.limits.stall, pause).await?;
         }
