@@ -45,6 +45,7 @@ pub fn framed(id: u32, request: &ImageRequest) -> Vec<u8> {
         ("feed_id".into(), Avro::Union(0, Box::new(Avro::Null))),
         ("line".into(), Avro::Union(0, Box::new(Avro::Null))),
         ("metadata".into(), Avro::Union(0, Box::new(Avro::Null))),
+        ("tenant".into(), Avro::Union(0, Box::new(Avro::Null))),
         ("camera".into(), Avro::Union(1, Box::new("reef-cam-7".into()))),
     ]);
     let mut framed = vec![0u8];

@@ -210,7 +210,9 @@ async fn a_finished_submission_or_feed_is_announced_once_by_a_signed_callback_an
             .unwrap();
     let request = client.post(upload).header("content-type", "text/csv").body(body).send();
     let upload = tokio::spawn(request);
-    tx.send(Ok(format!("url,station\n{},E\n", photo("coffee.png?n=3")))).await.unwrap();
+    // More than the 4 KiB a feed's fingerprint reads before the feed is opened.
+    let rows: String = (3..100).map(|n| format!("{},E\n", photo(&format!("coffee.png?n={n}")))).collect();
+    tx.send(Ok(format!("url,station\n{rows}"))).await.unwrap();
     let pool = env.db.pool().await;
     let reading: String = wait_for("the feed being read", Duration::from_secs(60), || {
         let (pool, hook) = (pool.clone(), later_hook.clone());

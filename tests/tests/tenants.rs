@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdkafka::producer::FutureRecord;
 use reefline_common::producer::FutureProducer;
-use reefline_e2e::feeds::{csv_rows, post_feed};
+use reefline_e2e::feeds::{csv_rows, post_feed, wait_for_ledger};
 use reefline_e2e::{Stack, TestEnv, get_json, post_json, wait_for, wait_for_status};
 use reefline_schemas::ImageRequest;
 use serde_json::{Value, json};
@@ -69,14 +69,9 @@ async fn each_key_sees_only_its_own_tenants_work() {
     let reef_batch_id = reef_batch["batch_id"].as_str().unwrap().to_owned();
     let reef_request = reef_batch["request_ids"][0].as_str().unwrap().to_owned();
     let feed_text = format!("{}\nnot a url\n{}\n", photo("chelsea.png"), photo("coffee.png"));
-    let (status, feed, _) = wait_for("the feeds ledger", Duration::from_secs(60), || {
-        let (reef, ingest, body) = (reef.clone(), ingest.clone(), feed_text.clone());
-        async move {
-            let posted = post_feed(&reef, &ingest, "text/plain", Some("reef-feed-1"), body.into()).await.ok()?;
-            (posted.0 != 503).then_some(posted)
-        }
-    })
-    .await;
+    wait_for_ledger(&reef, &ingest).await;
+    let (status, feed, _) =
+        post_feed(&reef, &ingest, "text/plain", Some("reef-feed-1"), feed_text.into()).await.unwrap();
     assert_eq!(status, 201, "{feed}");
     assert_eq!((feed["accepted"].as_i64(), feed["rejected"].as_i64()), (Some(2), Some(1)), "{feed}");
     let feed_id = feed["feed_id"].as_str().unwrap().to_owned();
@@ -235,14 +230,8 @@ async fn a_tenant_over_its_quota_gets_429_and_loses_nothing() {
     assert_eq!(status, 202);
     // A feed waits for its tenant's turn instead of being refused: every line is accepted.
     let text = format!("{}\n{}\n{}\n", photo("coffee.png"), photo("chelsea.png"), photo("coffee.png?again=1"));
-    let (status, feed, _) = wait_for("the feeds ledger", Duration::from_secs(60), || {
-        let (reef, ingest, body) = (reef.clone(), ingest.clone(), text.clone());
-        async move {
-            let posted = post_feed(&reef, &ingest, "text/plain", Some("quota-feed"), body.into()).await.ok()?;
-            (posted.0 != 503).then_some(posted)
-        }
-    })
-    .await;
+    wait_for_ledger(&reef, &ingest).await;
+    let (status, feed, _) = post_feed(&reef, &ingest, "text/plain", Some("quota-feed"), text.into()).await.unwrap();
     assert_eq!((status, feed["accepted"].as_i64()), (201, Some(3)), "{feed}");
 
     // Nothing accepted is lost: the batch and the feed complete.
@@ -279,15 +268,7 @@ async fn a_tenants_images_of_the_day_are_counted_across_submissions_and_feeds() 
     let classify = format!("{ingest}/v1/classify");
     let urls = |n: usize| (0..n).map(|i| format!("https://photos.example/{i}.jpg")).collect::<Vec<_>>();
     // Ingest counts the day in the database it reaches with the feeds ledger.
-    let (status, _, _) = wait_for("the feeds ledger", Duration::from_secs(60), || {
-        let (reef, ingest) = (reef.clone(), ingest.clone());
-        async move {
-            let posted = post_feed(&reef, &ingest, "text/plain", None, String::new().into()).await.ok()?;
-            (posted.0 != 503).then_some(posted)
-        }
-    })
-    .await;
-    assert_eq!(status, 201);
+    wait_for_ledger(&reef, &ingest).await;
 
     let (status, _) = post_json(&reef, &classify, &json!({"images": urls(2)})).await;
     assert_eq!(status, 202);
