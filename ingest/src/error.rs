@@ -58,6 +58,8 @@ pub enum IngestError {
     Forbidden { role: &'static str },
     #[error("this tenant may submit {per_second} images a second; this submission fits in {retry_after_s} s")]
     QuotaExceeded { per_second: u32, retry_after_s: u64 },
+    #[error("{limit} images of this tenant already wait for the broker (TENANT_MAX_PENDING_IMAGES); retry later")]
+    TenantOverloaded { limit: usize },
     #[error("this tenant may submit {per_day} images a day (UTC) and has used them; more after midnight UTC")]
     DailyQuotaExceeded { per_day: u64, retry_after_s: u64 },
     #[error("{what} `{id}` is being retried already; retry when that ends")]
@@ -106,7 +108,9 @@ impl IngestError {
             IngestError::NotFound { .. } => "not_found",
             IngestError::Forbidden { .. } => "forbidden",
             IngestError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
-            IngestError::QuotaExceeded { .. } | IngestError::DailyQuotaExceeded { .. } => "quota_exceeded",
+            IngestError::QuotaExceeded { .. }
+            | IngestError::DailyQuotaExceeded { .. }
+            | IngestError::TenantOverloaded { .. } => "quota_exceeded",
             IngestError::RetryInProgress { .. } => "retry_in_progress",
         }
     }
@@ -130,7 +134,8 @@ impl IngestError {
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Overloaded { .. }
             | IngestError::QuotaExceeded { .. }
-            | IngestError::DailyQuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | IngestError::DailyQuotaExceeded { .. }
+            | IngestError::TenantOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::FeedsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::FeedInProgress { .. } => StatusCode::CONFLICT,
             IngestError::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -149,7 +154,9 @@ impl IntoResponse for IngestError {
         }));
         let retry_after = match self {
             IngestError::Unavailable(_) | IngestError::FeedsUnavailable => Some(5),
-            IngestError::Overloaded { .. } | IngestError::FeedInProgress { .. } => Some(1),
+            IngestError::Overloaded { .. }
+            | IngestError::FeedInProgress { .. }
+            | IngestError::TenantOverloaded { .. } => Some(1),
             IngestError::RetryInProgress { .. } => Some(5),
             IngestError::QuotaExceeded { retry_after_s, .. }
             | IngestError::DailyQuotaExceeded { retry_after_s, .. } => Some(retry_after_s),

@@ -169,8 +169,12 @@ impl Application {
                 tenants.kafka_tenant()
             );
         }
-        let quotas =
-            quota::Quotas::new(settings.tenant_images_per_second, settings.tenant_images_burst, settings.max_images);
+        let quotas = quota::Quotas::new(
+            settings.tenant_images_per_second,
+            settings.tenant_images_burst,
+            settings.max_images,
+            settings.tenant_max_pending_images,
+        );
         let state = Arc::new(AppState {
             settings,
             models,

@@ -11,11 +11,17 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
-/// The tenants' image rates; unlimited when no rate is set.
+/// The tenants' image rates, and their images waiting for the broker; unlimited when not set.
 pub struct Quotas {
     images: Option<Limit>,
     clock: DefaultClock,
+    /// Most images of one tenant waiting for the broker at once (0: no limit), and each tenant's room.
+    max_pending: usize,
+    pending: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>,
 }
+
+/// A tenant's images waiting for the broker, held until they are answered.
+pub type Pending = Option<tokio::sync::OwnedSemaphorePermit>;
 
 struct Limit {
     limiter: DefaultKeyedRateLimiter<String>,
@@ -35,14 +41,43 @@ pub struct OverQuota {
 impl Quotas {
     /// `per_second` images a second per tenant (0: unlimited), in bursts of at most `burst`
     /// (at least one submission's worth, `max_images`, so that every submission can fit).
-    pub fn new(per_second: u32, burst: u32, max_images: usize) -> Self {
+    pub fn new(per_second: u32, burst: u32, max_images: usize, max_pending: usize) -> Self {
         let images = NonZeroU32::new(per_second).map(|rate| {
             let burst = burst.max(per_second).max(max_images.min(u32::MAX as usize) as u32);
             let burst = NonZeroU32::new(burst).unwrap_or(rate);
             let limiter = DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst));
             Limit { limiter, per_second, burst }
         });
-        Self { images, clock: DefaultClock::default() }
+        // Room for at least one submission, as the service-wide limit.
+        let max_pending = if max_pending == 0 { 0 } else { max_pending.max(max_images) };
+        Self { images, clock: DefaultClock::default(), max_pending, pending: Default::default() }
+    }
+
+    fn room(&self, tenant: &str) -> std::sync::Arc<tokio::sync::Semaphore> {
+        let mut rooms = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        rooms
+            .entry(tenant.to_owned())
+            .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(self.max_pending)))
+            .clone()
+    }
+
+    /// Room for `n` of `tenant`'s images among those waiting for the broker now, or `Err(limit)`:
+    /// one tenant never fills the whole service's `INGEST_MAX_PENDING_IMAGES`.
+    pub fn admit_pending(&self, tenant: &str, n: usize) -> Result<Pending, usize> {
+        if self.max_pending == 0 {
+            return Ok(None);
+        }
+        self.room(tenant).try_acquire_many_owned(n as u32).map(Some).map_err(|_| self.max_pending)
+    }
+
+    /// Waits for room for `n` of `tenant`'s images (at most its limit at once: a larger chunk takes
+    /// the whole room).
+    pub async fn wait_pending(&self, tenant: &str, n: usize) -> Pending {
+        if self.max_pending == 0 {
+            return None;
+        }
+        let n = n.min(self.max_pending) as u32;
+        self.room(tenant).acquire_many_owned(n).await.ok()
     }
 
     /// Takes `n` images of `tenant`'s rate now, or says when they would fit.
@@ -123,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_tenant_over_its_rate_is_told_when_it_fits_and_others_are_not_slowed() {
-        let quotas = Quotas::new(2, 4, 4);
+        let quotas = Quotas::new(2, 4, 4, 0);
         assert_eq!(quotas.admit("reef", 4), Ok(()));
         let over = quotas.admit("reef", 2).unwrap_err();
         assert_eq!(over.per_second, 2);
@@ -132,19 +167,32 @@ mod tests {
             "{over:?}"
         );
         assert_eq!(quotas.admit("kelp", 4), Ok(()), "each tenant has a bucket of its own");
-        assert!(Quotas::new(0, 0, 1000).admit("reef", 1_000_000).is_ok(), "no rate: no limit");
+        assert!(Quotas::new(0, 0, 1000, 0).admit("reef", 1_000_000).is_ok(), "no rate: no limit");
     }
 
     #[test]
     fn the_burst_holds_at_least_one_submission() {
-        let quotas = Quotas::new(1, 1, 100);
+        let quotas = Quotas::new(1, 1, 100, 0);
         assert_eq!(quotas.admit("reef", 100), Ok(()));
         assert!(quotas.admit("reef", 1).is_err());
     }
 
     #[tokio::test]
+    async fn a_tenant_fills_only_its_own_room_at_the_broker() {
+        let quotas = Quotas::new(0, 0, 2, 5);
+        let held = quotas.admit_pending("reef", 4).unwrap();
+        assert_eq!(quotas.admit_pending("reef", 2).unwrap_err(), 5);
+        assert!(quotas.admit_pending("kelp", 5).is_ok(), "another tenant's room is its own");
+        drop(held);
+        assert!(quotas.admit_pending("reef", 5).is_ok());
+        assert!(Quotas::new(0, 0, 2, 0).admit_pending("reef", 1_000_000).unwrap().is_none());
+        // A chunk larger than the room waits for all of it rather than for ever.
+        assert!(quotas.wait_pending("kelp", 100).await.is_some());
+    }
+
+    #[tokio::test]
     async fn bulk_work_waits_for_its_turn() {
-        let quotas = Quotas::new(1000, 0, 10);
+        let quotas = Quotas::new(1000, 0, 10, 0);
         let started = std::time::Instant::now();
         quotas.wait("reef", 1100).await;
         // A burst of 1,000 at once, then 100 more at 1,000 a second: about 100 ms, never at once.

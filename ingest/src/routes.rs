@@ -313,6 +313,10 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
         state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
         return Err(IngestError::over_day(over));
     }
+    let _tenants_room = state.quotas.admit_pending(tenant, requests.len()).map_err(|limit| {
+        state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
+        IngestError::TenantOverloaded { limit }
+    })?;
     let _admitted = Admission::try_new(state, requests.len())?;
     // The trace of the submission: each record carries its context to the classifier.
     let span = tracing::info_span!("submit", batch_id = %requests[0].batch_id, images = requests.len(), route);

@@ -45,6 +45,12 @@ pub struct Settings {
     #[arg(long, env = "TENANT_IMAGES_PER_SECOND", default_value_t = 0)]
     pub tenant_images_per_second: u32,
 
+    /// Most images of one tenant waiting for the broker's acknowledgement at once (0: no limit
+    /// beyond `INGEST_MAX_PENDING_IMAGES`): a submission over it gets 429 `quota_exceeded`, a feed's
+    /// chunk waits, so one tenant never takes the whole service's room.
+    #[arg(long, env = "TENANT_MAX_PENDING_IMAGES", default_value_t = 0)]
+    pub tenant_max_pending_images: usize,
+
     /// Images each tenant may submit a day (UTC; 0: no limit), counted across every ingest in the
     /// database: a submission over it gets 429 `quota_exceeded`, a feed stops before its chunk.
     #[arg(long, env = "TENANT_IMAGES_PER_DAY", default_value_t = 0)]

@@ -46,6 +46,7 @@ where
     // Bulk work waits for its tenant's rate rather than being refused: nothing accepted is lost.
     let tenant = requests.first().and_then(|r| r.tenant.as_deref()).unwrap_or(state.tenants.kafka_tenant());
     state.quotas.wait(tenant, requests.len()).await;
+    let _tenants_room = state.quotas.wait_pending(tenant, requests.len()).await;
     let permits = state
         .pending
         .acquire_many(requests.len() as u32)
