@@ -386,11 +386,13 @@ pub async fn run(
                     Ok(()) => Ok(request),
                     Err(reason) => Err(("invalid_request", reason)),
                 })
-                .map(|mut request| {
-                    // The tenant it claims only under ingest's seal; else the topic's.
-                    let tenant = tenants.tenant_of(request.tenant.as_deref(), &request.request_id, message.headers());
+                .and_then(|mut request| {
+                    // The tenant it claims only under ingest's seal; no claim: the topic's.
+                    let tenant = tenants
+                        .tenant_of(request.tenant.as_deref(), &request.request_id, message.headers())
+                        .map_err(|reason| ("unsealed_tenant", reason))?;
                     request.tenant = Some(tenant);
-                    request
+                    Ok(request)
                 }),
         };
         match checked {

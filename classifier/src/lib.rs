@@ -286,6 +286,7 @@ impl Application {
                 offsets: self.offsets.clone(),
                 metrics: metrics.clone(),
                 stopping: stopping.clone(),
+                tenants: self.tenants.clone(),
             },
             outcome_rx,
         ));

@@ -34,6 +34,8 @@ pub struct Produce {
     pub offsets: Offsets,
     pub metrics: crate::metrics::Metrics,
     pub stopping: Stopping,
+    /// Seals a dead-lettered request's tenant again, so that a replay keeps it.
+    pub tenants: reefline_common::tenant::TenantSeal,
 }
 
 /// When the classifier began to stop, once it has.
@@ -193,12 +195,14 @@ impl Produce {
                 }
             }
         };
+        let seal = job.request.tenant.as_deref().and_then(|t| self.tenants.seal(t, &job.request.request_id));
         let source = Source {
             topic: &self.requests_topic,
             partition: job.partition,
             offset: job.offset,
             key: Some(job.request.request_id.as_bytes()),
             payload: Some(&payload),
+            seal: seal.as_deref().map(str::as_bytes),
         };
         let send = reefline_common::kafka::dead_letter(&self.producer, &self.dead_letter_topic, source, kind, reason);
         tokio::pin!(send);

@@ -293,17 +293,27 @@ pub struct Source<'a> {
     pub offset: i64,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
+    /// Its tenant's seal (`crate::tenant::SEAL_HEADER`), kept so that a replay keeps its tenant.
+    pub seal: Option<&'a [u8]>,
 }
 
 impl<'a> From<&'a rdkafka::message::BorrowedMessage<'_>> for Source<'a> {
     fn from(message: &'a rdkafka::message::BorrowedMessage<'_>) -> Self {
         use rdkafka::Message;
+        use rdkafka::message::Headers;
+        let seal = message.headers().and_then(|headers| {
+            (0..headers.count())
+                .filter_map(|i| headers.try_get(i))
+                .find(|h| h.key == crate::tenant::SEAL_HEADER)
+                .and_then(|h| h.value)
+        });
         Self {
             topic: message.topic(),
             partition: message.partition(),
             offset: message.offset(),
             key: message.key(),
             payload: message.payload(),
+            seal,
         }
     }
 }
@@ -356,6 +366,10 @@ async fn try_dead_letter(
         .insert(Header { key: "reefline-source-partition", value: Some(&partition) })
         .insert(Header { key: "reefline-source-offset", value: Some(&offset) })
         .insert(Header { key: "reefline-failed-at-ms", value: Some(&failed_at) });
+    let headers = match source.seal {
+        Some(seal) => headers.insert(Header { key: crate::tenant::SEAL_HEADER, value: Some(seal) }),
+        None => headers,
+    };
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
     if let Some(key) = source.key {
         record = record.key(key);

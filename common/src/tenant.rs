@@ -94,24 +94,37 @@ impl TenantSeal {
         }
     }
 
-    /// The tenant a record of `request_id` claiming `claimed` belongs to: the claim when its seal
-    /// (from `headers`) is valid, else `KAFKA_TENANT`.
+    /// The tenant a record of `request_id` claiming `claimed` belongs to: the claim under a valid
+    /// seal (from `headers`); `KAFKA_TENANT` for a record that claims no tenant or that one. A
+    /// record that claims another tenant without a valid seal is refused (`Err`, the reason): a
+    /// forged claim, or a service whose `TENANT_SECRET` differs from ingest's, which must not
+    /// hand one tenant's work to another.
     pub fn tenant_of<H: Headers + ?Sized>(
         &self,
         claimed: Option<&str>,
         request_id: &str,
         headers: Option<&H>,
-    ) -> String {
-        let sealed = || -> Option<String> {
-            let (secret, claimed) = (self.secret.as_ref()?, claimed?);
-            let headers = headers?;
-            let header =
-                (0..headers.count()).filter_map(|i| headers.try_get(i)).find(|h| h.key == SEAL_HEADER)?.value?;
-            let seal = hex::decode(header).ok()?;
-            Self::mac(secret, claimed, request_id).verify_slice(&seal).ok()?;
-            Some(claimed.to_owned())
+    ) -> Result<String, String> {
+        let Some(claimed) = claimed.filter(|c| *c != self.kafka_tenant) else { return Ok(self.kafka_tenant.clone()) };
+        let seal = headers.and_then(|headers| {
+            (0..headers.count()).filter_map(|i| headers.try_get(i)).find(|h| h.key == SEAL_HEADER)?.value
+        });
+        let valid = match (&self.secret, seal) {
+            (Some(secret), Some(seal)) => {
+                hex::decode(seal).is_ok_and(|seal| Self::mac(secret, claimed, request_id).verify_slice(&seal).is_ok())
+            }
+            _ => false,
         };
-        sealed().unwrap_or_else(|| self.kafka_tenant.clone())
+        if valid {
+            return Ok(claimed.to_owned());
+        }
+        Err(match (&self.secret, seal) {
+            (None, _) => {
+                format!("the record claims tenant `{claimed}`, and this service has no TENANT_SECRET to check its seal")
+            }
+            (Some(_), None) => format!("the record claims tenant `{claimed}` without ingest's seal"),
+            (Some(_), Some(_)) => format!("the record claims tenant `{claimed}` under a seal that does not match"),
+        })
     }
 }
 
@@ -128,15 +141,17 @@ mod tests {
     fn only_a_sealed_tenant_is_honoured() {
         let ingest = seal(Some("a secret of sixteen bytes"));
         let headers = ingest.add_to(OwnedHeaders::new(), "reef", "req-1");
-        assert_eq!(ingest.tenant_of(Some("reef"), "req-1", Some(&headers)), "reef");
-        // A forged claim, a seal moved to another record, a record with no seal: the topic's tenant.
-        assert_eq!(ingest.tenant_of(Some("kelp"), "req-1", Some(&headers)), "cameras");
-        assert_eq!(ingest.tenant_of(Some("reef"), "req-2", Some(&headers)), "cameras");
-        assert_eq!(ingest.tenant_of(Some("reef"), "req-1", None::<&OwnedHeaders>), "cameras");
-        assert_eq!(ingest.tenant_of(None, "req-1", Some(&headers)), "cameras");
+        assert_eq!(ingest.tenant_of(Some("reef"), "req-1", Some(&headers)), Ok("reef".into()));
+        // No claim, or the topic's own tenant: the topic's tenant.
+        assert_eq!(ingest.tenant_of(None, "req-1", Some(&headers)), Ok("cameras".into()));
+        assert_eq!(ingest.tenant_of(Some("cameras"), "req-9", None::<&OwnedHeaders>), Ok("cameras".into()));
+        // A forged claim, a seal moved to another record, a record with no seal: refused.
+        assert!(ingest.tenant_of(Some("kelp"), "req-1", Some(&headers)).unwrap_err().contains("does not match"));
+        assert!(ingest.tenant_of(Some("reef"), "req-2", Some(&headers)).is_err());
+        assert!(ingest.tenant_of(Some("reef"), "req-1", None::<&OwnedHeaders>).unwrap_err().contains("without"));
         // Another secret, or none, honours nothing.
-        assert_eq!(seal(Some("another secret, sixteen")).tenant_of(Some("reef"), "req-1", Some(&headers)), "cameras");
-        assert_eq!(seal(None).tenant_of(Some("reef"), "req-1", Some(&headers)), "cameras");
+        assert!(seal(Some("another secret, sixteen")).tenant_of(Some("reef"), "req-1", Some(&headers)).is_err());
+        assert!(seal(None).tenant_of(Some("reef"), "req-1", Some(&headers)).unwrap_err().contains("no TENANT_SECRET"));
         assert!(seal(None).seal("reef", "req-1").is_none());
     }
 

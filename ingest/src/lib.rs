@@ -160,7 +160,10 @@ impl Application {
         let source_client = feeds::source_client(source_policy.clone())?;
         let keys = ApiKeys::load(&settings.auth)?;
         let tenants = reefline_common::tenant::TenantSeal::new(&settings.tenants)?;
-        if let Some(tenant) = keys.tenants().into_iter().find(|t| t != tenants.kafka_tenant()) {
+        // Open mode's callers are the default tenant's.
+        let named =
+            if keys.is_empty() { vec![reefline_common::auth::DEFAULT_TENANT.to_owned()] } else { keys.tenants() };
+        if let Some(tenant) = named.into_iter().find(|t| t != tenants.kafka_tenant()) {
             anyhow::ensure!(
                 tenants.can_seal(),
                 "API keys name tenant `{tenant}`, but TENANT_SECRET is not set: without it the classifiers and the \

@@ -303,6 +303,12 @@ impl Drop for Admission<'_> {
 async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> Result<(), IngestError> {
     let started = Instant::now();
     let tenant = requests[0].tenant.as_deref().unwrap_or(state.tenants.kafka_tenant());
+    let _tenants_room = state.quotas.admit_pending(tenant, requests.len()).map_err(|limit| {
+        state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
+        IngestError::TenantOverloaded { limit }
+    })?;
+    let _admitted = Admission::try_new(state, requests.len())?;
+    // The tenant's rate and day are charged last, once nothing else refuses the submission.
     if let Err(over) = state.quotas.admit(tenant, requests.len()) {
         state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
         let retry_after_s = over.retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -313,11 +319,6 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
         state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
         return Err(IngestError::over_day(over));
     }
-    let _tenants_room = state.quotas.admit_pending(tenant, requests.len()).map_err(|limit| {
-        state.metrics.quota_refusals.with_label_values(&[tenant]).inc();
-        IngestError::TenantOverloaded { limit }
-    })?;
-    let _admitted = Admission::try_new(state, requests.len())?;
     // The trace of the submission: each record carries its context to the classifier.
     let span = tracing::info_span!("submit", batch_id = %requests[0].batch_id, images = requests.len(), route);
     let topic = &state.settings.topics.requests;

@@ -170,7 +170,7 @@ async fn batch(
             .await?
             .ok_or_else(|| ApiError::UnknownBatch(batch_id.clone()))?,
     };
-    let callback = crate::batches::callback(&pool, &batch_id).await?;
+    let callback = crate::batches::callback(&pool, &batch_id, caller.scope()).await?;
     let view = BatchView::new(batch_id, i64::from(total), rows.into_iter().map(Row::into_result).collect());
     Ok(Json(BatchView { callback, ..view }))
 }

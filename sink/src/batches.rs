@@ -102,12 +102,14 @@ pub async fn summaries(conn: &mut sqlx::PgConnection, batches: Vec<Finished>) ->
     let (feeds, submissions): (Vec<&Finished>, Vec<&Finished>) = batches.iter().partition(|b| b.kind == "feed");
     let ids = |batches: Vec<&Finished>| batches.into_iter().map(|b| b.batch_id.clone()).collect::<Vec<_>>();
     let counts: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
-        "SELECT batch_id, status, marine_group, count(*) FROM results WHERE batch_id = ANY($1)
-         GROUP BY batch_id, status, marine_group
+        "SELECT r.batch_id, r.status, r.marine_group, count(*) FROM results r JOIN batches b USING (batch_id)
+         WHERE r.batch_id = ANY($1) AND r.tenant = b.tenant
+         GROUP BY r.batch_id, r.status, r.marine_group
          UNION ALL
          SELECT feed_id, status, marine_group, count(*)
-         FROM (SELECT DISTINCT ON (feed_id, line) feed_id, status, marine_group FROM results
-               WHERE feed_id = ANY($2) ORDER BY feed_id, line, completed_at DESC) latest
+         FROM (SELECT DISTINCT ON (r.feed_id, r.line) r.feed_id, r.status, r.marine_group
+               FROM results r JOIN feeds f ON f.feed_id = r.feed_id AND f.tenant = r.tenant
+               WHERE r.feed_id = ANY($2) ORDER BY r.feed_id, r.line, r.completed_at DESC, r.request_id DESC) latest
          GROUP BY feed_id, status, marine_group",
     )
     .bind(ids(submissions))
@@ -154,12 +156,14 @@ struct Attempt {
 }
 
 /// The callback of batch `batch_id` and its attempts, if it has one.
-pub async fn callback(pool: &PgPool, batch_id: &str) -> sqlx::Result<Option<CallbackView>> {
+pub async fn callback(pool: &PgPool, batch_id: &str, scope: Option<&str>) -> sqlx::Result<Option<CallbackView>> {
     type Row = (Option<String>, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
     let row: Option<Row> = sqlx::query_as(
-        "SELECT callback_url, callback_due_at, callback_delivered_at, callback_gave_up_at FROM batches WHERE batch_id = $1",
+        "SELECT callback_url, callback_due_at, callback_delivered_at, callback_gave_up_at FROM batches
+         WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2)",
     )
     .bind(batch_id)
+    .bind(scope)
     .fetch_optional(pool)
     .await?;
     let Some((Some(url), due, delivered, gave_up)) = row else { return Ok(None) };

@@ -304,10 +304,12 @@ impl RequestLog {
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.check(reefline_schemas::rules::URL_CEILING_BYTES).map(|()| r))
-                    .map(|mut r| {
-                        // The tenant it claims only under ingest's seal; else the topic's.
-                        r.tenant = Some(self.tenants.tenant_of(r.tenant.as_deref(), &r.request_id, message.headers()));
-                        r
+                    .and_then(|mut r| {
+                        // The tenant it claims only under ingest's seal; no claim: the topic's. A
+                        // claim without one is skipped (the classifier dead-letters it).
+                        r.tenant =
+                            Some(self.tenants.tenant_of(r.tenant.as_deref(), &r.request_id, message.headers())?);
+                        Ok(r)
                     });
                 match checked {
                     Ok(r) => requests.push(r),

@@ -14,9 +14,10 @@ pub fn tenant_of_request(r: &ImageRequest) -> &str {
     r.tenant.as_deref().unwrap_or(reefline_common::auth::DEFAULT_TENANT)
 }
 
-/// A result's tenant as the sink stores it (records before tenants: the default).
-pub fn tenant_of_result(r: &ClassificationResult) -> String {
-    r.tenant.clone().unwrap_or_else(|| reefline_common::auth::DEFAULT_TENANT.to_owned())
+/// A result's tenant as the classifier gave it (`None` from a classifier before tenants: the
+/// upsert takes its request's).
+fn tenant_of_result(r: &ClassificationResult) -> Option<String> {
+    r.tenant.clone()
 }
 
 /// Connects (creating the database if it does not exist) and applies the migrations; returns the
@@ -37,8 +38,12 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// writers need: at most `connections`, each statement cut off after `statement_timeout`, and a
 /// lookup that waits longer than that for a connection fails (503) rather than queueing forever.
 pub fn lookup_pool(url: &str, connections: u32, statement_timeout: Duration) -> anyhow::Result<PgPool> {
-    let options =
-        PgConnectOptions::from_str(url)?.options([("statement_timeout", format!("{}", statement_timeout.as_millis()))]);
+    // Custom plans: a lookup's `($n IS NULL OR tenant = $n)` filters then use the tenant's index
+    // (a generic plan, chosen after five runs of a statement, cannot).
+    let options = PgConnectOptions::from_str(url)?.options([
+        ("statement_timeout", format!("{}", statement_timeout.as_millis())),
+        ("plan_cache_mode", "force_custom_plan".to_owned()),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(connections.max(1))
         .acquire_timeout(statement_timeout)
@@ -81,7 +86,9 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
                               feed_id, line, metadata, sha256, cached, exif, tenant)
          SELECT request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group, model_name,
                 model_version, error_kind, error_message, to_timestamp(submitted_ms / 1000.0), to_timestamp(completed_ms / 1000.0),
-                feed_id, line, metadata, sha256, cached, exif, tenant
+                feed_id, line, metadata, sha256, cached, exif,
+                -- A result from a classifier before tenants: its request's tenant, as recorded.
+                COALESCE(t.tenant, (SELECT q.tenant FROM requests q WHERE q.request_id = t.request_id), 'default')
          FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::jsonb[], $8::text[],
                      $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[], $14::float8[],
                      $15::text[], $16::int8[], $17::jsonb[], $18::text[], $19::bool[], $20::jsonb[], $21::text[])
@@ -94,7 +101,9 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
              error_message = EXCLUDED.error_message, completed_at = EXCLUDED.completed_at, stored_at = now(),
              sha256 = EXCLUDED.sha256, cached = EXCLUDED.cached, exif = EXCLUDED.exif
          WHERE results.completed_at <= EXCLUDED.completed_at
-           AND NOT (results.status = 'ok' AND EXCLUDED.status = 'error')",
+           AND NOT (results.status = 'ok' AND EXCLUDED.status = 'error')
+           -- A record reusing another tenant's request id never replaces that tenant's row.
+           AND results.tenant = EXCLUDED.tenant",
     )
     .bind(column(|r| r.request_id.clone()))
     .bind(column(|r| r.batch_id.clone()))

@@ -122,7 +122,7 @@ pub async fn progress(
                                          count(*) FILTER (WHERE status = 'error') AS error,
                                          count(*) FILTER (WHERE completed_at > now() - interval '1 minute') AS recent
                                   FROM ({LATEST_PER_LINE}) latest) r
-              LEFT JOIN batches b ON b.batch_id = f.feed_id AND b.kind = 'feed'
+              LEFT JOIN batches b ON b.batch_id = f.feed_id AND b.kind = 'feed' AND b.tenant = f.tenant
          WHERE f.feed_id = $1 AND ($2::text IS NULL OR f.tenant = $2)",
         LATEST_PER_LINE = latest_per_line("f.feed_id", "f.tenant"),
     ))
@@ -133,7 +133,7 @@ pub async fn progress(
     .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     // The feed's batches row, which carries its callback's progress, is written once the feed is
     // read; until then its callback is waiting.
-    let callback = match crate::batches::callback(&pool, &feed_id).await? {
+    let callback = match crate::batches::callback(&pool, &feed_id, caller.scope()).await? {
         None => row.callback_url.map(|url| reefline_schemas::view::CallbackView {
             url,
             state: "waiting",

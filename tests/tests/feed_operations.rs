@@ -218,6 +218,11 @@ async fn a_retry_fits_the_pending_limit_and_runs_once_at_a_time() {
     .execute(&pool)
     .await
     .unwrap();
+    sqlx::query("INSERT INTO batches (batch_id, total, submitted_at) VALUES ($1, 25, now())")
+        .bind(&batch_id)
+        .execute(&pool)
+        .await
+        .unwrap();
     let retry = format!("{}/v1/batches/{batch_id}/retry", stack.ingest);
 
     // While another retry of it runs (its lock held), a second is refused.

@@ -166,11 +166,12 @@ async fn each_key_sees_only_its_own_tenants_work() {
     let (status, _) = post_json(&reader, &format!("{ingest}/v1/batches/{kelp_batch_id}/retry"), &json!({})).await;
     assert_eq!(status, 403);
 
-    // A record produced straight to the requests topic that claims reef's tenant, without ingest's
-    // seal, belongs to the topic's tenant (the default): reef never sees it.
+    // Records produced straight to the requests topic: one that claims no tenant belongs to the
+    // topic's (the default); one that claims reef's without ingest's seal is dead-lettered, never
+    // reef's (nor anyone's).
     let producer: FutureProducer = env.broker.kafka().producer_config().create().unwrap();
     let codec = reefline_schemas::Codec::new(&env.registry).unwrap();
-    let forged = ImageRequest {
+    let request = |tenant: Option<&str>| ImageRequest {
         request_id: uuid::Uuid::now_v7().to_string(),
         batch_id: uuid::Uuid::now_v7().to_string(),
         batch_index: 0,
@@ -178,18 +179,26 @@ async fn each_key_sees_only_its_own_tenants_work() {
         url: photo("chelsea.png"),
         submitted_at_ms: chrono::Utc::now().timestamp_millis(),
         source: "kafka".into(),
-        tenant: Some("reef".into()),
+        tenant: tenant.map(Into::into),
         ..ImageRequest::default()
     };
-    let payload = codec.encode(&env.names.requests, &forged).await.unwrap();
-    let record = FutureRecord::to(&env.names.requests).key(&forged.request_id).payload(&payload);
-    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
-    let url = format!("{sink}/v1/results/{}", forged.request_id);
-    wait_for_status(&ops, &url, 200, "the forged record's result", Duration::from_secs(90)).await;
-    let (status, _) = get_json(&reef, &url).await;
-    assert_eq!(status, 404, "a record cannot claim a tenant without the seal");
+    let (camera, forged) = (request(None), request(Some("reef")));
+    for record in [&camera, &forged] {
+        let payload = codec.encode(&env.names.requests, record).await.unwrap();
+        let message = FutureRecord::to(&env.names.requests).key(&record.request_id).payload(&payload);
+        producer.send(message, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+    let camera_url = format!("{sink}/v1/results/{}", camera.request_id);
+    wait_for_status(&ops, &camera_url, 200, "the camera's result", Duration::from_secs(90)).await;
+    assert_eq!(get_json(&reef, &camera_url).await.0, 404);
+    let metric = "classifier_dead_letters_total{kind=\"unsealed_tenant\"}";
+    let what = "the forged record dead-lettered";
+    reefline_e2e::wait_for_metric(&ops, &stack.classifier_ops, metric, |n| n == 1.0, what, Duration::from_secs(60))
+        .await;
+    let forged_url = format!("{sink}/v1/results/{}", forged.request_id);
+    assert_eq!(get_json(&ops, &forged_url).await.0, 404, "no result, no pending request");
     let tenant: String = sqlx::query_scalar("SELECT tenant FROM results WHERE request_id = $1")
-        .bind(&forged.request_id)
+        .bind(&camera.request_id)
         .fetch_one(&env.db.pool().await)
         .await
         .unwrap();
