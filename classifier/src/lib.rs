@@ -178,13 +178,15 @@ impl Application {
         let s = &self.settings;
         let metrics = self.metrics.clone();
         let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let ops_server = tokio::spawn(
-            axum::serve(self.listener, self.ops)
-                .with_graceful_shutdown(async move {
-                    let _ = ops_stop_rx.await;
-                })
-                .into_future(),
-        );
+        // The ops port keeps the API's connection limits: a silent or idle connection is closed.
+        let ops_server = tokio::spawn(reefline_common::http::serve(
+            self.listener,
+            self.ops,
+            reefline_common::http::HttpLimits::default(),
+            async move {
+                let _ = ops_stop_rx.await;
+            },
+        ));
 
         let batch = s.max_batch_size.max(1);
         let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
