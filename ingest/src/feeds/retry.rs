@@ -11,7 +11,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures::TryStreamExt;
 use reefline_schemas::{ImageRequest, Metadata};
 use serde::Serialize;
 
@@ -90,8 +89,8 @@ fn answer(outcome: Result<Retried, IngestError>) -> Response {
     }
 }
 
-/// Streams the failed rows of `column = id` (of the caller's tenant) and produces them again, a
-/// chunk at a time.
+/// Reads the failed rows of `column = id` (of the caller's tenant) a page at a time and produces
+/// each page again.
 async fn retry(state: &AppState, caller: &Caller, column: &str, id: String) -> Result<Retried, IngestError> {
     IngestError::unless_submitter(caller)?;
     let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
@@ -122,33 +121,37 @@ async fn retry(state: &AppState, caller: &Caller, column: &str, id: String) -> R
     if !locked {
         return Err(IngestError::RetryInProgress { what, id });
     }
+    // Read a page at a time, each page its own statement: the transaction holds the lock between
+    // pages but no snapshot, so a retry that waits for its tenant's rate holds back no VACUUM.
     let sql = format!(
         "SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line, metadata, tenant
          FROM results WHERE {column} = $1 AND {TRANSIENT} AND ($2::text IS NULL OR tenant = $2)
-         ORDER BY batch_id, batch_index"
+           AND (batch_id, batch_index) > ($3, $4)
+         ORDER BY batch_id, batch_index LIMIT $5"
     );
-    let mut rows = sqlx::query_as::<_, Failed>(&sql).bind(&id).bind(caller.scope()).fetch(&mut *tx);
     let stall = Duration::from_secs(state.settings.feed_stall_timeout_s.max(1));
     let chunk_size = CHUNK.min(state.settings.max_pending_images).max(1);
-    let mut chunk = Vec::with_capacity(chunk_size);
-    let mut retried = 0u64;
+    let (mut after, mut retried) = ((String::new(), -1), 0u64);
     loop {
-        let row = rows.try_next().await.map_err(super::database)?;
-        let end = row.is_none();
-        if let Some(row) = row {
-            chunk.push(request(row));
-        }
-        if chunk.len() >= chunk_size || (end && !chunk.is_empty()) {
-            let pause = || tokio::time::sleep(Duration::from_secs(1));
-            super::produce::produce_chunk(state, "retry", &chunk, stall, pause).await?;
-            retried += chunk.len() as u64;
-            chunk.clear();
-        }
-        if end {
+        let page: Vec<Failed> = sqlx::query_as(&sql)
+            .bind(&id)
+            .bind(caller.scope())
+            .bind(&after.0)
+            .bind(after.1)
+            .bind(chunk_size as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(super::database)?;
+        let Some(last) = page.last() else { break };
+        after = (last.batch_id.clone(), last.batch_index);
+        let chunk: Vec<ImageRequest> = page.into_iter().map(request).collect();
+        let pause = || tokio::time::sleep(Duration::from_secs(1));
+        super::produce::produce_chunk(state, "retry", &chunk, stall, pause).await?;
+        retried += chunk.len() as u64;
+        if chunk.len() < chunk_size {
             break;
         }
     }
-    drop(rows);
     let _ = tx.rollback().await;
     tracing::info!(%id, retried, "transient failures sent through again");
     Ok(Retried { id, retried })

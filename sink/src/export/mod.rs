@@ -85,31 +85,32 @@ pub struct Exports {
     pub idle: std::time::Duration,
 }
 
-/// One of a tenant's running exports, counted until dropped.
+/// A caller's running export, counted against its tenant until dropped.
 struct Running {
     running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
-    tenant: String,
+    caller: Caller,
 }
 
 impl Exports {
-    fn start(&self, tenant: &str) -> Result<Running, ApiError> {
+    /// Counts an export of `caller`'s tenant, before it uses any connection.
+    fn start(&self, caller: Caller) -> Result<Running, ApiError> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let count = running.entry(tenant.to_owned()).or_default();
+        let count = running.entry(caller.tenant.clone()).or_default();
         if *count >= self.per_tenant {
             return Err(ApiError::TooManyExports { limit: self.per_tenant });
         }
         *count += 1;
-        Ok(Running { running: self.running.clone(), tenant: tenant.to_owned() })
+        Ok(Running { running: self.running.clone(), caller })
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = running.get_mut(&self.tenant) {
+        if let Some(count) = running.get_mut(&self.caller.tenant) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                running.remove(&self.tenant);
+                running.remove(&self.caller.tenant);
             }
         }
     }
@@ -200,6 +201,8 @@ pub async fn feed_results(
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
+    let running = exports.start(caller)?;
+    let caller = &running.caller;
     // Another tenant's feed answers as an unknown one; a feed's results are its tenant's.
     let columns = crate::feeds::columns(&exports.pool, &feed_id, caller.scope())
         .await?
@@ -207,7 +210,7 @@ pub async fn feed_results(
     // Each line once, its latest result; the filters apply to that result.
     let latest = crate::feeds::latest_per_line("$1", "(SELECT tenant FROM feeds WHERE feed_id = $1)");
     let sql = format!("SELECT {COLUMNS} FROM ({latest}) latest WHERE {FILTERS} ORDER BY line");
-    stream(exports.clone(), sql, feed_id, filters, columns, caller, "feed").await
+    stream(exports.clone(), sql, feed_id, filters, columns, running, "feed").await
 }
 
 /// Every result of a batch, in submission order.
@@ -227,6 +230,8 @@ pub async fn batch_results(
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
+    let running = exports.start(caller)?;
+    let caller = &running.caller;
     // Another tenant's batch answers as an unknown one; a batch's results are its tenant's.
     let known: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1 AND kind <> 'feed' AND ($2::text IS NULL OR tenant = $2))
@@ -248,7 +253,7 @@ pub async fn batch_results(
     .fetch_all(&exports.pool)
     .await?;
     let sql = format!("SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND {FILTERS} ORDER BY batch_index");
-    stream(exports.clone(), sql, batch_id, filters, columns, caller, "batch").await
+    stream(exports.clone(), sql, batch_id, filters, columns, running, "batch").await
 }
 
 /// Starts the query on a connection of its own and answers with its rows as they come.
@@ -258,10 +263,9 @@ async fn stream(
     id: String,
     filters: Filters,
     columns: Vec<String>,
-    caller: Caller,
+    running: Running,
     what: &str,
 ) -> Result<Response, ApiError> {
-    let running = exports.start(&caller.tenant)?;
     let mut connection = exports.pool.acquire().await?;
     let (format, idle) = (filters.format, exports.idle);
     let mut encoder: Box<dyn Encode> = match format {
@@ -271,7 +275,8 @@ async fn stream(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::spawn(async move {
-        let _running = running;
+        // Counted against its tenant until the task ends.
+        let running = running;
         // A piece the client does not take within `idle` ends the export: its connection and
         // snapshot are released rather than held by a client that stopped reading.
         let send = |chunk| {
@@ -285,9 +290,16 @@ async fn stream(
                 .bind(filters.marine)
                 .bind(&filters.group)
                 .bind(filters.min_score)
-                .bind(caller.scope())
+                .bind(running.caller.scope())
                 .fetch(&mut *connection);
-            while let Some(row) = rows.next().await {
+            loop {
+                // A client that hangs up ends the export at once, not at its next piece (a
+                // selective filter may read long between pieces).
+                let row = tokio::select! {
+                    row = rows.next() => row,
+                    () = tx.closed() => return false,
+                };
+                let Some(row) = row else { break };
                 let row = match row {
                     Ok(row) => row,
                     Err(e) => {
