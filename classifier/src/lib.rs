@@ -342,23 +342,9 @@ impl Application {
         }
         let _ = ops_stop_tx.send(());
         let _ = ops_server.await;
-        close_consumer(self.offsets.consumer, Duration::from_secs(10)).await;
+        reefline_common::kafka::close(self.offsets.consumer, "the requests consumer", Duration::from_secs(10)).await;
         tracing::info!("classifier stopped");
         Ok(())
-    }
-}
-
-/// Closes the consumer (it leaves the group) on a thread of its own, waiting at most `limit`:
-/// librdkafka's close has no deadline of its own, and a broker connection that stops answering
-/// half-way must not hold the classifier's exit, or the process embedding it, forever.
-async fn close_consumer(consumer: Arc<RequestConsumer>, limit: Duration) {
-    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        drop(consumer);
-        let _ = closed_tx.send(());
-    });
-    if tokio::time::timeout(limit, closed_rx).await.is_err() {
-        tracing::warn!(?limit, "the Kafka consumer did not close in time; stopping without waiting for it");
     }
 }
 

@@ -286,6 +286,21 @@ pub const DEAD_LETTER_HEADERS: [&str; 6] = [
     "reefline-failed-at-ms",
 ];
 
+/// Drops a Kafka client on a thread of its own, waiting at most `limit`: a consumer's close (it
+/// leaves its group) has no deadline of its own in librdkafka, and a broker connection that stops
+/// answering half-way (a TLS proxy, say) must not hold a service's exit, or the process embedding
+/// it, forever; nor may it block a runtime thread.
+pub async fn close<C: Send + 'static>(client: C, what: &'static str, limit: std::time::Duration) {
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        drop(client);
+        let _ = closed_tx.send(());
+    });
+    if tokio::time::timeout(limit, closed_rx).await.is_err() {
+        tracing::warn!(?limit, what, "a Kafka client did not close in time; stopping without waiting for it");
+    }
+}
+
 /// The record a dead letter is about: where it was read and what it held.
 pub struct Source<'a> {
     pub topic: &'a str,

@@ -226,6 +226,10 @@ impl Application {
         tokio::join!(signal, results, pending, notices);
         register.abort();
         server.await?;
+        // Both consumers leave their groups off the runtime, each within 10 s.
+        let limit = Duration::from_secs(10);
+        reefline_common::kafka::close(sink.consumer, "the results consumer", limit).await;
+        reefline_common::kafka::close(requests.consumer, "the requests consumer", limit).await;
         tracing::info!("sink stopped");
         Ok(())
     }
