@@ -14,12 +14,6 @@ pub fn tenant_of_request(r: &ImageRequest) -> &str {
     r.tenant.as_deref().unwrap_or(reefline_common::auth::DEFAULT_TENANT)
 }
 
-/// A result's tenant as the classifier gave it (`None` from a classifier before tenants: the
-/// upsert takes its request's).
-fn tenant_of_result(r: &ClassificationResult) -> Option<String> {
-    r.tenant.clone()
-}
-
 /// Connects (creating the database if it does not exist) and applies the migrations; returns the
 /// writers' pool.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
@@ -125,7 +119,8 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
     .bind(optional(|r| r.sha256.clone()))
     .bind(results.iter().map(|r| r.cached).collect::<Vec<_>>())
     .bind(exif)
-    .bind(results.iter().map(tenant_of_result).collect::<Vec<_>>())
+    // `None` from a classifier before tenants: the statement takes its request's.
+    .bind(optional(|r| r.tenant.clone()))
     .execute(pool)
     .await?;
     Ok(())

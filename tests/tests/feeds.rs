@@ -16,6 +16,25 @@ fn streamed(lines: usize, piece: usize, bad: std::collections::BTreeMap<usize, &
     reqwest::Body::wrap_stream(futures::stream::iter(pieces))
 }
 
+/// A plain-text feed uploaded under `key` as its pieces are sent on the channel returned (an error
+/// breaks the upload off), with the task awaiting ingest's answer.
+type Upload = tokio::task::JoinHandle<reqwest::Result<(u16, Value, reqwest::header::HeaderMap)>>;
+
+fn upload_in_pieces(
+    client: &reqwest::Client,
+    ingest: &str,
+    key: &'static str,
+) -> (tokio::sync::mpsc::Sender<std::io::Result<String>>, Upload) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
+    let body =
+        reqwest::Body::wrap_stream(futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+        ));
+    let (client, ingest) = (client.clone(), ingest.to_owned());
+    (tx, tokio::spawn(async move { post_feed(&client, &ingest, "text/plain", Some(key), body).await }))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_million_line_feed_is_read_in_bounded_memory_with_every_accepted_line_on_the_broker() {
     const LINES: usize = 1_000_000;
@@ -126,16 +145,7 @@ async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_ke
 
     // The first upload sends 2,500 lines, waits until ingest has settled two chunks of 1,000,
     // then breaks off.
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
-    let body =
-        reqwest::Body::wrap_stream(futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
-        ));
-    let upload = tokio::spawn({
-        let (client, ingest) = (client.clone(), stack.ingest.clone());
-        async move { post_feed(&client, &ingest, "text/plain", Some("survey-2026-cut"), body).await }
-    });
+    let (tx, upload) = upload_in_pieces(&client, &stack.ingest, "survey-2026-cut");
     tx.send(Ok(text_lines(1, 2500, &none))).await.unwrap();
     reefline_e2e::wait_for_metric(
         &client,
@@ -242,18 +252,10 @@ async fn a_slow_but_live_reader_keeps_its_feed_from_a_resend() {
     let none = std::collections::BTreeMap::new();
     let pool = env.db.pool().await;
 
-    // An upload that sends 200 lines (more than the 4 KiB its fingerprint takes), then nothing for a while: its reader is alive (waiting for
-    // the rest, as one waits for a slow broker), and far longer than the lease.
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
-    let body =
-        reqwest::Body::wrap_stream(futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
-        ));
-    let upload = tokio::spawn({
-        let (client, ingest) = (client.clone(), stack.ingest.clone());
-        async move { post_feed(&client, &ingest, "text/plain", Some("slow-reader"), body).await }
-    });
+    // An upload that sends 200 lines (more than the 4 KiB its fingerprint takes), then nothing for
+    // a while: its reader is alive (waiting for the rest, as one waits for a slow broker), and far
+    // longer than the lease.
+    let (tx, upload) = upload_in_pieces(&client, &stack.ingest, "slow-reader");
     tx.send(Ok(text_lines(1, 200, &none))).await.unwrap();
     // Its lease is renewed on a timer, not only when a chunk is settled: three lease times on.
     reefline_e2e::wait_for("the lease renewed three lease times on", Duration::from_secs(30), || async {
