@@ -70,7 +70,7 @@ impl Context {
     /// reads them), those in the pipeline are waited for (at most [`DRAIN_TIMEOUT`]) until their
     /// results are acknowledged and their offsets stored, and the offsets are committed, so the
     /// next owner starts exactly after the last result produced here and redoes nothing.
-    fn drain(&self, consumer: &BaseConsumer<Self>, revoked: &[i32]) {
+    fn drain(&self, consumer: &BaseConsumer<Self>, topic: &str, revoked: &[i32]) {
         let dropped = {
             let mut backlog = self.backlog.lock();
             let before = backlog.len();
@@ -100,25 +100,33 @@ impl Context {
             _ => wait(),
         }
         let left = in_flight();
-        let committed = match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "commit before handing partitions over failed");
-                false
-            }
-        };
+        // Each revoked partition is committed where the tracker says it stands (past every
+        // request finished here in order), whatever librdkafka last had stored. Nothing more
+        // starts on them (this runs in the consume task's poll), so that stays put meanwhile.
         let clean: Vec<(i32, i64)> = {
+            let tracker = self.tracker.lock().expect("offset tracker lock");
+            tracker.next_offsets().into_iter().filter(|(p, _)| revoked.contains(p)).collect()
+        };
+        let mut offsets = TopicPartitionList::new();
+        for (partition, offset) in &clean {
+            let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        let committed = offsets.count() == 0
+            || match consumer.commit(&offsets, rdkafka::consumer::CommitMode::Sync) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "commit before handing partitions over failed");
+                    false
+                }
+            };
+        {
             let mut tracker = self.tracker.lock().expect("offset tracker lock");
-            let clean = tracker.next_offsets().into_iter().filter(|(p, _)| revoked.contains(p)).collect();
             let mut modes = self.modes.lock().expect("modes lock");
             for partition in revoked {
                 tracker.revoke(*partition);
                 modes.remove(partition);
             }
-            clean
-        };
+        }
         // A clean handover is recorded, so that the next owner takes the partitions as usual.
         let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
         // Written by a task of its own and waited for at most HANDOVER_TIMEOUT: a consumer dropped
@@ -158,8 +166,11 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                self.drain(consumer, &revoked);
+                let elements = tpl.elements();
+                let revoked: Vec<i32> = elements.iter().map(|e| e.partition()).collect();
+                if let Some(topic) = elements.first().map(|e| e.topic()) {
+                    self.drain(consumer, topic, &revoked);
+                }
             }
             Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -249,9 +260,14 @@ impl Offsets {
     }
 
     /// The result for `offset` is acknowledged.
+    ///
+    /// The offset is stored while the tracker is held: results are acknowledged on many tasks at
+    /// once, and storing after letting go let an older offset be stored after a newer one (the
+    /// stored offset moved back) and let a rebalance's drain see nothing in flight and commit
+    /// before the last offset was stored (its successor redid up to a batch).
     pub fn finish(&self, partition: i32, offset: i64) {
-        let next = self.tracker.lock().expect("offset tracker lock").finish(partition, offset);
-        if let Some(next) = next {
+        let mut tracker = self.tracker.lock().expect("offset tracker lock");
+        if let Some(next) = tracker.finish(partition, offset) {
             let mut tpl = TopicPartitionList::new();
             if tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next)).is_ok()
                 && let Err(e) = self.consumer.store_offsets(&tpl)
