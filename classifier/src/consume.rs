@@ -18,6 +18,7 @@ use crate::deliveries::{Deliveries, Mode};
 use crate::job::Job;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
+use reefline_common::kafka::Lane;
 
 /// Requests read and decoded but not yet handed to the pipeline (it was full), oldest first.
 /// Shared with the rebalance callback, which takes back those of revoked partitions.
@@ -279,23 +280,41 @@ impl Offsets {
     }
 }
 
+/// What one lane's consume stage needs.
+pub struct Consume {
+    pub lane: Lane,
+    pub offsets: Offsets,
+    pub metrics: Metrics,
+    pub codec: Codec,
+    pub producer: FutureProducer,
+    pub dead_letter_topic: String,
+    pub max_url_bytes: usize,
+    pub tenants: reefline_common::tenant::TenantSeal,
+}
+
+/// Each lane's offsets.
+#[derive(Clone)]
+pub struct Lanes {
+    pub interactive: Offsets,
+    pub bulk: Offsets,
+}
+
+impl Lanes {
+    pub fn get(&self, lane: Lane) -> &Offsets {
+        match lane {
+            Lane::Interactive => &self.interactive,
+            Lane::Bulk => &self.bulk,
+        }
+    }
+}
+
 /// Reads until `shutdown` fires, sending decoded requests to `jobs` and poison records to the
 /// dead-letter topic. When `jobs` stays full for [`PAUSE_AFTER`] the assigned partitions are
 /// paused — the consumer keeps polling, so the group does not think it dead — and resumed once
 /// the requests held back have been handed over. Until then librdkafka's own prefetch, bounded by
 /// `KAFKA_PREFETCH_KBYTES`, holds what is waiting.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    offsets: Offsets,
-    metrics: Metrics,
-    codec: Codec,
-    producer: FutureProducer,
-    dead_letter_topic: String,
-    max_url_bytes: usize,
-    tenants: reefline_common::tenant::TenantSeal,
-    jobs: mpsc::Sender<Job>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn run(consume: Consume, jobs: mpsc::Sender<Job>, shutdown: impl Future<Output = ()>) {
+    let Consume { lane, offsets, metrics, codec, producer, dead_letter_topic, max_url_bytes, tenants } = consume;
     tokio::pin!(shutdown);
     let backlog = offsets.backlog.clone();
     let set_paused = |paused: bool| {
@@ -352,8 +371,9 @@ pub async fn run(
             // Fetched before the pause, or from a partition assigned since: pause that one too.
             set_paused(true);
         }
-        let (partition, offset) = (message.partition(), message.offset());
+        let (partition, offset, read_at) = (message.partition(), message.offset(), std::time::Instant::now());
         offsets.start(partition, offset);
+        record_broker_wait(&metrics, lane, &message);
         // After a partition's last owner stopped mid-way, its next requests are taken alone and
         // counted: one that was tried alone `DELIVERY_LIMIT` times is moved aside.
         let (mut alone, mut crashed) = (false, None);
@@ -415,7 +435,17 @@ pub async fn run(
             Ok(request) if alone => {
                 // Nothing else is taken until it is finished.
                 let span = job_span(&request, &message);
-                backlog.push_back(Job { request, partition, offset, photo: None, crashed, span });
+                backlog.push_back(Job {
+                    request,
+                    lane,
+                    partition,
+                    offset,
+                    photo: None,
+                    crashed,
+                    span,
+                    slot: None,
+                    lap_at: read_at,
+                });
                 tokio::select! {
                     () = &mut shutdown => return offsets.forget(partition, offset),
                     idle = idle(&offsets, &backlog, &jobs, 0) => if idle.is_err() { return },
@@ -424,7 +454,17 @@ pub async fn run(
             }
             Ok(request) => {
                 let span = job_span(&request, &message);
-                backlog.push_back(Job { request, partition, offset, photo: None, crashed, span });
+                backlog.push_back(Job {
+                    request,
+                    lane,
+                    partition,
+                    offset,
+                    photo: None,
+                    crashed,
+                    span,
+                    slot: None,
+                    lap_at: read_at,
+                });
             }
             Err((kind, reason)) => {
                 let moved = reefline_common::kafka::dead_letter(
@@ -442,6 +482,15 @@ pub async fn run(
                 offsets.finish(partition, offset);
             }
         }
+    }
+}
+
+/// How long a record waited between its producer and this read (the produce linger, the broker,
+/// the consumer's fetch and any backlog ahead of it), by the broker's timestamp.
+fn record_broker_wait(metrics: &Metrics, lane: Lane, message: &rdkafka::message::BorrowedMessage<'_>) {
+    if let Some(created) = message.timestamp().to_millis() {
+        let waited = (chrono::Utc::now().timestamp_millis() - created).max(0) as f64 / 1000.0;
+        metrics.stage_seconds.with_label_values(&["broker", lane.as_str()]).observe(waited);
     }
 }
 

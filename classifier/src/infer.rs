@@ -41,7 +41,7 @@ pub fn spawn(
         .name(format!("infer-{}", model.name))
         .spawn(move || {
             let mut input = Vec::new();
-            while let Some(batch) = batches.blocking_recv() {
+            while let Some(mut batch) = batches.blocking_recv() {
                 if let Some((fresh, version)) = reload.as_mut().and_then(Reload::check) {
                     engine = fresh;
                     model = Arc::new(ModelTag { name: model.name.clone(), version });
@@ -57,6 +57,9 @@ pub fn spawn(
                     .iter()
                     .map(|q| tracing::info_span!(parent: &q.item.job.span, "infer", batch_size = n))
                     .collect();
+                for q in &mut batch {
+                    q.item.job.lap(&metrics, "batch");
+                }
                 let started = Instant::now();
                 let result = engine.infer(&input, n);
                 let elapsed = started.elapsed().as_secs_f64();
@@ -78,7 +81,8 @@ pub fn spawn(
                         (0..n).map(|_| Err(ImageError::Inference(e.clone()))).collect()
                     }
                 };
-                for (q, result) in batch.into_iter().zip(results) {
+                for (mut q, result) in batch.into_iter().zip(results) {
+                    q.item.job.lap(&metrics, "infer");
                     if outcomes
                         .blocking_send(Outcome { job: q.item.job, model: model.clone(), result, cached: false })
                         .is_err()

@@ -4,15 +4,20 @@
 //! imports these from here, and no stage imports another's.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use reefline_common::kafka::Lane;
 use reefline_schemas::{ImageRequest, Prediction};
 
 use crate::error::ImageError;
+use crate::metrics::Metrics;
 use crate::photo::Photo;
 
 /// One request on its way through the pipeline, with where it came from.
 pub struct Job {
     pub request: ImageRequest,
+    /// The lane it was read from, and its place there.
+    pub lane: Lane,
     pub partition: i32,
     pub offset: i64,
     /// What its bytes said, once fetched.
@@ -23,6 +28,21 @@ pub struct Job {
     /// Its `classify` span (a child of the trace its record carried), open until its result is
     /// produced; each stage's span is a child of it.
     pub span: tracing::Span,
+    /// A bulk request's place among the bulk requests the pipeline may hold
+    /// (`BULK_IN_FLIGHT`), given back when it is dropped, its result produced.
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// When its current stage began (when it was read, at first), for the latency of each stage.
+    pub lap_at: Instant,
+}
+
+impl Job {
+    /// Ends the stage it was in: the time since the last lap is observed under `stage` and its lane.
+    pub fn lap(&mut self, metrics: &Metrics, stage: &'static str) {
+        let now = Instant::now();
+        let seconds = now.duration_since(self.lap_at).as_secs_f64();
+        metrics.stage_seconds.with_label_values(&[stage, self.lane.as_str()]).observe(seconds);
+        self.lap_at = now;
+    }
 }
 
 /// A model as results name it.

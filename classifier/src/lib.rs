@@ -41,13 +41,14 @@ use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::consume::{Context, Offsets, RequestConsumer};
+use crate::consume::{Context, Lanes, Offsets, RequestConsumer};
 use crate::engine::{Engine, OrtEngine};
 use crate::fetch::{FetchLimits, Fetcher};
 use crate::labels::Labels;
 use crate::offsets::OffsetTracker;
 use crate::preprocess::Preprocess;
 pub use crate::settings::Settings;
+use reefline_common::kafka::Lane;
 use reefline_common::models::Model;
 
 /// The `reefline-classifier` command: settings from flags and environment, run until SIGTERM.
@@ -69,7 +70,8 @@ pub struct Application {
     engines: Vec<ServedModel>,
     default_model: usize,
     labels: Labels,
-    offsets: Offsets,
+    /// Each lane's consumer and offsets.
+    lanes: Lanes,
     metrics: metrics::Metrics,
     producer: FutureProducer,
     codec: Codec,
@@ -98,40 +100,19 @@ impl Application {
             tracing::info!(model = %model.name, version = %model.version, "model loaded");
             engines.push(ServedModel { model, engine, reload: Some(watch) });
         }
-        let topics =
-            [settings.topics.requests.as_str(), settings.topics.results.as_str(), settings.topics.dead_letter.as_str()];
+        let t = &settings.topics;
+        let topics = [&t.requests, &t.interactive, &t.results, &t.dead_letter].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
 
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
-        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-        metrics::InFlight::register(&registry, tracker.clone())?;
-        let backlog = consume::Backlog::default();
-        let modes = consume::Modes::default();
-        let deliveries = deliveries::Deliveries::new(
-            Some(secrecy::ExposeSecret::expose_secret(&settings.database_url)),
-            &settings.group_id,
-            &settings.topics.requests,
-            settings.delivery_limit,
-        )?;
-        let context = Context {
-            tracker: tracker.clone(),
-            backlog: backlog.clone(),
-            lag: reefline_common::kafka::LagGauge::register(&registry, "classifier_consumer_lag")?,
-            modes: modes.clone(),
-            deliveries: deliveries.clone(),
+        // One gauge for both lanes' consumers: they read different topics.
+        let lag = reefline_common::kafka::LagGauge::register(&registry, "classifier_consumer_lag")?;
+        let lanes = Lanes {
+            interactive: lane_consumer(&settings, Lane::Interactive, &lag)?,
+            bulk: lane_consumer(&settings, Lane::Bulk, &lag)?,
         };
-        let consumer: RequestConsumer =
-            settings.kafka.consumer_config(&settings.group_id).create_with_context(context)?;
-        consumer.subscribe(&[&settings.topics.requests])?;
-        let offsets = Offsets {
-            consumer: Arc::new(consumer),
-            backlog,
-            tracker,
-            topic: settings.topics.requests.clone(),
-            modes,
-            deliveries,
-        };
+        metrics::InFlight::register(&registry, vec![lanes.interactive.tracker.clone(), lanes.bulk.tracker.clone()])?;
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let codec = Codec::new(&settings.registry)?;
 
@@ -147,7 +128,7 @@ impl Application {
             engines,
             default_model,
             labels,
-            offsets,
+            lanes,
             metrics,
             producer,
             codec,
@@ -190,6 +171,7 @@ impl Application {
 
         let batch = s.max_batch_size.max(1);
         let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
+        let (interactive_tx, interactive_rx) = mpsc::channel(batch * 4);
         let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
 
         // One batching queue and one engine thread per model, so that a batch never mixes models.
@@ -213,10 +195,18 @@ impl Application {
                 metrics.batch_size.with_label_values(&[&model.name]),
                 metrics.queue_seconds.with_label_values(&[&model.name]),
             );
-            batchers.push(tokio::spawn(batcher::run(policy, prepared_rx, batches_tx, done_rx, move |n, waited| {
-                size.observe(n as f64);
-                queued.observe(waited.as_secs_f64());
-            })));
+            let urgent = |p: &job::Prepared| p.job.lane == Lane::Interactive;
+            batchers.push(tokio::spawn(batcher::run(
+                policy,
+                prepared_rx,
+                batches_tx,
+                done_rx,
+                urgent,
+                move |n, waited| {
+                    size.observe(n as f64);
+                    queued.observe(waited.as_secs_f64());
+                },
+            )));
             let current: job::CurrentModel = Arc::new(std::sync::RwLock::new(tag.clone()));
             let inference = infer::Inference {
                 engine,
@@ -275,7 +265,12 @@ impl Application {
             batch_queues,
             outcome_tx.downgrade(),
         ));
-        let prepare = tokio::spawn(prepare::run(stage, jobs_rx, outcome_tx.clone()));
+        let lanes = prepare::Lanes {
+            interactive: interactive_rx,
+            bulk: jobs_rx,
+            bulk_slots: Arc::new(tokio::sync::Semaphore::new(s.bulk_depth())),
+        };
+        let prepare = tokio::spawn(prepare::run(stage, lanes, outcome_tx.clone()));
         drop(outcome_tx);
         let stopping = produce::Stopping::default();
         let produce = tokio::spawn(produce::run(
@@ -283,9 +278,8 @@ impl Application {
                 producer: self.producer.clone(),
                 codec: self.codec.clone(),
                 topic: s.topics.results.clone(),
-                requests_topic: s.topics.requests.clone(),
                 dead_letter_topic: s.topics.dead_letter.clone(),
-                offsets: self.offsets.clone(),
+                lanes: self.lanes.clone(),
                 metrics: metrics.clone(),
                 stopping: stopping.clone(),
                 tenants: self.tenants.clone(),
@@ -299,24 +293,36 @@ impl Application {
             s.registry.clone(),
             self.readiness.clone(),
         ));
-        tracing::info!(ops = %ops_addr, topic = %s.topics.requests, group = %s.group_id, "classifier running");
+        tracing::info!(
+            ops = %ops_addr,
+            topic = %s.topics.requests,
+            interactive_topic = %s.topics.interactive,
+            group = %s.group_id,
+            bulk_in_flight = s.bulk_depth(),
+            "classifier running"
+        );
         // Both ends of its contract: cameras that produce requests straight to Kafka find it too.
         let register = [
             reefline_common::register_schema::<ImageRequest>(self.codec.clone(), s.topics.requests.clone()),
+            reefline_common::register_schema::<ImageRequest>(self.codec.clone(), s.topics.interactive.clone()),
             reefline_common::register_schema::<ClassificationResult>(self.codec.clone(), s.topics.results.clone()),
         ];
-        consume::run(
-            self.offsets.clone(),
-            metrics.clone(),
-            self.codec.clone(),
-            self.producer.clone(),
-            s.topics.dead_letter.clone(),
-            s.max_url_bytes,
-            self.tenants.clone(),
-            jobs_tx,
-            shutdown,
-        )
-        .await;
+        let consume = |lane: Lane| consume::Consume {
+            lane,
+            offsets: self.lanes.get(lane).clone(),
+            metrics: metrics.clone(),
+            codec: self.codec.clone(),
+            producer: self.producer.clone(),
+            dead_letter_topic: s.topics.dead_letter.clone(),
+            max_url_bytes: s.max_url_bytes,
+            tenants: self.tenants.clone(),
+        };
+        // Both lanes stop reading together.
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+        tokio::join!(
+            consume::run(consume(Lane::Interactive), interactive_tx, shutdown.clone()),
+            consume::run(consume(Lane::Bulk), jobs_tx, shutdown),
+        );
 
         tracing::info!("draining in-flight requests");
         stopping.begin();
@@ -334,15 +340,22 @@ impl Application {
                 .map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
         }
         self.producer.flush(Duration::from_secs(10))?;
-        match self.offsets.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
-                self.offsets.hand_over_cleanly().await;
+        for lane in Lane::ALL {
+            let offsets = self.lanes.get(lane);
+            match offsets.consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(())
+                | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+                    offsets.hand_over_cleanly().await;
+                }
+                Err(e) => tracing::warn!(error = %e, lane = lane.as_str(), "final commit failed"),
             }
-            Err(e) => tracing::warn!(error = %e, "final commit failed"),
         }
         let _ = ops_stop_tx.send(());
         let _ = ops_server.await;
-        reefline_common::kafka::close(self.offsets.consumer, "the requests consumer", Duration::from_secs(10)).await;
+        let Lanes { interactive, bulk } = self.lanes;
+        let close =
+            |offsets: Offsets, what| reefline_common::kafka::close(offsets.consumer, what, Duration::from_secs(10));
+        tokio::join!(close(interactive, "the interactive requests consumer"), close(bulk, "the requests consumer"));
         tracing::info!("classifier stopped");
         Ok(())
     }
@@ -389,6 +402,34 @@ async fn watch_dependencies(
         readiness.set(ready);
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+}
+
+/// A lane's consumer, subscribed to its topic in its own group (the bulk lane's is `CLASSIFIER_GROUP`,
+/// the interactive lane's the same with `.interactive`), with its offsets and delivery ledger.
+fn lane_consumer(settings: &Settings, lane: Lane, lag: &reefline_common::kafka::LagGauge) -> anyhow::Result<Offsets> {
+    let topic = lane.topic(&settings.topics);
+    let group = match lane {
+        Lane::Bulk => settings.group_id.clone(),
+        Lane::Interactive => format!("{}.interactive", settings.group_id),
+    };
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let (backlog, modes) = (consume::Backlog::default(), consume::Modes::default());
+    let deliveries = deliveries::Deliveries::new(
+        Some(secrecy::ExposeSecret::expose_secret(&settings.database_url)),
+        &group,
+        topic,
+        settings.delivery_limit,
+    )?;
+    let context = Context {
+        tracker: tracker.clone(),
+        backlog: backlog.clone(),
+        lag: lag.clone(),
+        modes: modes.clone(),
+        deliveries: deliveries.clone(),
+    };
+    let consumer: RequestConsumer = settings.kafka.consumer_config(&group).create_with_context(context)?;
+    consumer.subscribe(&[topic])?;
+    Ok(Offsets { consumer: Arc::new(consumer), backlog, tracker, topic: topic.to_owned(), modes, deliveries })
 }
 
 /// Samples how full each bounded channel is, for `classifier_queue_depth{stage}` (the stage that

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub cache_lookups: IntCounterVec,
     /// Panics caught in one image's stage, by stage (each became an `internal` error result).
     pub panics: IntCounterVec,
+    /// Where a request's time goes, by stage and lane: `broker` (from its producer to this read:
+    /// linger, broker, fetch wait and any backlog ahead of it), `admit` (read, until the pipeline
+    /// takes it), `prepare` (fetch and decode, with their waits), `batch` (in the batching queue
+    /// and behind the engine), `infer`, `produce` (until its result is acknowledged).
+    pub stage_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -42,6 +47,14 @@ impl Metrics {
             HistogramVec::new(HistogramOpts::new(name, help).buckets(duration_buckets()), &["model"])
         };
         let m = Self {
+            stage_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "classifier_stage_seconds",
+                    "Time a request spends in each stage, by stage and lane",
+                )
+                .buckets(duration_buckets()),
+                &["stage", "lane"],
+            )?,
             results: IntCounterVec::new(
                 Opts::new("classifier_results_total", "Results produced, by outcome"),
                 &["outcome"],
@@ -105,6 +118,7 @@ impl Metrics {
         };
         registry.register(Box::new(m.results.clone()))?;
         registry.register(Box::new(m.fetch_seconds.clone()))?;
+        registry.register(Box::new(m.stage_seconds.clone()))?;
         registry.register(Box::new(m.fetch_bytes.clone()))?;
         registry.register(Box::new(m.fetch_failures.clone()))?;
         registry.register(Box::new(m.fetch_retries.clone()))?;
@@ -127,18 +141,19 @@ impl Metrics {
 /// `classifier_in_flight`: requests taken from Kafka whose results are not yet acknowledged, read
 /// from the offset tracker whenever the metrics are scraped (the tracker keeps no metrics).
 pub struct InFlight {
-    tracker: std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>,
+    /// Each lane's.
+    trackers: Vec<std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>>,
     gauge: IntGauge,
 }
 
 impl InFlight {
     pub fn register(
         registry: &Registry,
-        tracker: std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>,
+        trackers: Vec<std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>>,
     ) -> prometheus::Result<()> {
         let gauge =
             IntGauge::new("classifier_in_flight", "Requests taken from Kafka whose results are not yet acknowledged")?;
-        registry.register(Box::new(Self { tracker, gauge }))
+        registry.register(Box::new(Self { trackers, gauge }))
     }
 }
 
@@ -148,7 +163,7 @@ impl prometheus::core::Collector for InFlight {
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let unfinished = self.tracker.lock().map_or(0, |t| t.unfinished());
+        let unfinished: usize = self.trackers.iter().map(|t| t.lock().map_or(0, |t| t.unfinished())).sum();
         self.gauge.set(unfinished as i64);
         self.gauge.collect()
     }

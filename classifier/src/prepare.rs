@@ -21,6 +21,7 @@ use crate::fetch::Fetcher;
 use crate::job::{Job, ModelTag, Outcome, Prepared};
 use crate::metrics::Metrics;
 use crate::preprocess::Preprocess;
+use reefline_common::kafka::Lane;
 
 /// A model the stage prepares input for: how (its input size) and where its inputs go (its
 /// batching queue).
@@ -74,25 +75,81 @@ impl PixelBudget {
 /// Tasks that may wait for their host's turn, per fetch slot.
 const QUEUE_PER_FETCH: usize = 16;
 
-/// Runs until `jobs` closes and every fetch it started has been passed on.
+/// The places a lane's tasks take, at three levels. Waiting for their host's turn (its own slots,
+/// rate and Retry-After) they hold only a place in a wide queue; from their turn on (fetching,
+/// holding fetched bytes, decoding) a place among twice the fetches; fetching, a fetch slot. So a
+/// slow or throttled host's images wait among themselves, and other hosts' go by them (up to the
+/// queue's width); a task waiting out a retry delay holds neither of the others. Each lane has
+/// its own, so that an interactive request never queues behind bulk ones for a place.
+struct Places {
+    queued: Arc<Semaphore>,
+    work: Arc<Semaphore>,
+    fetches: Arc<Semaphore>,
+    decoders: Arc<Semaphore>,
+}
+
+impl Places {
+    fn new(stage: &Prepare) -> Self {
+        Self {
+            queued: Arc::new(Semaphore::new(stage.fetch_concurrency * QUEUE_PER_FETCH)),
+            work: Arc::new(Semaphore::new(stage.fetch_concurrency * 2)),
+            fetches: Arc::new(Semaphore::new(stage.fetch_concurrency)),
+            decoders: Arc::new(Semaphore::new(stage.decode_threads)),
+        }
+    }
+}
+
+/// The requests the stage takes: each lane's, and the places bulk requests take in the whole
+/// pipeline.
+pub struct Lanes {
+    pub interactive: mpsc::Receiver<Job>,
+    pub bulk: mpsc::Receiver<Job>,
+    /// Bulk requests the pipeline may hold at once (`BULK_IN_FLIGHT`): enough to keep the engine
+    /// busy, few enough that an interactive request finds short queues.
+    pub bulk_slots: Arc<Semaphore>,
+}
+
+impl Lanes {
+    /// The next request: an interactive one whenever one waits, else a bulk one once a bulk
+    /// slot is free; `None` once both lanes are closed.
+    async fn next(&mut self, open: &mut [bool; 2]) -> Option<Job> {
+        loop {
+            let taken = tokio::select! {
+                biased;
+                job = self.interactive.recv(), if open[0] => job.ok_or(0),
+                job = take_bulk(&mut self.bulk, &self.bulk_slots), if open[1] => job.ok_or(1),
+                else => return None,
+            };
+            match taken {
+                Ok(job) => return Some(job),
+                Err(closed) => open[closed] = false,
+            }
+        }
+    }
+}
+
+/// A bulk request with its slot (cancel-safe: a slot taken for a request not yet read is given back).
+async fn take_bulk(bulk: &mut mpsc::Receiver<Job>, slots: &Arc<Semaphore>) -> Option<Job> {
+    let slot = slots.clone().acquire_owned().await.ok()?;
+    let mut job = bulk.recv().await?;
+    job.slot = Some(slot);
+    Some(job)
+}
+
+/// Runs until both lanes close and every fetch it started has been passed on.
 pub async fn run(
     stage: Prepare,
-    mut jobs: mpsc::Receiver<Job>,
+    mut lanes: Lanes,
     // Failures skip the batch and go straight to the producer.
     failed: mpsc::Sender<Outcome>,
 ) {
-    // Tasks are bounded at three levels. Waiting for their host's turn (its own slots, rate and
-    // Retry-After) they hold only a place in a wide queue; from their turn on (fetching, holding
-    // fetched bytes, decoding) a place among twice the fetches; fetching, a fetch slot. So a slow
-    // or throttled host's images wait among themselves, and other hosts' go by them (up to the
-    // queue's width); a task waiting out a retry delay holds neither of the others.
-    let queued = Arc::new(Semaphore::new(stage.fetch_concurrency * QUEUE_PER_FETCH));
-    let work = Arc::new(Semaphore::new(stage.fetch_concurrency * 2));
-    let fetches = Arc::new(Semaphore::new(stage.fetch_concurrency));
-    let decoders = Arc::new(Semaphore::new(stage.decode_threads));
+    let places = [Places::new(&stage), Places::new(&stage)];
     let stage = Arc::new(stage);
     let mut tasks = tokio::task::JoinSet::new();
-    while let Some(job) = jobs.recv().await {
+    let mut open = [true, true];
+    while let Some(mut job) = lanes.next(&mut open).await {
+        job.lap(&stage.metrics, "admit");
+        let Places { queued, work, fetches, decoders } = &places[usize::from(job.lane == Lane::Bulk)];
         // A request classifiers kept stopping on fails under its model, as one naming no served model does.
         let chosen = stage.model_for(&job).and_then(|model| match job.crashed {
             Some(tries) => Err((stage.models[model].tag.clone(), ImageError::CrashLoop { tries })),
@@ -128,6 +185,7 @@ pub async fn run(
                     let cached = stage.cache.get(&photo.sha256, &model, job.request.tenant.as_deref()).await;
                     job.photo = Some(photo);
                     if let Some(classified) = cached {
+                        job.lap(&stage.metrics, "prepare");
                         let outcome = Outcome { job, model, result: Ok(classified), cached: true };
                         let _ = failed.send(outcome).await;
                         drop(permit);
@@ -148,6 +206,7 @@ pub async fn run(
                 }
                 Err(error) => Err(error),
             };
+            job.lap(&stage.metrics, "prepare");
             let _ = match decoded {
                 Ok((tensor, _slot)) => input.queue.send(Prepared { job, tensor }).await.map_err(drop),
                 Err(error) => {

@@ -21,7 +21,7 @@ use reefline_schemas::{BATCH_ID_HEADER, ClassificationResult, Codec, CodecError,
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::consume::Offsets;
+use crate::consume::Lanes;
 use crate::job::Outcome;
 
 /// What the stage needs.
@@ -29,9 +29,9 @@ pub struct Produce {
     pub producer: FutureProducer,
     pub codec: Codec,
     pub topic: String,
-    pub requests_topic: String,
     pub dead_letter_topic: String,
-    pub offsets: Offsets,
+    /// Each lane's offsets (and topic, which a dead letter names as its source).
+    pub lanes: Lanes,
     pub metrics: crate::metrics::Metrics,
     pub stopping: Stopping,
     /// Seals a dead-lettered request's tenant again, so that a replay keeps it.
@@ -161,7 +161,9 @@ impl Produce {
         let e2e = (result.completed_at_ms - result.submitted_at_ms).max(0) as f64 / 1000.0;
         metrics.end_to_end_seconds.observe(e2e);
         tracing::debug!(request_id = %result.request_id, status = result.status.as_str(), "result produced");
-        self.offsets.finish(outcome.job.partition, outcome.job.offset);
+        let mut job = outcome.job;
+        job.lap(metrics, "produce");
+        self.lanes.get(job.lane).finish(job.partition, job.offset);
     }
 
     /// Produces `result`, its record carrying the trace context of `span` (the request's).
@@ -183,7 +185,7 @@ impl Produce {
         let job = &outcome.job;
         let mut backoff = reefline_common::Backoff::new();
         let payload = loop {
-            match self.codec.encode(&self.requests_topic, &job.request).await {
+            match self.codec.encode(&self.lanes.get(job.lane).topic, &job.request).await {
                 Ok(payload) => break payload,
                 Err(e) if self.stopping.given_up() => {
                     tracing::warn!(request_id = %job.request.request_id, error = %e, "stopping with a dead letter unsent; the request will be redone");
@@ -197,7 +199,7 @@ impl Produce {
         };
         let seal = job.request.tenant.as_deref().and_then(|t| self.tenants.seal(t, &job.request.request_id));
         let source = Source {
-            topic: &self.requests_topic,
+            topic: &self.lanes.get(job.lane).topic,
             partition: job.partition,
             offset: job.offset,
             key: Some(job.request.request_id.as_bytes()),

@@ -66,6 +66,12 @@ pub struct Settings {
     #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
 
+    /// Bulk requests the pipeline holds at once, from their read to their result (0: eight
+    /// batches' worth). Enough keeps the engine busy; each more is one an interactive request may
+    /// find ahead of it on a core. Raise it for image hosts far away (each fetch waits longer).
+    #[arg(long, env = "BULK_IN_FLIGHT", default_value_t = 0)]
+    pub bulk_in_flight: usize,
+
     /// Longest a partial batch waits for company while the engine is busy, in milliseconds.
     #[arg(long, env = "MAX_BATCH_DELAY_MS", default_value_t = 10)]
     pub max_batch_delay_ms: u64,
@@ -191,6 +197,14 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Bulk requests the pipeline holds at once (`BULK_IN_FLIGHT`, or eight batches' worth).
+    pub fn bulk_depth(&self) -> usize {
+        match self.bulk_in_flight {
+            0 => 8 * self.max_batch_size.max(1),
+            n => n,
+        }
+    }
+
     /// The ONNX Runtime options these settings describe, for the model in `model` taking
     /// `image_size`-pixel squares.
     pub fn ort_options(&self, model: PathBuf, image_size: u32) -> crate::engine::OrtOptions {

@@ -12,6 +12,12 @@ pub struct Topics {
     #[arg(long = "requests-topic", env = "REQUESTS_TOPIC", default_value = "reefline.requests")]
     pub requests: String,
 
+    /// Topic interactive requests go to (a waiting or small submission, the seed routes) and are
+    /// read from first: every classifier takes them before any request of `requests` (the bulk
+    /// lane: feeds, retries, large submissions), so they never wait behind a backlog.
+    #[arg(long = "interactive-topic", env = "INTERACTIVE_TOPIC", default_value = "reefline.requests.interactive")]
+    pub interactive: String,
+
     /// Topic the results go to.
     #[arg(long = "results-topic", env = "RESULTS_TOPIC", default_value = "reefline.results")]
     pub results: String,
@@ -27,6 +33,36 @@ pub struct Topics {
     /// Partitions of a topic a service has to create.
     #[arg(long = "topic-partitions", env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
+}
+
+/// The two lanes requests travel: interactive work is read before any bulk work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    /// Someone is waiting: a waiting or small submission, the seed routes.
+    Interactive,
+    /// Feeds, retries, large submissions: throughput, not latency.
+    Bulk,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Interactive, Lane::Bulk];
+
+    /// The topic the lane's requests travel.
+    pub fn topic(self, topics: &Topics) -> &str {
+        match self {
+            Lane::Interactive => &topics.interactive,
+            Lane::Bulk => &topics.requests,
+        }
+    }
+
+    /// Its name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Interactive => "interactive",
+            Lane::Bulk => "bulk",
+        }
+    }
 }
 
 /// Where the brokers are and any extra librdkafka properties (SASL, SSL, tuning).

@@ -137,8 +137,12 @@ impl Application {
     /// submissions and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let topics = &settings.topics;
-        reefline_common::kafka::ensure_topics(&settings.kafka, &[&topics.requests, &topics.results], topics.partitions)
-            .await?;
+        reefline_common::kafka::ensure_topics(
+            &settings.kafka,
+            &[&topics.requests, &topics.interactive, &topics.results],
+            topics.partitions,
+        )
+        .await?;
         anyhow::ensure!(
             settings.max_pending_images >= settings.max_images,
             "INGEST_MAX_PENDING_IMAGES ({}) must be at least MAX_IMAGES_PER_REQUEST ({})",

@@ -20,6 +20,10 @@ pub struct Metrics {
     pub feed_lines: IntCounterVec,
     /// Images produced, by tenant (tenants are configured: the labels are bounded).
     pub tenant_images: IntCounterVec,
+    /// Images of submissions produced, by lane (feeds and retries travel the bulk lane).
+    pub lane_images: IntCounterVec,
+    /// How long a feed's next lines waited for its share of the classifiers.
+    pub feed_share_wait: prometheus::Histogram,
     /// Submissions refused for their tenant's quota, by tenant.
     pub quota_refusals: IntCounterVec,
 }
@@ -51,6 +55,16 @@ impl Metrics {
             Opts::new("ingest_tenant_images_total", "Image requests produced to Kafka, by tenant"),
             &["tenant"],
         )?;
+        let lane_images = IntCounterVec::new(
+            Opts::new("ingest_lane_images_total", "Image requests of submissions produced to Kafka, by lane"),
+            &["lane"],
+        )?;
+        registry.register(Box::new(lane_images.clone()))?;
+        let feed_share_wait = prometheus::Histogram::with_opts(
+            HistogramOpts::new("ingest_feed_share_wait_seconds", "Time a feed's next lines waited for its share")
+                .buckets(reefline_common::ops::duration_buckets()),
+        )?;
+        registry.register(Box::new(feed_share_wait.clone()))?;
         let quota_refusals = IntCounterVec::new(
             Opts::new("ingest_quota_refusals_total", "Submissions refused for their tenant's quota, by tenant"),
             &["tenant"],
@@ -73,6 +87,8 @@ impl Metrics {
             waits,
             feed_lines,
             tenant_images,
+            lane_images,
+            feed_share_wait,
             quota_refusals,
         })
     }

@@ -18,6 +18,7 @@ use url::Url;
 use uuid::Uuid;
 
 use reefline_common::auth::Caller;
+use reefline_common::kafka::Lane;
 
 use crate::AppState;
 use crate::error::IngestError;
@@ -135,7 +136,8 @@ async fn classify_one(State(state): State<Arc<AppState>>, caller: Caller, header
             .map_err(|reason| IngestError::InvalidUrl { field: "image_url".into(), reason })?;
         let model = validate::check_model(request.model, &state.models)?;
         let wait = wait_for(&state, request.wait, state.infer_wait())?;
-        let submission = Submission { urls: vec![url], model, callback_url: None, tenant: caller.tenant.clone() };
+        let lane = lane_of(&state, request.priority.unwrap_or(Lane::Interactive));
+        let submission = Submission { urls: vec![url], model, callback_url: None, tenant: caller.tenant.clone(), lane };
         Ok(match submit_and_wait(&state, "classify", submission, wait).await? {
             Answer::Waited { mut results, .. } if !results.is_empty() => {
                 (StatusCode::OK, Json(ResultView::from(results.remove(0)))).into_response()
@@ -191,7 +193,12 @@ async fn handle_many(
     let model = validate::check_model(request.model, &state.models)?;
     let callback_url = validate::check_callback(request.callback_url, state.settings.max_url_bytes)?;
     let wait = wait_for(state, request.wait, default_wait)?;
-    let submission = Submission { urls, model, callback_url, tenant: caller.tenant.clone() };
+    let small = urls.len() <= state.settings.interactive_max_images;
+    let lane = lane_of(
+        state,
+        request.priority.unwrap_or(if small || !wait.is_zero() { Lane::Interactive } else { Lane::Bulk }),
+    );
+    let submission = Submission { urls, model, callback_url, tenant: caller.tenant.clone(), lane };
     Ok(match submit_and_wait(state, route, submission, wait).await? {
         Answer::Accepted { batch_id, request_ids } => {
             (StatusCode::ACCEPTED, Json(Accepted { batch_id, request_ids })).into_response()
@@ -211,6 +218,11 @@ fn wait_for(state: &AppState, asked: Option<f64>, default: Duration) -> Result<D
     Ok(wait.min(Duration::from_secs_f64(state.settings.max_wait_seconds.max(0.0))))
 }
 
+/// The lane a submission travels: the one it chose, unless the interactive lane is off.
+fn lane_of(state: &AppState, chosen: Lane) -> Lane {
+    if state.settings.interactive_lane { chosen } else { Lane::Bulk }
+}
+
 /// What became of an accepted submission.
 enum Answer {
     /// It did not wait.
@@ -227,11 +239,11 @@ async fn submit_and_wait(
     submission: Submission,
     wait: Duration,
 ) -> Result<Answer, IngestError> {
-    let requests = submission.plan();
+    let (lane, requests) = submission.plan();
     let batch_id = requests[0].batch_id.clone();
     let request_ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
     let registration = (!wait.is_zero()).then(|| state.waiters.register(&batch_id, request_ids.clone()));
-    submit(state, route, requests).await?;
+    submit(state, route, lane, requests).await?;
     let Some(registration) = registration else { return Ok(Answer::Accepted { batch_id, request_ids }) };
     let results = registration.finish(wait).await;
     let outcome = if results.len() == request_ids.len() { "complete" } else { "timed_out" };
@@ -246,16 +258,19 @@ struct Submission {
     callback_url: Option<String>,
     /// The caller's tenant.
     tenant: String,
+    /// The lane its records travel.
+    lane: Lane,
 }
 
 impl Submission {
     /// One request record per URL, under a new batch id.
-    fn plan(self) -> Vec<ImageRequest> {
+    fn plan(self) -> (Lane, Vec<ImageRequest>) {
         let batch_id = Uuid::now_v7().to_string();
         let submitted_at_ms = chrono::Utc::now().timestamp_millis();
         let batch_size = self.urls.len() as i32;
         let (model, callback_url, tenant) = (self.model, self.callback_url, self.tenant);
-        self.urls
+        let requests = self
+            .urls
             .into_iter()
             .enumerate()
             .map(|(i, url)| ImageRequest {
@@ -271,7 +286,8 @@ impl Submission {
                 tenant: Some(tenant.clone()),
                 ..ImageRequest::default()
             })
-            .collect()
+            .collect();
+        (self.lane, requests)
     }
 }
 
@@ -300,7 +316,7 @@ impl Drop for Admission<'_> {
 }
 
 /// Produces one record per request and returns only once the broker has acknowledged all of them.
-async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> Result<(), IngestError> {
+async fn submit(state: &AppState, route: &str, lane: Lane, requests: Vec<ImageRequest>) -> Result<(), IngestError> {
     let started = Instant::now();
     let tenant = requests[0].tenant.as_deref().unwrap_or(state.tenants.kafka_tenant());
     let _tenants_room = state.quotas.admit_pending(tenant, requests.len()).map_err(|limit| {
@@ -320,15 +336,15 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
         return Err(IngestError::over_day(over));
     }
     // The trace of the submission: each record carries its context to the classifier.
-    let span = tracing::info_span!("submit", batch_id = %requests[0].batch_id, images = requests.len(), route);
-    let topic = &state.settings.topics.requests;
+    let span = tracing::info_span!("submit", batch_id = %requests[0].batch_id, images = requests.len(), route, lane = lane.as_str());
+    let topic = lane.topic(&state.settings.topics);
     let mut records = Vec::with_capacity(requests.len());
     for request in &requests {
         let payload = state.codec.encode(topic, request).await.map_err(|e| IngestError::Unavailable(e.to_string()))?;
         records.push((request, payload));
     }
     let deliveries = records.iter().map(|(request, payload)| {
-        let record = crate::feeds::produce::request_record(state, request, payload, &span);
+        let record = crate::feeds::produce::request_record(state, topic, request, payload, &span);
         // No waiting for room in the producer's queue: it has room for every admitted image.
         state.producer.send(record, Duration::ZERO)
     });
@@ -342,7 +358,8 @@ async fn submit(state: &AppState, route: &str, requests: Vec<ImageRequest>) -> R
     state.metrics.images.with_label_values(&[route]).inc_by(records.len() as u64);
     state.metrics.tenant_images.with_label_values(&[tenant]).inc_by(records.len() as u64);
     state.metrics.produce_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
-    tracing::info!(batch_id = %requests[0].batch_id, images = records.len(), route, "submission accepted");
+    state.metrics.lane_images.with_label_values(&[lane.as_str()]).inc_by(records.len() as u64);
+    tracing::info!(batch_id = %requests[0].batch_id, images = records.len(), route, lane = lane.as_str(), "submission accepted");
     Ok(())
 }
 

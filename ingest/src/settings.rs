@@ -13,13 +13,23 @@ pub struct Settings {
     #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
 
-    /// The topics; ingest produces to `requests`.
+    /// The topics; ingest produces to `interactive` and `requests` (the bulk lane).
     #[command(flatten)]
     pub topics: Topics,
 
     /// Most URLs accepted in one submission.
     #[arg(long, env = "MAX_IMAGES_PER_REQUEST", default_value_t = 1000)]
     pub max_images: usize,
+
+    /// Whether submissions may travel the interactive lane (`INTERACTIVE_TOPIC`); false: every
+    /// submission travels the bulk lane (`REQUESTS_TOPIC`), as before there were lanes.
+    #[arg(long, env = "INTERACTIVE_LANE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub interactive_lane: bool,
+
+    /// Most images a submission may have to travel the interactive lane without asking: a larger
+    /// one that does not wait travels the bulk lane unless it says `"priority": "interactive"`.
+    #[arg(long, env = "INTERACTIVE_MAX_IMAGES", default_value_t = 16)]
+    pub interactive_max_images: usize,
 
     /// Longest URL accepted, in bytes.
     #[arg(long, env = "MAX_URL_BYTES", default_value_t = 2048)]
@@ -97,6 +107,15 @@ pub struct Settings {
     /// interrupted (resend with the same Idempotency-Key to resume).
     #[arg(long, env = "FEED_IDLE_TIMEOUT_S", default_value_t = 60)]
     pub feed_idle_timeout_s: u64,
+
+    /// Feed images on the broker without a result, across the feeds being read: each tenant with
+    /// a feed being read gets an even part, split evenly between its feeds, and a feed's next
+    /// lines are read (from its upload or source) only while it is within its part. So a second
+    /// feed starts at once beside a first of a million lines. About two seconds of the
+    /// classifiers' throughput keeps them busy; more only lengthens the queue a new feed joins.
+    /// 0: no window (each feed is put on the broker as fast as the broker takes it).
+    #[arg(long, env = "FEED_WINDOW_IMAGES", default_value_t = 320)]
+    pub feed_window_images: u64,
 
     /// How long a feed being read by an upload that stopped being heard from stays its own
     /// (a resend with the same key answers 409 until then), in seconds.

@@ -24,6 +24,10 @@ pub struct ClassifyRequest {
     pub wait: Option<f64>,
     /// Where the sink POSTs the submission's signed summary once every image has a result.
     pub callback_url: Option<String>,
+    /// The lane it travels. Absent: `interactive` when it waits or has at most
+    /// `INTERACTIVE_MAX_IMAGES` (16) images, else `bulk`. Bulk work is read only once no
+    /// interactive work waits.
+    pub priority: Option<reefline_common::kafka::Lane>,
 }
 
 /// `POST /classify`: one image URL.
@@ -38,6 +42,8 @@ pub struct SingleRequest {
     /// Seconds to wait for the result before answering (0 to 60); absent: `INGEST_INFER_WAIT_SECONDS`.
     #[schema(minimum = 0, maximum = 60)]
     pub wait: Option<f64>,
+    /// The lane it travels; absent: `interactive`.
+    pub priority: Option<reefline_common::kafka::Lane>,
 }
 
 /// Checks `callback_url`, when given, by the rules of an image URL (where it points is checked

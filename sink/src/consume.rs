@@ -42,7 +42,6 @@ pub struct Sink {
     pub pool: PgPool,
     pub codec: Codec,
     pub producer: FutureProducer,
-    pub topic: String,
     pub dead_letter_topic: String,
     pub max_batch: usize,
     pub linger: Duration,
@@ -139,7 +138,7 @@ impl Sink {
         for (i, reason) in refused {
             self.dead_letter(&messages[sources[i]], "refused_by_database", &reason).await;
         }
-        store_offsets(&self.consumer, &self.topic, messages);
+        store_offsets(&self.consumer, messages);
     }
 
     async fn dead_letter(&self, message: &BorrowedMessage<'_>, kind: &str, reason: &str) {
@@ -244,15 +243,16 @@ async fn next_batch<'c>(
     Some(batch)
 }
 
-/// Stores, for commit, the offset after the last of `messages` in each partition.
-fn store_offsets(consumer: &LagConsumer, topic: &str, messages: &[BorrowedMessage<'_>]) {
-    let mut next: HashMap<i32, i64> = HashMap::new();
+/// Stores, for commit, the offset after the last of `messages` in each partition (of each topic:
+/// the requests log reads both lanes).
+fn store_offsets(consumer: &LagConsumer, messages: &[BorrowedMessage<'_>]) {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
     for m in messages {
-        let e = next.entry(m.partition()).or_insert(0);
+        let e = next.entry((m.topic(), m.partition())).or_insert(0);
         *e = (*e).max(m.offset() + 1);
     }
     let mut tpl = TopicPartitionList::new();
-    for (partition, offset) in next {
+    for ((topic, partition), offset) in next {
         let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
     }
     if let Err(e) = consumer.store_offsets(&tpl) {
@@ -267,7 +267,6 @@ pub struct RequestLog {
     pub consumer: LagConsumer,
     pub pool: PgPool,
     pub codec: Codec,
-    pub topic: String,
     pub max_batch: usize,
     pub linger: Duration,
     /// Requests recorded, and records skipped as undecodable.
@@ -337,7 +336,7 @@ impl RequestLog {
                 tracing::warn!(request_id = %requests[*i].request_id, %reason, "request refused by the database; skipped");
             }
             self.recorded.inc_by((requests.len() - refused.len()) as u64);
-            store_offsets(&self.consumer, &self.topic, &batch);
+            store_offsets(&self.consumer, &batch);
         }
     }
 }

@@ -39,8 +39,12 @@ pub struct FeedView {
     pub done: bool,
     /// Results per second over the last minute.
     pub images_per_second: f64,
+    /// Its part of every result the classifiers gave over the last minute (0 to 1): beside other
+    /// feeds being read, each tenant's feeds share the classifiers evenly (`FEED_WINDOW_IMAGES`).
+    pub share: f64,
     /// Seconds until every accepted image has a result at that rate; `null` when done, or when no
-    /// result came in the last minute.
+    /// result came in the last minute. While the feed is still being read, its lines to come are
+    /// estimated from its size (an upload's Content-Length, a source's) and the bytes read so far.
     pub eta_seconds: Option<f64>,
     pub created_at: String,
     pub read_at: Option<String>,
@@ -76,6 +80,10 @@ struct FeedRow {
     ok: i64,
     error: i64,
     recent: i64,
+    /// Results of every submission and feed over the last minute.
+    everyone_recent: i64,
+    size_bytes: Option<i64>,
+    read_bytes: i64,
     window_s: f64,
 }
 
@@ -115,7 +123,9 @@ pub async fn progress(
 ) -> Result<Json<FeedView>, ApiError> {
     let row: FeedRow = sqlx::query_as(&format!(
         "SELECT f.feed_id, f.state, f.format, f.source_url, f.model, f.callback_url, f.columns, f.lines_read, f.accepted, f.rejected,
+                f.size_bytes, f.read_bytes,
                 f.created_at, f.read_at, b.completed_at, r.ok, r.error, r.recent,
+                (SELECT count(*) FROM results WHERE completed_at > now() - interval '1 minute') AS everyone_recent,
                 GREATEST(1.0, LEAST(60.0, EXTRACT(EPOCH FROM now() - f.created_at)::float8)) AS window_s
          FROM feeds f
               CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'ok') AS ok,
@@ -148,7 +158,15 @@ pub async fn progress(
     let pending = (row.accepted - completed).max(0);
     let done = row.state == "read" && pending == 0;
     let rate = row.recent as f64 / row.window_s;
-    let eta_seconds = (!done && rate > 0.0).then(|| (pending as f64 / rate * 10.0).round() / 10.0);
+    // While it is being read, the lines to come are estimated from its size, where known.
+    let expected = match row.size_bytes {
+        Some(size) if row.state == "reading" && row.read_bytes > 0 && size > row.read_bytes => {
+            (row.accepted as f64 * size as f64 / row.read_bytes as f64).round() as i64
+        }
+        _ => row.accepted,
+    };
+    let to_go = (expected - completed).max(0);
+    let eta_seconds = (!done && rate > 0.0).then(|| (to_go as f64 / rate * 10.0).round() / 10.0);
     let links = FeedLinks {
         rejects: format!("/v1/feeds/{feed_id}/rejects"),
         results: format!("/v1/feeds/{feed_id}/results?format=csv"),
@@ -169,6 +187,11 @@ pub async fn progress(
         pending,
         done,
         images_per_second: (rate * 100.0).round() / 100.0,
+        share: if row.everyone_recent > 0 {
+            (row.recent as f64 / row.everyone_recent as f64 * 100.0).round() / 100.0
+        } else {
+            0.0
+        },
         eta_seconds,
         created_at: row.created_at.to_rfc3339(),
         read_at: row.read_at.map(|t| t.to_rfc3339()),

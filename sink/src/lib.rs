@@ -100,7 +100,7 @@ impl Application {
             idle: Duration::from_secs(settings.export_idle_timeout_s.max(1)),
         };
         let t = &settings.topics;
-        let topics = [&t.results, &t.dead_letter, &t.requests, &t.batches].map(String::as_str);
+        let topics = [&t.results, &t.dead_letter, &t.requests, &t.interactive, &t.batches].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
         let registry = prometheus::Registry::new();
         // One gauge for both consumers: they read different topics.
@@ -111,7 +111,8 @@ impl Application {
         let codec = Codec::new(&settings.registry)?;
         let requests_consumer: consume::LagConsumer =
             settings.kafka.consumer_config(&settings.requests_group_id).create_with_context(LagContext(lag))?;
-        requests_consumer.subscribe(&[&settings.topics.requests])?;
+        // Both lanes' requests: each is recorded as pending whichever lane it travels.
+        requests_consumer.subscribe(&[&settings.topics.requests, &settings.topics.interactive])?;
         let recorded = IntCounter::new("sink_requests_recorded_total", "Requests recorded as pending")?;
         let skipped = IntCounter::new("sink_requests_skipped_total", "Request records skipped as undecodable")?;
         registry.register(Box::new(recorded.clone()))?;
@@ -121,7 +122,6 @@ impl Application {
             consumer: requests_consumer,
             pool: pool.clone(),
             codec: codec.clone(),
-            topic: settings.topics.requests.clone(),
             max_batch: settings.max_batch.max(1),
             linger: Duration::from_millis(settings.linger_ms),
             recorded,
@@ -170,7 +170,6 @@ impl Application {
             pool,
             codec,
             producer,
-            topic: settings.topics.results.clone(),
             dead_letter_topic: settings.topics.dead_letter.clone(),
             max_batch: settings.max_batch.max(1),
             linger: Duration::from_millis(settings.linger_ms),

@@ -19,6 +19,7 @@ mod broker;
 pub mod camera;
 pub mod feeds;
 mod processes;
+pub mod tenants;
 pub mod workload;
 
 pub use broker::Broker;
@@ -273,6 +274,7 @@ impl StackSettings {
         kafka.session_timeout_ms = SESSION_TIMEOUT_MS;
         let topics = reefline_common::kafka::Topics {
             requests: names.requests.clone(),
+            interactive: format!("{}.interactive", names.requests),
             results: names.results.clone(),
             dead_letter: names.dead_letter.clone(),
             batches: names.batches.clone(),

@@ -63,6 +63,7 @@ impl ServiceProcess {
         command
             .args(["--listen", "127.0.0.1:0"])
             .args(["--requests-topic", &s.topics.requests, "--results-topic", &s.topics.results])
+            .args(["--interactive-topic", &s.topics.interactive])
             .args(["--dead-letter-topic", &s.topics.dead_letter, "--group-id", &s.group_id])
             .args(["--topic-partitions", &s.topics.partitions.to_string()])
             .args(["--session-timeout-ms", &s.kafka.session_timeout_ms.to_string()])
@@ -107,6 +108,7 @@ impl ServiceProcess {
             .args(["--results-topic", &s.topics.results, "--dead-letter-topic", &s.topics.dead_letter])
             .args(["--topic-partitions", &s.topics.partitions.to_string(), "--group-id", &s.group_id])
             .args(["--requests-topic", &s.topics.requests, "--requests-group-id", &s.requests_group_id])
+            .args(["--interactive-topic", &s.topics.interactive])
             .args(["--session-timeout-ms", &s.kafka.session_timeout_ms.to_string()])
             .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
         Self::spawn(command, name)
@@ -125,6 +127,7 @@ impl ServiceProcess {
         command
             .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
             .args(["--requests-topic", &s.topics.requests, "--results-topic", &s.topics.results])
+            .args(["--interactive-topic", &s.topics.interactive])
             .args(["--topic-partitions", &s.topics.partitions.to_string()])
             .arg("--models-manifest")
             .arg(&s.models.manifest)

@@ -16,8 +16,9 @@ pub const REQUESTS: i64 = 2000;
 /// What each request id should end as: (`ok` or the error kind, URL).
 pub type Expected = HashMap<String, (&'static str, String)>;
 
-/// 2,000 URLs: 1,800 real photos (cycling through the 22), 100 missing, 100 not images; submitted
-/// in two requests. Returns what each request id should end as: (`ok` or error kind, URL).
+/// 2,000 URLs: 1,800 real photos (cycling through the 22), 100 missing, 100 not images; the
+/// first 1,000 submitted at once (the bulk lane), the rest ten at a time (the interactive lane),
+/// so that the faults meet both lanes at work. Returns what each request id should end as: (`ok` or error kind, URL).
 pub async fn submit_mixed(client: &reqwest::Client, ingest: &str, photos: &str) -> Expected {
     let names: Vec<String> = crate::foolbox_photos()
         .into_iter()
@@ -32,7 +33,8 @@ pub async fn submit_mixed(client: &reqwest::Client, ingest: &str, photos: &str) 
         })
         .collect();
     let mut expected = HashMap::new();
-    for chunk in urls.chunks(1000) {
+    let (bulk, interactive) = urls.split_at(1000);
+    for chunk in std::iter::once(bulk).chain(interactive.chunks(10)) {
         let images: Vec<&str> = chunk.iter().map(|(u, _)| u.as_str()).collect();
         let response =
             client.post(format!("{ingest}/v1/classify")).json(&json!({ "images": images })).send().await.unwrap();

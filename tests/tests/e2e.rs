@@ -14,6 +14,7 @@ mod feed_exports;
 mod feed_operations;
 mod feeds;
 mod hostile;
+mod lanes;
 mod models;
 mod outages;
 mod tenants;

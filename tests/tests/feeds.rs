@@ -40,7 +40,14 @@ async fn a_million_line_feed_is_read_in_bounded_memory_with_every_accepted_line_
     const LINES: usize = 1_000_000;
     let env = TestEnv::start().await;
     let settings = env.settings();
-    let ingest = ServiceProcess::ingest(env!("CARGO_BIN_EXE_ingest-under-test"), &settings.ingest, "feed-ingest");
+    // No classifier takes the feed's images here: no window holds the feed back for them.
+    let no_window = [("FEED_WINDOW_IMAGES", "0")];
+    let ingest = ServiceProcess::ingest_with_env(
+        env!("CARGO_BIN_EXE_ingest-under-test"),
+        &settings.ingest,
+        "feed-ingest",
+        &no_window,
+    );
     let ingest_url = format!("http://{}", ingest.address("ingest listening").await);
     let client = reqwest::Client::new();
     wait_for_ledger(&client, &ingest_url).await;
@@ -138,7 +145,10 @@ async fn a_million_line_feed_is_read_in_bounded_memory_with_every_accepted_line_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upload_cut_half_way_resumes_after_its_last_settled_line_under_its_key() {
     let env = TestEnv::start().await;
-    let stack = Stack::start_without_classifier(env.settings()).await;
+    let mut settings = env.settings();
+    // No classifier takes the feed's images here: no window holds the feed back for them.
+    settings.ingest.feed_window_images = 0;
+    let stack = Stack::start_without_classifier(settings).await;
     let client = reqwest::Client::new();
     wait_for_ledger(&client, &stack.ingest).await;
     let none = std::collections::BTreeMap::new();
@@ -246,6 +256,7 @@ async fn a_slow_but_live_reader_keeps_its_feed_from_a_resend() {
     let env = TestEnv::start().await;
     let mut settings = env.settings();
     settings.ingest.feed_lease_s = 1;
+    settings.ingest.feed_window_images = 0; // no classifier takes the feed's images here
     let stack = Stack::start_without_classifier(settings).await;
     let client = reqwest::Client::new();
     wait_for_ledger(&client, &stack.ingest).await;

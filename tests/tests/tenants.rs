@@ -7,21 +7,10 @@ use std::time::Duration;
 use rdkafka::producer::FutureRecord;
 use reefline_common::producer::FutureProducer;
 use reefline_e2e::feeds::{csv_rows, post_feed, wait_for_ledger};
+use reefline_e2e::tenants::{client_with, key_file};
 use reefline_e2e::{Stack, TestEnv, get_json, post_json, wait_for, wait_for_status};
 use reefline_schemas::ImageRequest;
 use serde_json::{Value, json};
-use sha2::Digest;
-
-/// A client that presents `key` on every request.
-fn client_with(key: &str) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {key}").parse().unwrap());
-    reqwest::Client::builder().default_headers(headers).build().unwrap()
-}
-
-fn key_line(key: &str, tenant: &str, role: &str) -> String {
-    format!("{tenant} {role} {}\n", hex::encode(sha2::Sha256::digest(key.as_bytes())))
-}
 
 fn ids(page: &Value) -> Vec<String> {
     page["results"].as_array().unwrap().iter().map(|r| r["request_id"].as_str().unwrap().to_owned()).collect()
@@ -31,16 +20,6 @@ fn ids(page: &Value) -> Vec<String> {
 async fn get_text(client: &reqwest::Client, url: &str) -> (u16, String) {
     let response = client.get(url).send().await.unwrap();
     (response.status().as_u16(), response.text().await.unwrap())
-}
-
-/// A key file giving the keys `(key, tenant, role)`, for ingest and the sink of `settings`.
-fn key_file(settings: &mut reefline_e2e::StackSettings, keys: &[(&str, &str, &str)]) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("reefline-tenant-keys-{}", uuid::Uuid::now_v7().simple()));
-    let text: String = keys.iter().map(|(key, tenant, role)| key_line(key, tenant, role)).collect();
-    std::fs::write(&path, text).unwrap();
-    settings.ingest.auth.api_keys_file = Some(path.clone());
-    settings.sink.auth.api_keys_file = Some(path.clone());
-    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -166,6 +166,7 @@ pub async fn checkpoint(
     lease: Uuid,
     chunk: &Chunk,
     max_stored_rejects: u64,
+    bytes: Bytes,
 ) -> Result<(), CheckpointError> {
     let lines = &chunk.lines;
     let Some(last_line) = lines.iter().map(Line::number).max() else { return Ok(()) };
@@ -182,7 +183,8 @@ pub async fn checkpoint(
     let rejected_after: Option<i64> = sqlx::query_scalar(
         "UPDATE feeds SET lines_read = lines_read + $3, accepted = accepted + $4, rejected = rejected + $5,
                           last_line = $6, chunks = chunks + CASE WHEN $4 > 0 THEN 1 ELSE 0 END,
-                          columns = $7, format = $8, updated_at = now()
+                          columns = $7, format = $8, updated_at = now(),
+                          size_bytes = coalesce($9, size_bytes), read_bytes = $10
          WHERE feed_id = $1 AND reader = $2 AND state = 'reading'
          RETURNING rejected",
     )
@@ -194,6 +196,8 @@ pub async fn checkpoint(
     .bind(last_line as i64)
     .bind(sqlx::types::Json(&chunk.columns))
     .bind(chunk.format.as_str())
+    .bind(bytes.size.map(|n| n as i64))
+    .bind(bytes.read as i64)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(rejected_after) = rejected_after else { return Err(CheckpointError::LostLease) };
@@ -219,6 +223,14 @@ pub async fn checkpoint(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// How big the feed is, when known, and how much of it the reader has consumed: what the sink
+/// estimates the lines to come from.
+#[derive(Clone, Copy, Debug)]
+pub struct Bytes {
+    pub size: Option<u64>,
+    pub read: u64,
 }
 
 /// How many of a chunk's `in_chunk` rejected lines are recorded (its first ones), when the feed

@@ -9,9 +9,11 @@ mod pace;
 pub mod parse;
 pub(crate) mod produce;
 pub(crate) mod retry;
+mod share;
 mod source;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -226,7 +228,7 @@ async fn accept(
     };
     let key = idempotency_key(&headers)?;
     let max_url_bytes = state.settings.max_url_bytes;
-    let (stream, format, model, source_url, callback_url) = if content_type.starts_with("application/json") {
+    let (stream, format, model, source_url, callback_url, size) = if content_type.starts_with("application/json") {
         let source = source::parse_request(body).await?;
         let format = parse_format(source.format.as_deref())?;
         let model = crate::validate::check_model(source.model, &state.models)?;
@@ -234,8 +236,9 @@ async fn accept(
         let url = source.source_url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
         let url = crate::validate::check_url(&url, max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
-        let (stream, found) = source::open(&state.source_client, &state.source_policy, &url, limits.source).await?;
-        (stream, format.or(found), model, Some(url.to_string()), callback_url)
+        let (stream, found, size) =
+            source::open(&state.source_client, &state.source_policy, &url, limits.source).await?;
+        (stream, format.or(found), model, Some(url.to_string()), callback_url, size)
     } else {
         let format = parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type));
         let model = crate::validate::check_model(query.model, &state.models)?;
@@ -246,8 +249,11 @@ async fn accept(
             model,
             None,
             callback_url,
+            headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()),
         )
     };
+    let read_bytes = Arc::new(AtomicU64::new(0));
+    let stream = counted(stream, read_bytes.clone());
     // What the key is used for: a resend with another file, source or model is refused rather
     // than "resumed" (the new file's first lines would never be classified).
     let (first_bytes, stream) =
@@ -275,7 +281,19 @@ async fn accept(
     // The reading goes on in a task of its own: a client that hangs up drops this handler, and the
     // feed must still be marked interrupted (its reader gone) for a resend to take it over at once.
     let feed_id = feed.feed_id.clone();
-    let reader = Reader { state: state.clone(), pool, lease, feed_id, model, tenant: caller.tenant, limits };
+    let since = chrono::Utc::now();
+    let reader = Reader {
+        state: state.clone(),
+        pool,
+        lease,
+        feed_id,
+        model,
+        tenant: caller.tenant,
+        limits,
+        since,
+        size,
+        read_bytes,
+    };
     let options = parse::Options {
         format,
         max_url_bytes: limits.max_url_bytes,
@@ -350,6 +368,15 @@ pub(super) fn database(e: sqlx::Error) -> IngestError {
     IngestError::Unavailable(format!("the database did not answer: {e}"))
 }
 
+/// `stream`, adding the bytes it yields to `read`.
+fn counted(stream: ByteStream, read: Arc<AtomicU64>) -> ByteStream {
+    Box::pin(stream.inspect(move |item| {
+        if let Ok(bytes) = item {
+            read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+    }))
+}
+
 /// Ends the stream with an error when no bytes come for `idle`: a client that stops sending
 /// without closing holds nothing for long.
 fn idle_limited(stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, idle: Duration) -> ByteStream {
@@ -375,6 +402,12 @@ struct Reader {
     /// The uploader's tenant, which every request of the feed carries.
     tenant: String,
     limits: Limits,
+    /// When this upload began to be read.
+    since: chrono::DateTime<chrono::Utc>,
+    /// The feed's size in bytes when known, and the bytes read so far (for the sink's estimate
+    /// of the lines to come).
+    size: Option<u64>,
+    read_bytes: Arc<AtomicU64>,
 }
 
 impl Reader {
@@ -457,8 +490,7 @@ impl Reader {
                 self.state.metrics.quota_refusals.with_label_values(&[&self.tenant]).inc();
                 return Err(IngestError::over_day(over));
             }
-            let pause = || self.wait_a_moment();
-            produce::produce_chunk(&self.state, "feeds", &requests, self.limits.stall, pause).await?;
+            self.produce(&requests).await?;
         }
         let metrics = &self.state.metrics;
         metrics.feed_lines.with_label_values(&["accepted"]).inc_by(requests.len() as u64);
@@ -467,7 +499,8 @@ impl Reader {
         let mut backoff = reefline_common::Backoff::new();
         let max_stored = self.limits.max_stored_rejects;
         loop {
-            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, chunk, max_stored).await {
+            let bytes = ledger::Bytes { size: self.size, read: self.read_bytes.load(Ordering::Relaxed) };
+            match ledger::checkpoint(&self.pool, &self.feed_id, self.lease, chunk, max_stored, bytes).await {
                 Ok(()) => return Ok(()),
                 Err(ledger::CheckpointError::LostLease) => return Err(self.lost()),
                 Err(ledger::CheckpointError::Database(e)) if started.elapsed() > self.limits.stall => {
@@ -479,6 +512,38 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Puts a chunk's requests on the broker: at once without a window, else a part at a time,
+    /// each once the feed is within its share ([`share`]).
+    async fn produce(&self, requests: &[ImageRequest]) -> Result<(), IngestError> {
+        let pause = || self.wait_a_moment();
+        let (state, stall) = (&self.state, self.limits.stall);
+        let window = state.settings.feed_window_images;
+        if window == 0 {
+            return produce::produce_chunk(state, "feeds", requests, stall, pause).await;
+        }
+        let share = share::Share {
+            pool: &self.pool,
+            feed_id: &self.feed_id,
+            tenant: &self.tenant,
+            window,
+            lease: self.limits.lease,
+            since: self.since,
+        };
+        if let Err(e) = share.open_chunk(requests).await {
+            tracing::warn!(feed_id = %self.feed_id, error = %e, "the chunk's batch is not recorded; the sink will record it");
+        }
+        let mut rest = requests;
+        while !rest.is_empty() {
+            let started = Instant::now();
+            let step = share.admit(rest.len() as u64).await as usize;
+            state.metrics.feed_share_wait.observe(started.elapsed().as_secs_f64());
+            let (now, later) = rest.split_at(step.min(rest.len()));
+            produce::produce_chunk(state, "feeds", now, stall, pause).await?;
+            rest = later;
+        }
+        Ok(())
     }
 
     /// One request per accepted line, as a batch of its own.

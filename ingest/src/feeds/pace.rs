@@ -1,7 +1,8 @@
 //! The pace a fetched list (`source_url`) must keep: a byte at least every `idle`, the whole list
 //! within a deadline, and a least average rate, so a server that sends a byte a minute cannot hold
-//! a reader for ever. Only the time spent waiting for the server counts towards the rate: while the
-//! reader waits for the broker (backpressure), the server is not asked for more.
+//! a reader for ever. Only the time spent waiting for the server counts towards the rate and the
+//! deadline: while the reader waits for the broker (backpressure) or for the feed's share of the
+//! classifiers, the server is not asked for more.
 
 use std::io;
 use std::time::Duration;
@@ -20,7 +21,7 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 pub struct Pace {
     /// Longest the server may send nothing.
     pub idle: Duration,
-    /// Longest the whole fetch may take, from the request to the last byte.
+    /// Longest the whole fetch may wait for the server, from the request to the last byte.
     pub deadline: Duration,
     /// Fewest bytes a second, on average over each [`WINDOW`] of waiting for the server.
     pub min_bytes_per_s: u64,
@@ -67,19 +68,19 @@ pub fn paced(
     pace: Pace,
     started: Instant,
 ) -> ByteStream {
-    let state = (Box::pin(stream), Window::default(), false);
-    Box::pin(futures::stream::unfold(state, move |(mut stream, mut window, ended)| async move {
+    // The time spent waiting for the server so far (the response's headers included).
+    let state = (Box::pin(stream), Window::default(), started.elapsed(), false);
+    Box::pin(futures::stream::unfold(state, move |(mut stream, mut window, mut spent, ended)| async move {
         if ended {
             return None;
         }
-        let deadline = started + pace.deadline;
         let mut silent = Duration::ZERO;
         let failure = loop {
             let now = Instant::now();
-            if now >= deadline {
+            if spent >= pace.deadline {
                 break format!("source_url was not read to its end within {} s", pace.deadline.as_secs());
             }
-            let wait = pace.idle.saturating_sub(silent).min(window.left()).min(deadline - now);
+            let wait = pace.idle.saturating_sub(silent).min(window.left()).min(pace.deadline - spent);
             let item = match tokio::time::timeout(wait, stream.next()).await {
                 Ok(None) => return None,
                 Ok(Some(item)) => Some(item),
@@ -87,6 +88,7 @@ pub fn paced(
             };
             let waited = now.elapsed();
             silent += waited;
+            spent += waited;
             let bytes = match &item {
                 Some(Ok(bytes)) => bytes.len() as u64,
                 _ => 0,
@@ -95,14 +97,14 @@ pub fn paced(
                 break slow;
             }
             match item {
-                Some(item) => return Some((item, (stream, window, false))),
+                Some(item) => return Some((item, (stream, window, spent, false))),
                 None if silent >= pace.idle => {
                     break format!("source_url sent no bytes for {} s", pace.idle.as_secs());
                 }
                 None => {}
             }
         };
-        Some((Err(io::Error::new(io::ErrorKind::TimedOut, failure)), (stream, window, true)))
+        Some((Err(io::Error::new(io::ErrorKind::TimedOut, failure)), (stream, window, spent, true)))
     }))
 }
 
@@ -152,15 +154,16 @@ mod tests {
         let stream = paced(server(600, 2048, Duration::from_secs(1)), PACE, Instant::now());
         assert_eq!(drain(stream).await.0, 600 * 2048);
 
-        // A server with the whole list ready, read by a reader held back by the broker for ten
-        // minutes between reads: its waiting is not the server's slowness.
-        let mut stream = paced(server(5, 16, Duration::ZERO), PACE, Instant::now());
+        // A server with the whole list ready, read by a reader held back by the broker (or its
+        // share of the classifiers) for ten minutes between reads, past the deadline: its
+        // waiting is not the server's slowness.
+        let mut stream = paced(server(10, 16, Duration::ZERO), PACE, Instant::now());
         let mut bytes = 0;
         while let Some(item) = stream.next().await {
             bytes += item.unwrap().len();
             tokio::time::sleep(Duration::from_secs(600)).await;
         }
-        assert_eq!(bytes, 80);
+        assert_eq!(bytes, 160);
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ use crate::error::IngestError;
 /// seal of its tenant.
 pub(crate) fn request_record<'a>(
     state: &'a AppState,
+    topic: &'a str,
     request: &'a ImageRequest,
     payload: &'a [u8],
     span: &tracing::Span,
@@ -24,7 +25,7 @@ pub(crate) fn request_record<'a>(
     let headers = reefline_common::telemetry::inject(span, headers);
     let tenant = request.tenant.as_deref().unwrap_or(state.tenants.kafka_tenant());
     let headers = state.tenants.add_to(headers, tenant, request_id);
-    FutureRecord::to(&state.settings.topics.requests).key(request_id).payload(payload).headers(headers)
+    FutureRecord::to(topic).key(request_id).payload(payload).headers(headers)
 }
 
 /// Produces `requests` for `route` and returns once the broker has acknowledged every one; fails
@@ -71,7 +72,7 @@ where
         let mut unsent: Vec<usize> = (0..requests.len()).collect();
         while !unsent.is_empty() {
             let deliveries = unsent.iter().map(|&i| {
-                let record = request_record(state, &requests[i], &payloads[i], &span);
+                let record = request_record(state, topic, &requests[i], &payloads[i], &span);
                 state.producer.send(record, Duration::ZERO)
             });
             let outcomes = futures::future::join_all(deliveries).await;

@@ -44,7 +44,7 @@ pub async fn open(
     policy: &AddressPolicy,
     url: &Url,
     pace: Pace,
-) -> Result<(ByteStream, Option<Format>), IngestError> {
+) -> Result<(ByteStream, Option<Format>, Option<u64>), IngestError> {
     let started = tokio::time::Instant::now();
     let refused = |reason: String| IngestError::UnreadableFeed { feed_id: String::new(), reason };
     policy.check_url(url).map_err(|reason| refused(format!("source_url is refused: {reason}")))?;
@@ -62,8 +62,9 @@ pub async fn open(
         .and_then(|v| v.to_str().ok())
         .and_then(Format::from_media_type)
         .or_else(|| Format::from_file_name(url.path()));
+    let size = response.content_length();
     let stream = response.bytes_stream().map(|r| r.map_err(std::io::Error::other));
-    Ok((paced(stream, pace, started), format))
+    Ok((paced(stream, pace, started), format, size))
 }
 
 /// A failed fetch's message with its causes, the URL redacted; a refused address says so, naming
