@@ -3,15 +3,19 @@
 //! Its decisions come from [`BatchPolicy::decide`], a plain function of the queue and the engine's
 //! state: a full batch goes at once; when the engine is idle whatever is queued goes at once
 //! (no waiting out the delay); when the engine is busy but can take the next batch, a partial
-//! batch waits at most `max_delay` for company, unless it holds an urgent (interactive) item.
-//! Urgent items are queued ahead of the others, so each goes in the next batch.
+//! batch waits at most `max_delay` for company. Urgent (interactive) items are queued ahead of the
+//! others and go at once in a batch of their own, ahead of any batch waiting for the engine
+//! ([`EngineQueue`]): an interactive image waits for at most the batch the engine is running, and
+//! its own inference is that of a batch of one.
 
 use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 /// Batches the engine may hold: one running and one waiting, so the next is ready when it finishes.
+/// An urgent batch may go beyond it by one (it goes ahead of the waiting one).
 pub const ENGINE_DEPTH: usize = 2;
 
 /// Batches' worth of items the queue takes from its channel. More than the pipeline's bulk items
@@ -29,7 +33,7 @@ pub struct BatchPolicy {
 /// What the queue should do now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Send a batch of this many items.
+    /// Send a batch of this many items (the urgent ones, when any are queued).
     Dispatch(usize),
     /// Wait for more items or the engine, but no later than this.
     WaitUntil(Instant),
@@ -38,23 +42,26 @@ pub enum Decision {
 }
 
 impl BatchPolicy {
-    /// `queued` items wait, the oldest since `oldest`, `urgent` of them urgent; `in_engine`
-    /// batches are in the engine.
+    /// `queued` items wait, the oldest since `oldest`, the first `urgent` of them urgent;
+    /// `in_engine` batches are in the engine.
     pub fn decide(
         &self,
         queued: usize,
         oldest: Option<Instant>,
-        urgent: bool,
+        urgent: usize,
         in_engine: usize,
         now: Instant,
     ) -> Decision {
+        if urgent > 0 && in_engine <= ENGINE_DEPTH {
+            return Decision::Dispatch(urgent.min(self.max_size));
+        }
         if queued == 0 || in_engine >= ENGINE_DEPTH {
             return Decision::Wait;
         }
         if queued >= self.max_size {
             return Decision::Dispatch(self.max_size);
         }
-        if in_engine == 0 || urgent {
+        if in_engine == 0 {
             return Decision::Dispatch(queued);
         }
         let deadline = oldest.unwrap_or(now) + self.max_delay;
@@ -68,17 +75,106 @@ pub struct Queued<T> {
     pub since: Instant,
 }
 
+/// The batches sent to the engine and not yet taken by it, urgent ones first; the engine thread
+/// blocks on it.
+pub struct EngineQueue<T> {
+    state: Mutex<Waiting<T>>,
+    ready: Condvar,
+}
+
+struct Waiting<T> {
+    /// Urgent batches first (`urgent` of them), then the others, each in the order sent.
+    batches: VecDeque<Vec<Queued<T>>>,
+    urgent: usize,
+    closed: bool,
+}
+
+impl<T> Default for EngineQueue<T> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(Waiting { batches: VecDeque::new(), urgent: 0, closed: false }),
+            ready: Condvar::new(),
+        }
+    }
+}
+
+impl<T> EngineQueue<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting<T>> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, batch: Vec<Queued<T>>, urgent: bool) {
+        let mut state = self.lock();
+        if urgent {
+            let at = state.urgent;
+            state.batches.insert(at, batch);
+            state.urgent += 1;
+        } else {
+            state.batches.push_back(batch);
+        }
+        self.ready.notify_one();
+    }
+
+    /// No more batches will come; the engine ends once it has taken those waiting.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    /// The next batch, waiting for one; `None` once closed and empty.
+    pub fn take(&self) -> Option<Vec<Queued<T>>> {
+        let mut state = self.lock();
+        loop {
+            if let Some(batch) = state.batches.pop_front() {
+                state.urgent = state.urgent.saturating_sub(1);
+                return Some(batch);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// The next batch if one waits.
+    pub fn try_take(&self) -> Option<Vec<Queued<T>>> {
+        let mut state = self.lock();
+        let batch = state.batches.pop_front()?;
+        state.urgent = state.urgent.saturating_sub(1);
+        Some(batch)
+    }
+
+    /// Batches waiting for the engine.
+    pub fn len(&self) -> usize {
+        self.lock().batches.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Closes the engine's queue when the batcher ends, however it ends.
+struct CloseOnDrop<'a, T>(&'a EngineQueue<T>);
+
+impl<T> Drop for CloseOnDrop<'_, T> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Runs the queue until `input` closes and everything queued has been sent.
 /// `done` receives one message each time the engine finishes a batch; `is_urgent` tells the
 /// items that go ahead of the others.
 pub async fn run<T: Send>(
     policy: BatchPolicy,
     mut input: mpsc::Receiver<T>,
-    engine: mpsc::Sender<Vec<Queued<T>>>,
+    engine: std::sync::Arc<EngineQueue<T>>,
     mut done: mpsc::UnboundedReceiver<()>,
     is_urgent: impl Fn(&T) -> bool + Send,
     on_dispatch: impl Fn(usize, Duration) + Send,
 ) {
+    let _close = CloseOnDrop(&engine);
     let mut queue: VecDeque<Queued<T>> = VecDeque::new();
     // The urgent items, all at the front of the queue.
     let mut urgent = 0usize;
@@ -87,7 +183,7 @@ pub async fn run<T: Send>(
     loop {
         let now = Instant::now();
         let decision = if input_open {
-            policy.decide(queue.len(), queue.front().map(|q| q.since), urgent > 0, in_engine, now)
+            policy.decide(queue.len(), queue.front().map(|q| q.since), urgent, in_engine, now)
         } else if queue.is_empty() {
             return;
         } else if in_engine < ENGINE_DEPTH {
@@ -98,12 +194,11 @@ pub async fn run<T: Send>(
         let deadline = match decision {
             Decision::Dispatch(n) => {
                 let batch: Vec<Queued<T>> = queue.drain(..n).collect();
+                let urgent_batch = urgent > 0;
                 urgent = urgent.saturating_sub(n);
                 on_dispatch(batch.len(), now.duration_since(batch[0].since));
                 in_engine += 1;
-                if engine.send(batch).await.is_err() {
-                    return;
-                }
+                engine.push(batch, urgent_batch);
                 continue;
             }
             Decision::WaitUntil(at) => Some(at),
@@ -133,117 +228,137 @@ pub async fn run<T: Send>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     const P: BatchPolicy = BatchPolicy { max_size: 8, max_delay: Duration::from_millis(10) };
 
     #[test]
     fn nothing_queued_waits() {
-        assert_eq!(P.decide(0, None, false, 0, Instant::now()), Decision::Wait);
+        assert_eq!(P.decide(0, None, 0, 0, Instant::now()), Decision::Wait);
     }
 
     #[test]
     fn a_full_batch_goes_at_once() {
         let now = Instant::now();
-        assert_eq!(P.decide(8, Some(now), false, 1, now), Decision::Dispatch(8));
-        assert_eq!(P.decide(20, Some(now), false, 0, now), Decision::Dispatch(8));
+        assert_eq!(P.decide(8, Some(now), 0, 1, now), Decision::Dispatch(8));
+        assert_eq!(P.decide(20, Some(now), 0, 0, now), Decision::Dispatch(8));
     }
 
     #[test]
     fn an_idle_engine_gets_whatever_is_queued_without_waiting() {
         let now = Instant::now();
-        assert_eq!(P.decide(3, Some(now), false, 0, now), Decision::Dispatch(3));
+        assert_eq!(P.decide(3, Some(now), 0, 0, now), Decision::Dispatch(3));
     }
 
     #[test]
     fn a_busy_engine_makes_a_partial_batch_wait_until_its_deadline() {
         let t0 = Instant::now();
-        assert_eq!(P.decide(3, Some(t0), false, 1, t0), Decision::WaitUntil(t0 + P.max_delay));
-        assert_eq!(P.decide(3, Some(t0), false, 1, t0 + P.max_delay), Decision::Dispatch(3));
+        assert_eq!(P.decide(3, Some(t0), 0, 1, t0), Decision::WaitUntil(t0 + P.max_delay));
+        assert_eq!(P.decide(3, Some(t0), 0, 1, t0 + P.max_delay), Decision::Dispatch(3));
     }
 
     #[test]
-    fn a_full_engine_takes_nothing() {
+    fn a_full_engine_takes_nothing_but_an_urgent_batch() {
         let now = Instant::now();
-        assert_eq!(P.decide(50, Some(now), true, ENGINE_DEPTH, now + Duration::from_secs(1)), Decision::Wait);
+        assert_eq!(P.decide(50, Some(now), 0, ENGINE_DEPTH, now + Duration::from_secs(1)), Decision::Wait);
+        assert_eq!(P.decide(50, Some(now), 2, ENGINE_DEPTH, now), Decision::Dispatch(2), "one more, urgent");
+        assert_eq!(P.decide(50, Some(now), 2, ENGINE_DEPTH + 1, now), Decision::Wait);
+    }
+
+    #[test]
+    fn urgent_items_go_alone_and_at_once() {
+        let t0 = Instant::now();
+        assert_eq!(P.decide(30, Some(t0), 3, 1, t0), Decision::Dispatch(3), "without the bulk items behind them");
+        assert_eq!(P.decide(30, Some(t0), 20, 1, t0), Decision::Dispatch(8), "at most a batch");
+    }
+
+    /// Lets the actor run until it waits (on a current-thread runtime it runs only while this task yields).
+    async fn settle() {
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn items(batch: Vec<Queued<i32>>) -> Vec<i32> {
+        batch.into_iter().map(|q| q.item).collect()
     }
 
     #[tokio::test]
     async fn the_actor_sends_everything_and_respects_batch_size() {
         let (in_tx, in_rx) = mpsc::channel(64);
-        let (engine_tx, mut engine_rx) = mpsc::channel(ENGINE_DEPTH);
+        let engine = Arc::new(EngineQueue::default());
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         for i in 0..20 {
             in_tx.send(i).await.unwrap();
         }
         drop(in_tx);
-        let actor = tokio::spawn(run(P, in_rx, engine_tx, done_rx, |_| false, |_, _| {}));
-        let mut seen = Vec::new();
-        while let Some(batch) = engine_rx.recv().await {
-            assert!(!batch.is_empty() && batch.len() <= 8);
-            seen.extend(batch.into_iter().map(|q| q.item));
-            let _ = done_tx.send(()); // the actor may already have finished
-        }
+        let actor = tokio::spawn(run(P, in_rx, engine.clone(), done_rx, |_| false, |_, _| {}));
+        let taker = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while let Some(batch) = engine.take() {
+                    assert!(!batch.is_empty() && batch.len() <= 8);
+                    seen.extend(items(batch));
+                    let _ = done_tx.send(()); // the actor may already have finished
+                }
+                seen
+            })
+        };
         actor.await.unwrap();
-        assert_eq!(seen, (0..20).collect::<Vec<_>>());
+        assert_eq!(taker.join().unwrap(), (0..20).collect::<Vec<_>>());
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_busy_engine_leaves_the_rest_in_the_bounded_channel() {
         let (in_tx, in_rx) = mpsc::channel(200);
-        let (engine_tx, mut engine_rx) = mpsc::channel(ENGINE_DEPTH);
+        let engine = Arc::new(EngineQueue::default());
         let (_done_tx, done_rx) = mpsc::unbounded_channel();
         for i in 0..200 {
             in_tx.send(i).await.unwrap();
         }
-        tokio::spawn(run(P, in_rx, engine_tx, done_rx, |_| false, |_, _| {}));
-        // On a current-thread runtime the actor runs only while this task yields; it ends up
-        // waiting on the engine, which never finishes a batch here.
-        for _ in 0..1000 {
-            tokio::task::yield_now().await;
-        }
+        tokio::spawn(run(P, in_rx, engine.clone(), done_rx, |_| false, |_, _| {}));
+        // The engine never finishes a batch here.
+        settle().await;
         // The idle engine got the first item at once; the next batch filled while it was busy.
-        let sizes = [engine_rx.try_recv().unwrap().len(), engine_rx.try_recv().unwrap().len()];
+        let sizes = [engine.try_take().unwrap().len(), engine.try_take().unwrap().len()];
         assert_eq!(sizes, [1, 8]);
-        assert!(engine_rx.try_recv().is_err(), "the engine holds at most two batches");
+        assert!(engine.try_take().is_none(), "the engine holds at most two batches");
         let queued = QUEUE_BATCHES * 8;
         assert_eq!(in_tx.max_capacity() - in_tx.capacity(), 200 - 9 - queued, "the queue holds at most 16 batches");
     }
 
-    #[test]
-    fn an_urgent_item_goes_without_waiting_for_company() {
-        let t0 = Instant::now();
-        assert_eq!(P.decide(3, Some(t0), true, 1, t0), Decision::Dispatch(3));
-    }
-
     #[tokio::test(flavor = "current_thread")]
-    async fn urgent_items_go_in_the_next_batch_ahead_of_those_queued_before_them() {
+    async fn urgent_items_go_alone_ahead_of_a_waiting_batch_and_of_bulk_items() {
         let (in_tx, in_rx) = mpsc::channel(64);
-        let (engine_tx, mut engine_rx) = mpsc::channel(ENGINE_DEPTH);
+        let engine = Arc::new(EngineQueue::default());
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         // Bulk items are numbered from 0, urgent ones from 1000.
         for i in 0..30 {
             in_tx.send(i).await.unwrap();
         }
-        tokio::spawn(run(P, in_rx, engine_tx, done_rx, |i| *i >= 1000, |_, _| {}));
-        for _ in 0..1000 {
-            tokio::task::yield_now().await;
-        }
-        let first: Vec<i32> = engine_rx.try_recv().unwrap().into_iter().map(|q| q.item).collect();
-        let second: Vec<i32> = engine_rx.try_recv().unwrap().into_iter().map(|q| q.item).collect();
-        assert_eq!((first, second), (vec![0], (1..9).collect()));
-        // Two urgent items arrive while 21 bulk items wait and the engine is full.
+        tokio::spawn(run(P, in_rx, engine.clone(), done_rx, |i| *i >= 1000, |_, _| {}));
+        settle().await;
+        // The engine took the first batch (running); the second waits for it.
+        assert_eq!(items(engine.try_take().unwrap()), [0]);
+        assert_eq!(engine.len(), 1);
+        // Two urgent items arrive while 21 bulk items wait and the engine is full: the first goes
+        // ahead of the waiting batch at once, the second once the engine has room again.
         in_tx.send(1000).await.unwrap();
         in_tx.send(1001).await.unwrap();
-        for _ in 0..1000 {
-            tokio::task::yield_now().await;
-        }
-        assert!(engine_rx.try_recv().is_err(), "the engine is full");
+        settle().await;
+        assert_eq!(items(engine.try_take().unwrap()), [1000], "alone, ahead of the waiting batch");
+        assert_eq!(items(engine.try_take().unwrap()), (1..9).collect::<Vec<_>>());
+        assert!(engine.try_take().is_none(), "nothing more until the engine finishes a batch");
         done_tx.send(()).unwrap();
-        for _ in 0..1000 {
-            tokio::task::yield_now().await;
+        settle().await;
+        assert_eq!(items(engine.try_take().unwrap()), [1001], "ahead of the bulk items queued before it");
+        for _ in 0..3 {
+            done_tx.send(()).unwrap();
         }
-        let next: Vec<i32> = engine_rx.try_recv().unwrap().into_iter().map(|q| q.item).collect();
-        assert_eq!(next, [1000, 1001, 9, 10, 11, 12, 13, 14], "the urgent ones first, then the oldest others");
+        settle().await;
+        assert_eq!(items(engine.try_take().unwrap()), (9..17).collect::<Vec<_>>(), "then the oldest others");
     }
 }

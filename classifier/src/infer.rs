@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::batcher::Queued;
+use crate::batcher::EngineQueue;
 use crate::engine::Engine;
 use crate::error::ImageError;
 use crate::job::{Classified, CurrentModel, ModelTag, Outcome, Prepared};
@@ -29,10 +29,10 @@ pub struct Inference {
     pub metrics: Metrics,
 }
 
-/// Spawns the engine thread; it ends when `batches` closes. It sends one `done` per batch.
+/// Spawns the engine thread; it ends when `batches` is closed and empty. It sends one `done` per batch.
 pub fn spawn(
     inference: Inference,
-    mut batches: mpsc::Receiver<Vec<Queued<Prepared>>>,
+    batches: Arc<EngineQueue<Prepared>>,
     outcomes: mpsc::Sender<Outcome>,
     done: mpsc::UnboundedSender<()>,
 ) -> std::thread::JoinHandle<()> {
@@ -41,7 +41,7 @@ pub fn spawn(
         .name(format!("infer-{}", model.name))
         .spawn(move || {
             let mut input = Vec::new();
-            while let Some(mut batch) = batches.blocking_recv() {
+            while let Some(mut batch) = batches.take() {
                 if let Some((fresh, version)) = reload.as_mut().and_then(Reload::check) {
                     engine = fresh;
                     model = Arc::new(ModelTag { name: model.name.clone(), version });

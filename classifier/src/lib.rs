@@ -74,6 +74,8 @@ pub struct Application {
     lanes: Lanes,
     metrics: metrics::Metrics,
     producer: FutureProducer,
+    /// Produces interactive requests' results, each at once (no linger).
+    interactive_producer: FutureProducer,
     codec: Codec,
     /// Whose each request is.
     tenants: reefline_common::tenant::TenantSeal,
@@ -114,6 +116,8 @@ impl Application {
         };
         metrics::InFlight::register(&registry, vec![lanes.interactive.tracker.clone(), lanes.bulk.tracker.clone()])?;
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
+        let interactive_producer: FutureProducer =
+            reefline_common::kafka::without_linger(&settings.kafka, settings.kafka.producer_config()).create()?;
         let codec = Codec::new(&settings.registry)?;
 
         let readiness = Readiness::default();
@@ -131,6 +135,7 @@ impl Application {
             lanes,
             metrics,
             producer,
+            interactive_producer,
             codec,
             tenants,
         })
@@ -187,10 +192,10 @@ impl Application {
                 jpeg_scale_margin: s.jpeg_scale_margin,
             };
             let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
-            let (batches_tx, batches_rx) = mpsc::channel(batcher::ENGINE_DEPTH);
+            let batches = Arc::new(batcher::EngineQueue::default());
             let (done_tx, done_rx) = mpsc::unbounded_channel();
             prepared_queues.push(prepared_tx.downgrade());
-            batch_queues.push(batches_tx.downgrade());
+            batch_queues.push(Arc::downgrade(&batches));
             let (size, queued) = (
                 metrics.batch_size.with_label_values(&[&model.name]),
                 metrics.queue_seconds.with_label_values(&[&model.name]),
@@ -199,7 +204,7 @@ impl Application {
             batchers.push(tokio::spawn(batcher::run(
                 policy,
                 prepared_rx,
-                batches_tx,
+                batches.clone(),
                 done_rx,
                 urgent,
                 move |n, waited| {
@@ -218,7 +223,7 @@ impl Application {
                 image_len: preprocess.tensor_len(),
                 metrics: metrics.clone(),
             };
-            engines.push(infer::spawn(inference, batches_rx, outcome_tx.clone(), done_tx));
+            engines.push(infer::spawn(inference, batches, outcome_tx.clone(), done_tx));
             inputs.push(prepare::ModelInput { tag, current, preprocess, queue: prepared_tx });
         }
 
@@ -276,6 +281,7 @@ impl Application {
         let produce = tokio::spawn(produce::run(
             produce::Produce {
                 producer: self.producer.clone(),
+                interactive_producer: self.interactive_producer.clone(),
                 codec: self.codec.clone(),
                 topic: s.topics.results.clone(),
                 dead_letter_topic: s.topics.dead_letter.clone(),
@@ -340,6 +346,7 @@ impl Application {
                 .map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
         }
         self.producer.flush(Duration::from_secs(10))?;
+        self.interactive_producer.flush(Duration::from_secs(10))?;
         for lane in Lane::ALL {
             let offsets = self.lanes.get(lane);
             match offsets.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -438,7 +445,7 @@ async fn sample_queue_depths(
     metrics: metrics::Metrics,
     jobs: mpsc::WeakSender<job::Job>,
     prepared: Vec<mpsc::WeakSender<job::Prepared>>,
-    batches: Vec<mpsc::WeakSender<Vec<batcher::Queued<job::Prepared>>>>,
+    batches: Vec<std::sync::Weak<batcher::EngineQueue<job::Prepared>>>,
     outcomes: mpsc::WeakSender<job::Outcome>,
 ) {
     fn depth<T>(tx: &mpsc::WeakSender<T>) -> Option<i64> {
@@ -454,7 +461,7 @@ async fn sample_queue_depths(
         let depths = [
             ("prepare", depth(&jobs)),
             ("batch", total(&prepared)),
-            ("infer", total(&batches)),
+            ("infer", batches.iter().filter_map(|q| Some(q.upgrade()?.len() as i64)).reduce(|a, b| a + b)),
             ("produce", depth(&outcomes)),
         ];
         if depths.iter().all(|(_, d)| d.is_none()) {

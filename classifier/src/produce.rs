@@ -23,10 +23,13 @@ use tracing::Instrument;
 
 use crate::consume::Lanes;
 use crate::job::Outcome;
+use reefline_common::kafka::Lane;
 
 /// What the stage needs.
 pub struct Produce {
     pub producer: FutureProducer,
+    /// The interactive lane's results go through this one (no linger).
+    pub interactive_producer: FutureProducer,
     pub codec: Codec,
     pub topic: String,
     pub dead_letter_topic: String,
@@ -138,7 +141,7 @@ impl Produce {
         let mut backoff = reefline_common::Backoff::new();
         let outcome_label = loop {
             let producing = tracing::info_span!(parent: &outcome.job.span, "produce", status = result.status.as_str());
-            match self.try_produce(&result, &outcome.job.span).instrument(producing).await {
+            match self.try_produce(&result, &outcome.job).instrument(producing).await {
                 Ok(()) => break result.error_kind.as_deref().unwrap_or("ok"),
                 Err(Failure::Permanent(kind, reason)) => {
                     if !self.dead_letter(&outcome, kind, &reason).await {
@@ -166,15 +169,18 @@ impl Produce {
         self.lanes.get(job.lane).finish(job.partition, job.offset);
     }
 
-    /// Produces `result`, its record carrying the trace context of `span` (the request's).
-    async fn try_produce(&self, result: &ClassificationResult, span: &tracing::Span) -> Result<(), Failure> {
+    /// Produces `result`, its record carrying the trace context of its job's span, through its
+    /// lane's producer.
+    async fn try_produce(&self, result: &ClassificationResult, job: &crate::job::Job) -> Result<(), Failure> {
+        let span = &job.span;
         let payload = self.codec.encode(&self.topic, result).await.map_err(classify_codec)?;
         let headers = OwnedHeaders::new()
             .insert(Header { key: REQUEST_ID_HEADER, value: Some(result.request_id.as_str()) })
             .insert(Header { key: BATCH_ID_HEADER, value: Some(result.batch_id.as_str()) });
         let headers = reefline_common::telemetry::inject(span, headers);
         let record = FutureRecord::to(&self.topic).key(result.request_id.as_str()).payload(&payload).headers(headers);
-        self.producer.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| classify_kafka(&e))?;
+        let producer = if job.lane == Lane::Interactive { &self.interactive_producer } else { &self.producer };
+        producer.send(record, Duration::from_secs(5)).await.map_err(|(e, _)| classify_kafka(&e))?;
         Ok(())
     }
 

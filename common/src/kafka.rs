@@ -229,6 +229,15 @@ impl KafkaSettings {
     }
 }
 
+/// `config` sending each record at once (`linger.ms=0`), for an interactive lane's producer, unless
+/// `KAFKA_PROPERTIES` sets the linger.
+pub fn without_linger(settings: &KafkaSettings, mut config: ClientConfig) -> ClientConfig {
+    if !settings.properties.iter().any(|p| p.key == "linger.ms" || p.key == "queue.buffering.max.ms") {
+        config.set("linger.ms", "0");
+    }
+    config
+}
+
 /// How often librdkafka reports its statistics (and so how fresh the lag metrics are).
 const STATISTICS_INTERVAL_MS: &str = "5000";
 

@@ -39,6 +39,8 @@ pub(crate) struct AppState {
     /// Names of the models a submission may ask for.
     pub models: Vec<String>,
     pub producer: FutureProducer,
+    /// The interactive lane's producer: it sends each record at once (no linger).
+    pub interactive_producer: FutureProducer,
     pub codec: Codec,
     pub metrics: metrics::Metrics,
     /// One permit per image that may wait for the broker's acknowledgement.
@@ -151,6 +153,8 @@ impl Application {
         );
         let models = settings.models.load()?.into_iter().map(|m| m.name).collect();
         let producer: FutureProducer = producer_config(&settings).create()?;
+        let interactive_producer: FutureProducer =
+            reefline_common::kafka::without_linger(&settings.kafka, producer_config(&settings)).create()?;
         let pending = tokio::sync::Semaphore::new(settings.max_pending_images);
         let codec = Codec::new(&settings.registry)?;
         let registry = prometheus::Registry::new();
@@ -186,6 +190,7 @@ impl Application {
             settings,
             models,
             producer,
+            interactive_producer,
             codec,
             metrics,
             pending,

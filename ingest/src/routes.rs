@@ -346,7 +346,8 @@ async fn submit(state: &AppState, route: &str, lane: Lane, requests: Vec<ImageRe
     let deliveries = records.iter().map(|(request, payload)| {
         let record = crate::feeds::produce::request_record(state, topic, request, payload, &span);
         // No waiting for room in the producer's queue: it has room for every admitted image.
-        state.producer.send(record, Duration::ZERO)
+        let producer = if lane == Lane::Interactive { &state.interactive_producer } else { &state.producer };
+        producer.send(record, Duration::ZERO)
     });
     // Every record is either acknowledged or failed within the delivery timeout. When some fail,
     // the submission is refused as a whole (the client resubmits, with new ids); the records

@@ -114,7 +114,7 @@ pub struct Settings {
     /// feed starts at once beside a first of a million lines. About two seconds of the
     /// classifiers' throughput keeps them busy; more only lengthens the queue a new feed joins.
     /// 0: no window (each feed is put on the broker as fast as the broker takes it).
-    #[arg(long, env = "FEED_WINDOW_IMAGES", default_value_t = 320)]
+    #[arg(long, env = "FEED_WINDOW_IMAGES", default_value_t = 200)]
     pub feed_window_images: u64,
 
     /// How long a feed being read by an upload that stopped being heard from stays its own

@@ -13,7 +13,7 @@ use reefline_schemas::ImageRequest;
 use sqlx::PgPool;
 
 /// How often a feed waiting for its share looks again.
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(100);
 
 /// A feed's place in the window, for one reader.
 pub struct Share<'a> {
