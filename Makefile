@@ -2,7 +2,7 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test bench bench-scale bench-wait bench-feed soak reset clean
+.PHONY: setup build up down status demo test bench bench-scale bench-wait bench-mixed bench-feed soak reset clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, photos) and
 ## the broker (built once per user under $${XDG_CACHE_HOME:-~/.cache}/reefline; REEFLINE_TOOLS moves it)
@@ -57,6 +57,11 @@ bench-scale: build
 ## pipeline: its rate with them held against without, ingest's CPU and RSS (WAIT_ARGS, e.g. "--runs 1")
 bench-wait: build
 	python3 scripts/waiters.py $(WAIT_ARGS)
+
+## bench-mixed: interactive answers beside a 20,000-photo feed, the feed's rate alone and beside
+## them, and a second tenant's feed sharing the classifiers (MIXED_ARGS, e.g. "--without-lanes-too")
+bench-mixed: build
+	python3 scripts/mixed.py $(MIXED_ARGS)
 
 ## bench-feed: bulk feeds on the make-up stack: a 1,000,000-line feed through ingest alone (lines/s,
 ## RSS), and a 10,000-photo CSV feed end to end against the same photos through /v1/classify

@@ -111,10 +111,12 @@ pub struct Settings {
     /// Feed images on the broker without a result, across the feeds being read: each tenant with
     /// a feed being read gets an even part, split evenly between its feeds, and a feed's next
     /// lines are read (from its upload or source) only while it is within its part. So a second
-    /// feed starts at once beside a first of a million lines. About two seconds of the
-    /// classifiers' throughput keeps them busy; more only lengthens the queue a new feed joins.
-    /// 0: no window (each feed is put on the broker as fast as the broker takes it).
-    #[arg(long, env = "FEED_WINDOW_IMAGES", default_value_t = 200)]
+    /// feed starts within seconds beside a first of a million lines. The window counts an image
+    /// until the sink has written its result, so it must cover the classifiers' pipelines and the
+    /// sink's lag as well as their fetches: about three seconds of their throughput keeps them
+    /// busy (200 cost a 2-core stack a fifth of its rate); more only lengthens the queue a new
+    /// feed joins. 0: no window (each feed is put on the broker as fast as the broker takes it).
+    #[arg(long, env = "FEED_WINDOW_IMAGES", default_value_t = 320)]
     pub feed_window_images: u64,
 
     /// How long a feed being read by an upload that stopped being heard from stays its own
