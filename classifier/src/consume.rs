@@ -432,39 +432,18 @@ pub async fn run(consume: Consume, jobs: mpsc::Sender<Job>, shutdown: impl Futur
                 }),
         };
         match checked {
-            Ok(request) if alone => {
-                // Nothing else is taken until it is finished.
-                let span = job_span(&request, &message);
-                backlog.push_back(Job {
-                    request,
-                    lane,
-                    partition,
-                    offset,
-                    photo: None,
-                    crashed,
-                    span,
-                    slot: None,
-                    lap_at: read_at,
-                });
-                tokio::select! {
-                    () = &mut shutdown => return offsets.forget(partition, offset),
-                    idle = idle(&offsets, &backlog, &jobs, 0) => if idle.is_err() { return },
-                }
-                offsets.deliveries.finished(partition, offset).await;
-            }
             Ok(request) => {
                 let span = job_span(&request, &message);
-                backlog.push_back(Job {
-                    request,
-                    lane,
-                    partition,
-                    offset,
-                    photo: None,
-                    crashed,
-                    span,
-                    slot: None,
-                    lap_at: read_at,
-                });
+                let (photo, slot, lap_at) = (None, None, read_at);
+                backlog.push_back(Job { request, lane, partition, offset, photo, crashed, span, slot, lap_at });
+                if alone {
+                    // Nothing else is taken until it is finished.
+                    tokio::select! {
+                        () = &mut shutdown => return offsets.forget(partition, offset),
+                        idle = idle(&offsets, &backlog, &jobs, 0) => if idle.is_err() { return },
+                    }
+                    offsets.deliveries.finished(partition, offset).await;
+                }
             }
             Err((kind, reason)) => {
                 let moved = reefline_common::kafka::dead_letter(

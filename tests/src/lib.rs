@@ -230,6 +230,8 @@ impl TestEnv {
 /// Names unique to one test: topics and consumer groups.
 pub struct Names {
     pub requests: String,
+    /// The interactive lane's requests topic.
+    pub interactive: String,
     pub results: String,
     pub dead_letter: String,
     pub batches: String,
@@ -242,6 +244,7 @@ impl Names {
         let id = uuid::Uuid::now_v7().simple().to_string();
         Self {
             requests: format!("requests-{id}"),
+            interactive: format!("requests-{id}.interactive"),
             results: format!("results-{id}"),
             dead_letter: format!("dead-letter-{id}"),
             batches: format!("batches-{id}"),
@@ -274,7 +277,7 @@ impl StackSettings {
         kafka.session_timeout_ms = SESSION_TIMEOUT_MS;
         let topics = reefline_common::kafka::Topics {
             requests: names.requests.clone(),
-            interactive: format!("{}.interactive", names.requests),
+            interactive: names.interactive.clone(),
             results: names.results.clone(),
             dead_letter: names.dead_letter.clone(),
             batches: names.batches.clone(),

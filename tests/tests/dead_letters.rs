@@ -416,7 +416,8 @@ async fn a_result_the_broker_cannot_take_is_dead_lettered_and_the_partition_move
     let mut keys = Vec::new();
     for (key, headers, payload) in &dead {
         assert_eq!(headers["reefline-error-kind"], "result_too_large", "{headers:?}");
-        assert_eq!(headers["reefline-source-topic"], env.names.requests, "a replay sends it back to be classified");
+        // A small submission travels the interactive lane: a replay sends it back there.
+        assert_eq!(headers["reefline-source-topic"], env.names.interactive, "a replay sends it back to be classified");
         let request: reefline_schemas::ImageRequest = codec.decode(Some(payload)).await.unwrap();
         assert_eq!(&request.request_id, key);
         keys.push(key.clone());

@@ -530,10 +530,14 @@ async fn a_real_prometheus_scrapes_every_service_loads_the_rules_and_sees_the_la
         }
     };
     let lag = wait_for("the classifier's lag in Prometheus", Duration::from_secs(60), || async {
-        query("classifier_consumer_lag").await.filter(|r| r.len() == 3)
+        query("classifier_consumer_lag").await.filter(|r| r.len() == 6)
     })
     .await;
-    assert!(lag.iter().all(|s| s["metric"]["topic"] == env.names.requests.as_str()), "{lag:?}");
+    // Three partitions of each lane's topic.
+    let mut topics: Vec<&str> = lag.iter().filter_map(|s| s["metric"]["topic"].as_str()).collect();
+    topics.sort();
+    let (bulk, interactive) = (env.names.requests.as_str(), env.names.interactive.as_str());
+    assert_eq!(topics, [bulk, bulk, bulk, interactive, interactive, interactive], "{lag:?}");
     let ready = wait_for("every service ready in Prometheus", Duration::from_secs(30), || async {
         query("reefline_ready == 1").await.filter(|r| r.len() == 3)
     })
