@@ -44,7 +44,8 @@ pub struct FeedView {
     pub share: f64,
     /// Seconds until every accepted image has a result at that rate; `null` when done, or when no
     /// result came in the last minute. While the feed is still being read, its lines to come are
-    /// estimated from its size (an upload's Content-Length, a source's) and the bytes read so far.
+    /// estimated from its size (an upload's Content-Length, a source's) and the bytes read at its
+    /// last checkpoint (`null` without them).
     pub eta_seconds: Option<f64>,
     pub created_at: String,
     pub read_at: Option<String>,
@@ -158,15 +159,19 @@ pub async fn progress(
     let pending = (row.accepted - completed).max(0);
     let done = row.state == "read" && pending == 0;
     let rate = row.recent as f64 / row.window_s;
-    // While it is being read, the lines to come are estimated from its size, where known.
-    let expected = match row.size_bytes {
-        Some(size) if row.state == "reading" && row.read_bytes > 0 && size > row.read_bytes => {
-            (row.accepted as f64 * size as f64 / row.read_bytes as f64).round() as i64
+    // While it is being read, the lines to come are estimated from its size and the bytes read at
+    // its last checkpoint; without them (no size given, no checkpoint yet) they are unknown.
+    let expected = match (row.state.as_str(), row.size_bytes) {
+        ("reading", Some(size)) if row.read_bytes > 0 => {
+            Some((row.accepted as f64 * (size as f64 / row.read_bytes as f64).max(1.0)).round() as i64)
         }
-        _ => row.accepted,
+        ("reading", _) => None,
+        _ => Some(row.accepted),
     };
-    let to_go = (expected - completed).max(0);
-    let eta_seconds = (!done && rate > 0.0).then(|| (to_go as f64 / rate * 10.0).round() / 10.0);
+    let eta_seconds = expected.filter(|_| !done && rate > 0.0).map(|expected| {
+        let to_go = (expected - completed).max(0);
+        (to_go as f64 / rate * 10.0).round() / 10.0
+    });
     let links = FeedLinks {
         rejects: format!("/v1/feeds/{feed_id}/rejects"),
         results: format!("/v1/feeds/{feed_id}/results?format=csv"),
