@@ -99,7 +99,8 @@ pub struct Settings {
     pub database_url: SecretString,
 
     /// Lines of a feed produced as one batch and settled together; an upload that breaks off
-    /// resumes after the last settled chunk.
+    /// resumes after the last settled chunk. At most a quarter of `FEED_WINDOW_IMAGES` when that
+    /// is on (80 by default), so that a feed's progress moves as its share lets it on.
     #[arg(long, env = "FEED_CHUNK_LINES", default_value_t = 1000)]
     pub feed_chunk_lines: usize,
 

@@ -169,7 +169,8 @@ pub async fn progress(
         _ => Some(row.accepted),
     };
     let eta_seconds = expected.filter(|_| !done && rate > 0.0).map(|expected| {
-        let to_go = (expected - completed).max(0);
+        // At least what is accepted and waiting (a small upload is read ahead of its lines).
+        let to_go = (expected - completed).max(pending);
         (to_go as f64 / rate * 10.0).round() / 10.0
     });
     let links = FeedLinks {

@@ -213,8 +213,13 @@ async fn accept(
     IngestError::unless_submitter(&caller)?;
     let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    // With a window, a chunk is at most a quarter of it: each is settled (and so counted in the
+    // feed's progress) as soon as the feed's share lets it on the broker.
+    let chunk_lines = state.settings.feed_chunk_lines.clamp(1, state.settings.max_pending_images);
+    let window = state.settings.feed_window_images;
+    let chunk_lines = if window > 0 { chunk_lines.min((window / 4).max(1) as usize) } else { chunk_lines };
     let limits = Limits {
-        chunk_lines: state.settings.feed_chunk_lines.clamp(1, state.settings.max_pending_images),
+        chunk_lines,
         idle: Duration::from_secs(state.settings.feed_idle_timeout_s.max(1)),
         lease: Duration::from_secs(state.settings.feed_lease_s.max(1)),
         stall: Duration::from_secs(state.settings.feed_stall_timeout_s.max(1)),
