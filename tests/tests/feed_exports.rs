@@ -95,7 +95,10 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     use std::io::Write;
     const ROWS: usize = 2000;
     let env = TestEnv::start().await;
-    let stack = Stack::start(env.settings()).await;
+    let mut settings = env.settings();
+    // A window wider than the feed: its chunks are 1,000 lines, as without one.
+    settings.ingest.feed_window_images = 4000;
+    let stack = Stack::start(settings).await;
     let client = reqwest::Client::new();
     wait_for_ledger(&client, &stack.ingest).await;
 
