@@ -172,6 +172,13 @@ impl ConsumerContext for Context {
                 if let Some(topic) = elements.first().map(|e| e.topic()) {
                     self.drain(consumer, topic, &revoked);
                 }
+                // A partition given up while paused (the pipeline was full) is resumed first: a
+                // cooperative rebalance whose revoked partitions stay paused was seen never to
+                // hand them over (the next owner got them only once this member was dropped from
+                // the group for not polling, and redid what it had finished).
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::debug!(error = %e, "could not resume the partitions given up");
+                }
             }
             Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),

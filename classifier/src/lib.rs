@@ -323,12 +323,16 @@ impl Application {
             max_url_bytes: s.max_url_bytes,
             tenants: self.tenants.clone(),
         };
-        // Both lanes stop reading together.
+        // Both lanes stop reading together. Each reads in a task of its own: a rebalance's drain
+        // blocks its lane's task (inside its consumer's poll) and must not hold the other's.
         let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-        tokio::join!(
-            consume::run(consume(Lane::Interactive), interactive_tx, shutdown.clone()),
-            consume::run(consume(Lane::Bulk), jobs_tx, shutdown),
-        );
+        let lanes = [
+            tokio::spawn(consume::run(consume(Lane::Interactive), interactive_tx, shutdown.clone())),
+            tokio::spawn(consume::run(consume(Lane::Bulk), jobs_tx, shutdown)),
+        ];
+        for lane in lanes {
+            lane.await?;
+        }
 
         tracing::info!("draining in-flight requests");
         stopping.begin();
