@@ -175,7 +175,11 @@ impl Application {
         ));
 
         let batch = s.max_batch_size.max(1);
-        let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
+        // Bulk requests read wait here for a place in the pipeline (`BULK_IN_FLIGHT`), as many as
+        // the prepare stage's queue held before there were lanes: the consumer pauses its
+        // partitions only when this is full, as rarely as it did then (a partition revoked while
+        // paused has been seen to stall a cooperative rebalance).
+        let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4 + s.fetch_concurrency.max(1) * 16);
         let (interactive_tx, interactive_rx) = mpsc::channel(batch * 4);
         let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
 
