@@ -89,6 +89,14 @@ struct Waiting<T> {
     closed: bool,
 }
 
+impl<T> Waiting<T> {
+    fn pop(&mut self) -> Option<Vec<Queued<T>>> {
+        let batch = self.batches.pop_front()?;
+        self.urgent = self.urgent.saturating_sub(1);
+        Some(batch)
+    }
+}
+
 impl<T> Default for EngineQueue<T> {
     fn default() -> Self {
         Self {
@@ -125,8 +133,7 @@ impl<T> EngineQueue<T> {
     pub fn take(&self) -> Option<Vec<Queued<T>>> {
         let mut state = self.lock();
         loop {
-            if let Some(batch) = state.batches.pop_front() {
-                state.urgent = state.urgent.saturating_sub(1);
+            if let Some(batch) = state.pop() {
                 return Some(batch);
             }
             if state.closed {
@@ -138,10 +145,7 @@ impl<T> EngineQueue<T> {
 
     /// The next batch if one waits.
     pub fn try_take(&self) -> Option<Vec<Queued<T>>> {
-        let mut state = self.lock();
-        let batch = state.batches.pop_front()?;
-        state.urgent = state.urgent.saturating_sub(1);
-        Some(batch)
+        self.lock().pop()
     }
 
     /// Batches waiting for the engine.
