@@ -27,6 +27,7 @@ pub mod preprocess;
 mod produce;
 mod reload;
 mod resample;
+mod turns;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -175,11 +176,12 @@ impl Application {
         ));
 
         let batch = s.max_batch_size.max(1);
-        // Bulk requests read wait here for a place in the pipeline (`BULK_IN_FLIGHT`), as many as
-        // the prepare stage's queue held before there were lanes: the consumer pauses its
-        // partitions only when this is full, as rarely as it did then (a partition revoked while
-        // paused has been seen to stall a cooperative rebalance).
-        let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4 + s.fetch_concurrency.max(1) * 16);
+        // Bulk requests read wait for a place in the pipeline (`BULK_IN_FLIGHT`) in the prepare
+        // stage's turns, as many as its queue held before there were lanes: the consumer pauses
+        // its partitions only when they and this hand-over channel are full, as rarely as it did
+        // then (a partition revoked while paused has been seen to stall a cooperative rebalance).
+        let most_waiting = batch * 4 + s.fetch_concurrency.max(1) * 16;
+        let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
         let (interactive_tx, interactive_rx) = mpsc::channel(batch * 4);
         let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
 
@@ -278,6 +280,9 @@ impl Application {
             interactive: interactive_rx,
             bulk: jobs_rx,
             bulk_slots: Arc::new(tokio::sync::Semaphore::new(s.bulk_depth())),
+            waiting: turns::Turns::default(),
+            most_waiting,
+            waiting_depth: metrics.queue_depth.with_label_values(&["admit"]),
         };
         let prepare = tokio::spawn(prepare::run(stage, lanes, outcome_tx.clone()));
         drop(outcome_tx);

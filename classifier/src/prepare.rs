@@ -21,6 +21,7 @@ use crate::fetch::Fetcher;
 use crate::job::{Job, ModelTag, Outcome, Prepared};
 use crate::metrics::Metrics;
 use crate::preprocess::Preprocess;
+use crate::turns::Turns;
 use reefline_common::kafka::Lane;
 
 /// A model the stage prepares input for: how (its input size) and where its inputs go (its
@@ -107,33 +108,56 @@ pub struct Lanes {
     /// Bulk requests the pipeline may hold at once (`BULK_IN_FLIGHT`): enough to keep the engine
     /// busy, few enough that an interactive request finds short queues.
     pub bulk_slots: Arc<Semaphore>,
+    /// Bulk requests read and waiting for a place, taken in turns by tenant and feed.
+    pub waiting: Turns<Job>,
+    /// How many may wait: when as many do, the bulk channel fills and the consumer pauses.
+    pub most_waiting: usize,
+    /// `classifier_queue_depth{stage="admit"}`: how many wait.
+    pub waiting_depth: prometheus::IntGauge,
 }
 
 impl Lanes {
     /// The next request: an interactive one whenever one waits, else a bulk one once a bulk
-    /// slot is free; `None` once both lanes are closed.
+    /// slot is free, the next in turn; `None` once both lanes are closed and no request waits.
     async fn next(&mut self, open: &mut [bool; 2]) -> Option<Job> {
         loop {
-            let taken = tokio::select! {
+            // Whatever is read already joins the turns first, so that a turn sees every feed.
+            while open[1] && self.waiting.len() < self.most_waiting {
+                match self.bulk.try_recv() {
+                    Ok(job) => wait_in_turn(&mut self.waiting, job),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open[1] = false,
+                }
+            }
+            self.waiting_depth.set(self.waiting.len() as i64);
+            let (any_waiting, room) = (!self.waiting.is_empty(), self.waiting.len() < self.most_waiting);
+            tokio::select! {
                 biased;
-                job = self.interactive.recv(), if open[0] => job.ok_or(0),
-                job = take_bulk(&mut self.bulk, &self.bulk_slots), if open[1] => job.ok_or(1),
+                job = self.interactive.recv(), if open[0] => match job {
+                    Some(job) => return Some(job),
+                    None => open[0] = false,
+                },
+                slot = self.bulk_slots.clone().acquire_owned(), if any_waiting => {
+                    let mut job = self.waiting.pop()?;
+                    job.slot = Some(slot.ok()?);
+                    return Some(job);
+                }
+                job = self.bulk.recv(), if open[1] && room => match job {
+                    Some(job) => wait_in_turn(&mut self.waiting, job),
+                    None => open[1] = false,
+                },
                 else => return None,
-            };
-            match taken {
-                Ok(job) => return Some(job),
-                Err(closed) => open[closed] = false,
             }
         }
     }
 }
 
-/// A bulk request with its slot (cancel-safe: a slot taken for a request not yet read is given back).
-async fn take_bulk(bulk: &mut mpsc::Receiver<Job>, slots: &Arc<Semaphore>) -> Option<Job> {
-    let slot = slots.clone().acquire_owned().await.ok()?;
-    let mut job = bulk.recv().await?;
-    job.slot = Some(slot);
-    Some(job)
+/// Queues a bulk request behind the others of its tenant and its feed (or submission).
+fn wait_in_turn(waiting: &mut Turns<Job>, job: Job) {
+    let request = &job.request;
+    let tenant = request.tenant.clone();
+    let source = request.feed_id.clone().unwrap_or_else(|| request.batch_id.clone());
+    waiting.push(tenant.as_deref(), &source, job);
 }
 
 /// Runs until both lanes close and every fetch it started has been passed on.
