@@ -18,8 +18,10 @@ broker (memory://, a comparison only: nothing durable); and the Celery design it
 (bench/celery: FastAPI + Celery prefork, one worker per core, + Redis + onnxruntime + Pillow,
 one image per task, same model file and preprocessing). Then the limit, the stack and the Celery
 design again on 12-megapixel versions of the photos (survey-camera size: models/camera_photos.py).
-Prints medians with their spread, then the CPU cost of each stage (decode, resize, inference of
-every model) from `stage_costs`.
+Prints medians with their spread, each against the hardware's bound as well (the cores divided by
+what an image needs on one core: decode, resize and inference at its cheapest batch on one thread,
+from `stage_costs --bound` on the same photos), with the engines and batch size the classifier
+ran; then the CPU cost of each stage (decode, resize, inference of every model) from `stage_costs`.
 
 scale: the same stack with 1, 2, 4 classifier instances (CLASSIFIERS; one consumer group, the
 requests topic with 12 partitions so that each count shares them evenly), on the bench photos or
@@ -266,6 +268,16 @@ class Stack:
     def rss(self):
         return {name: rss_mib(pid) for name, pid in self.pids.items() if name != "registry"}
 
+    def classifier_settings(self):
+        """The engines and batch size the (first) classifier runs the model with, from its metrics."""
+        _, _, body = http("GET", f"http://127.0.0.1:{self.ports['classifier']}/metrics")
+        found = {}
+        for line in body.decode().splitlines():
+            for metric, key in [("classifier_engines", "engines"), ("classifier_batch_size_limit", "batch")]:
+                if line.startswith(f'{metric}{{model="{MODEL["name"]}"}}'):
+                    found[key] = int(float(line.split()[-1]))
+        return found
+
     def broker_disk_mib(self):
         return sum(os.path.getsize(p) for p in glob.glob(os.path.join(self.run, "broker.db*"))) / 2**20
 
@@ -290,8 +302,9 @@ def pipeline(base, photos_url, images, steady_seconds=10, storage=None, classifi
         stack.check_all_ok()
         cpu = {k: (v - cpu_before[k]) * 1000 / images for k, v in stack.cpu().items()}
 
+        settings = stack.classifier_settings()
         if not steady_seconds:
-            return {"rate": rate, "cpu": cpu, "rss": stack.rss()}
+            return {"rate": rate, "cpu": cpu, "rss": stack.rss(), "settings": settings}
         # Steady load at half the peak, in ticks of 100 ms; latency is submission to row stored.
         steady_from = stack.sql("SELECT now()")
         sent, owed, per_tick = 0, 0.0, max(rate / 2 / 10, 1)
@@ -309,7 +322,7 @@ def pipeline(base, photos_url, images, steady_seconds=10, storage=None, classifi
             "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP "
             "(ORDER BY extract(epoch FROM stored_at - submitted_at)) "
             f"FROM results WHERE submitted_at >= '{steady_from}'").strip("{}").split(",")]
-        return {"rate": rate, "latency": latency, "cpu": cpu, "rss": stack.rss()}
+        return {"rate": rate, "latency": latency, "cpu": cpu, "rss": stack.rss(), "settings": settings}
 
 
 # --- the Celery design ---------------------------------------------------------------------------
@@ -387,6 +400,19 @@ def celery(photos_url, base, images):
 MODEL = {}  # the manifest's entry of the model measured (--model), set by main()
 
 
+def hardware_bound(folder="bench-photos"):
+    """What the hardware allows: the cores divided by what an image needs on one core (decode,
+    resize, and the model's inference on one thread at its cheapest batch size), from
+    `stage_costs --bound` on the same photos."""
+    out = subprocess.run([os.path.join(RELEASE, "examples", "stage_costs"), "--bound", MODEL["name"], folder],
+                         check=True, capture_output=True, text=True).stdout
+    costs = json.loads(out.strip().splitlines()[-1])
+    say(f"hardware bound on {folder}: {CORES} cores / ({costs['decode_ms']:.2f} decode + {costs['resize_ms']:.2f} resize "
+        f"+ {costs['infer_ms']:.2f} inference at batch {costs['infer_batch']}) ms = "
+        f"{CORES * 1000 / costs['ms_per_image']:.1f} images/s (learning the bytes, not counted: {costs['learn_ms']:.2f} ms)")
+    return {**costs, "images_s": CORES * 1000 / costs["ms_per_image"]}
+
+
 def limit(images, folder=None):
     folders = ["--photos", folder] if folder else []
     model = ["--model-file", MODEL["onnx"], "--image-size", str(MODEL["image_size"])]
@@ -431,6 +457,7 @@ def camera_photos():
 def large_photos(args, runs):
     """The same stack and the Celery design on the 12-megapixel versions, with their limit."""
     camera_photos()
+    bound = hardware_bound(LARGE)
     url, photos = serve_photos(LARGE)
     say(f"{args.large_images} images a run over {photos} distinct 12-megapixel photos "
         f"(JPEG_SCALE_MARGIN={args.jpeg_scale_margin})")
@@ -446,6 +473,8 @@ def large_photos(args, runs):
     line("12mp single_process_limit_images_s", [r["large_limit"] for r in runs])
     line("12mp end_to_end_images_s (make up)", [r["large"]["rate"] for r in runs])
     line("12mp end_to_end / limit", [r["large"]["rate"] / r["large_limit"] for r in runs], "{:.3f}")
+    print(f"{'12mp hardware_bound_images_s':35} {bound['images_s']:.1f} ({bound['ms_per_image']:.2f} ms of one core an image)")
+    line("12mp end_to_end / hardware_bound", [r["large"]["rate"] / bound["images_s"] for r in runs], "{:.3f}")
     line("12mp classifier_cpu_ms_per_image", [r["large"]["cpu"]["classifier"] for r in runs], "{:.2f}")
     middle = sorted(runs, key=lambda r: r["large"]["rate"])[len(runs) // 2]["large"]
     total = sum(middle["cpu"].values())
@@ -475,6 +504,7 @@ def small_photos(args, runs):
     photos_url, photos = serve_photos()
     say(f"{args.images} images a run over {photos} distinct real photos, {args.runs} run(s), {CORES} cores, "
         f"model {MODEL['name']}")
+    bound = hardware_bound()
     for r, run in enumerate(runs):
         base = 1000 + r * 10 * args.images  # each run's URLs are new to the stack
         run["limit"] = limit(args.images)
@@ -489,9 +519,15 @@ def small_photos(args, runs):
             say(f"run {r + 1}: Celery baseline {run['celery']['rate']:.1f} images/s")
 
     print()
+    settings = runs[0]["stack"]["settings"]
+    print(f"classifier: {settings.get('engines')} engine(s) of one intra-op thread each, batches of at most "
+          f"{settings.get('batch')} (as measured at start unless MAX_BATCH_SIZE is set)")
+    print(f"{'hardware_bound_images_s':35} {bound['images_s']:.1f} ({bound['ms_per_image']:.2f} ms of one core an image)")
     line("single_process_limit_images_s", [r["limit"] for r in runs])
     line("end_to_end_images_s (make up)", [r["stack"]["rate"] for r in runs])
+    line("end_to_end / hardware_bound", [r["stack"]["rate"] / bound["images_s"] for r in runs], "{:.3f}")
     line("end_to_end / limit", [r["stack"]["rate"] / r["limit"] for r in runs], "{:.3f}")
+    line("classifier_cpu / bound's cpu", [r["stack"]["cpu"]["classifier"] / bound["ms_per_image"] for r in runs], "{:.3f}")
     if args.memory:
         line("end_to_end_images_s (memory://)", [r["memory"]["rate"] for r in runs])
         line("make up / memory://", [r["stack"]["rate"] / r["memory"]["rate"] for r in runs], "{:.3f}")

@@ -1,12 +1,13 @@
-//! The batching queue: an actor that groups preprocessed images into batches for the engine.
+//! The batching queue: an actor that groups a model's preprocessed images into batches for its
+//! engines (threads with a session each, taking batches from one [`EngineQueue`]).
 //!
-//! Its decisions come from [`BatchPolicy::decide`], a plain function of the queue and the engine's
-//! state: a full batch goes at once; when the engine is idle whatever is queued goes at once
-//! (no waiting out the delay); when the engine is busy but can take the next batch, a partial
+//! Its decisions come from [`BatchPolicy::decide`], a plain function of the queue and the engines'
+//! state: a full batch goes at once; when an engine is idle whatever is queued goes at once
+//! (no waiting out the delay); when every engine is busy but one more batch may wait, a partial
 //! batch waits at most `max_delay` for company. Urgent (interactive) items are queued ahead of the
-//! others and go at once in a batch of their own, ahead of any batch waiting for the engine
-//! ([`EngineQueue`]): an interactive image waits for at most the batch the engine is running, and
-//! its own inference is that of a batch of one.
+//! others and go at once in a batch of their own, ahead of any batch waiting for an engine: an
+//! interactive image waits for at most the first running batch to end, and its own inference is
+//! that of a batch of one.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
@@ -14,20 +15,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-/// Batches the engine may hold: one running and one waiting, so the next is ready when it finishes.
-/// An urgent batch may go beyond it by one (it goes ahead of the waiting one).
-pub const ENGINE_DEPTH: usize = 2;
-
-/// Batches' worth of items the queue takes from its channel. More than the pipeline's bulk items
-/// (`BULK_IN_FLIGHT`, 8 batches by default) so that an urgent item never waits in the channel
-/// behind bulk ones, which the queue would have put behind it.
-pub const QUEUE_BATCHES: usize = 16;
-
 /// When to send a batch.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchPolicy {
     pub max_size: usize,
     pub max_delay: Duration,
+    /// The model's engines, taking batches from one queue.
+    pub engines: usize,
+    /// Items the queue takes from its channel: more than the pipeline's bulk items
+    /// (`BULK_IN_FLIGHT`), so that an urgent item never waits in the channel behind bulk ones,
+    /// which the queue would have put behind it.
+    pub most_queued: usize,
 }
 
 /// What the queue should do now.
@@ -42,6 +40,12 @@ pub enum Decision {
 }
 
 impl BatchPolicy {
+    /// Batches the engines may hold: one running on each and one waiting, so the next is ready
+    /// when one finishes. An urgent batch may go beyond it by one (it goes ahead of the waiting one).
+    pub fn engine_depth(&self) -> usize {
+        self.engines.max(1) + 1
+    }
+
     /// `queued` items wait, the oldest since `oldest`, the first `urgent` of them urgent;
     /// `in_engine` batches are in the engine.
     pub fn decide(
@@ -52,16 +56,17 @@ impl BatchPolicy {
         in_engine: usize,
         now: Instant,
     ) -> Decision {
-        if urgent > 0 && in_engine <= ENGINE_DEPTH {
+        let depth = self.engine_depth();
+        if urgent > 0 && in_engine <= depth {
             return Decision::Dispatch(urgent.min(self.max_size));
         }
-        if queued == 0 || in_engine >= ENGINE_DEPTH {
+        if queued == 0 || in_engine >= depth {
             return Decision::Wait;
         }
         if queued >= self.max_size {
             return Decision::Dispatch(self.max_size);
         }
-        if in_engine == 0 {
+        if in_engine < self.engines.max(1) {
             return Decision::Dispatch(queued);
         }
         let deadline = oldest.unwrap_or(now) + self.max_delay;
@@ -190,7 +195,7 @@ pub async fn run<T: Send>(
             policy.decide(queue.len(), queue.front().map(|q| q.since), urgent, in_engine, now)
         } else if queue.is_empty() {
             return;
-        } else if in_engine < ENGINE_DEPTH {
+        } else if in_engine < policy.engine_depth() {
             Decision::Dispatch(queue.len().min(policy.max_size))
         } else {
             Decision::Wait
@@ -216,7 +221,7 @@ pub async fn run<T: Send>(
         };
         tokio::select! {
             // Taking more than this from the channel would only move the queue, not bound it.
-            item = input.recv(), if input_open && queue.len() < QUEUE_BATCHES * policy.max_size => match item {
+            item = input.recv(), if input_open && queue.len() < policy.most_queued => match item {
                 Some(item) if is_urgent(&item) => {
                     queue.insert(urgent, Queued { item, since: Instant::now() });
                     urgent += 1;
@@ -236,7 +241,9 @@ mod tests {
 
     use super::*;
 
-    const P: BatchPolicy = BatchPolicy { max_size: 8, max_delay: Duration::from_millis(10) };
+    const P: BatchPolicy =
+        BatchPolicy { max_size: 8, max_delay: Duration::from_millis(10), engines: 1, most_queued: 128 };
+    const DEPTH: usize = 2;
 
     #[test]
     fn nothing_queued_waits() {
@@ -266,9 +273,20 @@ mod tests {
     #[test]
     fn a_full_engine_takes_nothing_but_an_urgent_batch() {
         let now = Instant::now();
-        assert_eq!(P.decide(50, Some(now), 0, ENGINE_DEPTH, now + Duration::from_secs(1)), Decision::Wait);
-        assert_eq!(P.decide(50, Some(now), 2, ENGINE_DEPTH, now), Decision::Dispatch(2), "one more, urgent");
-        assert_eq!(P.decide(50, Some(now), 2, ENGINE_DEPTH + 1, now), Decision::Wait);
+        assert_eq!(P.decide(50, Some(now), 0, DEPTH, now + Duration::from_secs(1)), Decision::Wait);
+        assert_eq!(P.decide(50, Some(now), 2, DEPTH, now), Decision::Dispatch(2), "one more, urgent");
+        assert_eq!(P.decide(50, Some(now), 2, DEPTH + 1, now), Decision::Wait);
+    }
+
+    #[test]
+    fn each_engine_gets_a_batch_at_once_and_one_more_waits_for_them() {
+        let two = BatchPolicy { engines: 2, ..P };
+        let t0 = Instant::now();
+        assert_eq!(two.decide(3, Some(t0), 0, 1, t0), Decision::Dispatch(3), "the idle engine takes what there is");
+        assert_eq!(two.decide(3, Some(t0), 0, 2, t0), Decision::WaitUntil(t0 + P.max_delay));
+        assert_eq!(two.decide(8, Some(t0), 0, 2, t0), Decision::Dispatch(8));
+        assert_eq!(two.decide(8, Some(t0), 0, 3, t0), Decision::Wait);
+        assert_eq!(two.decide(8, Some(t0), 1, 3, t0), Decision::Dispatch(1), "one more, urgent");
     }
 
     #[test]
@@ -330,8 +348,7 @@ mod tests {
         let sizes = [engine.try_take().unwrap().len(), engine.try_take().unwrap().len()];
         assert_eq!(sizes, [1, 8]);
         assert!(engine.try_take().is_none(), "the engine holds at most two batches");
-        let queued = QUEUE_BATCHES * 8;
-        assert_eq!(in_tx.max_capacity() - in_tx.capacity(), 200 - 9 - queued, "the queue holds at most 16 batches");
+        assert_eq!(in_tx.max_capacity() - in_tx.capacity(), 200 - 9 - P.most_queued, "the queue holds at most 128");
     }
 
     #[tokio::test(flavor = "current_thread")]

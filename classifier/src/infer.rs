@@ -1,5 +1,5 @@
-//! Stage 5, infer: each model's engine has its own thread; it takes batches from that model's
-//! queue, runs the model and turns logits into labelled predictions.
+//! Stage 5, infer: each of a model's engines has its own thread; it takes batches from that
+//! model's queue, runs the model and turns logits into labelled predictions.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,16 +29,18 @@ pub struct Inference {
     pub metrics: Metrics,
 }
 
-/// Spawns the engine thread; it ends when `batches` is closed and empty. It sends one `done` per batch.
+/// Spawns engine `index`'s thread; it ends when `batches` is closed and empty. It sends one `done`
+/// per batch.
 pub fn spawn(
     inference: Inference,
+    index: usize,
     batches: Arc<EngineQueue<Prepared>>,
     outcomes: mpsc::Sender<Outcome>,
     done: mpsc::UnboundedSender<()>,
 ) -> std::thread::JoinHandle<()> {
     let Inference { mut engine, mut model, current, mut reload, labels, top_k, image_len, metrics } = inference;
     std::thread::Builder::new()
-        .name(format!("infer-{}", model.name))
+        .name(format!("infer-{}-{index}", model.name))
         .spawn(move || {
             let mut input = Vec::new();
             while let Some(mut batch) = batches.take() {

@@ -27,8 +27,9 @@ pub mod preprocess;
 mod produce;
 mod reload;
 mod resample;
-mod turns;
 pub mod settings;
+mod sizing;
+mod turns;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -88,20 +89,8 @@ impl Application {
         let models = settings.models.load()?;
         let default_model = models.iter().position(|m| m.name == settings.models.default).unwrap_or(0);
         let mut engines = Vec::with_capacity(models.len());
-        for mut model in models {
-            let path = settings.models.path(&model);
-            let options = settings.ort_options(path.clone(), model.image_size);
-            let load: reload::Loader = Box::new(move || Ok(Box::new(OrtEngine::load(&options)?)));
-            let version = model.version.clone();
-            let (engine, (watch, version)) = tokio::task::spawn_blocking(move || {
-                let engine = load()?;
-                anyhow::Ok((engine, reload::Reload::new(path, &version, load)?))
-            })
-            .await??;
-            // The version of the file as it is: the manifest's, unless the file was replaced.
-            model.version = version;
-            tracing::info!(model = %model.name, version = %model.version, "model loaded");
-            engines.push(ServedModel { model, engine, reload: Some(watch) });
+        for model in models {
+            engines.push(load_model(&settings, model).await?);
         }
         let t = &settings.topics;
         let topics = [&t.requests, &t.interactive, &t.results, &t.dead_letter].map(String::as_str);
@@ -142,13 +131,17 @@ impl Application {
         })
     }
 
-    /// Wraps every model's inference engine, e.g. to instrument or throttle it. A wrapped engine
-    /// is not reloaded when its file is replaced.
+    /// Wraps each of every model's inference engines, e.g. to instrument or throttle it. A
+    /// wrapped engine is not reloaded when its file is replaced.
     pub fn wrap_engine(mut self, wrap: impl Fn(Box<dyn Engine>) -> Box<dyn Engine>) -> Self {
         self.engines = self
             .engines
             .into_iter()
-            .map(|served| ServedModel { engine: wrap(served.engine), reload: None, ..served })
+            .map(|served| ServedModel {
+                engines: served.engines.into_iter().map(&wrap).collect(),
+                reload: None,
+                ..served
+            })
             .collect();
         self
     }
@@ -175,7 +168,10 @@ impl Application {
             },
         ));
 
-        let batch = s.max_batch_size.max(1);
+        // Queues are sized by the largest batch any model runs.
+        let batch = self.engines.iter().map(|served| served.batch_size).max().unwrap_or(1).max(1);
+        let engines_each = self.engines.iter().map(|served| served.engines.len()).max().unwrap_or(1);
+        let bulk_depth = s.bulk_depth(batch, engines_each);
         // Bulk requests read wait for a place in the pipeline (`BULK_IN_FLIGHT`) in the prepare
         // stage's turns, as many as its queue held before there were lanes: the consumer pauses
         // its partitions only when they and this hand-over channel are full, as rarely as it did
@@ -185,11 +181,18 @@ impl Application {
         let (interactive_tx, interactive_rx) = mpsc::channel(batch * 4);
         let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
 
-        // One batching queue and one engine thread per model, so that a batch never mixes models.
-        let policy = batcher::BatchPolicy { max_size: batch, max_delay: Duration::from_millis(s.max_batch_delay_ms) };
+        // One batching queue per model, so that a batch never mixes models, and its engine threads.
         let (mut inputs, mut batchers, mut engines) = (Vec::new(), Vec::new(), Vec::new());
         let (mut prepared_queues, mut batch_queues) = (Vec::new(), Vec::new());
-        for ServedModel { model, engine, reload } in self.engines {
+        for ServedModel { model, engines: pool, batch_size, reload } in self.engines {
+            let policy = batcher::BatchPolicy {
+                max_size: batch_size,
+                max_delay: Duration::from_millis(s.max_batch_delay_ms),
+                engines: pool.len(),
+                most_queued: 2 * bulk_depth,
+            };
+            metrics.engines.with_label_values(&[&model.name]).set(pool.len() as i64);
+            metrics.batch_size_limit.with_label_values(&[&model.name]).set(batch_size as i64);
             let tag = Arc::new(job::ModelTag { name: model.name.clone(), version: model.version.clone() });
             let preprocess = Preprocess {
                 size: model.image_size,
@@ -219,17 +222,19 @@ impl Application {
                 },
             )));
             let current: job::CurrentModel = Arc::new(std::sync::RwLock::new(tag.clone()));
-            let inference = infer::Inference {
-                engine,
-                model: tag.clone(),
-                current: current.clone(),
-                reload,
-                labels: self.labels.clone(),
-                top_k: s.top_k,
-                image_len: preprocess.tensor_len(),
-                metrics: metrics.clone(),
-            };
-            engines.push(infer::spawn(inference, batches, outcome_tx.clone(), done_tx));
+            for (i, engine) in pool.into_iter().enumerate() {
+                let inference = infer::Inference {
+                    engine,
+                    model: tag.clone(),
+                    current: current.clone(),
+                    reload: reload.clone(),
+                    labels: self.labels.clone(),
+                    top_k: s.top_k,
+                    image_len: preprocess.tensor_len(),
+                    metrics: metrics.clone(),
+                };
+                engines.push(infer::spawn(inference, i, batches.clone(), outcome_tx.clone(), done_tx.clone()));
+            }
             inputs.push(prepare::ModelInput { tag, current, preprocess, queue: prepared_tx });
         }
 
@@ -279,7 +284,7 @@ impl Application {
         let lanes = prepare::Lanes {
             interactive: interactive_rx,
             bulk: jobs_rx,
-            bulk_slots: Arc::new(tokio::sync::Semaphore::new(s.bulk_depth())),
+            bulk_slots: Arc::new(tokio::sync::Semaphore::new(bulk_depth)),
             waiting: turns::Turns::default(),
             most_waiting,
             waiting_depth: metrics.queue_depth.with_label_values(&["admit"]),
@@ -313,7 +318,7 @@ impl Application {
             topic = %s.topics.requests,
             interactive_topic = %s.topics.interactive,
             group = %s.group_id,
-            bulk_in_flight = s.bulk_depth(),
+            bulk_in_flight = bulk_depth,
             "classifier running"
         );
         // Both ends of its contract: cameras that produce requests straight to Kafka find it too.
@@ -381,10 +386,56 @@ impl Application {
     }
 }
 
-/// A model the classifier serves, its engine, and what reloads it when its file is replaced.
+/// Loads `model`'s engines (`ENGINES`, side by side) and, where `MAX_BATCH_SIZE` is 0, measures
+/// its batch sizes on the first of them.
+async fn load_model(settings: &Settings, mut model: Model) -> anyhow::Result<ServedModel> {
+    let path = settings.models.path(&model);
+    let options = settings.ort_options(path.clone(), model.image_size);
+    let load: reload::Loader = Arc::new(move || Ok(Box::new(OrtEngine::load(&options)?)));
+    let loading: Vec<_> = (0..settings.engines())
+        .map(|_| {
+            let load = load.clone();
+            tokio::task::spawn_blocking(move || load())
+        })
+        .collect();
+    let mut engines = Vec::with_capacity(loading.len());
+    for engine in loading {
+        engines.push(engine.await??);
+    }
+    let version = model.version.clone();
+    let (watch, version) = tokio::task::spawn_blocking(move || reload::Reload::new(path, &version, load)).await??;
+    // The version of the file as it is: the manifest's, unless the file was replaced.
+    model.version = version;
+    let batch_size = match settings.max_batch_size {
+        0 => {
+            let image_len = 3 * (model.image_size as usize).pow(2);
+            let bound = Duration::from_millis(settings.batch_latency_ms);
+            let mut engine = engines.swap_remove(0);
+            let (engine, costs) = tokio::task::spawn_blocking(move || {
+                let costs = sizing::measure(&mut engine, image_len, usize::MAX, bound);
+                (engine, costs)
+            })
+            .await?;
+            engines.push(engine);
+            let costs = costs?;
+            let measured: Vec<String> =
+                costs.iter().map(|c| format!("{}: {:.2} ms", c.batch, c.per_image().as_secs_f64() * 1e3)).collect();
+            let chosen = sizing::choose(&costs, bound);
+            tracing::info!(model = %model.name, batch_size = chosen, per_image = ?measured, "batch size measured");
+            chosen
+        }
+        n => n,
+    };
+    tracing::info!(model = %model.name, version = %model.version, engines = engines.len(), batch_size, "model loaded");
+    Ok(ServedModel { model, engines, batch_size, reload: Some(watch) })
+}
+
+/// A model the classifier serves, its engines (each with a session of its own), the batch size
+/// they run, and what reloads them when its file is replaced.
 struct ServedModel {
     model: Model,
-    engine: Box<dyn Engine>,
+    engines: Vec<Box<dyn Engine>>,
+    batch_size: usize,
     reload: Option<reload::Reload>,
 }
 

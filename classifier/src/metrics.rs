@@ -28,6 +28,10 @@ pub struct Metrics {
     pub pauses: IntCounter,
     /// Items waiting in each bounded channel, by the stage that reads it.
     pub queue_depth: IntGaugeVec,
+    /// Engine threads of each model (`ENGINES`).
+    pub engines: IntGaugeVec,
+    /// The largest batch each model runs (`MAX_BATCH_SIZE`, or as measured at start).
+    pub batch_size_limit: IntGaugeVec,
     /// Result cache lookups by outcome.
     pub cache_lookups: IntCounterVec,
     /// Panics caught in one image's stage, by stage (each became an `internal` error result).
@@ -104,6 +108,17 @@ impl Metrics {
                 Opts::new("classifier_queue_depth", "Items waiting for each stage"),
                 &["stage"],
             )?,
+            engines: IntGaugeVec::new(
+                Opts::new("classifier_engines", "Engine threads of each model, each with its own session"),
+                &["model"],
+            )?,
+            batch_size_limit: IntGaugeVec::new(
+                Opts::new(
+                    "classifier_batch_size_limit",
+                    "The largest batch each model runs (MAX_BATCH_SIZE, or measured at start)",
+                ),
+                &["model"],
+            )?,
             cache_lookups: IntCounterVec::new(
                 Opts::new(
                     "classifier_cache_lookups_total",
@@ -132,6 +147,8 @@ impl Metrics {
         registry.register(Box::new(m.paused.clone()))?;
         registry.register(Box::new(m.pauses.clone()))?;
         registry.register(Box::new(m.queue_depth.clone()))?;
+        registry.register(Box::new(m.engines.clone()))?;
+        registry.register(Box::new(m.batch_size_limit.clone()))?;
         registry.register(Box::new(m.cache_lookups.clone()))?;
         registry.register(Box::new(m.panics.clone()))?;
         Ok(m)

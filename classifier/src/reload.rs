@@ -32,9 +32,11 @@ fn sha256(path: &PathBuf) -> std::io::Result<String> {
 }
 
 /// Loads an engine from the model file.
-pub type Loader = Box<dyn Fn() -> anyhow::Result<Box<dyn Engine>> + Send>;
+pub type Loader = std::sync::Arc<dyn Fn() -> anyhow::Result<Box<dyn Engine>> + Send + Sync>;
 
-/// One model file, watched.
+/// One model file, watched: each of the model's engines watches it with a clone of its own, and
+/// loads the new file before its next batch.
+#[derive(Clone)]
 pub struct Reload {
     path: PathBuf,
     stamp: Option<Stamp>,
@@ -109,7 +111,7 @@ mod tests {
         let path = dir.join("model.onnx");
         std::fs::write(&path, b"first").unwrap();
         let file = path.clone();
-        let load: Loader = Box::new(move || {
+        let load: Loader = std::sync::Arc::new(move || {
             let bytes = std::fs::read(&file)?;
             anyhow::ensure!(bytes != b"broken", "not a model");
             Ok(Box::new(Constant(bytes.len() as f32)))

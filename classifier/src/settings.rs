@@ -34,9 +34,15 @@ pub struct Settings {
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".cache/onnxruntime/libonnxruntime.so.1.31.1")]
     pub ort_dylib: PathBuf,
 
-    /// ONNX Runtime intra-op threads; 0 lets it use every core.
+    /// ONNX Runtime intra-op threads of each engine; 0: the cores shared between a model's
+    /// engines (one each, with one engine per core).
     #[arg(long, env = "ORT_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+
+    /// Engine threads per model, each with its own ONNX Runtime session, taking the model's
+    /// batches from one queue; 0: one per core on a CPU, one on a GPU.
+    #[arg(long, env = "ENGINES", default_value_t = 0)]
+    pub engines: usize,
 
     /// ONNX Runtime inter-op threads; 0 lets it decide.
     #[arg(long, env = "ORT_INTER_THREADS", default_value_t = 0)]
@@ -62,13 +68,20 @@ pub struct Settings {
     #[arg(long, env = "TOP_K", default_value_t = 5)]
     pub top_k: usize,
 
-    /// Most images in one inference batch.
-    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 8)]
+    /// Most images in one inference batch; 0: measured for each model at start, the cheapest
+    /// size an image (the smallest within 5%) among those whose batch runs within
+    /// `BATCH_LATENCY_MS`, logged and exported as `classifier_batch_size_limit{model}`.
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 0)]
     pub max_batch_size: usize,
 
+    /// With `MAX_BATCH_SIZE=0`, the longest one batch may take to run, in milliseconds.
+    #[arg(long, env = "BATCH_LATENCY_MS", default_value_t = 50)]
+    pub batch_latency_ms: u64,
+
     /// Bulk requests the pipeline holds at once, from their read to their result (0: eight
-    /// batches' worth). Enough keeps the engine busy; each more is one an interactive request may
-    /// find ahead of it on a core. Raise it for image hosts far away (each fetch waits longer).
+    /// batches' worth for each engine, at least 32). Enough keeps the engines busy; each more is
+    /// one an interactive request may find ahead of it on a core. Raise it for image hosts far
+    /// away (each fetch waits longer).
     #[arg(long, env = "BULK_IN_FLIGHT", default_value_t = 0)]
     pub bulk_in_flight: usize,
 
@@ -197,11 +210,21 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Bulk requests the pipeline holds at once (`BULK_IN_FLIGHT`, or eight batches' worth).
-    pub fn bulk_depth(&self) -> usize {
+    /// Bulk requests the pipeline holds at once (`BULK_IN_FLIGHT`, or eight batches of `batch`
+    /// for each of `engines` engines, at least 32).
+    pub fn bulk_depth(&self, batch: usize, engines: usize) -> usize {
         match self.bulk_in_flight {
-            0 => 8 * self.max_batch_size.max(1),
+            0 => (8 * batch.max(1) * engines.max(1)).max(32),
             n => n,
+        }
+    }
+
+    /// Engine threads per model (`ENGINES`, or one per core on a CPU and one on a GPU).
+    pub fn engines(&self) -> usize {
+        match (self.engines, self.execution_provider) {
+            (0, crate::engine::Provider::Cpu) => std::thread::available_parallelism().map_or(1, usize::from),
+            (0, _) => 1,
+            (n, _) => n,
         }
     }
 
@@ -212,7 +235,10 @@ impl Settings {
             dylib: self.ort_dylib.clone(),
             model,
             image_size: image_size as usize,
-            intra_threads: self.intra_threads,
+            intra_threads: match self.intra_threads {
+                0 => (std::thread::available_parallelism().map_or(1, usize::from) / self.engines()).max(1),
+                n => n,
+            },
             inter_threads: self.inter_threads,
             spinning: self.ort_spinning,
             optimization: self.ort_optimization,

@@ -111,10 +111,7 @@ mod tests {
             turns.push(Some("reef"), "feed-b", ["b1", "b2", "b3", "b4"][i]);
             turns.push(Some("kelp"), "feed-c", ["c1", "c2", "c3", "c4"][i]);
         }
-        assert_eq!(
-            drain(&mut turns)[..8],
-            ["a1", "c1", "b1", "c2", "a2", "c3", "b2", "c4"]
-        );
+        assert_eq!(drain(&mut turns)[..8], ["a1", "c1", "b1", "c2", "a2", "c3", "b2", "c4"]);
     }
 
     #[test]

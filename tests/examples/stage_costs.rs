@@ -6,6 +6,11 @@
 //! manifest at several batch sizes. Also what learning from the bytes costs (their sha256, EXIF and
 //! header, for every image).
 //! `cargo run --release -p reefline-e2e --example stage_costs`
+//!
+//! `stage_costs --bound MODEL [PHOTOS]` prints instead one JSON line: what the hardware needs an
+//! image of the photos under the cache folder `PHOTOS` (default `bench-photos`) on one core —
+//! decode, resize, and `MODEL`'s inference at its cheapest batch size on one thread — from which
+//! `make bench` computes the hardware's bound (cores ÷ their sum).
 use std::path::Path;
 use std::time::Instant;
 
@@ -76,7 +81,66 @@ fn stages(what: &str, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Milliseconds an image of `model`'s inference on one thread at batch sizes 1, 2, 4 and 8: the
+/// cheapest, and the size that gave it.
+fn best_inference(model: &reefline_common::models::Model, path: &Path, tensor: &[f32]) -> anyhow::Result<(f64, usize)> {
+    let mut options = OrtOptions::cpu(
+        cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
+        path.to_path_buf(),
+        model.image_size as usize,
+    );
+    options.intra_threads = 1;
+    let mut engine = OrtEngine::load(&options)?;
+    let mut best = (f64::MAX, 1);
+    for batch in [1, 2, 4, 8] {
+        let input = tensor.repeat(batch);
+        engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
+        let reps = 64 / batch;
+        let started = Instant::now();
+        for _ in 0..reps {
+            engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        let per_image = started.elapsed().as_secs_f64() * 1000.0 / (reps * batch) as f64;
+        if per_image < best.0 {
+            best = (per_image, batch);
+        }
+    }
+    Ok(best)
+}
+
+/// The `--bound` line (see the module's doc).
+fn bound(model_name: &str, folder: &str) -> anyhow::Result<()> {
+    let cache = cache_dir();
+    let models = reefline_e2e::model_settings();
+    let model = models
+        .load()?
+        .into_iter()
+        .find(|m| m.name == model_name)
+        .ok_or_else(|| anyhow::anyhow!("no model {model_name}"))?;
+    let margin = std::env::var("JPEG_SCALE_MARGIN").ok().and_then(|m| m.parse().ok()).unwrap_or(PRE.jpeg_scale_margin);
+    let pre = Preprocess { size: model.image_size, jpeg_scale_margin: margin, ..PRE };
+    let bytes = photos(&cache.join(folder));
+    anyhow::ensure!(!bytes.is_empty(), "no photos under {folder}");
+    let (decode, resize) = decode_and_resize(&pre, &bytes, 2)?;
+    let learn = ms_per(&bytes, 2, |b| drop(reefline_classifier::photo::learn(b)));
+    let tensor = pre.run(&bytes[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (infer, batch) = best_inference(&model, &models.path(&model), &tensor)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": model.name, "photos": folder, "decode_ms": decode, "resize_ms": resize, "learn_ms": learn,
+            "infer_ms": infer, "infer_batch": batch, "ms_per_image": decode + resize + infer,
+        })
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--bound") {
+        let model = args.get(1).ok_or_else(|| anyhow::anyhow!("usage: stage_costs --bound MODEL [PHOTOS]"))?;
+        return bound(model, args.get(2).map_or("bench-photos", String::as_str));
+    }
     let cache = cache_dir();
     stages("test photos", &photos(&cache.join("photos")), 10)?;
     stages("bench photos", &photos(&cache.join("bench-photos")), 3)?;

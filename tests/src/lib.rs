@@ -311,6 +311,9 @@ impl StackSettings {
         classifier.labels_path = cache.join("models/imagenet_labels.tsv");
         classifier.ort_dylib = cache.join("onnxruntime/libonnxruntime.so.1.31.1");
         classifier.max_batch_size = 8;
+        // Two engines a model, whatever the machine's cores: the fault tests and hot reload cover
+        // a pool of engines sharing one batching queue.
+        classifier.engines = 2;
         classifier.fetch_timeout_s = 10;
         // The photo server is on loopback, which the classifier refuses unless told otherwise.
         classifier.fetch_allow = vec!["127.0.0.1/32".into()];

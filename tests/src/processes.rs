@@ -68,6 +68,7 @@ impl ServiceProcess {
             .args(["--topic-partitions", &s.topics.partitions.to_string()])
             .args(["--session-timeout-ms", &s.kafka.session_timeout_ms.to_string()])
             .args(["--max-batch-size", &s.max_batch_size.to_string()])
+            .args(["--engines", &s.engines.to_string()])
             .arg("--models-manifest")
             .arg(&s.models.manifest)
             .arg("--models-dir")

@@ -18,7 +18,10 @@ fn top_indices(result: &Value) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_photos_are_classified_end_to_end() {
     let env = TestEnv::start().await;
-    let stack = Stack::start(env.settings()).await;
+    let mut settings = env.settings();
+    // Each model's batch size as measured at start (the default), on its two engines.
+    settings.classifier.max_batch_size = 0;
+    let stack = Stack::start(settings).await;
     let photos_url = env.photos.clone();
     let client = reqwest::Client::new();
 
@@ -141,6 +144,10 @@ async fn real_photos_are_classified_end_to_end() {
     let text = client.get(format!("{}/metrics", stack.classifier_ops)).send().await.unwrap().text().await.unwrap();
     let retries = reefline_e2e::metric(&text, "classifier_fetch_retries_total{kind=\"http_status\"}");
     assert_eq!(retries, Some(4.0), "one retry for the flaky photo, three for the lasting 503");
+    let lite0 = "{model=\"efficientnet-lite0\"}";
+    assert_eq!(reefline_e2e::metric(&text, &format!("classifier_engines{lite0}")), Some(2.0));
+    let measured = reefline_e2e::metric(&text, &format!("classifier_batch_size_limit{lite0}")).unwrap();
+    assert!([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0].contains(&measured), "one of the sizes measured: {measured}");
     for (base, metric) in [
         (&stack.ingest, "ingest_images_total"),
         (&stack.sink, "sink_rows_written_total"),
