@@ -520,8 +520,8 @@ def small_photos(args, runs):
 
     print()
     settings = runs[0]["stack"]["settings"]
-    print(f"classifier: {settings.get('engines')} engine(s) of one intra-op thread each, batches of at most "
-          f"{settings.get('batch')} (as measured at start unless MAX_BATCH_SIZE is set)")
+    print(f"classifier: {settings.get('engines')} engine(s) for the model (ENGINES), batches of at most "
+          f"{settings.get('batch')} (MAX_BATCH_SIZE, or as measured at start)")
     print(f"{'hardware_bound_images_s':35} {bound['images_s']:.1f} ({bound['ms_per_image']:.2f} ms of one core an image)")
     line("single_process_limit_images_s", [r["limit"] for r in runs])
     line("end_to_end_images_s (make up)", [r["stack"]["rate"] for r in runs])
