@@ -27,6 +27,8 @@ pub struct Inference {
     pub top_k: usize,
     pub image_len: usize,
     pub metrics: Metrics,
+    /// The thread's niceness (`ENGINE_NICE`).
+    pub nice: i32,
 }
 
 /// Spawns engine `index`'s thread; it ends when `batches` is closed and empty. It sends one `done`
@@ -38,10 +40,11 @@ pub fn spawn(
     outcomes: mpsc::Sender<Outcome>,
     done: mpsc::UnboundedSender<()>,
 ) -> std::thread::JoinHandle<()> {
-    let Inference { mut engine, mut model, current, mut reload, labels, top_k, image_len, metrics } = inference;
+    let Inference { mut engine, mut model, current, mut reload, labels, top_k, image_len, metrics, nice } = inference;
     std::thread::Builder::new()
         .name(format!("infer-{}-{index}", model.name))
         .spawn(move || {
+            crate::preprocess::lower_thread_priority(nice);
             let mut input = Vec::new();
             while let Some(mut batch) = batches.take() {
                 if let Some((fresh, version)) = reload.as_mut().and_then(Reload::check) {

@@ -232,6 +232,7 @@ impl Application {
                     top_k: s.top_k,
                     image_len: preprocess.tensor_len(),
                     metrics: metrics.clone(),
+                    nice: s.engine_nice,
                 };
                 engines.push(infer::spawn(inference, i, batches.clone(), outcome_tx.clone(), done_tx.clone()));
             }

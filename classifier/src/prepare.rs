@@ -220,7 +220,8 @@ pub async fn run(
                     match decoders.acquire().await {
                         Ok(slot) => {
                             let decoding = tracing::info_span!(parent: &job.span, "decode");
-                            let tensor = caught(stage.preprocess(input.preprocess, bytes).instrument(decoding))
+                            let decoded = stage.preprocess(input.preprocess, bytes, job.lane);
+                            let tensor = caught(decoded.instrument(decoding))
                                 .await
                                 .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "decode", panic)));
                             tensor.map(|tensor| (tensor, slot))
@@ -263,6 +264,18 @@ async fn on_blocking_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send +
         .await
         // Cancelled: the runtime is shutting down, and the result will not be produced anyway.
         .unwrap_or_else(|e| Err(Box::new(e.to_string())))
+}
+
+/// Runs `work` on a new thread at the default priority, catching a panic.
+async fn on_own_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Panic> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("decode-interactive".into())
+        .spawn(move || {
+            let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
+        })
+        .map_err(|e| Box::new(e.to_string()) as Panic)?;
+    rx.await.unwrap_or_else(|e| Err(Box::new(e.to_string())))
 }
 
 /// Longest part of a panic's message an `internal` error repeats.
@@ -331,9 +344,11 @@ impl Prepare {
             .map_err(|panic| panicked(&self.metrics, "metadata", panic))
     }
 
-    /// Decodes and preprocesses on a blocking thread, once the image's pixels fit in the decode
-    /// budget; the caller holds a decoder slot.
-    async fn preprocess(&self, preprocess: Preprocess, bytes: Vec<u8>) -> Result<Vec<f32>, ImageError> {
+    /// Decodes and preprocesses once the image's pixels fit in the decode budget; the caller
+    /// holds a decoder slot. A bulk image is decoded on a blocking thread at `DECODE_NICE`; an
+    /// interactive one on a thread of its own at the default priority, so that it is not held
+    /// behind bulk decoding and inference (the blocking threads, once lowered, stay lowered).
+    async fn preprocess(&self, preprocess: Preprocess, bytes: Vec<u8>, lane: Lane) -> Result<Vec<f32>, ImageError> {
         let nice = self.decode_nice;
         let inspected = preprocess.inspect(&bytes)?;
         let cost = self.pixel_budget.cost(inspected.decoded_pixels());
@@ -344,12 +359,17 @@ impl Prepare {
             .await
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
         let started = Instant::now();
-        let tensor = on_blocking_thread(move || {
-            crate::preprocess::lower_thread_priority(nice);
+        let decode = move || {
+            if lane == Lane::Bulk {
+                crate::preprocess::lower_thread_priority(nice);
+            }
             preprocess.run_inspected(&bytes, &inspected)
-        })
-        .await
-        .map_err(|panic| panicked(&self.metrics, "decode", panic))??;
+        };
+        let decoded = match lane {
+            Lane::Bulk => on_blocking_thread(decode).await,
+            Lane::Interactive => on_own_thread(decode).await,
+        };
+        let tensor = decoded.map_err(|panic| panicked(&self.metrics, "decode", panic))??;
         self.metrics.preprocess_seconds.observe(started.elapsed().as_secs_f64());
         Ok(tensor)
     }

@@ -27,9 +27,11 @@ pub struct Preprocess {
 }
 
 /// Lowers the calling thread's scheduling priority to `nice` (Linux; elsewhere nothing), once per
-/// thread. Decoding runs at a lower priority than inference: the engine is the pipeline's
-/// bottleneck, so its threads should never wait for a core a decoder holds, while decoders only
-/// need to stay a few batches ahead and fill the moments the engine leaves a core idle.
+/// thread (an unprivileged thread cannot raise it again). Bulk decoding runs at a lower priority
+/// than inference: the engines are the pipeline's bottleneck, so they should never wait for a core
+/// a decoder holds, while decoders only need to stay a few batches ahead and fill the moments the
+/// engines leave a core idle. The engines in turn run below the default, under the short tasks
+/// that move records and interactive images.
 pub fn lower_thread_priority(nice: i32) {
     thread_local! {
         static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -199,6 +199,13 @@ pub struct Settings {
     #[arg(long, env = "DECODE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub decode_nice: i32,
 
+    /// Scheduling niceness of the engine threads (0 to 19). Above 0, the short tasks around them
+    /// (reading and producing records, an interactive image's decode, and on a shared machine
+    /// the broker's and the other services' work) take a core as soon as they are ready instead
+    /// of waiting out a batch's time slice; keep it below `DECODE_NICE`.
+    #[arg(long, env = "ENGINE_NICE", default_value_t = 5, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub engine_nice: i32,
+
     #[command(flatten)]
     pub kafka: KafkaSettings,
 
