@@ -23,7 +23,9 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     let env = TestEnv::start().await;
     let mut settings = env.settings();
     settings.classifier.max_batch_size = 4;
-    // One fetch slot: at most 16 images wait for their host's turn, so 80 fill the pipeline.
+    // 16 bulk images in the pipeline, and with one fetch slot 32 waiting for their turn there
+    // (and 16 handed over to wait with them): 80 fill it, and the rest wait on the broker.
+    settings.classifier.bulk_in_flight = 16;
     settings.classifier.fetch_concurrency = 1;
     // 80 copies of one photo: each must go through the (slow) engine, not the result cache.
     settings.classifier.result_cache = false;
