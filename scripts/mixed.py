@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench-mixed`: interactive answers and fair shares while bulk feeds run, on the make-up stack.
 
-usage: mixed.py [--photos 20000] [--second 5000] [--probes-every 0.5] [--without-lanes-too]
+usage: mixed.py [--photos 20000] [--second 5000] [--probes-every 0.5] [--without-lanes-too] [--storage memory://mixed/]
 
 On the stack `make up` runs (scripts/stack.py: durable broker, default settings, result cache
 off as in every benchmark), with keys for three tenants:
@@ -13,7 +13,9 @@ off as in every benchmark), with keys for three tenants:
    result, then each feed's share of the results while both run (30 s, or until kelp's is done);
 then both feeds to their end, every result checked. With --without-lanes-too, the same again on
 a stack with the lanes off (INTERACTIVE_LANE=false: every submission on the bulk topic;
-FEED_WINDOW_IMAGES=0: feeds put on the broker as fast as it takes them), for the ratios.
+FEED_WINDOW_IMAGES=0: feeds put on the broker as fast as it takes them), for the ratios. With
+--storage memory://mixed/, on the broker built with in-memory storage (nothing durable; a
+comparison only, to tell the local broker's part of the latency from the pipeline's).
 Prints the figures and the classifier's time per stage and lane (classifier_stage_seconds).
 """
 import argparse
@@ -78,7 +80,7 @@ def feed_text(photos_url, base, n):
 def scenario(photos_url, args, lanes, base):
     keys = "".join(f"{tenant} submit {hashlib.sha256(key.encode()).hexdigest()}\n" for tenant, key in KEYS.items())
     env = {} if lanes else {"INTERACTIVE_LANE": "false", "FEED_WINDOW_IMAGES": "0"}
-    stack = Stack(env=env)
+    stack = Stack(storage=args.storage, env=env)
     keys_path = os.path.join(stack.run, "bench-keys")
     with open(keys_path, "w") as f:
         f.write(keys)
@@ -191,11 +193,14 @@ def main():
     parser.add_argument("--second", type=int, default=5_000)
     parser.add_argument("--probes-every", type=float, default=0.5)
     parser.add_argument("--without-lanes-too", action="store_true")
+    parser.add_argument("--storage", default=None,
+                        help="the broker's storage instead of the stack's durable sqlite (memory://mixed/: a "
+                             "comparison only, nothing durable, to tell the local broker's part of the latency)")
     args = parser.parse_args()
     photos_url, _ = serve_photos()
     try:
         say(f"mixed: lanes on: a {args.photos:,}-photo feed, probes every {args.probes_every} s, "
-            f"then a second tenant's {args.second:,}")
+            f"then a second tenant's {args.second:,}" + (f", broker storage {args.storage}" if args.storage else ""))
         on = scenario(photos_url, args, True, 0)
         off = None
         if args.without_lanes_too:
