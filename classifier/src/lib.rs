@@ -189,7 +189,10 @@ impl Application {
                 max_size: batch_size,
                 max_delay: Duration::from_millis(s.max_batch_delay_ms),
                 engines: pool.len(),
-                most_queued: 2 * bulk_depth,
+                // Twice the bulk images, so an interactive one never waits behind them in the
+                // channel; but at most 16 batches of 8 an engine, so that a large
+                // `BULK_IN_FLIGHT` (far image hosts) does not hold its images' decoded tensors.
+                most_queued: (2 * bulk_depth).min(16 * batch_size.max(8) * pool.len().max(1)),
             };
             metrics.engines.with_label_values(&[&model.name]).set(pool.len() as i64);
             metrics.batch_size_limit.with_label_values(&[&model.name]).set(batch_size as i64);
