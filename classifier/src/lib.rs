@@ -28,7 +28,7 @@ mod produce;
 mod reload;
 mod resample;
 pub mod settings;
-mod sizing;
+pub mod sizing;
 mod turns;
 
 use std::net::SocketAddr;
@@ -48,7 +48,6 @@ use crate::engine::{Engine, OrtEngine};
 use crate::fetch::{FetchLimits, Fetcher};
 use crate::labels::Labels;
 use crate::offsets::OffsetTracker;
-use crate::preprocess::Preprocess;
 pub use crate::settings::Settings;
 use reefline_common::kafka::Lane;
 use reefline_common::models::Model;
@@ -197,12 +196,7 @@ impl Application {
             metrics.engines.with_label_values(&[&model.name]).set(pool.len() as i64);
             metrics.batch_size_limit.with_label_values(&[&model.name]).set(batch_size as i64);
             let tag = Arc::new(job::ModelTag { name: model.name.clone(), version: model.version.clone() });
-            let preprocess = Preprocess {
-                size: model.image_size,
-                max_side: s.max_image_side,
-                max_pixels: s.max_image_pixels,
-                jpeg_scale_margin: s.jpeg_scale_margin,
-            };
+            let preprocess = s.preprocess(model.image_size);
             let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
             let batches = Arc::new(batcher::EngineQueue::default());
             let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -412,15 +406,14 @@ async fn load_model(settings: &Settings, mut model: Model) -> anyhow::Result<Ser
     model.version = version;
     let batch_size = match settings.max_batch_size {
         0 => {
-            let image_len = 3 * (model.image_size as usize).pow(2);
+            let image_len = settings.preprocess(model.image_size).tensor_len();
             let bound = Duration::from_millis(settings.batch_latency_ms);
-            let mut engine = engines.swap_remove(0);
-            let (engine, costs) = tokio::task::spawn_blocking(move || {
-                let costs = sizing::measure(&mut engine, image_len, usize::MAX, bound);
-                (engine, costs)
+            let costs;
+            (engines, costs) = tokio::task::spawn_blocking(move || {
+                let costs = sizing::measure(&mut engines[0], image_len, usize::MAX, bound);
+                (engines, costs)
             })
             .await?;
-            engines.push(engine);
             let costs = costs?;
             let measured: Vec<String> =
                 costs.iter().map(|c| format!("{}: {:.2} ms", c.batch, c.per_image().as_secs_f64() * 1e3)).collect();

@@ -226,6 +226,16 @@ impl Settings {
         }
     }
 
+    /// How a model taking `image_size`-pixel squares is given its images.
+    pub fn preprocess(&self, image_size: u32) -> crate::preprocess::Preprocess {
+        crate::preprocess::Preprocess {
+            size: image_size,
+            max_side: self.max_image_side,
+            max_pixels: self.max_image_pixels,
+            jpeg_scale_margin: self.jpeg_scale_margin,
+        }
+    }
+
     /// Engine threads per model (`ENGINES`, or one per core on a CPU and one on a GPU).
     pub fn engines(&self) -> usize {
         match (self.engines, self.execution_provider) {

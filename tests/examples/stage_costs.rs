@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
 use reefline_classifier::preprocess::Preprocess;
+use reefline_classifier::sizing;
 use reefline_e2e::cache_dir;
 
 const PRE: Preprocess = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
@@ -81,9 +82,13 @@ fn stages(what: &str, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Milliseconds an image of `model`'s inference on one thread at batch sizes 1, 2, 4 and 8: the
-/// cheapest, and the size that gave it.
-fn best_inference(model: &reefline_common::models::Model, path: &Path, tensor: &[f32]) -> anyhow::Result<(f64, usize)> {
+/// Milliseconds an image of `model`'s inference on one thread at batch sizes 1, 2, 4 and 8,
+/// measured as the classifier measures its batch sizes: the cheapest, and the size that gave it.
+fn best_inference(
+    model: &reefline_common::models::Model,
+    path: &Path,
+    image_len: usize,
+) -> anyhow::Result<(f64, usize)> {
     let mut options = OrtOptions::cpu(
         cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"),
         path.to_path_buf(),
@@ -91,21 +96,9 @@ fn best_inference(model: &reefline_common::models::Model, path: &Path, tensor: &
     );
     options.intra_threads = 1;
     let mut engine = OrtEngine::load(&options)?;
-    let mut best = (f64::MAX, 1);
-    for batch in [1, 2, 4, 8] {
-        let input = tensor.repeat(batch);
-        engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
-        let reps = 64 / batch;
-        let started = Instant::now();
-        for _ in 0..reps {
-            engine.infer(&input, batch).map_err(|e| anyhow::anyhow!(e))?;
-        }
-        let per_image = started.elapsed().as_secs_f64() * 1000.0 / (reps * batch) as f64;
-        if per_image < best.0 {
-            best = (per_image, batch);
-        }
-    }
-    Ok(best)
+    let costs = sizing::measure(&mut engine, image_len, 8, std::time::Duration::MAX)?;
+    let best = costs.iter().min_by_key(|c| c.per_image()).ok_or_else(|| anyhow::anyhow!("nothing measured"))?;
+    Ok((best.per_image().as_secs_f64() * 1000.0, best.batch))
 }
 
 /// The `--bound` line (see the module's doc).
@@ -123,8 +116,7 @@ fn bound(model_name: &str, folder: &str) -> anyhow::Result<()> {
     anyhow::ensure!(!bytes.is_empty(), "no photos under {folder}");
     let (decode, resize) = decode_and_resize(&pre, &bytes, 2)?;
     let learn = ms_per(&bytes, 2, |b| drop(reefline_classifier::photo::learn(b)));
-    let tensor = pre.run(&bytes[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (infer, batch) = best_inference(&model, &models.path(&model), &tensor)?;
+    let (infer, batch) = best_inference(&model, &models.path(&model), pre.tensor_len())?;
     println!(
         "{}",
         serde_json::json!({
