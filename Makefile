@@ -64,8 +64,9 @@ bench-mixed: build
 	python3 scripts/mixed.py $(MIXED_ARGS)
 
 ## bench-feed: bulk feeds on the make-up stack: a 1,000,000-line feed through ingest alone (lines/s,
-## RSS), and a 10,000-photo CSV feed end to end against the same photos through /v1/classify
-## (FEED_ARGS, e.g. "--lines 200000 --photos 2000")
+## RSS), a 10,000-photo CSV feed end to end against the same photos through /v1/classify, and 2,000
+## photos as a feed from an S3 prefix (moto) against the same over HTTP
+## (FEED_ARGS, e.g. "--lines 200000 --photos 2000" or "--s3-only --runs 3")
 bench-feed: build
 	python3 scripts/feedbench.py $(FEED_ARGS)
 

@@ -132,6 +132,9 @@ def main(cache):
     # The contract test's property-based API tester.
     pinned_venv(os.path.join(cache, "venv-schemathesis"), os.path.join(ROOT, "tests/schemathesis-requirements.txt"),
                 "the API tester's venv (schemathesis)")
+    # The object-storage tests' S3 server (moto) and the client that fills its buckets (boto3).
+    pinned_venv(os.path.join(cache, "venv-moto"), os.path.join(ROOT, "tests/moto-requirements.txt"),
+                "the S3 test server's venv (moto, boto3)")
     print(f"assets: ready under {cache}", flush=True)
 
 

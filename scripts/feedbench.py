@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench-feed`: bulk feeds on the stack `make up` runs (scripts/stack.py, durable broker).
 
-usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1]
+usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1] [--s3-photos 2000] [--s3-only]
 
 1. Ingest alone: a --lines plain-text feed (distinct URLs) uploaded as a stream, with the
    classifier and the sink stopped (SIGSTOP) so that ingest and the broker have the machine: lines
@@ -11,8 +11,14 @@ usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1]
    images/s until the sink has written the last row. The result cache is off (the bench photos
    repeat under many URLs), as in `make bench`. Then, on a third stack with the cache on, the
    survey again once its photos are known: what re-running a survey costs.
+3. Object storage: --s3-photos of the bench photos in a bucket of a real S3 API on loopback (moto's
+   server, from the venv `make setup` makes, checking every request's signature), classified as a
+   feed from the bucket's prefix, against the same photos as a CSV feed of http URLs from the bench
+   photo server, each on a stack of its own: images/s, and S3 / HTTP.
 """
 import argparse
+import glob
+import json
 import os
 import signal
 import statistics
@@ -103,24 +109,82 @@ def end_to_end(photos_url, photos, run):
     return {"feed": feed, "classify": classify, "cached": cached, "read_s": read}
 
 
+def start_s3(count):
+    """moto's server with `count` objects, the bench photos in turn, under s3://bench-photos/survey/;
+    the server's process and the settings that name it to ingest and the classifier."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = os.environ.get("REEFLINE_CACHE", os.path.join(root, ".cache"))
+    files = sorted(glob.glob(os.path.join(cache, "photos", "*")) + glob.glob(os.path.join(cache, "bench-photos", "*")))
+    import subprocess
+    server = subprocess.Popen([os.path.join(cache, "venv-moto", "bin", "python"), os.path.join(root, "tests", "s3_server.py")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    plan = {"generated": [{"bucket": "bench-photos", "prefix": "survey/", "count": count, "files": files}]}
+    server.stdin.write(json.dumps(plan) + "\n")
+    server.stdin.flush()
+    ready = json.loads(server.stdout.readline())
+    env = {"S3_BUCKETS": "bench-photos", "AWS_ENDPOINT_URL": ready["endpoint"], "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": ready["access_key_id"], "AWS_SECRET_ACCESS_KEY": ready["secret_access_key"]}
+    return server, env
+
+
+def s3_against_http(photos_url, count, run):
+    server, env = start_s3(count)
+    try:
+        with Stack(env=env) as stack:
+            warm(stack, photos_url)
+            started = time.monotonic()
+            body = json.dumps({"source": "s3://bench-photos/survey/", "match": "*.jpg"}).encode()
+            answer, _ = post_feed(stack.ingest, body, "application/json")
+            if answer.get("accepted") != count:
+                sys.exit(f"feedbench: the prefix feed answered {answer}")
+            s3 = count / (stack.wait_rows(16 + count) - started)
+            stack.check_all_ok()
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    base = 5_000_000 * (run + 1)
+    with Stack() as stack:
+        warm(stack, photos_url)
+        started = time.monotonic()
+        post_feed(stack.ingest, csv_feed(photos_url, base, count), "text/csv")
+        http = count / (stack.wait_rows(16 + count) - started)
+        stack.check_all_ok()
+    return {"s3": s3, "http": http}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--photos", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--s3-photos", type=int, default=2_000, help="photos of the S3 step (0: skip it)")
+    parser.add_argument("--s3-only", action="store_true", help="only the S3 step")
     args = parser.parse_args()
-    say(f"feedbench: a {args.lines:,}-line feed through ingest alone")
-    rate, rss = ingest_alone(args.lines)
-    print(f"ingest alone, {args.lines:,}-line plain-text feed: {rate:,.0f} lines/s, ingest peak RSS {rss:.0f} MiB")
+    if not args.s3_only:
+        say(f"feedbench: a {args.lines:,}-line feed through ingest alone")
+        rate, rss = ingest_alone(args.lines)
+        print(f"ingest alone, {args.lines:,}-line plain-text feed: {rate:,.0f} lines/s, ingest peak RSS {rss:.0f} MiB")
     photos_url, _ = serve_photos()
     try:
+        s3_runs = []
+        for run in range(args.runs if args.s3_photos else 0):
+            say(f"feedbench: run {run + 1}/{args.runs}: {args.s3_photos:,} photos from an S3 prefix, then over HTTP")
+            s3_runs.append(s3_against_http(photos_url, args.s3_photos, run))
+            say(f"  {s3_runs[-1]}")
         runs = []
-        for run in range(args.runs):
+        for run in range(0 if args.s3_only else args.runs):
             say(f"feedbench: run {run + 1}/{args.runs}: {args.photos:,} photos as a CSV feed, then through /v1/classify")
             runs.append(end_to_end(photos_url, args.photos, run))
             say(f"  {runs[-1]}")
     finally:
         stop_photo_servers()
+    if s3_runs:
+        s3 = statistics.median(r["s3"] for r in s3_runs)
+        http = statistics.median(r["http"] for r in s3_runs)
+        print(f"end to end, {args.s3_photos:,} photos as a feed from an S3 prefix (moto): {s3:.1f} images/s; "
+              f"the same as a CSV feed of http URLs: {http:.1f} images/s (S3 / HTTP: {s3 / http:.3f})")
+    if not runs:
+        return
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"end to end, {args.photos:,}-photo CSV feed: {median['feed']:.1f} images/s "
           f"(read and on the broker in {median['read_s']:.1f} s)")

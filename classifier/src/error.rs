@@ -7,6 +7,15 @@ pub enum ImageError {
     NotFound,
     #[error("the server answered HTTP {0}")]
     HttpStatus(u16),
+    /// The store refused the credentials, or they do not allow reading the object.
+    #[error("reading refused: {0}")]
+    Forbidden(String),
+    /// An `s3://` URL naming a bucket this classifier may not read for the request's tenant.
+    #[error("{0}")]
+    UnknownBucket(String),
+    /// Another error status from an object store.
+    #[error("{0}")]
+    StoreStatus(u16, String),
     #[error("fetching the image timed out after {0} s")]
     Timeout(u64),
     #[error("could not connect: {0}")]
@@ -39,7 +48,9 @@ impl ImageError {
     pub fn is_transient(&self) -> bool {
         match self {
             ImageError::Timeout(_) | ImageError::Connection(_) => true,
-            ImageError::HttpStatus(status) => *status == 429 || (500..600).contains(status),
+            ImageError::HttpStatus(status) | ImageError::StoreStatus(status, _) => {
+                *status == 429 || (500..600).contains(status)
+            }
             _ => false,
         }
     }
@@ -48,7 +59,9 @@ impl ImageError {
     pub fn kind(&self) -> &'static str {
         match self {
             ImageError::NotFound => "not_found",
-            ImageError::HttpStatus(_) => "http_status",
+            ImageError::HttpStatus(_) | ImageError::StoreStatus(..) => "http_status",
+            ImageError::Forbidden(_) => "forbidden",
+            ImageError::UnknownBucket(_) => "unknown_bucket",
             ImageError::Timeout(_) => "timeout",
             ImageError::Connection(_) => "connection_failed",
             ImageError::TooLarge { .. } => "too_large",

@@ -1,5 +1,6 @@
 //! Fetching image bytes over HTTP with timeouts, a redirect limit and a size cap enforced while
-//! the body streams in.
+//! the body streams in; and reading them from object stores (`s3://bucket/key`) under the same
+//! limits, each bucket taking the place of a host.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url, redirect};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use futures::StreamExt;
+use reefline_common::objects::{Failure, Stores, object_ref};
 
 use crate::error::ImageError;
 use crate::guard::{AddressPolicy, Blocked, GuardedResolver, error_text};
@@ -101,6 +105,7 @@ pub struct Fetcher {
     limits: FetchLimits,
     policy: Arc<AddressPolicy>,
     hosts: Arc<Hosts>,
+    stores: Arc<Stores>,
 }
 
 /// Why a redirect was not followed.
@@ -109,7 +114,7 @@ pub struct Fetcher {
 struct RedirectRefused(String);
 
 impl Fetcher {
-    pub fn new(limits: FetchLimits, policy: AddressPolicy) -> anyhow::Result<Self> {
+    pub fn new(limits: FetchLimits, policy: AddressPolicy, stores: Stores) -> anyhow::Result<Self> {
         let policy = Arc::new(policy);
         let hops = policy.clone();
         // Every hop is checked like the first: at most `max_redirects`, http(s), no IP literal
@@ -132,22 +137,41 @@ impl Fetcher {
             .user_agent(concat!("reefline-classifier/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
             .build()?;
-        Ok(Self { client, limits, policy, hosts: Arc::default() })
+        Ok(Self { client, limits, policy, hosts: Arc::default(), stores: Arc::new(stores) })
     }
 
     /// The body of `url`, or why it could not be had, with the place among the `work`ing tasks it
     /// took. The host's turn (a slot of its own, its rate, its `Retry-After`) is waited for first,
     /// and only then a place among the working tasks and one of the `fetches` shared by every host
     /// (`started` is told when): a slow or throttled host's images wait among themselves, never
-    /// holding a slot another host's images could use. A host is a host name and port.
+    /// holding a slot another host's images could use. A host is a host name and port, or a
+    /// bucket; a bucket is read only when `tenant` may read it.
     pub async fn fetch(
         &self,
         url: &str,
+        tenant: &str,
         work: &Arc<Semaphore>,
         fetches: &Semaphore,
         started: impl FnOnce(),
     ) -> Result<(Vec<u8>, OwnedSemaphorePermit), ImageError> {
         let url = Url::parse(url).map_err(|e| ImageError::Blocked(format!("invalid URL: {e}")))?;
+        if let Some(object) = object_ref(&url) {
+            let store =
+                self.stores.bucket(&object.bucket, tenant).map_err(|e| ImageError::UnknownBucket(e.to_string()))?;
+            let host = self.hosts.get(&format!("s3://{}", object.bucket), self.limits.per_host.max(1));
+            let _turn = host.turn(self.limits.host_rate).await;
+            let stopping = |e: tokio::sync::AcquireError| ImageError::Connection(e.to_string());
+            let working = work.clone().acquire_owned().await.map_err(stopping)?;
+            let _fetch = fetches.acquire().await.map_err(stopping)?;
+            started();
+            let body = self.read_object(&*store, &object.key).await.inspect_err(|e| {
+                if let ImageError::StoreStatus(429 | 503, _) = e {
+                    // The store asks for less: its bucket waits a moment.
+                    host.back_off(Duration::from_secs(1));
+                }
+            })?;
+            return Ok((body, working));
+        }
         self.policy.check_url(&url).map_err(ImageError::Blocked)?;
         let authority = format!(
             "{}:{}",
@@ -185,6 +209,45 @@ impl Fetcher {
             body.extend_from_slice(&chunk);
         }
         Ok((body, working))
+    }
+
+    /// An object's bytes, refused before they are read when the store says it is too large.
+    async fn read_object(
+        &self,
+        store: &dyn object_store::ObjectStore,
+        key: &object_store::path::Path,
+    ) -> Result<Vec<u8>, ImageError> {
+        let limit = self.limits.max_bytes;
+        let deadline = self.limits.total_timeout;
+        let read = async {
+            let object =
+                store.get_opts(key, object_store::GetOptions::default()).await.map_err(|e| self.object_error(&e))?;
+            if object.meta.size > limit {
+                return Err(ImageError::TooLarge { limit });
+            }
+            let mut body = Vec::with_capacity(object.meta.size as usize);
+            let mut chunks = object.into_stream();
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| self.object_error(&e))?;
+                if body.len() as u64 + chunk.len() as u64 > limit {
+                    return Err(ImageError::TooLarge { limit });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body)
+        };
+        tokio::time::timeout(deadline, read).await.map_err(|_| ImageError::Timeout(deadline.as_secs()))?
+    }
+
+    fn object_error(&self, e: &object_store::Error) -> ImageError {
+        match Failure::of(e) {
+            Failure::NotFound => ImageError::NotFound,
+            Failure::Forbidden(reason) => ImageError::Forbidden(reason),
+            Failure::Status(code, reason) => ImageError::StoreStatus(code, reason),
+            Failure::Timeout => ImageError::Timeout(self.limits.total_timeout.as_secs()),
+            Failure::Connection(reason) => ImageError::Connection(reason),
+            Failure::Other(reason) => ImageError::Internal(format!("reading the object failed: {reason}")),
+        }
     }
 
     fn classify(&self, e: reqwest::Error) -> ImageError {
@@ -255,14 +318,14 @@ mod tests {
         let fetch = |fetcher: Fetcher, url: String| {
             let (work, fetches) = (work.clone(), &fetches);
             async move {
-                match fetcher.fetch(&url, &work, fetches, || {}).await {
+                match fetcher.fetch(&url, "default", &work, fetches, || {}).await {
                     Ok(_) => panic!("{url} was fetched"),
                     Err(e) => e,
                 }
             }
         };
 
-        let guarded = Fetcher::new(limits, AddressPolicy::default()).unwrap();
+        let guarded = Fetcher::new(limits, AddressPolicy::default(), Stores::default()).unwrap();
         let refused = fetch(guarded, "http://localhost/x.jpg?sig=s3cret".into()).await;
         let message = refused.to_string();
         assert_eq!(refused.kind(), "blocked_address", "{message}");
@@ -270,10 +333,19 @@ mod tests {
         assert!(!message.contains("127.0.0.1") && !message.contains("::1") && !message.contains("s3cret"), "{message}");
 
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let open = Fetcher::new(limits, AddressPolicy::from_allowlist(&["127.0.0.1/32".into()])).unwrap();
+        let open =
+            Fetcher::new(limits, AddressPolicy::from_allowlist(&["127.0.0.1/32".into()]), Stores::default()).unwrap();
         let failed = fetch(open, format!("http://127.0.0.1:{port}/x.jpg?sig=s3cret")).await;
         assert_eq!(failed.kind(), "connection_failed", "{failed}");
         assert!(!failed.to_string().contains("s3cret"), "{failed}");
+
+        let fetcher = Fetcher::new(limits, AddressPolicy::default(), Stores::default()).unwrap();
+        let unknown = fetch(fetcher, "s3://reef-survey/a.jpg".into()).await;
+        assert_eq!(unknown.kind(), "unknown_bucket");
+        assert_eq!(
+            unknown.to_string(),
+            "bucket `reef-survey` is not one this service reads; none is configured (S3_BUCKETS)"
+        );
     }
 
     #[test]

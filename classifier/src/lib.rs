@@ -252,6 +252,15 @@ impl Application {
                     host_rate: s.fetch_host_rate,
                 },
                 guard::AddressPolicy::from_allowlist(&s.fetch_allow),
+                reefline_common::objects::Stores::new(
+                    &s.stores,
+                    // Transient failures are tried again by the fetch stage, after a delay that holds no slot.
+                    reefline_common::objects::Access {
+                        connect_timeout: Duration::from_secs(s.fetch_connect_timeout_s),
+                        timeout: Duration::from_secs(s.fetch_timeout_s),
+                        retries: 0,
+                    },
+                )?,
             )?,
             models: inputs,
             default_model: self.default_model,

@@ -195,9 +195,11 @@ pub async fn run(
             let mut job = job;
             let input = &stage.models[model];
             let fetching = tracing::info_span!(parent: &job.span, "fetch");
-            let fetched = caught(stage.fetch(&job.request.url, &work, &fetches).instrument(fetching))
-                .await
-                .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "fetch", panic)));
+            let fetched = caught(
+                stage.fetch(&job.request.url, job.request.tenant.as_deref(), &work, &fetches).instrument(fetching),
+            )
+            .await
+            .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "fetch", panic)));
             let learned = match fetched {
                 Ok((bytes, working)) => stage.learn(bytes).await.map(|learned| (learned, working)),
                 Err(error) => Err(error),
@@ -379,13 +381,15 @@ impl Prepare {
     async fn fetch(
         &self,
         url: &str,
+        tenant: Option<&str>,
         work: &Arc<Semaphore>,
         fetches: &Semaphore,
     ) -> Result<(Vec<u8>, OwnedSemaphorePermit), ImageError> {
         let mut retry = 0;
         loop {
             let mut started = Instant::now();
-            let result = self.fetcher.fetch(url, work, fetches, || started = Instant::now()).await;
+            let tenant = tenant.unwrap_or(reefline_common::auth::DEFAULT_TENANT);
+            let result = self.fetcher.fetch(url, tenant, work, fetches, || started = Instant::now()).await;
             match result {
                 Ok((bytes, working)) => {
                     self.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());

@@ -214,6 +214,10 @@ pub struct Settings {
 
     #[command(flatten)]
     pub tenants: reefline_common::tenant::TenantSettings,
+
+    /// The object stores `s3://` image URLs may name.
+    #[command(flatten)]
+    pub stores: reefline_common::objects::StoreSettings,
 }
 
 impl Settings {

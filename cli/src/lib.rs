@@ -49,10 +49,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Upload a feed of image URLs (a file, or - for standard input) and print its id and counts.
+    /// Upload a feed of image URLs (a file, or - for standard input), or feed a bucket's prefix
+    /// (`s3://bucket/prefix/`), and print its id and counts.
     Submit {
-        /// The feed: a CSV with a `url` column, NDJSON, or a URL a line; `.gz` or not.
+        /// The feed: a CSV with a `url` column, NDJSON, or a URL a line; `.gz` or not. Or a
+        /// bucket's prefix, `s3://bucket/prefix/`: its image objects, listed by ingest.
         file: String,
+        /// With a prefix: the glob its objects' keys must match below it (`**/*.jpg`); else every
+        /// JPEG, PNG, GIF, WebP and BMP.
+        #[arg(long = "match")]
+        pattern: Option<String>,
         /// csv, ndjson or text; else from the file name, else guessed from the first line.
         #[arg(long)]
         format: Option<String>,
@@ -137,8 +143,13 @@ pub async fn main() -> anyhow::Result<()> {
     let key = api_key(cli.api.api_key_file.as_deref(), std::env::var(KEY_ENV).ok())?;
     let client = Client::new(cli.api, key)?;
     match cli.command {
-        Command::Submit { file, format, model, idempotency_key, callback_url, wait } => {
-            let feed = client.submit(&file, format, model, callback_url, idempotency_key).await?;
+        Command::Submit { file, pattern, format, model, idempotency_key, callback_url, wait } => {
+            let feed = if file.starts_with("s3://") {
+                client.submit_prefix(&file, pattern, model, callback_url, idempotency_key).await?
+            } else {
+                anyhow::ensure!(pattern.is_none(), "--match selects the objects of an s3:// prefix; {file} is a file");
+                client.submit(&file, format, model, callback_url, idempotency_key).await?
+            };
             let id = feed["feed_id"].as_str().context("no feed_id in the answer")?.to_owned();
             print_json(&feed)?;
             if wait {
@@ -297,20 +308,40 @@ impl Client {
         query.extend(model.map(|m| ("model", m)));
         query.extend(callback_url.map(|c| ("callback_url", c)));
         let url = with_query(&format!("{}/v1/feeds", self.api.ingest_url.trim_end_matches('/')), &query)?;
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let body = if from_stdin {
+        let body = || async {
+            Ok(if from_stdin {
                 reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(tokio::io::stdin()))
             } else {
                 let opened = tokio::fs::File::open(file).await.with_context(|| format!("opening {file}"))?;
                 reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(opened))
-            };
+            })
+        };
+        let tries = if from_stdin { 1 } else { UPLOAD_TRIES };
+        self.send_feed(url, &key, "application/octet-stream", body, tries).await
+    }
+
+    /// POSTs a feed made by `body` to `url` under `key`; sends it again (made anew), up to `tries`
+    /// times in all, when it meets a 503 or 409 or breaks off, so that it resumes.
+    async fn send_feed<F, B>(
+        &self,
+        url: String,
+        key: &str,
+        content_type: &str,
+        body: F,
+        tries: u32,
+    ) -> anyhow::Result<Value>
+    where
+        F: Fn() -> B,
+        B: Future<Output = anyhow::Result<reqwest::Body>>,
+    {
+        let mut tried = 0;
+        loop {
+            tried += 1;
             let sent = self
                 .request(reqwest::Method::POST, url.clone())
-                .header("content-type", "application/octet-stream")
-                .header("idempotency-key", &key)
-                .body(body)
+                .header("content-type", content_type)
+                .header("idempotency-key", key)
+                .body(body().await?)
                 .send()
                 .await;
             let again = match sent {
@@ -323,12 +354,35 @@ impl Client {
                 Ok(response) => bail!("{}: {}", response.status(), response.text().await.unwrap_or_default()),
                 Err(e) => (Duration::from_secs(2), format!("the upload broke off: {e}")),
             };
-            if from_stdin || tries >= UPLOAD_TRIES {
+            if tried >= tries {
                 bail!("{}", again.1);
             }
             eprintln!("{}; sending it again in {} s (idempotency key {key})", again.1, again.0.as_secs());
             tokio::time::sleep(again.0).await;
         }
+    }
+
+    /// Feeds a bucket's prefix: ingest lists it. Sent again under the same key when it meets a
+    /// 503 or 409, or the connection breaks: the feed resumes after its last settled object.
+    async fn submit_prefix(
+        &self,
+        source: &str,
+        pattern: Option<String>,
+        model: Option<String>,
+        callback_url: Option<String>,
+        key: Option<String>,
+    ) -> anyhow::Result<Value> {
+        let key = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let mut body = serde_json::json!({"source": source});
+        for (field, value) in [("match", pattern), ("model", model), ("callback_url", callback_url)] {
+            if let Some(value) = value {
+                body[field] = Value::String(value);
+            }
+        }
+        let url = format!("{}/v1/feeds", self.api.ingest_url.trim_end_matches('/'));
+        let body = body.to_string();
+        self.send_feed(url, &key, "application/json", || async { Ok(reqwest::Body::from(body.clone())) }, UPLOAD_TRIES)
+            .await
     }
 
     /// A feed's progress, or a batch's when no feed has the id.

@@ -7,6 +7,7 @@ pub mod guard;
 pub mod http;
 pub mod kafka;
 pub mod models;
+pub mod objects;
 pub mod ops;
 pub mod producer;
 pub mod telemetry;

@@ -20,6 +20,8 @@ pub enum IngestError {
     TooManyImages { count: usize, limit: usize },
     #[error("`{field}` is not a usable image URL: {reason}")]
     InvalidUrl { field: String, reason: String },
+    #[error("`{field}`: {reason}")]
+    UnknownBucket { field: String, reason: String },
     #[error("`model` is `{name}`, which is not a model served here; the models are: {served}")]
     UnknownModel { name: String, served: String },
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -96,6 +98,7 @@ impl IngestError {
             IngestError::TooManyImages { .. } => "too_many_images",
             IngestError::InvalidUrl { .. } => "invalid_url",
             IngestError::UnknownModel { .. } => "unknown_model",
+            IngestError::UnknownBucket { .. } => "unknown_bucket",
             IngestError::BodyTooLarge { .. } => "body_too_large",
             IngestError::UnsupportedMediaType => "unsupported_media_type",
             IngestError::Unavailable(_) => "unavailable",
@@ -120,7 +123,8 @@ impl IngestError {
         match self {
             IngestError::InvalidField { field, .. }
             | IngestError::MissingField { field }
-            | IngestError::InvalidUrl { field, .. } => Some(field),
+            | IngestError::InvalidUrl { field, .. }
+            | IngestError::UnknownBucket { field, .. } => Some(field),
             IngestError::EmptyImages { .. } | IngestError::TooManyImages { .. } => Some("images"),
             IngestError::UnknownModel { .. } => Some("model"),
             _ => None,

@@ -52,6 +52,8 @@ pub(crate) struct AppState {
     /// The client a feed's `source_url` is fetched with, and the address rules it follows.
     pub source_client: reqwest::Client,
     pub source_policy: Arc<reefline_common::guard::AddressPolicy>,
+    /// The buckets `s3://` URLs may name, and the stores feeds from a prefix are listed in.
+    pub stores: reefline_common::objects::Stores,
     /// Seals each request record's tenant.
     pub tenants: reefline_common::tenant::TenantSeal,
     /// Each tenant's rate.
@@ -166,6 +168,13 @@ impl Application {
         let body_limit = settings.max_body_bytes;
         let source_policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.source_allow));
         let source_client = feeds::source_client(source_policy.clone())?;
+        // A listing is not tried again as a whole: the client retries each page itself.
+        let access = reefline_common::objects::Access {
+            connect_timeout: std::time::Duration::from_secs(10),
+            timeout: std::time::Duration::from_secs(60),
+            retries: 5,
+        };
+        let stores = reefline_common::objects::Stores::new(&settings.stores, access)?;
         let keys = ApiKeys::load(&settings.auth)?;
         let tenants = reefline_common::tenant::TenantSeal::new(&settings.tenants)?;
         // Open mode's callers are the default tenant's.
@@ -198,6 +207,7 @@ impl Application {
             feeds: Arc::default(),
             source_client,
             source_policy,
+            stores,
             tenants,
             quotas,
         });

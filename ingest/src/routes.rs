@@ -134,10 +134,18 @@ async fn classify_one(State(state): State<Arc<AppState>>, caller: Caller, header
         let raw = request.image_url.ok_or_else(|| IngestError::MissingField { field: "image_url".into() })?;
         let url = validate::check_url(&raw, state.settings.max_url_bytes)
             .map_err(|reason| IngestError::InvalidUrl { field: "image_url".into(), reason })?;
+        validate::check_buckets(std::slice::from_ref(&url), &state.stores, &caller.tenant, |_| "image_url".into())?;
         let model = validate::check_model(request.model, &state.models)?;
         let wait = wait_for(&state, request.wait, state.infer_wait())?;
         let lane = lane_of(&state, request.priority.unwrap_or(Lane::Interactive));
-        let submission = Submission { urls: vec![url], model, callback_url: None, tenant: caller.tenant.clone(), lane };
+        let submission = Submission {
+            urls: vec![url],
+            metadata: vec![None],
+            model,
+            callback_url: None,
+            tenant: caller.tenant.clone(),
+            lane,
+        };
         Ok(match submit_and_wait(&state, "classify", submission, wait).await? {
             Answer::Waited { mut results, .. } if !results.is_empty() => {
                 (StatusCode::OK, Json(ResultView::from(results.remove(0)))).into_response()
@@ -189,7 +197,8 @@ async fn handle_many(
     let body = json_body(state, headers, body)?;
     let request: ClassifyRequest = validate::parse_json(&body)?;
     let limits = Limits { max_images: state.settings.max_images, max_url_bytes: state.settings.max_url_bytes };
-    let urls = validate::check_images(request.images, limits)?;
+    let (urls, metadata) = validate::check_images(request.images, limits)?;
+    validate::check_buckets(&urls, &state.stores, &caller.tenant, |i| format!("images[{i}]"))?;
     let model = validate::check_model(request.model, &state.models)?;
     let callback_url = validate::check_callback(request.callback_url, state.settings.max_url_bytes)?;
     let wait = wait_for(state, request.wait, default_wait)?;
@@ -198,7 +207,7 @@ async fn handle_many(
         state,
         request.priority.unwrap_or(if small || !wait.is_zero() { Lane::Interactive } else { Lane::Bulk }),
     );
-    let submission = Submission { urls, model, callback_url, tenant: caller.tenant.clone(), lane };
+    let submission = Submission { urls, metadata, model, callback_url, tenant: caller.tenant.clone(), lane };
     Ok(match submit_and_wait(state, route, submission, wait).await? {
         Answer::Accepted { batch_id, request_ids } => {
             (StatusCode::ACCEPTED, Json(Accepted { batch_id, request_ids })).into_response()
@@ -254,6 +263,8 @@ async fn submit_and_wait(
 /// A checked submission.
 struct Submission {
     urls: Vec<Url>,
+    /// Each URL's metadata, when it came with some.
+    metadata: Vec<Option<reefline_schemas::Metadata>>,
     model: Option<String>,
     callback_url: Option<String>,
     /// The caller's tenant.
@@ -272,8 +283,9 @@ impl Submission {
         let requests = self
             .urls
             .into_iter()
+            .zip(self.metadata)
             .enumerate()
-            .map(|(i, url)| ImageRequest {
+            .map(|(i, (url, metadata))| ImageRequest {
                 request_id: Uuid::now_v7().to_string(),
                 batch_id: batch_id.clone(),
                 batch_index: i as i32,
@@ -284,6 +296,7 @@ impl Submission {
                 model: model.clone(),
                 callback_url: callback_url.clone(),
                 tenant: Some(tenant.clone()),
+                metadata,
                 ..ImageRequest::default()
             })
             .collect();

@@ -167,6 +167,10 @@ pub struct Settings {
     #[arg(long, env = "SOURCE_ALLOW", value_delimiter = ',')]
     pub source_allow: Vec<String>,
 
+    /// The object stores `s3://` image URLs and feeds from a prefix may name.
+    #[command(flatten)]
+    pub stores: reefline_common::objects::StoreSettings,
+
     #[command(flatten)]
     pub auth: AuthSettings,
 

@@ -30,8 +30,26 @@ fn is_invisible(c: char) -> bool {
         || matches!(c, '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
-/// Checks one image URL; the error says what is wrong with it.
+/// Checks one image URL (http, https, or `s3://bucket/key`); the error says what is wrong with it.
 pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
+    let url = parse_url(raw, max_bytes)?;
+    match url.scheme() {
+        "http" | "https" => check_web_parts(url),
+        "s3" => check_s3_parts(&url).map(|()| url),
+        other => Err(format!("scheme `{other}` is not allowed; use http, https or s3")),
+    }
+}
+
+/// Checks a URL the services call back or fetch a listing from: http or https only.
+pub fn check_web_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
+    let url = parse_url(raw, max_bytes)?;
+    match url.scheme() {
+        "http" | "https" => check_web_parts(url),
+        other => Err(format!("scheme `{other}` is not allowed; use http or https")),
+    }
+}
+
+fn parse_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
     let max_bytes = max_bytes.min(URL_CEILING_BYTES);
     if raw.len() > max_bytes {
         return Err(format!("it is {} bytes long; the limit is {max_bytes}", raw.len()));
@@ -39,10 +57,10 @@ pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
     if let Some((at, c)) = raw.char_indices().find(|(_, c)| is_invisible(*c)) {
         return Err(format!("it holds the invisible or control character U+{:04X} at byte {at}", u32::from(c)));
     }
-    let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("scheme `{}` is not allowed; use http or https", url.scheme()));
-    }
+    Url::parse(raw.trim()).map_err(|e| e.to_string())
+}
+
+fn check_web_parts(url: Url) -> Result<Url, String> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err("it has no host".into());
     }
@@ -50,6 +68,47 @@ pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
         return Err("credentials in URLs are not accepted".into());
     }
     Ok(url)
+}
+
+/// An `s3://` URL: a bucket by S3's naming rules, then a key whose `/`-separated parts are neither
+/// empty nor `.` or `..`, and nothing else (no credentials, port, query or fragment).
+pub fn check_s3_parts(url: &Url) -> Result<(), String> {
+    let bucket = url.host_str().unwrap_or_default();
+    if !is_bucket_name(bucket) {
+        return Err(format!(
+            "`{bucket}` is not a bucket name (3 to 63 of a-z, 0-9, `.` and `-`, starting and ending with a letter or digit)"
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in URLs are not accepted".into());
+    }
+    if url.port().is_some() || url.query().is_some() || url.fragment().is_some() {
+        return Err("an s3 URL is `s3://bucket/key`, with no port, query or fragment".into());
+    }
+    let key = url.path().strip_prefix('/').unwrap_or(url.path());
+    if key.is_empty() {
+        return Err("it names a bucket but no object; write `s3://bucket/key`".into());
+    }
+    check_key_parts(key)
+}
+
+/// A key or prefix as the object store reads it: no empty, `.` or `..` part between slashes (a
+/// prefix may end with one slash).
+pub fn check_key_parts(key: &str) -> Result<(), String> {
+    let key = key.strip_suffix('/').unwrap_or(key);
+    if key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        return Err("its key has an empty, `.` or `..` part between slashes".into());
+    }
+    Ok(())
+}
+
+/// S3's rules for a bucket's name.
+pub fn is_bucket_name(name: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (3..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && edge(name.chars().next())
+        && edge(name.chars().last())
 }
 
 fn check_id(field: &str, value: &str) -> Result<(), String> {
@@ -143,7 +202,7 @@ impl ImageRequest {
         check_text("source", &self.source, SHORT_TEXT_BYTES)?;
         check_text("model", self.model.as_deref().unwrap_or(""), SHORT_TEXT_BYTES)?;
         if let Some(url) = &self.callback_url {
-            check_url(url, max_url_bytes).map_err(|reason| format!("`callback_url` is not usable: {reason}"))?;
+            check_web_url(url, max_url_bytes).map_err(|reason| format!("`callback_url` is not usable: {reason}"))?;
         }
         check_feed_fields(self.feed_id.as_deref(), self.line, self.metadata.as_ref())
     }

@@ -152,7 +152,7 @@ pub struct ErrorDetail {
     pub kind: String,
     #[schema(example = "images[1]")]
     pub field: Option<String>,
-    #[schema(example = "`images[1]` is not a usable image URL: scheme `ftp` is not allowed; use http or https")]
+    #[schema(example = "`images[1]` is not a usable image URL: scheme `ftp` is not allowed; use http, https or s3")]
     pub message: String,
 }
 

@@ -19,6 +19,7 @@ mod broker;
 pub mod camera;
 pub mod feeds;
 mod processes;
+pub mod s3;
 pub mod tenants;
 pub mod workload;
 

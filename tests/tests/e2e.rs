@@ -16,6 +16,7 @@ mod feeds;
 mod hostile;
 mod lanes;
 mod models;
+mod objects;
 mod outages;
 mod tenants;
 mod traces;

@@ -4,6 +4,7 @@
 //! as batches, and each chunk is settled in the ledger once the broker has it, so an upload that
 //! broke off resumes, under the same `Idempotency-Key`, after the last settled line.
 
+mod bucket;
 mod ledger;
 mod pace;
 pub mod parse;
@@ -85,6 +86,14 @@ pub(crate) struct FeedQuery {
 pub(crate) struct FeedSource {
     /// An http(s) URL of the list, fetched under the address rules of images (`SOURCE_ALLOW` opens private ones).
     source_url: Option<String>,
+    /// Instead of a list: a bucket's prefix, `s3://bucket/survey-2026/`, whose objects are the feed's
+    /// images (each with its `key`, `size` and `etag` as metadata), listed as the feed is read.
+    source: Option<String>,
+    /// With `source`: a glob the objects' keys below the prefix must match, without regard to case
+    /// (`**/*.jpg`); absent: `**/*.{jpg,jpeg,png,gif,webp,bmp}`.
+    #[serde(rename = "match")]
+    #[schema(rename = "match")]
+    pattern: Option<String>,
     /// `csv`, `ndjson` or `text`; absent: from the response's Content-Type or the file name.
     format: Option<String>,
     /// A model of the manifest; absent: the default.
@@ -233,17 +242,42 @@ async fn accept(
     };
     let key = idempotency_key(&headers)?;
     let max_url_bytes = state.settings.max_url_bytes;
-    let (stream, format, model, source_url, callback_url, size) = if content_type.starts_with("application/json") {
+    // `first`: what the fingerprint covers besides the source (an upload's first bytes, a prefix's pattern).
+    let (stream, format, model, source_url, callback_url, size, first) = if content_type.starts_with("application/json")
+    {
         let source = source::parse_request(body).await?;
         let format = parse_format(source.format.as_deref())?;
         let model = crate::validate::check_model(source.model, &state.models)?;
         let callback_url = crate::validate::check_callback(source.callback_url, max_url_bytes)?;
-        let url = source.source_url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
-        let url = crate::validate::check_url(&url, max_url_bytes)
-            .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
-        let (stream, found, size) =
-            source::open(&state.source_client, &state.source_policy, &url, limits.source).await?;
-        (stream, format.or(found), model, Some(url.to_string()), callback_url, size)
+        match (source.source_url, source.source) {
+            (Some(_), Some(_)) => {
+                return Err(IngestError::InvalidField {
+                    field: "source".into(),
+                    message: "give `source_url` (a list of image URLs) or `source` (a bucket's prefix), not both"
+                        .into(),
+                });
+            }
+            (None, Some(prefix)) => {
+                let listing = bucket::open(&state.stores, &caller.tenant, &prefix, source.pattern.as_deref()).await?;
+                let pattern = Bytes::from(listing.pattern.into_bytes());
+                (listing.stream, Some(Format::Ndjson), model, Some(listing.source), callback_url, None, Some(pattern))
+            }
+            (url, None) => {
+                if source.pattern.is_some() {
+                    return Err(IngestError::InvalidField {
+                        field: "match".into(),
+                        message: "`match` selects the objects of a `source` prefix; a `source_url` list has none"
+                            .into(),
+                    });
+                }
+                let url = url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
+                let url = reefline_schemas::rules::check_web_url(&url, max_url_bytes)
+                    .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
+                let (stream, found, size) =
+                    source::open(&state.source_client, &state.source_policy, &url, limits.source).await?;
+                (stream, format.or(found), model, Some(url.to_string()), callback_url, size, Some(Bytes::new()))
+            }
+        }
     } else {
         let format = parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type));
         let model = crate::validate::check_model(query.model, &state.models)?;
@@ -255,14 +289,17 @@ async fn accept(
             None,
             callback_url,
             headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()),
+            None,
         )
     };
     let read_bytes = Arc::new(AtomicU64::new(0));
     let stream = counted(stream, read_bytes.clone());
     // What the key is used for: a resend with another file, source or model is refused rather
     // than "resumed" (the new file's first lines would never be classified).
-    let (first_bytes, stream) =
-        if source_url.is_none() { peek(stream, FINGERPRINT_BYTES).await? } else { (Bytes::new(), stream) };
+    let (first_bytes, stream) = match first {
+        None => peek(stream, FINGERPRINT_BYTES).await?,
+        Some(first) => (first, stream),
+    };
     let fingerprint =
         ledger::fingerprint(format.map(Format::as_str), source_url.as_deref(), model.as_deref(), &first_bytes);
     let new = ledger::NewFeed {
@@ -306,6 +343,7 @@ async fn accept(
         max_lines: state.settings.feed_max_lines,
         max_rejected: state.settings.feed_max_rejected_lines,
         dedup_entries: state.settings.feed_dedup_entries,
+        buckets: state.stores.readable(&reader.tenant).into(),
     };
     let outcome = tokio::spawn(reader.run(stream, options, feed.last_line)).await;
     match outcome.map_err(|e| IngestError::Unavailable(format!("the feed's reader failed: {e}")))? {

@@ -124,7 +124,7 @@ pub enum ReadError {
 }
 
 /// How lines are checked, and how much of a feed is read.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// `None`: guess from the first line.
     pub format: Option<Format>,
@@ -138,6 +138,8 @@ pub struct Options {
     /// The most distinct URLs remembered to tell duplicates by; past it, a URL is still checked
     /// against those remembered, but no more are remembered.
     pub dedup_entries: usize,
+    /// The buckets `s3://` URLs may name (the uploader's tenant's); a line naming another is rejected.
+    pub buckets: std::sync::Arc<[String]>,
 }
 
 /// How a read ended: the format the feed was read in, and the limit that ended it early, if any.
@@ -186,8 +188,8 @@ pub fn read(input: impl Read, options: Options, mut emit: impl FnMut(Chunk) -> b
     };
     let mut seen = Seen::new(options.dedup_entries);
     let result = match format {
-        Format::Csv => read_csv(&mut input, options, &mut seen, &mut out),
-        Format::Ndjson | Format::Text => read_lines(&mut input, format, options, &mut seen, &mut out),
+        Format::Csv => read_csv(&mut input, &options, &mut seen, &mut out),
+        Format::Ndjson | Format::Text => read_lines(&mut input, format, &options, &mut seen, &mut out),
     };
     match result {
         Ok(()) => {}
@@ -294,7 +296,7 @@ impl Seen {
 }
 
 /// Checks one URL and its metadata: the line's outcome.
-fn judge(line: u64, raw_url: &str, metadata: Metadata, content: &str, options: Options, seen: &mut Seen) -> Line {
+fn judge(line: u64, raw_url: &str, metadata: Metadata, content: &str, options: &Options, seen: &mut Seen) -> Line {
     let reject =
         |reason: String| Line::Rejected { line, reason, content: truncate(content, REJECT_CONTENT_BYTES).into() };
     if raw_url.contains('\n') {
@@ -304,6 +306,13 @@ fn judge(line: u64, raw_url: &str, metadata: Metadata, content: &str, options: O
         Ok(url) => url,
         Err(reason) => return reject(format!("not a usable URL: {reason}")),
     };
+    if url.scheme() == "s3" {
+        let bucket = url.host_str().unwrap_or_default();
+        if !options.buckets.iter().any(|b| b == bucket) {
+            let readable = if options.buckets.is_empty() { "none".into() } else { options.buckets.join(", ") };
+            return reject(format!("bucket `{bucket}` is not one this service reads (it reads: {readable})"));
+        }
+    }
     if let Err(reason) = check_metadata(&metadata) {
         return reject(reason);
     }
@@ -317,7 +326,7 @@ fn judge(line: u64, raw_url: &str, metadata: Metadata, content: &str, options: O
 fn read_lines<F: FnMut(Chunk) -> bool>(
     input: &mut impl BufRead,
     format: Format,
-    options: Options,
+    options: &Options,
     seen: &mut Seen,
     out: &mut Emitter<'_, F>,
 ) -> Result<(), ReadError> {
@@ -392,7 +401,7 @@ fn ndjson_line(text: &str) -> Result<(String, Metadata), String> {
 /// empty values are left out.
 fn read_csv<F: FnMut(Chunk) -> bool>(
     input: &mut impl BufRead,
-    options: Options,
+    options: &Options,
     seen: &mut Seen,
     out: &mut Emitter<'_, F>,
 ) -> Result<(), ReadError> {
@@ -453,7 +462,7 @@ fn csv_row(
     record: &csv::ByteRecord,
     url_column: usize,
     names: &[String],
-    options: Options,
+    options: &Options,
     seen: &mut Seen,
 ) -> Option<Line> {
     if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {

@@ -10,6 +10,7 @@ fn options(format: Option<Format>) -> Options {
         max_lines: 10_000_000,
         max_rejected: 100_000,
         dedup_entries: 1_000_000,
+        buckets: vec!["reef-survey".to_owned()].into(),
     }
 }
 
@@ -56,7 +57,7 @@ fn text_lines_are_checked_deduplicated_and_chunked() {
         outcomes(&chunks),
         [
             (1, "https://a.example/1.jpg".into()),
-            (3, "rejected: not a usable URL: scheme `ftp` is not allowed; use http or https".into()),
+            (3, "rejected: not a usable URL: scheme `ftp` is not allowed; use http, https or s3".into()),
             (4, "rejected: a duplicate of a URL earlier in the feed".into()),
             (5, "https://a.example/3.jpg".into()),
         ]
@@ -145,23 +146,23 @@ fn a_gzip_of_two_million_bad_lines_stops_at_the_rejects_limit() {
 fn a_feed_ends_at_its_line_limit_with_every_line_before_read() {
     let text: String = (1..=10).map(|i| format!("https://a.example/{i}.jpg\n")).collect();
     let options = Options { max_lines: 4, ..options(Some(Format::Text)) };
-    let (outcome, chunks) = read_with(text.as_bytes(), options);
+    let (outcome, chunks) = read_with(text.as_bytes(), options.clone());
     assert_eq!(outcome.unwrap().cut, Some(Cut::TooLong { limit: 4, line: 5 }));
     assert_eq!(chunks.iter().map(|c| c.lines.len()).collect::<Vec<_>>(), [3, 1]);
     assert_eq!(outcomes(&chunks).last(), Some(&(4, "https://a.example/4.jpg".into())));
 
     // Gzipped, a line at a time, blank lines and a CSV header counted: the same place.
-    let (outcome, chunks) = read_with(&gzip(&b"\n".repeat(1_000_000)), Options { max_lines: 100, ..options });
+    let (outcome, chunks) = read_with(&gzip(&b"\n".repeat(1_000_000)), Options { max_lines: 100, ..options.clone() });
     assert_eq!(outcome.unwrap().cut, Some(Cut::TooLong { limit: 100, line: 101 }));
     assert!(chunks.is_empty());
     let csv = "url,site\nhttps://a.example/1.jpg,A\nhttps://a.example/2.jpg,B\nhttps://a.example/3.jpg,C\n";
-    let (outcome, chunks) = read_with(csv.as_bytes(), Options { max_lines: 3, format: None, ..options });
+    let (outcome, chunks) = read_with(csv.as_bytes(), Options { max_lines: 3, format: None, ..options.clone() });
     assert_eq!(outcome.unwrap().cut, Some(Cut::TooLong { limit: 3, line: 4 }));
     assert_eq!(outcomes(&chunks), [(2, "https://a.example/1.jpg".into()), (3, "https://a.example/2.jpg".into())]);
 
     // A feed of exactly the limit is read to its end.
     let four: String = (1..=4).map(|i| format!("https://a.example/{i}.jpg\n")).collect();
-    let (outcome, chunks) = read_with(four.as_bytes(), options);
+    let (outcome, chunks) = read_with(four.as_bytes(), options.clone());
     assert_eq!((outcome.unwrap().cut, outcomes(&chunks).len()), (None, 4));
     let (outcome, _) = read_with(text.as_bytes(), Options { max_lines: 10, ..options });
     assert_eq!(outcome.unwrap().cut, None);
@@ -210,4 +211,26 @@ fn formats_are_named_by_media_type_and_file_name() {
     assert_eq!(Format::from_file_name("survey/list.CSV.gz"), Some(Format::Csv));
     assert_eq!(Format::from_file_name("urls.txt"), Some(Format::Text));
     assert_eq!(Format::from_file_name("feed"), None);
+}
+
+#[test]
+fn s3_lines_name_a_bucket_the_uploader_may_read() {
+    let text = "s3://reef-survey/2026/a.jpg\ns3://other-bucket/b.jpg\ns3://reef-survey/\n";
+    let (_, chunks) = read_all(text.as_bytes(), Some(Format::Text));
+    let lines: Vec<&Line> = chunks.iter().flat_map(|c| &c.lines).collect();
+    assert!(matches!(lines[0], Line::Accepted { url, .. } if url == "s3://reef-survey/2026/a.jpg"));
+    let reasons: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| match l {
+            Line::Rejected { reason, .. } => reason.as_str(),
+            _ => "accepted",
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "bucket `other-bucket` is not one this service reads (it reads: reef-survey)",
+            "not a usable URL: it names a bucket but no object; write `s3://bucket/key`",
+        ]
+    );
 }
