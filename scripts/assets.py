@@ -135,6 +135,9 @@ def main(cache):
     # The object-storage tests' S3 server (moto) and the client that fills its buckets (boto3).
     pinned_venv(os.path.join(cache, "venv-moto"), os.path.join(ROOT, "tests/moto-requirements.txt"),
                 "the S3 test server's venv (moto, boto3)")
+    # MegaDetector's own validators, for the export tests (the package without torch).
+    pinned_venv(os.path.join(cache, "venv-megadetector"), os.path.join(ROOT, "tests/megadetector-requirements.txt"),
+                "MegaDetector's validators' venv", no_deps=os.path.join(ROOT, "tests/megadetector-requirements-nodeps.txt"))
     print(f"assets: ready under {cache}", flush=True)
 
 

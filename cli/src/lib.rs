@@ -81,9 +81,13 @@ enum Command {
     /// Write every result of a feed (or a batch).
     Export {
         id: String,
-        /// csv, ndjson or megadetector.
+        /// csv, ndjson, megadetector or coco-camera-traps.
         #[arg(long, default_value = "csv")]
         format: String,
+        /// megadetector: the prefix of the image URLs its `file`s leave out (Timelapse reads paths
+        /// relative to the image folder), e.g. s3://reef-survey/survey-2026/.
+        #[arg(long)]
+        relative_to: Option<String>,
         /// Where to write it; standard output when absent.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -158,8 +162,9 @@ pub async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Status { id } => print_json(&client.status(&id).await?)?,
-        Command::Export { id, format, output, status, marine, group, min_score } => {
+        Command::Export { id, format, relative_to, output, status, marine, group, min_score } => {
             let mut query = vec![("format", format)];
+            query.extend(relative_to.map(|r| ("relative_to", r)));
             query.extend(status.map(|s| ("status", s)));
             query.extend(marine.map(|m| ("marine", m.to_string())));
             query.extend(group.map(|g| ("group", g)));

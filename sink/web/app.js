@@ -265,6 +265,20 @@ function csv() {
   setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
 }
 
+/// Every result of the batch in a field format, as the sink exports it (with the key, so a link will not do).
+async function exportBatch() {
+  const format = $("export-format").value;
+  const url = `/v1/batches/${encodeURIComponent(state.batchId)}/results?format=${encodeURIComponent(format)}`;
+  const response = await fetch(url, { headers: headers() });
+  if (!response.ok) return showError(await failure(response));
+  const extension = format === "ndjson" ? "ndjson" : "json";
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = `reefline-${state.batchId}-${format}.${extension}`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+}
+
 async function start() {
   $("api-key").value = apiKey();
   $("api-key").addEventListener("change", (e) => localStorage.setItem("reefline-api-key", e.target.value.trim()));
@@ -279,6 +293,7 @@ async function start() {
   $("send").addEventListener("click", submit);
   for (const id of ["f-status", "f-marine", "f-group", "f-score"]) $(id).addEventListener("input", renderGrid);
   $("csv").addEventListener("click", csv);
+  $("export").addEventListener("click", exportBatch);
   state.config = await (await fetch("/config.json")).json();
   const match = location.hash.match(/batch=([\w-]+)/);
   if (match) follow(match[1]);

@@ -60,3 +60,20 @@ pub fn csv_rows(text: &str) -> (Vec<String>, Vec<HashMap<String, String>>) {
         reader.records().map(|r| header.iter().cloned().zip(r.unwrap().iter().map(String::from)).collect()).collect();
     (header, rows)
 }
+
+/// What MegaDetector's own validator (`validate_batch_results` for `batch`, the COCO Camera Traps
+/// `integrity_check_json_db` for `cct`; `tests/validate_megadetector.py`, in the venv `make setup`
+/// makes) finds wrong with `export`: its errors, and its warnings.
+pub fn megadetector_validator(mode: &str, export: &Value) -> (Vec<String>, Vec<String>) {
+    let python = crate::cache_dir().join("venv-megadetector/bin/python");
+    assert!(python.exists(), "{} is missing: run `make setup` first", python.display());
+    let file = std::env::temp_dir().join(format!("export-{}.json", uuid::Uuid::now_v7().simple()));
+    std::fs::write(&file, export.to_string()).expect("writing the export");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("validate_megadetector.py");
+    let output = std::process::Command::new(python).arg(script).arg(mode).arg(&file).output().expect("the validator");
+    let _ = std::fs::remove_file(&file);
+    assert!(output.status.success(), "the validator failed: {}", String::from_utf8_lossy(&output.stderr));
+    let found: Value = serde_json::from_slice(&output.stdout).expect("the validator's JSON line");
+    let list = |k: &str| found[k].as_array().unwrap().iter().map(|e| e.as_str().unwrap_or("").to_owned()).collect();
+    (list("errors"), list("warnings"))
+}

@@ -53,7 +53,13 @@ fn photo_with_exif() -> Vec<u8> {
 /// 0..1, classifications in descending confidence naming listed categories), failed ones a
 /// `failure` string and no detection list.
 fn check_megadetector(md: &Value) {
+    // MegaDetector's own validator first, then what it does not check.
+    let (errors, warnings) = reefline_e2e::feeds::megadetector_validator("batch", md);
+    assert!(errors.is_empty() && warnings.is_empty(), "validate_batch_results: {errors:?} {warnings:?}");
     assert_eq!(md["info"]["format_version"], json!("1.6"), "{}", md["info"]);
+    assert_eq!(md["info"]["detector_metadata"]["megadetector_version"], "none", "{}", md["info"]);
+    let ids = |k: &str| md[k].as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(ids("classification_categories"), ids("classification_category_descriptions"));
     assert!(md["info"]["format_version"].as_str().unwrap().parse::<f64>().is_ok());
     for categories in ["detection_categories", "classification_categories"] {
         for (id, name) in md[categories].as_object().unwrap() {
@@ -214,6 +220,27 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
         (&json!("4"), &json!("967")),
         "{camera_image}"
     );
+
+    // COCO Camera Traps, as MegaDetector's integrity check reads it (a location for every image,
+    // here the station): one image per line, one image-level annotation per classified image.
+    let cct =
+        client.get(format!("{}/v1/feeds/{feed_id}/results?format=coco-camera-traps", stack.sink)).send().await.unwrap();
+    let cct: Value = cct.json().await.expect("COCO Camera Traps JSON");
+    let (errors, _) = reefline_e2e::feeds::megadetector_validator("cct", &cct);
+    assert!(errors.is_empty(), "integrity_check_json_db: {errors:?}");
+    let cct_images = cct["images"].as_array().unwrap();
+    assert_eq!((cct_images.len(), cct["annotations"].as_array().unwrap().len()), (ROWS, ROWS - missing));
+    assert_eq!(cct["categories"][0], json!({"id": 0, "name": "empty"}));
+    assert_eq!(cct["categories"][968], json!({"id": 968, "name": "espresso"}));
+    let camera_cct = cct_images.iter().find(|i| i["file_name"] == json!(camera_url)).unwrap();
+    assert_eq!(
+        (&camera_cct["location"], &camera_cct["datetime"], &camera_cct["width"]),
+        (&json!("Reef 0"), &json!("2026-11-20 09:41:07"), &json!(600)),
+        "{camera_cct}"
+    );
+    let annotation = cct["annotations"].as_array().unwrap().iter().find(|a| a["image_id"] == camera_cct["id"]).unwrap();
+    assert_eq!(annotation["category_id"], json!(968), "the espresso class, index + 1: {annotation}");
+    assert_eq!(cct_images.iter().filter(|i| i["corrupt"] == json!(true)).count(), missing);
 
     // NDJSON, filtered: the errors only, each with its metadata.
     let errors = client

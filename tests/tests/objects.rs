@@ -175,6 +175,27 @@ async fn a_bucket_is_classified_from_s3_urls_and_from_its_prefix_each_failure_it
     assert_eq!(coffee["metadata"]["etag"].as_str().map(str::len), Some(32), "an MD5 ETag: {coffee}");
     assert_eq!(outcome(&rows[0]), "error too_large");
 
+    // As MegaDetector's batch format, its files relative to the prefix, as Timelapse reads them;
+    // MegaDetector's own validator finds nothing wrong.
+    let md: Value = client
+        .get(format!(
+            "{}/v1/feeds/{feed_id}/results?format=megadetector&relative_to=s3%3A%2F%2Freef-survey%2Fsurvey%2F",
+            stack.sink
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let files: Vec<&str> = md["images"].as_array().unwrap().iter().map(|i| i["file"].as_str().unwrap()).collect();
+    assert_eq!(files, ["big/huge.jpg", "site-a/coffee.png", "site-a/day 2/IMG_0243.JPG", "site-b/broken.jpg"]);
+    let (errors, warnings) = reefline_e2e::feeds::megadetector_validator("batch", &md);
+    assert!(errors.is_empty() && warnings.is_empty(), "validate_batch_results: {errors:?} {warnings:?}");
+    let (status, refused) =
+        get_json(&client, &format!("{}/v1/feeds/{feed_id}/results?format=csv&relative_to=s3://x/", stack.sink)).await;
+    assert_eq!((status, &refused["error"]["field"]), (400, &json!("relative_to")), "{refused}");
+
     // A glob picks the objects; refusals name the field.
     let (status, feed) = post_json(
         &client,

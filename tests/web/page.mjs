@@ -1,6 +1,6 @@
 // The web page in a real headless Chromium (Debian's, driven by Playwright): submit three photos,
 // see them complete with the right labels and no photo loaded for the one that failed, filter, open
-// one, download the CSV, and see an API error shown. Usage: node page.mjs SINK_URL PHOTOS_URL SCREENSHOT_DIR
+// one, download the CSV and the MegaDetector file, and see an API error shown. Usage: node page.mjs SINK_URL PHOTOS_URL SCREENSHOT_DIR
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
@@ -71,6 +71,14 @@ try {
   assert.ok(csv[0].startsWith("request_id,batch_index,url,status,error_kind,label,index,score"), csv[0]);
   assert.ok(csv[1].includes(",ok,,espresso,967,"), csv[1]);
   assert.ok(csv[3].includes(",error,not_found,"), csv[3]);
+
+  // The field formats come from the sink's export: MegaDetector's, one image per result.
+  await page.selectOption("#export-format", "megadetector");
+  const [exported] = await Promise.all([page.waitForEvent("download"), page.click("#export")]);
+  assert.ok(exported.suggestedFilename().endsWith("-megadetector.json"), exported.suggestedFilename());
+  const md = JSON.parse(readFileSync(await exported.path(), "utf8"));
+  assert.equal(md.images.length, 3, JSON.stringify(md.images));
+  assert.equal(md.info.format_version, "1.6");
 
   assert.deepEqual(errors, [], "no script errors");
   console.log(JSON.stringify({ ok: true, labels }));

@@ -3,8 +3,10 @@
 //! (`bbox` `[0, 0, 1, 1]`), of category `1` ("animal") when its top class is one of ImageNet's
 //! animals (classes 0 to 397) and `4` ("other") otherwise, whose `conf` is the top class's score
 //! and whose `classifications` are the top-5 `[class index, score]`. `classification_categories`
-//! names the 1,000 classes by index; `file` is the image's URL; an image that failed has `failure`
-//! (`<kind>: <message>`) and no detections. Each image also carries its `metadata` and `exif`, under
+//! names the 1,000 classes by index and `classification_category_descriptions` gives each its
+//! scientific name where the marine table has one (else its label again); `file` is the image's
+//! URL, or its path below `relative_to` when it starts with it, percent-decoded (Timelapse reads
+//! paths relative to the image folder); an image that failed has `failure` (`<kind>: <message>`) and no detections. Each image also carries its `metadata` and `exif`, under
 //! keys the format does not name (its readers and validator leave them alone).
 
 use std::collections::BTreeSet;
@@ -28,20 +30,23 @@ pub struct Batch {
     out: Vec<u8>,
     images: usize,
     labels: Arc<Vec<(i32, String)>>,
-    /// Classes seen, named from the results where the label table lacks them.
-    seen: std::collections::BTreeMap<i32, String>,
+    /// Classes seen: their labels (for classes the label table lacks) and scientific names.
+    seen: std::collections::BTreeMap<i32, (String, Option<String>)>,
+    /// A prefix of the URLs that `file` leaves out.
+    relative_to: Option<String>,
     models: BTreeSet<String>,
     last_completed_ms: i64,
 }
 
 impl Batch {
-    /// An export naming the classes after `labels` (index, name).
-    pub fn new(labels: Arc<Vec<(i32, String)>>) -> Self {
+    /// An export naming the classes after `labels` (index, name), its files relative to `relative_to`.
+    pub fn new(labels: Arc<Vec<(i32, String)>>, relative_to: Option<String>) -> Self {
         Self {
             out: br#"{"images":["#.to_vec(),
             images: 0,
             labels,
             seen: Default::default(),
+            relative_to,
             models: BTreeSet::new(),
             last_completed_ms: 0,
         }
@@ -59,21 +64,35 @@ impl Batch {
         image
     }
 
+    /// The image's `file`: its URL, or its path below `relative_to`.
+    fn file(&self, url: &str) -> String {
+        match self.relative_to.as_deref().and_then(|prefix| url.strip_prefix(prefix)) {
+            Some(rest) => {
+                let rest = rest.trim_start_matches('/');
+                percent_encoding::percent_decode_str(rest)
+                    .decode_utf8()
+                    .map_or_else(|_| rest.to_owned(), |p| p.into_owned())
+            }
+            None => url.to_owned(),
+        }
+    }
+
     fn detections(&mut self, r: &ClassificationResult) -> Value {
         self.last_completed_ms = self.last_completed_ms.max(r.completed_at_ms);
+        let file = self.file(&r.url);
         if r.status == Status::Error {
             let (kind, message) = (r.error_kind.as_deref().unwrap_or(""), r.error_message.as_deref().unwrap_or(""));
-            return json!({ "file": r.url, "failure": format!("{kind}: {message}"), "detections": null });
+            return json!({ "file": file, "failure": format!("{kind}: {message}"), "detections": null });
         }
         self.models.insert(format!("{} {}", r.model_name, r.model_version));
-        let Some(top) = r.predictions.first() else { return json!({ "file": r.url, "detections": [] }) };
+        let Some(top) = r.predictions.first() else { return json!({ "file": file, "detections": [] }) };
         let category = if (0..=LAST_ANIMAL_CLASS).contains(&top.index) { "1" } else { "4" };
         let classifications: Vec<Value> = r
             .predictions
             .iter()
             .take(5)
             .map(|p| {
-                self.seen.entry(p.index).or_insert_with(|| p.label.clone());
+                self.seen.entry(p.index).or_insert_with(|| (p.label.clone(), p.scientific_name.clone()));
                 json!([p.index.to_string(), round(p.score)])
             })
             .collect();
@@ -83,7 +102,7 @@ impl Batch {
             "bbox": [0.0, 0.0, 1.0, 1.0],
             "classifications": classifications,
         });
-        json!({ "file": r.url, "detections": [detection] })
+        json!({ "file": file, "detections": [detection] })
     }
 }
 
@@ -111,13 +130,19 @@ impl Encode for Batch {
     }
 
     fn finish(&mut self) {
-        let mut categories: std::collections::BTreeMap<i32, String> =
-            self.labels.iter().map(|(i, l)| (*i, l.clone())).collect();
-        for (index, label) in std::mem::take(&mut self.seen) {
-            categories.entry(index).or_insert(label);
+        let mut categories: std::collections::BTreeMap<i32, (String, Option<String>)> =
+            self.labels.iter().map(|(i, l)| (*i, (l.clone(), None))).collect();
+        for (index, (label, scientific)) in std::mem::take(&mut self.seen) {
+            let entry = categories.entry(index).or_insert((label, None));
+            entry.1 = entry.1.take().or(scientific);
         }
+        // The same ids in both, as the format requires.
+        let descriptions: serde_json::Map<String, Value> = categories
+            .iter()
+            .map(|(i, (label, scientific))| (i.to_string(), Value::String(scientific.clone().unwrap_or(label.clone()))))
+            .collect();
         let categories: serde_json::Map<String, Value> =
-            categories.into_iter().map(|(i, l)| (i.to_string(), Value::String(l))).collect();
+            categories.into_iter().map(|(i, (l, _))| (i.to_string(), Value::String(l))).collect();
         let completed = chrono::DateTime::from_timestamp_millis(self.last_completed_ms)
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
         let info = json!({
@@ -126,10 +151,17 @@ impl Encode for Batch {
             "classifier": self.models.iter().cloned().collect::<Vec<_>>().join(", "),
             "classification_completion_time": completed,
             "classifier_metadata": { "typical_classification_threshold": 0.3 },
+            // No detector ran: each detection is the whole image, its confidence the top class's.
+            "detector_metadata": {
+                "megadetector_version": "none",
+                "typical_detection_threshold": 0.3,
+                "conservative_detection_threshold": 0.1,
+            },
         });
         let tail = json!({
             "detection_categories": { "1": "animal", "4": "other" },
             "classification_categories": categories,
+            "classification_category_descriptions": descriptions,
             "info": info,
         });
         // The tail's members follow `images` in the same object.

@@ -18,6 +18,7 @@ use reefline_common::auth::Caller;
 use crate::api::ApiError;
 use crate::db::{COLUMNS, Row};
 
+mod coco;
 mod megadetector;
 mod table;
 
@@ -30,6 +31,11 @@ trait Encode: Send {
     fn take(&mut self) -> Bytes;
     /// Ends the export (what comes after the last result).
     fn finish(&mut self) {}
+    /// How many times the results are read (from one snapshot), each pass after a `next_pass`.
+    fn passes(&self) -> usize {
+        1
+    }
+    fn next_pass(&mut self) {}
 }
 
 /// One result object per line.
@@ -121,8 +127,9 @@ impl Drop for Running {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)] // a misspelt filter is refused, not silently left out
 pub struct ExportQuery {
-    /// `csv` (the default), `ndjson`, or `megadetector` (the MegaDetector batch output format 1.6, as
-    /// Timelapse and AddaxAI read it: one whole-image detection per image holding the top-5).
+    /// `csv` (the default), `ndjson`, `megadetector` (the MegaDetector batch output format 1.6, as
+    /// Timelapse and AddaxAI read it: one whole-image detection per image holding the top-5), or
+    /// `coco-camera-traps` (images with location and time, image-level annotations of the top class).
     format: Option<String>,
     /// `ok` or `error`.
     status: Option<String>,
@@ -133,6 +140,9 @@ pub struct ExportQuery {
     /// Only images whose top score is at least this, 0 to 1.
     #[param(minimum = 0.0, maximum = 1.0)]
     min_score: Option<f64>,
+    /// `megadetector`: a prefix of the image URLs that `file` leaves out (e.g.
+    /// `s3://reef-survey/survey-2026/`), so that Timelapse finds the images below its folder.
+    relative_to: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +150,7 @@ enum Format {
     Csv,
     Ndjson,
     MegaDetector,
+    Coco,
 }
 
 /// The checked query.
@@ -149,6 +160,7 @@ struct Filters {
     marine: Option<bool>,
     group: Option<String>,
     min_score: Option<f64>,
+    relative_to: Option<String>,
 }
 
 impl ExportQuery {
@@ -157,9 +169,10 @@ impl ExportQuery {
             "csv" => Format::Csv,
             "ndjson" => Format::Ndjson,
             "megadetector" => Format::MegaDetector,
+            "coco-camera-traps" => Format::Coco,
             other => {
                 let message = format!(
-                    "`{}` is not one of csv, ndjson, megadetector",
+                    "`{}` is not one of csv, ndjson, megadetector, coco-camera-traps",
                     reefline_schemas::rules::truncate(other, 32)
                 );
                 return Err(ApiError::InvalidField { field: "format", message });
@@ -172,7 +185,18 @@ impl ExportQuery {
         if let Some(score) = self.min_score.filter(|s| !(0.0..=1.0).contains(s)) {
             return Err(ApiError::InvalidField { field: "min_score", message: format!("{score} is not from 0 to 1") });
         }
-        Ok(Filters { format, status: self.status, marine: self.marine, group: self.group, min_score: self.min_score })
+        if self.relative_to.is_some() && format != Format::MegaDetector {
+            let message = "applies to format=megadetector only".to_owned();
+            return Err(ApiError::InvalidField { field: "relative_to", message });
+        }
+        Ok(Filters {
+            format,
+            status: self.status,
+            marine: self.marine,
+            group: self.group,
+            min_score: self.min_score,
+            relative_to: self.relative_to,
+        })
     }
 }
 
@@ -271,7 +295,8 @@ async fn stream(
     let mut encoder: Box<dyn Encode> = match format {
         Format::Csv => Box::new(table::Table::new(columns)),
         Format::Ndjson => Box::new(Lines::default()),
-        Format::MegaDetector => Box::new(megadetector::Batch::new(exports.labels.clone())),
+        Format::MegaDetector => Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to.clone())),
+        Format::Coco => Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}"))),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::spawn(async move {
@@ -284,35 +309,55 @@ async fn stream(
             async move { matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(()))) }
         };
         let finished = async {
-            let mut rows = sqlx::query_as::<_, Row>(&sql)
-                .bind(&id)
-                .bind(&filters.status)
-                .bind(filters.marine)
-                .bind(&filters.group)
-                .bind(filters.min_score)
-                .bind(running.caller.scope())
-                .fetch(&mut *connection);
-            loop {
-                // A client that hangs up ends the export at once, not at its next piece (a
-                // selective filter may read long between pieces).
-                let row = tokio::select! {
-                    row = rows.next() => row,
-                    () = tx.closed() => return false,
-                };
-                let Some(row) = row else { break };
-                let row = match row {
-                    Ok(row) => row,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "an export failed half-way");
-                        send(Err(std::io::Error::other(e))).await;
+            let passes = encoder.passes();
+            // Every pass reads the same results: one snapshot for them all.
+            if passes > 1
+                && let Err(e) =
+                    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *connection).await
+            {
+                send(Err(std::io::Error::other(e))).await;
+                return false;
+            }
+            for pass in 0..passes {
+                if pass > 0 {
+                    encoder.next_pass();
+                }
+                let mut rows = sqlx::query_as::<_, Row>(&sql)
+                    .bind(&id)
+                    .bind(&filters.status)
+                    .bind(filters.marine)
+                    .bind(&filters.group)
+                    .bind(filters.min_score)
+                    .bind(running.caller.scope())
+                    .fetch(&mut *connection);
+                loop {
+                    // A client that hangs up ends the export at once, not at its next piece (a
+                    // selective filter may read long between pieces).
+                    let row = tokio::select! {
+                        row = rows.next() => row,
+                        () = tx.closed() => return false,
+                    };
+                    let Some(row) = row else { break };
+                    let row = match row {
+                        Ok(row) => row,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "an export failed half-way");
+                            send(Err(std::io::Error::other(e))).await;
+                            return false;
+                        }
+                    };
+                    encoder.push(row.into_result());
+                    if encoder.buffered() >= 64 * 1024 && !send(Ok(encoder.take())).await {
+                        tracing::info!(
+                            idle_s = idle.as_secs(),
+                            "an export's client went away or stopped reading; ended"
+                        );
                         return false;
                     }
-                };
-                encoder.push(row.into_result());
-                if encoder.buffered() >= 64 * 1024 && !send(Ok(encoder.take())).await {
-                    tracing::info!(idle_s = idle.as_secs(), "an export's client went away or stopped reading; ended");
-                    return false;
                 }
+            }
+            if passes > 1 && sqlx::query("COMMIT").execute(&mut *connection).await.is_err() {
+                return false;
             }
             encoder.finish();
             send(Ok(encoder.take())).await;
@@ -329,7 +374,7 @@ async fn stream(
     let (content_type, extension) = match format {
         Format::Csv => ("text/csv; charset=utf-8", "csv"),
         Format::Ndjson => ("application/x-ndjson", "ndjson"),
-        Format::MegaDetector => ("application/json", "json"),
+        Format::MegaDetector | Format::Coco => ("application/json", "json"),
     };
     let disposition = format!("attachment; filename=\"reefline-{what}-results.{extension}\"");
     Ok(([(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)], body)
