@@ -155,7 +155,9 @@ impl Fetcher {
         started: impl FnOnce(),
     ) -> Result<(Vec<u8>, OwnedSemaphorePermit), ImageError> {
         let url = Url::parse(url).map_err(|e| ImageError::Blocked(format!("invalid URL: {e}")))?;
-        if let Some(object) = object_ref(&url) {
+        if url.scheme() == "s3" {
+            let object = object_ref(&url)
+                .ok_or_else(|| ImageError::Blocked("an s3 URL whose key the object store cannot read".into()))?;
             let store =
                 self.stores.bucket(&object.bucket, tenant).map_err(|e| ImageError::UnknownBucket(e.to_string()))?;
             let host = self.hosts.get(&format!("s3://{}", object.bucket), self.limits.per_host.max(1));

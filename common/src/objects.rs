@@ -148,6 +148,8 @@ impl Failure {
     /// What went wrong with a read or a listing.
     pub fn of(e: &object_store::Error) -> Self {
         use object_store::client::{HttpError, HttpErrorKind};
+        // The error's text names the store's address: results and answers get the kind of
+        // failure and the store's own code instead.
         let full = text(e);
         let detail = summary(&full);
         match e {
@@ -159,15 +161,18 @@ impl Failure {
                 return Failure::Forbidden(format!("the store answered 401 Unauthorized{detail}"));
             }
             object_store::Error::Generic { .. } => {}
-            _ => return Failure::Other(full),
+            _ => return Failure::Other(format!("the store's client refused the request{detail}")),
         }
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(s) = source {
             if let Some(http) = s.downcast_ref::<HttpError>() {
                 return match http.kind() {
                     HttpErrorKind::Timeout => Failure::Timeout,
-                    HttpErrorKind::Decode | HttpErrorKind::Unknown => Failure::Other(full),
-                    _ => Failure::Connection(full),
+                    HttpErrorKind::Connect => Failure::Connection("could not connect to the store".into()),
+                    HttpErrorKind::Request | HttpErrorKind::Interrupted => {
+                        Failure::Connection("the connection to the store broke off".into())
+                    }
+                    _ => Failure::Other("the store's answer could not be read".into()),
                 };
             }
             source = s.source();
@@ -175,7 +180,7 @@ impl Failure {
         // The client's error for a status is not public; its text carries the status.
         match status_in(&full) {
             Some(code) => Failure::Status(code, format!("the store answered HTTP {code}{detail}")),
-            None => Failure::Connection(full),
+            None => Failure::Other(format!("the store's answer could not be used{detail}")),
         }
     }
 
@@ -262,8 +267,12 @@ impl Stores {
         if let Some(path) = &settings.stores_file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("reading STORES_FILE {}: {e}", path.display()))?;
-            let file: StoresFile =
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("STORES_FILE {}: {e}", path.display()))?;
+            // Only the message and the line: the error's own text quotes the line, a secret perhaps.
+            let file: StoresFile = toml::from_str(&text).map_err(|e| {
+                let line = e.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+                let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+                anyhow::anyhow!("STORES_FILE {}{at}: {}", path.display(), e.message())
+            })?;
             for entry in file.store {
                 let mut builder = AmazonS3Builder::new().with_region(entry.region.as_deref().unwrap_or("us-east-1"));
                 if let Some(endpoint) = &entry.endpoint {
@@ -357,6 +366,11 @@ impl Stores {
     pub fn check(&self, url: &Url, tenant: &str) -> Result<(), UnknownBucket> {
         match object_ref(url) {
             Some(object) => self.bucket(&object.bucket, tenant).map(|_| ()),
+            // An s3 URL whose key the store could not read names nothing it may read.
+            None if url.scheme() == "s3" => Err(UnknownBucket {
+                bucket: url.host_str().unwrap_or_default().to_owned(),
+                readable: self.readable(tenant),
+            }),
             None => Ok(()),
         }
     }
@@ -406,6 +420,10 @@ mod tests {
         assert!(refused("s3://ab/x.jpg").contains("is not a bucket name"));
         assert!(refused("s3://reef-survey/x.jpg?versionId=1").contains("no port, query or fragment"));
         assert!(refused("s3://reef-survey/a//x.jpg").contains("empty, `.` or `..` part"));
+        // Encoded, the same: what the store would read is checked.
+        assert!(refused("s3://reef-survey/a%2F%2Fx.jpg").contains("empty, `.` or `..` part"));
+        assert!(refused("s3://reef-survey/x%00.jpg").contains("control character"));
+        assert!(refused("s3://reef-survey/x%FF.jpg").contains("not UTF-8"));
     }
 
     fn access() -> Access {

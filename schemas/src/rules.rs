@@ -92,10 +92,17 @@ pub fn check_s3_parts(url: &Url) -> Result<(), String> {
     check_key_parts(key)
 }
 
-/// A key or prefix as the object store reads it: no empty, `.` or `..` part between slashes (a
-/// prefix may end with one slash).
+/// A key or prefix (percent-encoded, as in a URL) as the object store reads it, decoded: UTF-8,
+/// no control character, and no empty, `.` or `..` part between slashes (a prefix may end with one
+/// slash).
 pub fn check_key_parts(key: &str) -> Result<(), String> {
-    let key = key.strip_suffix('/').unwrap_or(key);
+    let decoded = percent_encoding::percent_decode_str(key)
+        .decode_utf8()
+        .map_err(|_| "its key is not UTF-8 once decoded".to_owned())?;
+    if decoded.chars().any(char::is_control) {
+        return Err("its key holds a control character once decoded".into());
+    }
+    let key = decoded.strip_suffix('/').unwrap_or(&decoded);
     if key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
         return Err("its key has an empty, `.` or `..` part between slashes".into());
     }

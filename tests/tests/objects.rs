@@ -217,6 +217,19 @@ async fn a_bucket_is_classified_from_s3_urls_and_from_its_prefix_each_failure_it
             "{body}: {refused}"
         );
     }
+    // The command line does the same: `reefline submit s3://bucket/prefix/`.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_reefline-under-test"))
+        .args(["--ingest-url", &stack.ingest, "--sink-url", &stack.sink])
+        .args(["submit", "s3://reef-survey/survey/", "--match", "**/*.png", "--wait"])
+        .output()
+        .await
+        .expect("running reefline");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "reefline submit failed: {}", String::from_utf8_lossy(&output.stderr));
+    let documents: Vec<Value> = serde_json::Deserializer::from_str(&stdout).into_iter().map(Result::unwrap).collect();
+    assert_eq!(documents[0]["accepted"], json!(1), "the one PNG: {stdout}");
+    assert_eq!((&documents[1]["done"], &documents[1]["ok"]), (&json!(true), &json!(1)), "{stdout}");
+
     // Wrong credentials are found before the feed is opened.
     let (status, refused) =
         post_json(&client, &format!("{}/v1/feeds", stack.ingest), &json!({"source": "s3://locked-survey/"})).await;

@@ -43,7 +43,8 @@ pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&
     if !reefline_schemas::rules::is_bucket_name(&bucket) {
         return Err(invalid(format!("`{bucket}` is not a bucket name")));
     }
-    if url.port().is_some() || url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+    let credentials = !url.username().is_empty() || url.password().is_some();
+    if url.port().is_some() || url.query().is_some() || url.fragment().is_some() || credentials {
         return Err(invalid("a prefix is `s3://bucket/prefix/`, with no credentials, port, query or fragment".into()));
     }
     let path = url.path().trim_start_matches('/');
@@ -56,8 +57,12 @@ pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&
         .map_err(|e| IngestError::UnknownBucket { field: "source".into(), reason: e.to_string() })?;
     let pattern = pattern.unwrap_or(DEFAULT_MATCH).to_owned();
     let matcher = glob(&pattern)?;
-    let source =
-        if prefix.as_ref().is_empty() { format!("s3://{bucket}/") } else { format!("s3://{bucket}/{prefix}/") };
+    let base = Url::parse(&format!("s3://{bucket}/")).expect("a bucket name makes a URL");
+    let mut source = base.clone();
+    if !prefix.as_ref().is_empty() {
+        source.path_segments_mut().expect("s3 URLs have a path").clear().extend(prefix.parts()).push("");
+    }
+    let source = source.to_string();
 
     let mut objects = store.list(Some(&prefix));
     let first = objects.next().await;
@@ -68,13 +73,13 @@ pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&
         });
     }
     let strip = if prefix.as_ref().is_empty() { 0 } else { prefix.as_ref().len() + 1 };
-    let base = Url::parse(&format!("s3://{bucket}/")).expect("a bucket name makes a URL");
     let listed = futures::stream::iter(first).chain(objects).filter_map(move |object| {
         let line = match object {
             Ok(object) => {
                 let key = object.location.as_ref();
-                let below = key.get(strip..).unwrap_or(key);
-                matcher.is_match(below).then(|| {
+                // A folder marker (`survey/`, read as the prefix itself) is no image.
+                let below = key.get(strip..).filter(|below| !below.is_empty());
+                below.is_some_and(|below| matcher.is_match(below)).then(|| {
                     let mut url = base.clone();
                     url.path_segments_mut().expect("s3 URLs have a path").clear().extend(key.split('/'));
                     let line = serde_json::json!({

@@ -64,16 +64,19 @@ impl Batch {
         image
     }
 
-    /// The image's `file`: its URL, or its path below `relative_to`.
+    /// The image's `file`: its URL, or its path below `relative_to` (both compared decoded, the
+    /// prefix ending at a `/`).
     fn file(&self, url: &str) -> String {
-        match self.relative_to.as_deref().and_then(|prefix| url.strip_prefix(prefix)) {
-            Some(rest) => {
-                let rest = rest.trim_start_matches('/');
-                percent_encoding::percent_decode_str(rest)
-                    .decode_utf8()
-                    .map_or_else(|_| rest.to_owned(), |p| p.into_owned())
-            }
-            None => url.to_owned(),
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let Some(prefix) = self.relative_to.as_deref() else { return url.to_owned() };
+        let mut prefix = decode(prefix);
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let decoded = decode(url);
+        match decoded.strip_prefix(&prefix) {
+            Some(rest) if !rest.is_empty() => rest.to_owned(),
+            _ => url.to_owned(),
         }
     }
 

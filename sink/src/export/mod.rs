@@ -7,7 +7,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use reefline_schemas::ClassificationResult;
 use reefline_schemas::view::ResultView;
 use serde::Deserialize;
@@ -308,7 +308,7 @@ async fn stream(
             let tx = tx.clone();
             async move { matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(()))) }
         };
-        let finished = async {
+        let finished = std::panic::AssertUnwindSafe(async {
             let passes = encoder.passes();
             // Every pass reads the same results: one snapshot for them all.
             if passes > 1
@@ -362,8 +362,11 @@ async fn stream(
             encoder.finish();
             send(Ok(encoder.take())).await;
             true
-        }
-        .await;
+        })
+        .catch_unwind()
+        .await
+        // A panic mid-way must not hand the connection back inside its read-only snapshot.
+        .unwrap_or(false);
         if !finished {
             // Closing the socket of a query cut off mid-way ends it in Postgres at once, with its
             // snapshot; returned to the pool, it would go on until its rows were drained.
