@@ -27,11 +27,16 @@ import boto3  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer  # noqa: E402
+from moto.moto_server.werkzeug_app import MotoRequestHandler  # noqa: E402
 from moto.s3.models import s3_backends  # noqa: E402
 
 
 def main():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    # werkzeug writes a response's headers and body apart: with Nagle's algorithm on, the body
+    # waits for the client's delayed ACK of the headers (up to 40 ms a request), which no S3
+    # store does.
+    MotoRequestHandler.disable_nagle_algorithm = True
     plan = json.loads(sys.stdin.readline())
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
