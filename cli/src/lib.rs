@@ -8,16 +8,19 @@
 //! from `REEFLINE_API_KEY`, or from the first line of the file `--api-key-file` (or
 //! `REEFLINE_API_KEY_FILE`) names, which wins when both are given.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+mod client;
+mod partial;
+
+use client::Client;
 
 /// The environment variable that holds the API key.
 const KEY_ENV: &str = "REEFLINE_API_KEY";
@@ -220,51 +223,6 @@ fn new_key(tenant: &str, role: Role) -> anyhow::Result<(SecretString, String)> {
     Ok((key.into(), line))
 }
 
-/// A file written whole or not at all: the bytes go to `.NAME.part-<pid>` beside it, renamed onto it
-/// by [`Partial::commit`]; dropped before that (an export broke off), the temporary file is removed
-/// and the file is as it was.
-struct Partial {
-    temporary: PathBuf,
-    path: PathBuf,
-    file: Option<BufWriter<File>>,
-}
-
-impl Partial {
-    fn create(path: &Path) -> anyhow::Result<Self> {
-        let name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
-        let temporary = path.with_file_name(format!(".{}.part-{}", name.to_string_lossy(), std::process::id()));
-        let file = File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
-        Ok(Self { temporary, path: path.to_owned(), file: Some(BufWriter::new(file)) })
-    }
-
-    /// Puts the whole file in its place.
-    fn commit(mut self) -> anyhow::Result<()> {
-        let file = self.file.take().expect("committed once");
-        let file = file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&self.temporary, &self.path)
-            .with_context(|| format!("renaming {} to {}", self.temporary.display(), self.path.display()))
-    }
-}
-
-impl Write for Partial {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.file.as_mut().expect("not committed").write(bytes)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.as_mut().expect("not committed").flush()
-    }
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.temporary);
-        }
-    }
-}
-
 fn print_json(value: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
@@ -272,246 +230,11 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The HTTP API, with the key on every call.
-struct Client {
-    http: reqwest::Client,
-    api: Api,
-    key: Option<SecretString>,
-}
-
-/// How many times an upload of a file is sent again after its connection broke.
-const UPLOAD_TRIES: u32 = 5;
-
-impl Client {
-    fn new(api: Api, key: Option<SecretString>) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build()?;
-        Ok(Self { http, api, key })
-    }
-
-    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
-        let request = self.http.request(method, url);
-        match &self.key {
-            Some(key) => request.bearer_auth(key.expose_secret()),
-            None => request,
-        }
-    }
-
-    /// Uploads the feed; a file's upload that breaks off (or meets a 503 or 409) is sent again,
-    /// under the same idempotency key, so that it resumes.
-    async fn submit(
-        &self,
-        file: &str,
-        format: Option<String>,
-        model: Option<String>,
-        callback_url: Option<String>,
-        key: Option<String>,
-    ) -> anyhow::Result<Value> {
-        let from_stdin = file == "-";
-        let key = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let format = format.or_else(|| format_of(file));
-        let mut query: Vec<(&str, String)> = format.iter().map(|f| ("format", f.clone())).collect();
-        query.extend(model.map(|m| ("model", m)));
-        query.extend(callback_url.map(|c| ("callback_url", c)));
-        let url = with_query(&format!("{}/v1/feeds", self.api.ingest_url.trim_end_matches('/')), &query)?;
-        let body = || async {
-            Ok(if from_stdin {
-                reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(tokio::io::stdin()))
-            } else {
-                let opened = tokio::fs::File::open(file).await.with_context(|| format!("opening {file}"))?;
-                reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(opened))
-            })
-        };
-        let tries = if from_stdin { 1 } else { UPLOAD_TRIES };
-        self.send_feed(url, &key, "application/octet-stream", body, tries).await
-    }
-
-    /// POSTs a feed made by `body` to `url` under `key`; sends it again (made anew), up to `tries`
-    /// times in all, when it meets a 503 or 409 or breaks off, so that it resumes.
-    async fn send_feed<F, B>(
-        &self,
-        url: String,
-        key: &str,
-        content_type: &str,
-        body: F,
-        tries: u32,
-    ) -> anyhow::Result<Value>
-    where
-        F: Fn() -> B,
-        B: Future<Output = anyhow::Result<reqwest::Body>>,
-    {
-        let mut tried = 0;
-        loop {
-            tried += 1;
-            let sent = self
-                .request(reqwest::Method::POST, url.clone())
-                .header("content-type", content_type)
-                .header("idempotency-key", key)
-                .body(body().await?)
-                .send()
-                .await;
-            let again = match sent {
-                Ok(response) if response.status().is_success() => return Ok(response.json().await?),
-                Ok(response) if matches!(response.status().as_u16(), 409 | 503) => {
-                    let wait = retry_after(&response).unwrap_or(Duration::from_secs(2));
-                    let answer = response.text().await.unwrap_or_default();
-                    (wait, format!("the feed is not read yet: {answer}"))
-                }
-                Ok(response) => bail!("{}: {}", response.status(), response.text().await.unwrap_or_default()),
-                Err(e) => (Duration::from_secs(2), format!("the upload broke off: {e}")),
-            };
-            if tried >= tries {
-                bail!("{}", again.1);
-            }
-            eprintln!("{}; sending it again in {} s (idempotency key {key})", again.1, again.0.as_secs());
-            tokio::time::sleep(again.0).await;
-        }
-    }
-
-    /// Feeds a bucket's prefix: ingest lists it. Sent again under the same key when it meets a
-    /// 503 or 409, or the connection breaks: the feed resumes after its last settled object.
-    async fn submit_prefix(
-        &self,
-        source: &str,
-        pattern: Option<String>,
-        model: Option<String>,
-        callback_url: Option<String>,
-        key: Option<String>,
-    ) -> anyhow::Result<Value> {
-        let key = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let mut body = serde_json::json!({"source": source});
-        for (field, value) in [("match", pattern), ("model", model), ("callback_url", callback_url)] {
-            if let Some(value) = value {
-                body[field] = Value::String(value);
-            }
-        }
-        let url = format!("{}/v1/feeds", self.api.ingest_url.trim_end_matches('/'));
-        let body = body.to_string();
-        self.send_feed(url, &key, "application/json", || async { Ok(reqwest::Body::from(body.clone())) }, UPLOAD_TRIES)
-            .await
-    }
-
-    /// A feed's progress, or a batch's when no feed has the id.
-    async fn status(&self, id: &str) -> anyhow::Result<Value> {
-        let sink = self.api.sink_url.trim_end_matches('/');
-        self.feed_or_batch(
-            reqwest::Method::GET,
-            id,
-            [format!("{sink}/v1/feeds/{id}"), format!("{sink}/v1/batches/{id}")],
-        )
-        .await
-    }
-
-    /// The answer of the first of `urls` (a feed's, then a batch's) that knows `id`.
-    async fn feed_or_batch(&self, method: reqwest::Method, id: &str, urls: [String; 2]) -> anyhow::Result<Value> {
-        for url in urls {
-            let response = self.request(method.clone(), url).send().await?;
-            if response.status() != 404 {
-                return answer(response).await;
-            }
-        }
-        bail!("no feed or batch `{id}` is known")
-    }
-
-    /// Follows a feed with a progress bar (on standard error) until every image has a result.
-    async fn follow(&self, id: &str) -> anyhow::Result<Value> {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} images  {msg}  [{elapsed_precise}, eta {eta}]",
-        )?);
-        loop {
-            let progress = self.status(id).await?;
-            let count = |k: &str| progress[k].as_u64().unwrap_or(0);
-            bar.set_length(count("accepted"));
-            bar.set_position(count("completed"));
-            bar.set_message(format!(
-                "{} ok, {} failed, {:.1} images/s",
-                count("ok"),
-                count("error"),
-                progress["images_per_second"].as_f64().unwrap_or(0.0)
-            ));
-            if progress["done"] == Value::Bool(true) {
-                bar.finish();
-                return Ok(progress);
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    /// Streams an export to `output` (whole or not at all), or to standard output.
-    async fn export(&self, id: &str, query: &[(&str, String)], output: Option<PathBuf>) -> anyhow::Result<()> {
-        use futures::StreamExt;
-        let sink = self.api.sink_url.trim_end_matches('/');
-        let mut found = None;
-        for url in [format!("{sink}/v1/feeds/{id}/results"), format!("{sink}/v1/batches/{id}/results")] {
-            let response = self.request(reqwest::Method::GET, with_query(&url, query)?).send().await?;
-            if response.status() != 404 {
-                found = Some(response);
-                break;
-            }
-        }
-        let response = found.with_context(|| format!("no feed or batch `{id}` is known"))?;
-        if !response.status().is_success() {
-            bail!("{}: {}", response.status(), response.text().await.unwrap_or_default());
-        }
-        let mut body = response.bytes_stream();
-        let Some(path) = output else {
-            let mut out = std::io::stdout().lock();
-            while let Some(chunk) = body.next().await {
-                out.write_all(&chunk?)?;
-            }
-            return Ok(out.flush()?);
-        };
-        let mut out = Partial::create(&path)?;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.with_context(|| format!("the export broke off; {} is unchanged", path.display()))?;
-            out.write_all(&chunk)?;
-        }
-        out.commit()
-    }
-
-    /// Sends a feed's (or a batch's) transient failures through again.
-    async fn retry(&self, id: &str) -> anyhow::Result<Value> {
-        let ingest = self.api.ingest_url.trim_end_matches('/');
-        let urls = [format!("{ingest}/v1/feeds/{id}/retry"), format!("{ingest}/v1/batches/{id}/retry")];
-        self.feed_or_batch(reqwest::Method::POST, id, urls).await
-    }
-}
-
-/// `url` with `query` appended.
-fn with_query(url: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
-    Ok(url::Url::parse_with_params(url, query).with_context(|| format!("`{url}` is not a URL"))?.into())
-}
-
-/// The JSON of a successful answer, or the API's error.
-async fn answer(response: reqwest::Response) -> anyhow::Result<Value> {
-    let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!("{status}: {body}");
-    }
-    Ok(body)
-}
-
-fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let seconds = response.headers().get("retry-after")?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(seconds))
-}
-
-/// The format a file name says, if any (`survey.csv.gz` is CSV).
-fn format_of(file: &str) -> Option<String> {
-    let name = file.to_ascii_lowercase();
-    let name = name.strip_suffix(".gz").unwrap_or(&name);
-    match name.rsplit_once('.')?.1 {
-        "csv" => Some("csv".into()),
-        "ndjson" | "jsonl" => Some("ndjson".into()),
-        "txt" => Some("text".into()),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::format_of;
+    use crate::partial::Partial;
 
     #[test]
     fn file_names_say_their_format() {
