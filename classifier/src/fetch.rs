@@ -108,6 +108,12 @@ pub struct Fetcher {
     stores: Arc<Stores>,
 }
 
+/// Where an image's bytes come from.
+enum Source {
+    Object(Arc<dyn object_store::ObjectStore>, object_store::path::Path),
+    Web(Url),
+}
+
 /// Why a redirect was not followed.
 #[derive(Debug, thiserror::Error)]
 #[error("redirect refused: {0}")]
@@ -155,37 +161,41 @@ impl Fetcher {
         started: impl FnOnce(),
     ) -> Result<(Vec<u8>, OwnedSemaphorePermit), ImageError> {
         let url = Url::parse(url).map_err(|e| ImageError::Blocked(format!("invalid URL: {e}")))?;
-        if url.scheme() == "s3" {
+        let (authority, source) = if url.scheme() == "s3" {
             let object = object_ref(&url)
                 .ok_or_else(|| ImageError::Blocked("an s3 URL whose key the object store cannot read".into()))?;
             let store =
                 self.stores.bucket(&object.bucket, tenant).map_err(|e| ImageError::UnknownBucket(e.to_string()))?;
-            let host = self.hosts.get(&format!("s3://{}", object.bucket), self.limits.per_host.max(1));
-            let _turn = host.turn(self.limits.host_rate).await;
-            let stopping = |e: tokio::sync::AcquireError| ImageError::Connection(e.to_string());
-            let working = work.clone().acquire_owned().await.map_err(stopping)?;
-            let _fetch = fetches.acquire().await.map_err(stopping)?;
-            started();
-            let body = self.read_object(&*store, &object.key).await.inspect_err(|e| {
-                if let ImageError::StoreStatus(429 | 503, _) = e {
-                    // The store asks for less: its bucket waits a moment.
-                    host.back_off(Duration::from_secs(1));
-                }
-            })?;
-            return Ok((body, working));
-        }
-        self.policy.check_url(&url).map_err(ImageError::Blocked)?;
-        let authority = format!(
-            "{}:{}",
-            url.host_str().unwrap_or_default().to_ascii_lowercase(),
-            url.port_or_known_default().unwrap_or(0)
-        );
+            (format!("s3://{}", object.bucket), Source::Object(store, object.key))
+        } else {
+            self.policy.check_url(&url).map_err(ImageError::Blocked)?;
+            let authority = format!(
+                "{}:{}",
+                url.host_str().unwrap_or_default().to_ascii_lowercase(),
+                url.port_or_known_default().unwrap_or(0)
+            );
+            (authority, Source::Web(url))
+        };
         let host = self.hosts.get(&authority, self.limits.per_host.max(1));
         let _turn = host.turn(self.limits.host_rate).await;
         let stopping = |e: tokio::sync::AcquireError| ImageError::Connection(e.to_string());
         let working = work.clone().acquire_owned().await.map_err(stopping)?;
         let _fetch = fetches.acquire().await.map_err(stopping)?;
         started();
+        let body = match source {
+            Source::Object(store, key) => self.read_object(&*store, &key).await.inspect_err(|e| {
+                if let ImageError::StoreStatus(429 | 503, _) = e {
+                    // The store asks for less: its bucket waits a moment.
+                    host.back_off(Duration::from_secs(1));
+                }
+            })?,
+            Source::Web(url) => self.read_web(url, &host).await?,
+        };
+        Ok((body, working))
+    }
+
+    /// A web image's bytes; a 429 or 503 with `Retry-After` holds its `host` back.
+    async fn read_web(&self, url: Url, host: &Host) -> Result<Vec<u8>, ImageError> {
         let mut response = self.client.get(url).send().await.map_err(|e| self.classify(e))?;
         match response.status() {
             StatusCode::OK => {}
@@ -210,7 +220,7 @@ impl Fetcher {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok((body, working))
+        Ok(body)
     }
 
     /// An object's bytes, refused before they are read when the store says it is too large.

@@ -183,15 +183,6 @@ impl Failure {
             None => Failure::Other(format!("the store's answer could not be used{detail}")),
         }
     }
-
-    /// Whether reading again later may succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Failure::Timeout | Failure::Connection(_) => true,
-            Failure::Status(code, _) => *code == 429 || (500..600).contains(code),
-            _ => false,
-        }
-    }
 }
 
 /// The status in an object_store error's text ("... non-2xx status code: 503 Service Unavailable").
@@ -335,11 +326,6 @@ impl Stores {
             .map_err(|e| anyhow::anyhow!("the store of bucket `{bucket}`: {e}"))?;
         self.buckets.insert(bucket.to_owned(), Bucket { store: Arc::new(store), tenants });
         Ok(())
-    }
-
-    /// Whether any bucket is configured.
-    pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
     }
 
     /// The store of `bucket` when `tenant` may read it.

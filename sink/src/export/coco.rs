@@ -90,7 +90,7 @@ impl Coco {
             "image_id": r.request_id,
             "category_id": top.index + 1,
             "sequence_level_annotation": false,
-            "score": (f64::from(top.score) * 10_000.0).round() / 10_000.0,
+            "score": super::megadetector::round(top.score),
         }))
     }
 

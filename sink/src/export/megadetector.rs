@@ -109,8 +109,8 @@ impl Batch {
     }
 }
 
-/// Scores to four decimals, as MegaDetector writes them.
-fn round(score: f32) -> f64 {
+/// Scores to four decimals, as MegaDetector writes them (and the COCO export too).
+pub(super) fn round(score: f32) -> f64 {
     (f64::from(score) * 10_000.0).round() / 10_000.0
 }
 
