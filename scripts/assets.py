@@ -138,6 +138,9 @@ def main(cache):
     # MegaDetector's own validators, for the export tests (the package without torch).
     pinned_venv(os.path.join(cache, "venv-megadetector"), os.path.join(ROOT, "tests/megadetector-requirements.txt"),
                 "MegaDetector's validators' venv", no_deps=os.path.join(ROOT, "tests/megadetector-requirements-nodeps.txt"))
+    # The Frictionless Data validator, for the Camtrap DP export test.
+    pinned_venv(os.path.join(cache, "venv-frictionless"), os.path.join(ROOT, "tests/frictionless-requirements.txt"),
+                "the Camtrap DP validator's venv (frictionless)")
     print(f"assets: ready under {cache}", flush=True)
 
 

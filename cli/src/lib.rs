@@ -84,13 +84,25 @@ enum Command {
     /// Write every result of a feed (or a batch).
     Export {
         id: String,
-        /// csv, ndjson, megadetector or coco-camera-traps.
+        /// csv, ndjson, megadetector, coco-camera-traps or camtrap-dp (a ZIP).
         #[arg(long, default_value = "csv")]
         format: String,
         /// megadetector: the prefix of the image URLs its `file`s leave out (Timelapse reads paths
         /// relative to the image folder), e.g. s3://reef-survey/survey-2026/.
         #[arg(long)]
         relative_to: Option<String>,
+        /// camtrap-dp: the cameras' UTC offset, for times given without one (EXIF times), e.g. +10:00.
+        #[arg(long, allow_hyphen_values = true)]
+        utc_offset: Option<String>,
+        /// camtrap-dp: the latitude of deployments whose images give no coordinates.
+        #[arg(long, allow_hyphen_values = true)]
+        latitude: Option<f64>,
+        /// camtrap-dp: the longitude of deployments whose images give no coordinates.
+        #[arg(long, allow_hyphen_values = true)]
+        longitude: Option<f64>,
+        /// camtrap-dp: the project's sampling design (opportunistic unless given).
+        #[arg(long)]
+        sampling_design: Option<String>,
         /// Where to write it; standard output when absent.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -165,9 +177,26 @@ pub async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Status { id } => print_json(&client.status(&id).await?)?,
-        Command::Export { id, format, relative_to, output, status, marine, group, min_score } => {
+        Command::Export {
+            id,
+            format,
+            relative_to,
+            utc_offset,
+            latitude,
+            longitude,
+            sampling_design,
+            output,
+            status,
+            marine,
+            group,
+            min_score,
+        } => {
             let mut query = vec![("format", format)];
             query.extend(relative_to.map(|r| ("relative_to", r)));
+            query.extend(utc_offset.map(|o| ("utc_offset", o)));
+            query.extend(latitude.map(|l| ("latitude", l.to_string())));
+            query.extend(longitude.map(|l| ("longitude", l.to_string())));
+            query.extend(sampling_design.map(|d| ("sampling_design", d)));
             query.extend(status.map(|s| ("status", s)));
             query.extend(marine.map(|m| ("marine", m.to_string())));
             query.extend(group.map(|g| ("group", g)));

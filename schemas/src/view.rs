@@ -154,6 +154,10 @@ pub struct ErrorDetail {
     pub field: Option<String>,
     #[schema(example = "`images[1]` is not a usable image URL: scheme `ftp` is not allowed; use http, https or s3")]
     pub message: String,
+    /// `missing_fields`: the columns or options that would fill what is missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!(["timestamp"]))]
+    pub missing: Option<Vec<String>>,
 }
 
 /// Milliseconds since the epoch as RFC 3339, in UTC.

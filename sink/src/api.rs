@@ -70,6 +70,8 @@ pub(crate) enum ApiError {
     UnknownFeed(String),
     #[error("`{field}`: {message}")]
     InvalidField { field: &'static str, message: String },
+    #[error("{message}")]
+    Unexportable { missing: Vec<&'static str>, message: String },
     #[error("this tenant runs {limit} exports already (EXPORTS_PER_TENANT); retry when one ends")]
     TooManyExports { limit: u32 },
     #[error("the database is unavailable")]
@@ -82,6 +84,7 @@ impl ApiError {
             ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => "not_found",
             ApiError::InvalidField { .. } => "invalid_field",
             ApiError::TooManyExports { .. } => "too_many_exports",
+            ApiError::Unexportable { .. } => "missing_fields",
             ApiError::Database(_) => "database_unavailable",
         }
     }
@@ -93,6 +96,7 @@ impl IntoResponse for ApiError {
             ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => StatusCode::NOT_FOUND,
             ApiError::InvalidField { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooManyExports { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unexportable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Database(ref e) => {
                 tracing::error!(error = %e, "lookup failed");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -102,7 +106,10 @@ impl IntoResponse for ApiError {
             ApiError::InvalidField { field, .. } => Some(*field),
             _ => None,
         };
-        let body = json!({"error": {"kind": self.kind(), "field": field, "message": self.to_string()}});
+        let mut body = json!({"error": {"kind": self.kind(), "field": field, "message": self.to_string()}});
+        if let ApiError::Unexportable { missing, .. } = &self {
+            body["error"]["missing"] = json!(missing);
+        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             return (status, [(axum::http::header::RETRY_AFTER, "5")], Json(body)).into_response();
         }

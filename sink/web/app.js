@@ -271,7 +271,7 @@ async function exportBatch() {
   const url = `/v1/batches/${encodeURIComponent(state.batchId)}/results?format=${encodeURIComponent(format)}`;
   const response = await fetch(url, { headers: headers() });
   if (!response.ok) return showError(await failure(response));
-  const extension = format === "ndjson" ? "ndjson" : "json";
+  const extension = { ndjson: "ndjson", "camtrap-dp": "zip" }[format] ?? "json";
   const link = document.createElement("a");
   link.href = URL.createObjectURL(await response.blob());
   link.download = `reefline-${state.batchId}-${format}.${extension}`;

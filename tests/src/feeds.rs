@@ -77,3 +77,18 @@ pub fn megadetector_validator(mode: &str, export: &Value) -> (Vec<String>, Vec<S
     let list = |k: &str| found[k].as_array().unwrap().iter().map(|e| e.as_str().unwrap_or("").to_owned()).collect();
     (list("errors"), list("warnings"))
 }
+
+/// Validates a Camtrap DP export (its ZIP's bytes) with frictionless against the vendored Camtrap DP
+/// 1.0.2 profile and table schemas (tests/validate_camtrap_dp.py): the validator's JSON line, with
+/// `valid`, `errors`, the package's `files`, its `package` descriptor and its `tables` as rows.
+pub fn camtrap_validator(zip: &[u8]) -> Value {
+    let python = crate::cache_dir().join("venv-frictionless/bin/python");
+    assert!(python.exists(), "{} is missing: run `make setup` first", python.display());
+    let file = std::env::temp_dir().join(format!("camtrap-{}.zip", uuid::Uuid::now_v7().simple()));
+    std::fs::write(&file, zip).expect("writing the export");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("validate_camtrap_dp.py");
+    let output = std::process::Command::new(python).arg(script).arg(&file).output().expect("the validator");
+    let _ = std::fs::remove_file(&file);
+    assert!(output.status.success(), "the validator failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("the validator's JSON line")
+}

@@ -18,6 +18,7 @@ use reefline_common::auth::Caller;
 use crate::api::ApiError;
 use crate::db::{COLUMNS, Row};
 
+mod camtrap;
 mod coco;
 mod megadetector;
 mod table;
@@ -129,7 +130,10 @@ impl Drop for Running {
 pub struct ExportQuery {
     /// `csv` (the default), `ndjson`, `megadetector` (the MegaDetector batch output format 1.6, as
     /// Timelapse and AddaxAI read it: one whole-image detection per image holding the top-5), or
-    /// `coco-camera-traps` (images with location and time, image-level annotations of the top class).
+    /// `coco-camera-traps` (images with location and time, image-level annotations of the top class),
+    /// or `camtrap-dp` (a ZIP of a Camtrap DP 1.0.2 package: deployments, media and media-level
+    /// observations of the classified images; 422 `missing_fields` when a field it requires
+    /// cannot be filled).
     format: Option<String>,
     /// `ok` or `error`.
     status: Option<String>,
@@ -143,6 +147,17 @@ pub struct ExportQuery {
     /// `megadetector`: a prefix of the image URLs that `file` leaves out (e.g.
     /// `s3://reef-survey/survey-2026/`), so that Timelapse finds the images below its folder.
     relative_to: Option<String>,
+    /// `camtrap-dp`: the UTC offset of times given without one (EXIF times), e.g. `+10:00`.
+    utc_offset: Option<String>,
+    /// `camtrap-dp`: the latitude of deployments whose images give none.
+    #[param(minimum = -90.0, maximum = 90.0)]
+    latitude: Option<f64>,
+    /// `camtrap-dp`: the longitude of deployments whose images give none.
+    #[param(minimum = -180.0, maximum = 180.0)]
+    longitude: Option<f64>,
+    /// `camtrap-dp`: `project.samplingDesign` (`opportunistic` unless given): simpleRandom,
+    /// systematicRandom, clusteredRandom, experimental, targeted or opportunistic.
+    sampling_design: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +166,7 @@ enum Format {
     Ndjson,
     MegaDetector,
     Coco,
+    CamtrapDp,
 }
 
 /// The checked query.
@@ -161,6 +177,8 @@ struct Filters {
     group: Option<String>,
     min_score: Option<f64>,
     relative_to: Option<String>,
+    /// The Camtrap DP options, for that format.
+    camtrap: Option<camtrap::Options>,
 }
 
 impl ExportQuery {
@@ -170,9 +188,10 @@ impl ExportQuery {
             "ndjson" => Format::Ndjson,
             "megadetector" => Format::MegaDetector,
             "coco-camera-traps" => Format::Coco,
+            "camtrap-dp" => Format::CamtrapDp,
             other => {
                 let message = format!(
-                    "`{}` is not one of csv, ndjson, megadetector, coco-camera-traps",
+                    "`{}` is not one of csv, ndjson, megadetector, coco-camera-traps, camtrap-dp",
                     reefline_schemas::rules::truncate(other, 32)
                 );
                 return Err(ApiError::InvalidField { field: "format", message });
@@ -189,14 +208,63 @@ impl ExportQuery {
             let message = "applies to format=megadetector only".to_owned();
             return Err(ApiError::InvalidField { field: "relative_to", message });
         }
+        let camtrap = self.camtrap_options(format)?;
+        if format == Format::CamtrapDp && self.status.as_deref() == Some("error") {
+            let message = "a Camtrap DP package holds classified images only".to_owned();
+            return Err(ApiError::InvalidField { field: "status", message });
+        }
         Ok(Filters {
             format,
+            camtrap,
             status: self.status,
             marine: self.marine,
             group: self.group,
             min_score: self.min_score,
             relative_to: self.relative_to,
         })
+    }
+
+    fn camtrap_options(&self, format: Format) -> Result<Option<camtrap::Options>, ApiError> {
+        let given = [
+            ("utc_offset", self.utc_offset.is_some()),
+            ("latitude", self.latitude.is_some()),
+            ("longitude", self.longitude.is_some()),
+            ("sampling_design", self.sampling_design.is_some()),
+        ];
+        if format != Format::CamtrapDp {
+            return match given.iter().find(|(_, given)| *given) {
+                Some((field, _)) => {
+                    Err(ApiError::InvalidField { field, message: "applies to format=camtrap-dp only".to_owned() })
+                }
+                None => Ok(None),
+            };
+        }
+        let invalid = |field, message: String| ApiError::InvalidField { field, message };
+        let utc_offset = match self.utc_offset.as_deref() {
+            Some(text) => Some(camtrap::parse_offset(text).ok_or_else(|| {
+                let text = reefline_schemas::rules::truncate(text, 32);
+                invalid("utc_offset", format!("`{text}` is not a UTC offset such as +10:00, -05:30 or Z"))
+            })?),
+            None => None,
+        };
+        let coordinates = match (self.latitude, self.longitude) {
+            (None, None) => None,
+            (Some(lat), Some(lon)) if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {
+                Some((lat, lon))
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid("latitude", "latitude is from -90 to 90 and longitude from -180 to 180".into()));
+            }
+            (None, Some(_)) => return Err(invalid("latitude", "is needed with longitude".into())),
+            (Some(_), None) => return Err(invalid("longitude", "is needed with latitude".into())),
+        };
+        let sampling_design = self.sampling_design.clone().unwrap_or_else(|| "opportunistic".to_owned());
+        if !camtrap::SAMPLING_DESIGNS.contains(&sampling_design.as_str()) {
+            let text = reefline_schemas::rules::truncate(&sampling_design, 32);
+            let message = format!("`{text}` is not one of {}", camtrap::SAMPLING_DESIGNS.join(", "));
+            return Err(invalid("sampling_design", message));
+        }
+        Ok(Some(camtrap::Options { utc_offset, coordinates, sampling_design, what: "feed", id: String::new() }))
     }
 }
 
@@ -211,10 +279,11 @@ const FILTERS: &str = "($2::text IS NULL OR status = $2)
 /// Every result of a feed, in line order.
 #[utoipa::path(get, path = "/v1/feeds/{feed_id}/results", params(("feed_id" = String, Path, description = "A feed id"), ExportQuery), responses(
     (status = 200, description = "The results, streamed: CSV (one row per image: url, line, the feed's metadata columns, status, error, top-5 labels, indices and scores, marine group, model, times) or NDJSON (one result per line)",
-        content((String = "text/csv"), (String = "application/x-ndjson"))),
+        content((String = "text/csv"), (String = "application/x-ndjson"), (String = "application/json"), (String = "application/zip"))),
     (status = 400, description = "invalid_field: a filter or format that is not one", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
     (status = 404, description = "not_found: no such feed", body = reefline_schemas::view::ErrorBody),
+    (status = 422, description = "missing_fields: format=camtrap-dp, and a field the package requires cannot be filled; `missing` names the columns or options that would fill it", body = reefline_schemas::view::ErrorBody),
     (status = 429, description = "too_many_exports: the tenant runs EXPORTS_PER_TENANT exports already; Retry-After", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
 ))]
@@ -240,10 +309,11 @@ pub async fn feed_results(
 /// Every result of a batch, in submission order.
 #[utoipa::path(get, path = "/v1/batches/{batch_id}/results", params(("batch_id" = String, Path, description = "A batch id"), ExportQuery), responses(
     (status = 200, description = "The results, streamed as CSV or NDJSON (as for a feed)",
-        content((String = "text/csv"), (String = "application/x-ndjson"))),
+        content((String = "text/csv"), (String = "application/x-ndjson"), (String = "application/json"), (String = "application/zip"))),
     (status = 400, description = "invalid_field: a filter or format that is not one", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
     (status = 404, description = "not_found: no such batch", body = reefline_schemas::view::ErrorBody),
+    (status = 422, description = "missing_fields: format=camtrap-dp, and a field the package requires cannot be filled", body = reefline_schemas::view::ErrorBody),
     (status = 429, description = "too_many_exports: the tenant runs EXPORTS_PER_TENANT exports already; Retry-After", body = reefline_schemas::view::ErrorBody),
     (status = 503, description = "database_unavailable", body = reefline_schemas::view::ErrorBody),
 ))]
@@ -280,6 +350,148 @@ pub async fn batch_results(
     stream(exports.clone(), sql, batch_id, filters, columns, running, "batch").await
 }
 
+/// How many encoded bytes are sent to the client at a time.
+const PIECE: usize = 64 * 1024;
+
+/// An export under way: its query on a connection of its own, and the channel to its client.
+struct Export {
+    connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    sql: String,
+    id: String,
+    filters: Filters,
+    scope: Option<String>,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    /// Longest the client may take to read a piece.
+    idle: std::time::Duration,
+}
+
+/// Sends a piece; false when the client went away or did not take it within `idle`, which ends
+/// the export: its connection and snapshot are released rather than held by a client that
+/// stopped reading.
+async fn send(
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    idle: std::time::Duration,
+    piece: std::io::Result<Bytes>,
+) -> bool {
+    let sent = matches!(tokio::time::timeout(idle, tx.send(piece)).await, Ok(Ok(())));
+    if !sent {
+        tracing::info!(idle_s = idle.as_secs(), "an export's client went away or stopped reading; ended");
+    }
+    sent
+}
+
+impl Export {
+    /// Reads every result once, in order, giving each to `each`, which answers with a piece to
+    /// send now, if any. False when the client went away or stopped reading; an error when the
+    /// read or `each` failed.
+    async fn pass(
+        &mut self,
+        mut each: impl FnMut(ClassificationResult) -> std::io::Result<Option<Bytes>>,
+    ) -> std::io::Result<bool> {
+        let filters = &self.filters;
+        let mut rows = sqlx::query_as::<_, Row>(&self.sql)
+            .bind(&self.id)
+            .bind(&filters.status)
+            .bind(filters.marine)
+            .bind(&filters.group)
+            .bind(filters.min_score)
+            .bind(&self.scope)
+            .fetch(&mut *self.connection);
+        loop {
+            // A client that hangs up ends the export at once, not at its next piece (a selective
+            // filter may read long between pieces).
+            let row = tokio::select! {
+                row = rows.next() => row,
+                () = self.tx.closed() => return Ok(false),
+            };
+            let Some(row) = row else { return Ok(true) };
+            if let Some(piece) = each(row.map_err(std::io::Error::other)?.into_result())?
+                && !send(&self.tx, self.idle, Ok(piece)).await
+            {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// A pass while the response is under way: a failure is sent to the client (which sees the
+    /// body cut off) and ends the export.
+    async fn read(&mut self, each: impl FnMut(ClassificationResult) -> std::io::Result<Option<Bytes>>) -> bool {
+        match self.pass(each).await {
+            Ok(read) => read,
+            Err(e) => self.fail(e).await,
+        }
+    }
+
+    async fn fail(&self, e: std::io::Error) -> bool {
+        tracing::warn!(error = %e, "an export failed half-way");
+        send(&self.tx, self.idle, Err(e)).await;
+        false
+    }
+
+    /// Runs `sql` inside a transaction; false (the error sent) if it failed.
+    async fn execute(&mut self, sql: &str) -> bool {
+        match sqlx::query(sql).execute(&mut *self.connection).await {
+            Ok(_) => true,
+            Err(e) => self.fail(std::io::Error::other(e)).await,
+        }
+    }
+
+    /// Every pass of `encoder`, then its end.
+    async fn encode(&mut self, mut encoder: Box<dyn Encode>) -> bool {
+        let passes = encoder.passes();
+        for pass in 0..passes {
+            if pass > 0 {
+                encoder.next_pass();
+            }
+            let each = |result| {
+                encoder.push(result);
+                Ok((encoder.buffered() >= PIECE).then(|| encoder.take()))
+            };
+            if !self.read(each).await {
+                return false;
+            }
+        }
+        if passes > 1 && !self.execute("COMMIT").await {
+            return false;
+        }
+        encoder.finish();
+        send(&self.tx, self.idle, Ok(encoder.take())).await
+    }
+
+    /// The Camtrap DP package whose check pass gave `plan`: its head, the media and the
+    /// observations, each read in a pass of its own.
+    async fn camtrap(&mut self, plan: camtrap::Plan) -> bool {
+        let out = camtrap::Shared::default();
+        let mut archive = camtrap::Archive::new(out.clone());
+        if let Err(e) = archive.write_head(&plan) {
+            return self.fail(e).await;
+        }
+        for part in [camtrap::Part::Media, camtrap::Part::Observations] {
+            let mut table = match archive.open(part) {
+                Ok(table) => table,
+                Err(e) => return self.fail(e).await,
+            };
+            let each = |r: ClassificationResult| {
+                plan.write(part, &mut table, &r)?;
+                Ok(out.take_at(PIECE))
+            };
+            if !self.read(each).await {
+                return false;
+            }
+            if let Err(e) = camtrap::Archive::end_table(table) {
+                return self.fail(e).await;
+            }
+        }
+        if let Err(e) = archive.finish() {
+            return self.fail(e).await;
+        }
+        if !self.execute("COMMIT").await {
+            return false;
+        }
+        send(&self.tx, self.idle, Ok(out.take_at(0).unwrap_or_default())).await
+    }
+}
+
 /// Starts the query on a connection of its own and answers with its rows as they come.
 async fn stream(
     exports: Exports,
@@ -288,89 +500,74 @@ async fn stream(
     filters: Filters,
     columns: Vec<String>,
     running: Running,
-    what: &str,
+    what: &'static str,
 ) -> Result<Response, ApiError> {
-    let mut connection = exports.pool.acquire().await?;
-    let (format, idle) = (filters.format, exports.idle);
-    let mut encoder: Box<dyn Encode> = match format {
-        Format::Csv => Box::new(table::Table::new(columns)),
-        Format::Ndjson => Box::new(Lines::default()),
-        Format::MegaDetector => Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to.clone())),
-        Format::Coco => Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}"))),
+    let connection = exports.pool.acquire().await?;
+    let format = filters.format;
+    let encoder: Option<Box<dyn Encode>> = match format {
+        Format::Csv => Some(Box::new(table::Table::new(columns))),
+        Format::Ndjson => Some(Box::new(Lines::default())),
+        Format::MegaDetector => {
+            Some(Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to.clone())))
+        }
+        Format::Coco => Some(Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}")))),
+        Format::CamtrapDp => None,
     };
+    let camtrap_options = filters.camtrap.clone().map(|mut options| {
+        options.what = what;
+        options.id = id.clone();
+        options
+    });
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let scope = running.caller.scope().map(str::to_owned);
+    let mut export = Export { connection, sql, id, filters, scope, tx, idle: exports.idle };
+    // Every pass reads the same results: one snapshot for them all.
+    let snapshot = encoder.as_ref().is_none_or(|e| e.passes() > 1);
+    if snapshot {
+        sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *export.connection).await?;
+    }
+    // A Camtrap DP package is checked whole before anything is answered: a field it requires
+    // that cannot be filled is a 422 naming it, never an invalid package.
+    let plan = match camtrap_options {
+        Some(options) => {
+            let mut plan = camtrap::Plan::new(options);
+            let read = export
+                .pass(|r| {
+                    plan.check(&r);
+                    Ok(None)
+                })
+                .await;
+            if let Err(e) = read {
+                drop(export.connection.detach());
+                return Err(ApiError::Database(sqlx::Error::Io(e)));
+            }
+            if let Some(refusal) = plan.refusal() {
+                sqlx::query("ROLLBACK").execute(&mut *export.connection).await?;
+                return Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message });
+            }
+            Some(plan)
+        }
+        None => None,
+    };
     tokio::spawn(async move {
         // Counted against its tenant until the task ends.
-        let running = running;
-        // A piece the client does not take within `idle` ends the export: its connection and
-        // snapshot are released rather than held by a client that stopped reading.
-        let send = |chunk| {
-            let tx = tx.clone();
-            async move { matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(()))) }
+        let _running = running;
+        let work = async {
+            match (encoder, plan) {
+                (Some(encoder), _) => export.encode(encoder).await,
+                (None, Some(plan)) => export.camtrap(plan).await,
+                (None, None) => false,
+            }
         };
-        let finished = std::panic::AssertUnwindSafe(async {
-            let passes = encoder.passes();
-            // Every pass reads the same results: one snapshot for them all.
-            if passes > 1
-                && let Err(e) =
-                    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *connection).await
-            {
-                send(Err(std::io::Error::other(e))).await;
-                return false;
-            }
-            for pass in 0..passes {
-                if pass > 0 {
-                    encoder.next_pass();
-                }
-                let mut rows = sqlx::query_as::<_, Row>(&sql)
-                    .bind(&id)
-                    .bind(&filters.status)
-                    .bind(filters.marine)
-                    .bind(&filters.group)
-                    .bind(filters.min_score)
-                    .bind(running.caller.scope())
-                    .fetch(&mut *connection);
-                loop {
-                    // A client that hangs up ends the export at once, not at its next piece (a
-                    // selective filter may read long between pieces).
-                    let row = tokio::select! {
-                        row = rows.next() => row,
-                        () = tx.closed() => return false,
-                    };
-                    let Some(row) = row else { break };
-                    let row = match row {
-                        Ok(row) => row,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "an export failed half-way");
-                            send(Err(std::io::Error::other(e))).await;
-                            return false;
-                        }
-                    };
-                    encoder.push(row.into_result());
-                    if encoder.buffered() >= 64 * 1024 && !send(Ok(encoder.take())).await {
-                        tracing::info!(
-                            idle_s = idle.as_secs(),
-                            "an export's client went away or stopped reading; ended"
-                        );
-                        return false;
-                    }
-                }
-            }
-            if passes > 1 && sqlx::query("COMMIT").execute(&mut *connection).await.is_err() {
-                return false;
-            }
-            encoder.finish();
-            send(Ok(encoder.take())).await;
-            true
-        })
-        .catch_unwind()
-        .await
-        // A panic mid-way must not hand the connection back inside its read-only snapshot.
-        .unwrap_or(false);
+        let finished = std::panic::AssertUnwindSafe(work)
+            .catch_unwind()
+            .await
+            // A panic mid-way must not hand the connection back inside its read-only snapshot.
+            .unwrap_or(false);
         if !finished {
             // Closing the socket of a query cut off mid-way ends it in Postgres at once, with its
             // snapshot; returned to the pool, it would go on until its rows were drained.
-            drop(connection.detach());
+            drop(export.connection.detach());
         }
     });
     let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
@@ -378,6 +575,7 @@ async fn stream(
         Format::Csv => ("text/csv; charset=utf-8", "csv"),
         Format::Ndjson => ("application/x-ndjson", "ndjson"),
         Format::MegaDetector | Format::Coco => ("application/json", "json"),
+        Format::CamtrapDp => ("application/zip", "zip"),
     };
     let disposition = format!("attachment; filename=\"reefline-{what}-results.{extension}\"");
     Ok(([(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)], body)
