@@ -330,6 +330,63 @@ mod tests {
         assert_eq!(P.run(&bytes).unwrap().len(), P.tensor_len());
     }
 
+    /// Photo-like JPEGs as cameras and encoders write them: baseline and progressive, 4:2:0 and
+    /// 4:4:4, with and without restart markers, in sizes decoded in full and scaled in the IDCT.
+    fn camera_jpegs(rng: &mut fastrand::Rng) -> Vec<Vec<u8>> {
+        use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
+        let mut out = Vec::new();
+        for (i, (w, h)) in [(500u16, 375u16), (375, 500), (1024, 683), (2100, 1400), (61, 47)].into_iter().enumerate() {
+            let pixels: Vec<u8> = (0..usize::from(w) * usize::from(h))
+                .flat_map(|p| {
+                    let (x, y) = (p % usize::from(w), p / usize::from(w));
+                    [(x * 255 / usize::from(w)) as u8, (y * 255 / usize::from(h)) as u8, rng.u8(..)]
+                })
+                .collect();
+            let mut jpeg = Vec::new();
+            let mut encoder = Encoder::new(&mut jpeg, 85);
+            encoder.set_progressive(i % 2 == 1);
+            encoder.set_sampling_factor(if i % 3 == 0 { SamplingFactor::R_4_2_0 } else { SamplingFactor::R_4_4_4 });
+            if i == 2 {
+                encoder.set_restart_interval(4);
+            }
+            encoder.encode(&pixels, w, h, ColorType::Rgb).expect("encoding a JPEG");
+            out.push(jpeg);
+        }
+        out
+    }
+
+    #[test]
+    fn damaged_jpegs_are_decoded_as_far_as_they_go_or_refused_and_never_crash() {
+        // As the hostile end-to-end test damages photos, seeded: cut short, or bytes changed
+        // (markers, tables, sizes and scan data alike). Under valgrind this is the memory check
+        // of the libjpeg-turbo layer.
+        let mut rng = fastrand::Rng::with_seed(21);
+        let photos = camera_jpegs(&mut rng);
+        let p = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
+        let (mut decoded, mut refused) = (0, 0);
+        for n in 0..400 {
+            let photo = &photos[n % photos.len()];
+            let damaged = if n % 2 == 0 {
+                photo[..rng.usize(0..photo.len())].to_vec()
+            } else {
+                let mut bytes = photo.clone();
+                for _ in 0..rng.usize(1..50) {
+                    let i = rng.usize(2..bytes.len());
+                    bytes[i] = rng.u8(..);
+                }
+                bytes
+            };
+            match p.run(&damaged) {
+                Ok(tensor) => {
+                    assert_eq!(tensor.len(), p.tensor_len());
+                    decoded += 1;
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(decoded > 0 && refused > 0, "{decoded} decoded, {refused} refused");
+    }
+
     #[test]
     fn non_images_and_oversized_images_are_refused() {
         assert_eq!(P.run(b"<html>not an image</html>").unwrap_err().kind(), "not_an_image");
