@@ -83,4 +83,12 @@ if ! cmp -s "$web/package-lock.json" "$web/node_modules/.reefline-lock.json" 2>/
     cp "$web/package-lock.json" "$web/node_modules/.reefline-lock.json"
 fi
 
+# 6. The object-storage tests' Azure Blob server: Azurite from the npm registry, as its lockfile pins it.
+azurite="$ROOT/tests/azurite"
+if ! cmp -s "$azurite/package-lock.json" "$azurite/node_modules/.reefline-lock.json" 2>/dev/null; then
+    say "installing the Azure Blob test server (npm ci, tests/azurite)"
+    (cd "$azurite" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    cp "$azurite/package-lock.json" "$azurite/node_modules/.reefline-lock.json"
+fi
+
 say "ready (cache: $CACHE)"

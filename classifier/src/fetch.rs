@@ -161,12 +161,12 @@ impl Fetcher {
         started: impl FnOnce(),
     ) -> Result<(Vec<u8>, OwnedSemaphorePermit), ImageError> {
         let url = Url::parse(url).map_err(|e| ImageError::Blocked(format!("invalid URL: {e}")))?;
-        let (authority, source) = if url.scheme() == "s3" {
+        let (authority, source) = if reefline_schemas::rules::is_object_scheme(url.scheme()) {
             let object = object_ref(&url)
-                .ok_or_else(|| ImageError::Blocked("an s3 URL whose key the object store cannot read".into()))?;
+                .ok_or_else(|| ImageError::Blocked("an object URL whose key the store cannot read".into()))?;
             let store =
                 self.stores.bucket(&object.bucket, tenant).map_err(|e| ImageError::UnknownBucket(e.to_string()))?;
-            (format!("s3://{}", object.bucket), Source::Object(store, object.key))
+            (reefline_common::objects::base_url(&object.bucket), Source::Object(store, object.key))
         } else {
             self.policy.check_url(&url).map_err(ImageError::Blocked)?;
             let authority = format!(
@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(unknown.kind(), "unknown_bucket");
         assert_eq!(
             unknown.to_string(),
-            "bucket `reef-survey` is not one this service reads; none is configured (S3_BUCKETS)"
+            "bucket `reef-survey` is not one this service reads; none is configured (S3_BUCKETS, AZURE_CONTAINERS)"
         );
     }
 

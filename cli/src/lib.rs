@@ -53,10 +53,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Upload a feed of image URLs (a file, or - for standard input), or feed a bucket's prefix
-    /// (`s3://bucket/prefix/`), and print its id and counts.
+    /// (`s3://bucket/prefix/`, `az://container/prefix/`), and print its id and counts.
     Submit {
         /// The feed: a CSV with a `url` column, NDJSON, or a URL a line; `.gz` or not. Or a
-        /// bucket's prefix, `s3://bucket/prefix/`: its image objects, listed by ingest.
+        /// bucket's or container's prefix, `s3://bucket/prefix/` or `az://container/prefix/`: its image objects, listed by ingest.
         file: String,
         /// With a prefix: the glob its objects' keys must match below it (`**/*.jpg`); else every
         /// JPEG, PNG, GIF, WebP and BMP.
@@ -163,10 +163,13 @@ pub async fn main() -> anyhow::Result<()> {
     let client = Client::new(cli.api, key)?;
     match cli.command {
         Command::Submit { file, pattern, format, model, idempotency_key, callback_url, wait } => {
-            let feed = if file.starts_with("s3://") {
+            let feed = if file.starts_with("s3://") || file.starts_with("az://") {
                 client.submit_prefix(&file, pattern, model, callback_url, idempotency_key).await?
             } else {
-                anyhow::ensure!(pattern.is_none(), "--match selects the objects of an s3:// prefix; {file} is a file");
+                anyhow::ensure!(
+                    pattern.is_none(),
+                    "--match selects the objects of an s3:// or az:// prefix; {file} is a file"
+                );
                 client.submit(&file, format, model, callback_url, idempotency_key).await?
             };
             let id = feed["feed_id"].as_str().context("no feed_id in the answer")?.to_owned();

@@ -1,12 +1,18 @@
-//! Object storage: images named `s3://bucket/key` and feeds listed from `s3://bucket/prefix/`,
-//! read through the Arrow project's `object_store` crate.
+//! Object storage: images named `s3://bucket/key` (S3 and S3-compatible stores) or
+//! `az://container/blob` (Azure Blob Storage), and feeds listed from `s3://bucket/prefix/` or
+//! `az://container/prefix/`, read through the Arrow project's `object_store` crate.
 //!
 //! The stores are the operator's, never the request's. The default S3 store reads the variables
 //! every S3 tool reads (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, and AWS's own credential chain where no key is
-//! given); `S3_BUCKETS` names the buckets a request may name on it. More stores (other endpoints,
-//! other keys) are named in `STORES_FILE`. A bucket may be granted to some tenants only; to any
-//! other tenant it is as unknown as a bucket nobody configured.
+//! given); `S3_BUCKETS` names the buckets a request may name on it. The default Azure store reads
+//! Azure's (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_ENDPOINT`);
+//! `AZURE_CONTAINERS` names its containers. More stores (other endpoints, other keys) are named in
+//! `STORES_FILE`. A bucket or container may be granted to some tenants only; to any other tenant
+//! it is as unknown as one nobody configured.
+//!
+//! A bucket is known by its name (`reef-survey`), a container by its URL's start
+//! (`az://survey-photos`), so that the two never clash.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,9 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
-use reefline_schemas::rules::is_bucket_name;
+use reefline_schemas::rules::{is_bucket_name, is_container_name};
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
@@ -48,8 +55,29 @@ pub struct StoreSettings {
     #[arg(long = "aws-session-token", env = "AWS_SESSION_TOKEN", hide_env_values = true)]
     pub session_token: Option<SecretString>,
 
-    /// A TOML file of more stores: `[[store]]` tables, each with `buckets`, and optionally
-    /// `endpoint`, `region`, `access_key_id`, `secret_access_key` and `tenants`.
+    /// Containers of the default Azure Blob store that `az://` URLs may name, comma-separated;
+    /// `name=team-a+team-b` grants a container to those tenants only.
+    #[arg(long = "azure-containers", env = "AZURE_CONTAINERS", value_delimiter = ',')]
+    pub azure_containers: Vec<String>,
+
+    /// The default Azure store's storage account.
+    #[arg(long = "azure-storage-account-name", env = "AZURE_STORAGE_ACCOUNT_NAME")]
+    pub azure_account: Option<String>,
+
+    /// The default Azure store's account key; absent: Azure's credential chain (workload and
+    /// managed identity, the Azure CLI).
+    #[arg(long = "azure-storage-account-key", env = "AZURE_STORAGE_ACCOUNT_KEY", hide_env_values = true)]
+    pub azure_access_key: Option<SecretString>,
+
+    /// The default Azure store's blob endpoint, with the account in its path for an emulator
+    /// (Azurite: `http://127.0.0.1:10000/devstoreaccount1`); absent: `https://<account>.blob.core.windows.net`.
+    #[arg(long = "azure-storage-endpoint", env = "AZURE_STORAGE_ENDPOINT")]
+    pub azure_endpoint: Option<String>,
+
+    /// A TOML file of more stores: `[[store]]` tables. An S3 store (`kind = "s3"`, the default) has
+    /// `buckets`, and optionally `endpoint`, `region`, `access_key_id`, `secret_access_key` and
+    /// `session_token`; an Azure one (`kind = "azure"`) has `containers` and `account`, and
+    /// optionally `access_key` and `endpoint`. Either may have `tenants`.
     #[arg(long = "stores-file", env = "STORES_FILE")]
     pub stores_file: Option<PathBuf>,
 }
@@ -64,6 +92,10 @@ impl std::fmt::Debug for StoreSettings {
             .field("access_key_id", &secret(&self.access_key_id))
             .field("secret_access_key", &secret(&self.secret_access_key))
             .field("session_token", &secret(&self.session_token))
+            .field("azure_containers", &self.azure_containers)
+            .field("azure_account", &self.azure_account)
+            .field("azure_access_key", &secret(&self.azure_access_key))
+            .field("azure_endpoint", &self.azure_endpoint)
             .field("stores_file", &self.stores_file)
             .finish()
     }
@@ -73,7 +105,15 @@ impl std::fmt::Debug for StoreSettings {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreEntry {
+    /// `s3` (the default) or `azure`.
+    kind: Option<String>,
+    #[serde(default)]
     buckets: Vec<String>,
+    #[serde(default)]
+    containers: Vec<String>,
+    /// Azure: the storage account, and its key.
+    account: Option<String>,
+    access_key: Option<String>,
     endpoint: Option<String>,
     region: Option<String>,
     access_key_id: Option<String>,
@@ -119,14 +159,23 @@ pub struct ObjectRef {
     pub key: Path,
 }
 
-/// The object an `s3://` URL names; `None` for any other scheme.
+/// The object an `s3://` or `az://` URL names; `None` for any other scheme. Its `bucket` is the
+/// bucket's name, or `az://` and the container's.
 pub fn object_ref(url: &Url) -> Option<ObjectRef> {
-    if url.scheme() != "s3" {
-        return None;
-    }
-    let bucket = url.host_str()?.to_owned();
+    let name = url.host_str()?;
+    let bucket = match url.scheme() {
+        "s3" => name.to_owned(),
+        "az" => format!("az://{name}"),
+        _ => return None,
+    };
     let key = Path::from_url_path(url.path()).ok()?;
     Some(ObjectRef { bucket, key })
+}
+
+/// The URL of the top of a bucket (`s3://reef-survey`) or container (`az://survey-photos`), as
+/// [`ObjectRef::bucket`] names it.
+pub fn base_url(bucket: &str) -> String {
+    if bucket.contains("://") { bucket.to_owned() } else { format!("s3://{bucket}") }
 }
 
 /// Why an object could not be read, in the kinds image results use.
@@ -205,7 +254,7 @@ fn text(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The `<Code>` and `<Message>` of an S3 error body, as ` (Code: Message)`.
+/// The `<Code>` and `<Message>` (its first line) of an S3 or Azure error body, as ` (Code: Message)`.
 fn summary(body: &str) -> String {
     let field = |tag: &str| {
         let open = format!("<{tag}>");
@@ -213,7 +262,9 @@ fn summary(body: &str) -> String {
         let end = body[start..].find("</")? + start;
         Some(body[start..end].to_owned())
     };
-    match (field("Code"), field("Message")) {
+    // Azure's message runs on with its request id and time on lines of their own.
+    let message = field("Message").map(|m| m.lines().next().unwrap_or_default().trim().to_owned());
+    match (field("Code"), message) {
         (Some(code), Some(message)) => format!(" ({code}: {message})"),
         (Some(code), None) => format!(" ({code})"),
         _ => String::new(),
@@ -231,7 +282,7 @@ pub struct UnknownBucket {
 
 fn readable_text(buckets: &[String]) -> String {
     if buckets.is_empty() {
-        "; none is configured (S3_BUCKETS)".into()
+        "; none is configured (S3_BUCKETS, AZURE_CONTAINERS)".into()
     } else {
         format!("; it reads: {}", buckets.join(", "))
     }
@@ -248,11 +299,25 @@ impl Stores {
                 if entry.is_empty() {
                     continue;
                 }
-                let (bucket, tenants) = match entry.split_once('=') {
-                    Some((bucket, tenants)) => (bucket, Some(tenants.split('+').map(str::to_owned).collect())),
-                    None => (entry, None),
-                };
+                let (bucket, tenants) = split_grant(entry);
                 stores.add(bucket, tenants, base.clone(), is_http(settings.endpoint.as_deref()), access)?;
+            }
+        }
+        if !settings.azure_containers.is_empty() {
+            let base = default_azure_store(settings);
+            for entry in &settings.azure_containers {
+                let entry = entry.trim();
+                if entry.is_empty() {
+                    continue;
+                }
+                let (container, tenants) = split_grant(entry);
+                stores.add_azure(
+                    container,
+                    tenants,
+                    base.clone(),
+                    is_http(settings.azure_endpoint.as_deref()),
+                    access,
+                )?;
             }
         }
         if let Some(path) = &settings.stores_file {
@@ -265,6 +330,40 @@ impl Stores {
                 anyhow::anyhow!("STORES_FILE {}{at}: {}", path.display(), e.message())
             })?;
             for entry in file.store {
+                let http = is_http(entry.endpoint.as_deref());
+                match entry.kind.as_deref().unwrap_or("s3") {
+                    "s3" => {}
+                    "azure" => {
+                        let account = entry.account.as_deref().ok_or_else(|| {
+                            anyhow::anyhow!("STORES_FILE {}: an azure store has no `account`", path.display())
+                        })?;
+                        anyhow::ensure!(
+                            entry.buckets.is_empty(),
+                            "STORES_FILE {}: an azure store names `containers`, not `buckets`",
+                            path.display()
+                        );
+                        let mut builder = MicrosoftAzureBuilder::new().with_account(account);
+                        if let Some(key) = &entry.access_key {
+                            builder = builder.with_access_key(key);
+                        }
+                        if let Some(endpoint) = &entry.endpoint {
+                            builder = builder.with_endpoint(endpoint.clone());
+                        }
+                        for container in &entry.containers {
+                            stores.add_azure(container, entry.tenants.clone(), builder.clone(), http, access)?;
+                        }
+                        continue;
+                    }
+                    other => anyhow::bail!(
+                        "STORES_FILE {}: a store's kind is `s3` or `azure`, not `{other}`",
+                        path.display()
+                    ),
+                }
+                anyhow::ensure!(
+                    entry.containers.is_empty() && entry.account.is_none() && entry.access_key.is_none(),
+                    "STORES_FILE {}: an s3 store names `buckets` and `access_key_id`; `containers`, `account` and `access_key` are an azure store's",
+                    path.display()
+                );
                 let mut builder = AmazonS3Builder::new().with_region(entry.region.as_deref().unwrap_or("us-east-1"));
                 if let Some(endpoint) = &entry.endpoint {
                     builder = builder.with_endpoint(endpoint);
@@ -283,7 +382,6 @@ impl Stores {
                     ),
                 }
                 for bucket in &entry.buckets {
-                    let http = is_http(entry.endpoint.as_deref());
                     stores.add(bucket, entry.tenants.clone(), builder.clone(), http, access)?;
                 }
             }
@@ -300,24 +398,8 @@ impl Stores {
         access: Access,
     ) -> anyhow::Result<()> {
         anyhow::ensure!(is_bucket_name(bucket), "`{bucket}` is not an S3 bucket name");
-        if let Some(tenants) = &tenants {
-            for tenant in tenants {
-                anyhow::ensure!(
-                    crate::auth::is_tenant_name(tenant),
-                    "bucket `{bucket}` is granted to `{tenant}`, which is not a tenant name"
-                );
-            }
-        }
-        anyhow::ensure!(!self.buckets.contains_key(bucket), "bucket `{bucket}` is configured twice");
-        let options = ClientOptions::new()
-            .with_connect_timeout(access.connect_timeout)
-            .with_timeout(access.timeout)
-            .with_allow_http(allow_http);
-        let retry = RetryConfig {
-            max_retries: access.retries,
-            retry_timeout: access.timeout * (access.retries as u32 + 1),
-            ..RetryConfig::default()
-        };
+        self.check_new(bucket, &tenants)?;
+        let (options, retry) = client(access, allow_http);
         let store = builder
             .with_bucket_name(bucket)
             .with_client_options(options)
@@ -325,6 +407,39 @@ impl Stores {
             .build()
             .map_err(|e| anyhow::anyhow!("the store of bucket `{bucket}`: {e}"))?;
         self.buckets.insert(bucket.to_owned(), Bucket { store: Arc::new(store), tenants });
+        Ok(())
+    }
+
+    fn add_azure(
+        &mut self,
+        container: &str,
+        tenants: Option<Vec<String>>,
+        builder: MicrosoftAzureBuilder,
+        allow_http: bool,
+        access: Access,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(is_container_name(container), "`{container}` is not an Azure container name");
+        let name = format!("az://{container}");
+        self.check_new(&name, &tenants)?;
+        let (options, retry) = client(access, allow_http);
+        let store = builder
+            .with_container_name(container)
+            .with_client_options(options)
+            .with_retry(retry)
+            .build()
+            .map_err(|e| anyhow::anyhow!("the store of container `{container}`: {e}"))?;
+        self.buckets.insert(name, Bucket { store: Arc::new(store), tenants });
+        Ok(())
+    }
+
+    fn check_new(&self, name: &str, tenants: &Option<Vec<String>>) -> anyhow::Result<()> {
+        for tenant in tenants.iter().flatten() {
+            anyhow::ensure!(
+                crate::auth::is_tenant_name(tenant),
+                "`{name}` is granted to `{tenant}`, which is not a tenant name"
+            );
+        }
+        anyhow::ensure!(!self.buckets.contains_key(name), "`{name}` is configured twice");
         Ok(())
     }
 
@@ -352,14 +467,52 @@ impl Stores {
     pub fn check(&self, url: &Url, tenant: &str) -> Result<(), UnknownBucket> {
         match object_ref(url) {
             Some(object) => self.bucket(&object.bucket, tenant).map(|_| ()),
-            // An s3 URL whose key the store could not read names nothing it may read.
-            None if url.scheme() == "s3" => Err(UnknownBucket {
+            // An object URL whose key the store could not read names nothing it may read.
+            None if reefline_schemas::rules::is_object_scheme(url.scheme()) => Err(UnknownBucket {
                 bucket: url.host_str().unwrap_or_default().to_owned(),
                 readable: self.readable(tenant),
             }),
             None => Ok(()),
         }
     }
+}
+
+/// `name=team-a+team-b`: the name, and the tenants it is granted to (`None`: all).
+fn split_grant(entry: &str) -> (&str, Option<Vec<String>>) {
+    match entry.split_once('=') {
+        Some((name, tenants)) => (name, Some(tenants.split('+').map(str::to_owned).collect())),
+        None => (entry, None),
+    }
+}
+
+/// A store's client: each request's timeouts, plain HTTP where the endpoint is, and retries.
+fn client(access: Access, allow_http: bool) -> (ClientOptions, RetryConfig) {
+    let options = ClientOptions::new()
+        .with_connect_timeout(access.connect_timeout)
+        .with_timeout(access.timeout)
+        .with_allow_http(allow_http);
+    let retry = RetryConfig {
+        max_retries: access.retries,
+        retry_timeout: access.timeout * (access.retries as u32 + 1),
+        ..RetryConfig::default()
+    };
+    (options, retry)
+}
+
+/// The default Azure store: Azure's environment (its credential chain included), then the
+/// settings over it.
+fn default_azure_store(settings: &StoreSettings) -> MicrosoftAzureBuilder {
+    let mut builder = MicrosoftAzureBuilder::from_env();
+    if let Some(account) = &settings.azure_account {
+        builder = builder.with_account(account);
+    }
+    if let Some(key) = &settings.azure_access_key {
+        builder = builder.with_access_key(key.expose_secret());
+    }
+    if let Some(endpoint) = &settings.azure_endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    builder
 }
 
 /// Whether an endpoint is plain HTTP (a store on a private network, or on loopback in the tests).
@@ -412,6 +565,64 @@ mod tests {
         assert!(refused("s3://reef-survey/x%FF.jpg").contains("not UTF-8"));
     }
 
+    #[test]
+    fn az_urls_name_a_container_and_a_blob() {
+        let url = Url::parse("az://survey-photos/2026/site%20a/IMG_0001.JPG").unwrap();
+        assert_eq!(reefline_schemas::rules::check_az_parts(&url), Ok(()));
+        let object = object_ref(&url).unwrap();
+        assert_eq!((object.bucket.as_str(), object.key.as_ref()), ("az://survey-photos", "2026/site a/IMG_0001.JPG"));
+        assert_eq!(base_url(&object.bucket), "az://survey-photos");
+        assert_eq!(base_url("reef-survey"), "s3://reef-survey");
+
+        let refused = |raw: &str| reefline_schemas::rules::check_az_parts(&Url::parse(raw).unwrap()).unwrap_err();
+        assert!(refused("az://survey-photos/").contains("names a container but no blob"));
+        assert!(refused("az://survey--photos/x.jpg").contains("is not a container name"));
+        assert!(refused("az://survey.photos/x.jpg").contains("is not a container name"));
+        assert!(refused("az://survey-photos/x.jpg?sv=2021").contains("no port, query or fragment"));
+        assert!(refused("az://survey-photos/a//x.jpg").contains("empty, `.` or `..` part"));
+    }
+
+    #[test]
+    fn azure_containers_are_known_by_their_url_and_granted_like_buckets() {
+        let file = std::env::temp_dir().join(format!("stores-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[[store]]\nkind = \"azure\"\ncontainers = [\"team-photos\"]\naccount = \"reef\"\naccess_key = \"a2V5\"\ntenants = [\"team-a\"]\n",
+        )
+        .unwrap();
+        let settings = StoreSettings {
+            s3_buckets: vec!["open-survey".into()],
+            azure_containers: vec!["survey-photos".into()],
+            azure_account: Some("reef".into()),
+            azure_access_key: Some("a2V5".to_owned().into()),
+            stores_file: Some(file.clone()),
+            region: "us-east-1".into(),
+            ..Default::default()
+        };
+        let stores = Stores::new(&settings, access()).unwrap();
+        assert_eq!(stores.readable("team-a"), ["az://survey-photos", "az://team-photos", "open-survey"]);
+        assert_eq!(stores.readable("team-b"), ["az://survey-photos", "open-survey"]);
+        let url = Url::parse("az://team-photos/x.jpg").unwrap();
+        assert!(stores.check(&url, "team-a").is_ok());
+        assert_eq!(stores.check(&url, "team-b").unwrap_err().bucket, "az://team-photos");
+        // An S3 bucket of the same name is another store.
+        assert!(stores.check(&Url::parse("s3://survey-photos/x.jpg").unwrap(), "team-a").is_err());
+
+        for (entry, fault) in [
+            ("kind = \"azure\"\ncontainers = [\"x-photos\"]", "has no `account`"),
+            ("kind = \"gcs\"\nbuckets = [\"x-photos\"]", "is `s3` or `azure`, not `gcs`"),
+            ("buckets = [\"x-photos\"]\naccount = \"reef\"", "are an azure store's"),
+        ] {
+            std::fs::write(&file, format!("[[store]]\n{entry}\n")).unwrap();
+            let error = Stores::new(&StoreSettings { stores_file: Some(file.clone()), ..Default::default() }, access())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(error.contains(fault), "{entry}: {error}");
+        }
+        let _ = std::fs::remove_file(file);
+    }
+
     fn access() -> Access {
         Access { connect_timeout: Duration::from_secs(1), timeout: Duration::from_secs(1), retries: 0 }
     }
@@ -436,7 +647,7 @@ mod tests {
 
         let none = Stores::new(&StoreSettings::default(), access()).unwrap();
         let refused = none.bucket("open-survey", "default").err().unwrap();
-        assert!(refused.to_string().ends_with("none is configured (S3_BUCKETS)"), "{refused}");
+        assert!(refused.to_string().ends_with("none is configured (S3_BUCKETS, AZURE_CONTAINERS)"), "{refused}");
     }
 
     #[test]
@@ -457,6 +668,8 @@ mod tests {
         let body = "<?xml version=\"1.0\"?><Error><Code>InvalidAccessKeyId</Code><Message>The key does not exist.</Message></Error>";
         assert_eq!(summary(body), " (InvalidAccessKeyId: The key does not exist.)");
         assert_eq!(summary("not xml"), "");
+        let azure = "<Error><Code>AuthenticationFailed</Code><Message>Server failed to authenticate the request.\nRequestId:1\nTime:2026</Message></Error>";
+        assert_eq!(summary(azure), " (AuthenticationFailed: Server failed to authenticate the request.)");
         let text = "Error performing GET http://127.0.0.1:1/b/k in 2ms - Server returned non-2xx status code: 503 Service Unavailable: ";
         assert_eq!(status_in(text), Some(503));
         assert_eq!(status_in("connection refused"), None);

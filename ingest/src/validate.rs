@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(err.kind(), "invalid_url");
         assert_eq!(
             err.to_string(),
-            "`images[1]` is not a usable image URL: scheme `file` is not allowed; use http, https or s3"
+            "`images[1]` is not a usable image URL: scheme `file` is not allowed; use http, https, s3 or az"
         );
     }
 

@@ -30,14 +30,21 @@ fn is_invisible(c: char) -> bool {
         || matches!(c, '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
-/// Checks one image URL (http, https, or `s3://bucket/key`); the error says what is wrong with it.
+/// Checks one image URL (http, https, `s3://bucket/key` or `az://container/blob`); the error says
+/// what is wrong with it.
 pub fn check_url(raw: &str, max_bytes: usize) -> Result<Url, String> {
     let url = parse_url(raw, max_bytes)?;
     match url.scheme() {
         "http" | "https" => check_web_parts(url),
         "s3" => check_s3_parts(&url).map(|()| url),
-        other => Err(format!("scheme `{other}` is not allowed; use http, https or s3")),
+        "az" => check_az_parts(&url).map(|()| url),
+        other => Err(format!("scheme `{other}` is not allowed; use http, https, s3 or az")),
     }
+}
+
+/// Whether URLs of `scheme` name an object in a store (S3's `s3://`, Azure Blob's `az://`).
+pub fn is_object_scheme(scheme: &str) -> bool {
+    matches!(scheme, "s3" | "az")
 }
 
 /// Checks a URL the services call back or fetch a listing from: http or https only.
@@ -90,6 +97,37 @@ pub fn check_s3_parts(url: &Url) -> Result<(), String> {
         return Err("it names a bucket but no object; write `s3://bucket/key`".into());
     }
     check_key_parts(key)
+}
+
+/// An `az://` URL: a container by Azure's naming rules, then a blob name as for an S3 key.
+pub fn check_az_parts(url: &Url) -> Result<(), String> {
+    let container = url.host_str().unwrap_or_default();
+    if !is_container_name(container) {
+        return Err(format!(
+            "`{container}` is not a container name (3 to 63 of a-z, 0-9 and single `-`, starting and ending with a letter or digit)"
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in URLs are not accepted".into());
+    }
+    if url.port().is_some() || url.query().is_some() || url.fragment().is_some() {
+        return Err("an az URL is `az://container/blob`, with no port, query or fragment".into());
+    }
+    let blob = url.path().strip_prefix('/').unwrap_or(url.path());
+    if blob.is_empty() {
+        return Err("it names a container but no blob; write `az://container/blob`".into());
+    }
+    check_key_parts(blob)
+}
+
+/// Azure Blob Storage's rules for a container's name.
+pub fn is_container_name(name: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (3..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.contains("--")
+        && edge(name.chars().next())
+        && edge(name.chars().last())
 }
 
 /// A key or prefix (percent-encoded, as in a URL) as the object store reads it, decoded: UTF-8,

@@ -152,7 +152,9 @@ pub struct ErrorDetail {
     pub kind: String,
     #[schema(example = "images[1]")]
     pub field: Option<String>,
-    #[schema(example = "`images[1]` is not a usable image URL: scheme `ftp` is not allowed; use http, https or s3")]
+    #[schema(
+        example = "`images[1]` is not a usable image URL: scheme `ftp` is not allowed; use http, https, s3 or az"
+    )]
     pub message: String,
     /// `missing_fields`: the columns or options that would fill what is missing.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -223,7 +223,7 @@ pub struct RejectsQuery {
 #[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Reject {
     pub line: i64,
-    #[schema(example = "not a usable URL: scheme `ftp` is not allowed; use http, https or s3")]
+    #[schema(example = "not a usable URL: scheme `ftp` is not allowed; use http, https, s3 or az")]
     pub reason: String,
     /// The line as it was sent (its first 200 bytes).
     pub content: String,

@@ -15,6 +15,7 @@ use reefline_common::kafka::KafkaSettings;
 use reefline_schemas::RegistrySettings;
 use tokio::sync::watch;
 
+pub mod azurite;
 mod broker;
 pub mod camera;
 pub mod feeds;

@@ -63,8 +63,7 @@ impl S3Server {
             region: "us-east-1".into(),
             access_key_id: Some(self.access_key_id.clone().into()),
             secret_access_key: Some(self.secret_access_key.clone().into()),
-            session_token: None,
-            stores_file: None,
+            ..StoreSettings::default()
         }
     }
 }

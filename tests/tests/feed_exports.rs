@@ -320,7 +320,7 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
         reasons,
         [
             (2002, "not a usable URL: relative URL without a base"),
-            (2003, "not a usable URL: scheme `ftp` is not allowed; use http, https or s3"),
+            (2003, "not a usable URL: scheme `ftp` is not allowed; use http, https, s3 or az"),
             (2004, "3 fields where the header has 6"),
         ]
     );

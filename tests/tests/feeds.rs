@@ -129,7 +129,9 @@ async fn a_million_line_feed_is_read_in_bounded_memory_with_every_accepted_line_
     for reject in &listed {
         let expected = match bad[&(reject["line"].as_i64().unwrap() as usize)] {
             "not a url" => "not a usable URL: relative URL without a base",
-            "ftp://survey.example.org/x.jpg" => "not a usable URL: scheme `ftp` is not allowed; use http, https or s3",
+            "ftp://survey.example.org/x.jpg" => {
+                "not a usable URL: scheme `ftp` is not allowed; use http, https, s3 or az"
+            }
             _ => "a duplicate of a URL earlier in the feed",
         };
         assert_eq!(reject["reason"], json!(expected), "{reject}");

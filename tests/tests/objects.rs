@@ -1,6 +1,6 @@
-//! Object storage in: images named `s3://bucket/key` in submissions, and feeds from a bucket's
-//! prefix, read from a real S3 API (moto's server on loopback) that checks every request's
-//! signature. Every failure becomes its own error result: a missing key, an object that is not an
+//! Object storage in: images named `s3://bucket/key` or `az://container/blob` in submissions, and
+//! feeds from a bucket's or container's prefix, read from a real S3 API (moto's server on loopback)
+//! and a real Azure Blob API (Azurite on loopback), each checking every request's signature. Every failure becomes its own error result: a missing key, an object that is not an
 //! image, one over the size limit, a bucket whose credentials are wrong, a bucket nobody configured.
 
 use std::time::Duration;
@@ -236,6 +236,130 @@ async fn a_bucket_is_classified_from_s3_urls_and_from_its_prefix_each_failure_it
     assert_eq!((status, &refused["error"]["kind"]), (400, &json!("unreadable_feed")), "{refused}");
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(message.contains("listing s3://locked-survey/ failed") && message.contains("403"), "{message}");
+
+    stack.stop().await;
+    env.finish().await;
+    let _ = std::fs::remove_file(stores_file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_azure_container_is_classified_from_az_urls_and_from_its_prefix() {
+    use object_store::ObjectStoreExt;
+    let azure = reefline_e2e::azurite::AzureServer::start().await;
+    for container in ["survey-photos", "locked-photos"] {
+        azure.create_container(container).await;
+    }
+    let photos = azure.container("survey-photos");
+    let read = |name: &str| std::fs::read(cache_dir().join("photos").join(name)).unwrap();
+    for (blob, bytes) in [
+        ("2026/site-a/coffee.png", read("coffee.png")),
+        ("2026/site-a/day 2/IMG_0243.JPG", read("imagenet_00_243.jpg")),
+        ("2026/site-b/notes.txt", b"dive log, not a photo".to_vec()),
+        ("2026/site-b/broken.jpg", b"<html>not a photo</html>".to_vec()),
+    ] {
+        photos.put(&object_store::path::Path::from(blob), bytes.into()).await.expect("uploading a blob");
+    }
+    azure
+        .container("locked-photos")
+        .put(&object_store::path::Path::from("x.jpg"), read("coffee.png").into())
+        .await
+        .expect("uploading a blob");
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    // The locked container is named in a stores file with a key that is not the account's.
+    let stores_file = std::env::temp_dir().join(format!("stores-{}.toml", uuid::Uuid::now_v7().simple()));
+    let locked = format!(
+        "[[store]]\nkind = \"azure\"\ncontainers = [\"locked-photos\"]\naccount = \"{}\"\naccess_key = \"{}\"\nendpoint = \"{}\"\n",
+        reefline_e2e::azurite::ACCOUNT,
+        "d3Jvbmcga2V5IG9mIHRoZSByaWdodCBsZW5ndGggZm9yIGFuIGFjY291bnQga2V5IQ==",
+        azure.endpoint
+    );
+    std::fs::write(&stores_file, locked).unwrap();
+    for stores in [&mut settings.ingest.stores, &mut settings.classifier.stores] {
+        *stores = azure.stores(&["survey-photos"]);
+        stores.stores_file = Some(stores_file.clone());
+    }
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+
+    let images = [
+        "az://survey-photos/2026/site-a/coffee.png",
+        "az://survey-photos/2026/site-a/day%202/IMG_0243.JPG",
+        "az://survey-photos/2026/missing.jpg",
+        "az://survey-photos/2026/site-b/broken.jpg",
+        "az://locked-photos/x.jpg",
+    ];
+    let (status, answer) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({"images": images, "wait": 60})).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(
+        results.iter().map(outcome).collect::<Vec<_>>(),
+        [
+            format!("top1 {ESPRESSO}"),
+            "top1 243".into(),
+            "error not_found".into(),
+            "error not_an_image".into(),
+            "error forbidden".into()
+        ],
+        "{answer}"
+    );
+    let forbidden = results[4]["error"]["message"].as_str().unwrap();
+    // Azurite's code; Azure's own is AuthenticationFailed, with the same message.
+    let expected = "403 Forbidden (AuthorizationFailure: Server failed to authenticate the request.";
+    assert!(forbidden.contains(expected) && !forbidden.contains("RequestId"), "{forbidden}");
+    assert!(!forbidden.contains("127.0.0.1"), "no store address in an error: {forbidden}");
+
+    // A container nobody configured is refused before anything is produced, naming the field.
+    let (status, refused) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({"images": ["az://elsewhere/x.jpg"]}))
+            .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(
+        refused["error"]["message"],
+        json!(
+            "`images[0]`: bucket `az://elsewhere` is not one this service reads; it reads: az://locked-photos, az://survey-photos"
+        )
+    );
+    let (status, refused) =
+        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({"images": ["az://Survey_Photos/x.jpg"]}))
+            .await;
+    assert_eq!((status, &refused["error"]["kind"]), (400, &json!("invalid_url")), "{refused}");
+
+    // A feed from the prefix: every image blob below it (not the notes), with its key, size and ETag.
+    let (status, feed) =
+        post_json(&client, &format!("{}/v1/feeds", stack.ingest), &json!({"source": "az://survey-photos/2026/"})).await;
+    assert_eq!(status, 201, "{feed}");
+    assert_eq!((&feed["accepted"], &feed["rejected"]), (&json!(3), &json!(0)), "{feed}");
+    let feed_id = feed["feed_id"].as_str().unwrap();
+    let progress = reefline_e2e::wait_for("every result of the container feed", Duration::from_secs(120), || async {
+        let (_, progress) = get_json(&client, &format!("{}/v1/feeds/{feed_id}", stack.sink)).await;
+        (progress["done"] == json!(true)).then_some(progress)
+    })
+    .await;
+    assert_eq!((&progress["ok"], &progress["error"]), (&json!(2), &json!(1)), "{progress}");
+    let export = client.get(format!("{}/v1/feeds/{feed_id}/results?format=ndjson", stack.sink)).send().await.unwrap();
+    let rows: Vec<Value> =
+        export.text().await.unwrap().lines().map(|l| serde_json::from_str(l).expect("an NDJSON row")).collect();
+    let listed: Vec<(&str, String)> = rows.iter().map(|r| (r["url"].as_str().unwrap(), outcome(r))).collect();
+    assert_eq!(
+        listed,
+        [
+            ("az://survey-photos/2026/site-a/coffee.png", format!("top1 {ESPRESSO}")),
+            ("az://survey-photos/2026/site-a/day%202/IMG_0243.JPG", "top1 243".into()),
+            ("az://survey-photos/2026/site-b/broken.jpg", "error not_an_image".into()),
+        ]
+    );
+    let size = std::fs::metadata(cache_dir().join("photos/coffee.png")).unwrap().len();
+    assert_eq!(rows[0]["metadata"]["size"], size.to_string(), "{}", rows[0]);
+    assert!(rows[0]["metadata"]["etag"].as_str().is_some_and(|e| !e.is_empty()), "{}", rows[0]);
+
+    // Wrong credentials are found before the feed is opened.
+    let (status, refused) =
+        post_json(&client, &format!("{}/v1/feeds", stack.ingest), &json!({"source": "az://locked-photos/"})).await;
+    assert_eq!((status, &refused["error"]["kind"]), (400, &json!("unreadable_feed")), "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("listing az://locked-photos/ failed") && message.contains("403"), "{message}");
 
     stack.stop().await;
     env.finish().await;

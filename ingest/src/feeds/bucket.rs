@@ -1,4 +1,5 @@
-//! A feed from a bucket's prefix: `{"source": "s3://bucket/survey-2026/", "match": "**/*.jpg"}`.
+//! A feed from a bucket's or container's prefix: `{"source": "s3://bucket/survey-2026/", "match": "**/*.jpg"}`
+//! (or `az://container/survey-2026/`).
 //! The prefix is listed page by page while the feed is read (a listing of millions of keys holds
 //! one page at a time), and each matching object becomes one NDJSON line, its key, size and ETag
 //! as metadata, read by the same parser, ledger and chunks as an uploaded feed. Keys come in the
@@ -33,19 +34,32 @@ pub struct Listing {
 pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&str>) -> Result<Listing, IngestError> {
     let invalid = |reason: String| IngestError::InvalidUrl { field: "source".into(), reason };
     let url = Url::parse(source.trim()).map_err(|e| invalid(e.to_string()))?;
-    if url.scheme() != "s3" {
+    let (bucket, is_name) = match url.scheme() {
+        "s3" => {
+            (url.host_str().unwrap_or_default().to_owned(), reefline_schemas::rules::is_bucket_name as fn(&str) -> bool)
+        }
+        "az" => {
+            (format!("az://{}", url.host_str().unwrap_or_default()), reefline_schemas::rules::is_container_name as _)
+        }
+        other => {
+            return Err(invalid(format!(
+                "a feed's `source` is a bucket's or container's prefix, `s3://bucket/prefix/` or `az://container/prefix/` (scheme `{other}`); a list of URLs goes in `source_url`"
+            )));
+        }
+    };
+    let name = url.host_str().unwrap_or_default();
+    if !is_name(name) {
         return Err(invalid(format!(
-            "a feed's `source` is a bucket's prefix, `s3://bucket/prefix/` (scheme `{}`); a list of URLs goes in `source_url`",
-            url.scheme()
+            "`{name}` is not a {} name",
+            if url.scheme() == "s3" { "bucket" } else { "container" }
         )));
-    }
-    let bucket = url.host_str().unwrap_or_default().to_owned();
-    if !reefline_schemas::rules::is_bucket_name(&bucket) {
-        return Err(invalid(format!("`{bucket}` is not a bucket name")));
     }
     let credentials = !url.username().is_empty() || url.password().is_some();
     if url.port().is_some() || url.query().is_some() || url.fragment().is_some() || credentials {
-        return Err(invalid("a prefix is `s3://bucket/prefix/`, with no credentials, port, query or fragment".into()));
+        return Err(invalid(format!(
+            "a prefix is `{}://{name}/prefix/`, with no credentials, port, query or fragment",
+            url.scheme()
+        )));
     }
     let path = url.path().trim_start_matches('/');
     if !path.is_empty() {
@@ -57,10 +71,11 @@ pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&
         .map_err(|e| IngestError::UnknownBucket { field: "source".into(), reason: e.to_string() })?;
     let pattern = pattern.unwrap_or(DEFAULT_MATCH).to_owned();
     let matcher = glob(&pattern)?;
-    let base = Url::parse(&format!("s3://{bucket}/")).expect("a bucket name makes a URL");
+    let base =
+        Url::parse(&format!("{}/", reefline_common::objects::base_url(&bucket))).expect("a bucket name makes a URL");
     let mut source = base.clone();
     if !prefix.as_ref().is_empty() {
-        source.path_segments_mut().expect("s3 URLs have a path").clear().extend(prefix.parts()).push("");
+        source.path_segments_mut().expect("object URLs have a path").clear().extend(prefix.parts()).push("");
     }
     let source = source.to_string();
 
@@ -81,7 +96,7 @@ pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&
                 let below = key.get(strip..).filter(|below| !below.is_empty());
                 below.is_some_and(|below| matcher.is_match(below)).then(|| {
                     let mut url = base.clone();
-                    url.path_segments_mut().expect("s3 URLs have a path").clear().extend(key.split('/'));
+                    url.path_segments_mut().expect("object URLs have a path").clear().extend(key.split('/'));
                     let line = serde_json::json!({
                         "url": url.as_str(),
                         "key": key,

@@ -138,7 +138,8 @@ pub struct Options {
     /// The most distinct URLs remembered to tell duplicates by; past it, a URL is still checked
     /// against those remembered, but no more are remembered.
     pub dedup_entries: usize,
-    /// The buckets `s3://` URLs may name (the uploader's tenant's); a line naming another is rejected.
+    /// The buckets and containers `s3://` and `az://` URLs may name (the uploader's tenant's, as
+    /// [`reefline_common::objects::Stores::readable`] names them); a line naming another is rejected.
     pub buckets: std::sync::Arc<[String]>,
 }
 
@@ -306,8 +307,8 @@ fn judge(line: u64, raw_url: &str, metadata: Metadata, content: &str, options: &
         Ok(url) => url,
         Err(reason) => return reject(format!("not a usable URL: {reason}")),
     };
-    if url.scheme() == "s3" {
-        let bucket = url.host_str().unwrap_or_default();
+    if let Some(object) = reefline_common::objects::object_ref(&url) {
+        let bucket = object.bucket.as_str();
         if !options.buckets.iter().any(|b| b == bucket) {
             let readable = if options.buckets.is_empty() { "none".into() } else { options.buckets.join(", ") };
             return reject(format!("bucket `{bucket}` is not one this service reads (it reads: {readable})"));

@@ -57,7 +57,7 @@ fn text_lines_are_checked_deduplicated_and_chunked() {
         outcomes(&chunks),
         [
             (1, "https://a.example/1.jpg".into()),
-            (3, "rejected: not a usable URL: scheme `ftp` is not allowed; use http, https or s3".into()),
+            (3, "rejected: not a usable URL: scheme `ftp` is not allowed; use http, https, s3 or az".into()),
             (4, "rejected: a duplicate of a URL earlier in the feed".into()),
             (5, "https://a.example/3.jpg".into()),
         ]
