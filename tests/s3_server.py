@@ -1,5 +1,5 @@
 """The object-storage tests' S3 server: moto's server on a loopback port of its choosing, filled as
-a survey team would fill a bucket. Run with the moto venv's python (`make setup` makes it).
+a survey team would fill a bucket. Run with the moto venv's python (`make setup-tests` makes it).
 
 Three unauthenticated IAM calls make a user with a key that may do anything; after them the
 server checks every request's signature, so wrong credentials are refused as AWS refuses them.

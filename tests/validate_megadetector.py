@@ -1,4 +1,4 @@
-"""Runs MegaDetector's own validators on an export (with the venv `make setup` makes), and prints
+"""Runs MegaDetector's own validators on an export (with the venv `make setup-tests` makes), and prints
 one JSON line: {"errors": [...], "warnings": [...]}.
 
 usage: validate_megadetector.py batch FILE   (validate_batch_results: the batch output format)

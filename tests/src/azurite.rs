@@ -1,5 +1,5 @@
 //! A real Azure Blob API on loopback for the object-storage tests: Microsoft's Azurite emulator
-//! (`tests/azurite`, installed by `make setup`), in memory, with a storage account of the test's
+//! (`tests/azurite`, installed by `make setup-tests`), in memory, with a storage account of the test's
 //! own whose key it checks on every request, and the containers and blobs a test asks for.
 
 use std::process::Stdio;
@@ -32,7 +32,7 @@ impl AzureServer {
     /// Starts Azurite on a free port with an account whose key is made for this server.
     pub async fn start() -> Self {
         let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("azurite/node_modules/.bin/azurite-blob");
-        assert!(bin.exists(), "{} is missing: run `make setup` first", bin.display());
+        assert!(bin.exists(), "{} is missing: run `make setup-tests` first", bin.display());
         let key = STANDARD.encode(uuid::Uuid::now_v7().as_bytes().repeat(4));
         let mut child = Command::new(bin)
             .args(["--blobHost", "127.0.0.1", "--blobPort", "0", "--inMemoryPersistence"])

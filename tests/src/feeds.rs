@@ -62,11 +62,11 @@ pub fn csv_rows(text: &str) -> (Vec<String>, Vec<HashMap<String, String>>) {
 }
 
 /// What MegaDetector's own validator (`validate_batch_results` for `batch`, the COCO Camera Traps
-/// `integrity_check_json_db` for `cct`; `tests/validate_megadetector.py`, in the venv `make setup`
+/// `integrity_check_json_db` for `cct`; `tests/validate_megadetector.py`, in the venv `make setup-tests`
 /// makes) finds wrong with `export`: its errors, and its warnings.
 pub fn megadetector_validator(mode: &str, export: &Value) -> (Vec<String>, Vec<String>) {
     let python = crate::cache_dir().join("venv-megadetector/bin/python");
-    assert!(python.exists(), "{} is missing: run `make setup` first", python.display());
+    assert!(python.exists(), "{} is missing: run `make setup-tests` first", python.display());
     let file = std::env::temp_dir().join(format!("export-{}.json", uuid::Uuid::now_v7().simple()));
     std::fs::write(&file, export.to_string()).expect("writing the export");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("validate_megadetector.py");
@@ -83,7 +83,7 @@ pub fn megadetector_validator(mode: &str, export: &Value) -> (Vec<String>, Vec<S
 /// `valid`, `errors`, the package's `files`, its `package` descriptor and its `tables` as rows.
 pub fn camtrap_validator(zip: &[u8]) -> Value {
     let python = crate::cache_dir().join("venv-frictionless/bin/python");
-    assert!(python.exists(), "{} is missing: run `make setup` first", python.display());
+    assert!(python.exists(), "{} is missing: run `make setup-tests` first", python.display());
     let file = std::env::temp_dir().join(format!("camtrap-{}.zip", uuid::Uuid::now_v7().simple()));
     std::fs::write(&file, zip).expect("writing the export");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("validate_camtrap_dp.py");

@@ -1,5 +1,5 @@
 //! A real S3 API on loopback for the object-storage tests: moto's server (`tests/s3_server.py`, in
-//! the venv `make setup` makes), with the buckets and objects a test asks for, and a user whose
+//! the venv `make setup-tests` makes), with the buckets and objects a test asks for, and a user whose
 //! key it checks on every request.
 
 use std::process::Stdio;
@@ -25,7 +25,7 @@ impl S3Server {
     /// Starts the server and fills it as `plan` says (see `tests/s3_server.py`).
     pub async fn start(plan: serde_json::Value) -> Self {
         let python = cache_dir().join("venv-moto/bin/python");
-        assert!(python.exists(), "{} is missing: run `make setup` first", python.display());
+        assert!(python.exists(), "{} is missing: run `make setup-tests` first", python.display());
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("s3_server.py");
         let mut child = Command::new(python)
             .arg(script)

@@ -29,10 +29,10 @@ fn test_photos() -> Vec<PathBuf> {
     photos
 }
 
-/// Runs one of `models/`'s scripts in the reference venv (made by `make setup`).
+/// Runs one of `models/`'s scripts in the reference venv (made by `make setup-tests`).
 fn reference_python(script: &str, args: &[&str], photos: &[PathBuf]) {
     let python = cache_dir().join("venv-reference/bin/python");
-    assert!(python.exists(), "{} is missing: run `make setup`", python.display());
+    assert!(python.exists(), "{} is missing: run `make setup-tests`", python.display());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(script);
     let status = Command::new(python).arg(script).args(args).args(photos).status().expect("running Python");
     assert!(status.success(), "{args:?}: {status}");
