@@ -337,9 +337,14 @@ impl Stores {
                         let account = entry.account.as_deref().ok_or_else(|| {
                             anyhow::anyhow!("STORES_FILE {}: an azure store has no `account`", path.display())
                         })?;
+                        let s3_fields = !entry.buckets.is_empty()
+                            || entry.region.is_some()
+                            || entry.access_key_id.is_some()
+                            || entry.secret_access_key.is_some()
+                            || entry.session_token.is_some();
                         anyhow::ensure!(
-                            entry.buckets.is_empty(),
-                            "STORES_FILE {}: an azure store names `containers`, not `buckets`",
+                            !s3_fields && !entry.containers.is_empty(),
+                            "STORES_FILE {}: an azure store names `containers`, and optionally `access_key`; `buckets`, `region`, `access_key_id`, `secret_access_key` and `session_token` are an s3 store's",
                             path.display()
                         );
                         let mut builder = MicrosoftAzureBuilder::new().with_account(account);
@@ -359,6 +364,11 @@ impl Stores {
                         path.display()
                     ),
                 }
+                anyhow::ensure!(
+                    !entry.buckets.is_empty(),
+                    "STORES_FILE {}: a store names no `buckets` (or `containers`, with kind = \"azure\")",
+                    path.display()
+                );
                 anyhow::ensure!(
                     entry.containers.is_empty() && entry.account.is_none() && entry.access_key.is_none(),
                     "STORES_FILE {}: an s3 store names `buckets` and `access_key_id`; `containers`, `account` and `access_key` are an azure store's",
@@ -463,13 +473,16 @@ impl Stores {
         names
     }
 
-    /// Checks that `tenant` may read what `url` names (always, for a URL that is not `s3://`).
+    /// Checks that `tenant` may read what `url` names (always, for a URL that names no object).
     pub fn check(&self, url: &Url, tenant: &str) -> Result<(), UnknownBucket> {
         match object_ref(url) {
             Some(object) => self.bucket(&object.bucket, tenant).map(|_| ()),
             // An object URL whose key the store could not read names nothing it may read.
             None if reefline_schemas::rules::is_object_scheme(url.scheme()) => Err(UnknownBucket {
-                bucket: url.host_str().unwrap_or_default().to_owned(),
+                bucket: match url.scheme() {
+                    "s3" => url.host_str().unwrap_or_default().to_owned(),
+                    scheme => format!("{scheme}://{}", url.host_str().unwrap_or_default()),
+                },
                 readable: self.readable(tenant),
             }),
             None => Ok(()),
@@ -612,6 +625,8 @@ mod tests {
             ("kind = \"azure\"\ncontainers = [\"x-photos\"]", "has no `account`"),
             ("kind = \"gcs\"\nbuckets = [\"x-photos\"]", "is `s3` or `azure`, not `gcs`"),
             ("buckets = [\"x-photos\"]\naccount = \"reef\"", "are an azure store's"),
+            ("kind = \"azure\"\naccount = \"reef\"\ncontainers = [\"x\"]\nregion = \"eu\"", "are an s3 store's"),
+            ("endpoint = \"http://127.0.0.1:9\"", "names no `buckets`"),
         ] {
             std::fs::write(&file, format!("[[store]]\n{entry}\n")).unwrap();
             let error = Stores::new(&StoreSettings { stores_file: Some(file.clone()), ..Default::default() }, access())

@@ -80,44 +80,38 @@ fn check_web_parts(url: Url) -> Result<Url, String> {
 /// An `s3://` URL: a bucket by S3's naming rules, then a key whose `/`-separated parts are neither
 /// empty nor `.` or `..`, and nothing else (no credentials, port, query or fragment).
 pub fn check_s3_parts(url: &Url) -> Result<(), String> {
-    let bucket = url.host_str().unwrap_or_default();
-    if !is_bucket_name(bucket) {
-        return Err(format!(
-            "`{bucket}` is not a bucket name (3 to 63 of a-z, 0-9, `.` and `-`, starting and ending with a letter or digit)"
-        ));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("credentials in URLs are not accepted".into());
-    }
-    if url.port().is_some() || url.query().is_some() || url.fragment().is_some() {
-        return Err("an s3 URL is `s3://bucket/key`, with no port, query or fragment".into());
-    }
-    let key = url.path().strip_prefix('/').unwrap_or(url.path());
-    if key.is_empty() {
-        return Err("it names a bucket but no object; write `s3://bucket/key`".into());
-    }
-    check_key_parts(key)
+    let rule = "3 to 63 of a-z, 0-9, `.` and `-`, starting and ending with a letter or digit";
+    check_object_parts(url, ("bucket", "object", "key"), is_bucket_name, rule)
 }
 
 /// An `az://` URL: a container by Azure's naming rules, then a blob name as for an S3 key.
 pub fn check_az_parts(url: &Url) -> Result<(), String> {
-    let container = url.host_str().unwrap_or_default();
-    if !is_container_name(container) {
-        return Err(format!(
-            "`{container}` is not a container name (3 to 63 of a-z, 0-9 and single `-`, starting and ending with a letter or digit)"
-        ));
+    let rule = "3 to 63 of a-z, 0-9 and single `-`, starting and ending with a letter or digit";
+    check_object_parts(url, ("container", "blob", "blob"), is_container_name, rule)
+}
+
+/// An object URL, `scheme://<container>/<key>`, its container's name checked by `is_name`.
+fn check_object_parts(
+    url: &Url,
+    (container, object, key): (&str, &str, &str),
+    is_name: fn(&str) -> bool,
+    rule: &str,
+) -> Result<(), String> {
+    let (scheme, name) = (url.scheme(), url.host_str().unwrap_or_default());
+    if !is_name(name) {
+        return Err(format!("`{name}` is not a {container} name ({rule})"));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err("credentials in URLs are not accepted".into());
     }
     if url.port().is_some() || url.query().is_some() || url.fragment().is_some() {
-        return Err("an az URL is `az://container/blob`, with no port, query or fragment".into());
+        return Err(format!("an {scheme} URL is `{scheme}://{container}/{key}`, with no port, query or fragment"));
     }
-    let blob = url.path().strip_prefix('/').unwrap_or(url.path());
-    if blob.is_empty() {
-        return Err("it names a container but no blob; write `az://container/blob`".into());
+    let path = url.path().strip_prefix('/').unwrap_or(url.path());
+    if path.is_empty() {
+        return Err(format!("it names a {container} but no {object}; write `{scheme}://{container}/{key}`"));
     }
-    check_key_parts(blob)
+    check_key_parts(path)
 }
 
 /// Azure Blob Storage's rules for a container's name.

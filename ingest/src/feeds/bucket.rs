@@ -129,7 +129,7 @@ fn glob(pattern: &str) -> Result<GlobMatcher, IngestError> {
 
 fn describe(e: &object_store::Error) -> String {
     match Failure::of(e) {
-        Failure::NotFound => "the store has no such bucket".into(),
+        Failure::NotFound => "the store has no such bucket or container".into(),
         Failure::Forbidden(reason)
         | Failure::Status(_, reason)
         | Failure::Connection(reason)

@@ -264,7 +264,7 @@ impl ExportQuery {
             let message = format!("`{text}` is not one of {}", camtrap::SAMPLING_DESIGNS.join(", "));
             return Err(invalid("sampling_design", message));
         }
-        Ok(Some(camtrap::Options { utc_offset, coordinates, sampling_design, what: "feed", id: String::new() }))
+        Ok(Some(camtrap::Options { utc_offset, coordinates, sampling_design }))
     }
 }
 
@@ -278,7 +278,7 @@ const FILTERS: &str = "($2::text IS NULL OR status = $2)
 
 /// Every result of a feed, in line order.
 #[utoipa::path(get, path = "/v1/feeds/{feed_id}/results", params(("feed_id" = String, Path, description = "A feed id"), ExportQuery), responses(
-    (status = 200, description = "The results, streamed: CSV (one row per image: url, line, the feed's metadata columns, status, error, top-5 labels, indices and scores, marine group, model, times) or NDJSON (one result per line)",
+    (status = 200, description = "The results, streamed: CSV (one row per image: url, line, the feed's metadata columns, status, error, top-5 labels, indices and scores, marine group, model, times), NDJSON (one result per line), the MegaDetector or COCO Camera Traps JSON, or a Camtrap DP ZIP",
         content((String = "text/csv"), (String = "application/x-ndjson"), (String = "application/json"), (String = "application/zip"))),
     (status = 400, description = "invalid_field: a filter or format that is not one", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
@@ -308,7 +308,7 @@ pub async fn feed_results(
 
 /// Every result of a batch, in submission order.
 #[utoipa::path(get, path = "/v1/batches/{batch_id}/results", params(("batch_id" = String, Path, description = "A batch id"), ExportQuery), responses(
-    (status = 200, description = "The results, streamed as CSV or NDJSON (as for a feed)",
+    (status = 200, description = "The results, streamed in the format asked for (as for a feed)",
         content((String = "text/csv"), (String = "application/x-ndjson"), (String = "application/json"), (String = "application/zip"))),
     (status = 400, description = "invalid_field: a filter or format that is not one", body = reefline_schemas::view::ErrorBody),
     (status = 401, description = "A key is required and none or a wrong one was sent", body = reefline_schemas::view::ErrorBody),
@@ -513,46 +513,58 @@ async fn stream(
         Format::Coco => Some(Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}")))),
         Format::CamtrapDp => None,
     };
-    let camtrap_options = filters.camtrap.clone().map(|mut options| {
-        options.what = what;
-        options.id = id.clone();
-        options
-    });
+    let camtrap_options = filters.camtrap.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     let scope = running.caller.scope().map(str::to_owned);
-    let mut export = Export { connection, sql, id, filters, scope, tx, idle: exports.idle };
-    // Every pass reads the same results: one snapshot for them all.
-    let snapshot = encoder.as_ref().is_none_or(|e| e.passes() > 1);
-    if snapshot {
-        sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *export.connection).await?;
-    }
-    // A Camtrap DP package is checked whole before anything is answered: a field it requires
-    // that cannot be filled is a 422 naming it, never an invalid package.
-    let plan = match camtrap_options {
-        Some(options) => {
-            let mut plan = camtrap::Plan::new(options);
-            let read = export
-                .pass(|r| {
-                    plan.check(&r);
-                    Ok(None)
-                })
-                .await;
-            if let Err(e) = read {
-                drop(export.connection.detach());
-                return Err(ApiError::Database(sqlx::Error::Io(e)));
-            }
-            if let Some(refusal) = plan.refusal() {
-                sqlx::query("ROLLBACK").execute(&mut *export.connection).await?;
-                return Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message });
-            }
-            Some(plan)
-        }
-        None => None,
-    };
+    let mut export = Export { connection, sql, id: id.clone(), filters, scope, tx, idle: exports.idle };
+    // A Camtrap DP package is checked whole before anything is answered (a field it requires that
+    // cannot be filled is a 422 naming it, never an invalid package): the task says when.
+    let (decided, decision) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
+    let waits = camtrap_options.is_some();
     tokio::spawn(async move {
         // Counted against its tenant until the task ends.
         let _running = running;
+        let mut decided = Some(decided);
+        let mut decide = |result| {
+            if let Some(decided) = decided.take() {
+                let _ = decided.send(result);
+            }
+        };
         let work = async {
+            // Every pass reads the same results: one snapshot for them all.
+            if encoder.as_ref().is_none_or(|e| e.passes() > 1)
+                && let Err(e) = sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .execute(&mut *export.connection)
+                    .await
+            {
+                decide(Err(ApiError::Database(e)));
+                return false;
+            }
+            let plan = match camtrap_options {
+                Some(options) => {
+                    let mut plan = camtrap::Plan::new(options, what, id);
+                    let read = export.pass(|r| {
+                        plan.check(&r);
+                        Ok(None)
+                    });
+                    match read.await {
+                        Ok(true) => {}
+                        // The client went away while the results were checked.
+                        Ok(false) => return false,
+                        Err(e) => {
+                            decide(Err(ApiError::Database(sqlx::Error::Io(e))));
+                            return false;
+                        }
+                    }
+                    if let Some(refusal) = plan.refusal() {
+                        decide(Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message }));
+                        return sqlx::query("ROLLBACK").execute(&mut *export.connection).await.is_ok();
+                    }
+                    decide(Ok(()));
+                    Some(plan)
+                }
+                None => None,
+            };
             match (encoder, plan) {
                 (Some(encoder), _) => export.encode(encoder).await,
                 (None, Some(plan)) => export.camtrap(plan).await,
@@ -566,10 +578,15 @@ async fn stream(
             .unwrap_or(false);
         if !finished {
             // Closing the socket of a query cut off mid-way ends it in Postgres at once, with its
-            // snapshot; returned to the pool, it would go on until its rows were drained.
+            // snapshot; returned to the pool, it would go on until its rows were drained (or sit
+            // inside its transaction).
             drop(export.connection.detach());
         }
     });
+    if waits {
+        // A client that hangs up meanwhile drops this wait, and the task sees the body's channel close.
+        decision.await.map_err(|_| ApiError::Database(sqlx::Error::PoolClosed))??;
+    }
     let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
     let (content_type, extension) = match format {
         Format::Csv => ("text/csv; charset=utf-8", "csv"),

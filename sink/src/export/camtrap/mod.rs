@@ -16,16 +16,14 @@
 //! `observationTags` the ImageNet label and marine group. Where the columns come from: [`Source`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
 use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat, Utc};
-use flate2::Compression;
-use flate2::write::DeflateEncoder;
-use rawzip::{CompressionMethod, ZipArchiveWriter, ZipDataWriter, ZipEntryWriter};
 use reefline_schemas::{ClassificationResult, Status};
 use serde_json::{Value, json};
+
+mod archive;
+
+pub use archive::{Archive, Shared, Table};
 
 /// Where the published profile and table schemas of this version live.
 const PUBLISHED: &str = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0.2/";
@@ -134,9 +132,6 @@ pub struct Options {
     /// Coordinates of deployments whose images give none.
     pub coordinates: Option<(f64, f64)>,
     pub sampling_design: String,
-    /// `feed` or `batch`, and its id: the package's name, and the deployment of images that name none.
-    pub what: &'static str,
-    pub id: String,
 }
 
 /// Reads a UTC offset as `+10:00`, `-0330`, `+10` or `Z`.
@@ -178,7 +173,14 @@ enum Lack {
     UnreadableTime(String),
     /// Coordinates that are not numbers in range.
     Coordinates(String),
+    /// A deployment named as the tables write a missing value.
+    Deployment(String),
+    /// A URL holding `..`, which `filePath` may not.
+    Path,
 }
+
+/// What the three tables read as a missing value (their schemas' `missingValues`).
+const MISSING_VALUES: [&str; 4] = ["", "NA", "NaN", "nan"];
 
 fn column<'m>(r: &'m ClassificationResult, names: &[&str]) -> Option<&'m str> {
     let metadata = r.metadata.as_ref()?;
@@ -204,7 +206,8 @@ fn coordinate(text: &str, limit: f64) -> Option<f64> {
 }
 
 impl Media {
-    fn of(r: &ClassificationResult, options: &Options) -> Result<Self, Lack> {
+    /// `r`'s facts; `default_deployment` for an image that names none.
+    fn of(r: &ClassificationResult, options: &Options, default_deployment: &str) -> Result<Self, Lack> {
         let exif = r.exif.as_ref();
         let time = column(r, &Source::TIMESTAMP).or(exif.and_then(|e| e.taken_at.as_deref())).ok_or(Lack::Time)?;
         let timestamp = timestamp(time, options.utc_offset)?;
@@ -216,8 +219,16 @@ impl Media {
             },
             (lat, lon) => return Err(Lack::Coordinates(format!("{}, {}", lat.unwrap_or(""), lon.unwrap_or("")))),
         };
-        let deployment = column(r, &Source::DEPLOYMENT).map_or_else(|| options.id.clone(), str::to_owned);
-        Ok(Self { deployment, timestamp, coordinates })
+        let deployment = column(r, &Source::DEPLOYMENT).unwrap_or(default_deployment);
+        // The tables read these as missing values: a required field would be empty.
+        if MISSING_VALUES.contains(&deployment) {
+            return Err(Lack::Deployment(deployment.to_owned()));
+        }
+        // Camtrap DP's filePath may hold no `..`.
+        if r.url.contains("..") {
+            return Err(Lack::Path);
+        }
+        Ok(Self { deployment: deployment.to_owned(), timestamp, coordinates })
     }
 }
 
@@ -261,6 +272,9 @@ impl Tally {
 /// What the check finds: everything but the media and observation rows.
 pub struct Plan {
     options: Options,
+    /// `feed` or `batch`, and its id: the package's name, and the deployment of images that name none.
+    what: &'static str,
+    id: String,
     deployments: BTreeMap<String, Deployment>,
     /// Scientific names seen, with the ImageNet label of each.
     taxa: BTreeMap<String, String>,
@@ -272,6 +286,8 @@ pub struct Plan {
     no_offset: Tally,
     unreadable_time: Tally,
     unreadable_coordinates: Tally,
+    missing_deployment: Tally,
+    dotted_path: Tally,
     too_many_deployments: bool,
 }
 
@@ -282,9 +298,11 @@ pub struct Refusal {
 }
 
 impl Plan {
-    pub fn new(options: Options) -> Self {
+    pub fn new(options: Options, what: &'static str, id: String) -> Self {
         Self {
             options,
+            what,
+            id,
             deployments: BTreeMap::new(),
             taxa: BTreeMap::new(),
             capture_methods: BTreeSet::new(),
@@ -294,6 +312,8 @@ impl Plan {
             no_offset: Tally::default(),
             unreadable_time: Tally::default(),
             unreadable_coordinates: Tally::default(),
+            missing_deployment: Tally::default(),
+            dotted_path: Tally::default(),
             too_many_deployments: false,
         }
     }
@@ -306,12 +326,14 @@ impl Plan {
         }
         self.classified += 1;
         let example = || r.line.map_or_else(|| r.url.clone(), |line| format!("line {line}"));
-        let media = match Media::of(r, &self.options) {
+        let media = match Media::of(r, &self.options, &self.id) {
             Ok(media) => media,
             Err(Lack::Time) => return self.no_time.add(example),
             Err(Lack::Offset(t)) => return self.no_offset.add(|| format!("{} ({t})", example())),
             Err(Lack::UnreadableTime(t)) => return self.unreadable_time.add(|| format!("{} ({t})", example())),
             Err(Lack::Coordinates(c)) => return self.unreadable_coordinates.add(|| format!("{} ({c})", example())),
+            Err(Lack::Deployment(d)) => return self.missing_deployment.add(|| format!("{} ({d})", example())),
+            Err(Lack::Path) => return self.dotted_path.add(example),
         };
         if !self.deployments.contains_key(&media.deployment) && self.deployments.len() >= MAX_DEPLOYMENTS {
             self.too_many_deployments = true;
@@ -383,6 +405,18 @@ impl Plan {
             "write it as 2026-11-20T09:41:07+10:00",
         );
         say(
+            "deploymentID",
+            &self.missing_deployment,
+            "name their deployment as the tables write a missing value (NA, NaN or nan)",
+            "name it otherwise",
+        );
+        say(
+            "filePath",
+            &self.dotted_path,
+            "have a URL holding `..`, which Camtrap DP's filePath may not",
+            "rename those objects, or leave them out with the export's filters",
+        );
+        say(
             "latitude",
             &self.unreadable_coordinates,
             "have a latitude and longitude that are not degrees in range (or only one of them)",
@@ -416,28 +450,26 @@ impl Plan {
         })
     }
 
-    fn deployments_csv(&self) -> Vec<Vec<String>> {
-        self.deployments
-            .iter()
-            .map(|(id, d)| {
-                let (lat, lon) = d.position(&self.options).unwrap_or_default();
-                let mut row = vec![String::new(); DEPLOYMENT_HEADER.len()];
-                row[0] = id.clone();
-                row[1] = d.location_id.clone().unwrap_or_default();
-                row[2] = d.location_name.clone().unwrap_or_default();
-                row[3] = lat.to_string();
-                row[4] = lon.to_string();
-                row[6] = d.start.map(format_time).unwrap_or_default();
-                row[7] = d.end.map(format_time).unwrap_or_default();
-                row[9] = d.camera_id.clone().unwrap_or_default();
-                row[10] = d.camera_model.clone().unwrap_or_default();
-                row
-            })
-            .collect()
+    /// Each deployment's row, one at a time.
+    fn deployment_rows(&self) -> impl Iterator<Item = [String; DEPLOYMENT_HEADER.len()]> + '_ {
+        self.deployments.iter().map(|(id, d)| {
+            let (lat, lon) = d.position(&self.options).unwrap_or_default();
+            let mut row: [String; DEPLOYMENT_HEADER.len()] = Default::default();
+            row[0] = id.clone();
+            row[1] = d.location_id.clone().unwrap_or_default();
+            row[2] = d.location_name.clone().unwrap_or_default();
+            row[3] = lat.to_string();
+            row[4] = lon.to_string();
+            row[6] = d.start.map(format_time).unwrap_or_default();
+            row[7] = d.end.map(format_time).unwrap_or_default();
+            row[9] = d.camera_id.clone().unwrap_or_default();
+            row[10] = d.camera_model.clone().unwrap_or_default();
+            row
+        })
     }
 
     fn media_row(&self, r: &ClassificationResult) -> Option<Vec<String>> {
-        let media = Media::of(r, &self.options).ok().filter(|_| r.status == Status::Ok)?;
+        let media = Media::of(r, &self.options, &self.id).ok().filter(|_| r.status == Status::Ok)?;
         let exif = r.exif.as_ref().and_then(|e| {
             let Value::Object(fields) = serde_json::to_value(e).ok()? else { return None };
             let fields: serde_json::Map<String, Value> = fields.into_iter().filter(|(_, v)| !v.is_null()).collect();
@@ -453,7 +485,8 @@ impl Plan {
                 .to_owned(),
             format_time(media.timestamp),
             r.url.clone(),
-            (!r.url.starts_with("s3://")).to_string(),
+            // An object in a store is the operator's to share; a URL was fetched as it is.
+            url::Url::parse(&r.url).is_ok_and(|u| !reefline_schemas::rules::is_object_scheme(u.scheme())).to_string(),
             name,
             mediatype.to_owned(),
             exif.unwrap_or_default(),
@@ -463,7 +496,7 @@ impl Plan {
     }
 
     fn observation_row(&self, r: &ClassificationResult) -> Option<Vec<String>> {
-        let media = Media::of(r, &self.options).ok().filter(|_| r.status == Status::Ok)?;
+        let media = Media::of(r, &self.options, &self.id).ok().filter(|_| r.status == Status::Ok)?;
         let top = r.predictions.first();
         let animal = top.is_some_and(|t| is_animal(t.index));
         let mut row = vec![String::new(); OBSERVATION_HEADER.len()];
@@ -528,7 +561,7 @@ impl Plan {
             .iter()
             .map(|(name, label)| json!({"scientificName": name, "vernacularNames": {"eng": label}}))
             .collect();
-        let (what, id) = (self.options.what, &self.options.id);
+        let (what, id) = (self.what, &self.id);
         let name: String =
             format!("reefline-{what}-{id}")
                 .chars()
@@ -593,83 +626,14 @@ fn file_name(url: &str) -> (String, &'static str) {
     (name, mediatype)
 }
 
-/// The archive's bytes, taken by the export as they are written.
-#[derive(Clone, Default)]
-pub struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl Shared {
-    /// The bytes written so far, when there are at least `at`.
-    pub fn take_at(&self, at: usize) -> Option<Bytes> {
-        let mut buffer = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        (buffer.len() >= at).then(|| Bytes::from(std::mem::take(&mut *buffer)))
-    }
-}
-
-impl Write for Shared {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A table being written into the archive, deflated.
-pub type Table<'a> = csv::Writer<ZipDataWriter<DeflateEncoder<ZipEntryWriter<'a, Shared>>>>;
-
-/// The archive, written into `Shared`.
-pub struct Archive {
-    zip: ZipArchiveWriter<Shared>,
-    created: rawzip::time::UtcDateTime,
-}
-
-fn io(e: rawzip::Error) -> std::io::Error {
-    std::io::Error::other(e)
-}
-
 impl Archive {
-    pub fn new(out: Shared) -> Self {
-        Self { zip: ZipArchiveWriter::new(out), created: rawzip::time::UtcDateTime::from_unix(Utc::now().timestamp()) }
-    }
-
-    fn entry(&mut self, name: &str) -> std::io::Result<ZipDataWriter<DeflateEncoder<ZipEntryWriter<'_, Shared>>>> {
-        let (entry, config) = self
-            .zip
-            .new_file(name)
-            .compression_method(CompressionMethod::DEFLATE)
-            .last_modified(self.created)
-            .unix_permissions(0o644)
-            .start()
-            .map_err(io)?;
-        Ok(config.wrap(DeflateEncoder::new(entry, Compression::default())))
-    }
-
-    fn close(data: ZipDataWriter<DeflateEncoder<ZipEntryWriter<'_, Shared>>>) -> std::io::Result<()> {
-        let (deflate, descriptor) = data.finish().map_err(io)?;
-        deflate.finish()?.finish(descriptor).map_err(io)?;
-        Ok(())
-    }
-
-    /// Starts a table of the three, its header written.
-    fn table(&mut self, name: &str, header: &[&str]) -> std::io::Result<Table<'_>> {
-        let mut table = csv::Writer::from_writer(self.entry(name)?);
-        table.write_record(header)?;
-        Ok(table)
-    }
-
-    pub fn end_table(table: Table<'_>) -> std::io::Result<()> {
-        Self::close(table.into_inner().map_err(|e| e.into_error())?)
-    }
-
     /// Writes `datapackage.json` and `deployments.csv`, which the check pass gave.
     pub fn write_head(&mut self, plan: &Plan) -> std::io::Result<()> {
         let mut package = self.entry("datapackage.json")?;
         serde_json::to_writer_pretty(&mut package, &plan.datapackage())?;
         Self::close(package)?;
         let mut deployments = self.table("deployments.csv", &DEPLOYMENT_HEADER)?;
-        for row in plan.deployments_csv() {
+        for row in plan.deployment_rows() {
             deployments.write_record(&row)?;
         }
         Self::end_table(deployments)
@@ -681,11 +645,6 @@ impl Archive {
             Part::Media => self.table("media.csv", &MEDIA_HEADER),
             Part::Observations => self.table("observations.csv", &OBSERVATION_HEADER),
         }
-    }
-
-    /// Writes the central directory.
-    pub fn finish(self) -> std::io::Result<()> {
-        self.zip.finish().map_err(io).map(drop)
     }
 }
 
@@ -756,13 +715,7 @@ mod tests {
     }
 
     fn options() -> Options {
-        Options {
-            utc_offset: None,
-            coordinates: None,
-            sampling_design: "opportunistic".into(),
-            what: "feed",
-            id: "F1".into(),
-        }
+        Options { utc_offset: None, coordinates: None, sampling_design: "opportunistic".into() }
     }
 
     #[test]
@@ -770,7 +723,7 @@ mod tests {
         let place = [("station", "S1"), ("lat", "-16.5"), ("lon", "145.5"), ("timestamp", "2026-11-20T06:00:00+10:00")];
         let shark = result(2, 2, Some("Carcharodon carcharias"), &place);
         let coffee = result(3, 967, None, &place);
-        let mut plan = Plan::new(options());
+        let mut plan = Plan::new(options(), "feed", "F1".into());
         plan.check(&shark);
         plan.check(&coffee);
         assert!(plan.refusal().is_none());
@@ -803,6 +756,12 @@ mod tests {
         );
         let media = plan.media_row(&shark).unwrap();
         assert_eq!((media[5].as_str(), media[7].as_str()), ("false", "image/jpeg"), "an s3:// object is not public");
+        let mut blob = shark.clone();
+        blob.url = "az://reef/survey/2.jpg".into();
+        assert_eq!(plan.media_row(&blob).unwrap()[5], "false", "nor is an az:// blob");
+        let mut web = shark.clone();
+        web.url = "https://photos.example/2.jpg".into();
+        assert_eq!(plan.media_row(&web).unwrap()[5], "true");
         let package = plan.datapackage();
         assert_eq!(
             package["taxonomic"],
@@ -814,7 +773,7 @@ mod tests {
 
     #[test]
     fn what_cannot_be_filled_is_named_with_how_to_fill_it() {
-        let mut plan = Plan::new(options());
+        let mut plan = Plan::new(options(), "feed", "F1".into());
         plan.check(&result(2, 1, None, &[("deploymentID", "A"), ("timestamp", "2026-11-20T06:00:00Z")]));
         plan.check(&result(3, 1, None, &[("deploymentID", "B")]));
         plan.check(&result(4, 1, None, &[("deploymentID", "B"), ("timestamp", "2026-11-20 06:00:00")]));
@@ -837,12 +796,27 @@ mod tests {
             assert!(refusal.message.contains(part), "{part}: {}", refusal.message);
         }
         // Coordinates given for the deployments that have none place them.
-        let mut plan = Plan::new(Options { coordinates: Some((-16.0, 145.0)), ..options() });
+        let mut plan = Plan::new(Options { coordinates: Some((-16.0, 145.0)), ..options() }, "feed", "F1".into());
         plan.check(&result(2, 1, None, &[("timestamp", "2026-11-20T06:00:00Z")]));
         assert!(plan.refusal().is_none());
-        assert_eq!(plan.deployments_csv()[0][..5], ["F1", "", "", "-16", "145"].map(String::from));
+        assert_eq!(plan.deployment_rows().next().unwrap()[..5], ["F1", "", "", "-16", "145"].map(String::from));
+        // What the tables would read as missing, and URLs a filePath may not hold.
+        let mut plan = Plan::new(options(), "feed", "F1".into());
+        let time = ("timestamp", "2026-11-20T06:00:00Z");
+        plan.check(&result(2, 1, None, &[("station", "NA"), time]));
+        let mut dotted = result(3, 1, None, &[time]);
+        dotted.url = "https://photos.example/a..b.jpg".into();
+        plan.check(&dotted);
+        let refusal = plan.refusal().expect("refused");
+        assert_eq!(refusal.missing, ["deploymentID", "filePath"], "{}", refusal.message);
         // Nothing to export is refused too (the package needs a deployment).
-        assert!(Plan::new(options()).refusal().unwrap().message.contains("no classified image matches"));
+        assert!(
+            Plan::new(options(), "feed", "F1".into())
+                .refusal()
+                .unwrap()
+                .message
+                .contains("no classified image matches")
+        );
     }
 
     #[test]
