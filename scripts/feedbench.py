@@ -2,6 +2,7 @@
 """`make bench-feed`: bulk feeds on the stack `make up` runs (scripts/stack.py, durable broker).
 
 usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1] [--s3-photos 2000] [--s3-only]
+                    [--s3-server s3s-fs|moto]
 
 1. Ingest alone: a --lines plain-text feed (distinct URLs) uploaded as a stream, with the
    classifier and the sink stopped (SIGSTOP) so that ingest and the broker have the machine: lines
@@ -11,10 +12,12 @@ usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1] [--s3-photos 2
    images/s until the sink has written the last row. The result cache is off (the bench photos
    repeat under many URLs), as in `make bench`. Then, on a third stack with the cache on, the
    survey again once its photos are known: what re-running a survey costs.
-3. Object storage: --s3-photos of the bench photos in a bucket of a real S3 API on loopback (moto's
-   server, from the venv `make setup` makes, checking every request's signature), classified as a
-   feed from the bucket's prefix, against the same photos as a CSV feed of http URLs from the bench
-   photo server, each on a stack of its own: images/s, and S3 / HTTP.
+3. Object storage: --s3-photos of the bench photos in a bucket of a real S3 API on loopback, each
+   request's signature checked: s3s-fs (Rust, on hyper and tokio as the bench's photo server is on
+   axum; scripts/s3s/build.sh builds it once per user) or, with --s3-server moto, the tests' moto
+   server (Python). Classified as a feed from the bucket's prefix, against the same photos as a CSV
+   feed of http URLs from the bench photo server, each on a stack of its own: images/s, S3 / HTTP,
+   and the S3 server's CPU an image.
 """
 import argparse
 import glob
@@ -109,14 +112,52 @@ def end_to_end(photos_url, photos, run):
     return {"feed": feed, "classify": classify, "cached": cached, "read_s": read}
 
 
-def start_s3(count):
-    """moto's server with `count` objects, the bench photos in turn, under s3://bench-photos/survey/;
-    the server's process and the settings that name it to ingest and the classifier."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cache = os.environ.get("REEFLINE_CACHE", os.path.join(root, ".cache"))
-    files = sorted(p for folder in ("photos", "bench-photos")
-                   for p in glob.glob(os.path.join(cache, folder, "**", "*"), recursive=True) if os.path.isfile(p))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_files():
+    cache = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
+    return sorted(p for folder in ("photos", "bench-photos")
+                  for p in glob.glob(os.path.join(cache, folder, "**", "*"), recursive=True) if os.path.isfile(p))
+
+
+def start_s3(count, kind):
+    """An S3 server with `count` objects, the bench photos in turn, under s3://bench-photos/survey/
+    (keys 00000.jpg, ...): s3s-fs (Rust) over a folder of them, or moto (Python); the server's
+    process and the settings that name it to ingest and the classifier."""
+    import secrets
+    import shutil
     import subprocess
+    import tempfile
+    files = bench_files()
+    if kind == "s3s-fs":
+        binary = subprocess.run([os.path.join(ROOT, "scripts", "s3s", "build.sh")], check=True,
+                                stdout=subprocess.PIPE, text=True).stdout.strip()
+        folder = tempfile.mkdtemp(prefix="reefline-s3s-")
+        survey = os.path.join(folder, "bench-photos", "survey")
+        os.makedirs(survey)
+        for i in range(count):
+            shutil.copyfile(files[i % len(files)], os.path.join(survey, f"{i:05}.jpg"))
+        key, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_hex(20)
+        server = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", "--access-key", key,
+                                   "--secret-key", secret, folder], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
+        endpoint = None
+        for line in server.stdout:
+            if "server is running at " in line:
+                endpoint = line.split("server is running at ", 1)[1].strip()
+                break
+        if not endpoint:
+            sys.exit("feedbench: s3s-fs did not start")
+        # Its log is read and dropped, so that it never blocks on a full pipe.
+        import threading
+        threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
+        server.cleanup = lambda: shutil.rmtree(folder, ignore_errors=True)
+        env = {"S3_BUCKETS": "bench-photos", "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+        return server, env
+    cache = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
+    root = ROOT
     server = subprocess.Popen([os.path.join(cache, "venv-moto", "bin", "python"), os.path.join(root, "tests", "s3_server.py")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     plan = {"generated": [{"bucket": "bench-photos", "prefix": "survey/", "count": count, "files": files}]}
@@ -135,8 +176,8 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def s3_against_http(photos_url, count, run):
-    server, env = start_s3(count)
+def s3_against_http(photos_url, count, run, kind):
+    server, env = start_s3(count, kind)
     try:
         with Stack(env=env) as stack:
             warm(stack, photos_url)
@@ -147,12 +188,17 @@ def s3_against_http(photos_url, count, run):
                 sys.exit(f"feedbench: the prefix feed answered {answer}")
             cpu_before = cpu_seconds(server.pid)
             s3 = count / (stack.wait_rows(16 + count) - started)
-            # moto is a Python server on the same cores: what it took is the S3 path's cost here.
+            # The S3 server shares the cores: what it took is the S3 path's cost here.
             store_ms = (cpu_seconds(server.pid) - cpu_before) * 1000 / count
             stack.check_all_ok()
     finally:
-        server.stdin.close()
-        server.wait(timeout=30)
+        if kind == "s3s-fs":
+            server.terminate()
+            server.wait(timeout=30)
+            server.cleanup()
+        else:
+            server.stdin.close()
+            server.wait(timeout=30)
     base = 5_000_000 * (run + 1)
     with Stack() as stack:
         warm(stack, photos_url)
@@ -170,6 +216,8 @@ def main():
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--s3-photos", type=int, default=2_000, help="photos of the S3 step (0: skip it)")
     parser.add_argument("--s3-only", action="store_true", help="only the S3 step")
+    parser.add_argument("--s3-server", choices=["s3s-fs", "moto"], default="s3s-fs",
+                        help="the S3 server: s3s-fs (Rust, built once into the tools cache) or moto (Python, the tests' own)")
     args = parser.parse_args()
     if not args.s3_only:
         say(f"feedbench: a {args.lines:,}-line feed through ingest alone")
@@ -180,7 +228,7 @@ def main():
         s3_runs = []
         for run in range(args.runs if args.s3_photos else 0):
             say(f"feedbench: run {run + 1}/{args.runs}: {args.s3_photos:,} photos from an S3 prefix, then over HTTP")
-            s3_runs.append(s3_against_http(photos_url, args.s3_photos, run))
+            s3_runs.append(s3_against_http(photos_url, args.s3_photos, run, args.s3_server))
             say(f"  {s3_runs[-1]}")
         runs = []
         for run in range(0 if args.s3_only else args.runs):
@@ -192,7 +240,7 @@ def main():
     if s3_runs:
         s3 = statistics.median(r["s3"] for r in s3_runs)
         http = statistics.median(r["http"] for r in s3_runs)
-        print(f"end to end, {args.s3_photos:,} photos as a feed from an S3 prefix (moto): {s3:.1f} images/s; "
+        print(f"end to end, {args.s3_photos:,} photos as a feed from an S3 prefix ({args.s3_server}): {s3:.1f} images/s; "
               f"the same as a CSV feed of http URLs: {http:.1f} images/s (S3 / HTTP: {s3 / http:.3f}); "
               f"the S3 server took {statistics.median(r['store_ms'] for r in s3_runs):.2f} ms of CPU an image")
     if not runs:
