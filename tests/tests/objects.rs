@@ -26,6 +26,15 @@ fn outcome(result: &Value) -> String {
     }
 }
 
+/// Submits `images` to `/v1/classify` waiting for their answers: the answer, and each result's outcome.
+async fn classify_waiting(client: &reqwest::Client, stack: &Stack, images: Value) -> (Value, Vec<String>) {
+    let body = json!({"images": images, "wait": 60});
+    let (status, answer) = post_json(client, &format!("{}/v1/classify", stack.ingest), &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let outcomes = answer["results"].as_array().expect("results").iter().map(outcome).collect();
+    (answer, outcomes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bucket_is_classified_from_s3_urls_and_from_its_prefix_each_failure_its_own_kind() {
     let s3 = S3Server::start(json!({"objects": {
@@ -68,12 +77,10 @@ async fn a_bucket_is_classified_from_s3_urls_and_from_its_prefix_each_failure_it
     // The first with its metadata, which travels with it to its result.
     let mut submitted: Vec<Value> = images.iter().map(|u| json!(u)).collect();
     submitted[0] = json!({"url": images[0], "metadata": {"station": "Reef 4", "depth_m": 12.5}});
-    let (status, answer) =
-        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({"images": submitted, "wait": 60})).await;
-    assert_eq!(status, 200, "{answer}");
+    let (answer, outcomes) = classify_waiting(&client, &stack, json!(submitted)).await;
     let results = answer["results"].as_array().expect("results");
     assert_eq!(
-        results.iter().map(outcome).collect::<Vec<_>>(),
+        outcomes,
         [
             format!("top1 {ESPRESSO}"),
             "top1 243".into(),
@@ -289,12 +296,10 @@ async fn an_azure_container_is_classified_from_az_urls_and_from_its_prefix() {
         "az://survey-photos/2026/site-b/broken.jpg",
         "az://locked-photos/x.jpg",
     ];
-    let (status, answer) =
-        post_json(&client, &format!("{}/v1/classify", stack.ingest), &json!({"images": images, "wait": 60})).await;
-    assert_eq!(status, 200, "{answer}");
+    let (answer, outcomes) = classify_waiting(&client, &stack, json!(images)).await;
     let results = answer["results"].as_array().expect("results");
     assert_eq!(
-        results.iter().map(outcome).collect::<Vec<_>>(),
+        outcomes,
         [
             format!("top1 {ESPRESSO}"),
             "top1 243".into(),
