@@ -490,7 +490,8 @@ async fn a_client_that_stops_reading_an_export_holds_neither_a_connection_nor_a_
 async fn camtrap_dp_package_of_a_survey(client: &reqwest::Client, env: &TestEnv, stack: &Stack, camera_url: &str) {
     let photos = foolbox_photos();
     let base = &env.photos;
-    let mut csv = String::from("deploymentID,latitude,longitude,timestamp,captureMethod,url\n");
+    // Camtrap DP's deploymentID is read from `station` here, one of its aliases.
+    let mut csv = String::from("station,lat,longitude,timestamp,captureMethod,url\n");
     for (i, (name, _)) in photos.iter().enumerate().take(10) {
         csv.push_str(&format!(
             "CAM-A,-16.5,145.5,2026-11-20T06:00:{i:02}+10:00,activityDetection,{base}/photos/{name}\n"
