@@ -179,6 +179,23 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def stage_means(stack):
+    """The classifier's mean seconds a request in each stage (and a fetch), in ms, from its metrics:
+    where the time of the two paths goes."""
+    from bench import http
+    _, _, body = http("GET", f"http://127.0.0.1:{stack.ports['classifier']}/metrics")
+    sums, counts = {}, {}
+    for line in body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        for metric, label in [("classifier_stage_seconds", 'stage="'), ("classifier_fetch_seconds", None)]:
+            for suffix, into in [("_sum", sums), ("_count", counts)]:
+                if not name.startswith(metric + suffix):
+                    continue
+                key = "fetch" if label is None else name.split(label, 1)[1].split('"', 1)[0]
+                into[key] = into.get(key, 0.0) + float(value)
+    return {k: round(1000 * sums[k] / counts[k], 1) for k in sums if counts.get(k)}
+
+
 def from_s3(photos_url, count, kind):
     """Images/s of `count` photos fed from an S3 prefix, and the S3 server's CPU ms an image."""
     server, env = start_s3(count, kind)
@@ -194,6 +211,7 @@ def from_s3(photos_url, count, kind):
             rate = count / (stack.wait_rows(16 + count) - started)
             # The S3 server shares the cores: what it took is the S3 path's cost here.
             store_ms = (cpu_seconds(server.pid) - cpu_before) * 1000 / count
+            say(f"  S3 stages (ms): {stage_means(stack)}")
             stack.check_all_ok()
     finally:
         if kind == "s3s-fs":
@@ -214,6 +232,7 @@ def over_http(photos_url, count, run):
         started = time.monotonic()
         post_feed(stack.ingest, csv_feed(photos_url, base, count), "text/csv")
         rate = count / (stack.wait_rows(16 + count) - started)
+        say(f"  HTTP stages (ms): {stage_means(stack)}")
         stack.check_all_ok()
     return rate
 
