@@ -24,6 +24,16 @@ pub const FORMAT_VERSION: &str = "1.6";
 /// ImageNet's animal classes are its first 398 (tench to puffer).
 const LAST_ANIMAL_CLASS: i32 = 397;
 
+/// Whether ImageNet class `index` is an animal.
+pub(super) fn is_animal(index: i32) -> bool {
+    (0..=LAST_ANIMAL_CLASS).contains(&index)
+}
+
+/// A URL's text percent-decoded (lossily, as a path to show).
+pub(super) fn decoded(text: &str) -> String {
+    percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned()
+}
+
 /// An export in the MegaDetector format, written as its results stream by: `images` first, the
 /// categories and `info` (which names the models that gave the results) after the last image.
 pub struct Batch {
@@ -32,7 +42,7 @@ pub struct Batch {
     labels: Arc<Vec<(i32, String)>>,
     /// Classes seen: their labels (for classes the label table lacks) and scientific names.
     seen: std::collections::BTreeMap<i32, (String, Option<String>)>,
-    /// A prefix of the URLs that `file` leaves out.
+    /// A prefix of the URLs that `file` leaves out, decoded and ending with `/`.
     relative_to: Option<String>,
     models: BTreeSet<String>,
     last_completed_ms: i64,
@@ -46,7 +56,10 @@ impl Batch {
             images: 0,
             labels,
             seen: Default::default(),
-            relative_to,
+            relative_to: relative_to.map(|prefix| {
+                let prefix = decoded(&prefix);
+                if prefix.ends_with('/') { prefix } else { format!("{prefix}/") }
+            }),
             models: BTreeSet::new(),
             last_completed_ms: 0,
         }
@@ -67,14 +80,9 @@ impl Batch {
     /// The image's `file`: its URL, or its path below `relative_to` (both compared decoded, the
     /// prefix ending at a `/`).
     fn file(&self, url: &str) -> String {
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
         let Some(prefix) = self.relative_to.as_deref() else { return url.to_owned() };
-        let mut prefix = decode(prefix);
-        if !prefix.ends_with('/') {
-            prefix.push('/');
-        }
-        let decoded = decode(url);
-        match decoded.strip_prefix(&prefix) {
+        let decoded = decoded(url);
+        match decoded.strip_prefix(prefix) {
             Some(rest) if !rest.is_empty() => rest.to_owned(),
             _ => url.to_owned(),
         }
@@ -89,7 +97,7 @@ impl Batch {
         }
         self.models.insert(format!("{} {}", r.model_name, r.model_version));
         let Some(top) = r.predictions.first() else { return json!({ "file": file, "detections": [] }) };
-        let category = if (0..=LAST_ANIMAL_CLASS).contains(&top.index) { "1" } else { "4" };
+        let category = if is_animal(top.index) { "1" } else { "4" };
         let classifications: Vec<Value> = r
             .predictions
             .iter()

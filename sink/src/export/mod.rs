@@ -492,6 +492,12 @@ impl Export {
     }
 }
 
+/// What an export writes: an encoder's format, or a Camtrap DP package (checked before it is answered).
+enum Output {
+    Encoded(Box<dyn Encode>),
+    Camtrap(camtrap::Options),
+}
+
 /// Starts the query on a connection of its own and answers with its rows as they come.
 async fn stream(
     exports: Exports,
@@ -504,23 +510,25 @@ async fn stream(
 ) -> Result<Response, ApiError> {
     let connection = exports.pool.acquire().await?;
     let format = filters.format;
-    let encoder: Option<Box<dyn Encode>> = match format {
-        Format::Csv => Some(Box::new(table::Table::new(columns))),
-        Format::Ndjson => Some(Box::new(Lines::default())),
-        Format::MegaDetector => {
-            Some(Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to.clone())))
-        }
-        Format::Coco => Some(Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}")))),
-        Format::CamtrapDp => None,
+    let output = match filters.camtrap.clone() {
+        Some(options) => Output::Camtrap(options),
+        None => Output::Encoded(match format {
+            Format::Csv => Box::new(table::Table::new(columns)),
+            Format::Ndjson => Box::new(Lines::default()),
+            Format::MegaDetector => {
+                Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to.clone()))
+            }
+            Format::Coco => Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}"))),
+            Format::CamtrapDp => unreachable!("camtrap-dp's options are checked with its format"),
+        }),
     };
-    let camtrap_options = filters.camtrap.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     let scope = running.caller.scope().map(str::to_owned);
     let mut export = Export { connection, sql, id: id.clone(), filters, scope, tx, idle: exports.idle };
     // A Camtrap DP package is checked whole before anything is answered (a field it requires that
     // cannot be filled is a 422 naming it, never an invalid package): the task says when.
     let (decided, decision) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
-    let waits = camtrap_options.is_some();
+    let waits = matches!(output, Output::Camtrap(_));
     tokio::spawn(async move {
         // Counted against its tenant until the task ends.
         let _running = running;
@@ -532,7 +540,11 @@ async fn stream(
         };
         let work = async {
             // Every pass reads the same results: one snapshot for them all.
-            if encoder.as_ref().is_none_or(|e| e.passes() > 1)
+            let passes = match &output {
+                Output::Encoded(encoder) => encoder.passes(),
+                Output::Camtrap(_) => 3,
+            };
+            if passes > 1
                 && let Err(e) = sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     .execute(&mut *export.connection)
                     .await
@@ -540,36 +552,30 @@ async fn stream(
                 decide(Err(ApiError::Database(e)));
                 return false;
             }
-            let plan = match camtrap_options {
-                Some(options) => {
-                    let mut plan = camtrap::Plan::new(options, what, id);
-                    let read = export.pass(|r| {
-                        plan.check(&r);
-                        Ok(None)
-                    });
-                    match read.await {
-                        Ok(true) => {}
-                        // The client went away while the results were checked.
-                        Ok(false) => return false,
-                        Err(e) => {
-                            decide(Err(ApiError::Database(sqlx::Error::Io(e))));
-                            return false;
-                        }
-                    }
-                    if let Some(refusal) = plan.refusal() {
-                        decide(Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message }));
-                        return sqlx::query("ROLLBACK").execute(&mut *export.connection).await.is_ok();
-                    }
-                    decide(Ok(()));
-                    Some(plan)
-                }
-                None => None,
+            let options = match output {
+                Output::Encoded(encoder) => return export.encode(encoder).await,
+                Output::Camtrap(options) => options,
             };
-            match (encoder, plan) {
-                (Some(encoder), _) => export.encode(encoder).await,
-                (None, Some(plan)) => export.camtrap(plan).await,
-                (None, None) => false,
+            let mut plan = camtrap::Plan::new(options, what, id);
+            let read = export.pass(|r| {
+                plan.check(&r);
+                Ok(None)
+            });
+            match read.await {
+                Ok(true) => {}
+                // The client went away while the results were checked.
+                Ok(false) => return false,
+                Err(e) => {
+                    decide(Err(ApiError::Database(sqlx::Error::Io(e))));
+                    return false;
+                }
             }
+            if let Some(refusal) = plan.refusal() {
+                decide(Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message }));
+                return sqlx::query("ROLLBACK").execute(&mut *export.connection).await.is_ok();
+            }
+            decide(Ok(()));
+            export.camtrap(plan).await
         };
         let finished = std::panic::AssertUnwindSafe(work)
             .catch_unwind()

@@ -26,11 +26,10 @@ pub use archive::{Archive, Shared, Table};
 pub use plan::Plan;
 pub use tables::Part;
 
+use super::megadetector::is_animal;
+
 /// Where the published profile and table schemas of this version live.
 const PUBLISHED: &str = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0.2/";
-
-/// ImageNet's animal classes are its first 398 (tench to puffer).
-const LAST_ANIMAL_CLASS: i32 = 397;
 
 /// Most deployments one export gathers (each is held in memory until the end).
 const MAX_DEPLOYMENTS: usize = 100_000;
@@ -162,10 +161,6 @@ impl Media {
     }
 }
 
-fn is_animal(index: i32) -> bool {
-    (0..=LAST_ANIMAL_CLASS).contains(&index)
-}
-
 /// A time as the tables write it: ISO 8601 to the second, with its offset (`Z` for UTC).
 fn format_time(t: DateTime<FixedOffset>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -175,7 +170,7 @@ fn format_time(t: DateTime<FixedOffset>) -> String {
 fn file_name(url: &str) -> (String, &'static str) {
     let path = url.split(['?', '#']).next().unwrap_or(url);
     let last = path.rsplit('/').next().unwrap_or("");
-    let name = percent_encoding::percent_decode_str(last).decode_utf8_lossy().into_owned();
+    let name = super::megadetector::decoded(last);
     let extension = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
     let mediatype = match extension.as_str() {
         "jpg" | "jpeg" => "image/jpeg",

@@ -97,8 +97,16 @@ impl Plan {
         })
     }
 
+    /// `r`'s facts, when it was classified and they can be written.
+    fn media(&self, r: &ClassificationResult) -> Option<Media> {
+        if r.status != Status::Ok {
+            return None;
+        }
+        Media::of(r, &self.options, &self.id).ok()
+    }
+
     pub(super) fn media_row(&self, r: &ClassificationResult) -> Option<Vec<String>> {
-        let media = Media::of(r, &self.options, &self.id).ok().filter(|_| r.status == Status::Ok)?;
+        let media = self.media(r)?;
         let exif = r.exif.as_ref().and_then(|e| {
             let Value::Object(fields) = serde_json::to_value(e).ok()? else { return None };
             let fields: serde_json::Map<String, Value> = fields.into_iter().filter(|(_, v)| !v.is_null()).collect();
@@ -115,7 +123,11 @@ impl Plan {
             format_time(media.timestamp),
             r.url.clone(),
             // An object in a store is the operator's to share; a URL was fetched as it is.
-            url::Url::parse(&r.url).is_ok_and(|u| !reefline_schemas::rules::is_object_scheme(u.scheme())).to_string(),
+            // (A stored URL is canonical: its scheme is the text before the first `:`.)
+            r.url
+                .split_once(':')
+                .is_some_and(|(scheme, _)| !reefline_schemas::rules::is_object_scheme(scheme))
+                .to_string(),
             name,
             mediatype.to_owned(),
             exif.unwrap_or_default(),
@@ -125,7 +137,7 @@ impl Plan {
     }
 
     pub(super) fn observation_row(&self, r: &ClassificationResult) -> Option<Vec<String>> {
-        let media = Media::of(r, &self.options, &self.id).ok().filter(|_| r.status == Status::Ok)?;
+        let media = self.media(r)?;
         let top = r.predictions.first();
         let animal = top.is_some_and(|t| is_animal(t.index));
         let mut row = vec![String::new(); OBSERVATION_HEADER.len()];
