@@ -30,7 +30,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import Stack, say, serve_photos, stop_photo_servers  # noqa: E402
+from bench import CACHE, ROOT, Stack, cpu_seconds, say, serve_photos, stop_photo_servers  # noqa: E402
 
 
 def peak_rss_mib(pid):
@@ -112,13 +112,9 @@ def end_to_end(photos_url, photos, run):
     return {"feed": feed, "classify": classify, "cached": cached, "read_s": read}
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def bench_files():
-    cache = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
     return sorted(p for folder in ("photos", "bench-photos")
-                  for p in glob.glob(os.path.join(cache, folder, "**", "*"), recursive=True) if os.path.isfile(p))
+                  for p in glob.glob(os.path.join(CACHE, folder, "**", "*"), recursive=True) if os.path.isfile(p))
 
 
 def start_s3(count, kind):
@@ -159,9 +155,7 @@ def start_s3(count, kind):
         env = {"S3_BUCKETS": "bench-photos", "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
                "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
         return server, env
-    cache = os.environ.get("REEFLINE_CACHE", os.path.join(ROOT, ".cache"))
-    root = ROOT
-    server = subprocess.Popen([os.path.join(cache, "venv-moto", "bin", "python"), os.path.join(root, "tests", "s3_server.py")],
+    server = subprocess.Popen([os.path.join(CACHE, "venv-moto", "bin", "python"), os.path.join(ROOT, "tests", "s3_server.py")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     plan = {"generated": [{"bucket": "bench-photos", "prefix": "survey/", "count": count, "files": files}]}
     server.stdin.write(json.dumps(plan) + "\n")
@@ -170,13 +164,6 @@ def start_s3(count, kind):
     env = {"S3_BUCKETS": "bench-photos", "AWS_ENDPOINT_URL": ready["endpoint"], "AWS_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": ready["access_key_id"], "AWS_SECRET_ACCESS_KEY": ready["secret_access_key"]}
     return server, env
-
-
-def cpu_seconds(pid):
-    """User and system CPU seconds of process `pid` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stage_means(stack):

@@ -21,10 +21,29 @@ if [ -x "$dest/bin/s3s-fs" ]; then
     exit 0
 fi
 say "building s3s-fs $VERSION into $dest; this happens once per user"
-cargo install --quiet --locked --version "=$VERSION" --features binary --root "$dest.part" s3s-fs
+# The crate is fetched and checked before anything of it is built.
+fetch="$TOOLS/s3s-fetch"
+mkdir -p "$fetch"
+cat >"$fetch/Cargo.toml" <<TOML
+[package]
+name = "reefline-s3s-sources"
+version = "0.0.0"
+edition = "2021"
+publish = false
+
+[lib]
+path = "lib.rs"
+
+[dependencies]
+s3s-fs = { version = "=$VERSION", default-features = false }
+TOML
+: >"$fetch/lib.rs"
+cargo fetch --quiet --manifest-path "$fetch/Cargo.toml"
 crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"s3s-fs-$VERSION.crate" | head -1)
 actual=$(sha256sum "$crate" | cut -d' ' -f1)
-[ "$actual" = "$CRATE_SHA256" ] || { say "$crate: sha256 $actual, expected $CRATE_SHA256"; rm -rf "$dest.part"; exit 1; }
+[ "$actual" = "$CRATE_SHA256" ] || { say "$crate: sha256 $actual, expected $CRATE_SHA256"; exit 1; }
+rm -rf "$dest.part"
+cargo install --quiet --locked --version "=$VERSION" --features binary --root "$dest.part" s3s-fs
 rm -rf "$dest"
 mv "$dest.part" "$dest"
 echo "$dest/bin/s3s-fs"

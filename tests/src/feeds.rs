@@ -65,15 +65,8 @@ pub fn csv_rows(text: &str) -> (Vec<String>, Vec<HashMap<String, String>>) {
 /// `integrity_check_json_db` for `cct`; `tests/validate_megadetector.py`, in the venv `make setup-tests`
 /// makes) finds wrong with `export`: its errors, and its warnings.
 pub fn megadetector_validator(mode: &str, export: &Value) -> (Vec<String>, Vec<String>) {
-    let python = crate::cache_dir().join("venv-megadetector/bin/python");
-    assert!(python.exists(), "{} is missing: run `make setup-tests` first", python.display());
-    let file = std::env::temp_dir().join(format!("export-{}.json", uuid::Uuid::now_v7().simple()));
-    std::fs::write(&file, export.to_string()).expect("writing the export");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("validate_megadetector.py");
-    let output = std::process::Command::new(python).arg(script).arg(mode).arg(&file).output().expect("the validator");
-    let _ = std::fs::remove_file(&file);
-    assert!(output.status.success(), "the validator failed: {}", String::from_utf8_lossy(&output.stderr));
-    let found: Value = serde_json::from_slice(&output.stdout).expect("the validator's JSON line");
+    let found =
+        run_validator("venv-megadetector", "validate_megadetector.py", &[mode], "json", export.to_string().as_bytes());
     let list = |k: &str| found[k].as_array().unwrap().iter().map(|e| e.as_str().unwrap_or("").to_owned()).collect();
     (list("errors"), list("warnings"))
 }
@@ -82,12 +75,18 @@ pub fn megadetector_validator(mode: &str, export: &Value) -> (Vec<String>, Vec<S
 /// 1.0.2 profile and table schemas (tests/validate_camtrap_dp.py): the validator's JSON line, with
 /// `valid`, `errors`, the package's `files`, its `package` descriptor and its `tables` as rows.
 pub fn camtrap_validator(zip: &[u8]) -> Value {
-    let python = crate::cache_dir().join("venv-frictionless/bin/python");
+    run_validator("venv-frictionless", "validate_camtrap_dp.py", &[], "zip", zip)
+}
+
+/// Runs `tests/<script>` with the python of the cache's `venv` on `args` and a temporary file of
+/// `bytes` (named `*.<extension>`): the JSON line it prints.
+fn run_validator(venv: &str, script: &str, args: &[&str], extension: &str, bytes: &[u8]) -> Value {
+    let python = crate::cache_dir().join(venv).join("bin/python");
     assert!(python.exists(), "{} is missing: run `make setup-tests` first", python.display());
-    let file = std::env::temp_dir().join(format!("camtrap-{}.zip", uuid::Uuid::now_v7().simple()));
-    std::fs::write(&file, zip).expect("writing the export");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("validate_camtrap_dp.py");
-    let output = std::process::Command::new(python).arg(script).arg(&file).output().expect("the validator");
+    let file = std::env::temp_dir().join(format!("export-{}.{extension}", uuid::Uuid::now_v7().simple()));
+    std::fs::write(&file, bytes).expect("writing the export");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let output = std::process::Command::new(python).arg(script).args(args).arg(&file).output().expect("the validator");
     let _ = std::fs::remove_file(&file);
     assert!(output.status.success(), "the validator failed: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).expect("the validator's JSON line")

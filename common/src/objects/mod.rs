@@ -64,14 +64,19 @@ pub struct ObjectRef {
 /// The object an `s3://` or `az://` URL names; `None` for any other scheme. Its `bucket` is the
 /// bucket's name, or `az://` and the container's.
 pub fn object_ref(url: &Url) -> Option<ObjectRef> {
-    let name = url.host_str()?;
-    let bucket = match url.scheme() {
-        "s3" => name.to_owned(),
-        "az" => format!("az://{name}"),
-        _ => return None,
-    };
+    let bucket = bucket_key(url.scheme(), url.host_str()?)?;
     let key = Path::from_url_path(url.path()).ok()?;
     Some(ObjectRef { bucket, key })
+}
+
+/// How the stores know the bucket or container `name` of an object URL's `scheme`: an S3 bucket by
+/// its name, an Azure container by `az://` and its name; `None` for a scheme that names no object.
+pub fn bucket_key(scheme: &str, name: &str) -> Option<String> {
+    match scheme {
+        "s3" => Some(name.to_owned()),
+        "az" => Some(format!("az://{name}")),
+        _ => None,
+    }
 }
 
 /// The URL of the top of a bucket (`s3://reef-survey`) or container (`az://survey-photos`), as
@@ -149,7 +154,7 @@ impl Stores {
         access: Access,
     ) -> anyhow::Result<()> {
         anyhow::ensure!(is_container_name(container), "`{container}` is not an Azure container name");
-        let name = format!("az://{container}");
+        let name = format!("az://{container}"); // as bucket_key names it
         self.check_new(&name, &tenants)?;
         let (options, retry) = client(access, allow_http);
         let store = builder
@@ -198,14 +203,10 @@ impl Stores {
         match object_ref(url) {
             Some(object) => self.bucket(&object.bucket, tenant).map(|_| ()),
             // An object URL whose key the store could not read names nothing it may read.
-            None if reefline_schemas::rules::is_object_scheme(url.scheme()) => Err(UnknownBucket {
-                bucket: match url.scheme() {
-                    "s3" => url.host_str().unwrap_or_default().to_owned(),
-                    scheme => format!("{scheme}://{}", url.host_str().unwrap_or_default()),
-                },
-                readable: self.readable(tenant),
-            }),
-            None => Ok(()),
+            None => match bucket_key(url.scheme(), url.host_str().unwrap_or_default()) {
+                Some(bucket) => Err(UnknownBucket { bucket, readable: self.readable(tenant) }),
+                None => Ok(()),
+            },
         }
     }
 }

@@ -34,13 +34,9 @@ pub struct Listing {
 pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&str>) -> Result<Listing, IngestError> {
     let invalid = |reason: String| IngestError::InvalidUrl { field: "source".into(), reason };
     let url = Url::parse(source.trim()).map_err(|e| invalid(e.to_string()))?;
-    let (bucket, is_name) = match url.scheme() {
-        "s3" => {
-            (url.host_str().unwrap_or_default().to_owned(), reefline_schemas::rules::is_bucket_name as fn(&str) -> bool)
-        }
-        "az" => {
-            (format!("az://{}", url.host_str().unwrap_or_default()), reefline_schemas::rules::is_container_name as _)
-        }
+    let (kind, is_name): (&str, fn(&str) -> bool) = match url.scheme() {
+        "s3" => ("bucket", reefline_schemas::rules::is_bucket_name),
+        "az" => ("container", reefline_schemas::rules::is_container_name),
         other => {
             return Err(invalid(format!(
                 "a feed's `source` is a bucket's or container's prefix, `s3://bucket/prefix/` or `az://container/prefix/` (scheme `{other}`); a list of URLs goes in `source_url`"
@@ -49,11 +45,9 @@ pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&
     };
     let name = url.host_str().unwrap_or_default();
     if !is_name(name) {
-        return Err(invalid(format!(
-            "`{name}` is not a {} name",
-            if url.scheme() == "s3" { "bucket" } else { "container" }
-        )));
+        return Err(invalid(format!("`{name}` is not a {kind} name")));
     }
+    let bucket = reefline_common::objects::bucket_key(url.scheme(), name).expect("an object URL's scheme");
     let credentials = !url.username().is_empty() || url.password().is_some();
     if url.port().is_some() || url.query().is_some() || url.fragment().is_some() || credentials {
         return Err(invalid(format!(
