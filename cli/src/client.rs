@@ -177,19 +177,33 @@ impl Client {
         }
     }
 
-    /// Streams an export to `output` (whole or not at all), or to standard output.
-    pub async fn export(&self, id: &str, query: &[(&str, String)], output: Option<PathBuf>) -> anyhow::Result<()> {
+    /// Streams an export of a feed or a batch (`id`), or of a search (none), to `output` (whole or
+    /// not at all), or to standard output.
+    pub async fn export(
+        &self,
+        id: Option<&str>,
+        query: &[(&str, String)],
+        output: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
         use futures::StreamExt;
         let sink = self.api.sink_url.trim_end_matches('/');
-        let mut found = None;
-        for url in [format!("{sink}/v1/feeds/{id}/results"), format!("{sink}/v1/batches/{id}/results")] {
-            let response = self.request(reqwest::Method::GET, with_query(&url, query)?).send().await?;
-            if response.status() != 404 {
-                found = Some(response);
-                break;
+        let response = match id {
+            Some(id) => {
+                let mut found = None;
+                for url in [format!("{sink}/v1/feeds/{id}/results"), format!("{sink}/v1/batches/{id}/results")] {
+                    let response = self.request(reqwest::Method::GET, with_query(&url, query)?).send().await?;
+                    if response.status() != 404 {
+                        found = Some(response);
+                        break;
+                    }
+                }
+                found.with_context(|| format!("no feed or batch `{id}` is known"))?
             }
-        }
-        let response = found.with_context(|| format!("no feed or batch `{id}` is known"))?;
+            None => {
+                let url = with_query(&format!("{sink}/v1/results/export"), query)?;
+                self.request(reqwest::Method::GET, url).send().await?
+            }
+        };
         if !response.status().is_success() {
             bail!("{}: {}", response.status(), response.text().await.unwrap_or_default());
         }

@@ -81,9 +81,10 @@ enum Command {
     },
     /// Show a feed's (or a batch's) progress.
     Status { id: String },
-    /// Write every result of a feed (or a batch).
+    /// Write every result of a feed (or a batch), or with no id, every result a search finds
+    /// (`--label`, `--since`, `--until` and the filters below, across feeds and batches).
     Export {
-        id: String,
+        id: Option<String>,
         /// csv, ndjson, megadetector, coco-camera-traps or camtrap-dp (a ZIP).
         #[arg(long, default_value = "csv")]
         format: String,
@@ -118,6 +119,15 @@ enum Command {
         /// Only images whose top score is at least this.
         #[arg(long)]
         min_score: Option<f64>,
+        /// A search: only images whose top class is this label (any case).
+        #[arg(long, conflicts_with = "id")]
+        label: Option<String>,
+        /// A search: only results completed at or after this time (RFC 3339).
+        #[arg(long, conflicts_with = "id")]
+        since: Option<String>,
+        /// A search: only results completed before this time (RFC 3339).
+        #[arg(long, conflicts_with = "id")]
+        until: Option<String>,
     },
     /// Send the images that failed transiently (timeouts, 429, 5xx) through again.
     Retry { id: String },
@@ -193,6 +203,9 @@ pub async fn main() -> anyhow::Result<()> {
             marine,
             group,
             min_score,
+            label,
+            since,
+            until,
         } => {
             let mut query = vec![("format", format)];
             query.extend(relative_to.map(|r| ("relative_to", r)));
@@ -204,7 +217,10 @@ pub async fn main() -> anyhow::Result<()> {
             query.extend(marine.map(|m| ("marine", m.to_string())));
             query.extend(group.map(|g| ("group", g)));
             query.extend(min_score.map(|s| ("min_score", s.to_string())));
-            client.export(&id, &query, output).await?;
+            query.extend(label.map(|l| ("label", l)));
+            query.extend(since.map(|s| ("since", s)));
+            query.extend(until.map(|u| ("until", u)));
+            client.export(id.as_deref(), &query, output).await?;
         }
         Command::Retry { id } => print_json(&client.retry(&id).await?)?,
         Command::Keys { .. } => unreachable!("answered above, without a key"),
@@ -280,6 +296,15 @@ mod tests {
         let cli =
             Cli::try_parse_from(["reefline", "export", "abc", "--format", "megadetector", "-o", "out.json"]).unwrap();
         assert!(matches!(cli.command, Command::Export { ref format, .. } if format == "megadetector"));
+        let search =
+            Cli::try_parse_from(["reefline", "export", "--label", "tiger shark", "--since", "2026-11-01T00:00:00Z"]);
+        assert!(
+            matches!(search.unwrap().command, Command::Export { id: None, label: Some(ref l), .. } if l == "tiger shark")
+        );
+        assert!(
+            Cli::try_parse_from(["reefline", "export", "abc", "--label", "tiger shark"]).is_err(),
+            "a feed or a search"
+        );
         assert!(Cli::try_parse_from(["reefline", "frobnicate"]).is_err());
         let key_on_the_command_line = Cli::try_parse_from(["reefline", "status", "abc", "--api-key", "secret"]);
         assert!(key_on_the_command_line.is_err(), "a key in argv is readable by anyone, in `ps`");

@@ -18,7 +18,7 @@ use crate::db::{self, Row};
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Reefline lookups", description = "Results and batches, as the sink has written them to Postgres. Submissions go to ingest (port 8080 locally)."),
-    paths(result, batch, crate::search::search, crate::feeds::progress, crate::feeds::rejects, crate::export::feed_results, crate::export::batch_results),
+    paths(result, batch, crate::search::search, crate::search::export, crate::feeds::progress, crate::feeds::rejects, crate::export::feed_results, crate::export::batch_results),
     modifiers(&API_KEYS),
 )]
 pub(crate) struct ApiDoc;
@@ -41,6 +41,7 @@ pub(crate) fn streaming_router(exports: crate::export::Exports) -> Router {
     Router::new()
         .route("/v1/feeds/{feed_id}/results", get(crate::export::feed_results))
         .route("/v1/batches/{batch_id}/results", get(crate::export::batch_results))
+        .route("/v1/results/export", get(crate::search::export))
         .with_state(exports)
 }
 

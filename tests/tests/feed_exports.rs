@@ -286,10 +286,34 @@ async fn a_gzipped_csv_feed_with_metadata_is_classified_and_exported() {
     }
     let distinct: std::collections::HashSet<&String> = found.iter().collect();
     assert_eq!((found.len(), distinct.len()), (espressos, espressos), "every espresso once");
+    // The same search, every result at once, in each export format.
+    let search =
+        |format: &str| format!("{}/v1/results/export?label=Espresso&feed={feed_id}&format={format}", stack.sink);
+    let export = client.get(search("csv")).send().await.unwrap();
+    assert_eq!(export.headers()["content-disposition"], "attachment; filename=\"reefline-search-results.csv\"");
+    let (header, found_rows) = csv_rows(&export.text().await.unwrap());
+    assert!(header.contains(&"station".to_owned()), "the results' metadata columns: {header:?}");
+    let found_ids: std::collections::HashSet<&str> = found_rows.iter().map(|r| r["request_id"].as_str()).collect();
+    assert_eq!(found_ids, distinct.iter().map(|id| id.as_str()).collect(), "the search's espressos, each once");
+    let ndjson = client.get(search("ndjson")).send().await.unwrap().text().await.unwrap();
+    let found_lines: Vec<Value> = ndjson.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(found_lines.len(), espressos);
+    assert!(found_lines.iter().all(|r| r["predictions"][0]["label"] == json!("espresso")), "{ndjson}");
+    let (status, md) = get_json(&client, &search("megadetector")).await;
+    assert_eq!((status, md["images"].as_array().map(Vec::len)), (200, Some(espressos)), "{md}");
+    check_megadetector(&md);
+    let (status, cct) = get_json(&client, &search("coco-camera-traps")).await;
+    assert_eq!((status, cct["images"].as_array().map(Vec::len)), (200, Some(espressos)), "{cct}");
+    let (status, refused) = get_json(&client, &format!("{}&relative_to=http://x/", search("csv"))).await;
+    assert_eq!((status, &refused["error"]["field"]), (400, &json!("relative_to")), "{refused}");
     let (status, refused) = get_json(&client, &format!("{}/v1/results?since=yesterday", stack.sink)).await;
     assert_eq!((status, &refused["error"]["field"]), (400, &json!("since")), "{refused}");
     // A misspelt filter is refused, naming it, rather than ignored (which would return everything).
-    for path in ["/v1/results?lable=Espresso", &format!("/v1/feeds/{feed_id}/results?marnie=true")] {
+    for path in [
+        "/v1/results?lable=Espresso",
+        "/v1/results/export?lable=Espresso",
+        &format!("/v1/feeds/{feed_id}/results?marnie=true"),
+    ] {
         let (status, refused) = get_json(&client, &format!("{}{path}", stack.sink)).await;
         assert_eq!((status, &refused["error"]["field"]), (400, &json!("query")), "{path}: {refused}");
         let named = path.split(['?', '=']).nth(1).unwrap();
@@ -596,4 +620,17 @@ async fn camtrap_dp_package_of_a_survey(client: &reqwest::Client, env: &TestEnv,
     assert_eq!(descriptor["project"]["captureMethod"], json!(["activityDetection", "timeLapse"]));
     let description = descriptor["description"].as_str().unwrap();
     assert!(description.contains("Left out: 1 image that could not be classified."), "{description}");
+
+    // A search's package: the espressos of every feed. The first feed's give no time, so it is
+    // refused, counting them; those of this survey make a package of their own.
+    let search = format!("{}/v1/results/export?label=espresso&format=camtrap-dp", stack.sink);
+    let (status, refused) = get_json(client, &search).await;
+    assert_eq!((status, &refused["error"]["missing"]), (422, &json!(["timestamp"])), "{refused}");
+    let export = client.get(format!("{search}&feed={feed_id}")).send().await.unwrap();
+    assert_eq!(export.status(), 200);
+    let package = reefline_e2e::feeds::camtrap_validator(&export.bytes().await.unwrap());
+    assert_eq!(package["valid"], json!(true), "{}", package["errors"]);
+    let media = package["tables"]["media"].as_array().unwrap();
+    assert_eq!(media.iter().map(|m| m["deploymentID"].as_str().unwrap()).collect::<Vec<_>>(), ["CAM-C"]);
+    assert_eq!(package["package"]["name"], json!("reefline-search-results"));
 }

@@ -130,6 +130,20 @@ async fn each_key_sees_only_its_own_tenants_work() {
     assert_eq!(rows.iter().map(|r| r["line"].as_str()).collect::<Vec<_>>(), ["1", "3"], "{csv}");
     let (status, kelp_csv) = get_text(&kelp, &format!("{sink}/v1/batches/{kelp_batch_id}/results?format=csv")).await;
     assert_eq!((status, csv_rows(&kelp_csv).1.len()), (200, 1), "{kelp_csv}");
+    // A search's export, likewise.
+    let request_ids = |ndjson: &str| -> Vec<String> {
+        ndjson
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (status, kelp_found) = get_text(&kelp, &format!("{sink}/v1/results/export?format=ndjson")).await;
+    assert_eq!((status, request_ids(&kelp_found)), (200, vec![kelp_request.clone()]), "{kelp_found}");
+    let (_, reef_found) = get_text(&reef, &format!("{sink}/v1/results/export?format=ndjson")).await;
+    assert_eq!(request_ids(&reef_found).len(), 3, "{reef_found}");
+    assert!(!request_ids(&reef_found).contains(&kelp_request));
+    let (_, all_found) = get_text(&ops, &format!("{sink}/v1/results/export?format=ndjson")).await;
+    assert_eq!(request_ids(&all_found).len(), 4, "{all_found}");
     let (status, _) = get_text(&ops, &format!("{sink}/v1/feeds/{feed_id}/rejects")).await;
     assert_eq!(status, 200, "an admin reads every tenant's feeds");
 

@@ -12,6 +12,7 @@ use reefline_schemas::ClassificationResult;
 use reefline_schemas::view::ResultView;
 use serde::Deserialize;
 use sqlx::PgPool;
+use sqlx::postgres::PgArguments;
 
 use reefline_common::auth::Caller;
 
@@ -93,14 +94,14 @@ pub struct Exports {
 }
 
 /// A caller's running export, counted against its tenant until dropped.
-struct Running {
+pub(crate) struct Running {
     running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
-    caller: Caller,
+    pub(crate) caller: Caller,
 }
 
 impl Exports {
     /// Counts an export of `caller`'s tenant, before it uses any connection.
-    fn start(&self, caller: Caller) -> Result<Running, ApiError> {
+    pub(crate) fn start(&self, caller: Caller) -> Result<Running, ApiError> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let count = running.entry(caller.tenant.clone()).or_default();
         if *count >= self.per_tenant {
@@ -170,7 +171,7 @@ enum Format {
 }
 
 /// The checked query.
-struct Filters {
+pub(crate) struct Filters {
     format: Format,
     status: Option<String>,
     marine: Option<bool>,
@@ -182,7 +183,20 @@ struct Filters {
 }
 
 impl ExportQuery {
-    fn check(self) -> Result<Filters, ApiError> {
+    /// A format and its options, with no filters of its own (a search's export filters in its query).
+    /// `status` is given only to refuse errors in a Camtrap DP package.
+    pub(crate) fn format_only(
+        format: Option<String>,
+        status: Option<String>,
+        relative_to: Option<String>,
+        utc_offset: Option<String>,
+        (latitude, longitude): (Option<f64>, Option<f64>),
+        sampling_design: Option<String>,
+    ) -> Self {
+        Self { format, status, relative_to, utc_offset, latitude, longitude, sampling_design, ..Self::default() }
+    }
+
+    pub(crate) fn check(self) -> Result<Filters, ApiError> {
         let format = match self.format.as_deref().unwrap_or("csv") {
             "csv" => Format::Csv,
             "ndjson" => Format::Ndjson,
@@ -295,15 +309,22 @@ pub async fn feed_results(
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
     let running = exports.start(caller)?;
-    let caller = &running.caller;
+    let scope = running.caller.scope().map(str::to_owned);
     // Another tenant's feed answers as an unknown one; a feed's results are its tenant's.
-    let columns = crate::feeds::columns(&exports.pool, &feed_id, caller.scope())
+    let columns = crate::feeds::columns(&exports.pool, &feed_id, scope.as_deref())
         .await?
         .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     // Each line once, its latest result; the filters apply to that result.
     let latest = crate::feeds::latest_per_line("$1", "(SELECT tenant FROM feeds WHERE feed_id = $1)");
-    let sql = format!("SELECT {COLUMNS} FROM ({latest}) latest WHERE {FILTERS} ORDER BY line");
-    stream(exports.clone(), sql, feed_id, filters, columns, running, "feed").await
+    let selection = Selection {
+        sql: format!("SELECT {COLUMNS} FROM ({latest}) latest WHERE {FILTERS} ORDER BY line"),
+        arguments: filters.arguments(&feed_id, scope)?,
+        what: "feed",
+        deployment: Some(feed_id.clone()),
+        id: feed_id,
+        columns,
+    };
+    stream(exports.clone(), selection, filters, running).await
 }
 
 /// Every result of a batch, in submission order.
@@ -325,14 +346,14 @@ pub async fn batch_results(
 ) -> Result<Response, ApiError> {
     let filters = crate::api::query(query)?.check()?;
     let running = exports.start(caller)?;
-    let caller = &running.caller;
+    let scope = running.caller.scope().map(str::to_owned);
     // Another tenant's batch answers as an unknown one; a batch's results are its tenant's.
     let known: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1 AND kind <> 'feed' AND ($2::text IS NULL OR tenant = $2))
              OR EXISTS (SELECT 1 FROM results WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2))",
     )
     .bind(&batch_id)
-    .bind(caller.scope())
+    .bind(&scope)
     .fetch_one(&exports.pool)
     .await?;
     if !known {
@@ -343,11 +364,61 @@ pub async fn batch_results(
          WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY k",
     )
     .bind(&batch_id)
-    .bind(caller.scope())
+    .bind(&scope)
     .fetch_all(&exports.pool)
     .await?;
-    let sql = format!("SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND {FILTERS} ORDER BY batch_index");
-    stream(exports.clone(), sql, batch_id, filters, columns, running, "batch").await
+    let selection = Selection {
+        sql: format!("SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND {FILTERS} ORDER BY batch_index"),
+        arguments: filters.arguments(&batch_id, scope)?,
+        what: "batch",
+        deployment: Some(batch_id.clone()),
+        id: batch_id,
+        columns,
+    };
+    stream(exports.clone(), selection, filters, running).await
+}
+
+/// Which results an export reads, and what they are of.
+pub(crate) struct Selection {
+    /// The query, and what it binds.
+    pub sql: String,
+    pub arguments: PgArguments,
+    /// `feed`, `batch` or `search`, and its id (a search's: `results`).
+    pub what: &'static str,
+    pub id: String,
+    /// The Camtrap DP deployment of images that name none: the feed's or batch's id; none in a
+    /// search, where each image's own feed or batch is.
+    pub deployment: Option<String>,
+    /// The metadata keys, the CSV's columns.
+    pub columns: Vec<String>,
+}
+
+/// Adds `value` to `arguments`.
+pub(crate) fn bind<'q, T>(arguments: &mut PgArguments, value: T) -> Result<(), ApiError>
+where
+    T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    use sqlx::Arguments as _;
+    arguments.add(value).map_err(|e| ApiError::Database(sqlx::Error::Encode(e)))
+}
+
+impl Filters {
+    /// Whether the export is a CSV, whose columns are the results' metadata keys.
+    pub(crate) fn has_columns(&self) -> bool {
+        self.format == Format::Csv
+    }
+
+    /// `$1` (the feed's or batch's id) to `$6` of [`FILTERS`].
+    fn arguments(&self, id: &str, scope: Option<String>) -> Result<PgArguments, ApiError> {
+        let mut arguments = PgArguments::default();
+        bind(&mut arguments, id.to_owned())?;
+        bind(&mut arguments, self.status.clone())?;
+        bind(&mut arguments, self.marine)?;
+        bind(&mut arguments, self.group.clone())?;
+        bind(&mut arguments, self.min_score)?;
+        bind(&mut arguments, scope)?;
+        Ok(arguments)
+    }
 }
 
 /// How many encoded bytes are sent to the client at a time.
@@ -356,10 +427,9 @@ const PIECE: usize = 64 * 1024;
 /// An export under way: its query on a connection of its own, and the channel to its client.
 struct Export {
     connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    /// The query, and what it binds (each pass binds the same).
     sql: String,
-    id: String,
-    filters: Filters,
-    scope: Option<String>,
+    arguments: PgArguments,
     tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     /// Longest the client may take to read a piece.
     idle: std::time::Duration,
@@ -388,15 +458,7 @@ impl Export {
         &mut self,
         mut each: impl FnMut(ClassificationResult) -> std::io::Result<Option<Bytes>>,
     ) -> std::io::Result<bool> {
-        let filters = &self.filters;
-        let mut rows = sqlx::query_as::<_, Row>(&self.sql)
-            .bind(&self.id)
-            .bind(&filters.status)
-            .bind(filters.marine)
-            .bind(&filters.group)
-            .bind(filters.min_score)
-            .bind(&self.scope)
-            .fetch(&mut *self.connection);
+        let mut rows = sqlx::query_as_with::<_, Row, _>(&self.sql, self.arguments.clone()).fetch(&mut *self.connection);
         loop {
             // A client that hangs up ends the export at once, not at its next piece (a selective
             // filter may read long between pieces).
@@ -499,17 +561,15 @@ enum Output {
 }
 
 /// Starts the query on a connection of its own and answers with its rows as they come.
-async fn stream(
+pub(crate) async fn stream(
     exports: Exports,
-    sql: String,
-    id: String,
+    selection: Selection,
     filters: Filters,
-    columns: Vec<String>,
     running: Running,
-    what: &'static str,
 ) -> Result<Response, ApiError> {
     let connection = exports.pool.acquire().await?;
     let format = filters.format;
+    let Selection { sql, arguments, what, id, deployment, columns } = selection;
     let output = match filters.camtrap.clone() {
         Some(options) => Output::Camtrap(options),
         None => Output::Encoded(match format {
@@ -523,8 +583,7 @@ async fn stream(
         }),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-    let scope = running.caller.scope().map(str::to_owned);
-    let mut export = Export { connection, sql, id: id.clone(), filters, scope, tx, idle: exports.idle };
+    let mut export = Export { connection, sql, arguments, tx, idle: exports.idle };
     // A Camtrap DP package is checked whole before anything is answered (a field it requires that
     // cannot be filled is a 422 naming it, never an invalid package): the task says when.
     let (decided, decision) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
@@ -556,7 +615,7 @@ async fn stream(
                 Output::Encoded(encoder) => return export.encode(encoder).await,
                 Output::Camtrap(options) => options,
             };
-            let mut plan = camtrap::Plan::new(options, what, id);
+            let mut plan = camtrap::Plan::new(options, what, id, deployment);
             let read = export.pass(|r| {
                 plan.check(&r);
                 Ok(None)

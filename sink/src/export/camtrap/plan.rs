@@ -48,9 +48,12 @@ impl Tally {
 /// What the check finds: everything but the media and observation rows.
 pub struct Plan {
     pub(super) options: Options,
-    /// `feed` or `batch`, and its id: the package's name, and the deployment of images that name none.
+    /// `feed`, `batch` or `search`, and its id: the package's name.
     pub(super) what: &'static str,
     pub(super) id: String,
+    /// The deployment of images that name none: the feed or batch exported; none in a search,
+    /// where each such image's own feed or batch is its deployment.
+    pub(super) deployment: Option<String>,
     pub(super) deployments: BTreeMap<String, Deployment>,
     /// Scientific names seen, with the ImageNet label of each.
     pub(super) taxa: BTreeMap<String, String>,
@@ -74,11 +77,12 @@ pub struct Refusal {
 }
 
 impl Plan {
-    pub fn new(options: Options, what: &'static str, id: String) -> Self {
+    pub fn new(options: Options, what: &'static str, id: String, deployment: Option<String>) -> Self {
         Self {
             options,
             what,
             id,
+            deployment,
             deployments: BTreeMap::new(),
             taxa: BTreeMap::new(),
             capture_methods: BTreeSet::new(),
@@ -94,6 +98,11 @@ impl Plan {
         }
     }
 
+    /// The deployment of `r` if it names none.
+    pub(super) fn default_deployment<'a>(&'a self, r: &'a ClassificationResult) -> &'a str {
+        self.deployment.as_deref().unwrap_or_else(|| r.feed_id.as_deref().unwrap_or(&r.batch_id))
+    }
+
     /// Takes in one result of the check pass.
     pub fn check(&mut self, r: &ClassificationResult) {
         if r.status != Status::Ok {
@@ -102,7 +111,7 @@ impl Plan {
         }
         self.classified += 1;
         let example = || r.line.map_or_else(|| r.url.clone(), |line| format!("line {line}"));
-        let media = match Media::of(r, &self.options, &self.id) {
+        let media = match Media::of(r, &self.options, self.default_deployment(r)) {
             Ok(media) => media,
             Err(Lack::Time) => return self.no_time.add(example),
             Err(Lack::Offset(t)) => return self.no_offset.add(|| format!("{} ({t})", example())),

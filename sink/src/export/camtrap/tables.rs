@@ -102,7 +102,7 @@ impl Plan {
         if r.status != Status::Ok {
             return None;
         }
-        Media::of(r, &self.options, &self.id).ok()
+        Media::of(r, &self.options, self.default_deployment(r)).ok()
     }
 
     pub(super) fn media_row(&self, r: &ClassificationResult) -> Option<Vec<String>> {
