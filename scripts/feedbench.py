@@ -14,7 +14,7 @@ usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1] [--s3-photos 1
    survey again once its photos are known: what re-running a survey costs.
 3. Object storage: --s3-photos of the bench photos in a bucket of a real S3 API on loopback, each
    request's signature checked: s3s-fs (Rust, on hyper and tokio as the bench's photo server is on
-   axum; scripts/s3s/build.sh builds it once per user) or, with --s3-server moto, the tests' moto
+   axum, with TCP_NODELAY; scripts/s3s/build.sh builds it once per user) or, with --s3-server moto, the tests' moto
    server (Python). Classified as a feed from the bucket's prefix, against the same photos as a CSV
    feed of http URLs from the bench photo server, each on a stack of its own: images/s, S3 / HTTP,
    and the S3 server's CPU an image.
@@ -138,9 +138,8 @@ def start_s3(count, kind):
         for i in range(count):
             shutil.copyfile(files[i % len(files)], os.path.join(survey, f"{i:05}.jpg"))
         key, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_hex(20)
-        server = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", "--access-key", key,
-                                   "--secret-key", secret, folder], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
+        server = subprocess.Popen([binary, key, secret, folder], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
         endpoint = None
         for line in server.stdout:
             if "server is running at " in line:

@@ -60,6 +60,7 @@ async fn both_apis_serve_their_contract_and_keep_to_it() {
                 "/v1/feeds/{feed_id}/rejects",
                 "/v1/feeds/{feed_id}/results",
                 "/v1/results",
+                "/v1/results/export",
                 "/v1/results/{request_id}",
             ],
         ),

@@ -630,7 +630,9 @@ async fn camtrap_dp_package_of_a_survey(client: &reqwest::Client, env: &TestEnv,
     assert_eq!(export.status(), 200);
     let package = reefline_e2e::feeds::camtrap_validator(&export.bytes().await.unwrap());
     assert_eq!(package["valid"], json!(true), "{}", package["errors"]);
+    // The camera photo and the coffee photo, both espresso.
     let media = package["tables"]["media"].as_array().unwrap();
-    assert_eq!(media.iter().map(|m| m["deploymentID"].as_str().unwrap()).collect::<Vec<_>>(), ["CAM-C"]);
+    assert_eq!(media.iter().map(|m| m["deploymentID"].as_str().unwrap()).collect::<Vec<_>>(), ["CAM-C", "CAM-C"]);
+    assert_eq!(package["tables"]["deployments"].as_array().unwrap().len(), 1);
     assert_eq!(package["package"]["name"], json!("reefline-search-results"));
 }
