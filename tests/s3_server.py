@@ -65,9 +65,11 @@ def main():
                 body = bytes(content["zeros"])
             s3.put_object(Bucket=bucket, Key=name, Body=body)
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    made = set(plan.get("objects", {}))
     for generated in plan.get("generated", []):
-        if generated["bucket"] not in plan.get("objects", {}):
+        if generated["bucket"] not in made:
             s3.create_bucket(Bucket=generated["bucket"])
+            made.add(generated["bucket"])
         bodies = []
         for path in generated.get("files", []):
             with open(path, "rb") as f:
