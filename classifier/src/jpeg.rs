@@ -35,22 +35,25 @@ pub fn reduction_for(width: u32, height: u32, min_short: u32) -> u32 {
 
 /// Reads the header without decoding.
 pub fn header(bytes: &[u8]) -> Result<Header, String> {
-    with_decompressor(|d| {
-        // SAFETY: the handle is valid, the buffer is borrowed for the call only.
-        if unsafe { tj::tj3DecompressHeader(d.0, bytes.as_ptr(), bytes.len() as tj::size_t) } != 0 {
-            return Err(d.error());
-        }
-        let get = |param| unsafe { tj::tj3Get(d.0, param as libc::c_int) };
-        let (width, height) = (get(tj::TJPARAM_TJPARAM_JPEGWIDTH), get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
-        let colorspace = get(tj::TJPARAM_TJPARAM_COLORSPACE) as tj::TJCS;
-        let precision = get(tj::TJPARAM_TJPARAM_PRECISION);
-        let lossless = get(tj::TJPARAM_TJPARAM_LOSSLESS) == 1;
-        Ok(Header {
-            width: u32::try_from(width).map_err(|_| format!("a width of {width}"))?,
-            height: u32::try_from(height).map_err(|_| format!("a height of {height}"))?,
-            rgb_decodable: precision == 8 && !matches!(colorspace, tj::TJCS_TJCS_CMYK | tj::TJCS_TJCS_YCCK),
-            scalable: !lossless,
-        })
+    with_decompressor(|d| read_header(d, bytes))
+}
+
+/// This decompressor's reading of a JPEG's header.
+fn read_header(d: &Decompressor, bytes: &[u8]) -> Result<Header, String> {
+    // SAFETY: the handle is valid, the buffer is borrowed for the call only.
+    if unsafe { tj::tj3DecompressHeader(d.0, bytes.as_ptr(), bytes.len() as tj::size_t) } != 0 {
+        return Err(d.error());
+    }
+    let get = |param| unsafe { tj::tj3Get(d.0, param as libc::c_int) };
+    let (width, height) = (get(tj::TJPARAM_TJPARAM_JPEGWIDTH), get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
+    let colorspace = get(tj::TJPARAM_TJPARAM_COLORSPACE) as tj::TJCS;
+    let precision = get(tj::TJPARAM_TJPARAM_PRECISION);
+    let lossless = get(tj::TJPARAM_TJPARAM_LOSSLESS) == 1;
+    Ok(Header {
+        width: u32::try_from(width).map_err(|_| format!("a width of {width}"))?,
+        height: u32::try_from(height).map_err(|_| format!("a height of {height}"))?,
+        rgb_decodable: precision == 8 && !matches!(colorspace, tj::TJCS_TJCS_CMYK | tj::TJCS_TJCS_YCCK),
+        scalable: !lossless,
     })
 }
 
@@ -68,6 +71,15 @@ pub fn decode_rgb(
     let (width, height) = (scaled(header.width, denom), scaled(header.height, denom));
     let mut pixels = vec![0u8; width as usize * height as usize * 3];
     with_decompressor(|d| {
+        // The buffer is sized from `header`: this decompressor must read the same size from these
+        // bytes, or it would write past the buffer's end.
+        let read = read_header(d, bytes)?;
+        if (read.width, read.height) != (header.width, header.height) {
+            return Err(format!(
+                "the header says {}x{}, not the {}x{} inspected",
+                read.width, read.height, header.width, header.height
+            ));
+        }
         let factor = tj::tjscalingfactor { num: 1, denom: denom as libc::c_int };
         // SAFETY: the handle is valid; `pixels` holds `height` rows of `3 × width` bytes, the size
         // libjpeg-turbo computes for this scaling factor (checked above with the same rounding).
@@ -93,7 +105,7 @@ pub fn decode_rgb(
     Ok((pixels, width, height))
 }
 
-/// A libjpeg-turbo decompressor; one per thread, made on first use.
+/// A libjpeg-turbo decompressor; one per thread, made on first use and made again after an error.
 struct Decompressor(tj::tjhandle);
 
 impl Decompressor {
@@ -124,7 +136,16 @@ fn with_decompressor<T>(f: impl FnOnce(&Decompressor) -> Result<T, String>) -> R
             }
             *slot = Some(Decompressor(handle));
         }
-        f(slot.as_ref().expect("made above"))
+        let result = f(slot.as_ref().expect("made above"));
+        if result.is_err() {
+            // A header that fails half-way leaves the decompressor inside it (tj3DecompressHeader
+            // does not reset it on an error), and the thread's next image would be read as its
+            // continuation: refused, or read with another image's dimensions. The next call gets
+            // a new one. (A tokio worker thread that ran `header` may later run decodes as a
+            // blocking thread: `block_in_place` trades threads between the two.)
+            *slot = None;
+        }
+        result
     })
 }
 
@@ -143,5 +164,31 @@ mod tests {
         assert_eq!(reduction_for(2040, 4000, 256), 4); // 2040/8 is 255
         assert_eq!(scaled(2041, 8), 256);
         assert_eq!(reduction_for(100, 100, 256), 1);
+    }
+
+    fn jpeg(width: u32, height: u32) -> Vec<u8> {
+        let pixels = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 90]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(pixels).write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn a_header_that_fails_half_way_leaves_nothing_behind_for_the_next_image() {
+        // A JPEG cut inside its Huffman tables: libjpeg-turbo fails with the frame already read,
+        // and its decompressor stays inside that header unless it is reset. Every later image on
+        // the thread would be read as that header's continuation: refused (SOI twice), or worse,
+        // read with dimensions that are not its own.
+        let good = jpeg(320, 200);
+        let dht = good.windows(2).position(|w| w == [0xff, 0xc4]).expect("a DHT marker");
+        let cut = &good[..dht + 8];
+        for _ in 0..3 {
+            assert!(header(cut).is_err());
+            let h = header(&good).expect("the next image's header");
+            assert_eq!((h.width, h.height), (320, 200));
+            assert!(header(cut).is_err());
+            let (pixels, width, height) = decode_rgb(&good, &h, 2, 64).expect("the next image decodes");
+            assert_eq!((pixels.len(), width, height), (160 * 100 * 3, 160, 100));
+        }
     }
 }
