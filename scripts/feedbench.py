@@ -2,7 +2,7 @@
 """`make bench-feed`: bulk feeds on the stack `make up` runs (scripts/stack.py, durable broker).
 
 usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1] [--s3-photos 1000] [--s3-only]
-                    [--s3-server s3s-fs|moto]
+                    [--s3-server s3s|moto]
 
 1. Ingest alone: a --lines plain-text feed (distinct URLs) uploaded as a stream, with the
    classifier and the sink stopped (SIGSTOP) so that ingest and the broker have the machine: lines
@@ -13,8 +13,9 @@ usage: feedbench.py [--lines 1000000] [--photos 10000] [--runs 1] [--s3-photos 1
    repeat under many URLs), as in `make bench`. Then, on a third stack with the cache on, the
    survey again once its photos are known: what re-running a survey costs.
 3. Object storage: --s3-photos of the bench photos in a bucket of a real S3 API on loopback, each
-   request's signature checked: s3s-fs (Rust, on hyper and tokio as the bench's photo server is on
-   axum, with TCP_NODELAY; scripts/s3s/build.sh builds it once per user) or, with --s3-server moto, the tests' moto
+   request's signature checked: the bench's own on the s3s library (Rust, on hyper and tokio as the
+   bench's photo server is on axum; its objects in memory, as the photo server's photos are, and
+   TCP_NODELAY; scripts/s3s/build.sh builds it once per user) or, with --s3-server moto, the tests' moto
    server (Python). Classified as a feed from the bucket's prefix, against the same photos as a CSV
    feed of http URLs from the bench photo server, each on a stack of its own: images/s, S3 / HTTP,
    and the S3 server's CPU an image.
@@ -119,17 +120,14 @@ def bench_files():
 
 def start_s3(count, kind):
     """An S3 server with `count` objects, the bench photos in turn, under s3://bench-photos/survey/
-    (keys 00000.jpg, ...): s3s-fs (Rust) over a folder of them, or moto (Python); the server's
+    (keys 00000.jpg, ...): the bench's s3s server (Rust) over a folder of them, or moto (Python); the server's
     process and the settings that name it to ingest and the classifier."""
     import secrets
     import shutil
     import subprocess
     import tempfile
     files = bench_files()
-    if kind == "s3s-fs":
-        if count > 1000:
-            # It answers a truncated listing without a continuation token.
-            sys.exit("feedbench: s3s-fs 0.13 lists 1,000 keys at most; use --s3-photos 1000 or --s3-server moto")
+    if kind == "s3s":
         binary = subprocess.run([os.path.join(ROOT, "scripts", "s3s", "build.sh")], check=True,
                                 stdout=subprocess.PIPE, text=True).stdout.strip()
         folder = tempfile.mkdtemp(prefix="reefline-s3s-")
@@ -149,7 +147,7 @@ def start_s3(count, kind):
                 endpoint = line.split("server is running at ", 1)[1].strip()
                 break
         if not endpoint:
-            sys.exit("feedbench: s3s-fs did not start")
+            sys.exit("feedbench: the S3 server did not start")
         # Its log is read and dropped, so that it never blocks on a full pipe.
         import threading
         threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
@@ -247,7 +245,7 @@ def from_s3(photos_url, count, kind):
             say(f"  S3 CPU an image (ms): {cpu}")
             stack.check_all_ok()
     finally:
-        if kind == "s3s-fs":
+        if kind == "s3s":
             server.terminate()
             server.wait(timeout=30)
             server.cleanup()
@@ -295,10 +293,11 @@ def main():
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--photos", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--s3-photos", type=int, default=1_000, help="photos of the S3 step (0: skip it; at most 1,000 from s3s-fs)")
+    parser.add_argument("--s3-photos", type=int, default=1_000, help="photos of the S3 step (0: skip it)")
     parser.add_argument("--s3-only", action="store_true", help="only the S3 step")
-    parser.add_argument("--s3-server", choices=["s3s-fs", "moto"], default="s3s-fs",
-                        help="the S3 server: s3s-fs (Rust, built once into the tools cache) or moto (Python, the tests' own)")
+    parser.add_argument("--s3-server", choices=["s3s", "moto"], default="s3s",
+                        help="the S3 server: the bench's own on the s3s library (Rust, objects in memory, built once "
+                             "into the tools cache) or moto (Python, the tests' own)")
     args = parser.parse_args()
     if not args.s3_only:
         say(f"feedbench: a {args.lines:,}-line feed through ingest alone")

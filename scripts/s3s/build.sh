@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Builds the bench's S3 server (scripts/s3s/server: the s3s project's S3 protocol and s3s-fs's
-# storage over a folder, Rust on hyper and tokio, served with TCP_NODELAY) into the per-user tools
+# Builds the bench's S3 server (scripts/s3s/server: the s3s project's S3 protocol over a folder's
+# objects held in memory, Rust on hyper and tokio, served with TCP_NODELAY) into the per-user tools
 # cache shared by every checkout, and prints the binary's path. `make bench-feed` serves its S3
-# photos with it: a server as quick as the bench's photo server, so the S3 path's figure measures
-# Reefline's reads rather than a slow test server (moto, Python) or Nagle's algorithm (s3s-fs's
-# own binary). Built once per user and per version of the server's sources (about 2 minutes on 2
+# photos with it: a server as cheap as the bench's photo server, so the S3 path's figure measures
+# Reefline's reads rather than a slow test server (moto, Python; s3s-fs, which hashes every object
+# it serves, walks the folder for every listing and leaves Nagle's algorithm on). Built once per user and per version of the server's sources (about 2 minutes on 2
 # cores); its lock file pins every crate by sha256, which cargo checks.
 #
 # usage: build.sh
