@@ -87,15 +87,7 @@ const WHERE: &str = "($1::text IS NULL OR lower(predictions->0->>'label') = lowe
 
 impl SearchQuery {
     fn filters(self) -> Result<Filters, ApiError> {
-        if let Some(status) = self.status.as_deref().filter(|s| !matches!(*s, "ok" | "error")) {
-            return Err(invalid(
-                "status",
-                format!("`{}` is neither ok nor error", reefline_schemas::rules::truncate(status, 32)),
-            ));
-        }
-        if let Some(score) = self.min_score.filter(|s| !(0.0..=1.0).contains(s)) {
-            return Err(invalid("min_score", format!("{score} is not from 0 to 1")));
-        }
+        crate::export::check_status_and_score(self.status.as_deref(), self.min_score)?;
         Ok(Filters {
             since: time("since", self.since.as_deref())?,
             until: time("until", self.until.as_deref())?,
@@ -268,17 +260,9 @@ pub async fn export(
         limit: None,
         after: None,
     };
+    let arguments = search.filters()?.arguments(caller.scope())?;
     let running = exports.start(caller)?;
-    let arguments = search.filters()?.arguments(running.caller.scope())?;
-    // A CSV's columns: every metadata key of the results found.
-    let columns: Vec<String> = if format.has_columns() {
-        let keys = format!(
-            "SELECT DISTINCT k FROM results, jsonb_object_keys(COALESCE(metadata, '{{}}')) AS k WHERE {WHERE} ORDER BY k"
-        );
-        sqlx::query_scalar_with(&keys, arguments.clone()).fetch_all(&exports.pool).await?
-    } else {
-        Vec::new()
-    };
+    let columns = crate::export::metadata_keys(&exports.pool, &format, WHERE, arguments.clone()).await?;
     let selection = crate::export::Selection {
         sql: format!("SELECT {COLUMNS} FROM results WHERE {WHERE} ORDER BY completed_at, request_id"),
         arguments,
@@ -287,5 +271,5 @@ pub async fn export(
         deployment: None,
         columns,
     };
-    crate::export::stream(exports.clone(), selection, format, running).await
+    crate::export::stream(exports, selection, format, running).await
 }

@@ -154,7 +154,7 @@ impl Stores {
         access: Access,
     ) -> anyhow::Result<()> {
         anyhow::ensure!(is_container_name(container), "`{container}` is not an Azure container name");
-        let name = format!("az://{container}"); // as bucket_key names it
+        let name = bucket_key("az", container).expect("az is an object scheme");
         self.check_new(&name, &tenants)?;
         let (options, retry) = client(access, allow_http);
         let store = builder

@@ -25,7 +25,7 @@ mod stream;
 mod table;
 
 use query::FILTERS;
-pub(crate) use query::{ExportQuery, bind};
+pub(crate) use query::{ExportQuery, Filters, bind, check_status_and_score};
 pub(crate) use stream::stream;
 
 /// Turns results into an export's bytes, a piece at a time.
@@ -162,7 +162,7 @@ pub async fn feed_results(
         id: feed_id,
         columns,
     };
-    stream(exports.clone(), selection, filters, running).await
+    stream(exports, selection, filters, running).await
 }
 
 /// Every result of a batch, in submission order.
@@ -197,14 +197,11 @@ pub async fn batch_results(
     if !known {
         return Err(ApiError::UnknownBatch(batch_id));
     }
-    let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT k FROM results, jsonb_object_keys(COALESCE(metadata, '{}')) AS k
-         WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY k",
-    )
-    .bind(&batch_id)
-    .bind(&scope)
-    .fetch_all(&exports.pool)
-    .await?;
+    let mut keys_of = PgArguments::default();
+    bind(&mut keys_of, batch_id.clone())?;
+    bind(&mut keys_of, scope.clone())?;
+    let of_batch = "batch_id = $1 AND ($2::text IS NULL OR tenant = $2)";
+    let columns = metadata_keys(&exports.pool, &filters, of_batch, keys_of).await?;
     let selection = Selection {
         sql: format!("SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND {FILTERS} ORDER BY batch_index"),
         arguments: filters.arguments(&batch_id, scope)?,
@@ -213,7 +210,24 @@ pub async fn batch_results(
         id: batch_id,
         columns,
     };
-    stream(exports.clone(), selection, filters, running).await
+    stream(exports, selection, filters, running).await
+}
+
+/// A CSV's columns: every metadata key of the results `condition` finds (bound by `arguments`);
+/// none for the other formats, which read no columns.
+pub(crate) async fn metadata_keys(
+    pool: &PgPool,
+    filters: &Filters,
+    condition: &str,
+    arguments: PgArguments,
+) -> Result<Vec<String>, ApiError> {
+    if !filters.has_columns() {
+        return Ok(Vec::new());
+    }
+    let keys = format!(
+        "SELECT DISTINCT k FROM results, jsonb_object_keys(COALESCE(metadata, '{{}}')) AS k WHERE {condition} ORDER BY k"
+    );
+    Ok(sqlx::query_scalar_with(&keys, arguments).fetch_all(pool).await?)
 }
 
 /// Which results an export reads, and what they are of.

@@ -65,6 +65,18 @@ pub(crate) struct Filters {
     pub(super) camtrap: Option<camtrap::Options>,
 }
 
+/// A `status` filter is `ok` or `error`; a `min_score`, from 0 to 1 (the exports' and the search's).
+pub(crate) fn check_status_and_score(status: Option<&str>, min_score: Option<f64>) -> Result<(), ApiError> {
+    if let Some(status) = status.filter(|s| !matches!(*s, "ok" | "error")) {
+        let message = format!("`{}` is neither ok nor error", reefline_schemas::rules::truncate(status, 32));
+        return Err(ApiError::InvalidField { field: "status", message });
+    }
+    if let Some(score) = min_score.filter(|s| !(0.0..=1.0).contains(s)) {
+        return Err(ApiError::InvalidField { field: "min_score", message: format!("{score} is not from 0 to 1") });
+    }
+    Ok(())
+}
+
 impl ExportQuery {
     /// A format and its options, with no filters of its own (a search's export filters in its query).
     /// `status` is given only to refuse errors in a Camtrap DP package.
@@ -94,13 +106,7 @@ impl ExportQuery {
                 return Err(ApiError::InvalidField { field: "format", message });
             }
         };
-        if let Some(status) = self.status.as_deref().filter(|s| !matches!(*s, "ok" | "error")) {
-            let message = format!("`{}` is neither ok nor error", reefline_schemas::rules::truncate(status, 32));
-            return Err(ApiError::InvalidField { field: "status", message });
-        }
-        if let Some(score) = self.min_score.filter(|s| !(0.0..=1.0).contains(s)) {
-            return Err(ApiError::InvalidField { field: "min_score", message: format!("{score} is not from 0 to 1") });
-        }
+        check_status_and_score(self.status.as_deref(), self.min_score)?;
         if self.relative_to.is_some() && format != Format::MegaDetector {
             let message = "applies to format=megadetector only".to_owned();
             return Err(ApiError::InvalidField { field: "relative_to", message });

@@ -162,17 +162,16 @@ pub(crate) async fn stream(
     let connection = exports.pool.acquire().await?;
     let format = filters.format;
     let Selection { sql, arguments, what, id, deployment, columns } = selection;
-    let output = match filters.camtrap.clone() {
-        Some(options) => Output::Camtrap(options),
-        None => Output::Encoded(match format {
-            Format::Csv => Box::new(table::Table::new(columns)),
-            Format::Ndjson => Box::new(Lines::default()),
-            Format::MegaDetector => {
-                Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to.clone()))
-            }
-            Format::Coco => Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}"))),
-            Format::CamtrapDp => unreachable!("camtrap-dp's options are checked with its format"),
-        }),
+    let encoded = |encoder: Box<dyn Encode>| Output::Encoded(encoder);
+    let output = match (format, filters.camtrap) {
+        (Format::CamtrapDp, Some(options)) => Output::Camtrap(options),
+        (Format::Csv, _) => encoded(Box::new(table::Table::new(columns))),
+        (Format::Ndjson, _) => encoded(Box::<Lines>::default()),
+        (Format::MegaDetector, _) => {
+            encoded(Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to)))
+        }
+        (Format::Coco, _) => encoded(Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}")))),
+        (Format::CamtrapDp, None) => unreachable!("camtrap-dp's options are checked with its format"),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     let mut export = Export { connection, sql, arguments, tx, idle: exports.idle };
