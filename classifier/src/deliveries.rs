@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use reefline_store::classifier::{self as store, Partition};
 use sqlx::PgPool;
 
 /// How many requests after an unclean handover are taken one at a time. The one that stopped the
@@ -58,9 +59,12 @@ impl Deliveries {
     /// A ledger in the database at `url` (connected when first used), or none; `limit` tries
     /// alone before a request is dead-lettered (0: off).
     pub fn new(url: Option<&str>, group: &str, topic: &str, limit: u32) -> anyhow::Result<Self> {
-        let pool =
-            url.filter(|_| limit > 0).map(|url| crate::cache::lazy_pool(url, 2, Duration::from_secs(2))).transpose()?;
+        let pool = url.filter(|_| limit > 0).map(|url| store::lazy_pool(url, 2, Duration::from_secs(2))).transpose()?;
         Ok(Self { pool, group: group.to_owned(), topic: topic.to_owned(), limit })
+    }
+
+    fn partition(&self, partition: i32) -> Partition<'_> {
+        Partition { group: &self.group, topic: &self.topic, partition }
     }
 
     pub fn limit(&self) -> u32 {
@@ -73,18 +77,7 @@ impl Deliveries {
     pub async fn assigned(&self, partition: i32, offset: i64) -> Mode {
         let Some(pool) = &self.pool else { return Mode::Normal };
         // Claims the partition (no longer clean) and reads how it was left, in one statement.
-        let claimed: sqlx::Result<(Option<i64>, bool)> = sqlx::query_as(
-            "WITH old AS (SELECT clean_offset FROM classifier_partitions
-                          WHERE group_id = $1 AND topic = $2 AND partition = $3)
-             INSERT INTO classifier_partitions (group_id, topic, partition) VALUES ($1, $2, $3)
-             ON CONFLICT (group_id, topic, partition) DO UPDATE SET clean_offset = NULL
-             RETURNING (SELECT clean_offset FROM old), NOT EXISTS (SELECT 1 FROM old)",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(partition)
-        .fetch_one(pool)
-        .await;
+        let claimed = store::claim(pool, self.partition(partition)).await;
         self.forget_tries(pool, partition, offset, true).await;
         match claimed {
             Ok((left_at, new)) => {
@@ -118,18 +111,7 @@ impl Deliveries {
     /// one included, or `None` when the ledger did not answer.
     pub async fn try_once(&self, partition: i32, offset: i64) -> Option<u32> {
         let pool = self.pool.as_ref()?;
-        let tries: sqlx::Result<i32> = sqlx::query_scalar(
-            "INSERT INTO classifier_attempts (group_id, topic, partition, \"offset\", attempts) VALUES ($1, $2, $3, $4, 1)
-             ON CONFLICT (group_id, topic, partition, \"offset\")
-             DO UPDATE SET attempts = classifier_attempts.attempts + 1
-             RETURNING attempts",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(partition)
-        .bind(offset)
-        .fetch_one(pool)
-        .await;
+        let tries = store::count_try(pool, self.partition(partition), offset).await;
         tries
             .inspect_err(|e| tracing::warn!(partition, offset, error = %e, "the delivery ledger did not answer"))
             .ok()
@@ -146,34 +128,14 @@ impl Deliveries {
 
     /// Forgets the tries counted on `partition` at `offset`, or (`below`) before it.
     async fn forget_tries(&self, pool: &PgPool, partition: i32, offset: i64, below: bool) {
-        let _ = sqlx::query(
-            "DELETE FROM classifier_attempts WHERE group_id = $1 AND topic = $2 AND partition = $3
-               AND CASE WHEN $5 THEN \"offset\" < $4 ELSE \"offset\" = $4 END",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(partition)
-        .bind(offset)
-        .bind(below)
-        .execute(pool)
-        .await;
+        let _ = store::forget_tries(pool, self.partition(partition), offset, below).await;
     }
 
     /// Records that these partitions were handed over cleanly, each at its committed offset.
     pub async fn handed_over(&self, committed: &[(i32, i64)]) {
         let Some(pool) = &self.pool else { return };
         let (partitions, offsets): (Vec<i32>, Vec<i64>) = committed.iter().copied().unzip();
-        let marked = sqlx::query(
-            "UPDATE classifier_partitions c SET clean_offset = t.o
-             FROM UNNEST($3::int[], $4::int8[]) AS t(p, o)
-             WHERE c.group_id = $1 AND c.topic = $2 AND c.partition = t.p",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(&partitions)
-        .bind(&offsets)
-        .execute(pool)
-        .await;
+        let marked = store::handed_over(pool, &self.group, &self.topic, &partitions, &offsets).await;
         if let Err(e) = marked {
             tracing::warn!(error = %e, "the delivery ledger did not record a clean handover");
         }

@@ -10,10 +10,10 @@ use crate::batcher::EngineQueue;
 use crate::engine::Engine;
 use crate::error::ImageError;
 use crate::job::{Classified, CurrentModel, ModelTag, Outcome, Prepared};
-use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::postprocess;
 use crate::reload::Reload;
+use reefline_common::labels::Labels;
 
 /// One model's engine, what swaps it when its file is replaced, and what turns its logits into
 /// predictions.

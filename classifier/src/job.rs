@@ -1,7 +1,8 @@
 //! What travels between the stages: a request read from Kafka ([`Job`]), its model input once
 //! fetched and preprocessed ([`Prepared`]), and its final outcome ([`Outcome`]) with the model
-//! that gave it ([`ModelTag`]). Every stage
-//! imports these from here, and no stage imports another's.
+//! that gave it ([`ModelTag`]). Every stage imports these from here; besides them, the infer stage
+//! takes its batches from the batcher's queue, and the produce stage marks offsets done through
+//! the consume stage's lanes.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -2,8 +2,8 @@
 //!
 //! One image flows through one file per stage, in order: `consume` → `prepare` (fetch, then
 //! decode/preprocess) → `batcher` → `infer` → `produce` → back to `consume`'s offset store.
-//! Every model served has its own batching queue and engine thread; the stages around them are
-//! shared.
+//! Every model served has its own batching queue and its pool of engines, each on a thread of its
+//! own; the stages around them are shared.
 //! Stages talk through bounded channels, so a slow stage slows the one before it.
 
 pub mod batcher;
@@ -17,7 +17,6 @@ pub use reefline_common::guard;
 mod infer;
 mod job;
 mod jpeg;
-pub mod labels;
 mod metrics;
 pub mod offsets;
 pub mod photo;
@@ -46,10 +45,10 @@ use tokio::sync::mpsc;
 use crate::consume::{Context, Lanes, Offsets, RequestConsumer};
 use crate::engine::{Engine, OrtEngine};
 use crate::fetch::{FetchLimits, Fetcher};
-use crate::labels::Labels;
 use crate::offsets::OffsetTracker;
 pub use crate::settings::Settings;
 use reefline_common::kafka::Lane;
+use reefline_common::labels::Labels;
 use reefline_common::models::Model;
 
 /// The `reefline-classifier` command: settings from flags and environment, run until SIGTERM.
@@ -276,8 +275,11 @@ impl Application {
             )?,
             retry: prepare::RetryPolicy {
                 max_retries: s.fetch_retries,
-                base: Duration::from_millis(s.fetch_retry_base_ms),
-                max: Duration::from_millis(s.fetch_retry_max_ms),
+                backoff: reefline_common::Backoff {
+                    base: Duration::from_millis(s.fetch_retry_base_ms),
+                    max: Duration::from_millis(s.fetch_retry_max_ms),
+                    jitter: true,
+                },
             },
             metrics: metrics.clone(),
         };

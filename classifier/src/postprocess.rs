@@ -3,7 +3,7 @@
 
 use reefline_schemas::Prediction;
 
-use crate::labels::Labels;
+use reefline_common::labels::Labels;
 
 /// Numerically stable softmax.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {

@@ -8,7 +8,7 @@ use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::FutureExt;
 use reefline_schemas::rules::{SHORT_TEXT_BYTES, truncate};
@@ -309,21 +309,12 @@ fn escaped(joined: Result<(), JoinError>) {
     }
 }
 
-/// How transient fetch failures are retried: exponential backoff with jitter, a bounded number of times.
+/// How transient fetch failures are retried: with backoff (jittered, so that retries of many
+/// images spread out), a bounded number of times.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     pub max_retries: u32,
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl RetryPolicy {
-    /// The wait before retry number `retry` (from 1): half of the capped exponential step, plus a
-    /// random part of the other half, so retries of many images spread out.
-    pub fn delay(&self, retry: u32) -> Duration {
-        let step = self.base.saturating_mul(1 << retry.saturating_sub(1).min(16)).min(self.max);
-        step / 2 + step.mul_f64(fastrand::f64() / 2.0)
-    }
+    pub backoff: reefline_common::Backoff,
 }
 
 impl Prepare {
@@ -400,7 +391,7 @@ impl Prepare {
                     retry += 1;
                     self.metrics.fetch_retries.with_label_values(&[e.kind()]).inc();
                     tracing::debug!(url, retry, error = %e, "transient fetch failure; retrying");
-                    tokio::time::sleep(self.retry.delay(retry)).await;
+                    tokio::time::sleep(self.retry.backoff.delay(retry)).await;
                 }
                 Err(e) => {
                     self.metrics.fetch_failures.with_label_values(&[e.kind()]).inc();
@@ -450,18 +441,5 @@ mod tests {
 
         let counted = |stage: &str| metrics.panics.with_label_values(&[stage]).get();
         assert_eq!((counted("fetch"), counted("metadata"), counted("decode")), (1, 1, 1));
-    }
-
-    #[test]
-    fn retry_delays_grow_exponentially_with_bounded_jitter() {
-        let p = RetryPolicy { max_retries: 5, base: Duration::from_millis(100), max: Duration::from_millis(1000) };
-        for _ in 0..100 {
-            let d1 = p.delay(1);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
-            let d3 = p.delay(3);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
-            let d9 = p.delay(9);
-            assert!(d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000), "capped: {d9:?}");
-        }
     }
 }

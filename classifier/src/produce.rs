@@ -138,7 +138,7 @@ impl Produce {
     async fn produce(&self, outcome: Outcome) {
         let result = self.result(&outcome);
         let metrics = &self.metrics;
-        let mut backoff = reefline_common::Backoff::new();
+        let mut backoff = reefline_common::Backoff::OUTAGE.waits();
         let outcome_label = loop {
             let producing = tracing::info_span!(parent: &outcome.job.span, "produce", status = result.status.as_str());
             match self.try_produce(&result, &outcome.job).instrument(producing).await {
@@ -189,7 +189,7 @@ impl Produce {
     /// before the broker took it.
     async fn dead_letter(&self, outcome: &Outcome, kind: &str, reason: &str) -> bool {
         let job = &outcome.job;
-        let mut backoff = reefline_common::Backoff::new();
+        let mut backoff = reefline_common::Backoff::OUTAGE.waits();
         let payload = loop {
             match self.codec.encode(&self.lanes.get(job.lane).topic, &job.request).await {
                 Ok(payload) => break payload,

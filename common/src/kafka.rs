@@ -399,7 +399,7 @@ pub async fn dead_letter(
         reason,
         "poison record moved to the dead-letter topic"
     );
-    let mut backoff = crate::Backoff::new();
+    let mut backoff = crate::Backoff::OUTAGE.waits();
     while let Err(e) = try_dead_letter(producer, topic, &source, kind, reason).await {
         tracing::warn!(error = %e, "dead-letter produce failed; retrying");
         backoff.wait().await;

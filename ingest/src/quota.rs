@@ -131,20 +131,9 @@ pub async fn take_daily(pool: Option<&sqlx::PgPool>, tenant: &str, n: usize, per
     if n as u64 > per_day {
         return Err(over);
     }
-    let taken: sqlx::Result<Option<i64>> = sqlx::query_scalar(
-        "INSERT INTO tenant_usage AS u (tenant, day, images) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2)
-         ON CONFLICT (tenant, day) DO UPDATE SET images = u.images + EXCLUDED.images
-         WHERE u.images + EXCLUDED.images <= $3
-         RETURNING images",
-    )
-    .bind(tenant)
-    .bind(n as i64)
-    .bind(per_day as i64)
-    .fetch_optional(pool)
-    .await;
-    match taken {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(over),
+    match reefline_store::ingest::count_images(pool, tenant, n as i64, per_day as i64).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(over),
         Err(e) => {
             tracing::warn!(tenant, error = %e, "the daily quota could not be counted; admitting");
             Ok(())

@@ -383,44 +383,7 @@ async fn submit(state: &AppState, route: &str, lane: Lane, requests: Vec<ImageRe
 /// away) the sink's own reading still records them, a moment later.
 async fn record_handed_out(state: &AppState, requests: &[ImageRequest]) {
     let Some(pool) = state.feeds.get() else { return };
-    let column = |f: fn(&ImageRequest) -> &str| requests.iter().map(f).collect::<Vec<_>>();
-    fn tenant(r: &ImageRequest) -> &str {
-        r.tenant.as_deref().unwrap_or(reefline_common::auth::DEFAULT_TENANT)
-    }
-    let recorded = async {
-        let mut tx = pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at, tenant)
-             SELECT request_id, batch_id, batch_index, batch_size, url, to_timestamp(submitted_ms / 1000.0), tenant
-             FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::float8[], $7::text[])
-                  AS t(request_id, batch_id, batch_index, batch_size, url, submitted_ms, tenant)
-             ON CONFLICT (request_id) DO NOTHING",
-        )
-        .bind(column(|r| &r.request_id))
-        .bind(column(|r| &r.batch_id))
-        .bind(requests.iter().map(|r| r.batch_index).collect::<Vec<_>>())
-        .bind(requests.iter().map(|r| r.batch_size).collect::<Vec<_>>())
-        .bind(column(|r| &r.url))
-        .bind(requests.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
-        .bind(requests.iter().map(tenant).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-        let first = &requests[0];
-        sqlx::query(
-            "INSERT INTO batches (batch_id, total, callback_url, submitted_at, tenant)
-             VALUES ($1, $2, $3, to_timestamp($4 / 1000.0), $5)
-             ON CONFLICT (batch_id) DO NOTHING",
-        )
-        .bind(&first.batch_id)
-        .bind(first.batch_size)
-        .bind(first.callback_url.as_deref())
-        .bind(first.submitted_at_ms as f64)
-        .bind(tenant(first))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await
-    };
-    if let Err(e) = recorded.await {
+    if let Err(e) = reefline_store::submissions::record(pool, requests).await {
         tracing::warn!(error = %e, batch_id = %requests[0].batch_id, "could not record a submission's ids; the sink will");
     }
 }

@@ -7,12 +7,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use reefline_schemas::view::{BatchView, ErrorBody, ResultView};
 use serde::Serialize;
-use serde_json::json;
 use sqlx::PgPool;
 
 use reefline_common::auth::Caller;
 
-use crate::db::{self, Row};
+use reefline_store::sink::{self as db, Row};
+
+use crate::error::ApiError;
 
 /// The sink's HTTP API.
 #[derive(utoipa::OpenApi)]
@@ -43,79 +44,6 @@ pub(crate) fn streaming_router(exports: crate::export::Exports) -> Router {
         .route("/v1/batches/{batch_id}/results", get(crate::export::batch_results))
         .route("/v1/results/export", get(crate::search::export))
         .with_state(exports)
-}
-
-/// A query string that parsed, or the error naming what did not.
-pub(crate) fn query<T>(
-    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    query.map(|q| q.0).map_err(|e| ApiError::InvalidField { field: "query", message: e.body_text() })
-}
-
-/// A page's `limit`: 1 to 1,000, 100 when absent.
-pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(100) {
-        limit @ 1..=1000 => Ok(limit),
-        limit => Err(ApiError::InvalidField { field: "limit", message: format!("{limit} is not from 1 to 1000") }),
-    }
-}
-
-/// Why a lookup failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ApiError {
-    #[error("no request `{0}` is known")]
-    UnknownRequest(String),
-    #[error("no batch `{0}` is known")]
-    UnknownBatch(String),
-    #[error("no feed `{0}` is known")]
-    UnknownFeed(String),
-    #[error("`{field}`: {message}")]
-    InvalidField { field: &'static str, message: String },
-    #[error("{message}")]
-    Unexportable { missing: Vec<&'static str>, message: String },
-    #[error("this tenant runs {limit} exports already (EXPORTS_PER_TENANT); retry when one ends")]
-    TooManyExports { limit: u32 },
-    #[error("the database is unavailable")]
-    Database(#[from] sqlx::Error),
-}
-
-impl ApiError {
-    fn kind(&self) -> &'static str {
-        match self {
-            ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => "not_found",
-            ApiError::InvalidField { .. } => "invalid_field",
-            ApiError::TooManyExports { .. } => "too_many_exports",
-            ApiError::Unexportable { .. } => "missing_fields",
-            ApiError::Database(_) => "database_unavailable",
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match self {
-            ApiError::UnknownRequest(_) | ApiError::UnknownBatch(_) | ApiError::UnknownFeed(_) => StatusCode::NOT_FOUND,
-            ApiError::InvalidField { .. } => StatusCode::BAD_REQUEST,
-            ApiError::TooManyExports { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unexportable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Database(ref e) => {
-                tracing::error!(error = %e, "lookup failed");
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-        };
-        let field = match &self {
-            ApiError::InvalidField { field, .. } => Some(*field),
-            _ => None,
-        };
-        let mut body = json!({"error": {"kind": self.kind(), "field": field, "message": self.to_string()}});
-        if let ApiError::Unexportable { missing, .. } = &self {
-            body["error"]["missing"] = json!(missing);
-        }
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            return (status, [(axum::http::header::RETRY_AFTER, "5")], Json(body)).into_response();
-        }
-        (status, Json(body)).into_response()
-    }
 }
 
 /// A request whose result is not in yet.
@@ -178,7 +106,7 @@ async fn batch(
             .await?
             .ok_or_else(|| ApiError::UnknownBatch(batch_id.clone()))?,
     };
-    let callback = crate::batches::callback(&pool, &batch_id, caller.scope()).await?;
+    let callback = db::batches::callback(&pool, &batch_id, caller.scope()).await?;
     let view = BatchView::new(batch_id, i64::from(total), rows.into_iter().map(Row::into_result).collect());
     Ok(Json(BatchView { callback, ..view }))
 }

@@ -16,7 +16,7 @@ use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::db;
+use reefline_store::sink as db;
 
 /// The sink's consumers: they report their lag.
 pub type LagConsumer = StreamConsumer<LagContext>;
@@ -170,11 +170,11 @@ where
         if range.is_empty() {
             continue;
         }
-        let mut backoff = reefline_common::Backoff::new();
+        let mut backoff = reefline_common::Backoff::OUTAGE.waits();
         loop {
             match write(&items[range.clone()]).await {
                 Ok(()) => break,
-                Err(e) if db::is_refusal(&e) => {
+                Err(e) if reefline_store::is_refusal(&e) => {
                     if range.len() == 1 {
                         let reason = match &e {
                             sqlx::Error::Database(db) => {
@@ -284,7 +284,7 @@ async fn complete_batches(pool: &PgPool, wake: &Notify, batch_ids: impl Iterator
     let mut ids: Vec<&str> = batch_ids.collect();
     ids.sort_unstable();
     ids.dedup();
-    if crate::batches::complete(pool, &ids).await? > 0 {
+    if db::batches::complete(pool, &ids).await? > 0 {
         wake.notify_one();
     }
     Ok(())
@@ -321,8 +321,7 @@ impl RequestLog {
             let written = write_isolating(
                 &requests,
                 |rows| async move {
-                    db::insert_requests(&self.pool, rows).await?;
-                    crate::batches::insert(&self.pool, rows).await?;
+                    reefline_store::submissions::record(&self.pool, rows).await?;
                     // A batch whose results were all written before its requests completes now.
                     complete_batches(&self.pool, &self.wake, rows.iter().map(|r| r.batch_id.as_str())).await
                 },

@@ -4,13 +4,13 @@
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use chrono::{DateTime, Utc};
+use reefline_store::sink::{batches, feeds};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use reefline_common::auth::Caller;
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 /// A feed's progress: what was read, what has a result, and how fast results come.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -63,53 +63,6 @@ pub struct FeedLinks {
     pub results: String,
 }
 
-#[derive(sqlx::FromRow)]
-struct FeedRow {
-    feed_id: String,
-    state: String,
-    format: String,
-    source_url: Option<String>,
-    model: Option<String>,
-    callback_url: Option<String>,
-    columns: sqlx::types::Json<Vec<String>>,
-    lines_read: i64,
-    accepted: i64,
-    rejected: i64,
-    created_at: DateTime<Utc>,
-    read_at: Option<DateTime<Utc>>,
-    completed_at: Option<DateTime<Utc>>,
-    ok: i64,
-    error: i64,
-    recent: i64,
-    /// Results of every submission and feed over the last minute.
-    everyone_recent: i64,
-    size_bytes: Option<i64>,
-    read_bytes: i64,
-    window_s: f64,
-}
-
-/// The latest result of each line of the feed `feed_id` of tenant `tenant` (SQL expressions), in
-/// line order: a line can have two results (a chunk produced twice: an upload cut off between its
-/// produce and its checkpoint, or a slow reader whose lease was taken over), and every count,
-/// export and search takes each line once.
-pub fn latest_per_line(feed_id: &str, tenant: &str) -> String {
-    format!(
-        "SELECT DISTINCT ON (line) * FROM results WHERE feed_id = {feed_id} AND tenant = {tenant}
-         ORDER BY line, completed_at DESC, request_id DESC"
-    )
-}
-
-/// A feed's metadata columns, or `None` for a feed unknown to tenant `scope` (any tenant when `None`).
-pub async fn columns(pool: &PgPool, feed_id: &str, scope: Option<&str>) -> sqlx::Result<Option<Vec<String>>> {
-    let columns: Option<sqlx::types::Json<Vec<String>>> =
-        sqlx::query_scalar("SELECT columns FROM feeds WHERE feed_id = $1 AND ($2::text IS NULL OR tenant = $2)")
-            .bind(feed_id)
-            .bind(scope)
-            .fetch_optional(pool)
-            .await?;
-    Ok(columns.map(|c| c.0))
-}
-
 /// How far a feed has got.
 #[utoipa::path(get, path = "/v1/feeds/{feed_id}", params(("feed_id" = String, Path, description = "The id ingest's POST /v1/feeds answered with")), responses(
     (status = 200, description = "The feed's progress", body = FeedView),
@@ -122,29 +75,12 @@ pub async fn progress(
     caller: Caller,
     Path(feed_id): Path<String>,
 ) -> Result<Json<FeedView>, ApiError> {
-    let row: FeedRow = sqlx::query_as(&format!(
-        "SELECT f.feed_id, f.state, f.format, f.source_url, f.model, f.callback_url, f.columns, f.lines_read, f.accepted, f.rejected,
-                f.size_bytes, f.read_bytes,
-                f.created_at, f.read_at, b.completed_at, r.ok, r.error, r.recent,
-                (SELECT count(*) FROM results WHERE completed_at > now() - interval '1 minute') AS everyone_recent,
-                GREATEST(1.0, LEAST(60.0, EXTRACT(EPOCH FROM now() - f.created_at)::float8)) AS window_s
-         FROM feeds f
-              CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'ok') AS ok,
-                                         count(*) FILTER (WHERE status = 'error') AS error,
-                                         count(*) FILTER (WHERE completed_at > now() - interval '1 minute') AS recent
-                                  FROM ({LATEST_PER_LINE}) latest) r
-              LEFT JOIN batches b ON b.batch_id = f.feed_id AND b.kind = 'feed' AND b.tenant = f.tenant
-         WHERE f.feed_id = $1 AND ($2::text IS NULL OR f.tenant = $2)",
-        LATEST_PER_LINE = latest_per_line("f.feed_id", "f.tenant"),
-    ))
-    .bind(&feed_id)
-    .bind(caller.scope())
-    .fetch_optional(&pool)
-    .await?
-    .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    let row = feeds::progress(&pool, &feed_id, caller.scope())
+        .await?
+        .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     // The feed's batches row, which carries its callback's progress, is written once the feed is
     // read; until then its callback is waiting.
-    let callback = match crate::batches::callback(&pool, &feed_id, caller.scope()).await? {
+    let callback = match batches::callback(&pool, &feed_id, caller.scope()).await? {
         None => row.callback_url.map(|url| reefline_schemas::view::CallbackView {
             url,
             state: "waiting",
@@ -251,18 +187,12 @@ pub async fn rejects(
     Path(feed_id): Path<String>,
     query: Result<Query<RejectsQuery>, QueryRejection>,
 ) -> Result<Json<RejectsPage>, ApiError> {
-    let query = crate::api::query(query)?;
-    let limit = crate::api::page_limit(query.limit)?;
-    columns(&pool, &feed_id, caller.scope()).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
-    let rejects: Vec<Reject> = sqlx::query_as(
-        "SELECT line, reason, content FROM feed_rejects WHERE feed_id = $1 AND line > $2 ORDER BY line LIMIT $3",
-    )
-    .bind(&feed_id)
-    .bind(query.after.unwrap_or(0))
-    .bind(limit + 1)
-    .fetch_all(&pool)
-    .await?;
-    let mut rejects = rejects;
+    let query = crate::error::query(query)?;
+    let limit = crate::error::page_limit(query.limit)?;
+    feeds::columns(&pool, &feed_id, caller.scope()).await?.ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
+    let rejects = feeds::rejects(&pool, &feed_id, query.after.unwrap_or(0), limit + 1).await?;
+    let mut rejects: Vec<Reject> =
+        rejects.into_iter().map(|r| Reject { line: r.line, reason: r.reason, content: r.content }).collect();
     let next_after = (rejects.len() as i64 > limit).then(|| {
         rejects.truncate(limit as usize);
         rejects.last().map_or(0, |r| r.line)

@@ -1,9 +1,8 @@
 //! Reefline sink: writes results from Kafka into Postgres and serves the lookup API.
 
 mod api;
-mod batches;
 mod consume;
-pub mod db;
+mod error;
 mod export;
 mod feeds;
 mod notify;
@@ -81,14 +80,14 @@ fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metri
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database_url = secrecy::ExposeSecret::expose_secret(&settings.database_url);
-        let pool = db::connect(database_url).await?;
-        let lookups = db::lookup_pool(
+        let pool = reefline_store::connect(database_url, 8, Duration::from_secs(30)).await?;
+        let lookups = reefline_store::sink::lookup_pool(
             database_url,
             settings.lookup_connections,
             Duration::from_millis(settings.lookup_timeout_ms),
         )?;
         let exports = export::Exports {
-            pool: db::export_pool(
+            pool: reefline_store::sink::export_pool(
                 database_url,
                 settings.export_connections,
                 settings.lookup_timeout_ms,
@@ -146,8 +145,11 @@ impl Application {
             secret: settings.callback_secret.clone(),
             public_url: settings.public_url.clone(),
             retry: notify::Retry {
-                base: Duration::from_millis(settings.callback_retry_base_ms),
-                max: Duration::from_millis(settings.callback_retry_max_ms),
+                backoff: reefline_common::Backoff {
+                    base: Duration::from_millis(settings.callback_retry_base_ms),
+                    max: Duration::from_millis(settings.callback_retry_max_ms),
+                    jitter: false,
+                },
                 give_up_after: Duration::from_secs(settings.callback_give_up_after_s),
             },
             wake: wake.clone(),

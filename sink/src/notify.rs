@@ -23,34 +23,17 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::batches::{self, Finished, Summary};
+use reefline_store::sink::batches::{self, Attempt, Summary};
 
 /// How long a claimed callback is kept from other sinks: longer than any one call can take.
 const CALLBACK_LEASE: Duration = Duration::from_secs(300);
 
-/// How failed callbacks are tried again.
+/// How failed callbacks are tried again: with backoff, until `give_up_after` has passed since the
+/// batch completed.
 #[derive(Clone, Copy, Debug)]
 pub struct Retry {
-    pub base: Duration,
-    pub max: Duration,
+    pub backoff: reefline_common::Backoff,
     pub give_up_after: Duration,
-}
-
-impl Retry {
-    /// The wait after failed attempt number `attempt` (from 1).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        self.base.saturating_mul(1 << attempt.saturating_sub(1).min(20)).min(self.max)
-    }
-}
-
-/// A callback claimed for one attempt.
-#[derive(sqlx::FromRow)]
-struct Claimed {
-    #[sqlx(flatten)]
-    batch: Finished,
-    callback_url: String,
-    /// Attempts made before this one.
-    attempts: i64,
 }
 
 /// What the notifier needs.
@@ -117,13 +100,7 @@ impl Notifier {
     async fn produce_events(&self) -> anyhow::Result<()> {
         loop {
             let mut tx = self.pool.begin().await?;
-            let claimed: Vec<Finished> = sqlx::query_as(
-                "SELECT batch_id, kind, total, submitted_at, completed_at FROM batches
-                 WHERE completed_at IS NOT NULL AND event_produced_at IS NULL AND kind <> 'feed_chunk'
-                 ORDER BY completed_at LIMIT 100 FOR UPDATE SKIP LOCKED",
-            )
-            .fetch_all(&mut *tx)
-            .await?;
+            let claimed = batches::claim_completed(&mut tx).await?;
             if claimed.is_empty() {
                 return Ok(());
             }
@@ -143,11 +120,8 @@ impl Notifier {
                 let kafka = FutureRecord::to(&self.topic).key(record.batch_id.as_str()).payload(&payload);
                 self.producer.send(kafka, Duration::from_secs(5)).await.map_err(|(e, _)| e)?;
             }
-            let ids: Vec<&str> = summaries.iter().map(|s| s.batch_id.as_str()).collect();
-            sqlx::query("UPDATE batches SET event_produced_at = now() WHERE batch_id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
+            let ids: Vec<String> = summaries.iter().map(|s| s.batch_id.clone()).collect();
+            batches::mark_produced(&mut tx, &ids).await?;
             tx.commit().await?;
             self.notices.with_label_values(&["event", "produced"]).inc_by(ids.len() as u64);
         }
@@ -156,17 +130,7 @@ impl Notifier {
     /// Tries every callback that is due, side by side. Each is claimed for a while first, so that
     /// no other sink tries it meanwhile.
     async fn deliver_callbacks(&self) -> anyhow::Result<()> {
-        let claimed: Vec<Claimed> = sqlx::query_as(
-            "UPDATE batches b SET callback_due_at = now() + $1 * interval '1 millisecond'
-             FROM (SELECT batch_id FROM batches WHERE callback_due_at <= now()
-                   ORDER BY callback_due_at LIMIT 50 FOR UPDATE SKIP LOCKED) due
-             WHERE b.batch_id = due.batch_id
-             RETURNING b.batch_id, b.kind, b.callback_url, b.total, b.submitted_at, b.completed_at,
-                       (SELECT count(*) FROM callback_attempts a WHERE a.batch_id = b.batch_id) AS attempts",
-        )
-        .bind(CALLBACK_LEASE.as_millis() as f64)
-        .fetch_all(&self.pool)
-        .await?;
+        let claimed = batches::claim_callbacks(&self.pool, CALLBACK_LEASE).await?;
         if claimed.is_empty() {
             return Ok(());
         }
@@ -188,7 +152,7 @@ impl Notifier {
         };
         let delivered = status.is_some_and(|s| (200..300).contains(&s));
         let now = Utc::now();
-        let next = now + self.retry.delay(attempt as u32);
+        let next = now + self.retry.backoff.delay(attempt as u32);
         let deadline = summary.completed_at + self.retry.give_up_after;
         let gave_up = !delivered && (permanent || next > deadline);
         let outcome = if delivered {
@@ -199,26 +163,17 @@ impl Notifier {
             "failed"
         };
         tracing::info!(batch_id = %summary.batch_id, url = %redact(url), attempt, ?status, error = error.as_deref().unwrap_or(""), outcome, "callback");
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO callback_attempts (batch_id, attempt, at, status, error) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&summary.batch_id)
-            .bind(attempt)
-            .bind(now)
-            .bind(status)
-            .bind(&error)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "UPDATE batches SET callback_due_at = $2, callback_delivered_at = $3, callback_gave_up_at = $4
-             WHERE batch_id = $1",
-        )
-        .bind(&summary.batch_id)
-        .bind((!delivered && !gave_up).then_some(next))
-        .bind(delivered.then_some(now))
-        .bind(gave_up.then_some(now))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let recorded = Attempt {
+            batch_id: &summary.batch_id,
+            attempt,
+            at: now,
+            status,
+            error: error.as_deref(),
+            due: (!delivered && !gave_up).then_some(next),
+            delivered: delivered.then_some(now),
+            gave_up: gave_up.then_some(now),
+        };
+        batches::record_attempt(&self.pool, &recorded).await?;
         self.notices.with_label_values(&["callback", outcome]).inc();
         Ok(())
     }
@@ -304,13 +259,5 @@ mod tests {
         let (message, permanent) = explain(&e);
         assert!(!permanent, "{message}");
         assert!(!message.contains("s3cret") && !message.contains("pw@"), "{message}");
-    }
-
-    #[test]
-    fn retries_back_off_to_the_cap() {
-        let retry =
-            Retry { base: Duration::from_secs(10), max: Duration::from_secs(3600), give_up_after: Duration::ZERO };
-        let delays: Vec<u64> = (1..=11).map(|n| retry.delay(n).as_secs()).collect();
-        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600, 3600]);
     }
 }

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgArguments;
 
-use crate::api::ApiError;
-use crate::db::{COLUMNS, Row};
+use crate::error::ApiError;
 use crate::export::{Exports, bind};
+use reefline_store::sink::{COLUMNS, Row};
 
 /// Which results, and which page.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -159,8 +159,8 @@ pub async fn search(
     caller: reefline_common::auth::Caller,
     query: Result<Query<SearchQuery>, QueryRejection>,
 ) -> Result<Json<ResultsPage>, ApiError> {
-    let mut q = crate::api::query(query)?;
-    let limit = crate::api::page_limit(q.limit)?;
+    let mut q = crate::error::query(query)?;
+    let limit = crate::error::page_limit(q.limit)?;
     let after = cursor(q.after.take().as_deref().filter(|a| !a.is_empty()))?;
     let mut arguments = q.filters()?.arguments(caller.scope())?;
     bind(&mut arguments, after.as_ref().map(|(at, _)| *at))?;
@@ -237,7 +237,7 @@ pub async fn export(
     caller: reefline_common::auth::Caller,
     query: Result<Query<SearchExportQuery>, QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
-    let q = crate::api::query(query)?;
+    let q = crate::error::query(query)?;
     let format = crate::export::ExportQuery::format_only(
         q.format,
         q.status.clone(),

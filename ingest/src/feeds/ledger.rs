@@ -3,41 +3,18 @@
 
 use std::time::Duration;
 
+use reefline_store::ingest as store;
 use sqlx::PgPool;
-use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 use super::parse::{Chunk, Line};
 
-/// Connects (creating the database when it does not exist) and applies the schema's migrations,
-/// the same the sink applies (`sink/migrations`), so either may start first.
-pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    if !sqlx::Postgres::database_exists(url).await? {
-        // Another service may be creating it at this moment.
-        if let Err(e) = sqlx::Postgres::create_database(url).await {
-            anyhow::ensure!(sqlx::Postgres::database_exists(url).await?, e);
-        }
-    }
-    let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
-    let mut migrator = sqlx::migrate!("../sink/migrations");
-    // A sink of a later version may have applied migrations this ingest does not know.
-    migrator.set_ignore_missing(true);
-    migrator.run(&pool).await?;
-    Ok(pool)
-}
+pub use reefline_store::ingest::Feed;
 
-/// A feed as the ledger holds it.
-#[derive(Clone, Debug, sqlx::FromRow)]
-pub struct Feed {
-    pub feed_id: String,
-    pub state: String,
-    pub lines_read: i64,
-    pub accepted: i64,
-    pub rejected: i64,
-    /// Every line up to this one is settled (accepted and on the broker, or rejected).
-    pub last_line: i64,
-    pub chunks: i32,
+/// Connects (creating the database when it does not exist) and brings the schema up to date, as
+/// the sink does, so either may start first.
+pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    reefline_store::connect(url, 4, Duration::from_secs(10)).await
 }
 
 /// What a new upload finds.
@@ -79,67 +56,31 @@ pub fn fingerprint(format: Option<&str>, source_url: Option<&str>, model: Option
     hex::encode(hash.finalize())
 }
 
-const FEED_COLUMNS: &str = "feed_id, state, lines_read, accepted, rejected, last_line, chunks";
-
 /// Opens a feed for reading: a new one, or the one its idempotency key names, unless that one is
 /// read already or being read by a reader heard from within `lease_for`.
 pub async fn open(pool: &PgPool, new: &NewFeed<'_>, lease_for: Duration) -> sqlx::Result<Opened> {
     let lease = Uuid::now_v7();
     let feed_id = Uuid::now_v7().to_string();
-    let inserted: Option<Feed> = sqlx::query_as(&format!(
-        "INSERT INTO feeds (feed_id, key_scope, idempotency_key, format, source_url, model, callback_url, state, reader,
-                            tenant, fingerprint)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'reading', $8, $2, $9)
-         ON CONFLICT (key_scope, idempotency_key) DO NOTHING
-         RETURNING {FEED_COLUMNS}"
-    ))
-    .bind(&feed_id)
-    .bind(new.tenant)
-    .bind(new.idempotency_key)
-    .bind(new.format.unwrap_or("auto"))
-    .bind(new.source_url)
-    .bind(new.model)
-    .bind(new.callback_url)
-    .bind(lease)
-    .bind(new.fingerprint)
-    .fetch_optional(pool)
-    .await?;
-    if let Some(feed) = inserted {
+    let stored = store::NewFeed {
+        tenant: new.tenant,
+        idempotency_key: new.idempotency_key,
+        format: new.format.unwrap_or("auto"),
+        source_url: new.source_url,
+        model: new.model,
+        callback_url: new.callback_url,
+        fingerprint: new.fingerprint,
+    };
+    if let Some(feed) = store::insert_feed(pool, &feed_id, &stored, lease).await? {
         return Ok(Opened::Read { feed, lease, resumed: false });
     }
     // The key names a feed already: take it over unless it is read or its reader is alive.
-    let taken: Option<Feed> = sqlx::query_as(&format!(
-        "UPDATE feeds SET state = 'reading', reader = $3, updated_at = now()
-         WHERE key_scope = $1 AND idempotency_key = $2 AND state <> 'read'
-           AND (state = 'interrupted' OR updated_at < now() - make_interval(secs => $4))
-           AND (fingerprint IS NULL OR fingerprint = $5)
-         RETURNING {FEED_COLUMNS}"
-    ))
-    .bind(new.tenant)
-    .bind(new.idempotency_key)
-    .bind(lease)
-    .bind(lease_for.as_secs_f64())
-    .bind(new.fingerprint)
-    .fetch_optional(pool)
-    .await?;
+    let taken =
+        store::take_over(pool, new.tenant, new.idempotency_key, new.fingerprint, lease, lease_for.as_secs_f64())
+            .await?;
     if let Some(feed) = taken {
         return Ok(Opened::Read { feed, lease, resumed: true });
     }
-    let (feed, same): (Feed, bool) = {
-        let row: (String, bool) = sqlx::query_as(
-            "SELECT feed_id, fingerprint IS NULL OR fingerprint = $3 FROM feeds WHERE key_scope = $1 AND idempotency_key = $2",
-        )
-        .bind(new.tenant)
-        .bind(new.idempotency_key)
-        .bind(new.fingerprint)
-        .fetch_one(pool)
-        .await?;
-        let feed = sqlx::query_as(&format!("SELECT {FEED_COLUMNS} FROM feeds WHERE feed_id = $1"))
-            .bind(&row.0)
-            .fetch_one(pool)
-            .await?;
-        (feed, row.1)
-    };
+    let (feed, same) = store::keyed(pool, new.tenant, new.idempotency_key, new.fingerprint).await?;
     Ok(match (same, feed.state.as_str()) {
         (false, _) => Opened::Reused(feed),
         (true, "read") => Opened::Done(feed),
@@ -174,53 +115,31 @@ pub async fn checkpoint(
     for line in lines {
         if let Line::Rejected { line, reason, content } = line {
             lines_.push(*line as i64);
-            reasons.push(reason.as_str());
-            contents.push(content.as_str());
+            reasons.push(reason.clone());
+            contents.push(content.clone());
         }
     }
-    let accepted = (lines.len() - lines_.len()) as i64;
+    let settled = store::Settled {
+        lines: lines.len() as i64,
+        accepted: (lines.len() - lines_.len()) as i64,
+        rejected: lines_.len() as i64,
+        last_line: last_line as i64,
+        columns: &chunk.columns,
+        format: chunk.format.as_str(),
+        size_bytes: bytes.size.map(|n| n as i64),
+        read_bytes: bytes.read as i64,
+    };
     let mut tx = pool.begin().await?;
-    let rejected_after: Option<i64> = sqlx::query_scalar(
-        "UPDATE feeds SET lines_read = lines_read + $3, accepted = accepted + $4, rejected = rejected + $5,
-                          last_line = $6, chunks = chunks + CASE WHEN $4 > 0 THEN 1 ELSE 0 END,
-                          columns = $7, format = $8, updated_at = now(),
-                          size_bytes = coalesce($9, size_bytes), read_bytes = $10
-         WHERE feed_id = $1 AND reader = $2 AND state = 'reading'
-         RETURNING rejected",
-    )
-    .bind(feed_id)
-    .bind(lease)
-    .bind(lines.len() as i64)
-    .bind(accepted)
-    .bind(lines_.len() as i64)
-    .bind(last_line as i64)
-    .bind(sqlx::types::Json(&chunk.columns))
-    .bind(chunk.format.as_str())
-    .bind(bytes.size.map(|n| n as i64))
-    .bind(bytes.read as i64)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(rejected_after) = rejected_after else { return Err(CheckpointError::LostLease) };
+    let Some(rejected_after) = store::settle(&mut tx, feed_id, lease, &settled).await? else {
+        return Err(CheckpointError::LostLease);
+    };
     let stored = rejects_to_store(rejected_after - lines_.len() as i64, lines_.len(), max_stored_rejects);
-    if stored == 0 {
-        tx.commit().await?;
-        return Ok(());
+    if stored > 0 {
+        lines_.truncate(stored);
+        reasons.truncate(stored);
+        contents.truncate(stored);
+        store::reject(&mut tx, feed_id, &lines_, &reasons, &contents).await?;
     }
-    lines_.truncate(stored);
-    reasons.truncate(stored);
-    contents.truncate(stored);
-    sqlx::query(
-        "INSERT INTO feed_rejects (feed_id, line, reason, content, tenant)
-         SELECT $1, line, reason, content, (SELECT tenant FROM feeds WHERE feed_id = $1)
-         FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS t(line, reason, content)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(feed_id)
-    .bind(&lines_)
-    .bind(&reasons)
-    .bind(&contents)
-    .execute(&mut *tx)
-    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -245,13 +164,7 @@ pub(super) fn rejects_to_store(rejected_before: i64, in_chunk: usize, max_stored
 /// Keeps the lease alive while the reader reads or waits (for its client, the broker, its
 /// tenant's quota); whether `lease` still holds the feed.
 pub async fn heartbeat(pool: &PgPool, feed_id: &str, lease: Uuid) -> sqlx::Result<bool> {
-    let held =
-        sqlx::query("UPDATE feeds SET updated_at = now() WHERE feed_id = $1 AND reader = $2 AND state = 'reading'")
-            .bind(feed_id)
-            .bind(lease)
-            .execute(pool)
-            .await?;
-    Ok(held.rows_affected() == 1)
+    store::heartbeat(pool, feed_id, lease).await
 }
 
 /// Renews the lease every `every` for as long as the reader runs (the task is aborted when it
@@ -281,31 +194,7 @@ pub async fn close(
     lease: Uuid,
     read: Option<super::parse::Format>,
 ) -> sqlx::Result<Option<Feed>> {
-    let mut tx = pool.begin().await?;
-    let feed: Option<Feed> = sqlx::query_as(&format!(
-        "UPDATE feeds SET state = $3, updated_at = now(), read_at = CASE WHEN $3 = 'read' THEN now() END,
-                          format = COALESCE($4, format)
-         WHERE feed_id = $1 AND reader = $2 AND state = 'reading'
-         RETURNING {FEED_COLUMNS}"
-    ))
-    .bind(feed_id)
-    .bind(lease)
-    .bind(if read.is_some() { "read" } else { "interrupted" })
-    .bind(read.map(|f| f.as_str()))
-    .fetch_optional(&mut *tx)
-    .await?;
-    if feed.as_ref().is_some_and(|f| f.state == "read") {
-        sqlx::query(
-            "INSERT INTO batches (batch_id, kind, total, callback_url, submitted_at, tenant)
-             SELECT feed_id, 'feed', accepted, callback_url, created_at, tenant FROM feeds WHERE feed_id = $1
-             ON CONFLICT (batch_id) DO NOTHING",
-        )
-        .bind(feed_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(feed)
+    store::close(pool, feed_id, lease, read.map(|f| f.as_str())).await
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
 /// answer 503 until then.
 pub(crate) async fn connect_in_background(state: Arc<AppState>) {
     let url = secrecy::ExposeSecret::expose_secret(&state.settings.database_url).to_owned();
-    let mut backoff = reefline_common::Backoff::new();
+    let mut backoff = reefline_common::Backoff::OUTAGE.waits();
     loop {
         match ledger::connect(&url).await {
             Ok(pool) => {

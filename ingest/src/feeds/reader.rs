@@ -123,7 +123,7 @@ impl Reader {
         metrics.feed_lines.with_label_values(&["accepted"]).inc_by(requests.len() as u64);
         metrics.feed_lines.with_label_values(&["rejected"]).inc_by((lines.len() - requests.len()) as u64);
         let started = Instant::now();
-        let mut backoff = reefline_common::Backoff::new();
+        let mut backoff = reefline_common::Backoff::OUTAGE.waits();
         let max_stored = self.limits.max_stored_rejects;
         loop {
             let bytes = ledger::Bytes { size: self.size, read: self.read_bytes.load(Ordering::Relaxed) };

@@ -11,7 +11,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use reefline_schemas::{ImageRequest, Metadata};
+use reefline_schemas::ImageRequest;
+use reefline_store::ingest as store;
 use serde::Serialize;
 
 use reefline_common::auth::Caller;
@@ -32,26 +33,6 @@ pub(crate) struct Retried {
     retried: u64,
 }
 
-/// A failed result's request, as the results table holds it.
-#[derive(sqlx::FromRow)]
-struct Failed {
-    request_id: String,
-    batch_id: String,
-    batch_index: i32,
-    batch_size: i32,
-    url: String,
-    model_name: String,
-    feed_id: Option<String>,
-    line: Option<i64>,
-    metadata: Option<sqlx::types::Json<Metadata>>,
-    tenant: String,
-}
-
-/// The failures worth trying again: timeouts, connection failures, 429 and 5xx answers, the
-/// failures the classifier itself retries (`ImageError::is_transient`).
-const TRANSIENT: &str = "status = 'error' AND (error_kind IN ('timeout', 'connection_failed')
-    OR (error_kind = 'http_status' AND substring(error_message from 'HTTP ([0-9]{3})') ~ '^(429|5[0-9][0-9])$'))";
-
 /// Send a feed's transiently failed images through again.
 #[utoipa::path(post, path = "/v1/feeds/{feed_id}/retry", params(("feed_id" = String, Path, description = "A feed id")), responses(
     (status = 202, description = "Those images are on their way again; their rows will hold their new outcome", body = Retried),
@@ -62,7 +43,7 @@ const TRANSIENT: &str = "status = 'error' AND (error_kind IN ('timeout', 'connec
     (status = 503, description = "unavailable: the database or the broker did not answer", body = reefline_schemas::view::ErrorBody),
 ))]
 pub(crate) async fn feed(State(state): State<Arc<AppState>>, caller: Caller, Path(feed_id): Path<String>) -> Response {
-    answer(retry(&state, &caller, "feed_id", feed_id).await)
+    answer(retry(&state, &caller, Of::Feed, feed_id).await)
 }
 
 /// Send a batch's transiently failed images through again.
@@ -79,7 +60,7 @@ pub(crate) async fn batch(
     caller: Caller,
     Path(batch_id): Path<String>,
 ) -> Response {
-    answer(retry(&state, &caller, "batch_id", batch_id).await)
+    answer(retry(&state, &caller, Of::Batch, batch_id).await)
 }
 
 fn answer(outcome: Result<Retried, IngestError>) -> Response {
@@ -89,57 +70,46 @@ fn answer(outcome: Result<Retried, IngestError>) -> Response {
     }
 }
 
-/// Reads the failed rows of `column = id` (of the caller's tenant) a page at a time and produces
-/// each page again.
-async fn retry(state: &AppState, caller: &Caller, column: &str, id: String) -> Result<Retried, IngestError> {
+/// What is retried.
+#[derive(Clone, Copy)]
+enum Of {
+    Feed,
+    Batch,
+}
+
+/// Reads the failed rows of the feed or batch `id` (of the caller's tenant) a page at a time and
+/// produces each page again.
+async fn retry(state: &AppState, caller: &Caller, of: Of, id: String) -> Result<Retried, IngestError> {
     IngestError::unless_submitter(caller)?;
     let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
-    let what = if column == "feed_id" { "feed" } else { "batch" };
-    // Another tenant's feed or batch answers as an unknown one.
-    // Asked of the feed's or batch's own row (its primary key): as fast for another tenant's id
-    // as for an unknown one.
-    let known: bool = sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {table} WHERE {column} = $1 AND ($2::text IS NULL OR tenant = $2))",
-        table = if column == "feed_id" { "feeds" } else { "batches" }
-    ))
-    .bind(&id)
-    .bind(caller.scope())
-    .fetch_one(&pool)
-    .await
-    .map_err(super::database)?;
+    // Another tenant's feed or batch answers as an unknown one. Asked of the feed's or batch's own
+    // row (its primary key): as fast for another tenant's id as for an unknown one.
+    let (what, known) = match of {
+        Of::Feed => ("feed", store::feed_exists(&pool, &id, caller.scope()).await),
+        Of::Batch => ("batch", store::batch_exists(&pool, &id, caller.scope()).await),
+    };
+    let known = known.map_err(super::database)?;
     if !known {
         return Err(IngestError::NotFound { what, id });
     }
     // The rows are read in a transaction holding the retry's lock, released when it ends (also
     // when this ingest dies): a second retry of the same id, on any ingest, is refused meanwhile.
     let mut tx = pool.begin().await.map_err(super::database)?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended('retry ' || $1, 0))")
-        .bind(&id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(super::database)?;
+    let locked = store::lock_retry(&mut tx, &id).await.map_err(super::database)?;
     if !locked {
         return Err(IngestError::RetryInProgress { what, id });
     }
     // Read a page at a time, each page its own statement: the transaction holds the lock between
     // pages but no snapshot, so a retry that waits for its tenant's rate holds back no VACUUM.
-    let sql = format!(
-        "SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line, metadata, tenant
-         FROM results WHERE {column} = $1 AND {TRANSIENT} AND ($2::text IS NULL OR tenant = $2)
-           AND (batch_id, batch_index) > ($3, $4)
-         ORDER BY batch_id, batch_index LIMIT $5"
-    );
     let stall = Duration::from_secs(state.settings.feed_stall_timeout_s.max(1));
     let chunk_size = CHUNK.min(state.settings.max_pending_images).max(1);
     let (mut after, mut retried) = ((String::new(), -1), 0u64);
     loop {
-        let page: Vec<Failed> = sqlx::query_as(&sql)
-            .bind(&id)
-            .bind(caller.scope())
-            .bind(&after.0)
-            .bind(after.1)
-            .bind(chunk_size as i64)
-            .fetch_all(&mut *tx)
+        let failed = match of {
+            Of::Feed => store::RetryOf::Feed(&id),
+            Of::Batch => store::RetryOf::Batch(&id),
+        };
+        let page = store::transient_failures(&mut tx, failed, caller.scope(), (&after.0, after.1), chunk_size as i64)
             .await
             .map_err(super::database)?;
         let Some(last) = page.last() else { break };
@@ -157,7 +127,7 @@ async fn retry(state: &AppState, caller: &Caller, column: &str, id: String) -> R
     Ok(Retried { id, retried })
 }
 
-fn request(row: Failed) -> ImageRequest {
+fn request(row: store::Failed) -> ImageRequest {
     ImageRequest {
         request_id: row.request_id,
         batch_id: row.batch_id,

@@ -44,42 +44,15 @@ impl Share<'_> {
     /// the requests topic, a moment later).
     pub async fn open_chunk(&self, requests: &[ImageRequest]) -> sqlx::Result<()> {
         let Some(first) = requests.first() else { return Ok(()) };
-        sqlx::query(
-            "INSERT INTO batches (batch_id, total, submitted_at, kind, feed_id, tenant)
-             VALUES ($1, $2, to_timestamp($3 / 1000.0), 'feed_chunk', $4, $5)
-             ON CONFLICT (batch_id) DO NOTHING",
-        )
-        .bind(&first.batch_id)
-        .bind(first.batch_size)
-        .bind(first.submitted_at_ms as f64)
-        .bind(self.feed_id)
-        .bind(self.tenant)
-        .execute(self.pool)
-        .await?;
-        Ok(())
+        let (batch_id, total, submitted_ms) = (&first.batch_id, first.batch_size, first.submitted_at_ms);
+        reefline_store::ingest::open_chunk(self.pool, batch_id, total, submitted_ms, self.feed_id, self.tenant).await
     }
 
     /// The feed's share and its images without a result.
     pub async fn standing(&self) -> sqlx::Result<Standing> {
-        let (share, open): (f64, i64) = sqlx::query_as(
-            "WITH active AS (
-                 SELECT feed_id, tenant FROM feeds
-                 WHERE state = 'reading' AND updated_at > now() - make_interval(secs => $4)
-             )
-             SELECT $3::float8 / greatest(1, (SELECT count(DISTINCT tenant) FROM active))
-                               / greatest(1, (SELECT count(*) FROM active WHERE tenant = $2)),
-                    coalesce((SELECT sum(b.total - (SELECT count(*) FROM results r WHERE r.batch_id = b.batch_id))
-                              FROM batches b
-                              WHERE b.kind = 'feed_chunk' AND b.feed_id = $1 AND b.completed_at IS NULL
-                                AND b.submitted_at >= $5), 0)::int8",
-        )
-        .bind(self.feed_id)
-        .bind(self.tenant)
-        .bind(self.window as f64)
-        .bind(self.lease.as_secs_f64())
-        .bind(self.since)
-        .fetch_one(self.pool)
-        .await?;
+        let (window, lease) = (self.window as f64, self.lease.as_secs_f64());
+        let (share, open) =
+            reefline_store::ingest::share(self.pool, self.feed_id, self.tenant, window, lease, self.since).await?;
         Ok(Standing { share: share.floor().max(1.0) as u64, open: open.max(0) as u64 })
     }
 

@@ -14,8 +14,8 @@ use sqlx::postgres::PgArguments;
 
 use reefline_common::auth::Caller;
 
-use crate::api::ApiError;
-use crate::db::COLUMNS;
+use crate::error::ApiError;
+use reefline_store::sink::COLUMNS;
 
 mod camtrap;
 mod coco;
@@ -66,16 +66,8 @@ impl Encode for Lines {
 /// The label table's (index, label) pairs; none when it cannot be read (the MegaDetector export
 /// then names the classes its results hold).
 pub fn read_labels(path: &std::path::Path) -> Vec<(i32, String)> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let mut fields = l.split('\t');
-                let index = fields.next()?.trim().parse().ok()?;
-                Some((index, fields.nth(1)?.trim().to_owned()))
-            })
-            .collect(),
+    match reefline_common::labels::Labels::load(path) {
+        Ok(labels) => labels.iter().enumerate().map(|(i, class)| (i as i32, class.label.clone())).collect(),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "no label table; MegaDetector exports name only the classes seen");
             Vec::new()
@@ -145,15 +137,15 @@ pub async fn feed_results(
     Path(feed_id): Path<String>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let filters = crate::api::query(query)?.check()?;
+    let filters = crate::error::query(query)?.check()?;
     let running = exports.start(caller)?;
     let scope = running.caller.scope().map(str::to_owned);
     // Another tenant's feed answers as an unknown one; a feed's results are its tenant's.
-    let columns = crate::feeds::columns(&exports.pool, &feed_id, scope.as_deref())
+    let columns = reefline_store::sink::feeds::columns(&exports.pool, &feed_id, scope.as_deref())
         .await?
         .ok_or_else(|| ApiError::UnknownFeed(feed_id.clone()))?;
     // Each line once, its latest result; the filters apply to that result.
-    let latest = crate::feeds::latest_per_line("$1", "(SELECT tenant FROM feeds WHERE feed_id = $1)");
+    let latest = reefline_store::sink::feeds::latest_per_line("$1", "(SELECT tenant FROM feeds WHERE feed_id = $1)");
     let selection = Selection {
         sql: format!("SELECT {COLUMNS} FROM ({latest}) latest WHERE {FILTERS} ORDER BY line"),
         arguments: filters.arguments(&feed_id, scope)?,
@@ -182,18 +174,11 @@ pub async fn batch_results(
     Path(batch_id): Path<String>,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let filters = crate::api::query(query)?.check()?;
+    let filters = crate::error::query(query)?.check()?;
     let running = exports.start(caller)?;
     let scope = running.caller.scope().map(str::to_owned);
     // Another tenant's batch answers as an unknown one; a batch's results are its tenant's.
-    let known: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM batches WHERE batch_id = $1 AND kind <> 'feed' AND ($2::text IS NULL OR tenant = $2))
-             OR EXISTS (SELECT 1 FROM results WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2))",
-    )
-    .bind(&batch_id)
-    .bind(&scope)
-    .fetch_one(&exports.pool)
-    .await?;
+    let known = reefline_store::sink::batches::known(&exports.pool, &batch_id, scope.as_deref()).await?;
     if !known {
         return Err(ApiError::UnknownBatch(batch_id));
     }

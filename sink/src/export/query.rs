@@ -5,7 +5,7 @@ use serde::Deserialize;
 use sqlx::postgres::PgArguments;
 
 use super::camtrap;
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 /// What to export, and which results.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]

@@ -10,8 +10,8 @@ use sqlx::postgres::PgArguments;
 
 use super::query::{Filters, Format};
 use super::{Encode, Exports, Lines, Running, Selection, camtrap, coco, megadetector, table};
-use crate::api::ApiError;
-use crate::db::Row;
+use crate::error::ApiError;
+use reefline_store::sink::Row;
 
 /// How many encoded bytes are sent to the client at a time.
 const PIECE: usize = 64 * 1024;

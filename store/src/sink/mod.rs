@@ -1,32 +1,15 @@
-//! The results table: migrations, the idempotent upsert, and the lookups.
+//! The sink's queries: it writes the results, and serves them, their batches and their feeds.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use reefline_schemas::{ClassificationResult, Exif, ImageRequest, Metadata, Prediction, Status};
-use sqlx::migrate::MigrateDatabase;
+use reefline_schemas::{ClassificationResult, Exif, Metadata, Prediction, Status};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 
-/// A request's tenant as the sink stores it (records before tenants: the default).
-pub fn tenant_of_request(r: &ImageRequest) -> &str {
-    r.tenant.as_deref().unwrap_or(reefline_common::auth::DEFAULT_TENANT)
-}
-
-/// Connects (creating the database if it does not exist) and applies the migrations; returns the
-/// writers' pool.
-pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    if !sqlx::Postgres::database_exists(url).await? {
-        // Ingest (its feeds ledger) may be creating it at this moment.
-        if let Err(e) = sqlx::Postgres::create_database(url).await {
-            anyhow::ensure!(sqlx::Postgres::database_exists(url).await?, e);
-        }
-    }
-    let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
-    sqlx::migrate!("./migrations").run(&pool).await?;
-    Ok(pool)
-}
+pub mod batches;
+pub mod feeds;
 
 /// A pool of its own for the lookup API, so that a burst of lookups never takes a connection the
 /// writers need: at most `connections`, each statement cut off after `statement_timeout`, and a
@@ -66,15 +49,19 @@ pub fn export_pool(
 /// `error` (a redo that met a transient failure does not undo a good result). `results` must not
 /// hold the same request twice (one statement cannot update a row twice).
 pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Result<()> {
-    let column = |f: fn(&ClassificationResult) -> String| results.iter().map(f).collect::<Vec<_>>();
-    let optional = |f: fn(&ClassificationResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
     let predictions: Vec<serde_json::Value> =
         results.iter().map(|r| serde_json::to_value(&r.predictions).unwrap_or_default()).collect();
     let metadata: Vec<Option<serde_json::Value>> =
         results.iter().map(|r| r.metadata.as_ref().and_then(|m| serde_json::to_value(m).ok())).collect();
     let exif: Vec<Option<serde_json::Value>> =
         results.iter().map(|r| r.exif.as_ref().and_then(|e| serde_json::to_value(e).ok())).collect();
-    sqlx::query(
+    let text = |f: fn(&ClassificationResult) -> &str| results.iter().map(|r| f(r).to_owned()).collect::<Vec<String>>();
+    let optional = |f: fn(&ClassificationResult) -> Option<&str>| {
+        results.iter().map(|r| f(r).map(str::to_owned)).collect::<Vec<_>>()
+    };
+    let number = |f: fn(&ClassificationResult) -> i32| results.iter().map(f).collect::<Vec<i32>>();
+    let millis = |f: fn(&ClassificationResult) -> i64| results.iter().map(|r| f(r) as f64).collect::<Vec<f64>>();
+    sqlx::query!(
         "INSERT INTO results (request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
                               model_name, model_version, error_kind, error_message, submitted_at, completed_at,
                               feed_id, line, metadata, sha256, cached, exif, tenant)
@@ -98,63 +85,29 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
            AND NOT (results.status = 'ok' AND EXCLUDED.status = 'error')
            -- A record reusing another tenant's request id never replaces that tenant's row.
            AND results.tenant = EXCLUDED.tenant",
+        &text(|r| &r.request_id),
+        &text(|r| &r.batch_id),
+        &number(|r| r.batch_index),
+        &number(|r| r.batch_size),
+        &text(|r| &r.url),
+        &text(|r| r.status.as_str()),
+        &predictions,
+        &optional(|r| r.marine_group.as_deref()) as _,
+        &text(|r| &r.model_name),
+        &text(|r| &r.model_version),
+        &optional(|r| r.error_kind.as_deref()) as _,
+        &optional(|r| r.error_message.as_deref()) as _,
+        &millis(|r| r.submitted_at_ms),
+        &millis(|r| r.completed_at_ms),
+        &optional(|r| r.feed_id.as_deref()) as _,
+        &results.iter().map(|r| r.line).collect::<Vec<_>>() as _,
+        &metadata as _,
+        &optional(|r| r.sha256.as_deref()) as _,
+        &results.iter().map(|r| r.cached).collect::<Vec<bool>>(),
+        &exif as _,
+        // `None` from a classifier before tenants: the statement takes its request's.
+        &optional(|r| r.tenant.as_deref()) as _,
     )
-    .bind(column(|r| r.request_id.clone()))
-    .bind(column(|r| r.batch_id.clone()))
-    .bind(results.iter().map(|r| r.batch_index).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| r.batch_size).collect::<Vec<_>>())
-    .bind(column(|r| r.url.clone()))
-    .bind(column(|r| r.status.as_str().to_owned()))
-    .bind(predictions)
-    .bind(optional(|r| r.marine_group.clone()))
-    .bind(column(|r| r.model_name.clone()))
-    .bind(column(|r| r.model_version.clone()))
-    .bind(optional(|r| r.error_kind.clone()))
-    .bind(optional(|r| r.error_message.clone()))
-    .bind(results.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
-    .bind(results.iter().map(|r| r.completed_at_ms as f64).collect::<Vec<_>>())
-    .bind(optional(|r| r.feed_id.clone()))
-    .bind(results.iter().map(|r| r.line).collect::<Vec<_>>())
-    .bind(metadata)
-    .bind(optional(|r| r.sha256.clone()))
-    .bind(results.iter().map(|r| r.cached).collect::<Vec<_>>())
-    .bind(exif)
-    // `None` from a classifier before tenants: the statement takes its request's.
-    .bind(optional(|r| r.tenant.clone()))
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Whether Postgres refused a statement for the values it holds (a data exception, an integrity
-/// or a program-limit violation), as opposed to being unavailable: retrying the same values will
-/// fail again, so they must be set aside.
-pub fn is_refusal(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            db.code().is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class)))
-        }
-        sqlx::Error::Encode(_) => true,
-        _ => false,
-    }
-}
-
-/// Records `requests` as seen, in one statement; a request seen before is left as it is.
-pub async fn insert_requests(pool: &PgPool, requests: &[ImageRequest]) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO requests (request_id, batch_id, batch_index, batch_size, url, submitted_at, tenant)
-         SELECT request_id, batch_id, batch_index, batch_size, url, to_timestamp(submitted_ms / 1000.0), tenant
-         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::float8[], $7::text[])
-              AS t(request_id, batch_id, batch_index, batch_size, url, submitted_ms, tenant)
-         ON CONFLICT (request_id) DO NOTHING",
-    )
-    .bind(requests.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
-    .bind(requests.iter().map(|r| r.batch_id.as_str()).collect::<Vec<_>>())
-    .bind(requests.iter().map(|r| r.batch_index).collect::<Vec<_>>())
-    .bind(requests.iter().map(|r| r.batch_size).collect::<Vec<_>>())
-    .bind(requests.iter().map(|r| r.url.as_str()).collect::<Vec<_>>())
-    .bind(requests.iter().map(|r| r.submitted_at_ms as f64).collect::<Vec<_>>())
-    .bind(requests.iter().map(tenant_of_request).collect::<Vec<_>>())
     .execute(pool)
     .await?;
     Ok(())
@@ -172,23 +125,24 @@ pub struct Pending {
 
 /// A request of tenant `scope` (any tenant's when `None`) with no result yet.
 pub async fn pending(pool: &PgPool, request_id: &str, scope: Option<&str>) -> sqlx::Result<Option<Pending>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Pending,
         "SELECT request_id, batch_id, batch_index, url, submitted_at FROM requests
          WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)",
+        request_id,
+        scope,
     )
-    .bind(request_id)
-    .bind(scope)
     .fetch_optional(pool)
     .await
 }
 
 /// The number of images in a batch of tenant `scope`, from any of its requests seen.
 pub async fn batch_size(pool: &PgPool, batch_id: &str, scope: Option<&str>) -> sqlx::Result<Option<i32>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT batch_size FROM requests WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) LIMIT 1",
+        batch_id,
+        scope,
     )
-    .bind(batch_id)
-    .bind(scope)
     .fetch_optional(pool)
     .await
 }
@@ -248,29 +202,39 @@ impl Row {
     }
 }
 
-/// The columns a [`Row`] is read from.
+/// The columns a [`Row`] is read from, for the queries a search or an export writes at run time.
 pub const COLUMNS: &str = "request_id, batch_id, batch_index, batch_size, url, status, predictions, marine_group,
                            model_name, model_version, error_kind, error_message, submitted_at, completed_at,
                            feed_id, line, metadata, sha256, cached, exif, tenant";
 
 /// The result of `request_id` if it is tenant `scope`'s (any tenant's when `None`).
 pub async fn result(pool: &PgPool, request_id: &str, scope: Option<&str>) -> sqlx::Result<Option<Row>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM results WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)"
-    ))
-    .bind(request_id)
-    .bind(scope)
+    sqlx::query_as!(
+        Row,
+        r#"SELECT request_id, batch_id, batch_index, batch_size, url, status,
+                predictions AS "predictions: Json<Vec<Prediction>>", marine_group, model_name, model_version,
+                error_kind, error_message, submitted_at, completed_at, feed_id, line,
+                metadata AS "metadata: Json<Metadata>", sha256, cached, exif AS "exif: Json<Exif>", tenant
+         FROM results WHERE request_id = $1 AND ($2::text IS NULL OR tenant = $2)"#,
+        request_id,
+        scope,
+    )
     .fetch_optional(pool)
     .await
 }
 
 /// The results of `batch_id` if it is tenant `scope`'s (any tenant's when `None`).
 pub async fn batch(pool: &PgPool, batch_id: &str, scope: Option<&str>) -> sqlx::Result<Vec<Row>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM results WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY batch_index"
-    ))
-    .bind(batch_id)
-    .bind(scope)
+    sqlx::query_as!(
+        Row,
+        r#"SELECT request_id, batch_id, batch_index, batch_size, url, status,
+                predictions AS "predictions: Json<Vec<Prediction>>", marine_group, model_name, model_version,
+                error_kind, error_message, submitted_at, completed_at, feed_id, line,
+                metadata AS "metadata: Json<Metadata>", sha256, cached, exif AS "exif: Json<Exif>", tenant
+         FROM results WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY batch_index"#,
+        batch_id,
+        scope,
+    )
     .fetch_all(pool)
     .await
 }

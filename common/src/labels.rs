@@ -1,4 +1,5 @@
-//! ImageNet class names and Reefline's marine table over them.
+//! ImageNet class names and Reefline's marine table over them: the label table is read here and
+//! nowhere else (the classifier names its predictions by it, the sink's exports list its classes).
 
 use std::path::Path;
 
@@ -71,6 +72,11 @@ impl Labels {
 
     pub fn get(&self, index: usize) -> Option<&Class> {
         self.0.get(index)
+    }
+
+    /// The classes, in model output order (a class's index is its position).
+    pub fn iter(&self) -> impl Iterator<Item = &Class> {
+        self.0.iter()
     }
 
     pub fn len(&self) -> usize {

@@ -1,4 +1,0 @@
-fn main() {
-    // The migrations are embedded by `sqlx::migrate!`: build again when they change.
-    println!("cargo:rerun-if-changed=../sink/migrations");
-}
