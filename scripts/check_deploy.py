@@ -10,6 +10,7 @@ dashboard's queries must parse. ops/kubernetes/ is validated against the Kuberne
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,7 @@ def check_kubernetes(python):
                     problems.append(f"kubernetes: {name}/{c['name']} has no {probe}")
             if "requests" not in c.get("resources", {}) or "limits" not in c.get("resources", {}):
                 problems.append(f"kubernetes: {name}/{c['name']} sets no resource requests and limits")
+    problems += check_grace_periods(deployments)
     config = next(d for d in docs if d.get("kind") == "ConfigMap")["data"]
     scaled = [d for d in docs if d.get("kind") == "ScaledObject"]
     if len(scaled) != 1 or scaled[0].get("apiVersion") != "keda.sh/v1alpha1":
@@ -104,6 +106,33 @@ def check_kubernetes(python):
             problems.append("keda: lagThreshold must be a number, as a string")
         if not 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= 6:
             problems.append("keda: replicas must stay within 1 and the requests topic's 6 partitions")
+    return problems
+
+
+def drain_seconds(path, const):
+    """The seconds of `const NAME: Duration = Duration::from_secs(N)` in a Rust source file."""
+    match = re.search(rf"const {const}: Duration = Duration::from_secs\((\d+)\)", open(os.path.join(ROOT, path)).read())
+    if not match:
+        sys.exit(f"check-deploy: {path} has no {const}")
+    return int(match.group(1))
+
+
+def check_grace_periods(deployments):
+    """Each Deployment gives its pods longer to stop than the service waits for its work to drain
+    on SIGTERM (read from the code), with 15 s to spare for the producer's flush and the commit:
+    a pod killed mid-drain redoes its work on another."""
+    http = drain_seconds("common/src/http.rs", "DRAIN")
+    drains = {"reefline-classifier": max(http, drain_seconds("classifier/src/consume.rs", "DRAIN_TIMEOUT")),
+              "reefline-ingest": http, "reefline-sink": http}
+    problems = []
+    for name, drain in drains.items():
+        if name not in deployments:
+            problems.append(f"kubernetes: no Deployment {name}")
+            continue
+        grace = deployments[name]["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        if grace < drain + 15:
+            problems.append(f"kubernetes: {name} has terminationGracePeriodSeconds {grace}; its drain "
+                            f"takes up to {drain} s, so it needs at least {drain + 15}")
     return problems
 
 

@@ -22,6 +22,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::ServiceExt;
+use tracing::Instrument;
 
 /// Limits on what one client can hold of an HTTP server.
 #[derive(Clone, Copy, Debug, clap::Args)]
@@ -152,7 +153,17 @@ impl App {
     }
 
     async fn answer(self, request: Request<Body>) -> Response<Body> {
-        let router = if PROBES.contains(&request.uri().path()) { self.probes } else { self.limited };
+        if PROBES.contains(&request.uri().path()) {
+            return Self::route(self.probes, request).await;
+        }
+        // The request's span, in the caller's trace when it sent one: the handler's spans are
+        // its children, and so are the records it produces.
+        let span = tracing::info_span!("http", method = %request.method(), path = %request.uri().path());
+        crate::telemetry::continue_from_http(&span, request.headers());
+        Self::route(self.limited, request).instrument(span).await
+    }
+
+    async fn route(router: Router, request: Request<Body>) -> Response<Body> {
         match router.oneshot(request).await {
             Ok(response) => response,
             Err(infallible) => match infallible {},

@@ -1,7 +1,8 @@
 //! Logs, and traces an operator can follow one image by: each service's spans carry `request_id`
 //! and `batch_id`, and the W3C trace context (`traceparent`, `tracestate`) travels in the Kafka
 //! headers of request and result records, so that ingest's, the classifier's and the sink's spans
-//! of one submission make one trace. Spans are exported to an OpenTelemetry collector over
+//! of one submission make one trace; an HTTP request that carries a caller's trace context continues
+//! that trace (each request is a span, `http`, the handler's spans under it). Spans are exported to an OpenTelemetry collector over
 //! OTLP/HTTP (protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the other `OTEL_EXPORTER_OTLP_*`
 //! and `OTEL_BSP_*` variables apply); without it nothing is exported and no context is sent.
 
@@ -90,9 +91,23 @@ pub fn continue_from<H: Headers>(span: &tracing::Span, headers: Option<&H>) {
         .filter(|h| CONTEXT_HEADERS.contains(&h.key))
         .filter_map(|h| Some((h.key.to_owned(), String::from_utf8(h.value?.to_vec()).ok()?)))
         .collect();
+    adopt(span, &carrier);
+}
+
+/// Makes `span` a child of the trace context an HTTP request's `headers` carry (a caller's own
+/// trace: `traceparent`, `tracestate`), when they carry one.
+pub fn continue_from_http(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    let carrier: HashMap<String, String> = CONTEXT_HEADERS
+        .iter()
+        .filter_map(|key| Some((key.to_string(), headers.get(*key)?.to_str().ok()?.to_owned())))
+        .collect();
+    adopt(span, &carrier);
+}
+
+fn adopt(span: &tracing::Span, carrier: &HashMap<String, String>) {
     if carrier.is_empty() {
         return;
     }
-    let parent = TraceContextPropagator::new().extract(&carrier);
+    let parent = TraceContextPropagator::new().extract(carrier);
     let _ = span.set_parent(parent);
 }

@@ -1,6 +1,7 @@
 //! Traces: one image followed across ingest, the classifier and the sink, each a process exporting
 //! its spans over OTLP/HTTP (protobuf) to a collector, here the test's own, which decodes them as
-//! an OpenTelemetry collector does. The trace context travels in the records' Kafka headers.
+//! an OpenTelemetry collector does. The trace context travels in the records' Kafka headers, from
+//! the caller's own `traceparent` on.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use reefline_e2e::{ServiceProcess, TestEnv, get_json_ok, post_json, serve, wait_for};
+use reefline_e2e::{ServiceProcess, TestEnv, get_json_ok, serve, wait_for};
 use serde_json::json;
 
 /// Spans received, each with the `service.name` of the process that sent it.
@@ -42,6 +43,11 @@ fn collector(received: Received) -> axum::Router {
             }),
         )
         .with_state(received)
+}
+
+/// An id as the trace context writes it.
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A span's string attribute.
@@ -79,8 +85,17 @@ async fn one_image_is_one_trace_across_ingest_the_classifier_and_the_sink() {
     );
     let client = reqwest::Client::new();
 
+    // The caller's own trace (W3C trace context): the submission continues it.
+    let (caller_trace, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let body = json!({ "images": [format!("{}/photos/coffee.png", env.photos)] });
-    let (status, accepted) = post_json(&client, &format!("{ingest_url}/v1/classify"), &body).await;
+    let answer = client
+        .post(format!("{ingest_url}/v1/classify"))
+        .header("traceparent", format!("00-{caller_trace}-{caller_span}-01"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let (status, accepted) = (answer.status(), answer.json::<serde_json::Value>().await.unwrap());
     assert_eq!(status, 202, "{accepted}");
     let (batch_id, request_id) =
         (accepted["batch_id"].as_str().unwrap().to_owned(), accepted["request_ids"][0].as_str().unwrap().to_owned());
@@ -107,8 +122,12 @@ async fn one_image_is_one_trace_across_ingest_the_classifier_and_the_sink() {
     let stages = ["fetch", "decode", "infer", "produce"];
     let spans = wait_for("every span exported", Duration::from_secs(60), || {
         let spans = received.lock().unwrap().clone();
-        let all = find(&spans, "reefline-ingest", "submit").is_some()
-            && find(&spans, "reefline-sink", "store").is_some()
+        // Ingest's request span ends after its submission span, perhaps in a later export.
+        let all = find(&spans, "reefline-ingest", "submit").is_some_and(|submit| {
+            spans.iter().any(|(service, span)| {
+                service == "reefline-ingest" && span.name == "http" && span.span_id == submit.parent_span_id
+            })
+        }) && find(&spans, "reefline-sink", "store").is_some()
             && find(&spans, "reefline-classifier", "classify").is_some_and(|classify| {
                 stages.iter().all(|stage| {
                     spans.iter().any(|(service, span)| {
@@ -126,7 +145,19 @@ async fn one_image_is_one_trace_across_ingest_the_classifier_and_the_sink() {
     let store = find(&spans, "reefline-sink", "store").expect("the sink's store span");
     assert_eq!(attribute(&classify, "request_id"), Some(request_id.as_str()));
     assert_eq!(attribute(&store, "request_id"), Some(request_id.as_str()));
-    // One trace: ingest's submission, the classifier's request under it, the sink's write under that.
+    // One trace, the caller's: ingest's request under the caller's span, its submission under
+    // that, the classifier's request under the submission, the sink's write under that.
+    let http = spans
+        .iter()
+        .find(|(service, span)| {
+            service == "reefline-ingest" && span.name == "http" && span.span_id == submit.parent_span_id
+        })
+        .map(|(_, span)| span.clone())
+        .expect("ingest's span of the HTTP request, the submission's parent");
+    assert_eq!(hex(&http.trace_id), caller_trace, "the submission is in the caller's trace");
+    assert_eq!(hex(&http.parent_span_id), caller_span, "ingest's request span is the caller's span's child");
+    assert_eq!(attribute(&http, "path"), Some("/v1/classify"));
+    assert_eq!(submit.trace_id, http.trace_id);
     assert_eq!((&classify.trace_id, &classify.parent_span_id), (&submit.trace_id, &submit.span_id));
     assert_eq!((&store.trace_id, &store.parent_span_id), (&submit.trace_id, &classify.span_id));
     drop((ingest, classifier, sink));
