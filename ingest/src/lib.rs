@@ -245,6 +245,7 @@ impl Application {
         probe.abort();
         follow.abort();
         register.abort();
+        tracing::info!("ingest stopped");
         Ok(())
     }
 }

@@ -368,36 +368,52 @@ pub type EngineWrap = Box<dyn Fn(Box<dyn Engine>) -> Box<dyn Engine> + Send>;
 
 impl Stack {
     pub async fn start(settings: StackSettings) -> Self {
-        Self::start_parts(settings, Some(None), true).await
+        Self::start_parts(settings, Some(None), true, true).await
     }
 
     /// Starts the stack with the classifier's engines wrapped by `wrap` (they are then not reloaded
     /// when their files change).
     pub async fn start_with(settings: StackSettings, wrap: EngineWrap) -> Self {
-        Self::start_parts(settings, Some(Some(wrap)), true).await
+        Self::start_parts(settings, Some(Some(wrap)), true, true).await
     }
 
     /// Starts ingest and the sink only; the test runs classifiers as processes ([`ServiceProcess`]).
     pub async fn start_without_classifier(settings: StackSettings) -> Self {
-        Self::start_parts(settings, None, true).await
+        Self::start_parts(settings, None, true, true).await
     }
 
     /// Starts ingest and the classifier only; the test runs the sink as a process.
     pub async fn start_without_sink(settings: StackSettings) -> Self {
-        Self::start_parts(settings, Some(None), false).await
+        Self::start_parts(settings, Some(None), false, true).await
+    }
+
+    /// Starts the classifier and the sink only; the test runs ingest as a process (`ingest` is
+    /// then empty).
+    pub async fn start_without_ingest(settings: StackSettings) -> Self {
+        Self::start_parts(settings, Some(None), true, false).await
     }
 
     /// `classifier`: none, or one with its engines as they are (`Some(None)`) or wrapped.
-    async fn start_parts(settings: StackSettings, classifier: Option<Option<EngineWrap>>, sink: bool) -> Self {
+    async fn start_parts(
+        settings: StackSettings,
+        classifier: Option<Option<EngineWrap>>,
+        sink: bool,
+        ingest: bool,
+    ) -> Self {
         let (stop, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         // Ingest first: the sink's web page is told where it is.
-        let ingest = reefline_ingest::Application::build(settings.ingest).await.expect("building ingest");
-        let ingest_url = format!("http://{}", ingest.local_addr());
+        let ingest = match ingest {
+            true => Some(reefline_ingest::Application::build(settings.ingest).await.expect("building ingest")),
+            false => None,
+        };
+        let ingest_url = ingest.as_ref().map(|i| format!("http://{}", i.local_addr())).unwrap_or_default();
         let mut sink_url = String::new();
         if sink {
             let mut sink_settings = settings.sink;
-            sink_settings.ingest_url = ingest_url.clone();
+            if !ingest_url.is_empty() {
+                sink_settings.ingest_url = ingest_url.clone();
+            }
             let sink = reefline_sink::Application::build(sink_settings).await.expect("building the sink");
             sink_url = format!("http://{}", sink.local_addr());
             tasks.push(tokio::spawn(sink.run_until(stopped(&rx))));
@@ -412,7 +428,9 @@ impl Stack {
             classifier_ops = format!("http://{}", classifier.local_addr());
             tasks.push(tokio::spawn(classifier.run_until(stopped(&rx))));
         }
-        tasks.push(tokio::spawn(async move { ingest.run_until(stopped(&rx)).await.map_err(Into::into) }));
+        if let Some(ingest) = ingest {
+            tasks.push(tokio::spawn(async move { ingest.run_until(stopped(&rx)).await.map_err(Into::into) }));
+        }
         Self { ingest: ingest_url, sink: sink_url, classifier_ops, stop, tasks }
     }
 

@@ -186,11 +186,16 @@ impl ServiceProcess {
     }
 
     /// SIGTERM, then waits for the process to exit; returns how long that took.
-    pub fn terminate(mut self) -> Duration {
+    pub fn terminate(self) -> Duration {
+        self.terminate_with_status().0
+    }
+
+    /// SIGTERM, then waits for the process to exit: how long that took, and whether it exited 0.
+    pub fn terminate_with_status(mut self) -> (Duration, bool) {
         let started = Instant::now();
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-        started.elapsed()
+        let exited = self.child.wait().is_ok_and(|status| status.success());
+        (started.elapsed(), exited)
     }
 }
 

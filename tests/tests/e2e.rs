@@ -8,6 +8,7 @@ mod backpressure;
 mod callbacks;
 mod contract;
 mod dead_letters;
+mod drain;
 mod end_to_end;
 mod faults;
 mod feed_exports;
