@@ -16,7 +16,7 @@ COPY . .
 # own crates, not the ~400 dependencies.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    cargo build --release --locked --bins -p reefline-ingest -p reefline-classifier -p reefline-sink -p reefline-tools \
  && mkdir -p /out \
  && cp target/release/reefline-ingest target/release/reefline-classifier target/release/reefline-sink \
        target/release/reefline-registry target/release/reefline-replay /out/

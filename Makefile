@@ -2,7 +2,7 @@
 CACHE ?= $(CURDIR)/.cache
 export REEFLINE_CACHE := $(CACHE)
 
-.PHONY: setup setup-tests build up down status demo test bench bench-scale bench-wait bench-mixed bench-feed soak reset clean
+.PHONY: setup setup-tests build build-bench up down status demo test bench bench-scale bench-wait bench-mixed bench-feed soak reset clean
 
 ## setup: install what is missing and fetch/build the cached assets (model, ONNX Runtime, photos) and
 ## the broker (built once per user under $${XDG_CACHE_HOME:-~/.cache}/reefline; REEFLINE_TOOLS moves it)
@@ -14,9 +14,15 @@ setup:
 setup-tests:
 	scripts/setup.sh tests
 
-## build: the service binaries (release)
+## build: the services', the registry's and the CLI's binaries (release); not the tests' own
 build: setup
-	cargo build --release --locked --bins
+	@echo "build: the services in release: about 8 minutes on 2 cores the first time, seconds once built"
+	cargo build --release --locked --bins -p reefline-ingest -p reefline-classifier -p reefline-sink \
+		-p reefline-tools -p reefline-cli
+
+## build-bench: build, and the benchmarks' own binaries (the photo server and load tool, the stage costs)
+build-bench: build
+	cargo build --release --locked --bins --example stage_costs -p reefline-e2e
 
 ## up: start the local stack in the background and wait until it is ready
 up: build
@@ -38,6 +44,7 @@ demo: up
 test: setup-tests
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	scripts/sqlx-prepare.sh --check
 	promtool check config ops/prometheus/prometheus.yml
 	promtool test rules ops/prometheus/rules_test.yml
 	python3 scripts/check_deploy.py
@@ -49,35 +56,34 @@ clean: down
 ## bench: single-process limit, the make-up stack end to end, the same on memory://, and the Celery
 ## design, on the same 252 real photos and on their 12-megapixel versions; medians of 3 runs; then
 ## the CPU cost of each stage (BENCH_ARGS, e.g. "--runs 5 --images 2000" or "--large-only --jpeg-scale-margin 1")
-bench: build setup-tests
-	cargo build --release --locked -p reefline-e2e --example stage_costs
+bench: build-bench setup-tests
 	python3 scripts/bench.py bench $(BENCH_ARGS)
 
 ## bench-scale: the make-up stack with 1, 2 and 4 classifier instances in one consumer group on the
 ## same photos: images/s against one, CPU per image (SCALE_ARGS, e.g. "--large --classifiers 1 2 4 8")
-bench-scale: build setup-tests
+bench-scale: build-bench setup-tests
 	python3 scripts/bench.py scale $(SCALE_ARGS)
 
 ## bench-wait: what 1,000 submissions waiting for their answers ("wait") cost the make-up stack's
 ## pipeline: its rate with them held against without, ingest's CPU and RSS (WAIT_ARGS, e.g. "--runs 1")
-bench-wait: build setup-tests
+bench-wait: build-bench setup-tests
 	python3 scripts/waiters.py $(WAIT_ARGS)
 
 ## bench-mixed: interactive answers beside a 20,000-photo feed, the feed's rate alone and beside
 ## them, and a second tenant's feed sharing the classifiers (MIXED_ARGS, e.g. "--without-lanes-too")
-bench-mixed: build setup-tests
+bench-mixed: build-bench setup-tests
 	python3 scripts/mixed.py $(MIXED_ARGS)
 
 ## bench-feed: bulk feeds on the make-up stack: a 1,000,000-line feed through ingest alone (lines/s,
 ## RSS), a 10,000-photo CSV feed end to end against the same photos through /v1/classify, and 2,000
 ## photos as a feed from an S3 prefix (moto) against the same over HTTP
 ## (FEED_ARGS, e.g. "--lines 200000 --photos 2000" or "--s3-only --runs 3")
-bench-feed: build setup-tests
+bench-feed: build-bench setup-tests
 	python3 scripts/feedbench.py $(FEED_ARGS)
 
 ## soak: 100,000 requests through the make-up stack: rate per 10,000, ratio to memory://, idle CPU,
 ## broker disk, RSS (SOAK_ARGS, e.g. "--requests 20000 --no-memory")
-soak: build setup-tests
+soak: build-bench setup-tests
 	python3 scripts/bench.py soak $(SOAK_ARGS)
 
 ## reset: stop the stack and forget its broker data, registry and logs (.cache/run)

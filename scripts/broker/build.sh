@@ -28,7 +28,7 @@ if [ -x "$dest/nisshi" ]; then
 fi
 case "$FEATURE" in libsql | dynostore) ;; *) say "unknown storage feature $FEATURE"; exit 2 ;; esac
 
-say "building nisshi $VERSION ($FEATURE storage, patch $tag) into $TOOLS; this happens once per user"
+say "building nisshi $VERSION ($FEATURE storage, patch $tag) into $TOOLS: about 10 minutes on 2 cores, once per user"
 work="$TOOLS/build"
 mkdir -p "$work/fetch"
 
