@@ -117,13 +117,23 @@ def drain_seconds(path, const):
     return int(match.group(1))
 
 
+# What a stopping service may wait for after its drain, at the most: each producer's flush and each
+# consumer's leaving its group take up to 10 s (classifier/src/lib.rs, sink/src/lib.rs).
+FLUSH_OR_CLOSE = 10
+
+
 def check_grace_periods(deployments):
-    """Each Deployment gives its pods longer to stop than the service waits for its work to drain
-    on SIGTERM (read from the code), with 15 s to spare for the producer's flush and the commit:
+    """Each Deployment gives its pods longer to stop than the service may take on SIGTERM at the
+    most (its drains read from the code, then its flushes and consumer closes), with 15 s to spare:
     a pod killed mid-drain redoes its work on another."""
     http = drain_seconds("common/src/http.rs", "DRAIN")
-    drains = {"reefline-classifier": max(http, drain_seconds("classifier/src/consume.rs", "DRAIN_TIMEOUT")),
-              "reefline-ingest": http, "reefline-sink": http}
+    drains = {
+        # The pipeline's drain, two producers' flushes, then both lanes' consumers close together.
+        "reefline-classifier": drain_seconds("classifier/src/consume.rs", "DRAIN_TIMEOUT") + 3 * FLUSH_OR_CLOSE,
+        "reefline-ingest": http,
+        # The HTTP drain beside the consumers', then its two consumers close one after the other.
+        "reefline-sink": http + 2 * FLUSH_OR_CLOSE,
+    }
     problems = []
     for name, drain in drains.items():
         if name not in deployments:

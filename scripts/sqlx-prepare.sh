@@ -6,13 +6,15 @@
 # usage: sqlx-prepare.sh          rewrite store/.sqlx
 #        sqlx-prepare.sh --check  fail if store/.sqlx is not what the queries and migrations give
 #                                 (make test runs this)
-# It applies store/migrations to a scratch database on the local PostgreSQL (DATABASE_ADMIN_URL,
-# default postgres://postgres@127.0.0.1:5432/postgres) and checks the store crate against it.
+# It applies store/migrations to a scratch database on the tests' PostgreSQL (TEST_DATABASE_URL, as
+# the tests read it: default postgres://postgres@127.0.0.1:5432) and checks the store crate against it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-ADMIN=${DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+SERVER=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}
+SERVER=${SERVER%/}
+ADMIN=$SERVER/postgres
 DB=reefline_sqlx_$$
-URL=${ADMIN%/*}/$DB
+URL=$SERVER/$DB
 CHECK=0
 [ "${1:-}" = --check ] && CHECK=1
 

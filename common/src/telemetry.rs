@@ -95,7 +95,8 @@ pub fn continue_from<H: Headers>(span: &tracing::Span, headers: Option<&H>) {
 }
 
 /// Makes `span` a child of the trace context an HTTP request's `headers` carry (a caller's own
-/// trace: `traceparent`, `tracestate`), when they carry one.
+/// trace: `traceparent`, `tracestate`), when they carry one. Any caller may send one, and so
+/// choose whether its own requests are sampled (its trace flags); it reaches no one else's.
 pub fn continue_from_http(span: &tracing::Span, headers: &axum::http::HeaderMap) {
     let carrier: HashMap<String, String> = CONTEXT_HEADERS
         .iter()

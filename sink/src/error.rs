@@ -1,5 +1,5 @@
 //! The sink API's errors, and the checks of a request's query every handler shares: each error has
-//! a stable `kind` (the JSON body's and the metric's) and one status, mapped here.
+//! a stable `kind` (the JSON body's) and one status, mapped here.
 
 use axum::Json;
 use axum::http::StatusCode;

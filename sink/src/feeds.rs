@@ -156,7 +156,7 @@ pub struct RejectsQuery {
 }
 
 /// A line of a feed that was not accepted, and why.
-#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Reject {
     pub line: i64,
     #[schema(example = "not a usable URL: scheme `ftp` is not allowed; use http, https, s3 or az")]

@@ -80,7 +80,8 @@ fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metri
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database_url = secrecy::ExposeSecret::expose_secret(&settings.database_url);
-        let pool = reefline_store::connect(database_url, 8, Duration::from_secs(30)).await?;
+        let pool =
+            reefline_store::connect(database_url, 8, Duration::from_secs(30), reefline_store::Schema::Known).await?;
         let lookups = reefline_store::sink::lookup_pool(
             database_url,
             settings.lookup_connections,

@@ -158,8 +158,8 @@ pub async fn reject(
     tx: &mut PgConnection,
     feed_id: &str,
     lines: &[i64],
-    reasons: &[String],
-    contents: &[String],
+    reasons: &[&str],
+    contents: &[&str],
 ) -> sqlx::Result<()> {
     sqlx::query!(
         "INSERT INTO feed_rejects (feed_id, line, reason, content, tenant)
@@ -229,13 +229,14 @@ pub async fn open_chunk(
     feed_id: &str,
     tenant: &str,
 ) -> sqlx::Result<()> {
+    let submitted_ms = submitted_ms as f64;
     sqlx::query!(
         "INSERT INTO batches (batch_id, total, submitted_at, kind, feed_id, tenant)
-         VALUES ($1, $2, to_timestamp($3 / 1000.0), 'feed_chunk', $4, $5)
+         VALUES ($1, $2, to_timestamp($3::float8 / 1000.0), 'feed_chunk', $4, $5)
          ON CONFLICT (batch_id) DO NOTHING",
         batch_id,
         total,
-        submitted_ms as f64,
+        submitted_ms,
         feed_id,
         tenant,
     )
@@ -331,7 +332,7 @@ pub enum RetryOf<'a> {
 /// Up to `limit` results of a feed or batch of tenant `scope` (any tenant's when `None`) that
 /// failed for a reason worth trying again, after `(batch_id, batch_index)` in that order. The
 /// reasons are the ones the classifier itself retries (`ImageError::is_transient`): timeouts,
-/// connection failures, 429 and 5xx answers.
+/// connection failures, 429 and 5xx answers. A statement for each, so that each reads its own index.
 pub async fn transient_failures(
     tx: &mut PgConnection,
     of: RetryOf<'_>,
@@ -339,32 +340,50 @@ pub async fn transient_failures(
     after: (&str, i32),
     limit: i64,
 ) -> sqlx::Result<Vec<Failed>> {
-    let (feed_id, batch_id) = match of {
-        RetryOf::Feed(id) => (Some(id), None),
-        RetryOf::Batch(id) => (None, Some(id)),
-    };
-    // One statement for both: `feed_id = $1` or `batch_id = $2`, the other NULL (each has its index).
-    sqlx::query_as!(
-        Failed,
-        r#"SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line,
-                  metadata AS "metadata: Json<Metadata>", tenant
-           FROM results
-           WHERE (feed_id = $1 OR batch_id = $2) AND ($3::text IS NULL OR tenant = $3)
-             AND status = 'error'
-             AND (error_kind IN ('timeout', 'connection_failed')
-                  OR (error_kind = 'http_status'
-                      AND substring(error_message from 'HTTP ([0-9]{3})') ~ '^(429|5[0-9][0-9])$'))
-             AND (batch_id, batch_index) > ($4, $5)
-           ORDER BY batch_id, batch_index LIMIT $6"#,
-        feed_id,
-        batch_id,
-        scope,
-        after.0,
-        after.1,
-        limit,
-    )
-    .fetch_all(tx)
-    .await
+    match of {
+        RetryOf::Feed(feed_id) => {
+            sqlx::query_as!(
+                Failed,
+                r#"SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line,
+                          metadata AS "metadata: Json<Metadata>", tenant
+                   FROM results
+                   WHERE feed_id = $1 AND ($2::text IS NULL OR tenant = $2) AND status = 'error'
+                     AND (error_kind IN ('timeout', 'connection_failed')
+                          OR (error_kind = 'http_status'
+                              AND substring(error_message from 'HTTP ([0-9]{3})') ~ '^(429|5[0-9][0-9])$'))
+                     AND (batch_id, batch_index) > ($3, $4)
+                   ORDER BY batch_id, batch_index LIMIT $5"#,
+                feed_id,
+                scope,
+                after.0,
+                after.1,
+                limit,
+            )
+            .fetch_all(tx)
+            .await
+        }
+        RetryOf::Batch(batch_id) => {
+            sqlx::query_as!(
+                Failed,
+                r#"SELECT request_id, batch_id, batch_index, batch_size, url, model_name, feed_id, line,
+                          metadata AS "metadata: Json<Metadata>", tenant
+                   FROM results
+                   WHERE batch_id = $1 AND ($2::text IS NULL OR tenant = $2) AND status = 'error'
+                     AND (error_kind IN ('timeout', 'connection_failed')
+                          OR (error_kind = 'http_status'
+                              AND substring(error_message from 'HTTP ([0-9]{3})') ~ '^(429|5[0-9][0-9])$'))
+                     AND (batch_id, batch_index) > ($3, $4)
+                   ORDER BY batch_id, batch_index LIMIT $5"#,
+                batch_id,
+                scope,
+                after.0,
+                after.1,
+                limit,
+            )
+            .fetch_all(tx)
+            .await
+        }
+    }
 }
 
 /// Adds `n` images to `tenant`'s count of the UTC day unless that would pass `per_day`; whether it did.

@@ -2,8 +2,9 @@
 //!
 //! Each service's queries are a module of their own, named for it; a service calls its own module
 //! (and [`submissions`], which ingest and the sink share) and no other. The queries are
-//! `sqlx::query!` and its kin, checked against the schema when they are compiled: a wrong column or
-//! type fails the build. `.sqlx/` holds that check's record, so a build needs no database;
+//! `sqlx::query!` and its kin, checked against the schema when they are compiled: a wrong column, or
+//! a value of the wrong type for a column, fails the build (an argument passed `as _`, an array
+//! the macros cannot match to its column, is checked by Postgres only). `.sqlx/` holds that check's record, so a build needs no database;
 //! `scripts/sqlx-prepare.sh` writes it again after a query or a migration changes.
 //!
 //! | table                   | written by                                   | read by                       |
@@ -29,12 +30,20 @@ pub mod ingest;
 pub mod sink;
 pub mod submissions;
 
-pub use sqlx::PgPool as Pool;
+/// Which schemas a service starts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schema {
+    /// Only one this version knows every migration of: a sink started against a schema a later
+    /// version migrated refuses to start rather than write rows that schema may refuse.
+    Known,
+    /// One a later version migrated too (its migrations only add what this version does not
+    /// use): ingest, whose feeds must not stop while the sinks are upgraded first.
+    KnownOrNewer,
+}
 
 /// Connects with a pool of at most `connections`, creating the database when it does not exist, and
-/// brings the schema up to date. Ingest and the sink both do, so either may start first; a service
-/// of an earlier version leaves alone the migrations a later one applied.
-pub async fn connect(url: &str, connections: u32, acquire_timeout: Duration) -> anyhow::Result<PgPool> {
+/// brings the schema up to date. Ingest and the sink both do, so either may start first.
+pub async fn connect(url: &str, connections: u32, acquire_timeout: Duration, schema: Schema) -> anyhow::Result<PgPool> {
     if !sqlx::Postgres::database_exists(url).await? {
         // Another service may be creating it at this moment.
         if let Err(e) = sqlx::Postgres::create_database(url).await {
@@ -43,7 +52,7 @@ pub async fn connect(url: &str, connections: u32, acquire_timeout: Duration) -> 
     }
     let pool = PgPoolOptions::new().max_connections(connections).acquire_timeout(acquire_timeout).connect(url).await?;
     let mut migrator = sqlx::migrate!("./migrations");
-    migrator.set_ignore_missing(true);
+    migrator.set_ignore_missing(schema == Schema::KnownOrNewer);
     migrator.run(&pool).await?;
     Ok(pool)
 }

@@ -14,7 +14,7 @@ pub use reefline_store::ingest::Feed;
 /// Connects (creating the database when it does not exist) and brings the schema up to date, as
 /// the sink does, so either may start first.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    reefline_store::connect(url, 4, Duration::from_secs(10)).await
+    reefline_store::connect(url, 4, Duration::from_secs(10), reefline_store::Schema::KnownOrNewer).await
 }
 
 /// What a new upload finds.
@@ -115,8 +115,8 @@ pub async fn checkpoint(
     for line in lines {
         if let Line::Rejected { line, reason, content } = line {
             lines_.push(*line as i64);
-            reasons.push(reason.clone());
-            contents.push(content.clone());
+            reasons.push(reason.as_str());
+            contents.push(content.as_str());
         }
     }
     let settled = store::Settled {

@@ -43,7 +43,7 @@ pub(crate) struct Retried {
     (status = 503, description = "unavailable: the database or the broker did not answer", body = reefline_schemas::view::ErrorBody),
 ))]
 pub(crate) async fn feed(State(state): State<Arc<AppState>>, caller: Caller, Path(feed_id): Path<String>) -> Response {
-    answer(retry(&state, &caller, Of::Feed, feed_id).await)
+    answer(retry(&state, &caller, feed_id, |id| store::RetryOf::Feed(id)).await)
 }
 
 /// Send a batch's transiently failed images through again.
@@ -60,7 +60,7 @@ pub(crate) async fn batch(
     caller: Caller,
     Path(batch_id): Path<String>,
 ) -> Response {
-    answer(retry(&state, &caller, Of::Batch, batch_id).await)
+    answer(retry(&state, &caller, batch_id, |id| store::RetryOf::Batch(id)).await)
 }
 
 fn answer(outcome: Result<Retried, IngestError>) -> Response {
@@ -70,23 +70,21 @@ fn answer(outcome: Result<Retried, IngestError>) -> Response {
     }
 }
 
-/// What is retried.
-#[derive(Clone, Copy)]
-enum Of {
-    Feed,
-    Batch,
-}
-
-/// Reads the failed rows of the feed or batch `id` (of the caller's tenant) a page at a time and
-/// produces each page again.
-async fn retry(state: &AppState, caller: &Caller, of: Of, id: String) -> Result<Retried, IngestError> {
+/// Reads the failed rows of the feed or batch `id` (`of` says which; of the caller's tenant) a page
+/// at a time and produces each page again.
+async fn retry(
+    state: &AppState,
+    caller: &Caller,
+    id: String,
+    of: fn(&str) -> store::RetryOf<'_>,
+) -> Result<Retried, IngestError> {
     IngestError::unless_submitter(caller)?;
     let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
     // Another tenant's feed or batch answers as an unknown one. Asked of the feed's or batch's own
     // row (its primary key): as fast for another tenant's id as for an unknown one.
-    let (what, known) = match of {
-        Of::Feed => ("feed", store::feed_exists(&pool, &id, caller.scope()).await),
-        Of::Batch => ("batch", store::batch_exists(&pool, &id, caller.scope()).await),
+    let (what, known) = match of(&id) {
+        store::RetryOf::Feed(id) => ("feed", store::feed_exists(&pool, id, caller.scope()).await),
+        store::RetryOf::Batch(id) => ("batch", store::batch_exists(&pool, id, caller.scope()).await),
     };
     let known = known.map_err(super::database)?;
     if !known {
@@ -105,11 +103,7 @@ async fn retry(state: &AppState, caller: &Caller, of: Of, id: String) -> Result<
     let chunk_size = CHUNK.min(state.settings.max_pending_images).max(1);
     let (mut after, mut retried) = ((String::new(), -1), 0u64);
     loop {
-        let failed = match of {
-            Of::Feed => store::RetryOf::Feed(&id),
-            Of::Batch => store::RetryOf::Batch(&id),
-        };
-        let page = store::transient_failures(&mut tx, failed, caller.scope(), (&after.0, after.1), chunk_size as i64)
+        let page = store::transient_failures(&mut tx, of(&id), caller.scope(), (&after.0, after.1), chunk_size as i64)
             .await
             .map_err(super::database)?;
         let Some(last) = page.last() else { break };

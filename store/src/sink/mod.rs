@@ -114,7 +114,7 @@ pub async fn upsert(pool: &PgPool, results: &[ClassificationResult]) -> sqlx::Re
 }
 
 /// A request with no result yet.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct Pending {
     pub request_id: String,
     pub batch_id: String,
