@@ -16,7 +16,7 @@ setup-tests:
 
 ## build: the services', the registry's and the CLI's binaries (release); not the tests' own
 build: setup
-	@echo "build: the services in release: about 8 minutes on 2 cores the first time, seconds once built"
+	@echo "build: the services in release: about 9 minutes on 2 cores the first time, seconds once built"
 	cargo build --release --locked --bins -p reefline-ingest -p reefline-classifier -p reefline-sink \
 		-p reefline-tools -p reefline-cli
 
