@@ -20,6 +20,7 @@ mod jpeg;
 mod metrics;
 pub mod offsets;
 pub mod photo;
+mod pipeline;
 pub mod postprocess;
 mod prepare;
 pub mod preprocess;
@@ -44,7 +45,6 @@ use tokio::sync::mpsc;
 
 use crate::consume::{Context, Lanes, Offsets, RequestConsumer};
 use crate::engine::{Engine, OrtEngine};
-use crate::fetch::{FetchLimits, Fetcher};
 use crate::offsets::OffsetTracker;
 pub use crate::settings::Settings;
 use reefline_common::kafka::Lane;
@@ -153,245 +153,90 @@ impl Application {
     /// stores and commits its offsets, and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let ops_addr = self.local_addr();
-        let s = &self.settings;
-        let metrics = self.metrics.clone();
-        let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let Self { settings: s, listener, ops, readiness, engines, default_model, labels, lanes, metrics, .. } = self;
+        let (producer, codec, tenants) = (self.producer, self.codec, self.tenants);
         // The ops port keeps the API's connection limits: a silent or idle connection is closed.
-        let ops_server = tokio::spawn(reefline_common::http::serve(
-            self.listener,
-            self.ops,
-            reefline_common::http::HttpLimits::default(),
-            async move {
-                let _ = ops_stop_rx.await;
-            },
-        ));
-
-        // Queues are sized by the largest batch any model runs.
-        let batch = self.engines.iter().map(|served| served.batch_size).max().unwrap_or(1).max(1);
-        let engines_each = self.engines.iter().map(|served| served.engines.len()).max().unwrap_or(1);
-        let bulk_depth = s.bulk_depth(batch, engines_each);
-        // Bulk requests read wait for a place in the pipeline (`BULK_IN_FLIGHT`) in the prepare
-        // stage's turns, as many as its queue held before there were lanes: the consumer pauses
-        // its partitions only when they and this hand-over channel are full, as rarely as it did
-        // then (a partition revoked while paused has been seen to stall a cooperative rebalance).
-        let most_waiting = batch * 4 + s.fetch_concurrency.max(1) * 16;
-        let (jobs_tx, jobs_rx) = mpsc::channel(batch * 4);
-        let (interactive_tx, interactive_rx) = mpsc::channel(batch * 4);
-        let (outcome_tx, outcome_rx) = mpsc::channel(batch * 8);
-
-        // One batching queue per model, so that a batch never mixes models, and its engine threads.
-        let (mut inputs, mut batchers, mut engines) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut prepared_queues, mut batch_queues) = (Vec::new(), Vec::new());
-        for ServedModel { model, engines: pool, batch_size, reload } in self.engines {
-            let policy = batcher::BatchPolicy {
-                max_size: batch_size,
-                max_delay: Duration::from_millis(s.max_batch_delay_ms),
-                engines: pool.len(),
-                // Twice the bulk images, so an interactive one never waits behind them in the
-                // channel; but at most 16 batches of 8 an engine, so that a large
-                // `BULK_IN_FLIGHT` (far image hosts) does not hold its images' decoded tensors.
-                most_queued: (2 * bulk_depth).min(16 * batch_size.max(8) * pool.len().max(1)),
-            };
-            metrics.engines.with_label_values(&[&model.name]).set(pool.len() as i64);
-            metrics.batch_size_limit.with_label_values(&[&model.name]).set(batch_size as i64);
-            let tag = Arc::new(job::ModelTag { name: model.name.clone(), version: model.version.clone() });
-            let preprocess = s.preprocess(model.image_size);
-            let (prepared_tx, prepared_rx) = mpsc::channel(batch * 4);
-            let batches = Arc::new(batcher::EngineQueue::default());
-            let (done_tx, done_rx) = mpsc::unbounded_channel();
-            prepared_queues.push(prepared_tx.downgrade());
-            batch_queues.push(Arc::downgrade(&batches));
-            let (size, queued) = (
-                metrics.batch_size.with_label_values(&[&model.name]),
-                metrics.queue_seconds.with_label_values(&[&model.name]),
-            );
-            let urgent = |p: &job::Prepared| p.job.lane == Lane::Interactive;
-            batchers.push(tokio::spawn(batcher::run(
-                policy,
-                prepared_rx,
-                batches.clone(),
-                done_rx,
-                urgent,
-                move |n, waited| {
-                    size.observe(n as f64);
-                    queued.observe(waited.as_secs_f64());
-                },
-            )));
-            let current: job::CurrentModel = Arc::new(std::sync::RwLock::new(tag.clone()));
-            for (i, engine) in pool.into_iter().enumerate() {
-                let inference = infer::Inference {
-                    engine,
-                    model: tag.clone(),
-                    current: current.clone(),
-                    reload: reload.clone(),
-                    labels: self.labels.clone(),
-                    top_k: s.top_k,
-                    image_len: preprocess.tensor_len(),
-                    metrics: metrics.clone(),
-                    nice: s.engine_nice,
-                };
-                engines.push(infer::spawn(inference, i, batches.clone(), outcome_tx.clone(), done_tx.clone()));
-            }
-            inputs.push(prepare::ModelInput { tag, current, preprocess, queue: prepared_tx });
-        }
-
-        let decode_threads = if s.decode_threads == 0 {
-            std::thread::available_parallelism().map_or(2, usize::from)
-        } else {
-            s.decode_threads
+        let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+        let limits = reefline_common::http::HttpLimits::default();
+        let ops_server = tokio::spawn(reefline_common::http::serve(listener, ops, limits, async move {
+            let _ = ops_stopped.await;
+        }));
+        let parts = pipeline::Parts {
+            settings: &s,
+            metrics: &metrics,
+            labels: &labels,
+            default_model,
+            producer: producer.clone(),
+            interactive_producer: self.interactive_producer.clone(),
+            codec: codec.clone(),
+            lanes: lanes.clone(),
+            tenants: tenants.clone(),
         };
-        let stage = prepare::Prepare {
-            fetcher: Fetcher::new(
-                FetchLimits {
-                    connect_timeout: Duration::from_secs(s.fetch_connect_timeout_s),
-                    total_timeout: Duration::from_secs(s.fetch_timeout_s),
-                    max_bytes: s.max_image_bytes,
-                    max_redirects: s.fetch_max_redirects,
-                    per_host: s.fetch_per_host,
-                    host_rate: s.fetch_host_rate,
-                },
-                guard::AddressPolicy::from_allowlist(&s.fetch_allow),
-                reefline_common::objects::Stores::new(
-                    &s.stores,
-                    // Transient failures are tried again by the fetch stage, after a delay that holds no slot.
-                    reefline_common::objects::Access {
-                        connect_timeout: Duration::from_secs(s.fetch_connect_timeout_s),
-                        timeout: Duration::from_secs(s.fetch_timeout_s),
-                        retries: 0,
-                    },
-                )?,
-            )?,
-            models: inputs,
-            default_model: self.default_model,
-            fetch_concurrency: s.fetch_concurrency.max(1),
-            decode_threads,
-            decode_nice: s.decode_nice,
-            pixel_budget: prepare::PixelBudget::new(s.decode_pixel_budget),
-            cache: cache::ResultCache::new(
-                s.result_cache.then(|| secrecy::ExposeSecret::expose_secret(&s.database_url)),
-                s.result_cache_shared,
-                Duration::from_secs(1),
-                metrics.cache_lookups.clone(),
-            )?,
-            retry: prepare::RetryPolicy {
-                max_retries: s.fetch_retries,
-                backoff: reefline_common::Backoff {
-                    base: Duration::from_millis(s.fetch_retry_base_ms),
-                    max: Duration::from_millis(s.fetch_retry_max_ms),
-                    jitter: true,
-                },
-            },
-            metrics: metrics.clone(),
-        };
-        tokio::spawn(sample_queue_depths(
-            metrics.clone(),
-            jobs_tx.downgrade(),
-            prepared_queues,
-            batch_queues,
-            outcome_tx.downgrade(),
-        ));
-        let lanes = prepare::Lanes {
-            interactive: interactive_rx,
-            bulk: jobs_rx,
-            bulk_slots: Arc::new(tokio::sync::Semaphore::new(bulk_depth)),
-            waiting: turns::Turns::default(),
-            most_waiting,
-            waiting_depth: metrics.queue_depth.with_label_values(&["admit"]),
-        };
-        let prepare = tokio::spawn(prepare::run(stage, lanes, outcome_tx.clone()));
-        drop(outcome_tx);
-        let stopping = produce::Stopping::default();
-        let produce = tokio::spawn(produce::run(
-            produce::Produce {
-                producer: self.producer.clone(),
-                interactive_producer: self.interactive_producer.clone(),
-                codec: self.codec.clone(),
-                topic: s.topics.results.clone(),
-                dead_letter_topic: s.topics.dead_letter.clone(),
-                lanes: self.lanes.clone(),
-                metrics: metrics.clone(),
-                stopping: stopping.clone(),
-                tenants: self.tenants.clone(),
-            },
-            outcome_rx,
-        ));
-
+        let pipeline = pipeline::Pipeline::start(engines, parts)?;
         let probe = tokio::spawn(watch_dependencies(
-            self.producer.clone(),
+            producer.clone(),
             s.topics.requests.clone(),
             s.registry.clone(),
-            self.readiness.clone(),
+            readiness.clone(),
         ));
-        tracing::info!(
-            ops = %ops_addr,
-            topic = %s.topics.requests,
-            interactive_topic = %s.topics.interactive,
-            group = %s.group_id,
-            bulk_in_flight = bulk_depth,
-            "classifier running"
-        );
+        tracing::info!(ops = %ops_addr, topic = %s.topics.requests, interactive_topic = %s.topics.interactive, group = %s.group_id, "classifier running");
         // Both ends of its contract: cameras that produce requests straight to Kafka find it too.
-        let register = [
-            reefline_common::register_schema::<ImageRequest>(self.codec.clone(), s.topics.requests.clone()),
-            reefline_common::register_schema::<ImageRequest>(self.codec.clone(), s.topics.interactive.clone()),
-            reefline_common::register_schema::<ClassificationResult>(self.codec.clone(), s.topics.results.clone()),
-        ];
+        let register = [&s.topics.requests, &s.topics.interactive]
+            .map(|topic| reefline_common::register_schema::<ImageRequest>(codec.clone(), topic.clone()));
+        let register_results =
+            reefline_common::register_schema::<ClassificationResult>(codec.clone(), s.topics.results.clone());
         let consume = |lane: Lane| consume::Consume {
             lane,
-            offsets: self.lanes.get(lane).clone(),
+            offsets: lanes.get(lane).clone(),
             metrics: metrics.clone(),
-            codec: self.codec.clone(),
-            producer: self.producer.clone(),
+            codec: codec.clone(),
+            producer: producer.clone(),
             dead_letter_topic: s.topics.dead_letter.clone(),
             max_url_bytes: s.max_url_bytes,
-            tenants: self.tenants.clone(),
+            tenants: tenants.clone(),
         };
         // Both lanes stop reading together. Each reads in a task of its own: a rebalance's drain
         // blocks its lane's task (inside its consumer's poll) and must not hold the other's.
         let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-        let lanes = [
-            tokio::spawn(consume::run(consume(Lane::Interactive), interactive_tx, shutdown.clone())),
-            tokio::spawn(consume::run(consume(Lane::Bulk), jobs_tx, shutdown)),
+        let (interactive, bulk) = (pipeline.interactive.clone(), pipeline.bulk.clone());
+        let reading = [
+            tokio::spawn(consume::run(consume(Lane::Interactive), interactive, shutdown.clone())),
+            tokio::spawn(consume::run(consume(Lane::Bulk), bulk, shutdown)),
         ];
-        for lane in lanes {
+        for lane in reading {
             lane.await?;
         }
 
         tracing::info!("draining in-flight requests");
-        stopping.begin();
         probe.abort();
-        register.iter().for_each(tokio::task::JoinHandle::abort);
-        self.readiness.set(false);
-        prepare.await?;
-        for batcher in batchers {
-            batcher.await?;
-        }
-        produce.await?;
-        for engine in engines {
-            tokio::task::spawn_blocking(move || engine.join())
-                .await?
-                .map_err(|_| anyhow::anyhow!("inference thread panicked"))?;
-        }
-        self.producer.flush(Duration::from_secs(10))?;
+        register.iter().chain([&register_results]).for_each(tokio::task::JoinHandle::abort);
+        readiness.set(false);
+        pipeline.finish().await?;
+        producer.flush(Duration::from_secs(10))?;
         self.interactive_producer.flush(Duration::from_secs(10))?;
-        for lane in Lane::ALL {
-            let offsets = self.lanes.get(lane);
-            match offsets.consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(())
-                | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
-                    offsets.hand_over_cleanly().await;
-                }
-                Err(e) => tracing::warn!(error = %e, lane = lane.as_str(), "final commit failed"),
-            }
-        }
-        let _ = ops_stop_tx.send(());
+        commit_and_hand_over(&lanes).await;
+        let _ = ops_stop.send(());
         let _ = ops_server.await;
-        let Lanes { interactive, bulk } = self.lanes;
+        let Lanes { interactive, bulk } = lanes;
         let close =
             |offsets: Offsets, what| reefline_common::kafka::close(offsets.consumer, what, Duration::from_secs(10));
         tokio::join!(close(interactive, "the interactive requests consumer"), close(bulk, "the requests consumer"));
         tracing::info!("classifier stopped");
         Ok(())
+    }
+}
+
+/// Commits each lane's offsets and, where nothing it took is left unfinished, records the clean
+/// handover in the delivery ledger.
+async fn commit_and_hand_over(lanes: &Lanes) {
+    for lane in Lane::ALL {
+        let offsets = lanes.get(lane);
+        match offsets.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+                offsets.hand_over_cleanly().await;
+            }
+            Err(e) => tracing::warn!(error = %e, lane = lane.as_str(), "final commit failed"),
+        }
     }
 }
 
