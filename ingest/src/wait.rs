@@ -198,21 +198,11 @@ mod tests {
             batch_size: 2,
             url: "https://example.org/a.jpg".into(),
             status,
-            predictions: Vec::new(),
-            marine_group: None,
             model_name: "m".into(),
             model_version: "v".into(),
-            error_kind: None,
-            error_message: None,
             submitted_at_ms: 0,
             completed_at_ms,
-            feed_id: None,
-            line: None,
-            metadata: None,
-            sha256: None,
-            cached: false,
-            exif: None,
-            tenant: None,
+            ..Default::default()
         }
     }
 

@@ -337,17 +337,9 @@ mod tests {
             marine_group: Some("bony_fish".into()),
             model_name: "m".into(),
             model_version: "v".into(),
-            error_kind: None,
-            error_message: None,
             submitted_at_ms: r.submitted_at_ms,
             completed_at_ms: r.submitted_at_ms + 5,
-            feed_id: None,
-            line: None,
-            metadata: None,
-            sha256: None,
-            cached: false,
-            exif: None,
-            tenant: None,
+            ..Default::default()
         }
     }
 

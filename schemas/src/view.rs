@@ -179,21 +179,12 @@ mod tests {
             batch_size: 3,
             url: "https://example.org/a.jpg".into(),
             status,
-            predictions: Vec::new(),
-            marine_group: None,
             model_name: "m".into(),
             model_version: "v".into(),
             error_kind: (status == Status::Error).then(|| "not_found".into()),
-            error_message: None,
             submitted_at_ms: 1_764_000_000_123,
             completed_at_ms: 1_764_000_001_000,
-            feed_id: None,
-            line: None,
-            metadata: None,
-            sha256: None,
-            cached: false,
-            exif: None,
-            tenant: None,
+            ..Default::default()
         }
     }
 

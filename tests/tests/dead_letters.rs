@@ -228,20 +228,13 @@ fn result(url: &str, status: reefline_schemas::Status, label: &str) -> reefline_
         } else {
             Vec::new()
         },
-        marine_group: None,
         model_name: "efficientnet-lite0".into(),
         model_version: "test".into(),
         error_kind: (!ok).then(|| "timeout".into()),
         error_message: (!ok).then(|| "fetching the image timed out after 20 s".into()),
         submitted_at_ms: r.submitted_at_ms,
         completed_at_ms: r.submitted_at_ms + 100,
-        feed_id: None,
-        line: None,
-        metadata: None,
-        sha256: None,
-        cached: false,
-        exif: None,
-        tenant: None,
+        ..Default::default()
     }
 }
 

@@ -44,17 +44,9 @@ fn result() -> ClassificationResult {
         marine_group: Some("shark".into()),
         model_name: "efficientnet-lite0".into(),
         model_version: "0.1.0".into(),
-        error_kind: None,
-        error_message: None,
         submitted_at_ms: 1_763_700_000_000,
         completed_at_ms: 1_763_700_000_250,
-        feed_id: None,
-        line: None,
-        metadata: None,
-        sha256: None,
-        cached: false,
-        exif: None,
-        tenant: None,
+        ..Default::default()
     }
 }
 
