@@ -338,12 +338,8 @@ fn lane_consumer(settings: &Settings, lane: Lane, lag: &reefline_common::kafka::
     };
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let (backlog, modes) = (consume::Backlog::default(), consume::Modes::default());
-    let deliveries = deliveries::Deliveries::new(
-        Some(secrecy::ExposeSecret::expose_secret(&settings.database_url)),
-        &group,
-        topic,
-        settings.delivery_limit,
-    )?;
+    let deliveries =
+        deliveries::Deliveries::new(Some(settings.database.url()), &group, topic, settings.delivery_limit)?;
     let context = Context {
         tracker: tracker.clone(),
         backlog: backlog.clone(),

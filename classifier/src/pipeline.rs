@@ -224,7 +224,7 @@ fn prepare_stage(
     // Transient failures are tried again by the fetch stage, after a delay that holds no slot.
     let access = reefline_common::objects::Access { connect_timeout, timeout: limits.total_timeout, retries: 0 };
     let stores = reefline_common::objects::Stores::new(&s.stores, access)?;
-    let database = s.result_cache.then(|| secrecy::ExposeSecret::expose_secret(&s.database_url));
+    let database = s.result_cache.then(|| s.database.url());
     Ok(prepare::Prepare {
         fetcher: Fetcher::new(limits, guard::AddressPolicy::from_allowlist(&s.fetch_allow), stores)?,
         models,

@@ -120,16 +120,8 @@ pub struct Settings {
     #[arg(long, env = "FETCH_ALLOW", value_delimiter = ',')]
     pub fetch_allow: Vec<String>,
 
-    /// Postgres URL of the results (the sink's database), where the result cache looks up the
-    /// predictions already made for the same bytes; a database that does not answer only costs
-    /// the cache (the image is classified).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/reefline",
-        hide_env_values = true
-    )]
-    pub database_url: secrecy::SecretString,
+    #[command(flatten)]
+    pub database: reefline_store::DatabaseSettings,
 
     /// Reuse the predictions stored for the same bytes (SHA-256) and model version instead of
     /// running the model again.

@@ -3,7 +3,6 @@
 use reefline_common::auth::AuthSettings;
 use reefline_common::kafka::{KafkaSettings, Topics};
 use reefline_schemas::RegistrySettings;
-use secrecy::SecretString;
 
 /// How ingest listens, where it produces, and the limits it enforces on requests.
 #[derive(Clone, Debug, clap::Parser)]
@@ -87,16 +86,8 @@ pub struct Settings {
     #[arg(long, env = "INGEST_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     pub cors_origins: Vec<String>,
 
-    /// Postgres URL of the feeds ledger (the sink's database): which feed an Idempotency-Key
-    /// names, how far each feed has been read, and its rejected lines. Submissions of URLs work
-    /// without it; feeds answer 503 until it is reached.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/reefline",
-        hide_env_values = true
-    )]
-    pub database_url: SecretString,
+    #[command(flatten)]
+    pub database: reefline_store::DatabaseSettings,
 
     /// Lines of a feed produced as one batch and settled together; an upload that breaks off
     /// resumes after the last settled chunk. At most a quarter of `FEED_WINDOW_IMAGES` when that

@@ -79,7 +79,7 @@ fn metrics(registry: &prometheus::Registry) -> prometheus::Result<consume::Metri
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let database_url = secrecy::ExposeSecret::expose_secret(&settings.database_url);
+        let database_url = settings.database.url();
         let pool =
             reefline_store::connect(database_url, 8, Duration::from_secs(30), reefline_store::Schema::Known).await?;
         let lookups = reefline_store::sink::lookup_pool(

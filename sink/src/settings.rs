@@ -3,7 +3,7 @@
 use reefline_common::auth::AuthSettings;
 use reefline_common::kafka::{KafkaSettings, Topics};
 use reefline_schemas::RegistrySettings;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 /// Where results come from, where they go, and how the lookup API listens.
 #[derive(Clone, clap::Parser)]
@@ -13,14 +13,8 @@ pub struct Settings {
     #[arg(long, env = "SINK_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: String,
 
-    /// Postgres URL; the database is created and migrated at start-up.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/reefline",
-        hide_env_values = true
-    )]
-    pub database_url: SecretString,
+    #[command(flatten)]
+    pub database: reefline_store::DatabaseSettings,
 
     /// The topics: results are read from `results`, and `requests` too, to know what is pending
     /// before its result arrives.
@@ -132,7 +126,7 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("listen", &self.listen)
-            .field("database_url", &url_without_password(self.database_url.expose_secret()))
+            .field("database", &self.database)
             .field("topics", &self.topics)
             .field("group_id", &self.group_id)
             .field("callback_secret", &self.callback_secret)
@@ -144,36 +138,5 @@ impl std::fmt::Debug for Settings {
             .field("kafka", &self.kafka)
             .field("registry", &self.registry)
             .finish_non_exhaustive()
-    }
-}
-
-/// The database URL with any password replaced, for logs; a URL that does not parse is not shown
-/// at all (it may still hold one).
-pub fn url_without_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            parsed.into()
-        }
-        Err(_) => "<unparsable>".into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_hidden_whatever_they_hold() {
-        for (url, shown) in [
-            ("postgres://reef:p%40ss@db:5432/reefline", "postgres://reef:***@db:5432/reefline"),
-            ("postgres://reef:p@ss@db/reefline", "postgres://reef:***@db/reefline"),
-            ("postgres://reef@db/reefline", "postgres://reef@db/reefline"),
-            ("not a url: hunter2", "<unparsable>"),
-        ] {
-            assert_eq!(url_without_password(url), shown, "{url}");
-        }
     }
 }

@@ -27,8 +27,11 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 pub mod classifier;
 pub mod ingest;
+mod settings;
 pub mod sink;
 pub mod submissions;
+
+pub use settings::{DatabaseSettings, url_without_password};
 
 /// Which schemas a service starts on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -300,7 +300,7 @@ impl StackSettings {
         ingest.topics = topics.clone();
         ingest.kafka = kafka.clone();
         ingest.registry = registry.clone();
-        ingest.database_url = database_url.into();
+        ingest.database = database_url.into();
         // Feeds fetched from the photo server (on loopback).
         ingest.source_allow = vec!["127.0.0.1/32".into()];
 
@@ -322,12 +322,12 @@ impl StackSettings {
         classifier.fetch_retry_base_ms = 50;
         classifier.kafka = kafka.clone();
         classifier.registry = registry.clone();
-        classifier.database_url = database_url.into();
+        classifier.database = database_url.into();
 
         let mut sink = reefline_sink::Settings::parse_from(["sink"]);
         sink.tenants = tenants;
         sink.listen = "127.0.0.1:0".into();
-        sink.database_url = database_url.into();
+        sink.database = database_url.into();
         sink.topics = topics;
         sink.group_id = names.sink_group.clone();
         sink.requests_group_id = format!("{}-requests", names.sink_group);

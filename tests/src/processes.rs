@@ -79,7 +79,7 @@ impl ServiceProcess {
             .arg("--ort-dylib")
             .arg(&s.ort_dylib)
             .args(["--fetch-allow", &s.fetch_allow.join(",")])
-            .args(["--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
+            .args(["--database-url", s.database.url()])
             .args(["--result-cache", &s.result_cache.to_string()])
             .args([
                 "--max-image-bytes",
@@ -105,7 +105,7 @@ impl ServiceProcess {
         let mut command = Command::new(bin);
         command.envs(env.iter().copied());
         command
-            .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
+            .args(["--listen", "127.0.0.1:0", "--database-url", s.database.url()])
             .args(["--results-topic", &s.topics.results, "--dead-letter-topic", &s.topics.dead_letter])
             .args(["--topic-partitions", &s.topics.partitions.to_string(), "--group-id", &s.group_id])
             .args(["--requests-topic", &s.topics.requests, "--requests-group-id", &s.requests_group_id])
@@ -126,7 +126,7 @@ impl ServiceProcess {
         let mut command = Command::new(bin);
         command.envs(env.iter().copied());
         command
-            .args(["--listen", "127.0.0.1:0", "--database-url", secrecy::ExposeSecret::expose_secret(&s.database_url)])
+            .args(["--listen", "127.0.0.1:0", "--database-url", s.database.url()])
             .args(["--requests-topic", &s.topics.requests, "--results-topic", &s.topics.results])
             .args(["--interactive-topic", &s.topics.interactive])
             .args(["--topic-partitions", &s.topics.partitions.to_string()])

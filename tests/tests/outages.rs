@@ -90,7 +90,7 @@ async fn a_database_outage_of_10_s_is_waited_out() {
     let env = TestEnv::start().await;
     let proxy = TcpProxy::start(&env.db.server()).await;
     let mut settings = env.settings();
-    settings.sink.database_url = env.db.url_via(proxy.addr).into();
+    settings.sink.database = env.db.url_via(proxy.addr).into();
     let stack = Stack::start(settings).await;
     let pool = env.db.pool().await;
     let client = reqwest::Client::new();

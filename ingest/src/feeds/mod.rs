@@ -48,7 +48,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
 /// Reaches the database and migrates it, trying again every few seconds until it answers; feeds
 /// answer 503 until then.
 pub(crate) async fn connect_in_background(state: Arc<AppState>) {
-    let url = secrecy::ExposeSecret::expose_secret(&state.settings.database_url).to_owned();
+    let url = state.settings.database.url().to_owned();
     let mut backoff = reefline_common::Backoff::OUTAGE.waits();
     loop {
         match ledger::connect(&url).await {
