@@ -12,7 +12,18 @@ use ort::value::TensorRef;
 /// Runs the model on a batch of preprocessed images.
 pub trait Engine: Send + 'static {
     /// `input` holds `batch` images of `image_len` floats each; returns `batch` rows of logits.
-    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String>;
+    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, EngineError>;
+}
+
+/// Why a batch was not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// ONNX Runtime refused the input or failed running the model.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(#[from] ort::Error),
+    /// The model's output is not one row of logits an image.
+    #[error("the model returned shape {shape:?} for a batch of {batch}")]
+    Shape { shape: Vec<i64>, batch: usize },
 }
 
 /// Where inference runs.
@@ -35,7 +46,7 @@ pub enum Optimization {
 }
 
 impl Engine for Box<dyn Engine> {
-    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, EngineError> {
         (**self).infer(input, batch)
     }
 }
@@ -149,14 +160,14 @@ fn register_provider(builder: SessionBuilder, options: &OrtOptions) -> anyhow::R
 }
 
 impl Engine for OrtEngine {
-    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, EngineError> {
         let s = self.image_size;
-        let tensor = TensorRef::from_array_view(([batch, 3, s, s], input)).map_err(|e| e.to_string())?;
-        let outputs = self.session.run(ort::inputs![tensor]).map_err(|e| e.to_string())?;
-        let (shape, logits) = outputs[0].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+        let tensor = TensorRef::from_array_view(([batch, 3, s, s], input))?;
+        let outputs = self.session.run(ort::inputs![tensor])?;
+        let (shape, logits) = outputs[0].try_extract_tensor::<f32>()?;
         let classes = shape.last().copied().unwrap_or(0) as usize;
         if classes == 0 || logits.len() != batch * classes {
-            return Err(format!("model returned shape {shape:?} for a batch of {batch}"));
+            return Err(EngineError::Shape { shape: shape.to_vec(), batch });
         }
         Ok(logits.chunks_exact(classes).map(<[f32]>::to_vec).collect())
     }

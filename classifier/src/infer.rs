@@ -83,7 +83,7 @@ pub fn spawn(
                         .collect(),
                     Err(e) => {
                         tracing::error!(error = %e, batch = n, "inference failed");
-                        (0..n).map(|_| Err(ImageError::Inference(e.clone()))).collect()
+                        (0..n).map(|_| Err(ImageError::Inference(e.to_string()))).collect()
                     }
                 };
                 for (mut q, result) in batch.into_iter().zip(results) {

@@ -33,13 +33,29 @@ pub fn reduction_for(width: u32, height: u32, min_short: u32) -> u32 {
     [8, 4, 2].into_iter().find(|&denom| scaled(short, denom) >= min_short).unwrap_or(1)
 }
 
+/// Why libjpeg-turbo did not read a JPEG.
+#[derive(Debug, thiserror::Error)]
+pub enum JpegError {
+    /// libjpeg-turbo's own reason (a corrupt stream, a warning taken as an error, memory).
+    #[error("{0}")]
+    Library(String),
+    /// The header gives a side that is no size.
+    #[error("a {side} of {value}")]
+    Side { side: &'static str, value: i32 },
+    /// The bytes decoded are not the JPEG whose header was inspected.
+    #[error("the header says {read_width}x{read_height}, not the {width}x{height} inspected")]
+    HeaderChanged { read_width: u32, read_height: u32, width: u32, height: u32 },
+    #[error("libjpeg-turbo could not make a decompressor")]
+    NoDecompressor,
+}
+
 /// Reads the header without decoding.
-pub fn header(bytes: &[u8]) -> Result<Header, String> {
+pub fn header(bytes: &[u8]) -> Result<Header, JpegError> {
     with_decompressor(|d| read_header(d, bytes))
 }
 
 /// This decompressor's reading of a JPEG's header.
-fn read_header(d: &Decompressor, bytes: &[u8]) -> Result<Header, String> {
+fn read_header(d: &Decompressor, bytes: &[u8]) -> Result<Header, JpegError> {
     // SAFETY: the handle is valid, the buffer is borrowed for the call only.
     if unsafe { tj::tj3DecompressHeader(d.0, bytes.as_ptr(), bytes.len() as tj::size_t) } != 0 {
         return Err(d.error());
@@ -50,8 +66,8 @@ fn read_header(d: &Decompressor, bytes: &[u8]) -> Result<Header, String> {
     let precision = get(tj::TJPARAM_TJPARAM_PRECISION);
     let lossless = get(tj::TJPARAM_TJPARAM_LOSSLESS) == 1;
     Ok(Header {
-        width: u32::try_from(width).map_err(|_| format!("a width of {width}"))?,
-        height: u32::try_from(height).map_err(|_| format!("a height of {height}"))?,
+        width: u32::try_from(width).map_err(|_| JpegError::Side { side: "width", value: width })?,
+        height: u32::try_from(height).map_err(|_| JpegError::Side { side: "height", value: height })?,
         rgb_decodable: precision == 8 && !matches!(colorspace, tj::TJCS_TJCS_CMYK | tj::TJCS_TJCS_YCCK),
         scalable: !lossless,
     })
@@ -67,7 +83,7 @@ pub fn decode_rgb(
     header: &Header,
     denom: u32,
     max_memory_mb: u32,
-) -> Result<(Vec<u8>, u32, u32), String> {
+) -> Result<(Vec<u8>, u32, u32), JpegError> {
     let (width, height) = (scaled(header.width, denom), scaled(header.height, denom));
     let mut pixels = vec![0u8; width as usize * height as usize * 3];
     with_decompressor(|d| {
@@ -75,10 +91,12 @@ pub fn decode_rgb(
         // bytes, or it would write past the buffer's end.
         let read = read_header(d, bytes)?;
         if (read.width, read.height) != (header.width, header.height) {
-            return Err(format!(
-                "the header says {}x{}, not the {}x{} inspected",
-                read.width, read.height, header.width, header.height
-            ));
+            return Err(JpegError::HeaderChanged {
+                read_width: read.width,
+                read_height: read.height,
+                width: header.width,
+                height: header.height,
+            });
         }
         let factor = tj::tjscalingfactor { num: 1, denom: denom as libc::c_int };
         // SAFETY: the handle is valid; `pixels` holds `height` rows of `3 × width` bytes, the size
@@ -109,9 +127,9 @@ pub fn decode_rgb(
 struct Decompressor(tj::tjhandle);
 
 impl Decompressor {
-    fn error(&self) -> String {
+    fn error(&self) -> JpegError {
         // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
-        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned()
+        JpegError::Library(unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned())
     }
 }
 
@@ -122,7 +140,7 @@ impl Drop for Decompressor {
     }
 }
 
-fn with_decompressor<T>(f: impl FnOnce(&Decompressor) -> Result<T, String>) -> Result<T, String> {
+fn with_decompressor<T>(f: impl FnOnce(&Decompressor) -> Result<T, JpegError>) -> Result<T, JpegError> {
     thread_local! {
         static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
     }
@@ -132,7 +150,7 @@ fn with_decompressor<T>(f: impl FnOnce(&Decompressor) -> Result<T, String>) -> R
             // SAFETY: tj3Init has no preconditions; a null handle is checked.
             let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as libc::c_int) };
             if handle.is_null() {
-                return Err("libjpeg-turbo could not make a decompressor".into());
+                return Err(JpegError::NoDecompressor);
             }
             *slot = Some(Decompressor(handle));
         }

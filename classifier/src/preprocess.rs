@@ -185,7 +185,7 @@ impl Preprocess {
                 // A JPEG libjpeg-turbo refuses or warns about may still be one the `image` crate
                 // reads (its encoder's grayscale files; a truncated photo, as far as it goes); if
                 // neither can, libjpeg-turbo's reason is given.
-                Err(e) => jpeg_error = Some(e),
+                Err(e) => jpeg_error = Some(e.to_string()),
             }
         }
         let mut reader = ImageReader::new(Cursor::new(bytes))

@@ -99,7 +99,7 @@ mod tests {
     struct Constant(f32);
 
     impl Engine for Constant {
-        fn infer(&mut self, _: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+        fn infer(&mut self, _: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, crate::engine::EngineError> {
             Ok(vec![vec![self.0]; batch])
         }
     }

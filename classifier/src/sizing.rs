@@ -118,7 +118,7 @@ mod tests {
     }
 
     impl Engine for Linear {
-        fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+        fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, crate::engine::EngineError> {
             assert_eq!(input.len(), batch * 3);
             self.seen.push(batch);
             std::thread::sleep(self.fixed + self.per_image * batch as u32);

@@ -12,7 +12,11 @@ use serde_json::json;
 struct Slow(Box<dyn Engine>);
 
 impl Engine for Slow {
-    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+    fn infer(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>, reefline_classifier::engine::EngineError> {
         std::thread::sleep(Duration::from_secs(1));
         self.0.infer(input, batch)
     }

@@ -20,7 +20,11 @@ struct Slow {
 }
 
 impl Engine for Slow {
-    fn infer(&mut self, input: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, String> {
+    fn infer(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>, reefline_classifier::engine::EngineError> {
         std::thread::sleep(self.per_image * batch as u32);
         self.engine.infer(input, batch)
     }
