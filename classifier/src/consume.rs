@@ -2,12 +2,13 @@
 //! offset only once the result for it and everything before it on the partition is acknowledged.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use reefline_common::producer::FutureProducer;
 use reefline_schemas::{Codec, CodecError, ImageRequest};
@@ -321,153 +322,214 @@ impl Lanes {
 /// the requests held back have been handed over. Until then librdkafka's own prefetch, bounded by
 /// `KAFKA_PREFETCH_KBYTES`, holds what is waiting.
 pub async fn run(consume: Consume, jobs: mpsc::Sender<Job>, shutdown: impl Future<Output = ()>) {
-    let Consume { lane, offsets, metrics, codec, producer, dead_letter_topic, max_url_bytes, tenants } = consume;
+    let reader = Reader { consume, jobs };
     tokio::pin!(shutdown);
-    let backlog = offsets.backlog.clone();
-    let set_paused = |paused: bool| {
-        offsets.set_paused(paused);
-        if paused {
-            metrics.pauses.inc();
-        }
-        metrics.paused.set(i64::from(paused));
-    };
     let mut paused = false;
     loop {
-        if hand_over(&backlog, &jobs).is_err() {
+        let message = match reader.next_message(&mut paused, shutdown.as_mut()).await {
+            Next::Message(message) => message,
+            Next::Again => continue,
+            Next::Stop => return,
+        };
+        if reader.take(&message, shutdown.as_mut()).await.is_err() {
             return;
         }
-        if backlog.is_empty() && paused {
-            paused = false;
-            set_paused(false);
+    }
+}
+
+/// One lane's reading: what [`run`] reads with, and where it hands requests on.
+struct Reader {
+    consume: Consume,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// What the read loop does next.
+enum Next<'a> {
+    Message(BorrowedMessage<'a>),
+    /// A request held back was handed on, or the consumer erred: look again.
+    Again,
+    /// Told to stop, or the pipeline is gone.
+    Stop,
+}
+
+/// Reading stops: told to, or the pipeline is gone.
+struct Stop;
+
+impl Reader {
+    fn set_paused(&self, paused: bool) {
+        self.consume.offsets.set_paused(paused);
+        if paused {
+            self.consume.metrics.pauses.inc();
         }
-        if !backlog.is_empty() && !paused {
+        self.consume.metrics.paused.set(i64::from(paused));
+    }
+
+    /// Hands the requests held back on, pausing the partitions while the pipeline stays full for
+    /// [`PAUSE_AFTER`], and reads the next record.
+    async fn next_message(&self, paused: &mut bool, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> Next<'_> {
+        let (backlog, jobs) = (&self.consume.offsets.backlog, &self.jobs);
+        if hand_over(backlog, jobs).is_err() {
+            return Next::Stop;
+        }
+        if backlog.is_empty() && *paused {
+            *paused = false;
+            self.set_paused(false);
+        }
+        if !backlog.is_empty() && !*paused {
             tokio::select! {
-                () = &mut shutdown => return,
-                permit = jobs.reserve() => match (permit, backlog.pop_front()) {
-                    (Ok(permit), Some(job)) => {
-                        permit.send(job);
-                        continue;
-                    }
-                    _ => return,
-                },
+                () = &mut shutdown => return Next::Stop,
+                permit = jobs.reserve() => return send_held(permit, backlog),
                 () = tokio::time::sleep(PAUSE_AFTER) => {
-                    paused = true;
-                    set_paused(true);
+                    *paused = true;
+                    self.set_paused(true);
                 }
             }
         }
         let message = tokio::select! {
-            () = &mut shutdown => return,
-            permit = jobs.reserve(), if paused => match (permit, backlog.pop_front()) {
-                (Ok(permit), Some(job)) => {
-                    permit.send(job);
-                    continue;
-                }
-                _ => return,
-            },
-            m = offsets.consumer.recv() => m,
+            () = &mut shutdown => return Next::Stop,
+            permit = jobs.reserve(), if *paused => return send_held(permit, backlog),
+            m = self.consume.offsets.consumer.recv() => m,
         };
-        let message = match message {
-            Ok(m) => m,
+        match message {
+            Ok(message) => {
+                if *paused {
+                    // Fetched before the pause, or from a partition assigned since: pause that one too.
+                    self.set_paused(true);
+                }
+                Next::Message(message)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "consumer error");
-                continue;
+                Next::Again
             }
+        }
+    }
+
+    /// Takes a record: tracks its offset, takes it alone after an unclean handover (or moves it
+    /// aside, tried too often), then hands its request on or moves it to the dead-letter topic.
+    async fn take(
+        &self,
+        message: &BorrowedMessage<'_>,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), Stop> {
+        let Consume { lane, offsets, metrics, producer, dead_letter_topic, .. } = &self.consume;
+        let (partition, offset, read_at) = (message.partition(), message.offset(), Instant::now());
+        let stopped = || {
+            offsets.forget(partition, offset);
+            Err(Stop)
         };
-        if paused {
-            // Fetched before the pause, or from a partition assigned since: pause that one too.
-            set_paused(true);
-        }
-        let (partition, offset, read_at) = (message.partition(), message.offset(), std::time::Instant::now());
         offsets.start(partition, offset);
-        record_broker_wait(&metrics, lane, &message);
-        // After a partition's last owner stopped mid-way, its next requests are taken alone and
-        // counted: one that was tried alone `DELIVERY_LIMIT` times is moved aside.
-        let (mut alone, mut crashed) = (false, None);
-        if offsets.deliveries.limit() > 0
-            && let Mode::Careful { .. } = offsets.mode(partition, offset).await
-        {
-            tokio::select! {
-                () = &mut shutdown => return offsets.forget(partition, offset),
-                idle = idle(&offsets, &backlog, &jobs, 1) => if idle.is_err() { return },
-            }
-            let limit = offsets.deliveries.limit();
-            match offsets.deliveries.try_once(partition, offset).await {
-                Some(tries) if tries > limit => {
-                    // Moved aside for an operator to replay once it is fixed, and failed with its
-                    // reason as a result, so that its batch completes.
-                    let reason = crate::error::ImageError::CrashLoop { tries: limit }.to_string();
-                    tracing::warn!(partition, offset, "{reason}");
-                    let moved = reefline_common::kafka::dead_letter(
-                        &producer,
-                        &dead_letter_topic,
-                        (&message).into(),
-                        "crash_loop",
-                        &reason,
-                    );
-                    tokio::select! {
-                        () = &mut shutdown => return offsets.forget(partition, offset),
-                        () = moved => {}
-                    }
-                    metrics.dead_letters.with_label_values(&["crash_loop"]).inc();
-                    crashed = Some(limit);
-                }
-                _ => alone = true,
-            }
-        }
-        // A record that does not decode, or decodes to a request no ingest would have accepted
-        // (a NUL in its URL, ids that are not UUIDs, ...), is moved aside with its reason.
+        record_broker_wait(metrics, *lane, message);
+        let (alone, crashed) = self.careful(message, shutdown.as_mut()).await?;
         // Waiting out a registry or broker outage here must not hold up a stop: what is not
         // finished is not committed, so it is read again after a restart.
         let checked = tokio::select! {
-            () = &mut shutdown => return offsets.forget(partition, offset),
-            decoded = reefline_common::retry_transient("schema registry", CodecError::is_transient, || {
-                codec.decode::<ImageRequest>(message.payload())
-            }) => decoded
-                .map_err(|e| (e.kind(), e.to_string()))
-                .and_then(|request| match request.check(max_url_bytes) {
-                    Ok(()) => Ok(request),
-                    Err(reason) => Err(("invalid_request", reason)),
-                })
-                .and_then(|mut request| {
-                    // The tenant it claims only under ingest's seal; no claim: the topic's.
-                    let tenant = tenants
-                        .tenant_of(request.tenant.as_deref(), &request.request_id, message.headers())
-                        .map_err(|reason| ("unsealed_tenant", reason))?;
-                    request.tenant = Some(tenant);
-                    Ok(request)
-                }),
+            () = &mut shutdown => return stopped(),
+            checked = self.check(message) => checked,
         };
         match checked {
             Ok(request) => {
-                let span = job_span(&request, &message);
-                let (photo, slot, lap_at) = (None, None, read_at);
-                backlog.push_back(Job { request, lane, partition, offset, photo, crashed, span, slot, lap_at });
+                let span = job_span(&request, message);
+                let (lane, photo, slot, lap_at) = (*lane, None, None, read_at);
+                offsets.backlog.push_back(Job { request, lane, partition, offset, photo, crashed, span, slot, lap_at });
                 if alone {
                     // Nothing else is taken until it is finished.
                     tokio::select! {
-                        () = &mut shutdown => return offsets.forget(partition, offset),
-                        idle = idle(&offsets, &backlog, &jobs, 0) => if idle.is_err() { return },
+                        () = &mut shutdown => return stopped(),
+                        idle = idle(offsets, &offsets.backlog, &self.jobs, 0) => idle.map_err(|()| Stop)?,
                     }
                     offsets.deliveries.finished(partition, offset).await;
                 }
             }
             Err((kind, reason)) => {
-                let moved = reefline_common::kafka::dead_letter(
-                    &producer,
-                    &dead_letter_topic,
-                    (&message).into(),
-                    kind,
-                    &reason,
-                );
+                let moved =
+                    reefline_common::kafka::dead_letter(producer, dead_letter_topic, message.into(), kind, &reason);
                 tokio::select! {
-                    () = &mut shutdown => return,
+                    () = &mut shutdown => return Err(Stop),
                     () = moved => {}
                 }
                 metrics.dead_letters.with_label_values(&[kind]).inc();
                 offsets.finish(partition, offset);
             }
         }
+        Ok(())
+    }
+
+    /// After a partition's last owner stopped mid-way, its next requests are taken alone and
+    /// counted: one that was tried alone `DELIVERY_LIMIT` times is moved aside, for an operator to
+    /// replay once it is fixed, and failed with its reason as a result, so that its batch
+    /// completes. Whether this one is taken alone, and the tries it was moved aside after.
+    async fn careful(
+        &self,
+        message: &BorrowedMessage<'_>,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(bool, Option<u32>), Stop> {
+        let Consume { offsets, metrics, producer, dead_letter_topic, .. } = &self.consume;
+        let (partition, offset) = (message.partition(), message.offset());
+        if offsets.deliveries.limit() == 0 || !matches!(offsets.mode(partition, offset).await, Mode::Careful { .. }) {
+            return Ok((false, None));
+        }
+        tokio::select! {
+            () = &mut shutdown => {
+                offsets.forget(partition, offset);
+                return Err(Stop);
+            }
+            idle = idle(offsets, &offsets.backlog, &self.jobs, 1) => idle.map_err(|()| Stop)?,
+        }
+        let limit = offsets.deliveries.limit();
+        match offsets.deliveries.try_once(partition, offset).await {
+            Some(tries) if tries > limit => {
+                let reason = crate::error::ImageError::CrashLoop { tries: limit }.to_string();
+                tracing::warn!(partition, offset, "{reason}");
+                let moved = reefline_common::kafka::dead_letter(
+                    producer,
+                    dead_letter_topic,
+                    message.into(),
+                    "crash_loop",
+                    &reason,
+                );
+                tokio::select! {
+                    () = &mut shutdown => {
+                        offsets.forget(partition, offset);
+                        return Err(Stop);
+                    }
+                    () = moved => {}
+                }
+                metrics.dead_letters.with_label_values(&["crash_loop"]).inc();
+                Ok((false, Some(limit)))
+            }
+            _ => Ok((true, None)),
+        }
+    }
+
+    /// The request a record holds, or why it is moved aside: it does not decode, or decodes to a
+    /// request no ingest would have accepted (a NUL in its URL, ids that are not UUIDs, ...), or
+    /// claims a tenant without ingest's seal (no claim: the topic's tenant). A registry away is
+    /// waited out.
+    async fn check(&self, message: &BorrowedMessage<'_>) -> Result<ImageRequest, (&'static str, String)> {
+        let Consume { codec, max_url_bytes, tenants, .. } = &self.consume;
+        let decoded = reefline_common::retry_transient("schema registry", CodecError::is_transient, || {
+            codec.decode::<ImageRequest>(message.payload())
+        })
+        .await;
+        let mut request = decoded.map_err(|e| (e.kind(), e.to_string()))?;
+        request.check(*max_url_bytes).map_err(|reason| ("invalid_request", reason))?;
+        let tenant = tenants
+            .tenant_of(request.tenant.as_deref(), &request.request_id, message.headers())
+            .map_err(|reason| ("unsealed_tenant", reason))?;
+        request.tenant = Some(tenant);
+        Ok(request)
+    }
+}
+
+/// Hands the oldest request held back on, through `permit`; stops when the pipeline is gone.
+fn send_held<'a>(permit: Result<mpsc::Permit<'_, Job>, mpsc::error::SendError<()>>, backlog: &Backlog) -> Next<'a> {
+    match (permit, backlog.pop_front()) {
+        (Ok(permit), Some(job)) => {
+            permit.send(job);
+            Next::Again
+        }
+        _ => Next::Stop,
     }
 }
 
