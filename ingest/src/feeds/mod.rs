@@ -220,94 +220,27 @@ async fn accept(
 ) -> Result<(FeedAccepted, bool), IngestError> {
     IngestError::unless_submitter(&caller)?;
     let pool = state.feeds.get().cloned().ok_or(IngestError::FeedsUnavailable)?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    // With a window, a chunk is at most a quarter of it: each is settled (and so counted in the
-    // feed's progress) as soon as the feed's share lets it on the broker.
-    let chunk_lines = state.settings.feed_chunk_lines.clamp(1, state.settings.max_pending_images);
-    let window = state.settings.feed_window_images;
-    let chunk_lines = if window > 0 { chunk_lines.min((window / 4).max(1) as usize) } else { chunk_lines };
-    let limits = Limits {
-        chunk_lines,
-        idle: Duration::from_secs(state.settings.feed_idle_timeout_s.max(1)),
-        lease: Duration::from_secs(state.settings.feed_lease_s.max(1)),
-        stall: Duration::from_secs(state.settings.feed_stall_timeout_s.max(1)),
-        max_url_bytes: state.settings.max_url_bytes,
-        max_stored_rejects: state.settings.feed_max_stored_rejects,
-        source: pace::Pace {
-            idle: Duration::from_secs(state.settings.feed_idle_timeout_s.max(1)),
-            deadline: Duration::from_secs(state.settings.feed_source_deadline_s.max(1)),
-            min_bytes_per_s: state.settings.feed_source_min_bytes_per_s,
-        },
-    };
+    let limits = Limits::of(&state.settings);
     let key = idempotency_key(&headers)?;
-    let max_url_bytes = state.settings.max_url_bytes;
-    // `first`: what the fingerprint covers besides the source (an upload's first bytes, a prefix's pattern).
-    let (stream, format, model, source_url, callback_url, size, first) = if content_type.starts_with("application/json")
-    {
-        let source = source::parse_request(body).await?;
-        let format = parse_format(source.format.as_deref())?;
-        let model = crate::validate::check_model(source.model, &state.models)?;
-        let callback_url = crate::validate::check_callback(source.callback_url, max_url_bytes)?;
-        match (source.source_url, source.source) {
-            (Some(_), Some(_)) => {
-                return Err(IngestError::InvalidField {
-                    field: "source".into(),
-                    message: "give `source_url` (a list of image URLs) or `source` (a bucket's prefix), not both"
-                        .into(),
-                });
-            }
-            (None, Some(prefix)) => {
-                let listing = bucket::open(&state.stores, &caller.tenant, &prefix, source.pattern.as_deref()).await?;
-                let pattern = Bytes::from(listing.pattern.into_bytes());
-                (listing.stream, Some(Format::Ndjson), model, Some(listing.source), callback_url, None, Some(pattern))
-            }
-            (url, None) => {
-                if source.pattern.is_some() {
-                    return Err(IngestError::InvalidField {
-                        field: "match".into(),
-                        message: "`match` selects the objects of a `source` prefix; a `source_url` list has none"
-                            .into(),
-                    });
-                }
-                let url = url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
-                let url = reefline_schemas::rules::check_web_url(&url, max_url_bytes)
-                    .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
-                let (stream, found, size) =
-                    source::open(&state.source_client, &state.source_policy, &url, limits.source).await?;
-                (stream, format.or(found), model, Some(url.to_string()), callback_url, size, Some(Bytes::new()))
-            }
-        }
-    } else {
-        let format = parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type));
-        let model = crate::validate::check_model(query.model, &state.models)?;
-        let callback_url = crate::validate::check_callback(query.callback_url, max_url_bytes)?;
-        (
-            idle_limited(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limits.idle),
-            format,
-            model,
-            None,
-            callback_url,
-            headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()),
-            None,
-        )
-    };
+    let source = Source::open(&state, &caller, &headers, query, body, limits).await?;
     let read_bytes = Arc::new(AtomicU64::new(0));
-    let stream = counted(stream, read_bytes.clone());
+    let stream = counted(source.stream, read_bytes.clone());
     // What the key is used for: a resend with another file, source or model is refused rather
     // than "resumed" (the new file's first lines would never be classified).
-    let (first_bytes, stream) = match first {
+    let (first_bytes, stream) = match source.first {
         None => peek(stream, FINGERPRINT_BYTES).await?,
         Some(first) => (first, stream),
     };
+    let (format, model) = (source.format, source.model);
     let fingerprint =
-        ledger::fingerprint(format.map(Format::as_str), source_url.as_deref(), model.as_deref(), &first_bytes);
+        ledger::fingerprint(format.map(Format::as_str), source.url.as_deref(), model.as_deref(), &first_bytes);
     let new = ledger::NewFeed {
         tenant: &caller.tenant,
         idempotency_key: key.as_deref(),
         format: format.map(Format::as_str),
-        source_url: source_url.as_deref(),
+        source_url: source.url.as_deref(),
         model: model.as_deref(),
-        callback_url: callback_url.as_deref(),
+        callback_url: source.callback_url.as_deref(),
         fingerprint: &fingerprint,
     };
     let (feed, lease, resumed) = match ledger::open(&pool, &new, limits.lease).await.map_err(database)? {
@@ -321,20 +254,9 @@ async fn accept(
     }
     // The reading goes on in a task of its own: a client that hangs up drops this handler, and the
     // feed must still be marked interrupted (its reader gone) for a resend to take it over at once.
-    let feed_id = feed.feed_id.clone();
-    let since = chrono::Utc::now();
-    let reader = Reader {
-        state: state.clone(),
-        pool,
-        lease,
-        feed_id,
-        model,
-        tenant: caller.tenant,
-        limits,
-        since,
-        size,
-        read_bytes,
-    };
+    let (feed_id, since, size) = (feed.feed_id.clone(), chrono::Utc::now(), source.size);
+    let tenant = caller.tenant;
+    let reader = Reader { state: state.clone(), pool, lease, feed_id, model, tenant, limits, since, size, read_bytes };
     let options = parse::Options {
         format,
         max_url_bytes: limits.max_url_bytes,
@@ -348,6 +270,106 @@ async fn accept(
     match outcome.map_err(|e| IngestError::Unavailable(format!("the feed's reader failed: {e}")))? {
         Ok(feed) => Ok((FeedAccepted::new(feed, resumed), false)),
         Err(e) => Err(e),
+    }
+}
+
+impl Limits {
+    fn of(settings: &crate::Settings) -> Self {
+        // With a window, a chunk is at most a quarter of it: each is settled (and so counted in the
+        // feed's progress) as soon as the feed's share lets it on the broker.
+        let chunk_lines = settings.feed_chunk_lines.clamp(1, settings.max_pending_images);
+        let window = settings.feed_window_images;
+        let chunk_lines = if window > 0 { chunk_lines.min((window / 4).max(1) as usize) } else { chunk_lines };
+        let idle = Duration::from_secs(settings.feed_idle_timeout_s.max(1));
+        Limits {
+            chunk_lines,
+            idle,
+            lease: Duration::from_secs(settings.feed_lease_s.max(1)),
+            stall: Duration::from_secs(settings.feed_stall_timeout_s.max(1)),
+            max_url_bytes: settings.max_url_bytes,
+            max_stored_rejects: settings.feed_max_stored_rejects,
+            source: pace::Pace {
+                idle,
+                deadline: Duration::from_secs(settings.feed_source_deadline_s.max(1)),
+                min_bytes_per_s: settings.feed_source_min_bytes_per_s,
+            },
+        }
+    }
+}
+
+/// Where a feed's lines come from, and what the request says of them.
+struct Source {
+    stream: ByteStream,
+    format: Option<Format>,
+    model: Option<String>,
+    /// The list's URL or the bucket's prefix; `None` for an upload.
+    url: Option<String>,
+    callback_url: Option<String>,
+    /// Its size in bytes, when known.
+    size: Option<u64>,
+    /// What the fingerprint covers besides the source: a prefix's pattern, nothing for a list (it
+    /// may change between fetches); `None` for an upload, whose first bytes it covers.
+    first: Option<Bytes>,
+}
+
+impl Source {
+    /// The upload itself, or (a JSON body) the list at `source_url` or the objects under `source`.
+    async fn open(
+        state: &AppState,
+        caller: &Caller,
+        headers: &HeaderMap,
+        query: FeedQuery,
+        body: Body,
+        limits: Limits,
+    ) -> Result<Self, IngestError> {
+        let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if content_type.starts_with("application/json") {
+            return Self::fetched(state, caller, body, limits).await;
+        }
+        let max_url_bytes = state.settings.max_url_bytes;
+        Ok(Self {
+            stream: idle_limited(body.into_data_stream().map(|r| r.map_err(std::io::Error::other)), limits.idle),
+            format: parse_format(query.format.as_deref())?.or_else(|| Format::from_media_type(content_type)),
+            model: crate::validate::check_model(query.model, &state.models)?,
+            url: None,
+            callback_url: crate::validate::check_callback(query.callback_url, max_url_bytes)?,
+            size: headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()),
+            first: None,
+        })
+    }
+
+    /// The list at a JSON body's `source_url`, or the objects under its `source` prefix.
+    async fn fetched(state: &AppState, caller: &Caller, body: Body, limits: Limits) -> Result<Self, IngestError> {
+        let max_url_bytes = state.settings.max_url_bytes;
+        let source = source::parse_request(body).await?;
+        let format = parse_format(source.format.as_deref())?;
+        let model = crate::validate::check_model(source.model, &state.models)?;
+        let callback_url = crate::validate::check_callback(source.callback_url, max_url_bytes)?;
+        match (source.source_url, source.source) {
+            (Some(_), Some(_)) => Err(IngestError::InvalidField {
+                field: "source".into(),
+                message: "give `source_url` (a list of image URLs) or `source` (a bucket's prefix), not both".into(),
+            }),
+            (None, Some(prefix)) => {
+                let listing = bucket::open(&state.stores, &caller.tenant, &prefix, source.pattern.as_deref()).await?;
+                let first = Some(Bytes::from(listing.pattern.into_bytes()));
+                let (stream, url) = (listing.stream, Some(listing.source));
+                Ok(Self { stream, format: Some(Format::Ndjson), model, url, callback_url, size: None, first })
+            }
+            (_, None) if source.pattern.is_some() => Err(IngestError::InvalidField {
+                field: "match".into(),
+                message: "`match` selects the objects of a `source` prefix; a `source_url` list has none".into(),
+            }),
+            (url, None) => {
+                let url = url.ok_or_else(|| IngestError::MissingField { field: "source_url".into() })?;
+                let url = reefline_schemas::rules::check_web_url(&url, max_url_bytes)
+                    .map_err(|reason| IngestError::InvalidUrl { field: "source_url".into(), reason })?;
+                let (stream, found, size) =
+                    source::open(&state.source_client, &state.source_policy, &url, limits.source).await?;
+                let (format, url, first) = (format.or(found), Some(url.to_string()), Some(Bytes::new()));
+                Ok(Self { stream, format, model, url, callback_url, size, first })
+            }
+        }
     }
 }
 
