@@ -45,113 +45,112 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let seconds =
-            |name: &str, help: &str| Histogram::with_opts(HistogramOpts::new(name, help).buckets(duration_buckets()));
-        let by_model = |name: &str, help: &str| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(duration_buckets()), &["model"])
-        };
-        let m = Self {
-            stage_seconds: HistogramVec::new(
-                HistogramOpts::new(
-                    "classifier_stage_seconds",
-                    "Time a request spends in each stage, by stage and lane",
-                )
-                .buckets(duration_buckets()),
+        let m = Maker(registry);
+        let model = &["model"];
+        Ok(Self {
+            stage_seconds: m.seconds_by(
+                "classifier_stage_seconds",
+                "Time a request spends in each stage, by stage and lane",
                 &["stage", "lane"],
             )?,
-            results: IntCounterVec::new(
-                Opts::new("classifier_results_total", "Results produced, by outcome"),
-                &["outcome"],
-            )?,
-            fetch_seconds: seconds("classifier_fetch_seconds", "Time to fetch one image")?,
-            fetch_bytes: IntCounter::new("classifier_fetch_bytes_total", "Image bytes fetched")?,
-            fetch_failures: IntCounterVec::new(
-                Opts::new("classifier_fetch_failures_total", "Failed fetches by kind"),
+            results: m.counter_by("classifier_results_total", "Results produced, by outcome", &["outcome"])?,
+            fetch_seconds: m.seconds("classifier_fetch_seconds", "Time to fetch one image")?,
+            fetch_bytes: m.add(IntCounter::new("classifier_fetch_bytes_total", "Image bytes fetched"))?,
+            fetch_failures: m.counter_by("classifier_fetch_failures_total", "Failed fetches by kind", &["kind"])?,
+            fetch_retries: m.counter_by(
+                "classifier_fetch_retries_total",
+                "Transient fetch failures retried, by kind",
                 &["kind"],
             )?,
-            fetch_retries: IntCounterVec::new(
-                Opts::new("classifier_fetch_retries_total", "Transient fetch failures retried, by kind"),
-                &["kind"],
-            )?,
-            preprocess_seconds: seconds("classifier_preprocess_seconds", "Time to decode and preprocess one image")?,
-            queue_seconds: by_model(
+            preprocess_seconds: m
+                .seconds("classifier_preprocess_seconds", "Time to decode and preprocess one image")?,
+            queue_seconds: m.seconds_by(
                 "classifier_batch_queue_seconds",
                 "Time the oldest image of a batch waited in its model's batching queue",
+                model,
             )?,
-            batch_size: HistogramVec::new(
+            batch_size: m.add(HistogramVec::new(
                 HistogramOpts::new("classifier_batch_size", "Images per inference batch, by model")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
-                &["model"],
+                model,
+            ))?,
+            inference_seconds: m.seconds_by(
+                "classifier_inference_seconds",
+                "Time to run one batch through the model",
+                model,
             )?,
-            inference_seconds: by_model("classifier_inference_seconds", "Time to run one batch through the model")?,
-            inference_per_image_seconds: by_model(
+            inference_per_image_seconds: m.seconds_by(
                 "classifier_inference_per_image_seconds",
                 "Inference time per image of a batch, by model",
+                model,
             )?,
-            end_to_end_seconds: seconds(
-                "classifier_end_to_end_seconds",
-                "From submission to the result being acknowledged",
-            )?,
-            dead_letters: IntCounterVec::new(
-                Opts::new("classifier_dead_letters_total", "Records moved to the dead-letter topic, by kind"),
+            end_to_end_seconds: m
+                .seconds("classifier_end_to_end_seconds", "From submission to the result being acknowledged")?,
+            dead_letters: m.counter_by(
+                "classifier_dead_letters_total",
+                "Records moved to the dead-letter topic, by kind",
                 &["kind"],
             )?,
-            paused: IntGauge::new(
+            paused: m.add(IntGauge::new(
                 "classifier_consumer_paused",
                 "1 while partitions are paused because the pipeline is full",
-            )?,
-            pauses: IntCounter::new(
+            ))?,
+            pauses: m.add(IntCounter::new(
                 "classifier_consumer_pauses_total",
                 "Times the partitions were paused for backpressure",
+            ))?,
+            queue_depth: m.gauge_by("classifier_queue_depth", "Items waiting for each stage", &["stage"])?,
+            engines: m.gauge_by(
+                "classifier_engines",
+                "Engine threads of each model, each with its own session",
+                model,
             )?,
-            queue_depth: IntGaugeVec::new(
-                Opts::new("classifier_queue_depth", "Items waiting for each stage"),
-                &["stage"],
+            batch_size_limit: m.gauge_by(
+                "classifier_batch_size_limit",
+                "The largest batch each model runs (MAX_BATCH_SIZE, or measured at start)",
+                model,
             )?,
-            engines: IntGaugeVec::new(
-                Opts::new("classifier_engines", "Engine threads of each model, each with its own session"),
-                &["model"],
-            )?,
-            batch_size_limit: IntGaugeVec::new(
-                Opts::new(
-                    "classifier_batch_size_limit",
-                    "The largest batch each model runs (MAX_BATCH_SIZE, or measured at start)",
-                ),
-                &["model"],
-            )?,
-            cache_lookups: IntCounterVec::new(
-                Opts::new(
-                    "classifier_cache_lookups_total",
-                    "Result cache lookups by outcome: hit (the model did not run), miss, error (a miss)",
-                ),
+            cache_lookups: m.counter_by(
+                "classifier_cache_lookups_total",
+                "Result cache lookups by outcome: hit (the model did not run), miss, error (a miss)",
                 &["outcome"],
             )?,
-            panics: IntCounterVec::new(
-                Opts::new("classifier_panics_total", "Panics caught in one image's stage, by stage"),
+            panics: m.counter_by(
+                "classifier_panics_total",
+                "Panics caught in one image's stage, by stage",
                 &["stage"],
             )?,
-        };
-        registry.register(Box::new(m.results.clone()))?;
-        registry.register(Box::new(m.fetch_seconds.clone()))?;
-        registry.register(Box::new(m.stage_seconds.clone()))?;
-        registry.register(Box::new(m.fetch_bytes.clone()))?;
-        registry.register(Box::new(m.fetch_failures.clone()))?;
-        registry.register(Box::new(m.fetch_retries.clone()))?;
-        registry.register(Box::new(m.preprocess_seconds.clone()))?;
-        registry.register(Box::new(m.queue_seconds.clone()))?;
-        registry.register(Box::new(m.batch_size.clone()))?;
-        registry.register(Box::new(m.inference_seconds.clone()))?;
-        registry.register(Box::new(m.inference_per_image_seconds.clone()))?;
-        registry.register(Box::new(m.end_to_end_seconds.clone()))?;
-        registry.register(Box::new(m.dead_letters.clone()))?;
-        registry.register(Box::new(m.paused.clone()))?;
-        registry.register(Box::new(m.pauses.clone()))?;
-        registry.register(Box::new(m.queue_depth.clone()))?;
-        registry.register(Box::new(m.engines.clone()))?;
-        registry.register(Box::new(m.batch_size_limit.clone()))?;
-        registry.register(Box::new(m.cache_lookups.clone()))?;
-        registry.register(Box::new(m.panics.clone()))?;
-        Ok(m)
+        })
+    }
+}
+
+/// Makes metrics and registers each as it is made.
+struct Maker<'a>(&'a Registry);
+
+impl Maker<'_> {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        metric: prometheus::Result<M>,
+    ) -> prometheus::Result<M> {
+        let metric = metric?;
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    fn seconds(&self, name: &str, help: &str) -> prometheus::Result<Histogram> {
+        self.add(Histogram::with_opts(HistogramOpts::new(name, help).buckets(duration_buckets())))
+    }
+
+    fn seconds_by(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+        self.add(HistogramVec::new(HistogramOpts::new(name, help).buckets(duration_buckets()), labels))
+    }
+
+    fn counter_by(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn gauge_by(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels))
     }
 }
 
