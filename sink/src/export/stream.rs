@@ -180,10 +180,14 @@ pub(crate) async fn stream(
     let (decided, decision) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
     let waits = matches!(output, Output::Camtrap(_));
     tokio::spawn(async move {
-        // Counted against its tenant until the task ends.
-        let _running = running;
+        // Counted against its tenant until the task ends, or until it is refused: the refusal is
+        // answered with the slot free, so that a client's next export, sent on it, finds room.
+        let mut running = Some(running);
         let mut decided = Some(decided);
-        let mut decide = |result| {
+        let mut decide = |result: Result<(), ApiError>| {
+            if result.is_err() {
+                running.take();
+            }
             if let Some(decided) = decided.take() {
                 let _ = decided.send(result);
             }
@@ -221,8 +225,9 @@ pub(crate) async fn stream(
                 }
             }
             if let Some(refusal) = plan.refusal() {
+                let rolled_back = sqlx::query("ROLLBACK").execute(&mut *export.connection).await.is_ok();
                 decide(Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message }));
-                return sqlx::query("ROLLBACK").execute(&mut *export.connection).await.is_ok();
+                return rolled_back;
             }
             decide(Ok(()));
             export.camtrap(plan).await
