@@ -37,7 +37,22 @@ pub(crate) enum ApiError {
     #[error("this tenant runs {limit} exports already (EXPORTS_PER_TENANT); retry when one ends")]
     TooManyExports { limit: u32 },
     #[error("the database is unavailable")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for ApiError {
+    /// A value Postgres cannot hold as text (a NUL character) is the request's fault, not the
+    /// database's: a 400, not a 503.
+    fn from(e: sqlx::Error) -> Self {
+        let unstorable = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("22021"));
+        match unstorable {
+            true => ApiError::InvalidField {
+                field: "request",
+                message: "a value holds a character that cannot be stored or searched for (NUL)".into(),
+            },
+            false => ApiError::Database(e),
+        }
+    }
 }
 
 impl ApiError {

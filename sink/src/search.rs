@@ -88,6 +88,10 @@ const WHERE: &str = "($1::text IS NULL OR lower(predictions->0->>'label') = lowe
 impl SearchQuery {
     fn filters(self) -> Result<Filters, ApiError> {
         crate::export::check_status_and_score(self.status.as_deref(), self.min_score)?;
+        let texts = [("label", &self.label), ("group", &self.group), ("batch", &self.batch), ("feed", &self.feed)];
+        if let Some((field, _)) = texts.iter().find(|(_, v)| v.as_deref().is_some_and(|v| v.contains('\0'))) {
+            return Err(invalid(field, "holds a NUL character, which no stored value has".into()));
+        }
         Ok(Filters {
             since: time("since", self.since.as_deref())?,
             until: time("until", self.until.as_deref())?,

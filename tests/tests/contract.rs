@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use reefline_e2e::{Stack, TestEnv, cache_dir, get_json};
+use serde_json::json;
 
 /// Runs schemathesis against the spec at `base/openapi.json`; its output if it found a problem.
 async fn schemathesis(base: &str) -> Result<String, String> {
@@ -76,6 +77,16 @@ async fn both_apis_serve_their_contract_and_keep_to_it() {
         let bundle = client.get(format!("{base}/docs/swagger-ui-bundle.js")).send().await.unwrap();
         assert_eq!(bundle.status(), 200, "its script is served too, not fetched from a CDN");
     }
+
+    // A NUL character, which Postgres cannot hold as text, is the request's fault: a 400 naming
+    // the filter when it is one, a 400 all the same when it is an id (schemathesis found the 503).
+    let (status, body) = get_json(&client, &format!("{}/v1/results?batch=%00b&marine=false", stack.sink)).await;
+    assert_eq!(
+        (status, &body["error"]["kind"], &body["error"]["field"]),
+        (400, &json!("invalid_field"), &json!("batch"))
+    );
+    let (status, body) = get_json(&client, &format!("{}/v1/results/r%00", stack.sink)).await;
+    assert_eq!((status, &body["error"]["kind"]), (400, &json!("invalid_field")), "{body}");
 
     for base in [&stack.ingest, &stack.sink] {
         match schemathesis(base).await {
