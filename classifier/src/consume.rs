@@ -414,17 +414,13 @@ impl Reader {
     ) -> Result<(), Stop> {
         let Consume { lane, offsets, metrics, producer, dead_letter_topic, .. } = &self.consume;
         let (partition, offset, read_at) = (message.partition(), message.offset(), Instant::now());
-        let stopped = || {
-            offsets.forget(partition, offset);
-            Err(Stop)
-        };
         offsets.start(partition, offset);
         record_broker_wait(metrics, *lane, message);
         let (alone, crashed) = self.careful(message, shutdown.as_mut()).await?;
         // Waiting out a registry or broker outage here must not hold up a stop: what is not
         // finished is not committed, so it is read again after a restart.
         let checked = tokio::select! {
-            () = &mut shutdown => return stopped(),
+            () = &mut shutdown => return self.stopped(message),
             checked = self.check(message) => checked,
         };
         match checked {
@@ -435,7 +431,7 @@ impl Reader {
                 if alone {
                     // Nothing else is taken until it is finished.
                     tokio::select! {
-                        () = &mut shutdown => return stopped(),
+                        () = &mut shutdown => return self.stopped(message),
                         idle = idle(offsets, &offsets.backlog, &self.jobs, 0) => idle.map_err(|()| Stop)?,
                     }
                     offsets.deliveries.finished(partition, offset).await;
@@ -455,6 +451,12 @@ impl Reader {
         Ok(())
     }
 
+    /// Stops reading with `message` unfinished: its offset is forgotten, for the next owner to read.
+    fn stopped<T>(&self, message: &BorrowedMessage<'_>) -> Result<T, Stop> {
+        self.consume.offsets.forget(message.partition(), message.offset());
+        Err(Stop)
+    }
+
     /// After a partition's last owner stopped mid-way, its next requests are taken alone and
     /// counted: one that was tried alone `DELIVERY_LIMIT` times is moved aside, for an operator to
     /// replay once it is fixed, and failed with its reason as a result, so that its batch
@@ -470,10 +472,7 @@ impl Reader {
             return Ok((false, None));
         }
         tokio::select! {
-            () = &mut shutdown => {
-                offsets.forget(partition, offset);
-                return Err(Stop);
-            }
+            () = &mut shutdown => return self.stopped(message),
             idle = idle(offsets, &offsets.backlog, &self.jobs, 1) => idle.map_err(|()| Stop)?,
         }
         let limit = offsets.deliveries.limit();
@@ -489,10 +488,7 @@ impl Reader {
                     &reason,
                 );
                 tokio::select! {
-                    () = &mut shutdown => {
-                        offsets.forget(partition, offset);
-                        return Err(Stop);
-                    }
+                    () = &mut shutdown => return self.stopped(message),
                     () = moved => {}
                 }
                 metrics.dead_letters.with_label_values(&["crash_loop"]).inc();

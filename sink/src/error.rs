@@ -44,13 +44,12 @@ impl From<sqlx::Error> for ApiError {
     /// A value Postgres cannot hold as text (a NUL character) is the request's fault, not the
     /// database's: a 400, not a 503.
     fn from(e: sqlx::Error) -> Self {
-        let unstorable = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("22021"));
-        match unstorable {
-            true => ApiError::InvalidField {
+        match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("22021") => ApiError::InvalidField {
                 field: "request",
                 message: "a value holds a character that cannot be stored or searched for (NUL)".into(),
             },
-            false => ApiError::Database(e),
+            _ => ApiError::Database(e),
         }
     }
 }
