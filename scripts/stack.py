@@ -73,7 +73,6 @@ def services():
         "SCHEMA_REGISTRY_URL": os.environ.get("SCHEMA_REGISTRY_URL", f"http://{REGISTRY}"),
         "MODELS_MANIFEST": os.path.join(ROOT, "models/manifest.toml"),
         "MODELS_DIR": CACHE,
-        "LABELS_PATH": os.path.join(CACHE, "models/imagenet_labels.tsv"),
         "ORT_DYLIB_PATH": os.path.join(CACHE, "onnxruntime/libonnxruntime.so.1.31.1"),
         "INGEST_LISTEN": INGEST,
         "SINK_LISTEN": SINK,

@@ -60,6 +60,8 @@ pub struct OrtOptions {
     pub model: PathBuf,
     /// Square input side.
     pub image_size: usize,
+    /// How many classes its output must have (its class table's); `None` takes any.
+    pub classes: Option<usize>,
     /// Threads inside one operator; 0 lets ONNX Runtime decide.
     pub intra_threads: usize,
     /// Threads running independent operators at once; 0 lets ONNX Runtime decide.
@@ -79,6 +81,7 @@ impl OrtOptions {
             dylib,
             model,
             image_size,
+            classes: None,
             intra_threads: 0,
             inter_threads: 0,
             spinning: false,
@@ -132,7 +135,30 @@ impl OrtEngine {
         let session = builder
             .commit_from_file(&options.model)
             .map_err(|e| anyhow::anyhow!("loading model {}: {e}", options.model.display()))?;
-        Ok(Self { session, image_size: options.image_size })
+        let engine = Self { session, image_size: options.image_size };
+        // Dimensions the file fixes (a named or -1 one takes any size) must be the manifest's.
+        let s = options.image_size as i64;
+        if let Some(input) = engine.session.inputs().first().and_then(|i| i.dtype().tensor_shape())
+            && (input.len() != 4 || input[1..].iter().zip([3, s, s]).any(|(&d, want)| d > 0 && d != want))
+        {
+            anyhow::bail!(
+                "{} takes input {:?}, not [N, 3, {s}, {s}] as its `image_size` says",
+                options.model.display(),
+                &input[..]
+            );
+        }
+        if let (Some(want), Some(classes)) = (options.classes, engine.classes())
+            && classes != want
+        {
+            anyhow::bail!("{} outputs {classes} classes; its class table has {want}", options.model.display());
+        }
+        Ok(engine)
+    }
+
+    /// How many classes the model outputs, where its file says (the last dimension of its output).
+    pub fn classes(&self) -> Option<usize> {
+        let shape = self.session.outputs().first()?.dtype().tensor_shape()?;
+        shape.last().and_then(|&c| usize::try_from(c).ok()).filter(|&c| c > 0)
     }
 }
 

@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::postprocess;
 use crate::reload::Reload;
 use reefline_common::labels::Labels;
+use reefline_common::models::Outputs;
 
 /// One model's engine, what swaps it when its file is replaced, and what turns its logits into
 /// predictions.
@@ -24,6 +25,8 @@ pub struct Inference {
     pub current: CurrentModel,
     pub reload: Option<Reload>,
     pub labels: Labels,
+    /// Whether its outputs are logits or already probabilities.
+    pub outputs: Outputs,
     pub top_k: usize,
     pub image_len: usize,
     pub metrics: Metrics,
@@ -40,7 +43,8 @@ pub fn spawn(
     outcomes: mpsc::Sender<Outcome>,
     done: mpsc::UnboundedSender<()>,
 ) -> std::thread::JoinHandle<()> {
-    let Inference { mut engine, mut model, current, mut reload, labels, top_k, image_len, metrics, nice } = inference;
+    let Inference { mut engine, mut model, current, mut reload, labels, outputs, top_k, image_len, metrics, nice } =
+        inference;
     std::thread::Builder::new()
         .name(format!("infer-{}-{index}", model.name))
         .spawn(move || {
@@ -76,7 +80,7 @@ pub fn spawn(
                     Ok(rows) => rows
                         .iter()
                         .map(|logits| {
-                            let predictions = postprocess::predictions(logits, &labels, top_k);
+                            let predictions = postprocess::predictions(logits, outputs, &labels, top_k);
                             let marine_group = postprocess::marine_group(&predictions, &labels);
                             Ok(Classified { predictions, marine_group })
                         })

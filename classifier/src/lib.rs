@@ -69,7 +69,6 @@ pub struct Application {
     /// One engine per model served, in manifest order.
     engines: Vec<ServedModel>,
     default_model: usize,
-    labels: Labels,
     /// Each lane's consumer and offsets.
     lanes: Lanes,
     metrics: metrics::Metrics,
@@ -83,12 +82,13 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let labels = Labels::load(&settings.labels_path)?;
+        let manifest = settings.models.manifest()?;
         let models = settings.models.load()?;
         let default_model = models.iter().position(|m| m.name == settings.models.default).unwrap_or(0);
         let mut engines = Vec::with_capacity(models.len());
         for model in models {
-            engines.push(load_model(&settings, model).await?);
+            let labels = settings.models.classes(manifest.label_set(&model))?;
+            engines.push(load_model(&settings, model, labels).await?);
         }
         let t = &settings.topics;
         let topics = [&t.requests, &t.interactive, &t.results, &t.dead_letter].map(String::as_str);
@@ -119,7 +119,6 @@ impl Application {
             readiness,
             engines,
             default_model,
-            labels,
             lanes,
             metrics,
             producer,
@@ -153,7 +152,7 @@ impl Application {
     /// stores and commits its offsets, and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let ops_addr = self.local_addr();
-        let Self { settings: s, listener, ops, readiness, engines, default_model, labels, lanes, metrics, .. } = self;
+        let Self { settings: s, listener, ops, readiness, engines, default_model, lanes, metrics, .. } = self;
         let (producer, codec, tenants) = (self.producer, self.codec, self.tenants);
         // The ops port keeps the API's connection limits: a silent or idle connection is closed.
         let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -164,7 +163,6 @@ impl Application {
         let parts = pipeline::Parts {
             settings: &s,
             metrics: &metrics,
-            labels: &labels,
             default_model,
             producer: producer.clone(),
             interactive_producer: self.interactive_producer.clone(),
@@ -242,9 +240,10 @@ async fn commit_and_hand_over(lanes: &Lanes) {
 
 /// Loads `model`'s engines (`ENGINES`, side by side) and, where `MAX_BATCH_SIZE` is 0, measures
 /// its batch sizes on the first of them.
-async fn load_model(settings: &Settings, mut model: Model) -> anyhow::Result<ServedModel> {
+async fn load_model(settings: &Settings, mut model: Model, labels: Labels) -> anyhow::Result<ServedModel> {
     let path = settings.models.path(&model);
-    let options = settings.ort_options(path.clone(), model.image_size);
+    let mut options = settings.ort_options(path.clone(), model.image_size);
+    options.classes = Some(labels.len());
     let load: reload::Loader = Arc::new(move || Ok(Box::new(OrtEngine::load(&options)?)));
     let loading: Vec<_> = (0..settings.engines())
         .map(|_| {
@@ -262,7 +261,7 @@ async fn load_model(settings: &Settings, mut model: Model) -> anyhow::Result<Ser
     model.version = version;
     let batch_size = match settings.max_batch_size {
         0 => {
-            let image_len = settings.preprocess(model.image_size).tensor_len();
+            let image_len = settings.preprocess(&model).tensor_len();
             let bound = Duration::from_millis(settings.batch_latency_ms);
             let costs;
             (engines, costs) = tokio::task::spawn_blocking(move || {
@@ -280,13 +279,15 @@ async fn load_model(settings: &Settings, mut model: Model) -> anyhow::Result<Ser
         n => n,
     };
     tracing::info!(model = %model.name, version = %model.version, engines = engines.len(), batch_size, "model loaded");
-    Ok(ServedModel { model, engines, batch_size, reload: Some(watch) })
+    Ok(ServedModel { model, labels, engines, batch_size, reload: Some(watch) })
 }
 
 /// A model the classifier serves, its engines (each with a session of its own), the batch size
 /// they run, and what reloads them when its file is replaced.
 struct ServedModel {
     model: Model,
+    /// What its outputs are called.
+    labels: Labels,
     engines: Vec<Box<dyn Engine>>,
     batch_size: usize,
     reload: Option<reload::Reload>,

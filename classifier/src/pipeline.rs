@@ -7,7 +7,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use reefline_common::kafka::Lane;
-use reefline_common::labels::Labels;
 use reefline_common::producer::FutureProducer;
 use reefline_schemas::Codec;
 use tokio::sync::mpsc;
@@ -47,7 +46,6 @@ impl Depths {
 pub struct Parts<'a> {
     pub settings: &'a Settings,
     pub metrics: &'a metrics::Metrics,
-    pub labels: &'a Labels,
     pub default_model: usize,
     pub producer: FutureProducer,
     pub interactive_producer: FutureProducer,
@@ -150,7 +148,7 @@ fn start_models(
 ) -> Models {
     let (s, metrics) = (parts.settings, parts.metrics);
     let mut models = Models { inputs: vec![], batchers: vec![], engines: vec![], prepared: vec![], batches: vec![] };
-    for ServedModel { model, engines: pool, batch_size, reload } in served {
+    for ServedModel { model, labels, engines: pool, batch_size, reload } in served {
         let policy = batcher::BatchPolicy {
             max_size: batch_size,
             max_delay: Duration::from_millis(s.max_batch_delay_ms),
@@ -163,7 +161,7 @@ fn start_models(
         metrics.engines.with_label_values(&[&model.name]).set(pool.len() as i64);
         metrics.batch_size_limit.with_label_values(&[&model.name]).set(batch_size as i64);
         let tag = Arc::new(job::ModelTag { name: model.name.clone(), version: model.version.clone() });
-        let preprocess = s.preprocess(model.image_size);
+        let preprocess = s.preprocess(&model);
         let (prepared_tx, prepared_rx) = mpsc::channel(depths.batch * 4);
         let batches = Arc::new(EngineQueue::default());
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -191,7 +189,8 @@ fn start_models(
                 model: tag.clone(),
                 current: current.clone(),
                 reload: reload.clone(),
-                labels: parts.labels.clone(),
+                labels: labels.clone(),
+                outputs: model.outputs,
                 top_k: s.top_k,
                 image_len: preprocess.tensor_len(),
                 metrics: metrics.clone(),

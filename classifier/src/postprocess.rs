@@ -4,6 +4,7 @@
 use reefline_schemas::Prediction;
 
 use reefline_common::labels::Labels;
+use reefline_common::models::Outputs;
 
 /// Numerically stable softmax.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -21,9 +22,12 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// The top-`k` labelled predictions for one image's logits.
-pub fn predictions(logits: &[f32], labels: &Labels, k: usize) -> Vec<Prediction> {
-    let probs = softmax(logits);
+/// The top-`k` labelled predictions for one image's outputs (logits, or probabilities as they are).
+pub fn predictions(outputs: &[f32], kind: Outputs, labels: &Labels, k: usize) -> Vec<Prediction> {
+    let probs = match kind {
+        Outputs::Logits => softmax(outputs),
+        Outputs::Probabilities => outputs.to_vec(),
+    };
     top_k(&probs, k)
         .into_iter()
         .map(|i| {
@@ -32,7 +36,7 @@ pub fn predictions(logits: &[f32], labels: &Labels, k: usize) -> Vec<Prediction>
                 index: i as i32,
                 wnid: class.map(|c| c.wnid.clone()).unwrap_or_default(),
                 label: class.map(|c| c.label.clone()).unwrap_or_default(),
-                scientific_name: class.and_then(|c| c.scientific_name).map(str::to_owned),
+                scientific_name: class.and_then(|c| c.scientific_name.clone()),
                 score: probs[i],
             }
         })
@@ -42,7 +46,7 @@ pub fn predictions(logits: &[f32], labels: &Labels, k: usize) -> Vec<Prediction>
 /// The marine group of the top class (shark, ray, bony fish, ...), if it is a marine animal.
 pub fn marine_group(predictions: &[Prediction], labels: &Labels) -> Option<String> {
     let top = predictions.first()?;
-    labels.get(top.index as usize)?.marine_group.map(str::to_owned)
+    labels.get(top.index as usize)?.marine_group.clone()
 }
 
 #[cfg(test)]
@@ -72,14 +76,26 @@ mod tests {
     #[test]
     fn predictions_are_labelled() {
         let text: String = (0..1000).map(|i| format!("{i}\tn{i:08}\tclass {i}\n")).collect();
-        let labels = Labels::parse(&text).unwrap();
+        let marine = "2\tshark\tgreat white shark\tCarcharodon carcharias\n";
+        let labels = Labels::parse(&text, marine, &[[0, 397]]).unwrap();
         let mut logits = vec![0.0; 1000];
         logits[2] = 20.0;
         logits[7] = 5.0;
-        let p = predictions(&logits, &labels, 5);
+        let p = predictions(&logits, Outputs::Logits, &labels, 5);
         assert_eq!(p.len(), 5);
         assert_eq!((p[0].index, p[0].label.as_str(), p[0].wnid.as_str()), (2, "class 2", "n00000002"));
+        assert_eq!(p[0].scientific_name.as_deref(), Some("Carcharodon carcharias"));
+        assert_eq!(marine_group(&p, &labels).as_deref(), Some("shark"));
         assert_eq!(p[1].index, 7);
         assert!(p[0].score > 0.99);
+    }
+
+    #[test]
+    fn probabilities_are_scores_as_they_are() {
+        let labels = Labels::parse("0\ta\tcat\n1\tb\tdog\n2\tc\tfish\n", "", &[]).unwrap();
+        let p = predictions(&[0.2, 0.7, 0.1], Outputs::Probabilities, &labels, 2);
+        let got: Vec<(&str, f32)> = p.iter().map(|p| (p.label.as_str(), p.score)).collect();
+        assert_eq!(got, [("dog", 0.7), ("cat", 0.2)]);
+        assert_eq!(marine_group(&p, &labels), None);
     }
 }

@@ -13,6 +13,8 @@ use crate::{jpeg, resample};
 pub struct Preprocess {
     /// Side of the square model input (224 for Lite0).
     pub size: u32,
+    /// How the model wants that square framed and its pixels scaled (its manifest entry's).
+    pub spec: InputSpec,
     /// Largest width or height accepted before decoding.
     pub max_side: u32,
     /// Most pixels (width × height) accepted before decoding; with `max_side` this bounds the
@@ -47,8 +49,24 @@ pub fn lower_thread_priority(nice: i32) {
     }
 }
 
-/// Fraction of the resized shorter side kept by the centre crop (224 of 256).
-const CROP_FRACTION: f64 = 0.875;
+/// What a model's manifest entry says of its input, beyond its size: the fraction of the resized
+/// shorter side the centre crop keeps, and each channel's normalisation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InputSpec {
+    pub crop_fraction: f64,
+    /// Per channel R, G, B, in pixel units: the input is `(pixel − mean) / std`.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl InputSpec {
+    /// EfficientNet-Lite's, as the manifest gives it: 224 of 256, `(pixel − 127) / 128`.
+    pub const EFFICIENTNET_LITE: Self = Self { crop_fraction: 0.875, mean: [127.0; 3], std: [128.0; 3] };
+
+    pub fn of(model: &reefline_common::models::Model) -> Self {
+        Self { crop_fraction: model.crop_fraction, mean: model.mean, std: model.std }
+    }
+}
 
 /// What is known of an image before it is decoded: its size and how it will be decoded, read
 /// from its header and within the limits.
@@ -107,9 +125,10 @@ impl Preprocess {
         3 * (self.size as usize).pow(2)
     }
 
-    /// The shorter side the image is resized to before the centre crop: round(size / 0.875).
+    /// The shorter side the image is resized to before the centre crop: round(size / crop
+    /// fraction), 256 for a 224 input cropped at 0.875.
     pub fn resize_target(&self) -> u32 {
-        (f64::from(self.size) / CROP_FRACTION).round() as u32
+        (f64::from(self.size) / self.spec.crop_fraction).round() as u32
     }
 
     /// Decodes `bytes` and returns the CHW float tensor the model takes.
@@ -134,7 +153,7 @@ impl Preprocess {
             (g.left as usize, g.top as usize),
             self.size as usize,
         );
-        Ok(to_chw(&window, self.size as usize))
+        Ok(to_chw(&window, self.size as usize, &self.spec))
     }
 
     /// Reads the image's header without decoding it: its size, and how it will be decoded; an
@@ -209,13 +228,16 @@ fn jpeg_header(bytes: &[u8]) -> Option<jpeg::Header> {
     bytes.starts_with(&[0xff, 0xd8]).then(|| jpeg::header(bytes).ok()).flatten()
 }
 
-/// Interleaved RGB bytes to planar floats, x = (pixel − 127) / 128.
-pub fn to_chw(rgb: &[u8], size: usize) -> Vec<f32> {
+/// Interleaved RGB bytes to planar floats, x = (pixel − mean) / std per channel: each channel's
+/// 256 values are computed once, so the result is the division's to the bit.
+pub fn to_chw(rgb: &[u8], size: usize, spec: &InputSpec) -> Vec<f32> {
+    let table: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 - spec.mean[c]) / spec.std[c]));
     let plane = size * size;
     let mut out = vec![0f32; 3 * plane];
     for (i, px) in rgb.chunks_exact(3).enumerate() {
         for c in 0..3 {
-            out[c * plane + i] = (f32::from(px[c]) - 127.0) / 128.0;
+            out[c * plane + i] = table[c][usize::from(px[c])];
         }
     }
     out
@@ -225,7 +247,13 @@ pub fn to_chw(rgb: &[u8], size: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    const P: Preprocess = Preprocess { size: 224, max_side: 4096, max_pixels: 4096 * 4096, jpeg_scale_margin: 2 };
+    const P: Preprocess = Preprocess {
+        size: 224,
+        spec: InputSpec::EFFICIENTNET_LITE,
+        max_side: 4096,
+        max_pixels: 4096 * 4096,
+        jpeg_scale_margin: 2,
+    };
 
     fn png(width: u32, height: u32, pixel: [u8; 3]) -> Vec<u8> {
         let img = image::RgbImage::from_pixel(width, height, image::Rgb(pixel));
@@ -236,11 +264,33 @@ mod tests {
 
     #[test]
     fn known_pixels_map_to_known_values() {
-        let t = to_chw(&[255, 127, 0, 255, 127, 0, 255, 127, 0, 255, 127, 0], 2);
+        let t = to_chw(&[255, 127, 0, 255, 127, 0, 255, 127, 0, 255, 127, 0], 2, &InputSpec::EFFICIENTNET_LITE);
         assert_eq!(t.len(), 12);
         assert_eq!(&t[0..4], &[1.0; 4]); // R 255 -> (255-127)/128
         assert_eq!(&t[4..8], &[0.0; 4]); // G 127 -> 0
         assert_eq!(&t[8..12], &[-127.0 / 128.0; 4]); // B 0
+    }
+
+    #[test]
+    fn another_models_framing_and_normalisation_come_from_its_spec() {
+        // torchvision's ImageNet normalisation in pixel units, and the whole shorter side kept.
+        let spec = InputSpec { crop_fraction: 1.0, mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375] };
+        let t = to_chw(&[255, 0, 128], 1, &spec);
+        assert_eq!(t, [(255.0 - 123.675) / 58.395, (0.0 - 116.28) / 57.12, (128.0 - 103.53) / 57.375]);
+        let p = Preprocess { size: 96, spec, ..P };
+        assert_eq!(p.resize_target(), 96);
+        // A 200×100 image: resized to 192×96, the centre 96 square kept; left red, right blue.
+        let mut img = image::RgbImage::new(200, 100);
+        for (x, _, px) in img.enumerate_pixels_mut() {
+            *px = if x < 100 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) };
+        }
+        let mut bytes = Vec::new();
+        img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        let t = p.run(&bytes).unwrap();
+        assert_eq!(t.len(), 3 * 96 * 96);
+        let red = |x: usize| t[40 * 96 + x];
+        assert_eq!((red(0), red(95)), (t[0], (0.0 - 123.675) / 58.395));
+        assert_eq!(red(0), (255.0 - 123.675) / 58.395);
     }
 
     #[test]
@@ -302,7 +352,7 @@ mod tests {
 
     #[test]
     fn large_jpegs_are_decoded_scaled_and_others_in_full() {
-        let p = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
+        let p = Preprocess { max_side: 10_000, max_pixels: 50_000_000, ..P };
         let large = p.inspect(&jpeg(4000, 3000)).unwrap();
         assert_eq!(large.decoded_pixels(), 1000 * 750, "1/4 leaves 750 ≥ 2 × 256; 1/8 would leave 375");
         assert_eq!(p.inspect(&jpeg(2048, 1536)).unwrap().decoded_pixels(), 1024 * 768);
@@ -362,7 +412,7 @@ mod tests {
         // of the libjpeg-turbo layer.
         let mut rng = fastrand::Rng::with_seed(21);
         let photos = camera_jpegs(&mut rng);
-        let p = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
+        let p = Preprocess { max_side: 10_000, max_pixels: 50_000_000, ..P };
         let (mut decoded, mut refused) = (0, 0);
         for n in 0..400 {
             let photo = &photos[n % photos.len()];
@@ -393,7 +443,7 @@ mod tests {
         let mut truncated = png(64, 64, [1, 2, 3]);
         truncated.truncate(60);
         assert_eq!(P.run(&truncated).unwrap_err().kind(), "decode_failed");
-        let small = Preprocess { size: 224, max_side: 100, max_pixels: 5000, jpeg_scale_margin: 2 };
+        let small = Preprocess { max_side: 100, max_pixels: 5000, ..P };
         assert_eq!(small.run(&png(101, 50, [0, 0, 0])).unwrap_err().kind(), "dimensions_too_large");
         let err = small.run(&png(100, 51, [0, 0, 0])).unwrap_err();
         assert_eq!(err.to_string(), "the image is 100x51 pixels; the limit is 5000 pixels in all");

@@ -26,10 +26,6 @@ pub struct Settings {
     #[command(flatten)]
     pub models: reefline_common::models::ModelSettings,
 
-    /// The ImageNet label table (index, wnid, label), shared by every model.
-    #[arg(long, env = "LABELS_PATH", default_value = ".cache/models/imagenet_labels.tsv")]
-    pub labels_path: PathBuf,
-
     /// The ONNX Runtime shared library.
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".cache/onnxruntime/libonnxruntime.so.1.31.1")]
     pub ort_dylib: PathBuf,
@@ -222,10 +218,11 @@ impl Settings {
         }
     }
 
-    /// How a model taking `image_size`-pixel squares is given its images.
-    pub fn preprocess(&self, image_size: u32) -> crate::preprocess::Preprocess {
+    /// How `model` is given its images: its manifest entry's input within these limits.
+    pub fn preprocess(&self, model: &reefline_common::models::Model) -> crate::preprocess::Preprocess {
         crate::preprocess::Preprocess {
-            size: image_size,
+            size: model.image_size,
+            spec: crate::preprocess::InputSpec::of(model),
             max_side: self.max_image_side,
             max_pixels: self.max_image_pixels,
             jpeg_scale_margin: self.jpeg_scale_margin,
@@ -248,6 +245,7 @@ impl Settings {
             dylib: self.ort_dylib.clone(),
             model,
             image_size: image_size as usize,
+            classes: None,
             intra_threads: match self.intra_threads {
                 0 => (std::thread::available_parallelism().map_or(1, usize::from) / self.engines()).max(1),
                 n => n,

@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use reefline_classifier::preprocess::Preprocess;
+use reefline_classifier::preprocess::{InputSpec, Preprocess};
 
-const PREPROCESS: Preprocess = Preprocess { size: 224, max_side: 4096, max_pixels: 4096 * 4096, jpeg_scale_margin: 2 };
+const PREPROCESS: Preprocess = Preprocess { size: 224, spec: InputSpec::EFFICIENTNET_LITE, max_side: 4096, max_pixels: 4096 * 4096, jpeg_scale_margin: 2 };
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(tensor) = PREPROCESS.run(bytes) {

@@ -94,7 +94,7 @@ impl Application {
                 settings.lookup_timeout_ms,
                 Duration::from_secs(settings.export_timeout_s.max(1)),
             )?,
-            labels: Arc::new(export::read_labels(&settings.labels_path)),
+            classes: Arc::new(export::classes::Classes::load(&settings.models)?),
             running: Arc::default(),
             per_tenant: settings.exports_per_tenant.max(1),
             idle: Duration::from_secs(settings.export_idle_timeout_s.max(1)),

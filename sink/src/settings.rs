@@ -61,10 +61,10 @@ pub struct Settings {
     #[arg(long, env = "EXPORT_TIMEOUT_S", default_value_t = 1800)]
     pub export_timeout_s: u64,
 
-    /// The ImageNet label table (index, wnid, label) the MegaDetector export names its 1,000
-    /// classification categories from.
-    #[arg(long, env = "LABELS_PATH", default_value = ".cache/models/imagenet_labels.tsv")]
-    pub labels_path: std::path::PathBuf,
+    /// The model manifest and its class tables, which the exports name classes from (the sink
+    /// reads no model file; `MODELS` and `DEFAULT_MODEL` are not its concern).
+    #[command(flatten)]
+    pub models: reefline_common::models::ModelSettings,
 
     /// Longest a lookup may run or wait for a connection, in milliseconds; then 503.
     #[arg(long, env = "LOOKUP_TIMEOUT_MS", default_value_t = 5000)]

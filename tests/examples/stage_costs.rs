@@ -15,11 +15,17 @@ use std::path::Path;
 use std::time::Instant;
 
 use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
-use reefline_classifier::preprocess::Preprocess;
+use reefline_classifier::preprocess::{InputSpec, Preprocess};
 use reefline_classifier::sizing;
 use reefline_e2e::cache_dir;
 
-const PRE: Preprocess = Preprocess { size: 224, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
+const PRE: Preprocess = Preprocess {
+    size: 224,
+    spec: InputSpec::EFFICIENTNET_LITE,
+    max_side: 10_000,
+    max_pixels: 50_000_000,
+    jpeg_scale_margin: 2,
+};
 
 fn photos(dir: &Path) -> Vec<Vec<u8>> {
     let mut paths = Vec::new();
@@ -111,7 +117,7 @@ fn bound(model_name: &str, folder: &str) -> anyhow::Result<()> {
         .find(|m| m.name == model_name)
         .ok_or_else(|| anyhow::anyhow!("no model {model_name}"))?;
     let margin = std::env::var("JPEG_SCALE_MARGIN").ok().and_then(|m| m.parse().ok()).unwrap_or(PRE.jpeg_scale_margin);
-    let pre = Preprocess { size: model.image_size, jpeg_scale_margin: margin, ..PRE };
+    let pre = Preprocess { size: model.image_size, spec: InputSpec::of(&model), jpeg_scale_margin: margin, ..PRE };
     let bytes = photos(&cache.join(folder));
     anyhow::ensure!(!bytes.is_empty(), "no photos under {folder}");
     let (decode, resize) = decode_and_resize(&pre, &bytes, 2)?;
@@ -142,7 +148,7 @@ fn main() -> anyhow::Result<()> {
     let models = reefline_e2e::model_settings();
     let photo = &photos(&cache.join("photos"))[0];
     for model in models.load()? {
-        let pre = Preprocess { size: model.image_size, ..PRE };
+        let pre = Preprocess { size: model.image_size, spec: InputSpec::of(&model), ..PRE };
         let tensor = pre.run(photo).map_err(|e| anyhow::anyhow!("{e}"))?;
         for threads in [1, 2] {
             let mut options = OrtOptions::cpu(

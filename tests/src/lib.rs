@@ -309,8 +309,7 @@ impl StackSettings {
         classifier.listen = "127.0.0.1:0".into();
         classifier.topics = topics.clone();
         classifier.group_id = names.classifier_group.clone();
-        classifier.models = models;
-        classifier.labels_path = cache.join("models/imagenet_labels.tsv");
+        classifier.models = models.clone();
         classifier.ort_dylib = cache.join("onnxruntime/libonnxruntime.so.1.31.1");
         classifier.max_batch_size = 8;
         // Two engines a model, whatever the machine's cores: the fault tests and hot reload cover
@@ -332,7 +331,7 @@ impl StackSettings {
         sink.group_id = names.sink_group.clone();
         sink.requests_group_id = format!("{}-requests", names.sink_group);
         sink.callback_allow = vec!["127.0.0.1/32".into()];
-        sink.labels_path = cache.join("models/imagenet_labels.tsv");
+        sink.models = models;
         sink.callback_retry_base_ms = 100;
         sink.kafka = kafka;
         sink.registry = registry;

@@ -74,8 +74,6 @@ impl ServiceProcess {
             .arg("--models-dir")
             .arg(&s.models.dir)
             .args(["--models", &s.models.served.join(","), "--default-model", &s.models.default])
-            .arg("--labels-path")
-            .arg(&s.labels_path)
             .arg("--ort-dylib")
             .arg(&s.ort_dylib)
             .args(["--fetch-allow", &s.fetch_allow.join(",")])

@@ -9,14 +9,20 @@ use std::process::Command;
 use std::time::Duration;
 
 use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
-use reefline_classifier::preprocess::Preprocess;
+use reefline_classifier::preprocess::{InputSpec, Preprocess};
 use reefline_e2e::{Stack, TestEnv, cache_dir, classify_coffee, model_settings, post_json, wait_for};
 use serde_json::json;
 
 const ESPRESSO: i64 = 967;
 
 const SIZE: u32 = 224;
-const PRE: Preprocess = Preprocess { size: SIZE, max_side: 10_000, max_pixels: 50_000_000, jpeg_scale_margin: 2 };
+const PRE: Preprocess = Preprocess {
+    size: SIZE,
+    spec: InputSpec::EFFICIENTNET_LITE,
+    max_side: 10_000,
+    max_pixels: 50_000_000,
+    jpeg_scale_margin: 2,
+};
 
 /// The test photos, by path, sorted.
 fn test_photos() -> Vec<PathBuf> {
@@ -171,7 +177,7 @@ fn every_model_of_the_manifest_knows_the_labelled_photos() {
     let labelled = reefline_e2e::foolbox_photos();
     let mut right = std::collections::BTreeMap::new();
     for model in settings.load().expect("the manifest") {
-        let pre = Preprocess { size: model.image_size, ..PRE };
+        let pre = Preprocess { size: model.image_size, spec: InputSpec::of(&model), ..PRE };
         let options = OrtOptions::cpu(
             cache.join("onnxruntime/libonnxruntime.so.1.31.1"),
             settings.path(&model),
@@ -268,6 +274,91 @@ async fn each_submission_may_name_its_model_and_each_result_says_which_one_answe
 
     stack.stop().await;
     env.finish().await;
+}
+
+/// ImageNet's bull mastiff, and the dog-breed model's (its class 11, after ImageNet's 1,000 in the
+/// exports' one numbering).
+const BULL_MASTIFF: i64 = 243;
+const DOG_BULL_MASTIFF: i64 = 11;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_of_another_family_is_served_from_its_manifest_entry_and_files_alone() {
+    // The repository's manifest with the dog-breed classifier's entries (tests/models/) appended:
+    // its own input (160 pixels, the whole shorter side, [-1, 1]), outputs (probabilities) and
+    // class table (19 breeds, all animals), and nothing else changed.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::temp_dir().join(format!("reefline-second-family-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("manifest.toml");
+    let text = std::fs::read_to_string(root.join("models/manifest.toml")).unwrap()
+        + "\n"
+        + &std::fs::read_to_string(root.join("tests/models/dog-breeds.toml")).unwrap();
+    std::fs::write(&manifest, text).unwrap();
+    // The manifest's marine table is read beside it.
+    std::fs::copy(root.join("models/marine_groups.tsv"), dir.join("marine_groups.tsv")).unwrap();
+    let models = reefline_common::models::ModelSettings {
+        manifest,
+        served: vec!["efficientnet-lite0".into(), "dog-breeds-mobilenetv2".into()],
+        ..model_settings()
+    };
+    let dog = models.load().unwrap().remove(1);
+
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.ingest.models = models.clone();
+    settings.classifier.models = models.clone();
+    settings.sink.models = models;
+    let stack = Stack::start(settings).await;
+    let client = reqwest::Client::new();
+    let photo = format!("{}/photos/imagenet_00_243.jpg", env.photos);
+    let classify = format!("{}/v1/classify", stack.ingest);
+
+    let mut batches = Vec::new();
+    for model in ["dog-breeds-mobilenetv2", "efficientnet-lite0"] {
+        let (status, accepted) = post_json(&client, &classify, &json!({ "images": [&photo], "model": model })).await;
+        assert_eq!(status, 202, "{accepted}");
+        let id = accepted["request_ids"][0].as_str().unwrap().to_owned();
+        let url = format!("{}/v1/results/{id}", stack.sink);
+        let result = reefline_e2e::wait_for_status(&client, &url, 200, "a result", Duration::from_secs(120)).await;
+        batches.push((accepted["batch_id"].as_str().unwrap().to_owned(), result));
+    }
+    // The dog-breed model names the bull mastiff from its own table, its score as it gave it.
+    let (dog_batch, result) = &batches[0];
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["model"], json!({ "name": "dog-breeds-mobilenetv2", "version": dog.version }), "{result}");
+    let top = &result["predictions"][0];
+    assert_eq!(
+        (&top["index"], &top["label"], &top["wnid"]),
+        (&json!(DOG_BULL_MASTIFF), &json!("bull mastiff"), &json!("n02108422")),
+        "{result}"
+    );
+    assert!(top["score"].as_f64().unwrap() > 0.9, "{result}");
+    assert_eq!(result["predictions"].as_array().unwrap().len(), 5);
+    assert_eq!(result["marine_group"], json!(null), "{result}");
+    // Lite0 agrees, in ImageNet's numbering.
+    let (lite_batch, result) = &batches[1];
+    assert_eq!(result["predictions"][0]["index"], BULL_MASTIFF, "{result}");
+    assert_eq!(result["predictions"][0]["label"], "bull mastiff", "{result}");
+
+    // The MegaDetector export names each model's classes by ids no other table's class shares:
+    // the breed's after ImageNet's 1,000, its whole table listed; an animal either way.
+    let export = |batch: &str| format!("{}/v1/batches/{batch}/results?format=megadetector", stack.sink);
+    let (status, dogs) = reefline_e2e::get_json(&client, &export(dog_batch)).await;
+    assert_eq!(status, 200, "{dogs}");
+    let detection = &dogs["images"][0]["detections"][0];
+    assert_eq!(detection["category"], "1", "{dogs}");
+    assert_eq!(detection["classifications"][0][0], "1011", "{dogs}");
+    let categories = dogs["classification_categories"].as_object().unwrap();
+    assert_eq!(categories.len(), 19, "{dogs}");
+    assert_eq!((categories["1000"].as_str(), categories["1011"].as_str()), (Some("Chihuahua"), Some("bull mastiff")));
+    let (status, imagenet) = reefline_e2e::get_json(&client, &export(lite_batch)).await;
+    assert_eq!(status, 200, "{imagenet}");
+    assert_eq!(imagenet["images"][0]["detections"][0]["classifications"][0][0], "243", "{imagenet}");
+    assert_eq!(imagenet["classification_categories"].as_object().unwrap().len(), 1000);
+
+    stack.stop().await;
+    env.finish().await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

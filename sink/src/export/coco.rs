@@ -4,8 +4,9 @@
 //! `info`. The results are read twice, images first and annotations second, from one snapshot of
 //! the database, so the export streams in constant memory.
 //!
-//! A category's id is its ImageNet class index plus one (id 0 is `empty`, as the format reserves
-//! it; Reefline never answers empty); a label ImageNet gives two classes carries its index. An image's `location` is its metadata's `location`,
+//! A category's id is its class id plus one (id 0 is `empty`, as the format reserves it; Reefline
+//! never answers empty): an ImageNet model's class index, a later class table's after ImageNet's
+//! (see [`Classes`]); a label used twice (ImageNet's two cranes) carries its id. An image's `location` is its metadata's `location`,
 //! `deploymentID`, `station` or `site` (the first present); its `datetime` is its metadata's
 //! `timestamp` or `datetime`, else when its EXIF says it was taken; `seq_id`, `seq_num_frames` and
 //! `frame_num` come from metadata columns of those names; `width` and `height` from its header. An
@@ -19,6 +20,7 @@ use reefline_schemas::{ClassificationResult, Status};
 use serde_json::{Value, json};
 
 use super::Encode;
+use super::classes::Classes;
 
 /// Metadata columns that name an image's location, in the order they are looked for.
 pub const LOCATION_COLUMNS: [&str; 4] = ["location", "deploymentID", "station", "site"];
@@ -29,20 +31,23 @@ pub const DATETIME_COLUMNS: [&str; 2] = ["timestamp", "datetime"];
 /// A COCO Camera Traps export, written as its results stream by, twice.
 pub struct Coco {
     out: Vec<u8>,
-    labels: Arc<Vec<(i32, String)>>,
+    classes: Arc<Classes>,
+    /// The class tables the results' models use.
+    tables: std::collections::BTreeSet<usize>,
     /// The pass being written: 0 the images, 1 the annotations.
     pass: usize,
     /// Items written in this pass (for the commas).
     written: usize,
-    /// Classes seen in the annotations, named from the results where the label table lacks them.
+    /// Classes seen in the annotations, by id, named from the results where the label table lacks them.
     seen: std::collections::BTreeMap<i32, String>,
     what: String,
 }
 
 impl Coco {
-    /// An export naming the classes after `labels`; `what` (a feed's or batch's id) goes in `info`.
-    pub fn new(labels: Arc<Vec<(i32, String)>>, what: String) -> Self {
-        Self { out: br#"{"images":["#.to_vec(), labels, pass: 0, written: 0, seen: Default::default(), what }
+    /// An export naming the classes after `classes`; `what` (a feed's or batch's id) goes in `info`.
+    pub fn new(classes: Arc<Classes>, what: String) -> Self {
+        let out = br#"{"images":["#.to_vec();
+        Self { out, classes, tables: Default::default(), pass: 0, written: 0, seen: Default::default(), what }
     }
 
     fn image(r: &ClassificationResult) -> Value {
@@ -84,11 +89,13 @@ impl Coco {
 
     fn annotation(&mut self, r: &ClassificationResult) -> Option<Value> {
         let top = r.predictions.first().filter(|_| r.status == Status::Ok)?;
-        self.seen.entry(top.index).or_insert_with(|| top.label.clone());
+        let id = self.classes.id(&r.model_name, top.index);
+        self.tables.insert(self.classes.table(&r.model_name));
+        self.seen.entry(id).or_insert_with(|| top.label.clone());
         Some(json!({
             "id": r.request_id,
             "image_id": r.request_id,
-            "category_id": top.index + 1,
+            "category_id": id + 1,
             "sequence_level_annotation": false,
             "score": super::megadetector::round(top.score),
         }))
@@ -147,8 +154,7 @@ impl Encode for Coco {
     }
 
     fn finish(&mut self) {
-        let mut names: std::collections::BTreeMap<i32, String> =
-            self.labels.iter().map(|(i, l)| (*i, l.clone())).collect();
+        let mut names: std::collections::BTreeMap<i32, String> = self.classes.named(&self.tables).into_iter().collect();
         for (index, label) in std::mem::take(&mut self.seen) {
             names.entry(index).or_insert(label);
         }

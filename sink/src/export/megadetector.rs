@@ -1,9 +1,11 @@
 //! The MegaDetector batch output format (1.6), which Timelapse, AddaxAI and the MegaDetector
 //! tools read. Reefline detects nothing: each image gets one detection covering the whole image
-//! (`bbox` `[0, 0, 1, 1]`), of category `1` ("animal") when its top class is one of ImageNet's
-//! animals (classes 0 to 397) and `4` ("other") otherwise, whose `conf` is the top class's score
-//! and whose `classifications` are the top-5 `[class index, score]`. `classification_categories`
-//! names the 1,000 classes by index and `classification_category_descriptions` gives each its
+//! (`bbox` `[0, 0, 1, 1]`), of category `1` ("animal") when its top class is an animal (the
+//! manifest's `animals`: ImageNet's classes 0 to 397) and `4` ("other") otherwise, whose `conf` is
+//! the top class's score and whose `classifications` are the top-5 `[class id, score]` (a class's
+//! id is its index for ImageNet's models; see [`Classes`]). `classification_categories` names
+//! every class of the tables the results' models use (ImageNet's 1,000 when none) by id and
+//! `classification_category_descriptions` gives each its
 //! scientific name where the marine table has one (else its label again); `file` is the image's
 //! URL, or its path below `relative_to` when it starts with it, percent-decoded (Timelapse reads
 //! paths relative to the image folder); an image that failed has `failure` (`<kind>: <message>`) and no detections. Each image also carries its `metadata` and `exif`, under
@@ -17,17 +19,10 @@ use reefline_schemas::{ClassificationResult, Status};
 use serde_json::{Value, json};
 
 use super::Encode;
+use super::classes::Classes;
 
 /// The format version written.
 pub const FORMAT_VERSION: &str = "1.6";
-
-/// ImageNet's animal classes are its first 398 (tench to puffer).
-const LAST_ANIMAL_CLASS: i32 = 397;
-
-/// Whether ImageNet class `index` is an animal.
-pub(super) fn is_animal(index: i32) -> bool {
-    (0..=LAST_ANIMAL_CLASS).contains(&index)
-}
 
 /// A URL's text percent-decoded (lossily, as a path to show).
 pub(super) fn decoded(text: &str) -> String {
@@ -39,8 +34,10 @@ pub(super) fn decoded(text: &str) -> String {
 pub struct Batch {
     out: Vec<u8>,
     images: usize,
-    labels: Arc<Vec<(i32, String)>>,
-    /// Classes seen: their labels (for classes the label table lacks) and scientific names.
+    classes: Arc<Classes>,
+    /// The class tables the results' models use.
+    tables: BTreeSet<usize>,
+    /// Classes seen, by id: their labels (for classes the label table lacks) and scientific names.
     seen: std::collections::BTreeMap<i32, (String, Option<String>)>,
     /// A prefix of the URLs that `file` leaves out, decoded and ending with `/`.
     relative_to: Option<String>,
@@ -49,12 +46,13 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// An export naming the classes after `labels` (index, name), its files relative to `relative_to`.
-    pub fn new(labels: Arc<Vec<(i32, String)>>, relative_to: Option<String>) -> Self {
+    /// An export naming the classes after `classes`, its files relative to `relative_to`.
+    pub fn new(classes: Arc<Classes>, relative_to: Option<String>) -> Self {
         Self {
             out: br#"{"images":["#.to_vec(),
             images: 0,
-            labels,
+            classes,
+            tables: BTreeSet::new(),
             seen: Default::default(),
             relative_to: relative_to.map(|prefix| {
                 let prefix = decoded(&prefix);
@@ -97,14 +95,16 @@ impl Batch {
         }
         self.models.insert(format!("{} {}", r.model_name, r.model_version));
         let Some(top) = r.predictions.first() else { return json!({ "file": file, "detections": [] }) };
-        let category = if is_animal(top.index) { "1" } else { "4" };
+        let category = if self.classes.is_animal(&r.model_name, top.index) { "1" } else { "4" };
+        self.tables.insert(self.classes.table(&r.model_name));
         let classifications: Vec<Value> = r
             .predictions
             .iter()
             .take(5)
             .map(|p| {
-                self.seen.entry(p.index).or_insert_with(|| (p.label.clone(), p.scientific_name.clone()));
-                json!([p.index.to_string(), round(p.score)])
+                let id = self.classes.id(&r.model_name, p.index);
+                self.seen.entry(id).or_insert_with(|| (p.label.clone(), p.scientific_name.clone()));
+                json!([id.to_string(), round(p.score)])
             })
             .collect();
         let detection = json!({
@@ -142,7 +142,7 @@ impl Encode for Batch {
 
     fn finish(&mut self) {
         let mut categories: std::collections::BTreeMap<i32, (String, Option<String>)> =
-            self.labels.iter().map(|(i, l)| (*i, (l.clone(), None))).collect();
+            self.classes.named(&self.tables).into_iter().map(|(i, l)| (i, (l, None))).collect();
         for (index, (label, scientific)) in std::mem::take(&mut self.seen) {
             let entry = categories.entry(index).or_insert((label, None));
             entry.1 = entry.1.take().or(scientific);

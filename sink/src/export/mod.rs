@@ -18,6 +18,7 @@ use crate::error::ApiError;
 use reefline_store::sink::COLUMNS;
 
 mod camtrap;
+pub mod classes;
 mod coco;
 mod megadetector;
 mod query;
@@ -63,24 +64,12 @@ impl Encode for Lines {
     }
 }
 
-/// The label table's (index, label) pairs; none when it cannot be read (the MegaDetector export
-/// then names the classes its results hold).
-pub fn read_labels(path: &std::path::Path) -> Vec<(i32, String)> {
-    match reefline_common::labels::Labels::load(path) {
-        Ok(labels) => labels.iter().enumerate().map(|(i, class)| (i as i32, class.label.clone())).collect(),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "no label table; MegaDetector exports name only the classes seen");
-            Vec::new()
-        }
-    }
-}
-
-/// What the exports need: their connections, the class names the MegaDetector format lists, and
+/// What the exports need: their connections, the classes the MegaDetector and COCO formats list, and
 /// the limits that keep idle or greedy clients from holding every connection.
 #[derive(Clone)]
 pub struct Exports {
     pub pool: PgPool,
-    pub labels: std::sync::Arc<Vec<(i32, String)>>,
+    pub classes: std::sync::Arc<classes::Classes>,
     /// Exports running, by tenant.
     pub running: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
     /// Most exports one tenant may run at once.

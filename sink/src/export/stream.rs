@@ -168,9 +168,9 @@ pub(crate) async fn stream(
         (Format::Csv, _) => encoded(Box::new(table::Table::new(columns))),
         (Format::Ndjson, _) => encoded(Box::<Lines>::default()),
         (Format::MegaDetector, _) => {
-            encoded(Box::new(megadetector::Batch::new(exports.labels.clone(), filters.relative_to)))
+            encoded(Box::new(megadetector::Batch::new(exports.classes.clone(), filters.relative_to)))
         }
-        (Format::Coco, _) => encoded(Box::new(coco::Coco::new(exports.labels.clone(), format!("{what} {id}")))),
+        (Format::Coco, _) => encoded(Box::new(coco::Coco::new(exports.classes.clone(), format!("{what} {id}")))),
         (Format::CamtrapDp, None) => unreachable!("camtrap-dp's options are checked with its format"),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
@@ -210,7 +210,7 @@ pub(crate) async fn stream(
                 Output::Encoded(encoder) => return export.encode(encoder).await,
                 Output::Camtrap(options) => options,
             };
-            let mut plan = camtrap::Plan::new(options, what, id, deployment);
+            let mut plan = camtrap::Plan::new(options, exports.classes.clone(), what, id, deployment);
             let read = export.pass(|r| {
                 plan.check(&r);
                 Ok(None)

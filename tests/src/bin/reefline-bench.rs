@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use reefline_classifier::engine::{Engine, OrtEngine, OrtOptions};
-use reefline_classifier::preprocess::Preprocess;
+use reefline_classifier::preprocess::{InputSpec, Preprocess};
 use reefline_e2e::cache_dir;
 
 /// Benchmark settings.
@@ -89,6 +89,7 @@ fn measure_limit(photos: &[Vec<u8>], args: &Args) -> anyhow::Result<f64> {
     let mut engine = OrtEngine::load(&ort_options(args))?;
     let pre = Preprocess {
         size: args.image_size,
+        spec: InputSpec::EFFICIENTNET_LITE,
         max_side: 10_000,
         max_pixels: 50_000_000,
         jpeg_scale_margin: args.jpeg_scale_margin,

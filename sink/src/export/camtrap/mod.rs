@@ -26,8 +26,6 @@ pub use archive::{Archive, Shared, Table};
 pub use plan::Plan;
 pub use tables::Part;
 
-use super::megadetector::is_animal;
-
 /// Where the published profile and table schemas of this version live.
 const PUBLISHED: &str = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0.2/";
 

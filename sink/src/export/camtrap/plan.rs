@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, FixedOffset};
 use reefline_schemas::{ClassificationResult, Status};
 
-use super::{Lack, MAX_DEPLOYMENTS, Media, Options, Source, column, is_animal};
+use super::{Lack, MAX_DEPLOYMENTS, Media, Options, Source, column};
+use crate::export::classes::Classes;
+use std::sync::Arc;
 
 /// A deployment, gathered from its images.
 #[derive(Default)]
@@ -48,6 +50,8 @@ impl Tally {
 /// What the check finds: everything but the media and observation rows.
 pub struct Plan {
     pub(super) options: Options,
+    /// Which classes are animals (only an animal's scientific name is an observation's).
+    pub(super) classes: Arc<Classes>,
     /// `feed`, `batch` or `search`, and its id: the package's name.
     pub(super) what: &'static str,
     pub(super) id: String,
@@ -77,9 +81,16 @@ pub struct Refusal {
 }
 
 impl Plan {
-    pub fn new(options: Options, what: &'static str, id: String, deployment: Option<String>) -> Self {
+    pub fn new(
+        options: Options,
+        classes: Arc<Classes>,
+        what: &'static str,
+        id: String,
+        deployment: Option<String>,
+    ) -> Self {
         Self {
             options,
+            classes,
             what,
             id,
             deployment,
@@ -152,7 +163,8 @@ impl Plan {
             self.capture_methods.insert(method.to_owned());
         }
         if let Some(top) = r.predictions.first()
-            && let Some(name) = top.scientific_name.as_deref().filter(|_| is_animal(top.index))
+            && let Some(name) =
+                top.scientific_name.as_deref().filter(|_| self.classes.is_animal(&r.model_name, top.index))
         {
             self.taxa.entry(name.to_owned()).or_insert_with(|| top.label.clone());
         }

@@ -5,7 +5,7 @@ use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use reefline_schemas::{ClassificationResult, Status};
 use serde_json::{Value, json};
 
-use super::{Archive, Media, PUBLISHED, Plan, Source, Table, column, file_name, format_time, is_animal};
+use super::{Archive, Media, PUBLISHED, Plan, Source, Table, column, file_name, format_time};
 
 /// The columns of the three tables, as their 1.0.2 schemas order them.
 pub(super) const DEPLOYMENT_HEADER: [&str; 24] = [
@@ -139,7 +139,7 @@ impl Plan {
     pub(super) fn observation_row(&self, r: &ClassificationResult) -> Option<Vec<String>> {
         let media = self.media(r)?;
         let top = r.predictions.first();
-        let animal = top.is_some_and(|t| is_animal(t.index));
+        let animal = top.is_some_and(|t| self.classes.is_animal(&r.model_name, t.index));
         let mut row = vec![String::new(); OBSERVATION_HEADER.len()];
         let time = format_time(media.timestamp);
         row[0] = r.request_id.clone();

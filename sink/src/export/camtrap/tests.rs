@@ -2,6 +2,13 @@ use serde_json::json;
 
 use super::tables::OBSERVATION_HEADER;
 use super::*;
+use crate::export::classes::Classes;
+
+/// The repository manifest's classes (ImageNet's first 398 are animals); the tables' files are
+/// not needed for that.
+fn imagenet() -> std::sync::Arc<Classes> {
+    std::sync::Arc::new(Classes::for_tests())
+}
 
 #[test]
 fn offsets_are_read_in_the_forms_people_write() {
@@ -52,7 +59,7 @@ fn a_marine_animal_is_observed_by_its_scientific_name_and_other_classes_are_uncl
     let place = [("station", "S1"), ("lat", "-16.5"), ("lon", "145.5"), ("timestamp", "2026-11-20T06:00:00+10:00")];
     let shark = result(2, 2, Some("Carcharodon carcharias"), &place);
     let coffee = result(3, 967, None, &place);
-    let mut plan = Plan::new(options(), "feed", "F1".into(), Some("F1".into()));
+    let mut plan = Plan::new(options(), imagenet(), "feed", "F1".into(), Some("F1".into()));
     plan.check(&shark);
     plan.check(&coffee);
     assert!(plan.refusal().is_none());
@@ -98,7 +105,7 @@ fn a_marine_animal_is_observed_by_its_scientific_name_and_other_classes_are_uncl
 
 #[test]
 fn what_cannot_be_filled_is_named_with_how_to_fill_it() {
-    let mut plan = Plan::new(options(), "feed", "F1".into(), Some("F1".into()));
+    let mut plan = Plan::new(options(), imagenet(), "feed", "F1".into(), Some("F1".into()));
     plan.check(&result(2, 1, None, &[("deploymentID", "A"), ("timestamp", "2026-11-20T06:00:00Z")]));
     plan.check(&result(3, 1, None, &[("deploymentID", "B")]));
     plan.check(&result(4, 1, None, &[("deploymentID", "B"), ("timestamp", "2026-11-20 06:00:00")]));
@@ -116,13 +123,18 @@ fn what_cannot_be_filled_is_named_with_how_to_fill_it() {
         assert!(refusal.message.contains(part), "{part}: {}", refusal.message);
     }
     // Coordinates given for the deployments that have none place them.
-    let mut plan =
-        Plan::new(Options { coordinates: Some((-16.0, 145.0)), ..options() }, "feed", "F1".into(), Some("F1".into()));
+    let mut plan = Plan::new(
+        Options { coordinates: Some((-16.0, 145.0)), ..options() },
+        imagenet(),
+        "feed",
+        "F1".into(),
+        Some("F1".into()),
+    );
     plan.check(&result(2, 1, None, &[("timestamp", "2026-11-20T06:00:00Z")]));
     assert!(plan.refusal().is_none());
     assert_eq!(plan.deployment_rows().next().unwrap()[..5], ["F1", "", "", "-16", "145"].map(String::from));
     // What the tables would read as missing, and URLs a filePath may not hold.
-    let mut plan = Plan::new(options(), "feed", "F1".into(), Some("F1".into()));
+    let mut plan = Plan::new(options(), imagenet(), "feed", "F1".into(), Some("F1".into()));
     let time = ("timestamp", "2026-11-20T06:00:00Z");
     plan.check(&result(2, 1, None, &[("station", "NA"), time]));
     let mut dotted = result(3, 1, None, &[time]);
@@ -132,7 +144,7 @@ fn what_cannot_be_filled_is_named_with_how_to_fill_it() {
     assert_eq!(refusal.missing, ["deploymentID", "filePath"], "{}", refusal.message);
     // Nothing to export is refused too (the package needs a deployment).
     assert!(
-        Plan::new(options(), "feed", "F1".into(), Some("F1".into()))
+        Plan::new(options(), imagenet(), "feed", "F1".into(), Some("F1".into()))
             .refusal()
             .unwrap()
             .message
@@ -142,7 +154,7 @@ fn what_cannot_be_filled_is_named_with_how_to_fill_it() {
 
 #[test]
 fn in_a_search_an_image_naming_no_deployment_is_in_its_feeds_or_batchs() {
-    let mut plan = Plan::new(options(), "search", "results".into(), None);
+    let mut plan = Plan::new(options(), imagenet(), "search", "results".into(), None);
     let time = ("timestamp", "2026-11-20T06:00:00Z");
     let place = [time, ("latitude", "-16"), ("longitude", "145")];
     let in_feed = result(2, 1, None, &place);
