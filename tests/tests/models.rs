@@ -276,6 +276,24 @@ async fn each_submission_may_name_its_model_and_each_result_says_which_one_answe
     env.finish().await;
 }
 
+#[test]
+fn a_model_file_that_is_not_what_its_manifest_entry_says_is_refused_naming_both() {
+    // The dog-breed file declares its input, 160 pixels, and its 19 classes.
+    let cache = cache_dir();
+    let dylib = cache.join("onnxruntime/libonnxruntime.so.1.31.1");
+    let file = cache.join("models/dog-breeds-mobilenetv2.onnx");
+    let mut options = OrtOptions::cpu(dylib, file.clone(), 160);
+    options.classes = Some(19);
+    OrtEngine::load(&options).expect("as its manifest entry says");
+    let error = OrtEngine::load(&OrtOptions { image_size: 224, ..options.clone() }).err().expect("a wrong size");
+    assert_eq!(
+        error.to_string(),
+        format!("{} takes input [-1, 3, 160, 160], not [N, 3, 224, 224] as its `image_size` says", file.display())
+    );
+    let error = OrtEngine::load(&OrtOptions { classes: Some(1000), ..options }).err().expect("a wrong table");
+    assert_eq!(error.to_string(), format!("{} outputs 19 classes; its class table has 1000", file.display()));
+}
+
 /// ImageNet's bull mastiff, and the dog-breed model's (its class 11, after ImageNet's 1,000 in the
 /// exports' one numbering).
 const BULL_MASTIFF: i64 = 243;
@@ -338,7 +356,7 @@ async fn a_model_of_another_family_is_served_from_its_manifest_entry_and_files_a
     // Lite0 agrees, in ImageNet's numbering.
     let (lite_batch, result) = &batches[1];
     assert_eq!(result["predictions"][0]["index"], BULL_MASTIFF, "{result}");
-    assert_eq!(result["predictions"][0]["label"], "bull mastiff", "{result}");
+    assert_eq!(result["predictions"][0]["label"], "Bullmastiff", "{result}");
 
     // The MegaDetector export names each model's classes by ids no other table's class shares:
     // the breed's after ImageNet's 1,000, its whole table listed; an animal either way.
@@ -365,7 +383,7 @@ async fn a_model_of_another_family_is_served_from_its_manifest_entry_and_files_a
 async fn a_model_file_replaced_on_disk_is_swapped_in_without_a_restart_or_a_lost_image() {
     let env = TestEnv::start().await;
     let mut settings = env.settings();
-    // The classifier's model folder is the test's own, holding a copy of Lite0.
+    // The classifier's model folder is the test's own, holding a copy of Lite0 and its class table.
     let cache = reefline_e2e::cache_dir();
     // 40 copies of one photo: each must go through an engine, not the result cache.
     settings.classifier.result_cache = false;
@@ -373,6 +391,7 @@ async fn a_model_file_replaced_on_disk_is_swapped_in_without_a_restart_or_a_lost
     std::fs::create_dir_all(dir.join("models")).unwrap();
     let file = dir.join("models/efficientnet-lite0.onnx");
     std::fs::copy(cache.join("models/efficientnet-lite0.onnx"), &file).unwrap();
+    std::fs::copy(cache.join("models/imagenet_labels.tsv"), dir.join("models/imagenet_labels.tsv")).unwrap();
     settings.classifier.models.dir = dir.clone();
     let manifest = settings.classifier.models.load().unwrap();
     let stack = Stack::start(settings).await;
