@@ -129,7 +129,7 @@ def check_grace_periods(deployments):
     http = drain_seconds("common/src/http.rs", "DRAIN")
     drains = {
         # The pipeline's drain, two producers' flushes, then both lanes' consumers close together.
-        "reefline-classifier": drain_seconds("classifier/src/consume.rs", "DRAIN_TIMEOUT") + 3 * FLUSH_OR_CLOSE,
+        "reefline-classifier": drain_seconds("classifier/src/offsets.rs", "DRAIN_TIMEOUT") + 3 * FLUSH_OR_CLOSE,
         "reefline-ingest": http,
         # The HTTP drain beside the consumers', then its two consumers close one after the other.
         "reefline-sink": http + 2 * FLUSH_OR_CLOSE,

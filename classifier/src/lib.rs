@@ -1,7 +1,8 @@
 //! Reefline classifier: a consumer-group member that turns image requests into labelled results.
 //!
 //! One image flows through one file per stage, in order: `consume` → `prepare` (fetch, then
-//! decode/preprocess) → `batcher` → `infer` → `produce` → back to `consume`'s offset store.
+//! decode/preprocess) → `batcher` → `infer` → `produce` → back to the lane's offsets
+//! (`offsets.rs`, which both ends share).
 //! Every model served has its own batching queue and its pool of engines, each on a thread of its
 //! own; the stages around them are shared.
 //! Stages talk through bounded channels, so a slow stage slows the one before it.
@@ -43,9 +44,9 @@ use reefline_schemas::{ClassificationResult, Codec, ImageRequest};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::consume::{Context, Lanes, Offsets, RequestConsumer};
 use crate::engine::{Engine, OrtEngine};
 use crate::offsets::OffsetTracker;
+use crate::offsets::{Context, Lanes, Offsets, RequestConsumer};
 pub use crate::settings::Settings;
 use reefline_common::kafka::Lane;
 use reefline_common::labels::Labels;
@@ -102,7 +103,7 @@ impl Application {
             interactive: lane_consumer(&settings, Lane::Interactive, &lag)?,
             bulk: lane_consumer(&settings, Lane::Bulk, &lag)?,
         };
-        metrics::InFlight::register(&registry, vec![lanes.interactive.tracker.clone(), lanes.bulk.tracker.clone()])?;
+        offsets::InFlight::register(&registry, vec![lanes.interactive.tracker.clone(), lanes.bulk.tracker.clone()])?;
         let producer: FutureProducer = settings.kafka.producer_config().create()?;
         let interactive_producer: FutureProducer =
             reefline_common::kafka::without_linger(&settings.kafka, settings.kafka.producer_config()).create()?;
@@ -156,10 +157,10 @@ impl Application {
         let (producer, codec, tenants) = (self.producer, self.codec, self.tenants);
         // The ops port keeps the API's connection limits: a silent or idle connection is closed.
         let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
-        let limits = reefline_common::http::HttpLimits::default();
-        let ops_server = tokio::spawn(reefline_common::http::serve(listener, ops, limits, async move {
+        let stopped = async move {
             let _ = ops_stopped.await;
-        }));
+        };
+        let ops_server = tokio::spawn(reefline_common::http::serve(listener, ops, Default::default(), stopped));
         let parts = pipeline::Parts {
             settings: &s,
             metrics: &metrics,
@@ -178,11 +179,7 @@ impl Application {
             readiness.clone(),
         ));
         tracing::info!(ops = %ops_addr, topic = %s.topics.requests, interactive_topic = %s.topics.interactive, group = %s.group_id, "classifier running");
-        // Both ends of its contract: cameras that produce requests straight to Kafka find it too.
-        let register = [&s.topics.requests, &s.topics.interactive]
-            .map(|topic| reefline_common::register_schema::<ImageRequest>(codec.clone(), topic.clone()));
-        let register_results =
-            reefline_common::register_schema::<ClassificationResult>(codec.clone(), s.topics.results.clone());
+        let register = register_schemas(&codec, &s.topics);
         let consume = |lane: Lane| consume::Consume {
             lane,
             offsets: lanes.get(lane).clone(),
@@ -207,7 +204,7 @@ impl Application {
 
         tracing::info!("draining in-flight requests");
         probe.abort();
-        register.iter().chain([&register_results]).for_each(tokio::task::JoinHandle::abort);
+        register.iter().for_each(tokio::task::JoinHandle::abort);
         readiness.set(false);
         pipeline.finish().await?;
         producer.flush(Duration::from_secs(10))?;
@@ -215,13 +212,26 @@ impl Application {
         commit_and_hand_over(&lanes).await;
         let _ = ops_stop.send(());
         let _ = ops_server.await;
-        let Lanes { interactive, bulk } = lanes;
-        let close =
-            |offsets: Offsets, what| reefline_common::kafka::close(offsets.consumer, what, Duration::from_secs(10));
-        tokio::join!(close(interactive, "the interactive requests consumer"), close(bulk, "the requests consumer"));
+        close(lanes).await;
         tracing::info!("classifier stopped");
         Ok(())
     }
+}
+
+/// Registers both ends of the classifier's contract (so that cameras producing requests straight
+/// to Kafka find the request schema too), each retried by a task of its own until it is.
+fn register_schemas(codec: &Codec, topics: &reefline_common::kafka::Topics) -> Vec<tokio::task::JoinHandle<()>> {
+    let requests = [&topics.requests, &topics.interactive]
+        .map(|topic| reefline_common::register_schema::<ImageRequest>(codec.clone(), topic.clone()));
+    let results = reefline_common::register_schema::<ClassificationResult>(codec.clone(), topics.results.clone());
+    requests.into_iter().chain([results]).collect()
+}
+
+/// Closes both lanes' consumers, side by side.
+async fn close(lanes: Lanes) {
+    let Lanes { interactive, bulk } = lanes;
+    let close = |offsets: Offsets, what| reefline_common::kafka::close(offsets.consumer, what, Duration::from_secs(10));
+    tokio::join!(close(interactive, "the interactive requests consumer"), close(bulk, "the requests consumer"));
 }
 
 /// Commits each lane's offsets and, where nothing it took is left unfinished, records the clean
@@ -338,7 +348,7 @@ fn lane_consumer(settings: &Settings, lane: Lane, lag: &reefline_common::kafka::
         Lane::Interactive => format!("{}.interactive", settings.group_id),
     };
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-    let (backlog, modes) = (consume::Backlog::default(), consume::Modes::default());
+    let (backlog, modes) = (offsets::Backlog::default(), offsets::Modes::default());
     let deliveries =
         deliveries::Deliveries::new(Some(settings.database.url()), &group, topic, settings.delivery_limit)?;
     let context = Context {

@@ -153,34 +153,3 @@ impl Maker<'_> {
         self.add(IntGaugeVec::new(Opts::new(name, help), labels))
     }
 }
-
-/// `classifier_in_flight`: requests taken from Kafka whose results are not yet acknowledged, read
-/// from the offset tracker whenever the metrics are scraped (the tracker keeps no metrics).
-pub struct InFlight {
-    /// Each lane's.
-    trackers: Vec<std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>>,
-    gauge: IntGauge,
-}
-
-impl InFlight {
-    pub fn register(
-        registry: &Registry,
-        trackers: Vec<std::sync::Arc<std::sync::Mutex<crate::offsets::OffsetTracker>>>,
-    ) -> prometheus::Result<()> {
-        let gauge =
-            IntGauge::new("classifier_in_flight", "Requests taken from Kafka whose results are not yet acknowledged")?;
-        registry.register(Box::new(Self { trackers, gauge }))
-    }
-}
-
-impl prometheus::core::Collector for InFlight {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.gauge.desc()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let unfinished: usize = self.trackers.iter().map(|t| t.lock().map_or(0, |t| t.unfinished())).sum();
-        self.gauge.set(unfinished as i64);
-        self.gauge.collect()
-    }
-}

@@ -13,9 +13,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::batcher::{self, EngineQueue};
-use crate::consume::Lanes;
 use crate::fetch::{FetchLimits, Fetcher};
 use crate::job::{self, Job, Outcome, Prepared};
+use crate::offsets::Lanes;
 use crate::settings::Settings;
 use crate::{ServedModel, cache, guard, infer, metrics, prepare, produce, turns};
 

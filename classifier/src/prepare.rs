@@ -82,6 +82,7 @@ const QUEUE_PER_FETCH: usize = 16;
 /// slow or throttled host's images wait among themselves, and other hosts' go by them (up to the
 /// queue's width); a task waiting out a retry delay holds neither of the others. Each lane has
 /// its own, so that an interactive request never queues behind bulk ones for a place.
+#[derive(Clone)]
 struct Places {
     queued: Arc<Semaphore>,
     work: Arc<Semaphore>,
@@ -173,7 +174,7 @@ pub async fn run(
     let mut open = [true, true];
     while let Some(mut job) = lanes.next(&mut open).await {
         job.lap(&stage.metrics, "admit");
-        let Places { queued, work, fetches, decoders } = &places[usize::from(job.lane == Lane::Bulk)];
+        let places = &places[usize::from(job.lane == Lane::Bulk)];
         // A request classifiers kept stopping on fails under its model, as one naming no served model does.
         let chosen = stage.model_for(&job).and_then(|model| match job.crashed {
             Some(tries) => Err((stage.models[model].tag.clone(), ImageError::CrashLoop { tries })),
@@ -188,61 +189,8 @@ pub async fn run(
                 continue;
             }
         };
-        let Ok(permit) = queued.clone().acquire_owned().await else { break };
-        let (stage, failed) = (stage.clone(), failed.clone());
-        let (work, fetches, decoders) = (work.clone(), fetches.clone(), decoders.clone());
-        tasks.spawn(async move {
-            let mut job = job;
-            let input = &stage.models[model];
-            let fetching = tracing::info_span!(parent: &job.span, "fetch");
-            let fetched = caught(
-                stage.fetch(&job.request.url, job.request.tenant.as_deref(), &work, &fetches).instrument(fetching),
-            )
-            .await
-            .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "fetch", panic)));
-            let learned = match fetched {
-                Ok((bytes, working)) => stage.learn(bytes).await.map(|learned| (learned, working)),
-                Err(error) => Err(error),
-            };
-            let decoded = match learned {
-                Ok(((photo, bytes), _working)) => {
-                    // The same bytes classified before by the same model: its predictions, no decode.
-                    let model = input.current.read().map_or_else(|e| e.into_inner().clone(), |m| m.clone());
-                    let cached = stage.cache.get(&photo.sha256, &model, job.request.tenant.as_deref()).await;
-                    job.photo = Some(photo);
-                    if let Some(classified) = cached {
-                        job.lap(&stage.metrics, "prepare");
-                        let outcome = Outcome { job, model, result: Ok(classified), cached: true };
-                        let _ = failed.send(outcome).await;
-                        drop(permit);
-                        return;
-                    }
-                    // The decoder slot is held until the tensor is handed on: when the batching
-                    // queue is full, decoding stops rather than piling up finished tensors.
-                    match decoders.acquire().await {
-                        Ok(slot) => {
-                            let decoding = tracing::info_span!(parent: &job.span, "decode");
-                            let decoded = stage.preprocess(input.preprocess, bytes, job.lane);
-                            let tensor = caught(decoded.instrument(decoding))
-                                .await
-                                .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "decode", panic)));
-                            tensor.map(|tensor| (tensor, slot))
-                        }
-                        Err(_) => return,
-                    }
-                }
-                Err(error) => Err(error),
-            };
-            job.lap(&stage.metrics, "prepare");
-            let _ = match decoded {
-                Ok((tensor, _slot)) => input.queue.send(Prepared { job, tensor }).await.map_err(drop),
-                Err(error) => {
-                    let outcome = Outcome { job, model: input.tag.clone(), result: Err(error), cached: false };
-                    failed.send(outcome).await.map_err(drop)
-                }
-            };
-            drop(permit);
-        });
+        let Ok(permit) = places.queued.clone().acquire_owned().await else { break };
+        tasks.spawn(prepare_one(stage.clone(), job, model, places.clone(), failed.clone(), permit));
         while let Some(joined) = tasks.try_join_next() {
             escaped(joined);
         }
@@ -250,6 +198,63 @@ pub async fn run(
     while let Some(joined) = tasks.join_next().await {
         escaped(joined);
     }
+}
+
+/// One image, holding its place in the stage (`_queued`) until it is passed on: fetched, looked
+/// up in the result cache, decoded, and given to its model's batching queue; or, cached or failed,
+/// sent straight to the producer.
+async fn prepare_one(
+    stage: Arc<Prepare>,
+    mut job: Job,
+    model: usize,
+    places: Places,
+    failed: mpsc::Sender<Outcome>,
+    _queued: tokio::sync::OwnedSemaphorePermit,
+) {
+    let input = &stage.models[model];
+    let fetching = tracing::info_span!(parent: &job.span, "fetch");
+    let fetched = caught(
+        stage
+            .fetch(&job.request.url, job.request.tenant.as_deref(), &places.work, &places.fetches)
+            .instrument(fetching),
+    )
+    .await
+    .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "fetch", panic)));
+    let learned = match fetched {
+        Ok((bytes, working)) => stage.learn(bytes).await.map(|learned| (learned, working)),
+        Err(error) => Err(error),
+    };
+    let decoded = match learned {
+        Ok(((photo, bytes), _working)) => {
+            // The same bytes classified before by the same model: its predictions, no decode.
+            let model = input.current.read().map_or_else(|e| e.into_inner().clone(), |m| m.clone());
+            let cached = stage.cache.get(&photo.sha256, &model, job.request.tenant.as_deref()).await;
+            job.photo = Some(photo);
+            if let Some(classified) = cached {
+                job.lap(&stage.metrics, "prepare");
+                let _ = failed.send(Outcome { job, model, result: Ok(classified), cached: true }).await;
+                return;
+            }
+            // The decoder slot is held until the tensor is handed on: when the batching queue is
+            // full, decoding stops rather than piling up finished tensors.
+            let Ok(slot) = places.decoders.acquire().await else { return };
+            let decoding = tracing::info_span!(parent: &job.span, "decode");
+            let decoded = stage.preprocess(input.preprocess, bytes, job.lane);
+            let tensor = caught(decoded.instrument(decoding))
+                .await
+                .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "decode", panic)));
+            tensor.map(|tensor| (tensor, slot))
+        }
+        Err(error) => Err(error),
+    };
+    job.lap(&stage.metrics, "prepare");
+    let _ = match decoded {
+        Ok((tensor, _slot)) => input.queue.send(Prepared { job, tensor }).await.map_err(drop),
+        Err(error) => {
+            let outcome = Outcome { job, model: input.tag.clone(), result: Err(error), cached: false };
+            failed.send(outcome).await.map_err(drop)
+        }
+    };
 }
 
 /// A panic's payload.

@@ -21,8 +21,8 @@ use reefline_schemas::{BATCH_ID_HEADER, ClassificationResult, Codec, CodecError,
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::consume::Lanes;
 use crate::job::Outcome;
+use crate::offsets::Lanes;
 use reefline_common::kafka::Lane;
 
 /// What the stage needs.

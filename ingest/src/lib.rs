@@ -136,6 +136,49 @@ pub struct Application {
     results: rdkafka::consumer::StreamConsumer,
 }
 
+/// The API's routes behind its keys, with the ops endpoints and the docs; and the feeds', which
+/// stream for as long as their upload lasts: no body limit, no overall request timeout (an
+/// upload that stops sending is cut off by FEED_IDLE_TIMEOUT_S instead).
+fn routers(
+    state: &Arc<AppState>,
+    keys: ApiKeys,
+    registry: prometheus::Registry,
+    readiness: Readiness,
+) -> anyhow::Result<(Router, Router)> {
+    let router = routes::router(state.clone())
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_key))
+        .merge(ops::router(registry, readiness))
+        .merge(reefline_common::docs::router(<routes::ApiDoc as utoipa::OpenApi>::openapi()))
+        .layer(cors(&state.settings.cors_origins)?);
+    let streaming = feeds::router(state.clone())
+        .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
+        .layer(cors(&state.settings.cors_origins)?);
+    Ok((router, streaming))
+}
+
+/// Settings that cannot work together, refused at start naming what to change.
+fn check(settings: &Settings, keys: &ApiKeys, tenants: &reefline_common::tenant::TenantSeal) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        settings.max_pending_images >= settings.max_images,
+        "INGEST_MAX_PENDING_IMAGES ({}) must be at least MAX_IMAGES_PER_REQUEST ({})",
+        settings.max_pending_images,
+        settings.max_images
+    );
+    // Open mode's callers are the default tenant's.
+    let named = if keys.is_empty() { vec![reefline_common::auth::DEFAULT_TENANT.to_owned()] } else { keys.tenants() };
+    if let Some(tenant) = named.into_iter().find(|t| t != tenants.kafka_tenant()) {
+        anyhow::ensure!(
+            tenants.can_seal(),
+            "API keys name tenant `{tenant}`, but TENANT_SECRET is not set: without it the classifiers and the \
+             sink cannot tell its requests from the requests topic's tenant (`{}`); set the same TENANT_SECRET \
+             on ingest, every classifier and the sink",
+            tenants.kafka_tenant()
+        );
+    }
+    Ok(())
+}
+
 impl Application {
     /// Creates the topics if needed, connects the producer, starts reading results for waiting
     /// submissions and binds the listener.
@@ -147,12 +190,9 @@ impl Application {
             topics.partitions,
         )
         .await?;
-        anyhow::ensure!(
-            settings.max_pending_images >= settings.max_images,
-            "INGEST_MAX_PENDING_IMAGES ({}) must be at least MAX_IMAGES_PER_REQUEST ({})",
-            settings.max_pending_images,
-            settings.max_images
-        );
+        let keys = ApiKeys::load(&settings.auth)?;
+        let tenants = reefline_common::tenant::TenantSeal::new(&settings.tenants)?;
+        check(&settings, &keys, &tenants)?;
         let models = settings.models.load()?.into_iter().map(|m| m.name).collect();
         let producer: FutureProducer = producer_config(&settings).create()?;
         let interactive_producer: FutureProducer =
@@ -165,7 +205,6 @@ impl Application {
         let waiters = Arc::new(wait::Waiters::new(metrics.waiting.clone()));
         let results = wait::results_consumer(&settings.kafka, &settings.topics.results).await?;
         let listener = TcpListener::bind(&settings.listen).await?;
-        let body_limit = settings.max_body_bytes;
         let source_policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.source_allow));
         let source_client = feeds::source_client(source_policy.clone())?;
         // A listing is not tried again as a whole: the client retries each page itself.
@@ -175,20 +214,6 @@ impl Application {
             retries: 5,
         };
         let stores = reefline_common::objects::Stores::new(&settings.stores, access)?;
-        let keys = ApiKeys::load(&settings.auth)?;
-        let tenants = reefline_common::tenant::TenantSeal::new(&settings.tenants)?;
-        // Open mode's callers are the default tenant's.
-        let named =
-            if keys.is_empty() { vec![reefline_common::auth::DEFAULT_TENANT.to_owned()] } else { keys.tenants() };
-        if let Some(tenant) = named.into_iter().find(|t| t != tenants.kafka_tenant()) {
-            anyhow::ensure!(
-                tenants.can_seal(),
-                "API keys name tenant `{tenant}`, but TENANT_SECRET is not set: without it the classifiers and the \
-                 sink cannot tell its requests from the requests topic's tenant (`{}`); set the same TENANT_SECRET \
-                 on ingest, every classifier and the sink",
-                tenants.kafka_tenant()
-            );
-        }
         let quotas = quota::Quotas::new(
             settings.tenant_images_per_second,
             settings.tenant_images_burst,
@@ -212,17 +237,7 @@ impl Application {
             quotas,
         });
         keys.announce("ingest", listener.local_addr()?);
-        let router = routes::router(state.clone())
-            .layer(DefaultBodyLimit::max(body_limit))
-            .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_key))
-            .merge(ops::router(registry, readiness.clone()))
-            .merge(reefline_common::docs::router(<routes::ApiDoc as utoipa::OpenApi>::openapi()))
-            .layer(cors(&state.settings.cors_origins)?);
-        // Feeds stream for as long as their upload lasts: no body limit, no overall request
-        // timeout (an upload that stops sending is cut off by FEED_IDLE_TIMEOUT_S instead).
-        let streaming = feeds::router(state.clone())
-            .route_layer(axum::middleware::from_fn_with_state(keys, require_key))
-            .layer(cors(&state.settings.cors_origins)?);
+        let (router, streaming) = routers(&state, keys, registry, readiness.clone())?;
         Ok(Self { listener, router, streaming, state, readiness, results })
     }
 

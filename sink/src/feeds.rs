@@ -81,7 +81,7 @@ pub async fn progress(
     // The feed's batches row, which carries its callback's progress, is written once the feed is
     // read; until then its callback is waiting.
     let callback = match batches::callback(&pool, &feed_id, caller.scope()).await? {
-        None => row.callback_url.map(|url| reefline_schemas::view::CallbackView {
+        None => row.callback_url.clone().map(|url| reefline_schemas::view::CallbackView {
             url,
             state: "waiting",
             next_attempt_at: None,
@@ -91,12 +91,56 @@ pub async fn progress(
         }),
         known => known,
     };
-    let completed = row.ok + row.error;
-    let pending = (row.accepted - completed).max(0);
-    let done = row.state == "read" && pending == 0;
-    let rate = row.recent as f64 / row.window_s;
-    // While it is being read, the lines to come are estimated from its size and the bytes read at
-    // its last checkpoint; without them (no size given, no checkpoint yet) they are unknown.
+    Ok(Json(FeedView::of(row, callback)))
+}
+
+impl FeedView {
+    /// The view of the feed `row` describes, with its callback's progress.
+    fn of(row: feeds::Progress, callback: Option<reefline_schemas::view::CallbackView>) -> Self {
+        let completed = row.ok + row.error;
+        let pending = (row.accepted - completed).max(0);
+        let done = row.state == "read" && pending == 0;
+        let rate = row.recent as f64 / row.window_s;
+        let eta_seconds = if done { None } else { eta_seconds(&row, completed, pending, rate) };
+        let links = FeedLinks {
+            rejects: format!("/v1/feeds/{}/rejects", row.feed_id),
+            results: format!("/v1/feeds/{}/results?format=csv", row.feed_id),
+        };
+        Self {
+            feed_id: row.feed_id,
+            state: row.state,
+            format: row.format,
+            source_url: row.source_url,
+            model: row.model,
+            columns: row.columns.0,
+            lines_read: row.lines_read,
+            accepted: row.accepted,
+            rejected: row.rejected,
+            completed,
+            ok: row.ok,
+            error: row.error,
+            pending,
+            done,
+            images_per_second: (rate * 100.0).round() / 100.0,
+            share: if row.everyone_recent > 0 {
+                (row.recent as f64 / row.everyone_recent as f64 * 100.0).round() / 100.0
+            } else {
+                0.0
+            },
+            eta_seconds,
+            created_at: row.created_at.to_rfc3339(),
+            read_at: row.read_at.map(|t| t.to_rfc3339()),
+            completed_at: row.completed_at.map(|t| t.to_rfc3339()),
+            callback,
+            links,
+        }
+    }
+}
+
+/// Seconds until a feed still under way is done at `rate` images a second; unknown while it is
+/// read and its size, or the bytes read at its last checkpoint, are not known: the lines to come
+/// are estimated from them.
+fn eta_seconds(row: &feeds::Progress, completed: i64, pending: i64, rate: f64) -> Option<f64> {
     let expected = match (row.state.as_str(), row.size_bytes) {
         ("reading", Some(size)) if row.read_bytes > 0 => {
             Some((row.accepted as f64 * (size as f64 / row.read_bytes as f64).max(1.0)).round() as i64)
@@ -104,43 +148,11 @@ pub async fn progress(
         ("reading", _) => None,
         _ => Some(row.accepted),
     };
-    let eta_seconds = expected.filter(|_| !done && rate > 0.0).map(|expected| {
+    expected.filter(|_| rate > 0.0).map(|expected| {
         // At least what is accepted and waiting (a small upload is read ahead of its lines).
         let to_go = (expected - completed).max(pending);
         (to_go as f64 / rate * 10.0).round() / 10.0
-    });
-    let links = FeedLinks {
-        rejects: format!("/v1/feeds/{feed_id}/rejects"),
-        results: format!("/v1/feeds/{feed_id}/results?format=csv"),
-    };
-    Ok(Json(FeedView {
-        feed_id: row.feed_id,
-        state: row.state,
-        format: row.format,
-        source_url: row.source_url,
-        model: row.model,
-        columns: row.columns.0,
-        lines_read: row.lines_read,
-        accepted: row.accepted,
-        rejected: row.rejected,
-        completed,
-        ok: row.ok,
-        error: row.error,
-        pending,
-        done,
-        images_per_second: (rate * 100.0).round() / 100.0,
-        share: if row.everyone_recent > 0 {
-            (row.recent as f64 / row.everyone_recent as f64 * 100.0).round() / 100.0
-        } else {
-            0.0
-        },
-        eta_seconds,
-        created_at: row.created_at.to_rfc3339(),
-        read_at: row.read_at.map(|t| t.to_rfc3339()),
-        completed_at: row.completed_at.map(|t| t.to_rfc3339()),
-        callback,
-        links,
-    }))
+    })
 }
 
 /// A page of rejected lines.

@@ -87,18 +87,7 @@ impl Application {
             settings.lookup_connections,
             Duration::from_millis(settings.lookup_timeout_ms),
         )?;
-        let exports = export::Exports {
-            pool: reefline_store::sink::export_pool(
-                database_url,
-                settings.export_connections,
-                settings.lookup_timeout_ms,
-                Duration::from_secs(settings.export_timeout_s.max(1)),
-            )?,
-            classes: Arc::new(export::classes::Classes::load(&settings.models)?),
-            running: Arc::default(),
-            per_tenant: settings.exports_per_tenant.max(1),
-            idle: Duration::from_secs(settings.export_idle_timeout_s.max(1)),
-        };
+        let exports = exports(&settings)?;
         let t = &settings.topics;
         let topics = [&t.results, &t.dead_letter, &t.requests, &t.interactive, &t.batches].map(String::as_str);
         reefline_common::kafka::ensure_topics(&settings.kafka, &topics, settings.topics.partitions).await?;
@@ -109,53 +98,11 @@ impl Application {
             settings.kafka.consumer_config(&settings.group_id).create_with_context(LagContext(lag.clone()))?;
         consumer.subscribe(&[&settings.topics.results])?;
         let codec = Codec::new(&settings.registry)?;
-        let requests_consumer: consume::LagConsumer =
-            settings.kafka.consumer_config(&settings.requests_group_id).create_with_context(LagContext(lag))?;
-        // Both lanes' requests: each is recorded as pending whichever lane it travels.
-        requests_consumer.subscribe(&[&settings.topics.requests, &settings.topics.interactive])?;
-        let recorded = IntCounter::new("sink_requests_recorded_total", "Requests recorded as pending")?;
-        let skipped = IntCounter::new("sink_requests_skipped_total", "Request records skipped as undecodable")?;
-        registry.register(Box::new(recorded.clone()))?;
-        registry.register(Box::new(skipped.clone()))?;
         let wake = Arc::new(tokio::sync::Notify::new());
-        let requests = consume::RequestLog {
-            consumer: requests_consumer,
-            pool: pool.clone(),
-            codec: codec.clone(),
-            max_batch: settings.max_batch.max(1),
-            linger: Duration::from_millis(settings.linger_ms),
-            recorded,
-            skipped,
-            wake: wake.clone(),
-            tenants: reefline_common::tenant::TenantSeal::new(&settings.tenants)?,
-        };
-        let notices = IntCounterVec::new(
-            Opts::new("sink_batch_notices_total", "BatchCompleted records and callback attempts, by outcome"),
-            &["kind", "outcome"],
-        )?;
-        registry.register(Box::new(notices.clone()))?;
-        let policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.callback_allow));
+        let requests = request_log(&settings, &registry, lag, Parts { pool: &pool, codec: &codec, wake: &wake })?;
         let producer = settings.kafka.producer_config().create::<FutureProducer>()?;
-        let notifier = notify::Notifier {
-            pool: pool.clone(),
-            producer: producer.clone(),
-            codec: codec.clone(),
-            topic: settings.topics.batches.clone(),
-            client: notify::callback_client(policy.clone(), Duration::from_millis(settings.callback_timeout_ms))?,
-            policy,
-            secret: settings.callback_secret.clone(),
-            public_url: settings.public_url.clone(),
-            retry: notify::Retry {
-                backoff: reefline_common::Backoff {
-                    base: Duration::from_millis(settings.callback_retry_base_ms),
-                    max: Duration::from_millis(settings.callback_retry_max_ms),
-                    jitter: false,
-                },
-                give_up_after: Duration::from_secs(settings.callback_give_up_after_s),
-            },
-            wake: wake.clone(),
-            notices,
-        };
+        let notifier =
+            notifier(&settings, &registry, producer.clone(), Parts { pool: &pool, codec: &codec, wake: &wake })?;
         let readiness = Readiness::default();
         readiness.set(true);
         let listener = TcpListener::bind(&settings.listen).await?;
@@ -235,4 +182,90 @@ impl Application {
         tracing::info!("sink stopped");
         Ok(())
     }
+}
+
+/// What the sink's tasks share: the database, the Schema Registry codec, and the signal that a
+/// batch may have completed.
+struct Parts<'a> {
+    pool: &'a sqlx::PgPool,
+    codec: &'a Codec,
+    wake: &'a Arc<tokio::sync::Notify>,
+}
+
+/// The exports' connections, class names and limits.
+fn exports(settings: &Settings) -> anyhow::Result<export::Exports> {
+    Ok(export::Exports {
+        pool: reefline_store::sink::export_pool(
+            settings.database.url(),
+            settings.export_connections,
+            settings.lookup_timeout_ms,
+            Duration::from_secs(settings.export_timeout_s.max(1)),
+        )?,
+        classes: Arc::new(export::classes::Classes::load(&settings.models)?),
+        running: Arc::default(),
+        per_tenant: settings.exports_per_tenant.max(1),
+        idle: Duration::from_secs(settings.export_idle_timeout_s.max(1)),
+    })
+}
+
+/// The consumer that records every request, of both lanes, as pending.
+fn request_log(
+    settings: &Settings,
+    registry: &prometheus::Registry,
+    lag: LagGauge,
+    parts: Parts<'_>,
+) -> anyhow::Result<consume::RequestLog> {
+    let consumer: consume::LagConsumer =
+        settings.kafka.consumer_config(&settings.requests_group_id).create_with_context(LagContext(lag))?;
+    consumer.subscribe(&[&settings.topics.requests, &settings.topics.interactive])?;
+    let recorded = IntCounter::new("sink_requests_recorded_total", "Requests recorded as pending")?;
+    let skipped = IntCounter::new("sink_requests_skipped_total", "Request records skipped as undecodable")?;
+    registry.register(Box::new(recorded.clone()))?;
+    registry.register(Box::new(skipped.clone()))?;
+    Ok(consume::RequestLog {
+        consumer,
+        pool: parts.pool.clone(),
+        codec: parts.codec.clone(),
+        max_batch: settings.max_batch.max(1),
+        linger: Duration::from_millis(settings.linger_ms),
+        recorded,
+        skipped,
+        wake: parts.wake.clone(),
+        tenants: reefline_common::tenant::TenantSeal::new(&settings.tenants)?,
+    })
+}
+
+/// What tells of completed batches: the batches topic and the callbacks, retried.
+fn notifier(
+    settings: &Settings,
+    registry: &prometheus::Registry,
+    producer: FutureProducer,
+    parts: Parts<'_>,
+) -> anyhow::Result<notify::Notifier> {
+    let notices = IntCounterVec::new(
+        Opts::new("sink_batch_notices_total", "BatchCompleted records and callback attempts, by outcome"),
+        &["kind", "outcome"],
+    )?;
+    registry.register(Box::new(notices.clone()))?;
+    let policy = Arc::new(reefline_common::guard::AddressPolicy::from_allowlist(&settings.callback_allow));
+    Ok(notify::Notifier {
+        pool: parts.pool.clone(),
+        producer,
+        codec: parts.codec.clone(),
+        topic: settings.topics.batches.clone(),
+        client: notify::callback_client(policy.clone(), Duration::from_millis(settings.callback_timeout_ms))?,
+        policy,
+        secret: settings.callback_secret.clone(),
+        public_url: settings.public_url.clone(),
+        retry: notify::Retry {
+            backoff: reefline_common::Backoff {
+                base: Duration::from_millis(settings.callback_retry_base_ms),
+                max: Duration::from_millis(settings.callback_retry_max_ms),
+                jitter: false,
+            },
+            give_up_after: Duration::from_secs(settings.callback_give_up_after_s),
+        },
+        wake: parts.wake.clone(),
+        notices,
+    })
 }

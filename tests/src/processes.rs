@@ -109,7 +109,11 @@ impl ServiceProcess {
             .args(["--requests-topic", &s.topics.requests, "--requests-group-id", &s.requests_group_id])
             .args(["--interactive-topic", &s.topics.interactive])
             .args(["--session-timeout-ms", &s.kafka.session_timeout_ms.to_string()])
-            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url]);
+            .args(["--kafka-brokers", &s.kafka.brokers, "--schema-registry-url", &s.registry.url])
+            .arg("--models-manifest")
+            .arg(&s.models.manifest)
+            .arg("--models-dir")
+            .arg(&s.models.dir);
         Self::spawn(command, name)
     }
 

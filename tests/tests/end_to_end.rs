@@ -375,7 +375,9 @@ async fn no_configured_secret_reaches_a_log_line_or_help() {
     assert_ne!(database_url, db.url);
     let secrets =
         ["Db-p%40ss-5ecret", "Db-p@ss-5ecret", "Kafka-5ecret", "Registry-5ecret", "Api-5ecret", "Hook-5ecret"];
+    let manifest = reefline_e2e::model_settings().manifest;
     let env = [
+        ("MODELS_MANIFEST", manifest.to_str().unwrap()),
         ("DATABASE_URL", database_url.as_str()),
         ("KAFKA_BROKERS", &broker.kafka().brokers),
         ("KAFKA_PROPERTIES", "client.id=reefline-sink,sasl.password=Kafka-5ecret"),

@@ -32,6 +32,41 @@ pub struct Listing {
 /// Checks `source` and `pattern`, and starts listing: the first page is asked for before the feed
 /// is opened, so that an unknown prefix's store or refused credentials answer at once.
 pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&str>) -> Result<Listing, IngestError> {
+    let (bucket, prefix) = prefix_of(source)?;
+    let store = stores
+        .bucket(&bucket, tenant)
+        .map_err(|e| IngestError::UnknownBucket { field: "source".into(), reason: e.to_string() })?;
+    let pattern = pattern.unwrap_or(DEFAULT_MATCH).to_owned();
+    let matcher = glob(&pattern)?;
+    let base =
+        Url::parse(&format!("{}/", reefline_common::objects::base_url(&bucket))).expect("a bucket name makes a URL");
+    let mut source = base.clone();
+    if !prefix.as_ref().is_empty() {
+        source.path_segments_mut().expect("object URLs have a path").clear().extend(prefix.parts()).push("");
+    }
+    let source = source.to_string();
+
+    let mut objects = store.list(Some(&prefix));
+    let first = objects.next().await;
+    if let Some(Err(e)) = &first {
+        return Err(IngestError::UnreadableFeed {
+            feed_id: String::new(),
+            reason: format!("listing {source} failed: {}", describe(e)),
+        });
+    }
+    let strip = if prefix.as_ref().is_empty() { 0 } else { prefix.as_ref().len() + 1 };
+    let listed = futures::stream::iter(first).chain(objects).filter_map(move |object| {
+        std::future::ready(match object {
+            Ok(object) => line(&object, strip, &matcher, &base).map(Ok),
+            Err(e) => Some(Err(std::io::Error::other(format!("listing the prefix failed: {}", describe(&e))))),
+        })
+    });
+    Ok(Listing { source, pattern, stream: Box::pin(listed) })
+}
+
+/// The bucket (its store's key) and the prefix a feed's `source`, `s3://bucket/prefix/` or
+/// `az://container/prefix/`, names; a 400 naming what is wrong with it.
+fn prefix_of(source: &str) -> Result<(String, Path), IngestError> {
     let invalid = |reason: String| IngestError::InvalidUrl { field: "source".into(), reason };
     let url = Url::parse(source.trim()).map_err(|e| invalid(e.to_string()))?;
     let (kind, is_name): (&str, fn(&str) -> bool) = match url.scheme() {
@@ -60,51 +95,26 @@ pub async fn open(stores: &Stores, tenant: &str, source: &str, pattern: Option<&
         reefline_schemas::rules::check_key_parts(path).map_err(invalid)?;
     }
     let prefix = Path::from_url_path(url.path()).map_err(|e| invalid(e.to_string()))?;
-    let store = stores
-        .bucket(&bucket, tenant)
-        .map_err(|e| IngestError::UnknownBucket { field: "source".into(), reason: e.to_string() })?;
-    let pattern = pattern.unwrap_or(DEFAULT_MATCH).to_owned();
-    let matcher = glob(&pattern)?;
-    let base =
-        Url::parse(&format!("{}/", reefline_common::objects::base_url(&bucket))).expect("a bucket name makes a URL");
-    let mut source = base.clone();
-    if !prefix.as_ref().is_empty() {
-        source.path_segments_mut().expect("object URLs have a path").clear().extend(prefix.parts()).push("");
-    }
-    let source = source.to_string();
+    Ok((bucket, prefix))
+}
 
-    let mut objects = store.list(Some(&prefix));
-    let first = objects.next().await;
-    if let Some(Err(e)) = &first {
-        return Err(IngestError::UnreadableFeed {
-            feed_id: String::new(),
-            reason: format!("listing {source} failed: {}", describe(e)),
-        });
+/// The feed line of a listed object (its URL, key, size and ETag), if its key below the prefix
+/// (`strip` bytes of it) matches; none for a folder marker (`survey/`, read as the prefix itself).
+fn line(object: &object_store::ObjectMeta, strip: usize, matcher: &GlobMatcher, base: &Url) -> Option<Bytes> {
+    let key = object.location.as_ref();
+    let below = key.get(strip..).filter(|below| !below.is_empty())?;
+    if !matcher.is_match(below) {
+        return None;
     }
-    let strip = if prefix.as_ref().is_empty() { 0 } else { prefix.as_ref().len() + 1 };
-    let listed = futures::stream::iter(first).chain(objects).filter_map(move |object| {
-        let line = match object {
-            Ok(object) => {
-                let key = object.location.as_ref();
-                // A folder marker (`survey/`, read as the prefix itself) is no image.
-                let below = key.get(strip..).filter(|below| !below.is_empty());
-                below.is_some_and(|below| matcher.is_match(below)).then(|| {
-                    let mut url = base.clone();
-                    url.path_segments_mut().expect("object URLs have a path").clear().extend(key.split('/'));
-                    let line = serde_json::json!({
-                        "url": url.as_str(),
-                        "key": key,
-                        "size": object.size,
-                        "etag": object.e_tag.as_deref().unwrap_or_default().trim_matches('"'),
-                    });
-                    Ok(Bytes::from(format!("{line}\n")))
-                })
-            }
-            Err(e) => Some(Err(std::io::Error::other(format!("listing the prefix failed: {}", describe(&e))))),
-        };
-        std::future::ready(line)
+    let mut url = base.clone();
+    url.path_segments_mut().expect("object URLs have a path").clear().extend(key.split('/'));
+    let line = serde_json::json!({
+        "url": url.as_str(),
+        "key": key,
+        "size": object.size,
+        "etag": object.e_tag.as_deref().unwrap_or_default().trim_matches('"'),
     });
-    Ok(Listing { source, pattern, stream: Box::pin(listed) })
+    Some(Bytes::from(format!("{line}\n")))
 }
 
 /// The glob keys are matched with: `*` stays within a `/`-separated part, `**` crosses them, case is ignored.

@@ -54,46 +54,10 @@ where
         .await
         .map_err(|_| IngestError::Unavailable("ingest is stopping".into()))?;
     state.metrics.pending.set(state.pending_images() as i64);
+    let patience = Patience { started, stall, pause: &pause };
     let produced = async {
-        let mut payloads = Vec::with_capacity(requests.len());
-        for request in requests {
-            let payload = loop {
-                match state.codec.encode(topic, request).await {
-                    Ok(payload) => break payload,
-                    Err(e) if started.elapsed() > stall => return Err(IngestError::Unavailable(e.to_string())),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the registry did not answer; retrying");
-                        pause().await;
-                    }
-                }
-            };
-            payloads.push(payload);
-        }
-        let mut unsent: Vec<usize> = (0..requests.len()).collect();
-        while !unsent.is_empty() {
-            let deliveries = unsent.iter().map(|&i| {
-                let record = request_record(state, topic, &requests[i], &payloads[i], &span);
-                state.producer.send(record, Duration::ZERO)
-            });
-            let outcomes = futures::future::join_all(deliveries).await;
-            let mut failed = Vec::new();
-            let mut last_error = None;
-            for (&i, outcome) in unsent.iter().zip(outcomes) {
-                if let Err((e, _)) = outcome {
-                    failed.push(i);
-                    last_error = Some(e);
-                }
-            }
-            unsent = failed;
-            if let Some(e) = last_error {
-                if started.elapsed() > stall {
-                    return Err(IngestError::Unavailable(format!("the broker did not take the records: {e}")));
-                }
-                tracing::warn!(error = %e, records = unsent.len(), "the broker did not take a chunk; retrying");
-                pause().await;
-            }
-        }
-        Ok(())
+        let payloads = encode(state, topic, requests, &patience).await?;
+        send(state, topic, requests, &payloads, &span, &patience).await
     }
     .await;
     drop(permits);
@@ -102,5 +66,83 @@ where
     state.metrics.images.with_label_values(&[route]).inc_by(requests.len() as u64);
     state.metrics.tenant_images.with_label_values(&[tenant]).inc_by(requests.len() as u64);
     state.metrics.produce_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// How long a chunk waits for the registry and the broker: until `stall` after `started`, with
+/// `pause` awaited between tries.
+struct Patience<'a, F> {
+    started: Instant,
+    stall: Duration,
+    pause: &'a F,
+}
+
+/// Every request encoded, retried while the registry is away.
+async fn encode<F, P>(
+    state: &AppState,
+    topic: &str,
+    requests: &[ImageRequest],
+    patience: &Patience<'_, F>,
+) -> Result<Vec<Vec<u8>>, IngestError>
+where
+    F: Fn() -> P,
+    P: Future<Output = ()>,
+{
+    let mut payloads = Vec::with_capacity(requests.len());
+    for request in requests {
+        let payload = loop {
+            match state.codec.encode(topic, request).await {
+                Ok(payload) => break payload,
+                Err(e) if patience.started.elapsed() > patience.stall => {
+                    return Err(IngestError::Unavailable(e.to_string()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the registry did not answer; retrying");
+                    (patience.pause)().await;
+                }
+            }
+        };
+        payloads.push(payload);
+    }
+    Ok(payloads)
+}
+
+/// Every record sent, those the broker did not take sent again, until it has taken them all.
+async fn send<F, P>(
+    state: &AppState,
+    topic: &str,
+    requests: &[ImageRequest],
+    payloads: &[Vec<u8>],
+    span: &tracing::Span,
+    patience: &Patience<'_, F>,
+) -> Result<(), IngestError>
+where
+    F: Fn() -> P,
+    P: Future<Output = ()>,
+{
+    let mut unsent: Vec<usize> = (0..requests.len()).collect();
+    while !unsent.is_empty() {
+        let deliveries = unsent.iter().map(|&i| {
+            let record = request_record(state, topic, &requests[i], &payloads[i], span);
+            state.producer.send(record, Duration::ZERO)
+        });
+        let outcomes = futures::future::join_all(deliveries).await;
+        let mut failed = Vec::new();
+        let mut last_error = None;
+        for (&i, outcome) in unsent.iter().zip(outcomes) {
+            if let Err((e, _)) = outcome {
+                failed.push(i);
+                last_error = Some(e);
+            }
+        }
+        unsent = failed;
+        if let Some(e) = last_error {
+            if patience.started.elapsed() > patience.stall {
+                return Err(IngestError::Unavailable(format!("the broker did not take the records: {e}")));
+            }
+            tracing::warn!(error = %e, records = unsent.len(), "the broker did not take a chunk; retrying");
+            (patience.pause)().await;
+        }
+    }
     Ok(())
 }

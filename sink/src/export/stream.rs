@@ -112,6 +112,35 @@ impl Export {
         send(&self.tx, self.idle, Ok(encoder.take())).await
     }
 
+    /// A Camtrap DP package: the check pass, then either its refusal (`decide`d, the snapshot
+    /// rolled back) or, `decide`d before its first byte, the package.
+    async fn checked_camtrap(
+        &mut self,
+        mut plan: camtrap::Plan,
+        decide: &mut impl FnMut(Result<(), ApiError>),
+    ) -> bool {
+        let read = self.pass(|r| {
+            plan.check(&r);
+            Ok(None)
+        });
+        match read.await {
+            Ok(true) => {}
+            // The client went away while the results were checked.
+            Ok(false) => return false,
+            Err(e) => {
+                decide(Err(ApiError::Database(sqlx::Error::Io(e))));
+                return false;
+            }
+        }
+        if let Some(refusal) = plan.refusal() {
+            let rolled_back = sqlx::query("ROLLBACK").execute(&mut *self.connection).await.is_ok();
+            decide(Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message }));
+            return rolled_back;
+        }
+        decide(Ok(()));
+        self.camtrap(plan).await
+    }
+
     /// The Camtrap DP package whose check pass gave `plan`: its head, the media and the
     /// observations, each read in a pass of its own.
     async fn camtrap(&mut self, plan: camtrap::Plan) -> bool {
@@ -149,7 +178,76 @@ impl Export {
 /// What an export writes: an encoder's format, or a Camtrap DP package (checked before it is answered).
 enum Output {
     Encoded(Box<dyn Encode>),
-    Camtrap(camtrap::Options),
+    Camtrap(Box<camtrap::Plan>),
+}
+
+/// The encoder of `format` (any but Camtrap DP, whose options come with it); `what` (the feed's
+/// or batch's id) names the COCO dataset.
+fn encoder(
+    format: Format,
+    relative_to: Option<String>,
+    exports: &Exports,
+    columns: Vec<String>,
+    what: &str,
+) -> Box<dyn Encode> {
+    match format {
+        Format::Csv => Box::new(table::Table::new(columns)),
+        Format::Ndjson => Box::<Lines>::default(),
+        Format::MegaDetector => Box::new(megadetector::Batch::new(exports.classes.clone(), relative_to)),
+        Format::Coco => Box::new(coco::Coco::new(exports.classes.clone(), what.to_owned())),
+        Format::CamtrapDp => unreachable!("camtrap-dp's options are checked with its format, and come with it"),
+    }
+}
+
+/// The export's task: its passes, each piece sent as the client reads it; `decided` is told when
+/// a Camtrap DP package may be answered (or why not).
+async fn run(
+    mut export: Export,
+    output: Output,
+    running: Running,
+    decided: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
+) {
+    // Counted against its tenant until the task ends, or until it is refused: the refusal is
+    // answered with the slot free, so that a client's next export, sent on it, finds room.
+    let mut running = Some(running);
+    let mut decided = Some(decided);
+    let mut decide = |result: Result<(), ApiError>| {
+        if result.is_err() {
+            running.take();
+        }
+        if let Some(decided) = decided.take() {
+            let _ = decided.send(result);
+        }
+    };
+    let work = async {
+        // Every pass reads the same results: one snapshot for them all.
+        let passes = match &output {
+            Output::Encoded(encoder) => encoder.passes(),
+            Output::Camtrap(_) => 3,
+        };
+        if passes > 1
+            && let Err(e) =
+                sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *export.connection).await
+        {
+            decide(Err(ApiError::Database(e)));
+            return false;
+        }
+        match output {
+            Output::Encoded(encoder) => export.encode(encoder).await,
+            Output::Camtrap(plan) => export.checked_camtrap(*plan, &mut decide).await,
+        }
+    };
+    let finished = std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        // A panic mid-way must not hand the connection back inside its read-only snapshot.
+        .unwrap_or(false);
+    if !finished {
+        // Closing the socket of a query cut off mid-way ends it in Postgres at once, with its
+        // snapshot; returned to the pool, it would go on until its rows were drained (or sit
+        // inside its transaction).
+        drop(export.connection.detach());
+    }
 }
 
 /// Starts the query on a connection of its own and answers with its rows as they come.
@@ -162,93 +260,29 @@ pub(crate) async fn stream(
     let connection = exports.pool.acquire().await?;
     let format = filters.format;
     let Selection { sql, arguments, what, id, deployment, columns } = selection;
-    let encoded = |encoder: Box<dyn Encode>| Output::Encoded(encoder);
-    let output = match (format, filters.camtrap) {
-        (Format::CamtrapDp, Some(options)) => Output::Camtrap(options),
-        (Format::Csv, _) => encoded(Box::new(table::Table::new(columns))),
-        (Format::Ndjson, _) => encoded(Box::<Lines>::default()),
-        (Format::MegaDetector, _) => {
-            encoded(Box::new(megadetector::Batch::new(exports.classes.clone(), filters.relative_to)))
+    let output = match filters.camtrap {
+        Some(options) => {
+            Output::Camtrap(Box::new(camtrap::Plan::new(options, exports.classes.clone(), what, id, deployment)))
         }
-        (Format::Coco, _) => encoded(Box::new(coco::Coco::new(exports.classes.clone(), format!("{what} {id}")))),
-        (Format::CamtrapDp, None) => unreachable!("camtrap-dp's options are checked with its format"),
+        None => Output::Encoded(encoder(format, filters.relative_to, &exports, columns, &format!("{what} {id}"))),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-    let mut export = Export { connection, sql, arguments, tx, idle: exports.idle };
+    let export = Export { connection, sql, arguments, tx, idle: exports.idle };
     // A Camtrap DP package is checked whole before anything is answered (a field it requires that
     // cannot be filled is a 422 naming it, never an invalid package): the task says when.
     let (decided, decision) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
     let waits = matches!(output, Output::Camtrap(_));
-    tokio::spawn(async move {
-        // Counted against its tenant until the task ends, or until it is refused: the refusal is
-        // answered with the slot free, so that a client's next export, sent on it, finds room.
-        let mut running = Some(running);
-        let mut decided = Some(decided);
-        let mut decide = |result: Result<(), ApiError>| {
-            if result.is_err() {
-                running.take();
-            }
-            if let Some(decided) = decided.take() {
-                let _ = decided.send(result);
-            }
-        };
-        let work = async {
-            // Every pass reads the same results: one snapshot for them all.
-            let passes = match &output {
-                Output::Encoded(encoder) => encoder.passes(),
-                Output::Camtrap(_) => 3,
-            };
-            if passes > 1
-                && let Err(e) = sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .execute(&mut *export.connection)
-                    .await
-            {
-                decide(Err(ApiError::Database(e)));
-                return false;
-            }
-            let options = match output {
-                Output::Encoded(encoder) => return export.encode(encoder).await,
-                Output::Camtrap(options) => options,
-            };
-            let mut plan = camtrap::Plan::new(options, exports.classes.clone(), what, id, deployment);
-            let read = export.pass(|r| {
-                plan.check(&r);
-                Ok(None)
-            });
-            match read.await {
-                Ok(true) => {}
-                // The client went away while the results were checked.
-                Ok(false) => return false,
-                Err(e) => {
-                    decide(Err(ApiError::Database(sqlx::Error::Io(e))));
-                    return false;
-                }
-            }
-            if let Some(refusal) = plan.refusal() {
-                let rolled_back = sqlx::query("ROLLBACK").execute(&mut *export.connection).await.is_ok();
-                decide(Err(ApiError::Unexportable { missing: refusal.missing, message: refusal.message }));
-                return rolled_back;
-            }
-            decide(Ok(()));
-            export.camtrap(plan).await
-        };
-        let finished = std::panic::AssertUnwindSafe(work)
-            .catch_unwind()
-            .await
-            // A panic mid-way must not hand the connection back inside its read-only snapshot.
-            .unwrap_or(false);
-        if !finished {
-            // Closing the socket of a query cut off mid-way ends it in Postgres at once, with its
-            // snapshot; returned to the pool, it would go on until its rows were drained (or sit
-            // inside its transaction).
-            drop(export.connection.detach());
-        }
-    });
+    tokio::spawn(run(export, output, running, decided));
     if waits {
         // A client that hangs up meanwhile drops this wait, and the task sees the body's channel close.
         decision.await.map_err(|_| ApiError::Database(sqlx::Error::PoolClosed))??;
     }
     let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }));
+    Ok((headers(format, what), body).into_response())
+}
+
+/// The export's content type, and its file name for a browser to save it under.
+fn headers(format: Format, what: &str) -> [(header::HeaderName, String); 2] {
     let (content_type, extension) = match format {
         Format::Csv => ("text/csv; charset=utf-8", "csv"),
         Format::Ndjson => ("application/x-ndjson", "ndjson"),
@@ -256,6 +290,5 @@ pub(crate) async fn stream(
         Format::CamtrapDp => ("application/zip", "zip"),
     };
     let disposition = format!("attachment; filename=\"reefline-{what}-results.{extension}\"");
-    Ok(([(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)], body)
-        .into_response())
+    [(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)]
 }

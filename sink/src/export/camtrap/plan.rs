@@ -174,7 +174,7 @@ impl Plan {
     pub fn refusal(&self) -> Option<Refusal> {
         let mut missing = Vec::new();
         let mut reasons = Vec::new();
-        let mut say = |field: &'static str, tally: &Tally, what: &str, how: &str| {
+        for (field, tally, what, how) in self.lacks() {
             if tally.count > 0 {
                 if !missing.contains(&field) {
                     missing.push(field);
@@ -182,43 +182,7 @@ impl Plan {
                 let first = tally.first.as_deref().unwrap_or("");
                 reasons.push(format!("{} classified images {what} (the first: {first}); {how}", tally.count));
             }
-        };
-        say(
-            "timestamp",
-            &self.no_time,
-            "have no time taken",
-            "add a `timestamp` column (ISO 8601 with its UTC offset) to the feed, or send photos whose EXIF gives DateTimeOriginal",
-        );
-        say(
-            "utc_offset",
-            &self.no_offset,
-            "have a time taken without a UTC offset",
-            "give the cameras' offset as `utc_offset` (e.g. utc_offset=+10:00)",
-        );
-        say(
-            "timestamp",
-            &self.unreadable_time,
-            "have a `timestamp` that is not an ISO 8601 time",
-            "write it as 2026-11-20T09:41:07+10:00",
-        );
-        say(
-            "deploymentID",
-            &self.missing_deployment,
-            "name their deployment as the tables write a missing value (NA, NaN or nan)",
-            "name it otherwise",
-        );
-        say(
-            "filePath",
-            &self.dotted_path,
-            "have a URL holding `..`, which Camtrap DP's filePath may not",
-            "rename those objects, or leave them out with the export's filters",
-        );
-        say(
-            "latitude",
-            &self.unreadable_coordinates,
-            "have a latitude and longitude that are not degrees in range (or only one of them)",
-            "write both as decimal degrees",
-        );
+        }
         let unplaced: Vec<&String> =
             self.deployments.iter().filter(|(_, d)| d.position(&self.options).is_none()).map(|(id, _)| id).collect();
         if let Some(first) = unplaced.first() {
@@ -245,5 +209,48 @@ impl Plan {
             missing,
             message: format!("a Camtrap DP package cannot be written: {}", reasons.join("; ")),
         })
+    }
+
+    /// What images may lack, each tallied: the field that would fill it, what the images lack,
+    /// and how to supply it.
+    fn lacks(&self) -> [(&'static str, &Tally, &'static str, &'static str); 6] {
+        [
+            (
+                "timestamp",
+                &self.no_time,
+                "have no time taken",
+                "add a `timestamp` column (ISO 8601 with its UTC offset) to the feed, or send photos whose EXIF gives DateTimeOriginal",
+            ),
+            (
+                "utc_offset",
+                &self.no_offset,
+                "have a time taken without a UTC offset",
+                "give the cameras' offset as `utc_offset` (e.g. utc_offset=+10:00)",
+            ),
+            (
+                "timestamp",
+                &self.unreadable_time,
+                "have a `timestamp` that is not an ISO 8601 time",
+                "write it as 2026-11-20T09:41:07+10:00",
+            ),
+            (
+                "deploymentID",
+                &self.missing_deployment,
+                "name their deployment as the tables write a missing value (NA, NaN or nan)",
+                "name it otherwise",
+            ),
+            (
+                "filePath",
+                &self.dotted_path,
+                "have a URL holding `..`, which Camtrap DP's filePath may not",
+                "rename those objects, or leave them out with the export's filters",
+            ),
+            (
+                "latitude",
+                &self.unreadable_coordinates,
+                "have a latitude and longitude that are not degrees in range (or only one of them)",
+                "write both as decimal degrees",
+            ),
+        ]
     }
 }
