@@ -11,7 +11,9 @@ use tokio::sync::watch;
 /// A service running as its own process, so that a test can kill it with SIGKILL or SIGTERM.
 /// Each process, restarts included, logs to a file of its own ([`ServiceProcess::log`]).
 pub struct ServiceProcess {
-    child: Child,
+    /// Behind a lock so that waiting for its address (`&self`) can see it exit.
+    child: std::sync::Mutex<Child>,
+    pid: u32,
     pub log: std::path::PathBuf,
 }
 
@@ -42,7 +44,7 @@ impl ServiceProcess {
     /// passes `bytes`, as a container's memory limit (the kernel's OOM killer) would.
     pub fn classifier_with_memory_limit(bin: &str, s: &reefline_classifier::Settings, name: &str, bytes: u64) -> Self {
         let process = Self::spawn(Self::classifier_command(Command::new(bin), s), name);
-        let pid = process.child.id();
+        let pid = process.pid;
         std::thread::spawn(move || {
             let status = format!("/proc/{pid}/status");
             while let Ok(text) = std::fs::read_to_string(&status) {
@@ -143,7 +145,7 @@ impl ServiceProcess {
 
     /// The process's resident memory at its peak so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        rss_of(&std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default(), "VmHWM:")
+        rss_of(&std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default(), "VmHWM:")
     }
 
     fn spawn(mut command: Command, name: &str) -> Self {
@@ -155,7 +157,7 @@ impl ServiceProcess {
             .stderr(log)
             .spawn()
             .expect("starting a service process");
-        Self { child, log: path }
+        Self { pid: child.id(), child: std::sync::Mutex::new(child), log: path }
     }
 
     /// What the process has logged so far.
@@ -168,23 +170,33 @@ impl ServiceProcess {
     pub async fn address(&self, marker: &str) -> String {
         let log = self.log.display().to_string();
         crate::wait_for(&format!("`{marker}` in {log}"), Duration::from_secs(60), || async {
-            self.log_text()
+            let text = self.log_text();
+            let address = text
                 .lines()
                 .filter(|l| l.contains(marker))
-                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(str::to_owned))
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(str::to_owned));
+            // A process that exits before saying it (a refused setting, say) fails the test at
+            // once, with what it logged, rather than after the whole wait.
+            if address.is_none()
+                && let Ok(Some(status)) = self.child.lock().expect("child lock").try_wait()
+            {
+                panic!("the process exited ({status}) before logging `{marker}`; {log}:\n{text}");
+            }
+            address
         })
         .await
     }
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.child.get_mut().expect("child lock").try_wait(), Ok(None))
     }
 
     /// SIGKILL: no draining, no commit.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().expect("child lock");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// SIGTERM, then waits for the process to exit; returns how long that took.
@@ -195,16 +207,17 @@ impl ServiceProcess {
     /// SIGTERM, then waits for the process to exit: how long that took, and whether it exited 0.
     pub fn terminate_with_status(mut self) -> (Duration, bool) {
         let started = Instant::now();
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let exited = self.child.wait().is_ok_and(|status| status.success());
+        let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+        let exited = self.child.get_mut().expect("child lock").wait().is_ok_and(|status| status.success());
         (started.elapsed(), exited)
     }
 }
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
