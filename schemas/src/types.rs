@@ -63,7 +63,8 @@ pub struct ImageRequest {
 }
 message!(ImageRequest, "image_request.avsc");
 
-/// One ImageNet class and its softmax score.
+/// One class of the model's outputs (an ImageNet class for the EfficientNet models) and its
+/// probability.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Prediction {
     pub index: i32,
