@@ -76,20 +76,11 @@ pub fn spawn(
                 metrics.inference_seconds.with_label_values(&[&model.name]).observe(elapsed);
                 metrics.inference_per_image_seconds.with_label_values(&[&model.name]).observe(elapsed / n as f64);
                 let _ = done.send(());
-                let results: Vec<Result<Classified, ImageError>> = match result {
-                    Ok(rows) => rows
-                        .iter()
-                        .map(|logits| {
-                            let predictions = postprocess::predictions(logits, outputs, &labels, top_k);
-                            let marine_group = postprocess::marine_group(&predictions, &labels);
-                            Ok(Classified { predictions, marine_group })
-                        })
-                        .collect(),
-                    Err(e) => {
-                        tracing::error!(error = %e, batch = n, "inference failed");
-                        (0..n).map(|_| Err(ImageError::Inference(e.to_string()))).collect()
-                    }
-                };
+                let results = classified(result, n, |scores| {
+                    let predictions = postprocess::predictions(scores, outputs, &labels, top_k);
+                    let marine_group = postprocess::marine_group(&predictions, &labels);
+                    Classified { predictions, marine_group }
+                });
                 for (mut q, result) in batch.into_iter().zip(results) {
                     q.item.job.lap(&metrics, "infer");
                     if outcomes
@@ -102,4 +93,20 @@ pub fn spawn(
             }
         })
         .expect("spawning the inference thread")
+}
+
+/// Each of a batch's `n` images classified from its row of the engine's outputs by `classify`; or,
+/// when the batch failed, each an inference error saying why.
+fn classified(
+    result: Result<Vec<Vec<f32>>, crate::engine::EngineError>,
+    n: usize,
+    classify: impl Fn(&[f32]) -> Classified,
+) -> Vec<Result<Classified, ImageError>> {
+    match result {
+        Ok(rows) => rows.iter().map(|scores| Ok(classify(scores))).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, batch = n, "inference failed");
+            (0..n).map(|_| Err(ImageError::Inference(e.to_string()))).collect()
+        }
+    }
 }
