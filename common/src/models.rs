@@ -257,6 +257,39 @@ mod tests {
     }
 
     #[test]
+    fn a_class_table_is_read_with_its_marine_table_and_its_count_checked() {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("reefline-classes-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(dir.join("tables")).unwrap();
+        std::fs::write(dir.join("tables/fish.tsv"), "# index\tid\tlabel\n0\tf0\tcod\n1\tf1\tempty frame\n").unwrap();
+        std::fs::write(dir.join("marine.tsv"), "0\tbony_fish\tcod\tGadus morhua\n").unwrap();
+        let settings = ModelSettings {
+            manifest: dir.join("manifest.toml"),
+            dir: dir.clone(),
+            served: vec![],
+            default: String::new(),
+        };
+        let table = |classes: u32| LabelSet {
+            name: "fish".into(),
+            classes,
+            file: "tables/fish.tsv".into(),
+            marine: Some("marine.tsv".into()),
+            animals: vec![[0, 0]],
+        };
+        let labels = settings.classes(&table(2)).unwrap();
+        let cod = labels.get(0).unwrap();
+        assert_eq!((cod.label.as_str(), cod.animal, cod.marine_group.as_deref()), ("cod", true, Some("bony_fish")));
+        assert_eq!(cod.scientific_name.as_deref(), Some("Gadus morhua"));
+        assert!(!labels.get(1).unwrap().animal);
+        let err = settings.classes(&table(3)).unwrap_err().to_string();
+        assert!(err.starts_with("class table `fish`: ") && err.ends_with("lists 2 classes, not 3"), "{err}");
+        let err = settings.classes(&LabelSet { marine: Some("gone.tsv".into()), ..table(2) }).unwrap_err().to_string();
+        assert!(err.contains("gone.tsv"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_model_whose_input_or_classes_cannot_be_served_is_refused_naming_the_field() {
         let input = "image_size = 96\ncrop_fraction = 1.0\nmean = [0.0, 0.0, 0.0]\nstd = [255.0, 255.0, 255.0]";
         let ok = manifest_with(&format!("labels = \"fish\"\n{input}")).unwrap();
