@@ -84,11 +84,17 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let manifest = settings.models.manifest()?;
-        let models = settings.models.load()?;
+        let models = settings.models.served(manifest.models.clone())?;
         let default_model = models.iter().position(|m| m.name == settings.models.default).unwrap_or(0);
+        // Each class table read once, however many models name their outputs by it.
+        let mut tables = std::collections::HashMap::<String, Labels>::new();
         let mut engines = Vec::with_capacity(models.len());
         for model in models {
-            let labels = settings.models.classes(manifest.label_set(&model))?;
+            let labels = match tables.get(&model.labels) {
+                Some(labels) => labels.clone(),
+                None => settings.models.classes(manifest.label_set(&model))?,
+            };
+            tables.insert(model.labels.clone(), labels.clone());
             engines.push(load_model(&settings, model, labels).await?);
         }
         let t = &settings.topics;

@@ -148,7 +148,11 @@ impl ModelSettings {
 
     /// The models served, in manifest order, with the default among them.
     pub fn load(&self) -> Result<Vec<Model>, ModelsError> {
-        let all = self.manifest()?.models;
+        self.served(self.manifest()?.models)
+    }
+
+    /// Of `all` (a manifest's models), those served, in order, with the default among them.
+    pub fn served(&self, all: Vec<Model>) -> Result<Vec<Model>, ModelsError> {
         let served: Vec<&String> = self.served.iter().filter(|name| !name.trim().is_empty()).collect();
         if let Some(unknown) = served.iter().find(|name| !all.iter().any(|m| &&m.name == *name)) {
             return Err(ModelsError::Unknown(unknown.to_string()));
@@ -240,12 +244,18 @@ mod tests {
         assert_eq!(err.to_string(), "`DEFAULT_MODEL` is `efficientnet-lite0`, which is not among the models served");
     }
 
-    /// A manifest of one model described by `model` (TOML lines) over one class table.
-    fn manifest_with(model: &str) -> Result<Manifest, ModelsError> {
+    /// A folder of its own for one test.
+    fn scratch_dir() -> PathBuf {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("reefline-manifest-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("reefline-models-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A manifest of one model described by `model` (TOML lines) over one class table.
+    fn manifest_with(model: &str) -> Result<Manifest, ModelsError> {
+        let dir = scratch_dir();
         let text = format!(
             "[[labels]]\nname = \"fish\"\nclasses = 2\nfile = \"fish.tsv\"\n\n[[model]]\nname = \"m\"\n\
              version = \"1\"\nonnx = \"m.onnx\"\n{model}\n"
@@ -258,9 +268,7 @@ mod tests {
 
     #[test]
     fn a_class_table_is_read_with_its_marine_table_and_its_count_checked() {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("reefline-classes-{}-{n}", std::process::id()));
+        let dir = scratch_dir();
         std::fs::create_dir_all(dir.join("tables")).unwrap();
         std::fs::write(dir.join("tables/fish.tsv"), "# index\tid\tlabel\n0\tf0\tcod\n1\tf1\tempty frame\n").unwrap();
         std::fs::write(dir.join("marine.tsv"), "0\tbony_fish\tcod\tGadus morhua\n").unwrap();
