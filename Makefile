@@ -24,7 +24,8 @@ build: setup
 build-bench: build
 	cargo build --release --locked --bins --example stage_costs -p reefline-e2e
 
-## up: start the local stack in the background and wait until it is ready
+## up: start the local stack (release build) in the background and wait until it is ready; a service
+## running another build (the demo's) or an older binary is restarted on the release one
 up: build
 	python3 scripts/stack.py up
 
@@ -35,8 +36,11 @@ down:
 status:
 	python3 scripts/stack.py status
 
-## demo: start the stack if needed and classify the real photos end to end
-demo: up
+## demo: classify the real photos end to end on the running stack; with none running, set up only
+## what the demo runs, build the broker and the services' quick (debug) build side by side, and
+## start the stack on it (`make up` later moves it to release)
+demo:
+	@python3 scripts/stack.py ready || { scripts/setup.sh demo && PROFILE_DIR=debug python3 scripts/stack.py up; }
 	python3 scripts/demo.py
 
 ## test: formatting and lints, then unit and end-to-end tests on the real broker, registry,

