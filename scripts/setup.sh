@@ -102,10 +102,10 @@ else
 fi
 
 # 5. The demo's build of the services: the debug profile the tests use (the classifier and the image
-#    crates optimised even there), about 3½ minutes on 2 cores beside the broker's build against 9
-#    for release; `make up` builds release and moves the stack onto it.
+#    crates optimised even there), about 3 minutes on 2 cores alone against 9 for release; `make up`
+#    builds release and moves the stack onto it.
 if [ "$DEMO" = 1 ]; then
-    say "building the services (quick debug build: about 3½ minutes on 2 cores the first time)"
+    say "building the services (quick debug build, the first time about 3 minutes alone and 6 beside the broker's build)"
     cargo build --locked --bins -p reefline-ingest -p reefline-classifier -p reefline-sink -p reefline-tools
 fi
 
