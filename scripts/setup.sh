@@ -62,9 +62,10 @@ fi
 #    waited for at the end.
 mkdir -p "$CACHE/tools/bin"
 broker_out="$CACHE/tools/broker-build.out"
-"$ROOT/scripts/broker/build.sh" libsql >"$broker_out" &
+# Its own process group, so that a setup that stops early (an error, Ctrl-C) stops the whole build.
+setsid "$ROOT/scripts/broker/build.sh" libsql >"$broker_out" &
 broker_build=$!
-trap 'kill $broker_build 2>/dev/null || true' EXIT
+trap 'kill -- -$broker_build 2>/dev/null || true' EXIT
 broker_ready() {
     if kill -0 "$broker_build" 2>/dev/null; then say "waiting for the broker's build to finish"; fi
     wait "$broker_build" || { say "the broker's build failed (its messages are above)"; exit 1; }

@@ -84,8 +84,9 @@ mkdir -p "$src"
 tar -xzf "$nisshi_crate" -C "$src"
 tar -xzf "$storage_crate" -C "$src"
 
-# 2. Patch the storage crate, add the profile, and point nisshi's own lock file at the patched copy (the only entry
-#    that changes: every other dependency stays at the version nisshi was released with).
+# 2. Patch the storage crate, add the profile, and point nisshi's own lock file at the patched copy
+#    (the only entry that changes: every other dependency stays at the version nisshi was released
+#    with).
 patch --quiet -p1 -d "$src/nisshi-storage-$VERSION" <"$PATCH"
 cat "$PROFILE" >>"$src/nisshi-$VERSION/Cargo.toml"
 cat >>"$src/nisshi-$VERSION/Cargo.toml" <<TOML
