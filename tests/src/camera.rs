@@ -13,6 +13,21 @@ pub fn schema_v2() -> Value {
     v2
 }
 
+/// A one-image request as a camera system produces it straight to the requests topic (source
+/// `kafka`, submitted now, the default model).
+pub fn request(url: &str) -> ImageRequest {
+    ImageRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        batch_id: uuid::Uuid::now_v7().to_string(),
+        batch_index: 0,
+        batch_size: 1,
+        url: url.to_owned(),
+        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
+        source: "kafka".into(),
+        ..Default::default()
+    }
+}
+
 /// Registers `schema` under `topic`'s value subject; returns the id the registry gave it.
 pub async fn register(client: &reqwest::Client, registry: &str, topic: &str, schema: &Value) -> u32 {
     let registered: Value = client

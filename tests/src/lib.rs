@@ -365,6 +365,30 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
 /// Wraps each of the classifier's inference engines.
 pub type EngineWrap = Box<dyn Fn(Box<dyn Engine>) -> Box<dyn Engine> + Send>;
 
+/// Wraps each engine of a stack in [`SlowEngine`].
+pub fn slow_engine(per_batch: Duration, per_image: Duration) -> EngineWrap {
+    Box::new(move |engine| Box::new(SlowEngine { engine, per_batch, per_image }))
+}
+
+/// The real engine, made slow: `per_batch` for each batch and `per_image` for each of its images,
+/// so that a pipeline stays full, or a backlog lasts, however fast the machine is.
+pub struct SlowEngine {
+    engine: Box<dyn Engine>,
+    per_batch: Duration,
+    per_image: Duration,
+}
+
+impl Engine for SlowEngine {
+    fn infer(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>, reefline_classifier::engine::EngineError> {
+        std::thread::sleep(self.per_batch + self.per_image * batch as u32);
+        self.engine.infer(input, batch)
+    }
+}
+
 impl Stack {
     pub async fn start(settings: StackSettings) -> Self {
         Self::start_parts(settings, Some(None), true, true).await

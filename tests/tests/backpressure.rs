@@ -3,24 +3,8 @@
 
 use std::time::Duration;
 
-use reefline_classifier::engine::Engine;
-use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, post_json, wait_for};
+use reefline_e2e::{Stack, TestEnv, get_json_ok, metric, post_json, slow_engine, wait_for};
 use serde_json::json;
-
-/// The real engine, made slow: a second a batch, so the pipeline stays full longer than the
-/// classifier waits before it pauses.
-struct Slow(Box<dyn Engine>);
-
-impl Engine for Slow {
-    fn infer(
-        &mut self,
-        input: &[f32],
-        batch: usize,
-    ) -> Result<Vec<Vec<f32>>, reefline_classifier::engine::EngineError> {
-        std::thread::sleep(Duration::from_secs(1));
-        self.0.infer(input, batch)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
@@ -33,7 +17,8 @@ async fn a_slow_engine_pauses_the_partitions_and_loses_nothing() {
     settings.classifier.fetch_concurrency = 1;
     // 80 copies of one photo: each must go through the (slow) engine, not the result cache.
     settings.classifier.result_cache = false;
-    let stack = Stack::start_with(settings, Box::new(|engine| Box::new(Slow(engine)))).await;
+    // A second a batch, so the pipeline stays full longer than the classifier waits before it pauses.
+    let stack = Stack::start_with(settings, slow_engine(Duration::from_secs(1), Duration::ZERO)).await;
     let client = reqwest::Client::new();
 
     let urls: Vec<String> = (0..80).map(|i| format!("{}/photos/coffee.png?copy={i}", env.photos)).collect();

@@ -8,7 +8,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;
 use reefline_common::producer::FutureProducer;
-use reefline_e2e::{Stack, TestEnv, get_json, metric, post_json, wait_for, wait_for_metric, wait_for_status};
+use reefline_e2e::{Stack, TestEnv, camera, get_json, metric, post_json, wait_for, wait_for_metric, wait_for_status};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -193,22 +193,8 @@ async fn read_dead_letters(
     dead
 }
 
-fn request(url: &str) -> reefline_schemas::ImageRequest {
-    reefline_schemas::ImageRequest {
-        request_id: uuid::Uuid::now_v7().to_string(),
-        batch_id: uuid::Uuid::now_v7().to_string(),
-        batch_index: 0,
-        batch_size: 1,
-        url: url.to_owned(),
-        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
-        source: "kafka".into(),
-        model: None,
-        ..Default::default()
-    }
-}
-
 fn result(url: &str, status: reefline_schemas::Status, label: &str) -> reefline_schemas::ClassificationResult {
-    let r = request(url);
+    let r = camera::request(url);
     let ok = status == reefline_schemas::Status::Ok;
     reefline_schemas::ClassificationResult {
         request_id: r.request_id,
@@ -265,11 +251,11 @@ async fn records_that_break_the_rules_or_that_postgres_refuses_are_dead_lettered
 
     // Requests a camera system might produce straight to Kafka, each one a way to stop a partition
     // or the sink before: a NUL byte in the URL or the request id, a batch id that is not one.
-    let mut nul_url = request(&format!("{coffee}\0"));
+    let mut nul_url = camera::request(&format!("{coffee}\0"));
     nul_url.request_id = uuid::Uuid::now_v7().to_string();
-    let mut nul_id = request(&coffee);
+    let mut nul_id = camera::request(&coffee);
     nul_id.request_id = "camera-7\0frame-12".into();
-    let mut bad_batch = request(&coffee);
+    let mut bad_batch = camera::request(&coffee);
     bad_batch.batch_id = "survey 2026".into();
     let bad_requests = [("nul-url", &nul_url), ("nul-id", &nul_id), ("bad-batch", &bad_batch)];
     for (key, r) in bad_requests {

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use reefline_classifier::engine::Engine;
 use reefline_e2e::feeds::{post_feed, wait_for_ledger};
 use reefline_e2e::tenants::{client_with, key_file};
 use reefline_e2e::{Stack, TestEnv, get_json, get_json_ok, metric, post_json, wait_for};
@@ -12,26 +11,9 @@ use serde_json::{Value, json};
 
 const CAT_CLASSES: std::ops::RangeInclusive<i64> = 281..=285; // tabby, tiger cat, Persian, Siamese, Egyptian cat
 
-/// The real engine, made slow (`per_image` an image), so that a backlog lasts however fast the
-/// machine is.
-struct Slow {
-    engine: Box<dyn Engine>,
-    per_image: Duration,
-}
-
-impl Engine for Slow {
-    fn infer(
-        &mut self,
-        input: &[f32],
-        batch: usize,
-    ) -> Result<Vec<Vec<f32>>, reefline_classifier::engine::EngineError> {
-        std::thread::sleep(self.per_image * batch as u32);
-        self.engine.infer(input, batch)
-    }
-}
-
+/// The real engine, `per_image` slower an image.
 fn slow(per_image: Duration) -> reefline_e2e::EngineWrap {
-    Box::new(move |engine| Box::new(Slow { engine, per_image }))
+    reefline_e2e::slow_engine(Duration::ZERO, per_image)
 }
 
 async fn metrics(client: &reqwest::Client, url: &str) -> String {

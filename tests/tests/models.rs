@@ -250,15 +250,8 @@ async fn each_submission_may_name_its_model_and_each_result_says_which_one_answe
 
     // The same produced straight to Kafka, as a camera would: an error result saying so.
     let request = reefline_schemas::ImageRequest {
-        request_id: uuid::Uuid::now_v7().to_string(),
-        batch_id: uuid::Uuid::now_v7().to_string(),
-        batch_index: 0,
-        batch_size: 1,
-        url: coffee.clone(),
-        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
-        source: "kafka".into(),
         model: Some("efficientnet-b7".into()),
-        ..Default::default()
+        ..reefline_e2e::camera::request(&coffee)
     };
     let codec = reefline_schemas::Codec::new(&env.registry).unwrap();
     let payload = codec.encode(&env.names.requests, &request).await.unwrap();
