@@ -101,20 +101,10 @@ async fn dead_letters_are_replayed_after_the_fix() {
 
     // A camera system produces with a new version of the request schema (an added optional
     // field) that it has not registered: the id in its records is unknown to the registry.
-    let request_id = uuid::Uuid::now_v7().to_string();
-    let request = reefline_schemas::ImageRequest {
-        request_id: request_id.clone(),
-        batch_id: uuid::Uuid::now_v7().to_string(),
-        batch_index: 0,
-        batch_size: 1,
-        url: coffee.clone(),
-        submitted_at_ms: chrono::Utc::now().timestamp_millis(),
-        source: "kafka".into(),
-        model: None,
-        ..Default::default()
-    };
+    let request = camera::request(&coffee);
+    let request_id = request.request_id.clone();
     let next_id = latest_schema_id(&client, &env.registry.url).await + 1;
-    let framed = reefline_e2e::camera::framed(next_id as u32, &request);
+    let framed = camera::framed(next_id as u32, &request);
     let producer: FutureProducer = broker.kafka().producer_config().create().unwrap();
     for (key, payload) in [(request_id.as_str(), &framed[..]), ("plain-text", &b"not avro at all"[..])] {
         let record = FutureRecord::to(&names.requests).key(key).payload(payload);

@@ -116,16 +116,7 @@ async fn a_bucket_is_classified_from_s3_urls_and_from_its_prefix_each_failure_it
     let producer: rdkafka::producer::FutureProducer = env.broker.kafka().producer_config().create().unwrap();
     let mut ids = Vec::new();
     for url in ["s3://reef-survey/survey/site-a/coffee.png", "s3://elsewhere/x.jpg"] {
-        let request = reefline_schemas::ImageRequest {
-            request_id: uuid::Uuid::now_v7().to_string(),
-            batch_id: uuid::Uuid::now_v7().to_string(),
-            batch_index: 0,
-            batch_size: 1,
-            url: url.into(),
-            submitted_at_ms: chrono::Utc::now().timestamp_millis(),
-            source: "kafka".into(),
-            ..Default::default()
-        };
+        let request = reefline_e2e::camera::request(url);
         let payload = codec.encode(&env.names.requests, &request).await.unwrap();
         let record =
             rdkafka::producer::FutureRecord::to(&env.names.requests).key(&request.request_id).payload(&payload);
