@@ -90,11 +90,12 @@ impl Application {
         let mut tables = std::collections::HashMap::<String, Labels>::new();
         let mut engines = Vec::with_capacity(models.len());
         for model in models {
-            let labels = match tables.get(&model.labels) {
-                Some(labels) => labels.clone(),
-                None => settings.models.classes(manifest.label_set(&model))?,
+            let labels = match tables.entry(model.labels.clone()) {
+                std::collections::hash_map::Entry::Occupied(table) => table.get().clone(),
+                std::collections::hash_map::Entry::Vacant(table) => {
+                    table.insert(settings.models.classes(manifest.label_set(&model))?).clone()
+                }
             };
-            tables.insert(model.labels.clone(), labels.clone());
             engines.push(load_model(&settings, model, labels).await?);
         }
         let t = &settings.topics;
