@@ -60,7 +60,26 @@ pub type CurrentModel = Arc<std::sync::RwLock<Arc<ModelTag>>>;
 /// A request with its model input, ready for its model's batching queue.
 pub struct Prepared {
     pub job: Job,
-    pub tensor: Vec<f32>,
+    pub input: Input,
+}
+
+/// A model input: the tensor, or the bytes the engine decodes into its batch.
+pub enum Input {
+    /// Decoded already: an interactive image, decoded on a thread of its own while the engines
+    /// run, so that its answer never waits for a decode behind bulk ones.
+    Tensor(Vec<f32>),
+    /// A bulk image, decoded by the engine thread that runs it, straight into the batch's input:
+    /// one core then decodes, resizes and infers it in turn, with no hand-off between threads, no
+    /// tensor of its own, and its pixels still in that core's cache when inference reads them.
+    Encoded(Encoded),
+}
+
+/// A bulk image's bytes, inspected and within the limits, waiting for its engine to decode them.
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub inspected: crate::preprocess::Inspected,
+    /// Its pixels' share of the decode budget, held until it is decoded.
+    pub _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What the model said of one image: the top classes and, when the top one is a marine animal,

@@ -192,7 +192,7 @@ fn start_models(
                 labels: labels.clone(),
                 outputs: model.outputs,
                 top_k: s.top_k,
-                image_len: preprocess.tensor_len(),
+                preprocess,
                 metrics: metrics.clone(),
                 nice: s.engine_nice,
             };
@@ -234,6 +234,7 @@ fn prepare_stage(
             n => n,
         },
         decode_nice: s.decode_nice,
+        engines_decode: s.engines_decode(),
         pixel_budget: prepare::PixelBudget::new(s.decode_pixel_budget),
         cache: cache::ResultCache::new(
             database,

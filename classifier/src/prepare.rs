@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::error::ImageError;
 use crate::fetch::Fetcher;
-use crate::job::{Job, ModelTag, Outcome, Prepared};
+use crate::job::{Encoded, Input, Job, ModelTag, Outcome, Prepared};
 use crate::metrics::Metrics;
 use crate::preprocess::Preprocess;
 use crate::turns::Turns;
@@ -43,6 +43,8 @@ pub struct Prepare {
     pub fetch_concurrency: usize,
     pub decode_threads: usize,
     pub decode_nice: i32,
+    /// Bulk images go to their engine undecoded (`BULK_DECODE`).
+    pub engines_decode: bool,
     /// Pixels being decoded at once, across the decoding threads ([`PixelBudget`]).
     pub pixel_budget: PixelBudget,
     pub retry: RetryPolicy,
@@ -57,14 +59,14 @@ pub struct Prepare {
 /// the image is preprocessed. An image larger than the whole budget waits until it has the
 /// budget to itself. Small photos decode side by side; two camera-sized ones may have to take turns.
 pub struct PixelBudget {
-    semaphore: Semaphore,
+    semaphore: Arc<Semaphore>,
     total: u32,
 }
 
 impl PixelBudget {
     pub fn new(total: u64) -> Self {
         let total = total.clamp(1, u64::from(u32::MAX)) as u32;
-        Self { semaphore: Semaphore::new(total as usize), total }
+        Self { semaphore: Arc::new(Semaphore::new(total as usize)), total }
     }
 
     /// What decoding an image of `pixels` takes from the budget.
@@ -235,21 +237,21 @@ async fn prepare_one(
                 let _ = failed.send(Outcome { job, model, result: Ok(classified), cached: true }).await;
                 return;
             }
-            // The decoder slot is held until the tensor is handed on: when the batching queue is
+            // The decoder slot is held until the input is handed on: when the batching queue is
             // full, decoding stops rather than piling up finished tensors.
             let Ok(slot) = places.decoders.acquire().await else { return };
             let decoding = tracing::info_span!(parent: &job.span, "decode");
-            let decoded = stage.preprocess(input.preprocess, bytes, job.lane);
-            let tensor = caught(decoded.instrument(decoding))
+            let decoded = stage.model_input(input.preprocess, bytes, job.lane);
+            let image = caught(decoded.instrument(decoding))
                 .await
                 .unwrap_or_else(|panic| Err(panicked(&stage.metrics, "decode", panic)));
-            tensor.map(|tensor| (tensor, slot))
+            image.map(|image| (image, slot))
         }
         Err(error) => Err(error),
     };
     job.lap(&stage.metrics, "prepare");
     let _ = match decoded {
-        Ok((tensor, _slot)) => input.queue.send(Prepared { job, tensor }).await.map_err(drop),
+        Ok((image, _slot)) => input.queue.send(Prepared { job, input: image }).await.map_err(drop),
         Err(error) => {
             let outcome = Outcome { job, model: input.tag.clone(), result: Err(error), cached: false };
             failed.send(outcome).await.map_err(drop)
@@ -298,7 +300,7 @@ fn panic_message(panic: &Panic) -> &str {
 }
 
 /// The `internal` error a panic in one image's `stage` becomes, counted and logged.
-fn panicked(metrics: &Metrics, stage: &'static str, panic: Panic) -> ImageError {
+pub(crate) fn panicked(metrics: &Metrics, stage: &'static str, panic: Panic) -> ImageError {
     let message = truncate(panic_message(&panic), PANIC_MESSAGE_BYTES);
     metrics.panics.with_label_values(&[stage]).inc();
     tracing::error!(stage, panic = message, "a stage panicked on one image; its result is an `internal` error");
@@ -342,21 +344,27 @@ impl Prepare {
             .map_err(|panic| panicked(&self.metrics, "metadata", panic))
     }
 
-    /// Decodes and preprocesses once the image's pixels fit in the decode budget; the caller
-    /// holds a decoder slot. A bulk image is decoded on a blocking thread at `DECODE_NICE`; an
-    /// interactive one on a thread of its own at the default priority, so that it is not held
-    /// behind bulk decoding and inference (the blocking threads, once lowered, stay lowered).
-    async fn preprocess(&self, preprocess: Preprocess, bytes: Vec<u8>, lane: Lane) -> Result<Vec<f32>, ImageError> {
-        let nice = self.decode_nice;
+    /// The model input, once the image's pixels fit in the decode budget; the caller holds a
+    /// decoder slot. Where the engines decode (`BULK_DECODE`), a bulk image's bytes go to its
+    /// engine, which decodes them into its batch ([`Input::Encoded`], holding the budget until
+    /// then); else it is decoded here on a blocking thread at `DECODE_NICE`. An interactive image
+    /// is decoded here on a thread of its own at the default priority, while the engines run: it
+    /// is not held behind bulk decoding and inference (the blocking threads, once lowered, stay
+    /// lowered).
+    async fn model_input(&self, preprocess: Preprocess, bytes: Vec<u8>, lane: Lane) -> Result<Input, ImageError> {
         let inspected = preprocess.inspect(&bytes)?;
         let cost = self.pixel_budget.cost(inspected.decoded_pixels());
-        let _budget = self
+        let budget = self
             .pixel_budget
             .semaphore
-            .acquire_many(cost)
+            .clone()
+            .acquire_many_owned(cost)
             .await
             .map_err(|e| ImageError::DecodeFailed(e.to_string()))?;
-        let started = Instant::now();
+        if lane == Lane::Bulk && self.engines_decode {
+            return Ok(Input::Encoded(Encoded { bytes, inspected, _budget: budget }));
+        }
+        let (started, nice) = (Instant::now(), self.decode_nice);
         let decode = move || {
             if lane == Lane::Bulk {
                 crate::preprocess::lower_thread_priority(nice);
@@ -368,8 +376,9 @@ impl Prepare {
             Lane::Interactive => on_own_thread(decode).await,
         };
         let tensor = decoded.map_err(|panic| panicked(&self.metrics, "decode", panic))??;
+        drop(budget);
         self.metrics.preprocess_seconds.observe(started.elapsed().as_secs_f64());
-        Ok(tensor)
+        Ok(Input::Tensor(tensor))
     }
 
     /// Fetches, retrying transient failures after a delay that holds no slot; the bytes come with

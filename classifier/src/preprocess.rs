@@ -139,12 +139,32 @@ impl Preprocess {
 
     /// [`Preprocess::run`] for an image already inspected.
     pub fn run_inspected(&self, bytes: &[u8], inspected: &Inspected) -> Result<Vec<f32>, ImageError> {
+        let mut tensor = Vec::with_capacity(self.tensor_len());
+        self.run_inspected_into(bytes, inspected, &mut tensor)?;
+        Ok(tensor)
+    }
+
+    /// [`Preprocess::run_inspected`], appending the tensor to `out` (a batch's input); on an
+    /// error `out` is as it was.
+    pub fn run_inspected_into(
+        &self,
+        bytes: &[u8],
+        inspected: &Inspected,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ImageError> {
         let (rgb, width, height) = self.decode(bytes, inspected)?;
-        self.tensor_from_rgb(&rgb, width, height)
+        self.tensor_from_rgb_into(&rgb, width, height, out);
+        Ok(())
     }
 
     /// The model input from decoded interleaved RGB pixels: resized, centre-cropped, normalised.
-    pub fn tensor_from_rgb(&self, rgb: &[u8], width: u32, height: u32) -> Result<Vec<f32>, ImageError> {
+    pub fn tensor_from_rgb(&self, rgb: &[u8], width: u32, height: u32) -> Vec<f32> {
+        let mut tensor = Vec::with_capacity(self.tensor_len());
+        self.tensor_from_rgb_into(rgb, width, height, &mut tensor);
+        tensor
+    }
+
+    fn tensor_from_rgb_into(&self, rgb: &[u8], width: u32, height: u32, out: &mut Vec<f32>) {
         let g = Geometry::new(width, height, self.resize_target(), self.size);
         let window = resample::resize_window(
             rgb,
@@ -153,7 +173,7 @@ impl Preprocess {
             (g.left as usize, g.top as usize),
             self.size as usize,
         );
-        Ok(to_chw(&window, self.size as usize, &self.spec))
+        to_chw_into(&window, &self.spec, out);
     }
 
     /// Reads the image's header without decoding it: its size, and how it will be decoded; an
@@ -228,19 +248,22 @@ fn jpeg_header(bytes: &[u8]) -> Option<jpeg::Header> {
     bytes.starts_with(&[0xff, 0xd8]).then(|| jpeg::header(bytes).ok()).flatten()
 }
 
-/// Interleaved RGB bytes to planar floats, x = (pixel − mean) / std per channel: each channel's
-/// 256 values are computed once, so the result is the division's to the bit.
+/// Interleaved RGB bytes (a `size`×`size` square) to planar floats, x = (pixel − mean) / std per
+/// channel: each channel's 256 values are computed once, so the result is the division's to the bit.
 pub fn to_chw(rgb: &[u8], size: usize, spec: &InputSpec) -> Vec<f32> {
+    let mut out = Vec::with_capacity(3 * size * size);
+    to_chw_into(rgb, spec, &mut out);
+    out
+}
+
+/// [`to_chw`], appending to `out` one plane after another (nothing is written twice).
+fn to_chw_into(rgb: &[u8], spec: &InputSpec, out: &mut Vec<f32>) {
     let table: [[f32; 256]; 3] =
         std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 - spec.mean[c]) / spec.std[c]));
-    let plane = size * size;
-    let mut out = vec![0f32; 3 * plane];
-    for (i, px) in rgb.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = table[c][usize::from(px[c])];
-        }
+    out.reserve(rgb.len());
+    for (c, table) in table.iter().enumerate() {
+        out.extend(rgb.chunks_exact(3).map(|px| table[usize::from(px[c])]));
     }
-    out
 }
 
 #[cfg(test)]

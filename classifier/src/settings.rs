@@ -178,12 +178,21 @@ pub struct Settings {
     #[arg(long, env = "DECODE_PIXEL_BUDGET", default_value_t = 100_000_000)]
     pub decode_pixel_budget: u64,
 
-    /// Threads decoding and preprocessing images; 0 means one per core.
+    /// Where bulk images are decoded and preprocessed: `engine`, by the engine thread that runs
+    /// them, just before (one core does an image's whole work, with no hand-off between threads);
+    /// `pool`, on threads of their own (`DECODE_THREADS`, at `DECODE_NICE`) beside the engines;
+    /// `auto`, `engine` on the CPU and `pool` on a GPU, whose one engine thread would otherwise
+    /// decode for the whole GPU on one core. Interactive images are always decoded on threads of
+    /// their own, at the default priority.
+    #[arg(long, env = "BULK_DECODE", value_enum, default_value_t = BulkDecode::Auto)]
+    pub bulk_decode: BulkDecode,
+
+    /// Images decoded and preprocessed at once outside the engines, in each lane; 0 means one per core.
     #[arg(long, env = "DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,
 
-    /// Scheduling niceness of the decoding threads (0 to 19; 0 leaves them equal to inference).
-    /// Inference is the bottleneck, so by default decoding yields a shared core to it.
+    /// Scheduling niceness of the pool's decoding threads (0 to 19; 0 leaves them equal to
+    /// inference). Inference is the bottleneck, so by default decoding yields a shared core to it.
     #[arg(long, env = "DECODE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub decode_nice: i32,
 
@@ -229,6 +238,15 @@ impl Settings {
         }
     }
 
+    /// Whether the engines decode bulk images themselves (`BULK_DECODE`).
+    pub fn engines_decode(&self) -> bool {
+        match self.bulk_decode {
+            BulkDecode::Engine => true,
+            BulkDecode::Pool => false,
+            BulkDecode::Auto => self.execution_provider == crate::engine::Provider::Cpu,
+        }
+    }
+
     /// Engine threads per model (`ENGINES`, or one per core on a CPU and one on a GPU).
     pub fn engines(&self) -> usize {
         match (self.engines, self.execution_provider) {
@@ -257,4 +275,12 @@ impl Settings {
             device_id: self.cuda_device_id,
         }
     }
+}
+
+/// Where bulk images are decoded (`BULK_DECODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BulkDecode {
+    Auto,
+    Engine,
+    Pool,
 }
