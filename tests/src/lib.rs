@@ -90,7 +90,20 @@ pub async fn start_registry() -> RegistrySettings {
     RegistrySettings::new(format!("http://{addr}"))
 }
 
-/// Serves the cached photos at `/photos/{name}`, an HTML page at `/page.jpg`, a redirect to the
+/// A PNG whose header reads (64×64 pixels) but whose pixel data does not: it fails in the
+/// decode itself, after every check of its header.
+pub fn broken_png() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, (x * y) as u8]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).expect("encodes");
+    let mut png = png.into_inner();
+    let data = png.windows(4).position(|w| w == b"IDAT").expect("an IDAT chunk") + 6;
+    png[data..data + 32].fill(0);
+    png
+}
+
+/// Serves the cached photos at `/photos/{name}`, an HTML page at `/page.jpg`, a PNG that fails
+/// to decode at `/broken.png` ([`broken_png`]), a redirect to the
 /// cloud metadata address at `/to-metadata.jpg`, `/flaky/{name}` that answers 503 the first time,
 /// `/always-503.jpg`, and 404 elsewhere.
 pub async fn start_photo_server() -> String {
@@ -133,6 +146,7 @@ pub async fn start_photo_server() -> String {
                 (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")])
             }),
         )
+        .route("/broken.png", axum::routing::get(|| async { broken_png() }))
         .route(
             "/page.jpg",
             axum::routing::get(|| async {

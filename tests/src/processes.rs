@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use clap::ValueEnum;
 use reefline_common::kafka::KafkaSettings;
 use tokio::sync::watch;
 
@@ -71,6 +72,7 @@ impl ServiceProcess {
             .args(["--session-timeout-ms", &s.kafka.session_timeout_ms.to_string()])
             .args(["--max-batch-size", &s.max_batch_size.to_string()])
             .args(["--engines", &s.engines.to_string()])
+            .args(["--bulk-decode", s.bulk_decode.to_possible_value().expect("named").get_name()])
             .arg("--models-manifest")
             .arg(&s.models.manifest)
             .arg("--models-dir")

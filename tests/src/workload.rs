@@ -16,9 +16,10 @@ pub const REQUESTS: i64 = 2000;
 /// What each request id should end as: (`ok` or the error kind, URL).
 pub type Expected = HashMap<String, (&'static str, String)>;
 
-/// 2,000 URLs: 1,800 real photos (cycling through the 22), 100 missing, 100 not images; the
-/// first 1,000 submitted at once (the bulk lane), the rest ten at a time (the interactive lane),
-/// so that the faults meet both lanes at work. Returns what each request id should end as: (`ok` or error kind, URL).
+/// 2,000 URLs: 1,700 real photos (cycling through the 22), 100 missing, 100 not images, 100 that
+/// fail to decode; the first 1,000 submitted at once (the bulk lane), the rest ten at a time (the
+/// interactive lane), so that the faults meet both lanes at work. Returns what each request id
+/// should end as: (`ok` or error kind, URL).
 pub async fn submit_mixed(client: &reqwest::Client, ingest: &str, photos: &str) -> Expected {
     let names: Vec<String> = crate::foolbox_photos()
         .into_iter()
@@ -29,6 +30,7 @@ pub async fn submit_mixed(client: &reqwest::Client, ingest: &str, photos: &str) 
         .map(|i| match i % 20 {
             7 => (format!("{photos}/photos/missing-{i}.jpg"), "not_found"),
             13 => (format!("{photos}/page.jpg?n={i}"), "not_an_image"),
+            17 => (format!("{photos}/broken.png?n={i}"), "decode_failed"),
             _ => (format!("{photos}/photos/{}?n={i}", names[i % names.len()]), "ok"),
         })
         .collect();

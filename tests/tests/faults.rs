@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use reefline_classifier::settings::BulkDecode;
 use reefline_e2e::workload::{REQUESTS, check_rows, submit_mixed, wait_rows};
 use reefline_e2e::{ServiceProcess, Stack, TestEnv, foolbox_photos, metric, post_json, serve, topic_counts, wait_for};
 use serde_json::{Value, json};
@@ -52,7 +53,10 @@ impl Fixture {
 async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
     let mut rng = reefline_e2e::fault_rng("killing_a_classifier_three_times_loses_and_doubles_nothing");
     let f = fixture().await;
-    let mut steady = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "steady");
+    // The steady one decodes its bulk images in its engines, the victim on threads beside them
+    // (two engines a model): the workload's broken images and the kills meet both.
+    let engines_decode = reefline_classifier::Settings { bulk_decode: BulkDecode::Engine, ..f.classifier.clone() };
+    let mut steady = ServiceProcess::classifier(CLASSIFIER, &engines_decode, "steady");
     let mut victim = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "victim");
     let expected = submit_mixed(&f.client, &f.stack.ingest, &f.photos).await;
 
