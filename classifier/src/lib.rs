@@ -111,7 +111,12 @@ impl Application {
             bulk: lane_consumer(&settings, Lane::Bulk, &lag)?,
         };
         offsets::InFlight::register(&registry, vec![lanes.interactive.tracker.clone(), lanes.bulk.tracker.clone()])?;
-        let producer: FutureProducer = settings.kafka.producer_config().create()?;
+        let producer: FutureProducer = reefline_common::kafka::with_linger(
+            &settings.kafka,
+            settings.kafka.producer_config(),
+            settings.bulk_linger_ms,
+        )
+        .create()?;
         let interactive_producer: FutureProducer =
             reefline_common::kafka::without_linger(&settings.kafka, settings.kafka.producer_config()).create()?;
         let codec = Codec::new(&settings.registry)?;

@@ -89,7 +89,7 @@ pub struct KafkaSettings {
     pub properties: Vec<Property>,
 
     /// How long a bulk producer waits to fill a batch, in milliseconds (the interactive lane's
-    /// producers send each record at once). Every produce request costs the broker a round of
+    /// producers send each record at once; the classifier's bulk results wait `BULK_LINGER_MS`). Every produce request costs the broker a round of
     /// storage work, so a longer wait is cheaper: with the classifier's small batches, 5 ms sent
     /// nearly every result on its own (the local broker's CPU an image 1.68 ms; 0.87 at 25).
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 25)]
@@ -234,9 +234,15 @@ impl KafkaSettings {
 
 /// `config` sending each record at once (`linger.ms=0`), for an interactive lane's producer, unless
 /// `KAFKA_PROPERTIES` sets the linger.
-pub fn without_linger(settings: &KafkaSettings, mut config: ClientConfig) -> ClientConfig {
+pub fn without_linger(settings: &KafkaSettings, config: ClientConfig) -> ClientConfig {
+    with_linger(settings, config, 0)
+}
+
+/// `config` waiting `ms` milliseconds to fill a produce request, unless `KAFKA_PROPERTIES` sets the
+/// linger.
+pub fn with_linger(settings: &KafkaSettings, mut config: ClientConfig, ms: u32) -> ClientConfig {
     if !settings.properties.iter().any(|p| p.key == "linger.ms" || p.key == "queue.buffering.max.ms") {
-        config.set("linger.ms", "0");
+        config.set("linger.ms", ms.to_string());
     }
     config
 }
