@@ -165,16 +165,8 @@ fn classified(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preprocess::InputSpec;
+    use crate::preprocess::TEST_LITE0 as P;
     use reefline_common::kafka::Lane;
-
-    const P: Preprocess = Preprocess {
-        size: 224,
-        spec: InputSpec::EFFICIENTNET_LITE,
-        max_side: 4096,
-        max_pixels: 4096 * 4096,
-        jpeg_scale_margin: 2,
-    };
 
     fn job() -> Job {
         let (request, span, lap_at) = (Default::default(), tracing::Span::none(), Instant::now());

@@ -266,17 +266,20 @@ fn to_chw_into(rgb: &[u8], spec: &InputSpec, out: &mut Vec<f32>) {
     }
 }
 
+/// Lite0's preprocessing within generous limits, for the tests.
+#[cfg(test)]
+pub(crate) const TEST_LITE0: Preprocess = Preprocess {
+    size: 224,
+    spec: InputSpec::EFFICIENTNET_LITE,
+    max_side: 4096,
+    max_pixels: 4096 * 4096,
+    jpeg_scale_margin: 2,
+};
+
 #[cfg(test)]
 mod tests {
+    use super::TEST_LITE0 as P;
     use super::*;
-
-    const P: Preprocess = Preprocess {
-        size: 224,
-        spec: InputSpec::EFFICIENTNET_LITE,
-        max_side: 4096,
-        max_pixels: 4096 * 4096,
-        jpeg_scale_margin: 2,
-    };
 
     fn png(width: u32, height: u32, pixel: [u8; 3]) -> Vec<u8> {
         let img = image::RgbImage::from_pixel(width, height, image::Rgb(pixel));
