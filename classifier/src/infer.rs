@@ -54,7 +54,7 @@ pub fn spawn(
         .spawn(move || {
             crate::preprocess::lower_thread_priority(nice);
             let mut input = Vec::new();
-            while let Some(batch) = batches.take() {
+            while let Some(mut batch) = batches.take() {
                 if let Some((fresh, version)) = reload.as_mut().and_then(Reload::check) {
                     engine = fresh;
                     model = Arc::new(ModelTag { name: model.name.clone(), version });
@@ -64,14 +64,10 @@ pub fn spawn(
                 // answered with its error at once and leaves the batch.
                 input.clear();
                 let mut jobs = Vec::with_capacity(batch.len());
-                let batch: Vec<Prepared> = batch
-                    .into_iter()
-                    .map(|mut q| {
-                        q.item.job.lap(&metrics, "batch");
-                        q.item
-                    })
-                    .collect();
-                for Prepared { mut job, input: image } in batch {
+                for q in &mut batch {
+                    q.item.job.lap(&metrics, "batch");
+                }
+                for Prepared { mut job, input: image } in batch.into_iter().map(|q| q.item) {
                     match fill(&mut input, image, &preprocess, &mut job, &metrics) {
                         Ok(()) => jobs.push(job),
                         Err(error) => {

@@ -89,9 +89,10 @@ pub struct KafkaSettings {
     pub properties: Vec<Property>,
 
     /// How long a bulk producer waits to fill a batch, in milliseconds (the interactive lane's
-    /// producers send each record at once; the classifier's bulk results wait `BULK_LINGER_MS`). Every produce request costs the broker a round of
-    /// storage work, so a longer wait is cheaper: with the classifier's small batches, 5 ms sent
-    /// nearly every result on its own (the local broker's CPU an image 1.68 ms; 0.87 at 25).
+    /// producers send each record at once; the classifier's bulk results wait `BULK_LINGER_MS`).
+    /// Every produce request costs the broker a round of storage work, so a longer wait is cheaper:
+    /// with the classifier's small batches, 5 ms sent nearly every result on its own (the local
+    /// broker's CPU an image 1.68 ms; 0.87 at 25).
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 25)]
     pub producer_linger_ms: u32,
 

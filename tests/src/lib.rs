@@ -109,6 +109,7 @@ pub fn broken_png() -> Vec<u8> {
 pub async fn start_photo_server() -> String {
     let dir = cache_dir().join("photos");
     let flaky_dir = dir.clone();
+    let broken = axum::body::Bytes::from(broken_png());
     let failed_once = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::<String>::new()));
     assert!(dir.join("chelsea.png").exists(), "{} has no photos: run `make setup` first", dir.display());
     let router = Router::new()
@@ -146,7 +147,7 @@ pub async fn start_photo_server() -> String {
                 (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")])
             }),
         )
-        .route("/broken.png", axum::routing::get(|| async { broken_png() }))
+        .route("/broken.png", axum::routing::get(move || async move { broken }))
         .route(
             "/page.jpg",
             axum::routing::get(|| async {
