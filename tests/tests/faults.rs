@@ -53,10 +53,10 @@ impl Fixture {
 async fn killing_a_classifier_three_times_loses_and_doubles_nothing() {
     let mut rng = reefline_e2e::fault_rng("killing_a_classifier_three_times_loses_and_doubles_nothing");
     let f = fixture().await;
-    // The steady one decodes its bulk images in its engines, the victim on threads beside them
-    // (two engines a model): the workload's broken images and the kills meet both.
-    let engines_decode = reefline_classifier::Settings { bulk_decode: BulkDecode::Engine, ..f.classifier.clone() };
-    let mut steady = ServiceProcess::classifier(CLASSIFIER, &engines_decode, "steady");
+    // The victim decodes its bulk images in its engines (the default on the CPU), the steady one on
+    // threads beside them: the workload's broken images and the kills meet both.
+    let decode_pool = reefline_classifier::Settings { bulk_decode: BulkDecode::Pool, ..f.classifier.clone() };
+    let mut steady = ServiceProcess::classifier(CLASSIFIER, &decode_pool, "steady");
     let mut victim = ServiceProcess::classifier(CLASSIFIER, &f.classifier, "victim");
     let expected = submit_mixed(&f.client, &f.stack.ingest, &f.photos).await;
 
