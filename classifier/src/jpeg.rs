@@ -73,19 +73,24 @@ fn read_header(d: &Decompressor, bytes: &[u8]) -> Result<Header, JpegError> {
     })
 }
 
-/// Interleaved 8-bit RGB pixels at 1/`denom` of the full size, with their width and height;
-/// `max_memory_mb` bounds what libjpeg-turbo may allocate besides the output (a progressive JPEG
+/// Decodes into `pixels` interleaved 8-bit RGB at 1/`denom` of the full size, and gives their width
+/// and height. `max_memory_mb` bounds what libjpeg-turbo may allocate besides the output (a progressive JPEG
 /// keeps every coefficient of the image). A stream libjpeg-turbo only warns about (truncated,
 /// corrupt data, random bytes after a JPEG marker) is an error here too: it would decode to
 /// whatever the garbage says, so the caller gives it to a stricter decoder instead.
+///
+/// `pixels`' memory is reused: resized to the image (zeroing only what it grows by) and
+/// overwritten, so that a thread decoding one photo after another neither allocates nor zeroes
+/// nor faults in fresh pages for each.
 pub fn decode_rgb(
     bytes: &[u8],
     header: &Header,
     denom: u32,
     max_memory_mb: u32,
-) -> Result<(Vec<u8>, u32, u32), JpegError> {
+    pixels: &mut Vec<u8>,
+) -> Result<(u32, u32), JpegError> {
     let (width, height) = (scaled(header.width, denom), scaled(header.height, denom));
-    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    pixels.resize(width as usize * height as usize * 3, 0);
     with_decompressor(|d| {
         // The buffer is sized from `header`: this decompressor must read the same size from these
         // bytes, or it would write past the buffer's end.
@@ -120,7 +125,7 @@ pub fn decode_rgb(
         }
         Ok(())
     })?;
-    Ok((pixels, width, height))
+    Ok((width, height))
 }
 
 /// A libjpeg-turbo decompressor; one per thread, made on first use and made again after an error.
@@ -205,7 +210,8 @@ mod tests {
             let h = header(&good).expect("the next image's header");
             assert_eq!((h.width, h.height), (320, 200));
             assert!(header(cut).is_err());
-            let (pixels, width, height) = decode_rgb(&good, &h, 2, 64).expect("the next image decodes");
+            let mut pixels = vec![7; 5];
+            let (width, height) = decode_rgb(&good, &h, 2, 64, &mut pixels).expect("the next image decodes");
             assert_eq!((pixels.len(), width, height), (160 * 100 * 3, 160, 100));
         }
     }

@@ -54,7 +54,12 @@ fn ms_per<T>(items: &[T], reps: usize, mut f: impl FnMut(&T)) -> f64 {
 fn decode_and_resize(pre: &Preprocess, bytes: &[Vec<u8>], reps: usize) -> anyhow::Result<(f64, f64)> {
     let decode = |b: &Vec<u8>| pre.inspect(b).and_then(|i| pre.decode(b, &i)).map_err(|e| anyhow::anyhow!("{e}"));
     let decoded: Vec<_> = bytes.iter().map(decode).collect::<anyhow::Result<_>>()?;
-    let decode_ms = ms_per(bytes, reps, |b| drop(decode(b).expect("decodes")));
+    // One buffer for every decode, as each classifier thread keeps one.
+    let mut pixels = Vec::new();
+    let decode_ms = ms_per(bytes, reps, |b| {
+        let inspected = pre.inspect(b).expect("inspects");
+        pre.decode_into(b, &inspected, &mut pixels).expect("decodes");
+    });
     let resize_ms = ms_per(&decoded, reps, |(rgb, w, h)| {
         std::hint::black_box(pre.tensor_from_rgb(rgb, *w, *h));
     });
