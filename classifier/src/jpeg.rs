@@ -74,10 +74,10 @@ fn read_header(d: &Decompressor, bytes: &[u8]) -> Result<Header, JpegError> {
 }
 
 /// Decodes into `pixels` interleaved 8-bit RGB at 1/`denom` of the full size, and gives their width
-/// and height. `max_memory_mb` bounds what libjpeg-turbo may allocate besides the output (a progressive JPEG
-/// keeps every coefficient of the image). A stream libjpeg-turbo only warns about (truncated,
-/// corrupt data, random bytes after a JPEG marker) is an error here too: it would decode to
-/// whatever the garbage says, so the caller gives it to a stricter decoder instead.
+/// and height. `max_memory_mb` bounds what libjpeg-turbo may allocate besides the output (a
+/// progressive JPEG keeps every coefficient of the image). A stream libjpeg-turbo only warns about
+/// (truncated, corrupt data, random bytes after a JPEG marker) is an error here too: it would decode
+/// to whatever the garbage says, so the caller gives it to a stricter decoder instead.
 ///
 /// `pixels`' memory is reused: resized to the image (zeroing only what it grows by) and
 /// overwritten, so that a thread decoding one photo after another neither allocates nor zeroes
