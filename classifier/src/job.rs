@@ -30,7 +30,9 @@ pub struct Job {
     /// produced; each stage's span is a child of it.
     pub span: tracing::Span,
     /// A bulk request's place among the bulk requests the pipeline may hold
-    /// (`BULK_IN_FLIGHT`), given back when it is dropped, its result produced.
+    /// (`BULK_IN_FLIGHT`), given back when its result reaches the producer: a result waiting out
+    /// `BULK_LINGER_MS` and the broker's acknowledgement holds no place an engine's next image
+    /// could take (with a 200 ms linger they held nearly all 32, and the cores stood idle).
     pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// When its current stage began (when it was read, at first), for the latency of each stage.
     pub lap_at: Instant,

@@ -135,7 +135,8 @@ impl Produce {
         }
     }
 
-    async fn produce(&self, outcome: Outcome) {
+    async fn produce(&self, mut outcome: Outcome) {
+        outcome.job.slot = None;
         let result = self.result(&outcome);
         let metrics = &self.metrics;
         let mut backoff = reefline_common::Backoff::OUTAGE.waits();
