@@ -75,9 +75,9 @@ pub struct Settings {
     pub batch_latency_ms: u64,
 
     /// Bulk requests the pipeline holds at once, from their read until their result is handed to
-    /// the producer (0: eight batches' worth for each engine, at least 32). Enough keeps the engines busy; each more is
-    /// one an interactive request may find ahead of it on a core. Raise it for image hosts far
-    /// away (each fetch waits longer).
+    /// the producer (0: eight batches' worth for each engine, at least 32). Enough keeps the
+    /// engines busy; each more is one an interactive request may find ahead of it on a core. Raise
+    /// it for image hosts far away (each fetch waits longer).
     #[arg(long, env = "BULK_IN_FLIGHT", default_value_t = 0)]
     pub bulk_in_flight: usize,
 
